@@ -1,0 +1,96 @@
+"""Just enough HTTP on raw ASGI: a request with a size-limited body reader, and JSON responses.
+
+The hot path builds no framework objects per request; headers are read once into a dict.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from llmrouter.errors import PayloadTooLarge, UnsupportedMediaType
+
+__all__ = ["Receive", "Request", "Scope", "Send", "send_bytes"]
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+
+class Request:
+    __slots__ = (
+        "headers",
+        "log",
+        "method",
+        "path",
+        "query",
+        "receive",
+        "request_id",
+        "scope",
+        "send",
+    )
+
+    def __init__(self, scope: Scope, receive: Receive, send: Send, request_id: str) -> None:
+        self.scope = scope
+        self.receive = receive
+        self.send = send
+        self.method: str = scope["method"]
+        self.path: str = scope["path"]
+        self.query: bytes = scope.get("query_string", b"")
+        self.headers: dict[bytes, bytes] = dict(scope["headers"])
+        self.request_id = request_id
+        self.log: dict[str, Any] = {}  # what the handler wants in this request's log line
+
+    def header(self, name: bytes) -> str | None:
+        value = self.headers.get(name)
+        return value.decode("latin-1") if value is not None else None
+
+    def require_json(self) -> None:
+        content_type = self.headers.get(b"content-type", b"")
+        media = content_type.split(b";", 1)[0].strip().lower()
+        if media != b"application/json":
+            shown = media.decode("latin-1") or "none"
+            raise UnsupportedMediaType(
+                f"The body must be JSON sent as 'Content-Type: application/json' (got {shown}).",
+                param="content-type",
+            )
+
+    async def body(self, limit: int) -> bytes:
+        """The whole body, refusing (413) as soon as more than `limit` bytes have arrived."""
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await self.receive()
+            if message["type"] == "http.disconnect":
+                raise ConnectionAbortedError("client disconnected while sending the body")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(
+                    f"The request body is larger than the limit of {limit} bytes.", param="body"
+                )
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+async def send_bytes(
+    send: Send,
+    status: int,
+    body: bytes,
+    headers: list[tuple[bytes, bytes]],
+    content_type: bytes = b"application/json",
+) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", content_type),
+                (b"content-length", str(len(body)).encode()),
+                *headers,
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,50 @@
+"""GET /api/v1/models (and /v1/models): OpenAI's list format, with context length and parameters."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from llmrouter.api.http import Request, send_bytes
+from llmrouter.wire.completions import ModelCard, ModelList, encoder
+
+if TYPE_CHECKING:
+    from llmrouter.app import Context
+
+__all__ = ["list_models"]
+
+# Fields llmrouter itself honours for every model, whatever the deployment.
+_ROUTER_PARAMETERS = ("max_tokens", "metadata", "model", "models", "stream_options", "user")
+
+
+def model_list(ctx: Context) -> ModelList:
+    cards: list[ModelCard] = []
+    for model in ctx.settings.models:
+        targets = ctx.catalog.targets[model.id]
+        supported = set(_ROUTER_PARAMETERS)
+        for target in targets:
+            caps = target.capabilities
+            supported |= caps.parameters
+            if len(caps.response_formats) > 1:
+                supported.add("response_format")
+        owner = model.owned_by or model.id.split("/", 1)[0]
+        cards.extend(
+            ModelCard(
+                id=name,
+                created=ctx.started_at,
+                owned_by=owner,
+                context_length=ctx.catalog.context_length(model),
+                supported_parameters=sorted(supported),
+            )
+            for name in (model.id, *model.aliases)
+        )
+    return ModelList(cards)
+
+
+async def list_models(req: Request, ctx: Context) -> None:
+    ctx.keys.authenticate(req.header(b"authorization"))
+    await send_bytes(
+        req.send,
+        200,
+        encoder.encode(model_list(ctx)),
+        [(b"x-request-id", req.request_id.encode())],
+    )

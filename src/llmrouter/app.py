@@ -1,0 +1,229 @@
+"""Builds the ASGI application: routes, the request wrapper, and the lifespan that opens pools.
+
+Every request passes through `App.__call__` top to bottom: request id -> route -> disconnect watch
+-> handler -> errors in the spec's shape -> one access-log line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+import uuid
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+from llmrouter.accounts.keys import Keys
+from llmrouter.accounts.store import Store
+from llmrouter.api.completions import create_completion
+from llmrouter.api.http import Receive, Request, Scope, Send, send_bytes
+from llmrouter.api.meta import health, openapi, ready
+from llmrouter.api.models import list_models
+from llmrouter.errors import LlmrouterError, MethodNotAllowed, NotFound
+from llmrouter.obs.logging import access_log
+from llmrouter.openapi import build_openapi
+from llmrouter.providers.base import Provider
+from llmrouter.routing.executor import Executor
+from llmrouter.routing.plan import Catalog
+from llmrouter.settings import (
+    LlamaCppProvider,
+    OpenAIProvider,
+    Settings,
+    embedded_default,
+    llmrouter_home,
+    load_settings,
+)
+from llmrouter.wire.completions import encoder
+
+__all__ = ["App", "Context", "build_providers", "create_app", "create_app_from_environment"]
+
+log = logging.getLogger("llmrouter")
+
+Handler = Callable[[Request, "Context"], Awaitable[None]]
+
+_ROUTES: dict[str, dict[str, Handler]] = {
+    "/api/v1/completions": {"POST": create_completion},
+    "/v1/completions": {"POST": create_completion},
+    "/api/v1/models": {"GET": list_models},
+    "/v1/models": {"GET": list_models},
+    "/api/v1/openapi.json": {"GET": openapi},
+    "/v1/openapi.json": {"GET": openapi},
+    "/health": {"GET": health},
+    "/ready": {"GET": ready},
+}
+# Handlers that may run long; a client that leaves cancels them.
+_WATCH_DISCONNECT = frozenset({create_completion})
+
+
+@dataclass(slots=True)
+class Context:
+    """What handlers need; built once per process."""
+
+    settings: Settings
+    store: Store
+    keys: Keys
+    catalog: Catalog
+    executor: Executor
+    openapi: bytes
+    started_at: int
+
+    async def start(self) -> None:
+        for provider in self.catalog.providers.values():
+            await provider.start()
+
+    async def aclose(self) -> None:
+        for provider in self.catalog.providers.values():
+            await provider.aclose()
+        self.store.close()
+
+
+def build_providers(settings: Settings) -> dict[str, Provider]:
+    providers: dict[str, Provider] = {}
+    for name, provider_settings in settings.providers.items():
+        deployments = [d for m in settings.models for d in m.deployments if d.provider == name]
+        if isinstance(provider_settings, OpenAIProvider):
+            from llmrouter.providers.openai import OpenAIAdapter
+
+            providers[name] = OpenAIAdapter(name, provider_settings, deployments)
+        elif isinstance(provider_settings, LlamaCppProvider):
+            from llmrouter.providers.llamacpp import LlamaCppAdapter
+
+            providers[name] = LlamaCppAdapter(name, provider_settings, deployments)
+    return providers
+
+
+class App:
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            await self._http(scope, receive, send)
+        elif scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.perf_counter()
+        status = 0
+
+        async def send_and_watch(message: MutableMapping[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        req = Request(scope, receive, send_and_watch, f"cmpl-{uuid.uuid4().hex}")
+        try:
+            methods = _ROUTES.get(req.path)
+            if methods is None:
+                raise NotFound(f"No route {req.path}.")
+            handler = methods.get(req.method)
+            if handler is None:
+                raise MethodNotAllowed(f"{req.path} accepts {', '.join(methods)}.")
+            if handler in _WATCH_DISCONNECT:
+                await _cancel_on_disconnect(handler(req, self.ctx), req)
+            else:
+                await handler(req, self.ctx)
+        except LlmrouterError as exc:
+            if exc.attempts:
+                req.log.setdefault("attempts", exc.attempts)
+            req.log["error"] = exc.code
+            if status == 0:
+                await self._send_error(req, exc)
+        except (ConnectionAbortedError, asyncio.CancelledError):
+            req.log["error"] = "client_disconnected"
+            status = status or 499
+        except Exception:
+            log.exception("internal error", extra={"fields": {"request_id": req.request_id}})
+            req.log["error"] = "internal_error"
+            if status == 0:
+                await self._send_error(
+                    req,
+                    LlmrouterError(
+                        f"Internal error; the request id {req.request_id} finds it in the log."
+                    ),
+                )
+        if self.ctx.settings.server.access_log:
+            req.log.update(
+                request_id=req.request_id,
+                method=req.method,
+                path=req.path,
+                status=status,
+                ms=round((time.perf_counter() - started) * 1000, 3),
+            )
+            access_log(req.log)
+
+    @staticmethod
+    async def _send_error(req: Request, exc: LlmrouterError) -> None:
+        headers = [(b"x-request-id", req.request_id.encode()), *exc.headers()]
+        await send_bytes(req.send, exc.status, encoder.encode(exc.to_body()), headers)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self.ctx.start()
+                except Exception as exc:
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.ctx.aclose()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+
+async def _cancel_on_disconnect(work: Awaitable[None], req: Request) -> None:
+    """Run `work`; if the client disconnects first, cancel it (and with it any upstream call)."""
+    task = asyncio.current_task()
+    assert task is not None
+    receive = req.receive
+    body_read = asyncio.Event()
+
+    async def watch() -> None:
+        await body_read.wait()
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        task.cancel()
+
+    # The handler reads the body itself; the watcher takes over `receive` only after that.
+    async def receive_then_watch() -> dict[str, object]:
+        message = await receive()
+        if not message.get("more_body", False):
+            body_read.set()
+        return message  # type: ignore[return-value]
+
+    req.receive = receive_then_watch
+    watcher = asyncio.ensure_future(watch())
+    try:
+        await work
+    finally:
+        watcher.cancel()
+
+
+def create_app(settings: Settings) -> App:
+    home = llmrouter_home(settings)
+    store = Store.in_home(home)
+    providers = build_providers(settings)
+    ctx = Context(
+        settings=settings,
+        store=store,
+        keys=Keys(store),
+        catalog=Catalog(settings, providers),
+        executor=Executor(),
+        openapi=msgspec.json.encode(build_openapi()),
+        started_at=int(time.time()),
+    )
+    return App(ctx)
+
+
+def create_app_from_environment() -> App:
+    """The factory each server worker calls: the config named by LLMROUTER_CONFIG, or the
+    embedded default."""
+    path = os.environ.get("LLMROUTER_CONFIG")
+    return create_app(load_settings(path) if path else embedded_default())

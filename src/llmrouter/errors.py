@@ -1,0 +1,194 @@
+"""The error tree. Every failure that reaches a client is one of these.
+
+    LlmrouterError                      500 server_error       (the root; an internal fault)
+    ├── InvalidRequest                  400 invalid_request_error
+    │   ├── UnsupportedParameter        400 ... code=unsupported_parameter
+    │   └── ContextLengthExceeded       400 ... code=context_length_exceeded
+    ├── AuthenticationFailed            401 authentication_error
+    ├── ModelNotFound                   404 not_found_error
+    ├── NotFound                        404 not_found_error
+    ├── MethodNotAllowed                405 invalid_request_error
+    ├── PayloadTooLarge                 413 invalid_request_error
+    ├── UnsupportedMediaType            415 invalid_request_error
+    ├── ServiceUnavailable              503 service_unavailable   (retryable)
+    └── ProviderError                   502 provider_error        (an upstream failed us)
+        ├── UpstreamRejected            400 invalid_request_error (the upstream says the request is bad)
+        ├── UpstreamAuthFailed          502 provider_error        (retryable: our credentials there)
+        ├── UpstreamRateLimited         429 rate_limit_error      (retryable, keeps Retry-After)
+        ├── UpstreamUnavailable         502 provider_error        (retryable: connection, 5xx)
+        └── UpstreamTimeout             504 timeout               (retryable)
+
+Status, type and retryability are properties of the class, never inferred from messages. Whether the
+executor may try another deployment is `retryable`; what the client sees is `status` and `to_body()`.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import msgspec
+
+__all__ = [
+    "AuthenticationFailed",
+    "ContextLengthExceeded",
+    "ErrorBody",
+    "ErrorObject",
+    "InvalidRequest",
+    "LlmrouterError",
+    "MethodNotAllowed",
+    "ModelNotFound",
+    "NotFound",
+    "PayloadTooLarge",
+    "ProviderError",
+    "ServiceUnavailable",
+    "UnsupportedMediaType",
+    "UnsupportedParameter",
+    "UpstreamAuthFailed",
+    "UpstreamRateLimited",
+    "UpstreamRejected",
+    "UpstreamTimeout",
+    "UpstreamUnavailable",
+]
+
+
+class ErrorObject(msgspec.Struct):
+    """The spec's error object: every field is a string and always present."""
+
+    code: str
+    message: str
+    param: str
+    type: str
+
+
+class ErrorBody(msgspec.Struct):
+    error: ErrorObject
+
+
+class LlmrouterError(Exception):
+    status: ClassVar[int] = 500
+    type: ClassVar[str] = "server_error"
+    default_code: ClassVar[str] = "internal_error"
+    retryable: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code or self.default_code
+        self.retry_after = retry_after
+        self.attempts: list[str] = []  # what the executor tried before giving up, for the log
+
+    def to_body(self) -> ErrorBody:
+        return ErrorBody(ErrorObject(self.code, self.message, self.param or "", self.type))
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        if self.retry_after is None:
+            return []
+        return [(b"retry-after", str(max(0, round(self.retry_after))).encode())]
+
+
+class InvalidRequest(LlmrouterError):
+    status = 400
+    type = "invalid_request_error"
+    default_code = "invalid_value"
+
+
+class UnsupportedParameter(InvalidRequest):
+    default_code = "unsupported_parameter"
+
+
+class ContextLengthExceeded(InvalidRequest):
+    default_code = "context_length_exceeded"
+
+
+class AuthenticationFailed(LlmrouterError):
+    status = 401
+    type = "authentication_error"
+    default_code = "invalid_api_key"
+
+
+class ModelNotFound(LlmrouterError):
+    status = 404
+    type = "not_found_error"
+    default_code = "model_not_found"
+
+
+class NotFound(LlmrouterError):
+    status = 404
+    type = "not_found_error"
+    default_code = "not_found"
+
+
+class MethodNotAllowed(LlmrouterError):
+    status = 405
+    type = "invalid_request_error"
+    default_code = "method_not_allowed"
+
+
+class PayloadTooLarge(LlmrouterError):
+    status = 413
+    type = "invalid_request_error"
+    default_code = "payload_too_large"
+
+
+class UnsupportedMediaType(LlmrouterError):
+    status = 415
+    type = "invalid_request_error"
+    default_code = "unsupported_media_type"
+
+
+class ServiceUnavailable(LlmrouterError):
+    status = 503
+    type = "service_unavailable"
+    default_code = "service_unavailable"
+    retryable = True
+
+
+class ProviderError(LlmrouterError):
+    """An upstream provider failed; the message names the provider, never its credentials."""
+
+    status = 502
+    type = "provider_error"
+    default_code = "upstream_error"
+
+
+class UpstreamRejected(ProviderError):
+    """The upstream called the request invalid: it would fail on every deployment, so no retry."""
+
+    status = 400
+    type = "invalid_request_error"
+    default_code = "upstream_rejected"
+
+
+class UpstreamAuthFailed(ProviderError):
+    """The upstream refused llmrouter's credentials: a deployment's misconfiguration, not the
+    client's fault, so another deployment may still answer."""
+
+    default_code = "upstream_auth_failed"
+    retryable = True
+
+
+class UpstreamRateLimited(ProviderError):
+    status = 429
+    type = "rate_limit_error"
+    default_code = "upstream_rate_limited"
+    retryable = True
+
+
+class UpstreamUnavailable(ProviderError):
+    default_code = "upstream_unavailable"
+    retryable = True
+
+
+class UpstreamTimeout(ProviderError):
+    status = 504
+    type = "timeout"
+    default_code = "upstream_timeout"
+    retryable = True

@@ -1,0 +1,441 @@
+"""One GGUF model in this process: a worker thread that owns the llama.cpp context and runs jobs.
+
+The event loop never waits on llama.cpp. Jobs queue first-come first-served; a job whose client has
+gone is skipped when its turn comes, and a running one stops at the next token. Sampling is done here
+in numpy rather than by llama.cpp's sampler chain so that it means exactly what the Completions API
+says: temperature and top_p only (no hidden top_k/min_p), OpenAI's frequency and presence penalties
+over the completion's own tokens, logit_bias added to logits, and a per-choice generator seeded from
+`seed` so the same request gives the same text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from llmrouter.errors import (
+    ContextLengthExceeded,
+    InvalidRequest,
+    LlmrouterError,
+    ServiceUnavailable,
+)
+from llmrouter.stops import Piece, StopScanner
+
+__all__ = ["ChoiceDelta", "ChoiceEnd", "Engine", "Job", "JobUsage", "Sampling"]
+
+log = logging.getLogger("llmrouter.local")
+
+Logits = npt.NDArray[np.float32]
+
+
+@dataclass(frozen=True, slots=True)
+class Sampling:
+    max_tokens: int | None  # None: up to the context's end
+    temperature: float = 1.0
+    top_p: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    logprobs: int | None = None
+    echo: bool = False
+
+
+# Events a job sends back to the event loop, in order.
+@dataclass(frozen=True, slots=True)
+class TokenInfo:
+    token: str
+    logprob: float | None
+    top: dict[str, float] | None
+    offset: int
+
+
+@dataclass(frozen=True, slots=True)
+class ChoiceDelta:
+    index: int
+    text: str
+    tokens: list[TokenInfo] | None  # only when logprobs were asked for
+
+
+@dataclass(frozen=True, slots=True)
+class ChoiceEnd:
+    index: int
+    finish_reason: str  # "stop" or "length"
+
+
+@dataclass(frozen=True, slots=True)
+class JobUsage:
+    prompt_tokens: int
+    completion_tokens: int
+
+
+Event = ChoiceDelta | ChoiceEnd | JobUsage | LlmrouterError | None  # None: the job is over
+
+
+@dataclass(eq=False)
+class Job:
+    prompts: tuple[str, ...] | tuple[tuple[int, ...], ...]
+    n: int
+    sampling: Sampling
+    emit: Callable[[Event], None]
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+
+class Engine:
+    def __init__(
+        self, name: str, path: Path, *, n_ctx: int | None, n_threads: int | None, max_queue: int
+    ) -> None:
+        self.name = name
+        self.path = path
+        self._n_ctx_wanted = n_ctx
+        self._n_threads = n_threads or os.cpu_count() or 1
+        self._jobs: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
+        self._thread = threading.Thread(target=self._run, name=f"llama:{name}", daemon=True)
+        self.loaded = threading.Event()
+        self.load_error: str | None = None
+        self.n_ctx = 0
+        self.n_vocab = 0
+        self._llm: Any = None
+        self._cached: list[int] = []  # tokens whose keys/values are in the context now
+        self._pieces: dict[int, bytes] = {}
+
+    # -- the event loop's side ----------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, job: Job) -> None:
+        try:
+            self._jobs.put_nowait(job)
+        except queue.Full:
+            raise ServiceUnavailable(
+                f"The local model {self.name} has {self._jobs.maxsize} requests queued; try again "
+                "shortly.",
+                retry_after=1,
+            ) from None
+
+    def stop(self) -> None:
+        self._jobs.put(None)
+
+    # -- the worker thread --------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            self._load()
+        except Exception as exc:  # a broken GGUF must not take the server down; /ready says so
+            self.load_error = f"{type(exc).__name__}: {exc}"
+            log.error("local model %s failed to load from %s: %s", self.name, self.path, exc)
+        finally:
+            self.loaded.set()
+        while (job := self._jobs.get()) is not None:
+            if job.cancelled.is_set():
+                job.emit(None)
+                continue
+            try:
+                if self.load_error is not None:
+                    raise ServiceUnavailable(f"The local model {self.name} did not load.")
+                self._execute(job)
+            except LlmrouterError as exc:
+                job.emit(exc)
+            except Exception as exc:
+                log.exception("local model %s failed a job", self.name)
+                job.emit(LlmrouterError(f"The local model failed: {type(exc).__name__}"))
+            job.emit(None)
+
+    def _load(self) -> None:
+        from llama_cpp import Llama  # imported here: a router without local models never pays
+
+        size_mb = self.path.stat().st_size / 1e6
+        log.info("loading local model %s from %s (%.0f MB)", self.name, self.path, size_mb)
+        started = time.perf_counter()
+        self._llm = Llama(
+            model_path=str(self.path),
+            n_ctx=self._n_ctx_wanted or 0,  # 0: the model's training context
+            n_batch=512,
+            n_threads=self._n_threads,
+            n_threads_batch=self._n_threads,
+            logits_all=False,
+            verbose=False,
+        )
+        self.n_ctx = int(self._llm.n_ctx())
+        self.n_vocab = int(self._llm.n_vocab())
+        log.info(
+            "local model %s ready in %.2f s (context %d tokens)",
+            self.name,
+            time.perf_counter() - started,
+            self.n_ctx,
+        )
+
+    def _tokenize(self, prompt: str | tuple[int, ...]) -> list[int]:
+        if isinstance(prompt, str):
+            return list(self._llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=False))
+        for i, token in enumerate(prompt):
+            if token >= self.n_vocab:
+                raise InvalidRequest(
+                    f"Token id {token} is outside this model's vocabulary (0..{self.n_vocab - 1}).",
+                    param=f"prompt[{i}]",
+                )
+        return list(prompt)
+
+    def _piece(self, token: int) -> bytes:
+        piece = self._pieces.get(token)
+        if piece is None:
+            piece = self._pieces[token] = bytes(self._llm.detokenize([token]))
+        return piece
+
+    def _execute(self, job: Job) -> None:
+        s = job.sampling
+        for token in s.logit_bias:
+            if token >= self.n_vocab:
+                raise InvalidRequest(
+                    f"Token id {token} is outside this model's vocabulary (0..{self.n_vocab - 1}).",
+                    param=f"logit_bias.{token}",
+                )
+        prompts = [self._tokenize(p) for p in job.prompts]
+        for i, tokens in enumerate(prompts):
+            self._check_context(tokens, s, "prompt" if len(prompts) == 1 else f"prompt[{i}]")
+        completion_tokens = 0
+        for p, tokens in enumerate(prompts):
+            echo_text = job.prompts[p] if isinstance(job.prompts[p], str) else None
+            for j in range(job.n):
+                if job.cancelled.is_set():
+                    return
+                completion_tokens += self._choice(job, p * job.n + j, tokens, echo_text)
+        job.emit(JobUsage(sum(len(t) for t in prompts), completion_tokens))
+
+    def _check_context(self, tokens: list[int], s: Sampling, where: str) -> None:
+        room = self.n_ctx - len(tokens)
+        if room < 0 or (room == 0 and s.max_tokens != 0):
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {self.n_ctx} tokens, however the prompt "
+                f"has {len(tokens)} tokens. Please shorten the prompt.",
+                param=where,
+            )
+        if s.max_tokens is not None and s.max_tokens > room:
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {self.n_ctx} tokens, however you "
+                f"requested {len(tokens) + s.max_tokens} tokens ({len(tokens)} in the prompt, "
+                f"{s.max_tokens} for the completion). Please reduce the prompt or max_tokens.",
+                param="max_tokens",
+            )
+
+    # -- one choice ---------------------------------------------------------------------------
+
+    def _choice(self, job: Job, index: int, prompt: list[int], echo_text: Any) -> int:
+        s = job.sampling
+        want_logprobs = s.logprobs is not None
+        rng = np.random.default_rng(None if s.seed is None else [s.seed & (2**64 - 1), index])
+        offset = 0
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+        if s.echo:
+            prompt_logits = self._prefill(prompt, all_logits=want_logprobs)
+            text = echo_text if echo_text is not None else self._text(prompt)
+            infos = None
+            if want_logprobs:
+                infos, offset = self._prompt_logprobs(prompt, prompt_logits, s.logprobs or 0)
+            else:
+                offset = len(text)
+            job.emit(ChoiceDelta(index, text, infos))
+            logits = prompt_logits[-1]
+        else:
+            logits = self._prefill(prompt, all_logits=False)[-1]
+
+        limit = self.n_ctx - len(prompt) if s.max_tokens is None else s.max_tokens
+        scanner: StopScanner[TokenInfo | None] = StopScanner(s.stop)
+        counts: dict[int, int] = {}
+        generated = 0
+        finish = "length"
+        while generated < limit:
+            if job.cancelled.is_set():
+                return generated
+            token = self._sample(logits, s, counts, rng)
+            generated += 1
+            if self._is_end(token):
+                finish = "stop"
+                break
+            counts[token] = counts.get(token, 0) + 1
+            piece_text = decoder.decode(self._piece(token))
+            info = None
+            if want_logprobs:
+                info = self._token_info(logits, token, piece_text, s.logprobs or 0, offset)
+            offset += len(piece_text)
+            released = scanner.feed(Piece(piece_text, info))
+            self._emit_pieces(job, index, released, want_logprobs)
+            if scanner.stopped:
+                finish = "stop"
+                break
+            if generated < limit:
+                logits = self._decode_one(token)
+        if not scanner.stopped:
+            tail = decoder.decode(b"", final=True)
+            pieces = scanner.flush()
+            if tail and pieces:
+                pieces[-1] = Piece(pieces[-1].text + tail, pieces[-1].payload)
+            elif tail:
+                pieces = [Piece(tail, None)]
+            self._emit_pieces(job, index, pieces, want_logprobs)
+        job.emit(ChoiceEnd(index, finish))
+        return generated
+
+    def _emit_pieces(
+        self, job: Job, index: int, pieces: list[Piece[TokenInfo | None]], logprobs: bool
+    ) -> None:
+        if not pieces:
+            return
+        text = "".join(p.text for p in pieces)
+        infos = None
+        if logprobs:
+            infos = [
+                TokenInfo(p.text, p.payload.logprob, p.payload.top, p.payload.offset)
+                for p in pieces
+                if p.payload is not None
+            ]
+        job.emit(ChoiceDelta(index, text, infos))
+
+    def _is_end(self, token: int) -> bool:
+        import llama_cpp
+
+        return bool(llama_cpp.llama_vocab_is_eog(self._llm._model.vocab, token))
+
+    def _text(self, tokens: list[int]) -> str:
+        return b"".join(self._piece(t) for t in tokens).decode("utf-8", errors="replace")
+
+    # -- llama.cpp ----------------------------------------------------------------------------
+
+    def _prefill(self, tokens: list[int], *, all_logits: bool) -> Logits:
+        """Put `tokens` in the context, reusing the cached prefix; return logits rows (all of the
+        prompt's rows when `all_logits`, else the last one)."""
+        llm = self._llm
+        reuse = 0
+        if not all_logits:
+            for a, b in zip(self._cached, tokens, strict=False):
+                if a != b:
+                    break
+                reuse += 1
+            reuse = min(reuse, len(tokens) - 1)  # the last token is decoded again for its logits
+        llm._ctx.kv_cache_seq_rm(-1, reuse, -1)
+        self._cached = self._cached[:reuse]
+        rows: list[Logits] = []
+        for start in range(reuse, len(tokens), llm.n_batch):
+            batch = tokens[start : start + llm.n_batch]
+            llm._batch.set_batch(batch=batch, n_past=start, logits_all=all_logits)
+            self._decode()
+            self._cached.extend(batch)
+            if all_logits:
+                got = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(len(batch), self.n_vocab))
+                rows.append(got.copy())
+        if not all_logits:
+            return self._last_logits()[None, :]
+        return np.concatenate(rows)
+
+    def _decode_one(self, token: int) -> Logits:
+        llm = self._llm
+        llm._batch.set_batch(batch=[token], n_past=len(self._cached), logits_all=False)
+        self._decode()
+        self._cached.append(token)
+        return self._last_logits()
+
+    def _decode(self) -> None:
+        try:
+            self._llm._ctx.decode(self._llm._batch)
+        except RuntimeError as exc:
+            self._cached = []
+            self._llm._ctx.kv_cache_seq_rm(-1, 0, -1)
+            raise LlmrouterError(f"llama.cpp could not decode: {exc}") from None
+
+    def _last_logits(self) -> Logits:
+        ptr = self._llm._ctx.get_logits_ith(-1)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+
+    # -- sampling -----------------------------------------------------------------------------
+
+    def _sample(
+        self, logits: Logits, s: Sampling, counts: dict[int, int], rng: np.random.Generator
+    ) -> int:
+        x = logits.astype(np.float64)
+        if s.logit_bias:
+            ids = np.fromiter(s.logit_bias.keys(), dtype=np.int64)
+            x[ids] += np.fromiter(s.logit_bias.values(), dtype=np.float64)
+        if counts and (s.frequency_penalty or s.presence_penalty):
+            ids = np.fromiter(counts.keys(), dtype=np.int64)
+            seen = np.fromiter(counts.values(), dtype=np.float64)
+            x[ids] -= seen * s.frequency_penalty + s.presence_penalty
+        if s.temperature == 0.0:
+            return int(np.argmax(x))
+        x = (x - x.max()) / s.temperature
+        probs = np.exp(x)
+        probs /= probs.sum()
+        if s.top_p < 1.0:
+            return self._nucleus(probs, s.top_p, rng)
+        return int(np.searchsorted(np.cumsum(probs), rng.random(), side="right").clip(0, len(probs) - 1))
+
+    @staticmethod
+    def _nucleus(probs: npt.NDArray[np.float64], top_p: float, rng: np.random.Generator) -> int:
+        """Sample from the smallest set of most likely tokens whose mass reaches top_p."""
+        k = min(256, len(probs) - 1)
+        while True:
+            candidates = np.argpartition(-probs, k)[:k] if k < len(probs) else np.arange(len(probs))
+            order = candidates[np.argsort(-probs[candidates], kind="stable")]
+            mass = np.cumsum(probs[order])
+            if mass[-1] >= top_p or k >= len(probs):
+                keep = int(np.searchsorted(mass, top_p, side="left")) + 1
+                kept = order[:keep]
+                weights = mass[: len(kept)]
+                pick = int(np.searchsorted(weights, rng.random() * weights[-1], side="right"))
+                return int(kept[min(pick, len(kept) - 1)])
+            k = min(len(probs), k * 8)
+
+    def _token_info(self, logits: Logits, token: int, text: str, k: int, offset: int) -> TokenInfo:
+        logp = _log_softmax(logits)
+        return TokenInfo(text, float(logp[token]), self._top(logp, k), offset)
+
+    def _top(self, logp: npt.NDArray[np.float64], k: int) -> dict[str, float]:
+        if k <= 0:
+            return {}
+        best = np.argpartition(-logp, k)[:k]
+        best = best[np.argsort(-logp[best], kind="stable")]
+        return {self._piece(int(t)).decode("utf-8", errors="replace"): float(logp[t]) for t in best}
+
+    def _prompt_logprobs(self, prompt: list[int], rows: Logits, k: int) -> tuple[list[TokenInfo], int]:
+        infos: list[TokenInfo] = []
+        offset = 0
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        for i, token in enumerate(prompt):
+            text = decoder.decode(self._piece(token), final=i == len(prompt) - 1)
+            if i == 0:
+                infos.append(TokenInfo(text, None, None, offset))
+            else:
+                logp = _log_softmax(rows[i - 1])
+                infos.append(TokenInfo(text, float(logp[token]), self._top(logp, k), offset))
+            offset += len(text)
+        return infos, offset
+
+
+def _log_softmax(logits: Logits) -> npt.NDArray[np.float64]:
+    x = logits.astype(np.float64)
+    x -= x.max()
+    out: npt.NDArray[np.float64] = x - np.log(np.exp(x).sum())
+    return out
+
+
+def bind_loop(loop: asyncio.AbstractEventLoop, sink: asyncio.Queue[Event]) -> Callable[[Event], None]:
+    """An `emit` for a job: hands each event to the event loop's queue from the worker thread."""
+
+    def emit(event: Event) -> None:
+        loop.call_soon_threadsafe(sink.put_nowait, event)
+
+    return emit

@@ -1,0 +1,122 @@
+"""The one small protocol every provider adapter implements, and the values that cross it.
+
+An adapter turns a `Call` into one provider request and the provider's answer into our wire types.
+It raises only errors from `llmrouter.errors`: foreign exceptions are translated at its boundary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from msgspec import UNSET, Struct, UnsetType
+
+from llmrouter.settings import DeploymentSettings, Timeouts
+from llmrouter.wire.completions import (
+    ChunkChoice,
+    CompletionChoice,
+    CompletionCreateParams,
+    Usage,
+)
+from llmrouter.wire.validate import Prompts
+
+__all__ = [
+    "ALL_PARAMETERS",
+    "Call",
+    "Capabilities",
+    "Completion",
+    "Provider",
+    "StreamPart",
+    "normalise_finish_reason",
+]
+
+# Every request field a deployment may or may not honour, by its wire name. `model`, `models`,
+# `stream_options`, `user` and `metadata` are the router's own and are always honoured.
+ALL_PARAMETERS: frozenset[str] = frozenset(
+    {
+        "best_of",
+        "echo",
+        "frequency_penalty",
+        "logit_bias",
+        "logprobs",
+        "max_tokens",
+        "n",
+        "presence_penalty",
+        "seed",
+        "stop",
+        "stream",
+        "suffix",
+        "temperature",
+        "top_p",
+        "response_format",
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    """What one deployment honours exactly. The plan sends a request only where all of it fits."""
+
+    parameters: frozenset[str]
+    response_formats: frozenset[str] = frozenset({"text"})
+    max_logprobs: int = 5
+    token_prompts: bool = True
+    # best_of > n means generating extra candidates and choosing: only where the engine can rank.
+    best_of_above_n: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """One attempt at one deployment, as the adapter sees it."""
+
+    deployment: DeploymentSettings
+    params: CompletionCreateParams
+    prompts: Prompts
+    timeouts: Timeouts
+    request_id: str = ""
+    extra_headers: dict[str, str] = field(default_factory=dict)
+
+
+class Completion(Struct):
+    choices: list[CompletionChoice]
+    usage: Usage
+    system_fingerprint: str | UnsetType = UNSET
+
+
+class StreamPart(Struct):
+    """A piece of a streamed answer: deltas for some choices, and usage once, at the end."""
+
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
+    system_fingerprint: str | UnsetType = UNSET
+
+
+class Provider(Protocol):
+    name: str
+    timeouts: Timeouts
+
+    async def start(self) -> None:
+        """Open pools, load models. Called once before the first call."""
+
+    async def aclose(self) -> None:
+        """Release everything `start` opened."""
+
+    def capabilities(self, deployment: DeploymentSettings) -> Capabilities: ...
+
+    def usable(self, deployment: DeploymentSettings) -> bool:
+        """Whether the deployment can take a call now (a local model that loaded, for instance)."""
+
+    async def complete(self, call: Call) -> Completion: ...
+
+    def stream(self, call: Call) -> AsyncIterator[StreamPart]:
+        """Yield the answer as it comes. Raising before the first part is a normal failure."""
+
+
+def normalise_finish_reason(native: str | None) -> str:
+    """Map a provider's raw finish reason onto the spec's three."""
+    if native in ("length", "max_tokens", "MAX_TOKENS"):
+        return "length"
+    if native in ("content_filter", "SAFETY", "refusal", "RECITATION"):
+        return "content_filter"
+    return "stop"

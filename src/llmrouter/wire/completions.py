@@ -1,0 +1,189 @@
+"""The Completions API on the wire: the spec's request, response and stream-chunk shapes.
+
+Types follow `completions.openapi.json` field by field, including nullability: a field the spec marks
+nullable is `X | None`, one it does not is plain `X`, so `{"user": null}` is a 400 like any other type
+error. Ranges live in the `Annotated` constraints; rules that span fields live in `validate.py`.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import UNSET, Meta, Struct, UnsetType
+
+__all__ = [
+    "ChunkChoice",
+    "CompletionChoice",
+    "CompletionChunk",
+    "CompletionCreateParams",
+    "CompletionResponse",
+    "Logprobs",
+    "ModelCard",
+    "ModelList",
+    "ResponseFormat",
+    "ResponseFormatGrammar",
+    "ResponseFormatJSONObject",
+    "ResponseFormatJSONSchema",
+    "ResponseFormatPython",
+    "ResponseFormatText",
+    "Usage",
+]
+
+FinishReason = Literal["stop", "length", "content_filter"]
+
+# ---------------------------------------------------------------------------------------------
+# Request
+
+
+class StreamOptions(Struct, forbid_unknown_fields=True):
+    include_usage: bool | None = None
+
+
+class JSONSchemaConfig(Struct, forbid_unknown_fields=True):
+    name: Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
+    description: str | UnsetType = UNSET
+    schema: dict[str, Any] | UnsetType = UNSET
+    strict: bool | None = None
+
+
+class ResponseFormatText(Struct, tag_field="type", tag="text", forbid_unknown_fields=True):
+    pass
+
+
+class ResponseFormatJSONObject(Struct, tag_field="type", tag="json_object", forbid_unknown_fields=True):
+    pass
+
+
+class ResponseFormatJSONSchema(Struct, tag_field="type", tag="json_schema", forbid_unknown_fields=True):
+    json_schema: JSONSchemaConfig
+
+
+class ResponseFormatGrammar(Struct, tag_field="type", tag="grammar", forbid_unknown_fields=True):
+    grammar: Annotated[str, Meta(min_length=1)]
+
+
+class ResponseFormatPython(Struct, tag_field="type", tag="python", forbid_unknown_fields=True):
+    pass
+
+
+ResponseFormat = (
+    ResponseFormatText
+    | ResponseFormatJSONObject
+    | ResponseFormatJSONSchema
+    | ResponseFormatGrammar
+    | ResponseFormatPython
+)
+
+TokenId = Annotated[int, Meta(ge=0)]
+# A prompt element: a string (batch of strings), a token id, or a token-id array. Which of the four
+# spec shapes the whole prompt is, and that it is not a mixture, is checked in validate.py.
+PromptItem = str | TokenId | list[TokenId]
+Penalty = Annotated[float, Meta(ge=-2.0, le=2.0)]
+
+
+class CompletionCreateParams(Struct, forbid_unknown_fields=True, omit_defaults=True):
+    prompt: str | list[PromptItem]
+    model: str | UnsetType = UNSET
+    models: list[str] | UnsetType = UNSET
+    best_of: Annotated[int, Meta(ge=1, le=128)] | None = None
+    echo: bool | None = None
+    frequency_penalty: Penalty | None = None
+    logit_bias: dict[str, Annotated[float, Meta(ge=-100.0, le=100.0)]] | None = None
+    logprobs: Annotated[int, Meta(ge=0)] | None = None
+    # Omitted means OpenAI's default of 16; an explicit null means "up to the model's context".
+    max_tokens: Annotated[int, Meta(ge=0)] | UnsetType | None = UNSET
+    n: Annotated[int, Meta(ge=1, le=128)] | None = None
+    presence_penalty: Penalty | None = None
+    seed: int | None = None
+    stop: str | Annotated[list[str], Meta(max_length=4)] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    suffix: str | None = None
+    temperature: Annotated[float, Meta(ge=0.0, le=2.0)] | None = None
+    top_p: Annotated[float, Meta(ge=0.0, le=1.0)] | None = None
+    user: str | UnsetType = UNSET
+    metadata: dict[str, str] | None = None
+    response_format: ResponseFormat | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Response
+
+
+class Logprobs(Struct):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None] | None
+    text_offset: list[int]
+
+
+class CompletionChoice(Struct):
+    text: str
+    index: int
+    logprobs: Logprobs | None
+    finish_reason: FinishReason
+    native_finish_reason: str | UnsetType = UNSET
+    reasoning: str | None = None
+
+
+class Usage(Struct):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionResponse(Struct, omit_defaults=True):
+    id: str
+    created: int
+    model: str
+    provider: str
+    choices: list[CompletionChoice]
+    object: Literal["text_completion"] = "text_completion"
+    system_fingerprint: str | UnsetType = UNSET
+    usage: Usage | UnsetType = UNSET
+
+
+class ChunkChoice(Struct):
+    """One choice's delta in a stream chunk; `finish_reason` is set only in the choice's last one."""
+
+    text: str
+    index: int
+    logprobs: Logprobs | None = None
+    finish_reason: FinishReason | None = None
+    native_finish_reason: str | UnsetType = UNSET
+    reasoning: str | None = None
+
+
+class CompletionChunk(Struct, omit_defaults=True):
+    id: str
+    created: int
+    model: str
+    provider: str
+    choices: list[ChunkChoice]
+    object: Literal["text_completion"] = "text_completion"
+    system_fingerprint: str | UnsetType = UNSET
+    # Present (null until the last chunk) only when stream_options.include_usage is set.
+    usage: Usage | UnsetType | None = UNSET
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+
+
+class ModelCard(Struct):
+    id: str
+    created: int
+    owned_by: str
+    context_length: int | None
+    supported_parameters: list[str]
+    object: Literal["model"] = "model"
+
+
+class ModelList(Struct):
+    data: list[ModelCard]
+    object: Literal["list"] = "list"
+
+
+request_decoder = msgspec.json.Decoder(CompletionCreateParams)
+encoder = msgspec.json.Encoder()

@@ -1,0 +1,152 @@
+"""Decode a request body once into typed values, or fail with a 400 that names the field.
+
+msgspec checks types, nullability and ranges while decoding; its error path (`$.prompt[2]`) becomes
+the error's `param` (`prompt[2]`). The rules that span several fields follow.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import cast
+
+import msgspec
+
+from llmrouter.errors import InvalidRequest
+from llmrouter.wire.completions import CompletionCreateParams, request_decoder
+
+__all__ = ["Prompts", "decode_completion_request"]
+
+# A validated prompt: a batch of strings, or a batch of token-id sequences (never a mixture).
+Prompts = tuple[str, ...] | tuple[tuple[int, ...], ...]
+
+_PATH = re.compile(r" - at `\$(?P<path>[^`]*)`$")
+_UNKNOWN = re.compile(r"^Object contains unknown field `(?P<field>[^`]*)`")
+_METADATA_PAIRS = 16
+_METADATA_KEY_CHARS = 64
+_METADATA_VALUE_CHARS = 512
+
+
+def _param_of(path: str) -> str:
+    """`$.models[1]` -> `models[1]`; `$` -> ``."""
+    return path.lstrip(".")
+
+
+def decode_completion_request(body: bytes) -> tuple[CompletionCreateParams, Prompts]:
+    try:
+        params = request_decoder.decode(body)
+    except msgspec.ValidationError as exc:
+        raise _translate(str(exc)) from None
+    except msgspec.DecodeError as exc:
+        raise InvalidRequest(f"The request body is not valid JSON: {exc}", code="invalid_json") from None
+    prompts = _check_prompt(params.prompt)
+    _check_cross_field(params)
+    return params, prompts
+
+
+def _translate(message: str) -> InvalidRequest:
+    match = _PATH.search(message)
+    path = _param_of(match.group("path")) if match else ""
+    text = message[: match.start()] if match else message
+    unknown = _UNKNOWN.match(text)
+    if unknown:
+        field = f"{path}.{unknown.group('field')}" if path else unknown.group("field")
+        return InvalidRequest(
+            f"Unrecognized request argument supplied: {field}",
+            param=field,
+            code="unknown_parameter",
+        )
+    if text.startswith("Object missing required field"):
+        return InvalidRequest(f"{text}.", param=_missing_field(text, path), code="missing_field")
+    if text.startswith("Expected `object`, got") and not path:
+        return InvalidRequest(f"The request body must be a JSON object: {text}.", code="invalid_json")
+    where = f" for `{path}`" if path else ""
+    return InvalidRequest(f"Invalid value{where}: {text}.", param=path, code="invalid_type")
+
+
+def _missing_field(text: str, path: str) -> str:
+    field = text.split("`")[1] if "`" in text else ""
+    return f"{path}.{field}" if path else field
+
+
+def _check_prompt(prompt: str | list[str | int | list[int]]) -> Prompts:
+    if isinstance(prompt, str):
+        return (prompt,)
+    if not prompt:
+        raise InvalidRequest("`prompt` must not be an empty list.", param="prompt")
+    first = prompt[0]
+    if isinstance(first, str):
+        kind: type = str
+    elif isinstance(first, int):
+        kind = int
+    else:
+        kind = list
+    for i, item in enumerate(prompt):
+        if not isinstance(item, kind):
+            raise InvalidRequest(
+                "`prompt` must be a string, an array of strings, an array of token ids, or an "
+                f"array of token-id arrays; element {i} does not match element 0.",
+                param=f"prompt[{i}]",
+            )
+        if kind is list and not item:
+            raise InvalidRequest("A token-id prompt must not be empty.", param=f"prompt[{i}]")
+    if kind is str:
+        return tuple(cast(list[str], prompt))
+    if kind is int:
+        return (tuple(cast(list[int], prompt)),)
+    return tuple(tuple(item) for item in cast(list[list[int]], prompt))
+
+
+def _check_cross_field(params: CompletionCreateParams) -> None:
+    n = params.n or 1
+    if params.best_of is not None and params.best_of < n:
+        raise InvalidRequest(
+            f"`best_of` ({params.best_of}) must be greater than or equal to `n` ({n}).",
+            param="best_of",
+        )
+    if params.stream and params.best_of is not None and params.best_of > n:
+        raise InvalidRequest(
+            "`best_of` greater than `n` cannot be streamed: the best choices are known only at the end.",
+            param="best_of",
+        )
+    if params.stream_options is not None and not params.stream:
+        raise InvalidRequest(
+            "`stream_options` is only allowed when `stream` is true.", param="stream_options"
+        )
+    stops = [params.stop] if isinstance(params.stop, str) else params.stop or []
+    for i, stop in enumerate(stops):
+        if not stop:
+            where = "stop" if isinstance(params.stop, str) else f"stop[{i}]"
+            raise InvalidRequest("A stop sequence must not be empty.", param=where)
+    for key in params.logit_bias or {}:
+        if not key.isdigit():
+            raise InvalidRequest(
+                f"`logit_bias` keys must be token ids (non-negative integers); got {key!r}.",
+                param=f"logit_bias.{key}",
+            )
+    if params.metadata is not None:
+        _check_metadata(params.metadata)
+    if params.models is not msgspec.UNSET:
+        for i, model in enumerate(params.models):
+            if not model:
+                raise InvalidRequest("Model ids must not be empty.", param=f"models[{i}]")
+    if params.model is not msgspec.UNSET and not params.model:
+        raise InvalidRequest("`model` must not be empty.", param="model")
+
+
+def _check_metadata(metadata: dict[str, str]) -> None:
+    if len(metadata) > _METADATA_PAIRS:
+        raise InvalidRequest(
+            f"`metadata` holds at most {_METADATA_PAIRS} pairs; got {len(metadata)}.",
+            param="metadata",
+        )
+    for key, value in metadata.items():
+        if len(key) > _METADATA_KEY_CHARS:
+            raise InvalidRequest(
+                f"`metadata` keys are at most {_METADATA_KEY_CHARS} characters.",
+                param=f"metadata.{key[:_METADATA_KEY_CHARS]}",
+            )
+        if len(value) > _METADATA_VALUE_CHARS:
+            raise InvalidRequest(
+                f"`metadata` values are at most {_METADATA_VALUE_CHARS} characters.",
+                param=f"metadata.{key}",
+            )
