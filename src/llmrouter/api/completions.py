@@ -117,6 +117,8 @@ async def _relay(req: Request, stream: OpenStream, include_usage: bool) -> None:
         while True:
             if part.usage is not None:
                 usage = part.usage
+                if part.usage_estimated:
+                    req.log["usage_estimated"] = True
             if part.choices:
                 chunk.choices = part.choices
                 chunk.system_fingerprint = part.system_fingerprint

@@ -90,6 +90,7 @@ class StreamPart(Struct):
     choices: list[ChunkChoice]
     usage: Usage | None = None
     system_fingerprint: str | UnsetType = UNSET
+    usage_estimated: bool = False  # counted by llmrouter because the provider sent none
 
 
 class Provider(Protocol):

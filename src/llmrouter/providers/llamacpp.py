@@ -108,8 +108,8 @@ class LlamaCppAdapter:
         )
 
     def usable(self, deployment: DeploymentSettings) -> bool:
-        engine = self._engines[deployment.model]
-        return engine.loaded.is_set() and engine.load_error is None
+        # While the model loads, calls queue and run once it is in; only a failed load is unusable.
+        return self._engines[deployment.model].load_error is None
 
     def context_length(self, deployment: DeploymentSettings) -> int | None:
         engine = self._engines[deployment.model]

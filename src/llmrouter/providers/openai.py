@@ -182,8 +182,18 @@ class OpenAIAdapter:
         try:
             if resp.status != 200:
                 raise self._status_error(resp, await self._read_safely(resp))
+            usage_seen = False
+            text_chunks = 0
             async for data in self._events(resp, first=t.first_token, idle=t.idle):
-                yield self._part(self._decode(data))
+                part = self._part(self._decode(data))
+                usage_seen = usage_seen or part.usage is not None
+                text_chunks += sum(1 for c in part.choices if c.text)
+                yield part
+            if not usage_seen:
+                # Some upstreams (llama.cpp's server among them) ignore stream_options and send
+                # no usage. They send one token a chunk, so the chunks are the completion count;
+                # the prompt's count is not known. The part says it is an estimate.
+                yield StreamPart([], usage=Usage(0, text_chunks, text_chunks), usage_estimated=True)
         finally:
             resp.release()
 

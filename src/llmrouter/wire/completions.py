@@ -133,7 +133,7 @@ class Usage(Struct):
     total_tokens: int
 
 
-class CompletionResponse(Struct, omit_defaults=True):
+class CompletionResponse(Struct):
     id: str
     created: int
     model: str
@@ -155,7 +155,7 @@ class ChunkChoice(Struct):
     reasoning: str | None = None
 
 
-class CompletionChunk(Struct, omit_defaults=True):
+class CompletionChunk(Struct):
     id: str
     created: int
     model: str

@@ -1,0 +1,281 @@
+"""A mock OpenAI-compatible upstream, fast enough not to be the bottleneck of a benchmark.
+
+    python bench/mock_upstream.py PORT [--host 127.0.0.1] [--max-seconds N]
+
+`POST /v1/completions` answers a fixed small completion; with `"stream": true` in the JSON body it
+answers an SSE stream of five text chunks, a usage chunk and `data: [DONE]`. `GET /health` and
+`GET /v1/models` answer too; anything else is a 404.
+
+It is a raw `asyncio.Protocol` HTTP/1.1 server on uvloop, not a framework: keep-alive, pipelining
+(requests are answered in order), bodies framed by Content-Length or chunked transfer-encoding and
+read in full across partial reads. Every response is pre-encoded at start, so a request costs one
+header parse and one `write`. `--max-seconds` makes it exit on its own (the benchmark uses it so
+that nothing outlives a run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import time
+from typing import cast
+
+import uvloop
+
+MODEL = "mock-model"
+TEXT_PARTS = ("Hello", "!", " How", " can I", " help?")
+_MAX_HEAD = 64 * 1024
+_MAX_BODY = 8 * 1024 * 1024
+
+
+def _json(value: object) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
+def _response(status: bytes, content_type: bytes, body: bytes, *, close: bool = False) -> bytes:
+    head = (
+        b"HTTP/1.1 " + status + b"\r\n"
+        b"Content-Type: " + content_type + b"\r\n"
+        b"Content-Length: " + str(len(body)).encode() + b"\r\n"
+    )
+    if close:
+        head += b"Connection: close\r\n"
+    return head + b"\r\n" + body
+
+
+def _chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+def _build() -> dict[str, bytes]:
+    created = int(time.time())
+    usage = {"prompt_tokens": 3, "completion_tokens": 8, "total_tokens": 11}
+    completion = _json(
+        {
+            "id": "cmpl-mock0000000000000000",
+            "object": "text_completion",
+            "created": created,
+            "model": MODEL,
+            "choices": [
+                {"text": "".join(TEXT_PARTS), "index": 0, "logprobs": None, "finish_reason": "stop"}
+            ],
+            "usage": usage,
+        }
+    )
+    events: list[bytes] = []
+    for i, text in enumerate(TEXT_PARTS):
+        last = i == len(TEXT_PARTS) - 1
+        chunk = {
+            "id": "cmpl-mock0000000000000000",
+            "object": "text_completion",
+            "created": created,
+            "model": MODEL,
+            "choices": [
+                {
+                    "text": text,
+                    "index": 0,
+                    "logprobs": None,
+                    "finish_reason": "stop" if last else None,
+                }
+            ],
+        }
+        events.append(b"data: " + _json(chunk) + b"\n\n")
+    usage_chunk = {
+        "id": "cmpl-mock0000000000000000",
+        "object": "text_completion",
+        "created": created,
+        "model": MODEL,
+        "choices": [],
+        "usage": usage,
+    }
+    events.append(b"data: " + _json(usage_chunk) + b"\n\n")
+    events.append(b"data: [DONE]\n\n")
+    stream_head = (
+        b"HTTP/1.1 200 OK\r\n"
+        b"Content-Type: text/event-stream\r\n"
+        b"Cache-Control: no-cache\r\n"
+        b"Transfer-Encoding: chunked\r\n"
+        b"\r\n"
+    )
+    stream_body = b"".join(_chunk(e) for e in events) + b"0\r\n\r\n"
+    models = _json({"object": "list", "data": [{"id": MODEL, "object": "model", "owned_by": "mock"}]})
+    return {
+        "completion": _response(b"200 OK", b"application/json", completion),
+        "stream": stream_head + stream_body,
+        "models": _response(b"200 OK", b"application/json", models),
+        "health": _response(b"200 OK", b"text/plain", b"ok"),
+        "not_found": _response(
+            b"404 Not Found", b"application/json", _json({"error": {"message": "not found"}})
+        ),
+        "bad_request": _response(
+            b"400 Bad Request", b"text/plain", b"bad request", close=True
+        ),
+    }
+
+
+RESPONSES = _build()
+_CLOSE_HEADER = b"Connection: close\r\n"
+
+
+def _with_close(response: bytes) -> bytes:
+    """The same response, announcing that the connection closes after it."""
+    end = response.index(b"\r\n") + 2
+    return response[:end] + _CLOSE_HEADER + response[end:]
+
+
+def _wants_stream(body: bytes) -> bool:
+    if b'"stream"' not in body:
+        return False
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        return False
+    return isinstance(parsed, dict) and parsed.get("stream") is True
+
+
+def _dechunk(buf: bytearray, start: int) -> tuple[bytes, int] | None:
+    """A chunked body starting at `start`: (body, end offset), or None until it is complete.
+    Raises ValueError when it is malformed."""
+    pos, parts = start, []
+    while True:
+        eol = buf.find(b"\r\n", pos)
+        if eol < 0:
+            return None
+        size = int(bytes(buf[pos:eol]).split(b";", 1)[0].strip(), 16)
+        pos = eol + 2
+        if size == 0:
+            # Trailers, if any, end with an empty line.
+            end = buf.find(b"\r\n", pos)
+            while end >= 0 and end != pos:
+                pos = end + 2
+                end = buf.find(b"\r\n", pos)
+            if end < 0:
+                return None
+            return b"".join(parts), end + 2
+        if len(buf) < pos + size + 2:
+            return None
+        parts.append(bytes(buf[pos : pos + size]))
+        pos += size + 2
+
+
+class HttpProtocol(asyncio.Protocol):
+    __slots__ = ("buf", "transport")
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf
+        buf += data
+        out: list[bytes] = []
+        close = False
+        while buf and not close:
+            head_end = buf.find(b"\r\n\r\n")
+            if head_end < 0:
+                if len(buf) > _MAX_HEAD:
+                    out.append(RESPONSES["bad_request"])
+                    close = True
+                break
+            try:
+                parsed = self._parse(buf, head_end)
+            except ValueError:
+                out.append(RESPONSES["bad_request"])
+                close = True
+                break
+            if parsed is None:  # the body has not fully arrived yet
+                break
+            response, end, keep_alive = parsed
+            del buf[:end]
+            if not keep_alive:
+                response = _with_close(response)
+                close = True
+            out.append(response)
+        transport = self.transport
+        if transport is None:
+            return
+        if out:
+            transport.write(out[0] if len(out) == 1 else b"".join(out))
+        if close:
+            buf.clear()
+            transport.close()
+
+    @staticmethod
+    def _parse(buf: bytearray, head_end: int) -> tuple[bytes, int, bool] | None:
+        lines = bytes(buf[:head_end]).split(b"\r\n")
+        method, path, version = lines[0].split(b" ", 2)
+        content_length = 0
+        chunked = False
+        connection = b""
+        for line in lines[1:]:
+            name, _, value = line.partition(b":")
+            name = name.strip().lower()
+            if name == b"content-length":
+                content_length = int(value.strip())
+                if content_length < 0 or content_length > _MAX_BODY:
+                    raise ValueError("bad content-length")
+            elif name == b"transfer-encoding":
+                chunked = b"chunked" in value.lower()
+            elif name == b"connection":
+                connection = value.strip().lower()
+        start = head_end + 4
+        if chunked:
+            framed = _dechunk(buf, start)
+            if framed is None:
+                return None
+            body, end = framed
+        else:
+            end = start + content_length
+            if len(buf) < end:
+                return None
+            body = bytes(buf[start:end])
+        if version == b"HTTP/1.0":
+            keep_alive = connection == b"keep-alive"
+        else:
+            keep_alive = connection != b"close"
+        path = path.split(b"?", 1)[0]
+        if method == b"POST" and path in (b"/v1/completions", b"/completions"):
+            key = "stream" if _wants_stream(body) else "completion"
+        elif method == b"GET" and path == b"/health":
+            key = "health"
+        elif method == b"GET" and path in (b"/v1/models", b"/models"):
+            key = "models"
+        else:
+            key = "not_found"
+        return RESPONSES[key], end, keep_alive
+
+
+async def serve(host: str, port: int, max_seconds: float | None) -> None:
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(HttpProtocol, host, port, backlog=2048, reuse_address=True)
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if max_seconds is not None:
+        loop.call_later(max_seconds, stop.set)
+    print(f"mock upstream listening on http://{host}:{port}/v1", flush=True)
+    async with server:
+        await stop.wait()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("port", type=int)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument(
+        "--max-seconds", type=float, default=None, help="exit after this many seconds"
+    )
+    args = parser.parse_args()
+    uvloop.run(serve(args.host, args.port, args.max_seconds))
+
+
+if __name__ == "__main__":
+    main()

