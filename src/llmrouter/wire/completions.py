@@ -89,7 +89,8 @@ class CompletionCreateParams(Struct, forbid_unknown_fields=True, omit_defaults=T
     best_of: Annotated[int, Meta(ge=1, le=128)] | None = None
     echo: bool | None = None
     frequency_penalty: Penalty | None = None
-    logit_bias: dict[str, Annotated[float, Meta(ge=-100.0, le=100.0)]] | None = None
+    # Values of these two maps are checked in validate.py, where the error can name the key.
+    logit_bias: dict[str, Any] | None = None
     logprobs: Annotated[int, Meta(ge=0)] | None = None
     # Omitted means OpenAI's default of 16; an explicit null means "up to the model's context".
     max_tokens: Annotated[int, Meta(ge=0)] | UnsetType | None = UNSET
@@ -103,7 +104,7 @@ class CompletionCreateParams(Struct, forbid_unknown_fields=True, omit_defaults=T
     temperature: Annotated[float, Meta(ge=0.0, le=2.0)] | None = None
     top_p: Annotated[float, Meta(ge=0.0, le=1.0)] | None = None
     user: str | UnsetType = UNSET
-    metadata: dict[str, str] | None = None
+    metadata: dict[str, Any] | None = None
     response_format: ResponseFormat | None = None
 
 

@@ -117,10 +117,15 @@ def _check_cross_field(params: CompletionCreateParams) -> None:
         if not stop:
             where = "stop" if isinstance(params.stop, str) else f"stop[{i}]"
             raise InvalidRequest("A stop sequence must not be empty.", param=where)
-    for key in params.logit_bias or {}:
+    for key, bias in (params.logit_bias or {}).items():
         if not key.isdigit():
             raise InvalidRequest(
                 f"`logit_bias` keys must be token ids (non-negative integers); got {key!r}.",
+                param=f"logit_bias.{key}",
+            )
+        if isinstance(bias, bool) or not isinstance(bias, int | float) or not -100 <= bias <= 100:
+            raise InvalidRequest(
+                f"`logit_bias` values must be numbers from -100 to 100; got {bias!r}.",
                 param=f"logit_bias.{key}",
             )
     if params.metadata is not None:
@@ -133,13 +138,15 @@ def _check_cross_field(params: CompletionCreateParams) -> None:
         raise InvalidRequest("`model` must not be empty.", param="model")
 
 
-def _check_metadata(metadata: dict[str, str]) -> None:
+def _check_metadata(metadata: dict[str, object]) -> None:
     if len(metadata) > _METADATA_PAIRS:
         raise InvalidRequest(
             f"`metadata` holds at most {_METADATA_PAIRS} pairs; got {len(metadata)}.",
             param="metadata",
         )
     for key, value in metadata.items():
+        if not isinstance(value, str):
+            raise InvalidRequest("`metadata` values must be strings.", param=f"metadata.{key}")
         if len(key) > _METADATA_KEY_CHARS:
             raise InvalidRequest(
                 f"`metadata` keys are at most {_METADATA_KEY_CHARS} characters.",
