@@ -1,0 +1,116 @@
+"""Streams: keep-alive comments before the first token, errors after the commit point, and a client
+that leaves cancelling the work upstream."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import pytest
+
+from tests.conftest import Router
+from tests.spec import assert_error, validate
+
+
+def stream_lines(router: Router, body: dict[str, object]) -> tuple[httpx.Response, list[str]]:
+    with httpx.stream(
+        "POST", f"{router.api}/completions", headers=router.headers(), json=body, timeout=30
+    ) as r:
+        lines = [line for line in r.iter_lines() if line]
+    return r, lines
+
+
+def test_keepalive_comments_while_waiting_for_the_first_token(router: Router) -> None:
+    r, lines = stream_lines(router, {"model": "fake/slow-first", "prompt": "Hi", "stream": True})
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/event-stream")
+    assert lines[0] == ": llmrouter processing"  # the test server's keepalive is 0.5 s; wait 2 s
+    assert lines.count(": llmrouter processing") >= 2
+    assert lines[-1] == "data: [DONE]"
+
+
+def test_error_after_the_first_chunk_is_one_event_then_the_end(router: Router) -> None:
+    for model in ("fake/stream-truncated", "fake/stream-error"):
+        r, lines = stream_lines(router, {"model": model, "prompt": "Hi", "stream": True})
+        assert r.status_code == 200
+        events = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+        assert events[0]["choices"][0]["text"] == "one "
+        validate(events[-1], "ErrorResponse")
+        assert events[-1]["error"]["type"] == "provider_error"
+        assert "data: [DONE]" not in lines
+
+
+def test_error_before_the_first_chunk_is_an_http_error(router: Router) -> None:
+    with httpx.stream(
+        "POST",
+        f"{router.api}/completions",
+        headers=router.headers(),
+        json={"model": "fake/status-500", "prompt": "Hi", "stream": True},
+    ) as r:
+        r.read()
+    assert_error(r, 502)
+
+
+def test_stream_chunks_share_id_and_carry_usage_last(router: Router) -> None:
+    body = {
+        "model": "smollm2",
+        "prompt": "Hi",
+        "max_tokens": 4,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "logprobs": 1,
+        "temperature": 0,
+    }
+    r, lines = stream_lines(router, body)
+    events = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+    assert {e["id"] for e in events} == {r.headers["x-request-id"]}
+    assert all(e["object"] == "text_completion" for e in events)
+    assert all(e["usage"] is None for e in events[:-1])
+    assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == 4
+    text_events = [e for e in events if e["choices"] and e["choices"][0]["text"]]
+    assert all(e["choices"][0]["logprobs"]["tokens"] for e in text_events)
+
+
+def test_client_disconnect_cancels_an_upstream_stream(router: Router, fake_upstream: str) -> None:
+    httpx.post(f"{fake_upstream}/_reset")
+    with httpx.stream(
+        "POST",
+        f"{router.api}/completions",
+        headers=router.headers(),
+        json={"model": "fake/slow-stream", "prompt": "Hi", "stream": True},
+    ) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                break  # leave after the first chunk
+    deadline = time.monotonic() + 2
+    while time.monotonic() < deadline:
+        if httpx.get(f"{fake_upstream}/_stats").json()["client_gone"] >= 1:
+            break
+        time.sleep(0.05)
+    assert httpx.get(f"{fake_upstream}/_stats").json()["client_gone"] == 1
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_client_disconnect_stops_the_local_model(router: Router, stream: bool) -> None:
+    # ~2,000 tokens would keep the model busy for many seconds; a client that leaves must free it.
+    long = {"model": "smollm2", "prompt": "List every number:", "max_tokens": 2000,
+            "logit_bias": {"2": -100}, "stream": stream}
+    try:
+        with httpx.stream(
+            "POST", f"{router.api}/completions", headers=router.headers(), json=long, timeout=0.5
+        ) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    break
+    except httpx.ReadTimeout:
+        assert not stream
+    started = time.monotonic()
+    r2 = httpx.post(
+        f"{router.api}/completions",
+        headers=router.headers(),
+        json={"model": "smollm2", "prompt": "Hi", "max_tokens": 1},
+        timeout=30,
+    )
+    assert r2.status_code == 200
+    assert time.monotonic() - started < 2.5

@@ -1,0 +1,132 @@
+"""An OpenAI-compatible upstream's failures, mapped into our error shape; parameters passed on."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+
+from tests.conftest import Router
+from tests.spec import assert_error, validate
+
+
+def post(router: Router, model: str, **extra: object) -> httpx.Response:
+    body = {"model": model, "prompt": "Hi", "max_tokens": 3, **extra}
+    return httpx.post(f"{router.api}/completions", headers=router.headers(), json=body, timeout=30)
+
+
+@pytest.mark.parametrize(
+    ("model", "status", "code"),
+    [
+        ("fake/status-401", 502, "upstream_auth_failed"),
+        ("fake/status-500", 502, "upstream_unavailable"),
+        ("fake/status-503", 502, "upstream_unavailable"),
+        ("fake/status-404", 502, "upstream_unavailable"),
+        ("fake/status-400", 400, "upstream_rejected"),
+        ("fake/malformed", 502, "upstream_unavailable"),
+        ("fake/status-429", 429, "upstream_rate_limited"),
+    ],
+)
+@pytest.mark.parametrize("stream", [False, True])
+def test_upstream_errors_are_mapped(
+    router: Router, model: str, status: int, code: str, stream: bool
+) -> None:
+    if stream and model == "fake/malformed":
+        pytest.skip("a malformed non-stream body; the stream case is test_truncated_stream")
+    r = post(router, model, stream=stream)
+    error = assert_error(r, status)["error"]
+    assert error["code"] == code
+    assert "upstream-secret" not in r.text
+    if status == 429:
+        assert r.headers["retry-after"] == "7"
+
+
+def test_upstream_that_hangs_is_504_within_its_deadline(router: Router) -> None:
+    started = time.monotonic()
+    r = post(router, "fake/hang")
+    elapsed = time.monotonic() - started
+    assert assert_error(r, 504)["error"]["code"] == "upstream_timeout"
+    assert 3.5 < elapsed < 6  # the fake provider's total deadline is 4 s
+
+
+def test_fallback_to_the_next_deployment_before_the_first_byte(router: Router) -> None:
+    r = post(router, "fake/fallback")
+    assert r.status_code == 200, r.text
+    assert r.json()["model"] == "fake/fallback"
+    attempts = r.headers["x-llmrouter-attempts"]
+    assert attempts.startswith("fake/status-503 upstream_unavailable")
+    assert "fake/ok ok" in attempts
+
+
+def test_models_list_is_a_fallback_chain(router: Router) -> None:
+    r = post(router, "fake/status-500", models=["fake/ok"])
+    assert r.status_code == 200, r.text
+    assert r.json()["model"] == "fake/ok"
+
+
+def test_every_parameter_is_passed_on(router: Router, fake_upstream: str) -> None:
+    params = {
+        "best_of": 2,
+        "echo": True,
+        "frequency_penalty": 0.5,
+        "logit_bias": {"50": -100},
+        "logprobs": 2,
+        "n": 2,
+        "presence_penalty": -0.5,
+        "seed": 7,
+        "stop": ["\n"],
+        "suffix": "!",
+        "temperature": 0.3,
+        "top_p": 0.9,
+        "response_format": {"type": "json_object"},
+        "user": "end-user-1",
+        "metadata": {"team": "a"},
+    }
+    r = post(router, "fake/ok", **params)
+    assert r.status_code == 200, r.text
+    validate(r.json(), "CompletionResponse")
+    got = httpx.get(f"{fake_upstream}/_stats").json()
+    sent = got["last_body"]
+    assert sent["model"] == "ok"  # the deployment's upstream name
+    assert sent["prompt"] == "Hi" and sent["max_tokens"] == 3
+    for name, value in params.items():
+        if name in ("user", "metadata"):
+            assert name not in sent  # kept by the router unless the provider forwards them
+        else:
+            assert sent[name] == value, name
+    assert got["last_headers"]["Authorization"] == "Bearer upstream-secret"
+    assert r.json()["system_fingerprint"] == "fp_fake"
+
+
+def test_token_prompts_pass_through_unchanged(router: Router, fake_upstream: str) -> None:
+    post(router, "fake/ok", prompt=[[1, 2], [3]])
+    assert httpx.get(f"{fake_upstream}/_stats").json()["last_body"]["prompt"] == [[1, 2], [3]]
+
+
+def test_upstream_connections_are_pooled(router: Router, fake_upstream: str) -> None:
+    httpx.post(f"{fake_upstream}/_reset")
+    with httpx.Client() as client:
+        for _ in range(30):
+            r = client.post(
+                f"{router.api}/completions",
+                headers=router.headers(),
+                json={"model": "fake/ok", "prompt": "Hi"},
+            )
+            assert r.status_code == 200
+    stats = httpx.get(f"{fake_upstream}/_stats").json()
+    assert stats["requests"] == 30
+    assert stats["connections"] <= 2  # kept alive, not one connection a request
+
+
+def test_unreachable_upstream_is_502(tmp_path, fake_upstream: str) -> None:  # type: ignore[no-untyped-def]
+    from tests.conftest import free_port, router_config, start_router, stop
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    config = router_config(fake_upstream, None).replace(f"base_url: {fake_upstream}/v1", f"base_url: {dead}/v1")
+    r = start_router(tmp_path, config)
+    try:
+        error = assert_error(post(r, "fake/ok"), 502)["error"]
+        assert error["code"] == "upstream_unavailable"
+    finally:
+        stop(r.proc)
