@@ -109,9 +109,7 @@ def _build() -> dict[str, bytes]:
         "not_found": _response(
             b"404 Not Found", b"application/json", _json({"error": {"message": "not found"}})
         ),
-        "bad_request": _response(
-            b"400 Bad Request", b"text/plain", b"bad request", close=True
-        ),
+        "bad_request": _response(b"400 Bad Request", b"text/plain", b"bad request", close=True),
     }
 
 
@@ -237,10 +235,8 @@ class HttpProtocol(asyncio.Protocol):
             if len(buf) < end:
                 return None
             body = bytes(buf[start:end])
-        if version == b"HTTP/1.0":
-            keep_alive = connection == b"keep-alive"
-        else:
-            keep_alive = connection != b"close"
+        # HTTP/1.1 keeps the connection unless told otherwise; HTTP/1.0 closes unless told.
+        keep_alive = connection == b"keep-alive" if version == b"HTTP/1.0" else connection != b"close"
         path = path.split(b"?", 1)[0]
         if method == b"POST" and path in (b"/v1/completions", b"/completions"):
             key = "stream" if _wants_stream(body) else "completion"
@@ -270,9 +266,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("port", type=int)
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument(
-        "--max-seconds", type=float, default=None, help="exit after this many seconds"
-    )
+    parser.add_argument("--max-seconds", type=float, default=None, help="exit after this many seconds")
     args = parser.parse_args()
     uvloop.run(serve(args.host, args.port, args.max_seconds))
 

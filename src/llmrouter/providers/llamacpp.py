@@ -112,8 +112,8 @@ class LlamaCppAdapter:
         return self._engines[deployment.model].load_error is None
 
     def context_length(self, deployment: DeploymentSettings) -> int | None:
-        engine = self._engines[deployment.model]
-        return engine.n_ctx or None
+        # Known from the config at once, or from the model once it has loaded.
+        return self._engines[deployment.model].n_ctx or self._settings.n_ctx
 
     async def complete(self, call: Call) -> Completion:
         texts: dict[int, list[str]] = {}

@@ -1,0 +1,803 @@
+"""llmrouter's benchmark: the same measurements DIRECT to a mock upstream and THROUGH llmrouter.
+
+    .venv/bin/python bench/run.py [--duration 10] [--warmup 2] [--profile 6]
+
+One run starts `bench/mock_upstream.py`, creates a key in a throw-away LLMROUTER_HOME, starts
+`llmrouter serve --workers 1` against the mock, then measures, each number direct and through the
+router on the same machine in the same run:
+
+* req/s at concurrency 16 and 64, non-streaming (wrk, closed loop, keep-alive);
+* p50/p99 latency at concurrency 1 and 8, non-streaming (wrk's latency histogram);
+* streaming time-to-first-token: from writing the request to receiving the first complete
+  `data:` line, sequential, measured by this script in a separate client process (raw socket);
+* the server process's start-up time (spawn until `GET /health` answers 200), idle RSS (VmRSS one
+  second after start-up, before any traffic) and peak RSS (VmHWM after every load);
+* req/s at c64 once more with the access log on (the default), logging to a file.
+
+Every load has a warm-up at the same concurrency that is not counted. The table is printed and
+written to bench/results/latest.md. Every process it starts has a bounded life: the mock exits by
+itself, the router gets SIGTERM when this script ends (and from the kernel if this script dies).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import datetime as dt
+import json
+import math
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+VENV_BIN = Path(sys.executable).parent
+LLMROUTER = str(VENV_BIN / "llmrouter")
+WRK_SCRIPT = BENCH / "wrk_post.lua"
+RESULTS = BENCH / "results"
+HOST = "127.0.0.1"
+
+BODY = '{"model":"mock/model","prompt":"Say hello","max_tokens":16}'
+STREAM_BODY = '{"model":"mock/model","prompt":"Say hello","max_tokens":16,"stream":true}'
+ROUTER_PATH = "/api/v1/completions"
+DIRECT_PATH = "/v1/completions"
+
+CONFIG = """\
+default_model: mock/model
+{server}providers:
+  mock: {{kind: openai, base_url: "http://127.0.0.1:{mock_port}/v1"}}
+models:
+  - id: mock/model
+    deployments: [{{provider: mock, model: mock-model}}]
+"""
+
+TARGETS = {
+    "rps_c64": 3000.0,  # req/s, at least
+    "added_p50_c1_ms": 0.3,
+    "added_p99_c1_ms": 1.0,
+    "added_ttft_p50_ms": 0.5,
+    "idle_rss_mib": 80.0,
+    "startup_s": 1.0,
+}
+
+
+# -- processes ------------------------------------------------------------------------------------
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM it when this script's process goes away."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def http_get_ok(port: int, path: str, timeout: float = 5.0) -> bool:
+    """One GET over a fresh connection; True on a 200. Raises OSError if it cannot connect."""
+    with socket.create_connection((HOST, port), timeout=timeout) as s:
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n\r\n".encode())
+        data = b""
+        while b"\r\n" not in data:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+    return data.startswith((b"HTTP/1.1 200", b"HTTP/1.0 200"))
+
+
+def wait_healthy(port: int, proc: subprocess.Popen[bytes], deadline_s: float = 30.0) -> float:
+    """Seconds from now until GET /health answers 200 (polling every 2 ms)."""
+    started = time.perf_counter()
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process {proc.pid} exited with {proc.returncode} before it was healthy")
+        try:
+            if http_get_ok(port, "/health"):
+                return time.perf_counter() - started
+        except OSError:
+            pass
+        if time.perf_counter() - started > deadline_s:
+            raise RuntimeError(f"no healthy answer on port {port} within {deadline_s} s")
+        time.sleep(0.002)
+
+
+def stop(proc: subprocess.Popen[bytes] | None) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+def proc_status(pid: int) -> dict[str, int]:
+    """VmRSS / VmHWM (kB) of one process."""
+    out: dict[str, int] = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name in ("VmRSS", "VmHWM"):
+            out[name] = int(value.split()[0])
+    return out
+
+
+def children(pid: int) -> list[int]:
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+def cpu_seconds(pid: int) -> float:
+    """user + system CPU seconds of one process so far."""
+    raw = Path(f"/proc/{pid}/stat").read_text()
+    fields = raw[raw.rindex(")") + 2 :].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / ticks
+
+
+@dataclass
+class Router:
+    proc: subprocess.Popen[bytes]
+    port: int
+    startup_s: float
+    log_path: Path
+
+
+def start_router(home: Path, config: Path, port: int, log_path: Path) -> Router:
+    env = {**os.environ, "LLMROUTER_HOME": str(home)}
+    env.pop("LLMROUTER_CONFIG", None)
+    with open(log_path, "wb") as log:
+        started = time.perf_counter()
+        proc = subprocess.Popen(
+            [LLMROUTER, "serve", "--config", str(config), "--port", str(port), "--workers", "1"],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            preexec_fn=_die_with_parent,
+        )
+    try:
+        wait_healthy(port, proc)
+    except BaseException:
+        stop(proc)
+        raise
+    return Router(proc, port, time.perf_counter() - started, log_path)
+
+
+# -- load -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class WrkResult:
+    connections: int
+    seconds: float
+    requests: int
+    errors: int
+    rps: float
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    mean_ms: float
+    cpu: dict[str, float] = field(default_factory=dict)  # % of one core, per watched process
+
+
+def wrk(
+    port: int,
+    path: str,
+    connections: int,
+    seconds: float,
+    auth: str,
+    threads: int,
+    watch: dict[str, int] | None = None,
+) -> WrkResult:
+    env = {**os.environ, "BENCH_BODY": BODY, "BENCH_AUTH": auth}
+    cmd = [
+        "wrk",
+        f"-t{min(threads, connections)}",
+        f"-c{connections}",
+        f"-d{seconds:g}s",
+        "--timeout",
+        "5s",
+        "-s",
+        str(WRK_SCRIPT),
+        f"http://{HOST}:{port}{path}",
+    ]
+    watch = watch or {}
+    before = {name: cpu_seconds(pid) for name, pid in watch.items()}
+    t0 = time.perf_counter()
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=seconds + 60, check=True)
+    elapsed = time.perf_counter() - t0
+    cpu = {name: 100 * (cpu_seconds(pid) - before[name]) / elapsed for name, pid in watch.items()}
+    line = next((x for x in out.stdout.splitlines() if x.startswith("BENCHJSON ")), None)
+    if line is None:
+        raise RuntimeError(f"wrk printed no summary:\n{out.stdout}\n{out.stderr}")
+    r = json.loads(line.removeprefix("BENCHJSON "))
+    errors = sum(v for k, v in r.items() if k.startswith("errors_"))
+    duration = r["duration_us"] / 1e6
+    return WrkResult(
+        connections=connections,
+        seconds=duration,
+        requests=r["requests"],
+        errors=errors,
+        rps=r["requests"] / duration,
+        p50_ms=r["lat_p50_us"] / 1000,
+        p90_ms=r["lat_p90_us"] / 1000,
+        p99_ms=r["lat_p99_us"] / 1000,
+        mean_ms=r["lat_mean_us"] / 1000,
+        cpu=cpu,
+    )
+
+
+def measure(
+    port: int, path: str, c: int, args: argparse.Namespace, auth: str, watch: dict[str, int]
+) -> WrkResult:
+    wrk(port, path, c, args.warmup, auth, args.wrk_threads)
+    result = wrk(port, path, c, args.duration, auth, args.wrk_threads, watch)
+    print(
+        f"  {path:<20} c{c:<3} {result.rps:>10,.0f} req/s  p50 {result.p50_ms:.3f} ms  "
+        f"p99 {result.p99_ms:.3f} ms  errors {result.errors}  cpu {_cpu_text(result.cpu)}",
+        flush=True,
+    )
+    return result
+
+
+def _cpu_text(cpu: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.0f}%" for k, v in cpu.items()) or "-"
+
+
+# -- streaming time-to-first-token: a client in its own process -----------------------------------
+
+
+def _read_head(sock: socket.socket, buf: bytearray) -> tuple[int, dict[bytes, bytes]]:
+    while b"\r\n\r\n" not in buf:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("closed before the response head")
+        buf += chunk
+    end = buf.index(b"\r\n\r\n")
+    lines = bytes(buf[:end]).split(b"\r\n")
+    del buf[: end + 4]
+    status = int(lines[0].split(b" ", 2)[1])
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        headers[name.strip().lower()] = value.strip()
+    return status, headers
+
+
+def _stream_once(sock: socket.socket, request: bytes) -> tuple[float, float, bytes]:
+    """Send one streaming request; (seconds to the first complete `data:` line, seconds to the
+    end of the response, body)."""
+    buf = bytearray()
+    t0 = time.perf_counter()
+    sock.sendall(request)
+    status, headers = _read_head(sock, buf)
+    if status != 200:
+        raise RuntimeError(f"status {status}")
+    chunked = b"chunked" in headers.get(b"transfer-encoding", b"").lower()
+    length = int(headers.get(b"content-length", b"-1"))
+    body = bytearray()
+    first: float | None = None
+    done = False
+    while True:
+        if chunked:
+            while True:  # decode every complete chunk in `buf`
+                eol = buf.find(b"\r\n")
+                if eol < 0:
+                    break
+                size = int(bytes(buf[:eol]).split(b";")[0], 16)
+                if size == 0:
+                    if len(buf) >= eol + 4:
+                        done = True
+                    break
+                if len(buf) < eol + 2 + size + 2:
+                    break
+                body += buf[eol + 2 : eol + 2 + size]
+                del buf[: eol + 2 + size + 2]
+        else:
+            body += buf
+            buf.clear()
+            done = len(body) >= length >= 0
+        if first is None:
+            at = body.find(b"data:")
+            if at >= 0 and body.find(b"\n", at) >= 0:
+                first = time.perf_counter() - t0
+        if done:
+            break
+        chunk = sock.recv(65536)
+        if not chunk:
+            if length < 0 and not chunked:
+                break
+            raise ConnectionError("closed mid-response")
+        buf += chunk
+    if first is None:
+        raise RuntimeError("no data: line in the stream")
+    return first, time.perf_counter() - t0, bytes(body)
+
+
+def ttft_client(port: int, path: str, auth: str, n: int, warmup: int) -> dict[str, Any]:
+    headers = f"Host: {HOST}\r\nContent-Type: application/json\r\n"
+    if auth:
+        headers += f"Authorization: Bearer {auth}\r\n"
+    body = STREAM_BODY.encode()
+    request = f"POST {path} HTTP/1.1\r\n{headers}Content-Length: {len(body)}\r\n\r\n".encode() + body
+    sock = socket.create_connection((HOST, port), timeout=10)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    firsts: list[float] = []
+    totals: list[float] = []
+    errors = 0
+    for i in range(warmup + n):
+        try:
+            first, total, text = _stream_once(sock, request)
+            if b"[DONE]" not in text:
+                raise RuntimeError("stream without [DONE]")
+        except (OSError, RuntimeError, ValueError):
+            errors += 1
+            sock.close()
+            sock = socket.create_connection((HOST, port), timeout=10)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            continue
+        if i >= warmup:
+            firsts.append(first)
+            totals.append(total)
+    sock.close()
+    return {
+        "n": len(firsts),
+        "errors": errors,
+        "ttft_p50_ms": 1000 * percentile(firsts, 50),
+        "ttft_p99_ms": 1000 * percentile(firsts, 99),
+        "total_p50_ms": 1000 * percentile(totals, 50),
+    }
+
+
+def percentile(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    k = max(0, min(len(ordered) - 1, math.ceil(p / 100 * len(ordered)) - 1))
+    return ordered[k]
+
+
+def run_ttft(port: int, path: str, auth: str, args: argparse.Namespace) -> dict[str, Any]:
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "_ttft",
+        str(port),
+        path,
+        auth or "-",
+        str(args.ttft_requests),
+        str(args.ttft_warmup),
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=True)
+    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    print(
+        f"  {path:<20} stream TTFT p50 {result['ttft_p50_ms']:.3f} ms  "
+        f"p99 {result['ttft_p99_ms']:.3f} ms  (n={result['n']}, errors {result['errors']})",
+        flush=True,
+    )
+    return result
+
+
+# -- profile (optional, py-spy) -------------------------------------------------------------------
+
+
+def find_py_spy() -> str | None:
+    local = VENV_BIN / "py-spy"
+    return str(local) if local.exists() else shutil.which("py-spy")
+
+
+def profile(router: Router, auth: str, seconds: float, args: argparse.Namespace, tmp: Path) -> str:
+    py_spy = find_py_spy()
+    if py_spy is None:
+        return "py-spy is not installed (`.venv/bin/pip install py-spy`); no profile taken.\n"
+    raw = tmp / "profile.txt"
+    rate = 200
+    env = {**os.environ, "BENCH_BODY": BODY, "BENCH_AUTH": auth}
+    load = subprocess.Popen(
+        [
+            "wrk",
+            f"-t{args.wrk_threads}",
+            "-c64",
+            f"-d{seconds + 4:g}s",
+            "-s",
+            str(WRK_SCRIPT),
+            f"http://{HOST}:{router.port}{ROUTER_PATH}",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        time.sleep(1.5)
+        subprocess.run(
+            [
+                py_spy,
+                "record",
+                "-p",
+                str(router.proc.pid),
+                "-d",
+                f"{seconds:g}",
+                "-r",
+                str(rate),
+                "-f",
+                "raw",
+                "-o",
+                str(raw),
+            ],
+            capture_output=True,
+            timeout=seconds + 60,
+            check=True,
+        )
+    finally:
+        load.wait(timeout=seconds + 30)
+    text = summarize_profile(raw.read_text(), seconds * rate)
+    RESULTS.mkdir(exist_ok=True)
+    shutil.copy(raw, RESULTS / "profile-collapsed.txt")
+    return text
+
+
+def _short(frame: str) -> str:
+    """`fn (path/to/pkg/mod.py:123)` -> `fn (pkg/mod.py)`."""
+    name, _, where = frame.partition(" (")
+    where = where.rstrip(")").rsplit(":", 1)[0]
+    for marker in ("site-packages/", "src/", "lib/python3.11/"):
+        if marker in where:
+            where = where.split(marker, 1)[1]
+            break
+    return f"{name} ({where})" if where else name
+
+
+def summarize_profile(collapsed: str, expected_samples: float, top: int = 15) -> str:
+    leaf: Counter[str] = Counter()
+    inclusive: Counter[str] = Counter()
+    total = 0
+    for line in collapsed.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack:
+            continue
+        n = int(count)
+        frames = [_short(f) for f in stack.split(";") if not f.startswith(("process ", "thread "))]
+        if not frames:
+            continue
+        total += n
+        leaf[frames[-1]] += n
+        for f in set(frames):
+            inclusive[f] += n
+    lines = [
+        f"py-spy, {total} samples of the busy main thread out of ~{expected_samples:.0f} "
+        f"({100 * total / max(expected_samples, 1):.0f}% busy) under wrk c64.",
+        "",
+        "| self % | frame (leaf) |",
+        "|---:|---|",
+        *(f"| {100 * n / total:.1f} | `{f}` |" for f, n in leaf.most_common(top)),
+        "",
+        "| inclusive % | frame |",
+        "|---:|---|",
+        *(f"| {100 * n / total:.1f} | `{f}` |" for f, n in inclusive.most_common(top + 10)),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+# -- the run --------------------------------------------------------------------------------------
+
+
+def create_key(home: Path, config: Path) -> str:
+    env = {**os.environ, "LLMROUTER_HOME": str(home)}
+    out = subprocess.run(
+        [LLMROUTER, "--config", str(config), "keys", "create", "--name", "bench"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return out.stdout.strip().splitlines()[-1].strip()
+
+
+def sanity(router_port: int, mock_port: int, key: str) -> None:
+    """One non-streaming and one streaming request each way, checked, before measuring."""
+    for port, path, auth in ((mock_port, DIRECT_PATH, ""), (router_port, ROUTER_PATH, key)):
+        headers = f"Host: {HOST}\r\nContent-Type: application/json\r\n"
+        if auth:
+            headers += f"Authorization: Bearer {auth}\r\n"
+        for body, stream in ((BODY, False), (STREAM_BODY, True)):
+            raw = body.encode()
+            req = f"POST {path} HTTP/1.1\r\n{headers}Content-Length: {len(raw)}\r\n\r\n".encode() + raw
+            with socket.create_connection((HOST, port), timeout=10) as s:
+                _, _, text = _stream_once(s, req) if stream else (0, 0, _plain_once(s, req))
+            expected = b"[DONE]" if stream else b'"text_completion"'
+            if expected not in text or b"Hello" not in text:
+                raise RuntimeError(f"unexpected answer from {port}{path}: {text[:300]!r}")
+
+
+def _plain_once(sock: socket.socket, request: bytes) -> bytes:
+    buf = bytearray()
+    sock.sendall(request)
+    status, headers = _read_head(sock, buf)
+    length = int(headers.get(b"content-length", b"0"))
+    while len(buf) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        buf += chunk
+    if status != 200:
+        raise RuntimeError(f"status {status}: {bytes(buf)[:300]!r}")
+    return bytes(buf)
+
+
+@contextlib.contextmanager
+def mock_upstream(port: int, budget_s: float, log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                str(BENCH / "mock_upstream.py"),
+                str(port),
+                "--max-seconds",
+                f"{budget_s:.0f}",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+            preexec_fn=_die_with_parent,
+        )
+    try:
+        wait_healthy(port, proc, deadline_s=15)
+        yield proc
+    finally:
+        stop(proc)
+
+
+def mib(kb: int) -> float:
+    return kb / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="llmrouter benchmark: direct vs through the router")
+    parser.add_argument("--duration", type=float, default=10, help="seconds per measured load")
+    parser.add_argument("--warmup", type=float, default=2, help="seconds of warm-up before each")
+    parser.add_argument("--wrk-threads", type=int, default=1, help="wrk -t (default 1)")
+    parser.add_argument("--ttft-requests", type=int, default=2000)
+    parser.add_argument("--ttft-warmup", type=int, default=200)
+    parser.add_argument("--startup-trials", type=int, default=5, help="extra cold starts to time")
+    parser.add_argument("--profile", type=float, default=0, help="py-spy seconds under c64 (0: off)")
+    parser.add_argument("--out", type=Path, default=RESULTS / "latest.md")
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        sys.exit("wrk is not installed: apt-get install -y wrk")
+
+    tmp = Path(tempfile.mkdtemp(prefix="llmrouter-bench-"))
+    home = tmp / "home"
+    home.mkdir()
+    mock_port, router_port = free_port(), free_port()
+    quiet_cfg, logging_cfg = tmp / "quiet.yaml", tmp / "logging.yaml"
+    quiet_cfg.write_text(CONFIG.format(server="server: {access_log: false}\n", mock_port=mock_port))
+    logging_cfg.write_text(CONFIG.format(server="", mock_port=mock_port))
+    per_load = args.warmup + args.duration + 1
+    budget = 20 * per_load + 2 * args.ttft_requests * 0.01 + 10 * args.startup_trials + 300
+    budget += args.profile
+    started_at = dt.datetime.now(dt.UTC)
+    r: dict[str, Any] = {}
+
+    key = create_key(home, quiet_cfg)
+    with mock_upstream(mock_port, budget, tmp / "mock.log") as mock:
+        print(f"mock upstream pid {mock.pid} on {mock_port}; temp {tmp}", flush=True)
+
+        print(f"start-up: {args.startup_trials} cold starts", flush=True)
+        startups, idle_rss = [], []
+        for i in range(args.startup_trials):
+            router = start_router(home, quiet_cfg, router_port, tmp / f"startup{i}.log")
+            startups.append(router.startup_s)
+            time.sleep(1.0)
+            idle_rss.append(proc_status(router.proc.pid)["VmRSS"])
+            stop(router.proc)
+        print(f"  {', '.join(f'{s:.3f}' for s in startups)} s", flush=True)
+
+        router = start_router(home, quiet_cfg, router_port, tmp / "router.log")
+        try:
+            pid = router.proc.pid
+            startups.append(router.startup_s)
+            time.sleep(1.0)
+            idle = proc_status(pid)["VmRSS"]
+            idle_rss.append(idle)
+            r["children"] = children(pid)
+            sanity(router_port, mock_port, key)
+            print(
+                f"router pid {pid} on {router_port}: up in {router.startup_s:.3f} s, "
+                f"idle RSS {mib(idle):.1f} MiB",
+                flush=True,
+            )
+            watch_direct = {"mock": mock.pid}
+            watch_router = {"router": pid, "mock": mock.pid}
+            for c in (16, 64, 1, 8):
+                print(f"c{c}:", flush=True)
+                r[f"direct_c{c}"] = measure(mock_port, DIRECT_PATH, c, args, "", watch_direct)
+                r[f"router_c{c}"] = measure(router_port, ROUTER_PATH, c, args, key, watch_router)
+            print("streaming TTFT, sequential:", flush=True)
+            r["ttft_direct"] = run_ttft(mock_port, DIRECT_PATH, "", args)
+            r["ttft_router"] = run_ttft(router_port, ROUTER_PATH, key, args)
+            status = proc_status(pid)
+            r["rss_after_kb"], r["peak_kb"] = status["VmRSS"], status["VmHWM"]
+            if args.profile > 0:
+                print(f"profiling {args.profile:g} s under c64", flush=True)
+                r["profile"] = profile(router, key, args.profile, args, tmp)
+        finally:
+            stop(router.proc)
+
+        print("access log on (the default), c64:", flush=True)
+        logged = start_router(home, logging_cfg, router_port, tmp / "router-logging.log")
+        try:
+            r["logged_c64"] = measure(
+                router_port, ROUTER_PATH, 64, args, key, {"router": logged.proc.pid, "mock": mock.pid}
+            )
+            r["logged_peak_kb"] = proc_status(logged.proc.pid)["VmHWM"]
+        finally:
+            stop(logged.proc)
+        r["log_bytes"] = logged.log_path.stat().st_size
+
+    r["startups"] = startups
+    r["idle_rss_kb"] = idle_rss
+    report = render(r, args, started_at)
+    if "profile" in r:
+        report += "\n### Profile\n\n" + r["profile"]
+    print("\n" + report)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(report)
+    print(f"written to {args.out}")
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+# -- the report -----------------------------------------------------------------------------------
+
+
+def _verdict(ok: bool) -> str:
+    return "met" if ok else "**missed**"
+
+
+def render(r: dict[str, Any], args: argparse.Namespace, started_at: dt.datetime) -> str:
+    cpu = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    wrk_version = subprocess.run(["wrk", "-v"], capture_output=True, text=True, check=False)
+    wrk_line = (wrk_version.stdout or wrk_version.stderr).splitlines()[0].split(" Copyright")[0]
+    rows: list[str] = []
+
+    def row(metric: str, direct: str, router: str, delta: str, target: str, verdict: str) -> None:
+        rows.append(f"| {metric} | {direct} | {router} | {delta} | {target} | {verdict} |")
+
+    for c in (16, 64):
+        d, x = r[f"direct_c{c}"], r[f"router_c{c}"]
+        target, verdict = ("≥ 3,000", _verdict(x.rps >= TARGETS["rps_c64"])) if c == 64 else ("", "")
+        row(f"req/s, c{c}", f"{d.rps:,.0f}", f"{x.rps:,.0f}", f"{x.rps / d.rps:.3f}×", target, verdict)
+    lg = r["logged_c64"]
+    d64 = r["direct_c64"]
+    row(
+        "req/s, c64, access log on (default)",
+        f"{d64.rps:,.0f}",
+        f"{lg.rps:,.0f}",
+        f"{lg.rps / d64.rps:.3f}×",
+        "≥ 3,000",
+        _verdict(lg.rps >= TARGETS["rps_c64"]),
+    )
+    for c in (1, 8):
+        d, x = r[f"direct_c{c}"], r[f"router_c{c}"]
+        for p in (50, 99):
+            dv, xv = getattr(d, f"p{p}_ms"), getattr(x, f"p{p}_ms")
+            added = xv - dv
+            target = verdict = ""
+            if c == 1:
+                limit = TARGETS[f"added_p{p}_c1_ms"]
+                target, verdict = f"added ≤ {limit:g} ms", _verdict(added <= limit)
+            row(
+                f"latency p{p}, c{c} (ms)", f"{dv:.3f}", f"{xv:.3f}", f"+{added:.3f} ms", target, verdict
+            )
+    td, tr = r["ttft_direct"], r["ttft_router"]
+    for p in (50, 99):
+        dv, xv = td[f"ttft_p{p}_ms"], tr[f"ttft_p{p}_ms"]
+        target = verdict = ""
+        if p == 50:
+            target = "added ≤ 0.5 ms"
+            verdict = _verdict(xv - dv <= TARGETS["added_ttft_p50_ms"])
+        row(
+            f"streaming TTFT p{p}, c1 (ms)",
+            f"{dv:.3f}",
+            f"{xv:.3f}",
+            f"+{xv - dv:.3f} ms",
+            target,
+            verdict,
+        )
+    row(
+        "whole stream p50, c1 (ms)",
+        f"{td['total_p50_ms']:.3f}",
+        f"{tr['total_p50_ms']:.3f}",
+        f"+{tr['total_p50_ms'] - td['total_p50_ms']:.3f} ms",
+        "",
+        "",
+    )
+    idle = statistics.median(r["idle_rss_kb"])
+    row(
+        "idle RSS (MiB), median of starts",
+        "",
+        f"{mib(idle):.1f}",
+        "",
+        "≤ 80",
+        _verdict(mib(idle) <= TARGETS["idle_rss_mib"]),
+    )
+    peak = max(r["peak_kb"], r["logged_peak_kb"])
+    row("peak RSS (MiB), VmHWM after all loads", "", f"{mib(peak):.1f}", "", "", "")
+    s = r["startups"]
+    row(
+        f"start-up to /health 200 (s), median of {len(s)}",
+        "",
+        f"{statistics.median(s):.3f}",
+        f"min {min(s):.3f}, max {max(s):.3f}",
+        "≤ 1",
+        _verdict(max(s) <= TARGETS["startup_s"]),
+    )
+
+    cpu_rows = []
+    for label, key in (("c16", "16"), ("c64", "64"), ("c1", "1"), ("c8", "8")):
+        d, x = r[f"direct_c{key}"], r[f"router_c{key}"]
+        cpu_rows.append(
+            f"| {label} | {d.requests:,} / {d.errors} | {_cpu_text(d.cpu)} | "
+            f"{x.requests:,} / {x.errors} | {_cpu_text(x.cpu)} |"
+        )
+    cpu_rows.append(f"| c64, access log on | | | {lg.requests:,} / {lg.errors} | {_cpu_text(lg.cpu)} |")
+
+    return "\n".join(
+        [
+            f"## llmrouter benchmark, {started_at:%Y-%m-%d %H:%M} UTC",
+            "",
+            f"Machine: {cpu}, {os.cpu_count()} cores, Linux {platform.release()}, Python "
+            f"{platform.python_version()}; {wrk_line}, -t{args.wrk_threads}; one llmrouter worker; "
+            f"{args.duration:g} s per load after {args.warmup:g} s warm-up; nothing pinned.",
+            "",
+            "| metric | direct (mock) | through llmrouter | router vs direct | target | |",
+            "|---|---:|---:|---:|---|---|",
+            *rows,
+            "",
+            "Requests / errors (non-2xx or socket) and CPU (% of one core) during each measured load:",
+            "",
+            "| load | direct requests / errors | direct CPU | router requests / errors | router CPU |",
+            "|---|---:|---|---:|---|",
+            *cpu_rows,
+            "",
+            f"Access log: {r['log_bytes'] / 1e6:.1f} MB written to a file during the access-log run. "
+            f"Server child processes: {r['children'] or 'none'}. "
+            f"Start-ups (s): {', '.join(f'{x:.3f}' for x in s)}.",
+            "",
+        ]
+    )
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "_ttft":
+        _, _, port, path, auth, n, warmup = sys.argv
+        print(json.dumps(ttft_client(int(port), path, "" if auth == "-" else auth, int(n), int(warmup))))
+    else:
+        main()

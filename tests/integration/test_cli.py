@@ -1,0 +1,122 @@
+"""The command line: keys, models, help, and one-line errors."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+from pathlib import Path
+
+import httpx
+import pytest
+
+from llmrouter.accounts.keys import KEY_PATTERN
+from tests.conftest import BIN, free_port, run_cli, stop, wait_http
+
+
+def test_keys_create_list_revoke(tmp_path: Path) -> None:
+    created = run_cli(tmp_path, "keys", "create", "--name", "app")
+    secret = created.stdout.strip().splitlines()[-1]
+    assert KEY_PATTERN.match(secret)
+    listing = run_cli(tmp_path, "keys", "list").stdout
+    assert "app" in listing and "active" in listing and secret not in listing
+    store = (tmp_path / "llmrouter.sqlite3").read_bytes()
+    assert secret.encode() not in store  # only a hash is kept
+    assert run_cli(tmp_path, "keys", "create", "--name", "app", check=False).returncode == 1
+    run_cli(tmp_path, "keys", "revoke", "app")
+    assert "no keys" in run_cli(tmp_path, "keys", "list").stdout
+    assert "revoked" in run_cli(tmp_path, "keys", "list", "--all").stdout
+    gone = run_cli(tmp_path, "keys", "revoke", "app", check=False)
+    assert gone.returncode == 1 and "no live key" in gone.stderr
+
+
+def test_hostile_key_names_are_stored_intact(tmp_path: Path) -> None:
+    name = "x'); DROP TABLE api_keys; --\t\"ü"
+    run_cli(tmp_path, "keys", "create", "--name", name)
+    assert name in run_cli(tmp_path, "keys", "list").stdout
+
+
+def test_models_names_where_each_is_served(tmp_path: Path) -> None:
+    out = run_cli(tmp_path, "models").stdout
+    assert "local/smollm2-135m-instruct (default)" in out
+    assert "SmolLM2-135M-Instruct.Q4_1.gguf" in out
+    example = Path(__file__).resolve().parents[2] / "config" / "example.yaml"
+    env_out = subprocess.run(
+        [str(BIN / "llmrouter"), "--config", str(example), "models"],
+        env={**os.environ, "OPENAI_API_KEY": "sk-test", "LLMROUTER_HOME": str(tmp_path)},
+        capture_output=True, text=True, check=True,
+    ).stdout
+    assert "https://api.openai.com/v1" in env_out and "vllm/qwen2.5-7b" in env_out
+
+
+@pytest.mark.parametrize(
+    "args",
+    [[], ["serve"], ["keys"], ["keys", "create"], ["keys", "list"], ["keys", "revoke"], ["models"]],
+)
+def test_help_everywhere_with_examples(tmp_path: Path, args: list[str]) -> None:
+    out = run_cli(tmp_path, *args, "--help").stdout
+    assert "usage: llmrouter" in out and "example" in out
+
+
+@pytest.mark.parametrize(
+    ("config", "expected"),
+    [
+        ("models: [\n  {id: a, deployments: [{provider: p, model: m}]}]\nproviders: {}\n",
+         "unknown provider 'p'"),
+        ("providers: {p: {kind: openai, base_url: http://x}}\nmodels:\n  - id: a\n    colour: red\n"
+         "    deployments: [{provider: p, model: m}]\n", "models[0].colour (line 4): unknown key"),
+        ("providers: {p: {kind: openai, base_url: \"${NOPE_UNSET_VAR}\"}}\nmodels: []\n",
+         "environment variable NOPE_UNSET_VAR is not set"),
+        ("providers: {p: {kind: llamacpp}}\nmodels:\n  - id: a\n    deployments:\n"
+         "      - {provider: p, model: m, model_path: /nonexistent.gguf}\n",
+         "model file not found: /nonexistent.gguf"),
+        ("providers: [\n", "not valid YAML"),
+    ],
+)
+def test_bad_config_is_one_line_without_traceback(
+    tmp_path: Path, config: str, expected: str
+) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(config)
+    result = run_cli(tmp_path, "--config", str(path), "serve", "--port", str(free_port()), check=False)
+    assert result.returncode != 0
+    assert expected in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_port_taken_is_one_line(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        result = run_cli(tmp_path, "serve", "--port", str(port), check=False)
+    assert result.returncode != 0
+    assert f"port {port} on 127.0.0.1 is already in use" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_first_start_prints_a_key_and_a_working_curl(tmp_path: Path) -> None:
+    port = free_port()
+    log = tmp_path / "out.log"
+    with log.open("wb") as sink:
+        proc = subprocess.Popen(
+            [str(BIN / "llmrouter"), "serve", "--port", str(port)],
+            env={**os.environ, "LLMROUTER_HOME": str(tmp_path / "home")},
+            stdout=sink, stderr=subprocess.DEVNULL,
+        )
+    try:
+        wait_http(f"http://127.0.0.1:{port}/ready", proc)
+        out = log.read_text()
+        secret = next(w for w in out.split() if KEY_PATTERN.match(w))
+        assert "curl http://127.0.0.1:" in out and f"Bearer {secret}" in out
+        r = httpx.post(
+            f"http://127.0.0.1:{port}/api/v1/completions",
+            headers={"Authorization": f"Bearer {secret}"},
+            json={"prompt": "The capital of France is", "max_tokens": 4},
+            timeout=30,
+        )
+        assert r.status_code == 200 and r.json()["choices"][0]["text"]
+    finally:
+        stop(proc)
+    assert out.count("lr-") == 2  # the key itself and the curl line; shown once
