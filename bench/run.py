@@ -252,7 +252,8 @@ def wrk(
 def measure(
     port: int, path: str, c: int, args: argparse.Namespace, auth: str, watch: dict[str, int]
 ) -> WrkResult:
-    wrk(port, path, c, args.warmup, auth, args.wrk_threads)
+    if args.warmup > 0:
+        wrk(port, path, c, args.warmup, auth, args.wrk_threads)
     result = wrk(port, path, c, args.duration, auth, args.wrk_threads, watch)
     print(
         f"  {path:<20} c{c:<3} {result.rps:>10,.0f} req/s  p50 {result.p50_ms:.3f} ms  "
@@ -576,13 +577,13 @@ def mib(kb: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="llmrouter benchmark: direct vs through the router")
-    parser.add_argument("--duration", type=float, default=10, help="seconds per measured load")
-    parser.add_argument("--warmup", type=float, default=2, help="seconds of warm-up before each")
+    parser.add_argument("--duration", type=int, default=10, help="seconds per measured load")
+    parser.add_argument("--warmup", type=int, default=2, help="seconds of warm-up before each")
     parser.add_argument("--wrk-threads", type=int, default=1, help="wrk -t (default 1)")
     parser.add_argument("--ttft-requests", type=int, default=2000)
     parser.add_argument("--ttft-warmup", type=int, default=200)
     parser.add_argument("--startup-trials", type=int, default=5, help="extra cold starts to time")
-    parser.add_argument("--profile", type=float, default=0, help="py-spy seconds under c64 (0: off)")
+    parser.add_argument("--profile", type=int, default=0, help="py-spy seconds under c64 (0: off)")
     parser.add_argument("--out", type=Path, default=RESULTS / "latest.md")
     args = parser.parse_args()
     if shutil.which("wrk") is None:

@@ -155,6 +155,7 @@ def embedded_default() -> Settings:
 
 
 _ENV = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?::-(?P<default>[^}]*))?\}")
+_PLACEHOLDER = "LLMROUTER_ENV_REFERENCE_"
 _PATH_STEP = re.compile(r"\.([^.\[]+)|\[(\d+)\]")
 
 
@@ -164,6 +165,16 @@ def load_settings(path: str | os.PathLike[str]) -> Settings:
         text = file.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read config {file}: {exc.strerror}") from None
+    # `${VAR}` is not valid in a YAML flow mapping (`{api_key: ${KEY}}`), so each reference is
+    # swapped for a plain placeholder before parsing and resolved after, inside string values only:
+    # an environment value can never change the YAML's structure.
+    references: list[str] = []
+
+    def hold(match: re.Match[str]) -> str:
+        references.append(match.group(0))
+        return f"{_PLACEHOLDER}{len(references) - 1}_"
+
+    text = _ENV.sub(hold, text)
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         raw = yaml.safe_load(text)
@@ -174,41 +185,57 @@ def load_settings(path: str | os.PathLike[str]) -> Settings:
         raise ConfigError(f"{file}{where}: not valid YAML: {problem}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{file}: the config must be a mapping with `providers` and `models`")
-    raw = _interpolate(raw, node, file, "")
-    try:
-        settings = msgspec.convert(raw, Settings)
-    except msgspec.ValidationError as exc:
-        message, _, where = str(exc).partition(" - at `$")
-        where = where.rstrip("`")
-        if message.startswith("Object contains unknown field"):
-            where += "." + message.split("`")[1]
-            message = "unknown key"
-        raise ConfigError(f"{file}: {_place(node, where)}: {message}") from None
+    raw = _interpolate(raw, node, file, "", references)
+    providers = raw.get("providers")
+    if isinstance(providers, dict):  # one by one, so that an error can name the provider
+        for name, value in providers.items():
+            _convert(value, ProviderSettings, node, file, f".providers.{name}")  # type: ignore[arg-type]
+    settings: Settings = _convert(raw, Settings, node, file, "")
     _check_references(settings, node, file)
     return settings
 
 
-def _interpolate(value: Any, node: yaml.Node | None, file: Path, where: str) -> Any:
+def _convert(value: Any, kind: type[Any], node: yaml.Node | None, file: Path, prefix: str) -> Any:
+    try:
+        return msgspec.convert(value, kind)
+    except msgspec.ValidationError as exc:
+        message, _, where = str(exc).partition(" - at `$")
+        where = prefix + where.rstrip("`")
+        if message.startswith("Object contains unknown field"):
+            where += "." + message.split("`")[1]
+            message = "unknown key"
+        raise ConfigError(f"{file}: {_place(node, where)}: {message}") from None
+
+
+def _interpolate(
+    value: Any, node: yaml.Node | None, file: Path, where: str, references: list[str]
+) -> Any:
     if isinstance(value, dict):
-        return {k: _interpolate(v, _child(node, k), file, f"{where}.{k}") for k, v in value.items()}
+        return {
+            k: _interpolate(v, _child(node, k), file, f"{where}.{k}", references)
+            for k, v in value.items()
+        }
     if isinstance(value, list):
-        return [_interpolate(v, _child(node, i), file, f"{where}[{i}]") for i, v in enumerate(value)]
-    if isinstance(value, str) and "${" in value:
+        return [
+            _interpolate(v, _child(node, i), file, f"{where}[{i}]", references)
+            for i, v in enumerate(value)
+        ]
+    if not isinstance(value, str) or _PLACEHOLDER not in value:
+        return value
 
-        def substitute(match: re.Match[str]) -> str:
-            name, default = match.group("name"), match.group("default")
-            found = os.environ.get(name)
-            if found is not None:
-                return found
-            if default is not None:
-                return default
-            line = f" (line {node.start_mark.line + 1})" if node is not None else ""
-            raise ConfigError(
-                f"{file}: {where.lstrip('.')}{line}: environment variable {name} is not set"
-            )
+    def substitute(match: re.Match[str]) -> str:
+        reference = _ENV.fullmatch(references[int(match.group(1))])
+        assert reference is not None
+        name, default = reference.group("name"), reference.group("default")
+        found = os.environ.get(name)
+        if found is not None:
+            return found
+        if default is not None:
+            return default
+        line = f" (line {node.start_mark.line + 1})" if node is not None else ""
+        raise ConfigError(f"{file}: {where.lstrip('.')}{line}: environment variable {name} is not set")
 
-        return _ENV.sub(substitute, value)
-    return value
+    return re.sub(rf"{_PLACEHOLDER}(\d+)_", substitute, value)
 
 
 def _child(node: yaml.Node | None, key: str | int) -> yaml.Node | None:

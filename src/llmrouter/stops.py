@@ -1,7 +1,8 @@
 """Stop sequences enforced on a stream of tokens, across token and chunk boundaries.
 
 Text is held back only while it could still be the beginning of a stop sequence; everything else is
-released at once. The output never contains a stop sequence. Pieces carry a payload (a token's
+released at once. The output never contains a stop sequence: it ends where the first stop to be
+completed (reading left to right) begins, wherever the token or chunk boundaries fall. Pieces carry a payload (a token's
 logprob, say) that is released with their text, so text and per-token data stay aligned.
 """
 
@@ -35,7 +36,7 @@ class StopScanner(Generic[P]):
             return [piece]
         self._pending.append(piece)
         text = "".join(p.text for p in self._pending)
-        cut = min((i for i in (text.find(s) for s in self._stops) if i >= 0), default=-1)
+        cut = self._first_completed(text)
         if cut >= 0:
             self.stopped = True
             return self._release_until(cut, truncate=True)
@@ -45,6 +46,18 @@ class StopScanner(Generic[P]):
         """The end of the stream: whatever is held cannot become a stop any more."""
         released, self._pending = self._pending, []
         return released
+
+    def _first_completed(self, text: str) -> int:
+        """Where the stop that completes first (in reading order) begins; -1 if none does. Of two
+        completing at the same character, the longer wins."""
+        best_end, best_start = -1, -1
+        for stop in self._stops:
+            start = text.find(stop)
+            if start >= 0:
+                end = start + len(stop)
+                if best_end < 0 or end < best_end or (end == best_end and start < best_start):
+                    best_end, best_start = end, start
+        return best_start
 
     def _held_length(self, text: str) -> int:
         """Length of the longest suffix of `text` that is a proper prefix of some stop."""

@@ -44,7 +44,9 @@ def test_models_names_where_each_is_served(tmp_path: Path) -> None:
     env_out = subprocess.run(
         [str(BIN / "llmrouter"), "--config", str(example), "models"],
         env={**os.environ, "OPENAI_API_KEY": "sk-test", "LLMROUTER_HOME": str(tmp_path)},
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     assert "https://api.openai.com/v1" in env_out and "vllm/qwen2.5-7b" in env_out
 
@@ -61,21 +63,28 @@ def test_help_everywhere_with_examples(tmp_path: Path, args: list[str]) -> None:
 @pytest.mark.parametrize(
     ("config", "expected"),
     [
-        ("models: [\n  {id: a, deployments: [{provider: p, model: m}]}]\nproviders: {}\n",
-         "unknown provider 'p'"),
-        ("providers: {p: {kind: openai, base_url: http://x}}\nmodels:\n  - id: a\n    colour: red\n"
-         "    deployments: [{provider: p, model: m}]\n", "models[0].colour (line 4): unknown key"),
-        ("providers: {p: {kind: openai, base_url: \"${NOPE_UNSET_VAR}\"}}\nmodels: []\n",
-         "environment variable NOPE_UNSET_VAR is not set"),
-        ("providers: {p: {kind: llamacpp}}\nmodels:\n  - id: a\n    deployments:\n"
-         "      - {provider: p, model: m, model_path: /nonexistent.gguf}\n",
-         "model file not found: /nonexistent.gguf"),
+        (
+            "models: [\n  {id: a, deployments: [{provider: p, model: m}]}]\nproviders: {}\n",
+            "unknown provider 'p'",
+        ),
+        (
+            "providers: {p: {kind: openai, base_url: http://x}}\nmodels:\n  - id: a\n    colour: red\n"
+            "    deployments: [{provider: p, model: m}]\n",
+            "models[0].colour (line 4): unknown key",
+        ),
+        (
+            'providers: {p: {kind: openai, base_url: "${NOPE_UNSET_VAR}"}}\nmodels: []\n',
+            "environment variable NOPE_UNSET_VAR is not set",
+        ),
+        (
+            "providers: {p: {kind: llamacpp}}\nmodels:\n  - id: a\n    deployments:\n"
+            "      - {provider: p, model: m, model_path: /nonexistent.gguf}\n",
+            "model file not found: /nonexistent.gguf",
+        ),
         ("providers: [\n", "not valid YAML"),
     ],
 )
-def test_bad_config_is_one_line_without_traceback(
-    tmp_path: Path, config: str, expected: str
-) -> None:
+def test_bad_config_is_one_line_without_traceback(tmp_path: Path, config: str, expected: str) -> None:
     path = tmp_path / "bad.yaml"
     path.write_text(config)
     result = run_cli(tmp_path, "--config", str(path), "serve", "--port", str(free_port()), check=False)
@@ -103,7 +112,8 @@ def test_first_start_prints_a_key_and_a_working_curl(tmp_path: Path) -> None:
         proc = subprocess.Popen(
             [str(BIN / "llmrouter"), "serve", "--port", str(port)],
             env={**os.environ, "LLMROUTER_HOME": str(tmp_path / "home")},
-            stdout=sink, stderr=subprocess.DEVNULL,
+            stdout=sink,
+            stderr=subprocess.DEVNULL,
         )
     try:
         wait_http(f"http://127.0.0.1:{port}/ready", proc)

@@ -43,8 +43,6 @@ def test_models_list_format(router: Router) -> None:
     assert local["object"] == "model" and local["owned_by"]
     assert isinstance(local["created"], int)
     assert local["context_length"] == 2048
-    assert {"echo", "logprobs", "n", "seed", "stop", "logit_bias"} <= set(
-        local["supported_parameters"]
-    )
+    assert {"echo", "logprobs", "n", "seed", "stop", "logit_bias"} <= set(local["supported_parameters"])
     assert "suffix" not in local["supported_parameters"]
     assert {m["id"] for m in body["data"]} >= {"smollm2", "fake/ok", "upstream/smollm2"}

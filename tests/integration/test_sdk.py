@@ -46,9 +46,7 @@ def test_streaming_gives_the_same_text_as_not_streaming(router: Router, model: s
     args = {"model": model, "prompt": "Once upon a time", "max_tokens": 12, "temperature": 0}
     whole = client(router).completions.create(**args)
     chunks = list(
-        client(router).completions.create(
-            **args, stream=True, stream_options={"include_usage": True}
-        )
+        client(router).completions.create(**args, stream=True, stream_options={"include_usage": True})
     )
     text = "".join(c.choices[0].text for c in chunks if c.choices)
     assert text == whole.choices[0].text

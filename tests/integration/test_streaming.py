@@ -94,8 +94,13 @@ def test_client_disconnect_cancels_an_upstream_stream(router: Router, fake_upstr
 @pytest.mark.parametrize("stream", [True, False])
 def test_client_disconnect_stops_the_local_model(router: Router, stream: bool) -> None:
     # ~2,000 tokens would keep the model busy for many seconds; a client that leaves must free it.
-    long = {"model": "smollm2", "prompt": "List every number:", "max_tokens": 2000,
-            "logit_bias": {"2": -100}, "stream": stream}
+    long = {
+        "model": "smollm2",
+        "prompt": "List every number:",
+        "max_tokens": 2000,
+        "logit_bias": {"2": -100},
+        "stream": stream,
+    }
     try:
         with httpx.stream(
             "POST", f"{router.api}/completions", headers=router.headers(), json=long, timeout=0.5

@@ -123,7 +123,9 @@ def test_unreachable_upstream_is_502(tmp_path, fake_upstream: str) -> None:  # t
     from tests.conftest import free_port, router_config, start_router, stop
 
     dead = f"http://127.0.0.1:{free_port()}"
-    config = router_config(fake_upstream, None).replace(f"base_url: {fake_upstream}/v1", f"base_url: {dead}/v1")
+    config = router_config(fake_upstream, None).replace(
+        f"base_url: {fake_upstream}/v1", f"base_url: {dead}/v1"
+    )
     r = start_router(tmp_path, config)
     try:
         error = assert_error(post(r, "fake/ok"), 502)["error"]

@@ -1,0 +1,97 @@
+from __future__ import annotations
+
+import time
+from email.utils import formatdate
+from pathlib import Path
+
+import pytest
+
+from llmrouter.accounts.keys import Keys
+from llmrouter.accounts.store import MIGRATIONS, Store
+from llmrouter.errors import AuthenticationFailed
+from llmrouter.providers.openai import parse_retry_after
+from llmrouter.settings import ConfigError, load_settings
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_env_interpolation_with_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("UPSTREAM_KEY", "sk-1")
+    settings = load_settings(
+        write(
+            tmp_path,
+            "providers:\n"
+            "  o: {kind: openai, base_url: '${URL:-http://h/v1}', api_key: ${UPSTREAM_KEY}}\n"
+            "models:\n  - {id: m, deployments: [{provider: o, model: x}]}\n",
+        )
+    )
+    provider = settings.providers["o"]
+    assert provider.base_url == "http://h/v1" and provider.api_key == "sk-1"  # type: ignore[union-attr]
+
+
+ONE_MODEL = "models:\n  - {id: m, deployments: [{provider: o, model: x}]}\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("providers: {o: {kind: carrier-pigeon}}\nmodels: []\n", "providers.o"),
+        (
+            "providers: {o: {kind: openai, base_url: ftp://x}}\nmodels:\n  - {id: m, deployments: [{provider: o, model: x}]}\n",
+            "providers.o.base_url (line 1)",
+        ),
+        (
+            "providers: {o: {kind: openai, base_url: 'http://x'}}\nmodels:\n  - {id: m, deployments: [{provider: o, model: x}]}\n"
+            "  - {id: m, deployments: [{provider: o, model: y}]}\n",
+            "used twice",
+        ),
+        (
+            "providers: {o: {kind: openai, base_url: 'http://x'}}\ndefault_model: z\nmodels:\n"
+            "  - {id: m, deployments: [{provider: o, model: x}]}\n",
+            "default_model",
+        ),
+        (
+            "providers: {o: {kind: openai, base_url: 'http://x', timeouts: {total: -1}}}\nmodels:\n"
+            "  - {id: m, deployments: [{provider: o, model: x}]}\n",
+            "providers.o.timeouts.total",
+        ),
+    ],
+)
+def test_config_errors_name_the_place(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=None) as info:
+        load_settings(write(tmp_path, text))
+    assert message in str(info.value)
+
+
+def test_keys_round_trip_and_tampering(tmp_path: Path) -> None:
+    keys = Keys(Store(tmp_path / "s.sqlite3"))
+    _, secret = keys.create("a")
+    assert keys.authenticate(f"Bearer {secret}").name == "a"
+    tampered = secret[:-7] + ("A" if secret[-7] != "A" else "B") + secret[-6:]
+    with pytest.raises(AuthenticationFailed):
+        keys.authenticate(f"Bearer {tampered}")  # checksum no longer matches
+    keys.revoke("a")
+    with pytest.raises(AuthenticationFailed, match="revoked"):
+        keys.authenticate(f"Bearer {secret}")
+
+
+def test_store_migrates_once_and_refuses_a_newer_schema(tmp_path: Path) -> None:
+    path = tmp_path / "s.sqlite3"
+    Store(path).close()
+    store = Store(path)
+    assert store.db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+    store.db.execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
+    store.close()
+    with pytest.raises(Exception, match="newer"):
+        Store(path)
+
+
+def test_retry_after_seconds_and_http_date() -> None:
+    assert parse_retry_after("7") == 7.0
+    later = parse_retry_after(formatdate(time.time() + 30, usegmt=True))
+    assert later is not None and 28 <= later <= 31
+    assert parse_retry_after("soon") is None and parse_retry_after(None) is None
