@@ -2,8 +2,8 @@
 
 Text is held back only while it could still be the beginning of a stop sequence; everything else is
 released at once. The output never contains a stop sequence: it ends where the first stop to be
-completed (reading left to right) begins, wherever the token or chunk boundaries fall. Pieces carry a payload (a token's
-logprob, say) that is released with their text, so text and per-token data stay aligned.
+completed (reading left to right) begins, wherever the token or chunk boundaries fall. Pieces carry
+a payload (a token's logprob, say) released with their text, so text and per-token data stay aligned.
 """
 
 from __future__ import annotations

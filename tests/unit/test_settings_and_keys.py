@@ -41,12 +41,13 @@ ONE_MODEL = "models:\n  - {id: m, deployments: [{provider: o, model: x}]}\n"
     [
         ("providers: {o: {kind: carrier-pigeon}}\nmodels: []\n", "providers.o"),
         (
-            "providers: {o: {kind: openai, base_url: ftp://x}}\nmodels:\n  - {id: m, deployments: [{provider: o, model: x}]}\n",
+            "providers: {o: {kind: openai, base_url: ftp://x}}\n" + ONE_MODEL,
             "providers.o.base_url (line 1)",
         ),
         (
-            "providers: {o: {kind: openai, base_url: 'http://x'}}\nmodels:\n  - {id: m, deployments: [{provider: o, model: x}]}\n"
-            "  - {id: m, deployments: [{provider: o, model: y}]}\n",
+            "providers: {o: {kind: openai, base_url: 'http://x'}}\n"
+            + ONE_MODEL
+            + "  - {id: m, deployments: [{provider: o, model: y}]}\n",
             "used twice",
         ),
         (
