@@ -446,6 +446,7 @@ def profile(router: Router, auth: str, seconds: float, args: argparse.Namespace,
                 "raw",
                 "-o",
                 str(raw),
+                *(["--native"] if args.profile_native else []),
             ],
             capture_output=True,
             timeout=seconds + 60,
@@ -584,6 +585,9 @@ def main() -> None:
     parser.add_argument("--ttft-warmup", type=int, default=200)
     parser.add_argument("--startup-trials", type=int, default=5, help="extra cold starts to time")
     parser.add_argument("--profile", type=int, default=0, help="py-spy seconds under c64 (0: off)")
+    parser.add_argument(
+        "--profile-native", action="store_true", help="py-spy --native: C frames too (slower)"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "latest.md")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
