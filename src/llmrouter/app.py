@@ -24,7 +24,7 @@ from llmrouter.api.http import Receive, Request, Scope, Send, send_bytes
 from llmrouter.api.meta import health, openapi, ready
 from llmrouter.api.models import list_models
 from llmrouter.errors import LlmrouterError, MethodNotAllowed, NotFound
-from llmrouter.obs.logging import access_log
+from llmrouter.obs.logging import access_log, configure_logging
 from llmrouter.openapi import build_openapi
 from llmrouter.providers.base import Provider
 from llmrouter.routing.executor import Executor
@@ -225,5 +225,6 @@ def create_app(settings: Settings) -> App:
 def create_app_from_environment() -> App:
     """The factory each server worker calls: the config named by LLMROUTER_CONFIG, or the
     embedded default."""
+    configure_logging(os.environ.get("LLMROUTER_LOG_LEVEL", "INFO"))  # workers start afresh
     path = os.environ.get("LLMROUTER_CONFIG")
     return create_app(load_settings(path) if path else embedded_default())

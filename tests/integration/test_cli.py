@@ -130,3 +130,51 @@ def test_first_start_prints_a_key_and_a_working_curl(tmp_path: Path) -> None:
     finally:
         stop(proc)
     assert out.count("lr-") == 2  # the key itself and the curl line; shown once
+
+
+def test_serve_with_two_workers(tmp_path: Path, fake_upstream: str) -> None:
+    from tests.conftest import router_config
+
+    config = tmp_path / "c.yaml"
+    config.write_text(router_config(fake_upstream, None))
+    secret = run_cli(tmp_path, "--config", str(config), "keys", "create", "--name", "w")
+    key = secret.stdout.strip().splitlines()[-1]
+    port = free_port()
+    log = tmp_path / "out.log"
+    with log.open("wb") as sink:
+        proc = subprocess.Popen(
+            [
+                str(BIN / "llmrouter"),
+                "serve",
+                "--config",
+                str(config),
+                "--port",
+                str(port),
+                "--workers",
+                "2",
+            ],
+            env={**os.environ, "LLMROUTER_HOME": str(tmp_path)},
+            stdout=sink,
+            stderr=sink,
+        )
+    try:
+        wait_http(f"http://127.0.0.1:{port}/ready", proc)
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        workers = [c for c in children if "spawn_main" in Path(f"/proc/{c}/cmdline").read_text()]
+        assert len(workers) == 2
+        for _ in range(10):
+            r = httpx.post(
+                f"http://127.0.0.1:{port}/api/v1/completions",
+                headers={"Authorization": f"Bearer {key}"},
+                json={"model": "fake/ok", "prompt": "Hi"},
+                timeout=30,
+            )
+            assert r.status_code == 200
+    finally:
+        stop(proc)
+    served_by = {
+        line.split('"pid":')[1].split(",")[0]
+        for line in log.read_text().splitlines()
+        if '"msg":"request"' in line
+    }
+    assert served_by and served_by <= set(workers)

@@ -31,6 +31,7 @@ class JsonFormatter(logging.Formatter):
             "ts": round(record.created, 3),
             "level": record.levelname.lower(),
             "logger": record.name,
+            "pid": record.process,
             "msg": redact(record.getMessage()),
         }
         fields = getattr(record, "fields", None)
