@@ -48,21 +48,24 @@ def _keys(args: argparse.Namespace) -> Keys:
 def cmd_serve(args: argparse.Namespace) -> None:
     from llmrouter.app import build_providers
     from llmrouter.obs.logging import configure_logging
-    from llmrouter.server import ServeError, serve
+    from llmrouter.server import ServeError, bind, serve
 
     settings = _settings(args.config)
     build_providers(settings)  # fails here, in one line, on a missing model file
     host = args.host or settings.server.host
     port = settings.server.port if args.port is None else args.port
     workers = args.workers or settings.server.workers
+    if workers < 1:
+        raise CliError(f"--workers must be at least 1 (got {workers})")
+    try:
+        sock = bind(host, port)
+    except ServeError as exc:
+        raise CliError(str(exc)) from None
     keys = Keys(Store.in_home(llmrouter_home(settings)))
     if keys.count() == 0:
         _print_first_key(keys, host, port, settings)
     configure_logging(os.environ.get("LLMROUTER_LOG_LEVEL", "INFO"))
-    try:
-        serve(host, port, workers, args.config or os.environ.get("LLMROUTER_CONFIG"))
-    except ServeError as exc:
-        raise CliError(str(exc)) from None
+    serve(sock, workers, args.config or os.environ.get("LLMROUTER_CONFIG"))
 
 
 def _print_first_key(keys: Keys, host: str, port: int, settings: Settings) -> None:

@@ -17,6 +17,9 @@ def bind(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if not 0 <= port <= 65535:
+        sock.close()
+        raise ServeError(f"port {port} is not between 0 and 65535")
     try:
         sock.bind((host, port))
     except OSError as exc:
@@ -29,14 +32,14 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(host: str, port: int, workers: int, config_path: str | None) -> None:
+def serve(sock: socket.socket, workers: int, config_path: str | None) -> None:
+    """Serve on a socket from `bind`, until interrupted."""
     import uvicorn
 
     if config_path:
         os.environ["LLMROUTER_CONFIG"] = config_path
     else:
         os.environ.pop("LLMROUTER_CONFIG", None)
-    sock = bind(host, port)
     config = uvicorn.Config(
         "llmrouter.app:create_app_from_environment",
         factory=True,

@@ -103,6 +103,11 @@ def test_port_taken_is_one_line(tmp_path: Path) -> None:
     assert result.returncode != 0
     assert f"port {port} on 127.0.0.1 is already in use" in result.stderr
     assert "Traceback" not in result.stderr
+    for bad in ("99999", "-5"):
+        result = run_cli(tmp_path, "serve", "--port", bad, check=False)
+        assert result.returncode != 0
+        assert result.stderr.strip() == f"llmrouter: port {bad} is not between 0 and 65535"
+    assert "lr-" not in result.stdout  # no key is handed out by a server that cannot start
 
 
 def test_first_start_prints_a_key_and_a_working_curl(tmp_path: Path) -> None:

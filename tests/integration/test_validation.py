@@ -165,3 +165,18 @@ def test_keys_never_reach_the_log(router: Router) -> None:
     assert r.status_code == 200
     assert router.key not in router.log.read_text()
     assert "upstream-secret" not in router.log.read_text()
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        (b'{"prompt": "\xff\xfe"}', ""),
+        (b'{"prompt": "Hi", "metadata": {"k": ' + b"[" * 5000 + b"]" * 5000 + b"}}", ""),
+        (b'{"prompt": "Hi", "logit_bias": {"\xc2\xb2": 1}}', "logit_bias.\u00b2"),
+        (b'{"prompt": "Hi", "logit_bias": {"' + b"1" * 5000 + b'": 1}}', "logit_bias." + "1" * 5000),
+        (b'{"prompt": "Hi", "logit_bias": {"1": 1e999}}', "logit_bias"),
+    ],
+)
+def test_hostile_bodies_are_400(router: Router, body: bytes, param: str) -> None:
+    r = httpx.post(f"{router.api}/completions", headers=router.headers(), content=body)
+    assert_error(r, 400, param)

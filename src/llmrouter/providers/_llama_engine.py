@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import itertools
 import logging
 import os
-import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,8 +33,9 @@ from llmrouter.errors import (
     ServiceUnavailable,
 )
 from llmrouter.stops import Piece, StopScanner
+from llmrouter.wire.validate import Prompts
 
-__all__ = ["ChoiceDelta", "ChoiceEnd", "Engine", "Job", "JobUsage", "Sampling"]
+__all__ = ["ChoiceDelta", "ChoiceEnd", "Engine", "Job", "JobUsage", "Prepared", "Sampling"]
 
 log = logging.getLogger("llmrouter.local")
 
@@ -85,13 +87,32 @@ class JobUsage:
 Event = ChoiceDelta | ChoiceEnd | JobUsage | LlmrouterError | None  # None: the job is over
 
 
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """A prompt ready for the model: its tokens, and its text for echo and text offsets."""
+
+    tokens: list[int]
+    text: str
+    starter: bool = False  # an empty prompt starts from one document-start token, never echoed
+
+
+_serials = itertools.count()
+
+
 @dataclass(eq=False)
 class Job:
-    prompts: tuple[str, ...] | tuple[tuple[int, ...], ...]
+    prompts: list[Prepared]
     n: int
     sampling: Sampling
     emit: Callable[[Event], None]
     cancelled: threading.Event = field(default_factory=threading.Event)
+    serial: int = field(default_factory=lambda: next(_serials))  # never reused, unlike id()
+    next_choice: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def choices(self) -> int:
+        return len(self.prompts) * self.n
 
 
 class Engine:
@@ -102,33 +123,97 @@ class Engine:
         self.path = path
         self._n_ctx_wanted = n_ctx
         self._n_threads = n_threads or os.cpu_count() or 1
-        self._jobs: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
+        self._max_queue = max_queue
+        self._ready: deque[Job] = deque()
+        self._wakeup = threading.Condition()
+        self._stopping = False
         self._thread = threading.Thread(target=self._run, name=f"llama:{name}", daemon=True)
         self.loaded = threading.Event()
         self.load_error: str | None = None
         self.n_ctx = 0
         self.n_vocab = 0
         self._llm: Any = None
-        self._cached: list[int] = []  # tokens whose keys/values are in the context now
         self._pieces: dict[int, bytes] = {}
+        # The prompt whose keys/values are in the context, and its last logits: the next choice of
+        # the same prompt starts from them instead of decoding the prompt again.
+        self._prompt_in_context: tuple[int, int] | None = None
+        self._prompt_logits: Logits | None = None
 
-    # -- the event loop's side ----------------------------------------------------------------
+    # -- any thread -----------------------------------------------------------------------------
 
     def start(self) -> None:
         self._thread.start()
 
-    def submit(self, job: Job) -> None:
-        try:
-            self._jobs.put_nowait(job)
-        except queue.Full:
-            raise ServiceUnavailable(
-                f"The local model {self.name} has {self._jobs.maxsize} requests queued; try again "
-                "shortly.",
-                retry_after=1,
-            ) from None
-
     def stop(self) -> None:
-        self._jobs.put(None)
+        with self._wakeup:
+            self._stopping = True
+            self._wakeup.notify()
+
+    def prepare(self, prompts: Prompts, s: Sampling) -> list[Prepared]:
+        """Tokenize and check a request against this model; runs in a helper thread, so that a
+        request that cannot fit is refused at once rather than after waiting in the queue."""
+        self.loaded.wait()
+        if self.load_error is not None:
+            raise ServiceUnavailable(f"The local model {self.name} did not load.")
+        for token in s.logit_bias:
+            if token >= self.n_vocab:
+                raise InvalidRequest(
+                    f"Token id {token} is outside this model's vocabulary (0..{self.n_vocab - 1}).",
+                    param=f"logit_bias.{token}",
+                )
+        prepared = [
+            self._prepare_one(p, i, len(prompts))  # type: ignore[arg-type]
+            for i, p in enumerate(prompts)
+        ]
+        for i, prompt in enumerate(prepared):
+            self._check_context(prompt.tokens, s, "prompt" if len(prompts) == 1 else f"prompt[{i}]")
+        return prepared
+
+    def submit(self, job: Job) -> None:
+        with self._wakeup:
+            if len(self._ready) >= self._max_queue:
+                raise ServiceUnavailable(
+                    f"The local model {self.name} has {self._max_queue} requests queued; try "
+                    "again shortly.",
+                    retry_after=1,
+                )
+            self._ready.append(job)
+            self._wakeup.notify()
+
+    def _prepare_one(self, prompt: str | tuple[int, ...], i: int, count: int) -> Prepared:
+        if isinstance(prompt, str):
+            tokens = list(self._llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=False))
+            text = prompt
+        else:
+            for k, token in enumerate(prompt):
+                if token >= self.n_vocab:
+                    where = f"prompt[{k}]" if count == 1 else f"prompt[{i}][{k}]"
+                    raise InvalidRequest(
+                        f"Token id {token} is outside this model's vocabulary (0..{self.n_vocab - 1}).",
+                        param=where,
+                    )
+            tokens = list(prompt)
+            text = self._text(tokens)
+        if not tokens:  # "as if from the beginning of a new document"
+            bos = int(self._llm.token_bos())
+            return Prepared([bos if bos >= 0 else int(self._llm.token_eos())], text, starter=True)
+        return Prepared(tokens, text)
+
+    def _check_context(self, tokens: list[int], s: Sampling, where: str) -> None:
+        room = self.n_ctx - len(tokens)
+        if room < 0 or (room == 0 and s.max_tokens != 0):
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {self.n_ctx} tokens, however the prompt "
+                f"has {len(tokens)} tokens. Please shorten the prompt.",
+                param=where,
+            )
+        if s.max_tokens is not None and s.max_tokens > room:
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {self.n_ctx} tokens, however you "
+                f"requested {len(tokens) + s.max_tokens} tokens ({len(tokens)} in the prompt, "
+                f"{s.max_tokens} for the completion). Please reduce the prompt or max_tokens.",
+                param="max_tokens",
+            )
 
     # -- the worker thread --------------------------------------------------------------------
 
@@ -140,20 +225,30 @@ class Engine:
             log.error("local model %s failed to load from %s: %s", self.name, self.path, exc)
         finally:
             self.loaded.set()
-        while (job := self._jobs.get()) is not None:
+        while (job := self._next_job()) is not None:
             if job.cancelled.is_set():
                 job.emit(None)
                 continue
             try:
-                if self.load_error is not None:
-                    raise ServiceUnavailable(f"The local model {self.name} did not load.")
-                self._execute(job)
+                finished = self._step(job)
             except LlmrouterError as exc:
                 job.emit(exc)
+                finished = True
             except Exception as exc:
                 log.exception("local model %s failed a job", self.name)
                 job.emit(LlmrouterError(f"The local model failed: {type(exc).__name__}"))
-            job.emit(None)
+                finished = True
+            if finished:
+                job.emit(None)
+            else:  # fair turns: one choice, then the back of the line
+                with self._wakeup:
+                    self._ready.append(job)
+
+    def _next_job(self) -> Job | None:
+        with self._wakeup:
+            while not self._ready and not self._stopping:
+                self._wakeup.wait()
+            return None if self._stopping else self._ready.popleft()
 
     def _load(self) -> None:
         from llama_cpp import Llama  # imported here: a router without local models never pays
@@ -161,6 +256,8 @@ class Engine:
         size_mb = self.path.stat().st_size / 1e6
         log.info("loading local model %s from %s (%.0f MB)", self.name, self.path, size_mb)
         started = time.perf_counter()
+        ticker = threading.Thread(target=self._report_loading, args=(started,), daemon=True)
+        ticker.start()
         self._llm = Llama(
             model_path=str(self.path),
             n_ctx=self._n_ctx_wanted or 0,  # 0: the model's training context
@@ -179,16 +276,10 @@ class Engine:
             self.n_ctx,
         )
 
-    def _tokenize(self, prompt: str | tuple[int, ...]) -> list[int]:
-        if isinstance(prompt, str):
-            return list(self._llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=False))
-        for i, token in enumerate(prompt):
-            if token >= self.n_vocab:
-                raise InvalidRequest(
-                    f"Token id {token} is outside this model's vocabulary (0..{self.n_vocab - 1}).",
-                    param=f"prompt[{i}]",
-                )
-        return list(prompt)
+    def _report_loading(self, started: float) -> None:
+        """llama-cpp-python offers no progress hook, so say every few seconds that it goes on."""
+        while not self.loaded.wait(3.0):
+            log.info("still loading local model %s (%.0f s)", self.name, time.perf_counter() - started)
 
     def _piece(self, token: int) -> bytes:
         piece = self._pieces.get(token)
@@ -196,69 +287,46 @@ class Engine:
             piece = self._pieces[token] = bytes(self._llm.detokenize([token]))
         return piece
 
-    def _execute(self, job: Job) -> None:
-        s = job.sampling
-        for token in s.logit_bias:
-            if token >= self.n_vocab:
-                raise InvalidRequest(
-                    f"Token id {token} is outside this model's vocabulary (0..{self.n_vocab - 1}).",
-                    param=f"logit_bias.{token}",
-                )
-        prompts = [self._tokenize(p) for p in job.prompts]
-        for i, tokens in enumerate(prompts):
-            self._check_context(tokens, s, "prompt" if len(prompts) == 1 else f"prompt[{i}]")
-        completion_tokens = 0
-        for p, tokens in enumerate(prompts):
-            echo_text = job.prompts[p] if isinstance(job.prompts[p], str) else None
-            for j in range(job.n):
-                if job.cancelled.is_set():
-                    return
-                completion_tokens += self._choice(job, p * job.n + j, tokens, echo_text)
-        job.emit(JobUsage(sum(len(t) for t in prompts), completion_tokens))
+    def _text(self, tokens: list[int]) -> str:
+        return b"".join(self._piece(t) for t in tokens).decode("utf-8", errors="replace")
 
-    def _check_context(self, tokens: list[int], s: Sampling, where: str) -> None:
-        room = self.n_ctx - len(tokens)
-        if room < 0 or (room == 0 and s.max_tokens != 0):
-            raise ContextLengthExceeded(
-                f"This model's maximum context length is {self.n_ctx} tokens, however the prompt "
-                f"has {len(tokens)} tokens. Please shorten the prompt.",
-                param=where,
-            )
-        if s.max_tokens is not None and s.max_tokens > room:
-            raise ContextLengthExceeded(
-                f"This model's maximum context length is {self.n_ctx} tokens, however you "
-                f"requested {len(tokens) + s.max_tokens} tokens ({len(tokens)} in the prompt, "
-                f"{s.max_tokens} for the completion). Please reduce the prompt or max_tokens.",
-                param="max_tokens",
-            )
+    def _step(self, job: Job) -> bool:
+        """Run the job's next choice; True when it was the last."""
+        index = job.next_choice
+        job.next_choice += 1
+        job.completion_tokens += self._choice(job, index)
+        if job.next_choice < job.choices:
+            return False
+        prompt_tokens = sum(len(p.tokens) for p in job.prompts)
+        job.emit(JobUsage(prompt_tokens, job.completion_tokens))
+        return True
 
     # -- one choice ---------------------------------------------------------------------------
 
-    def _choice(self, job: Job, index: int, prompt: list[int], echo_text: Any) -> int:
+    def _choice(self, job: Job, index: int) -> int:
         s = job.sampling
+        prompt = job.prompts[index // job.n]
         want_logprobs = s.logprobs is not None
         rng = np.random.default_rng(None if s.seed is None else [s.seed & (2**64 - 1), index])
-        offset = 0
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        offset = len(prompt.text)  # OpenAI's text_offset counts from the prompt's start
 
-        if s.echo:
-            prompt_logits = self._prefill(prompt, all_logits=want_logprobs)
-            text = echo_text if echo_text is not None else self._text(prompt)
-            infos = None
-            if want_logprobs:
-                infos, offset = self._prompt_logprobs(prompt, prompt_logits, s.logprobs or 0)
-            else:
-                offset = len(text)
-            job.emit(ChoiceDelta(index, text, infos))
-            logits = prompt_logits[-1]
+        if s.echo and want_logprobs:
+            rows = self._prefill(prompt.tokens, all_logits=True)
+            infos = self._prompt_logprobs(prompt, rows, s.logprobs or 0)
+            job.emit(ChoiceDelta(index, prompt.text, infos))
+            logits = rows[-1]
         else:
-            logits = self._prefill(prompt, all_logits=False)[-1]
+            logits = self._prompt_state(job, index // job.n, prompt.tokens)
+            if s.echo:
+                job.emit(ChoiceDelta(index, prompt.text, None))
 
-        limit = self.n_ctx - len(prompt) if s.max_tokens is None else s.max_tokens
+        limit = self.n_ctx - len(prompt.tokens) if s.max_tokens is None else s.max_tokens
         scanner: StopScanner[TokenInfo | None] = StopScanner(s.stop)
         counts: dict[int, int] = {}
         generated = 0
         finish = "length"
+        position = len(prompt.tokens)
         while generated < limit:
             if job.cancelled.is_set():
                 return generated
@@ -279,7 +347,8 @@ class Engine:
                 finish = "stop"
                 break
             if generated < limit:
-                logits = self._decode_one(token)
+                logits = self._decode_one(token, position)
+                position += 1
         if not scanner.stopped:
             tail = decoder.decode(b"", final=True)
             pieces = scanner.flush()
@@ -311,30 +380,31 @@ class Engine:
 
         return bool(llama_cpp.llama_vocab_is_eog(self._llm._model.vocab, token))
 
-    def _text(self, tokens: list[int]) -> str:
-        return b"".join(self._piece(t) for t in tokens).decode("utf-8", errors="replace")
-
     # -- llama.cpp ----------------------------------------------------------------------------
 
+    def _prompt_state(self, job: Job, prompt_index: int, tokens: list[int]) -> Logits:
+        """The context holding exactly `tokens`, and the logits after them. Another choice of the
+        prompt just decoded reuses its keys/values and logits; anything else decodes the prompt
+        afresh, so results never depend on what ran before."""
+        key = (job.serial, prompt_index)
+        if self._prompt_in_context == key and self._prompt_logits is not None:
+            self._llm._ctx.kv_cache_seq_rm(-1, len(tokens), -1)
+            return self._prompt_logits
+        logits: Logits = self._prefill(tokens, all_logits=False)[-1]
+        self._prompt_in_context, self._prompt_logits = key, logits
+        return logits
+
     def _prefill(self, tokens: list[int], *, all_logits: bool) -> Logits:
-        """Put `tokens` in the context, reusing the cached prefix; return logits rows (all of the
-        prompt's rows when `all_logits`, else the last one)."""
+        """Decode `tokens` into an empty context; return the logits rows (every row of the prompt
+        when `all_logits`, else the last one)."""
         llm = self._llm
-        reuse = 0
-        if not all_logits:
-            for a, b in zip(self._cached, tokens, strict=False):
-                if a != b:
-                    break
-                reuse += 1
-            reuse = min(reuse, len(tokens) - 1)  # the last token is decoded again for its logits
-        llm._ctx.kv_cache_seq_rm(-1, reuse, -1)
-        self._cached = self._cached[:reuse]
+        self._prompt_in_context = None
+        llm._ctx.kv_cache_seq_rm(-1, 0, -1)
         rows: list[Logits] = []
-        for start in range(reuse, len(tokens), llm.n_batch):
+        for start in range(0, len(tokens), llm.n_batch):
             batch = tokens[start : start + llm.n_batch]
             llm._batch.set_batch(batch=batch, n_past=start, logits_all=all_logits)
             self._decode()
-            self._cached.extend(batch)
             if all_logits:
                 got = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(len(batch), self.n_vocab))
                 rows.append(got.copy())
@@ -342,18 +412,16 @@ class Engine:
             return self._last_logits()[None, :]
         return np.concatenate(rows)
 
-    def _decode_one(self, token: int) -> Logits:
-        llm = self._llm
-        llm._batch.set_batch(batch=[token], n_past=len(self._cached), logits_all=False)
+    def _decode_one(self, token: int, position: int) -> Logits:
+        self._llm._batch.set_batch(batch=[token], n_past=position, logits_all=False)
         self._decode()
-        self._cached.append(token)
         return self._last_logits()
 
     def _decode(self) -> None:
         try:
             self._llm._ctx.decode(self._llm._batch)
         except RuntimeError as exc:
-            self._cached = []
+            self._prompt_in_context = None
             self._llm._ctx.kv_cache_seq_rm(-1, 0, -1)
             raise LlmrouterError(f"llama.cpp could not decode: {exc}") from None
 
@@ -376,12 +444,14 @@ class Engine:
             x[ids] -= seen * s.frequency_penalty + s.presence_penalty
         if s.temperature == 0.0:
             return int(np.argmax(x))
-        x = (x - x.max()) / s.temperature
-        probs = np.exp(x)
+        with np.errstate(over="ignore", under="ignore"):  # a tiny temperature is near-greedy
+            x = (x - x.max()) / s.temperature
+            probs = np.exp(x)
         probs /= probs.sum()
         if s.top_p < 1.0:
             return self._nucleus(probs, s.top_p, rng)
-        return int(np.searchsorted(np.cumsum(probs), rng.random(), side="right").clip(0, len(probs) - 1))
+        pick = int(np.searchsorted(np.cumsum(probs), rng.random(), side="right"))
+        return min(pick, len(probs) - 1)
 
     @staticmethod
     def _nucleus(probs: npt.NDArray[np.float64], top_p: float, rng: np.random.Generator) -> int:
@@ -410,19 +480,21 @@ class Engine:
         best = best[np.argsort(-logp[best], kind="stable")]
         return {self._piece(int(t)).decode("utf-8", errors="replace"): float(logp[t]) for t in best}
 
-    def _prompt_logprobs(self, prompt: list[int], rows: Logits, k: int) -> tuple[list[TokenInfo], int]:
+    def _prompt_logprobs(self, prompt: Prepared, rows: Logits, k: int) -> list[TokenInfo]:
+        if prompt.starter:
+            return []
         infos: list[TokenInfo] = []
         offset = 0
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        for i, token in enumerate(prompt):
-            text = decoder.decode(self._piece(token), final=i == len(prompt) - 1)
+        for i, token in enumerate(prompt.tokens):
+            text = decoder.decode(self._piece(token), final=i == len(prompt.tokens) - 1)
             if i == 0:
                 infos.append(TokenInfo(text, None, None, offset))
             else:
                 logp = _log_softmax(rows[i - 1])
                 infos.append(TokenInfo(text, float(logp[token]), self._top(logp, k), offset))
             offset += len(text)
-        return infos, offset
+        return infos
 
 
 def _log_softmax(logits: Logits) -> npt.NDArray[np.float64]:

@@ -106,7 +106,10 @@ class Provider(Protocol):
     def capabilities(self, deployment: DeploymentSettings) -> Capabilities: ...
 
     def usable(self, deployment: DeploymentSettings) -> bool:
-        """Whether the deployment can take a call now (a local model that loaded, for instance)."""
+        """Whether the deployment can take a call now (a local model still loading queues it)."""
+
+    def ready(self, deployment: DeploymentSettings) -> bool:
+        """Whether the deployment would answer at once (a local model has loaded): for /ready."""
 
     async def complete(self, call: Call) -> Completion: ...
 

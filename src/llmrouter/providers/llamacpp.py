@@ -111,6 +111,10 @@ class LlamaCppAdapter:
         # While the model loads, calls queue and run once it is in; only a failed load is unusable.
         return self._engines[deployment.model].load_error is None
 
+    def ready(self, deployment: DeploymentSettings) -> bool:
+        engine = self._engines[deployment.model]
+        return engine.loaded.is_set() and engine.load_error is None
+
     def context_length(self, deployment: DeploymentSettings) -> int | None:
         # Known from the config at once, or from the model once it has loaded.
         return self._engines[deployment.model].n_ctx or self._settings.n_ctx
@@ -159,13 +163,13 @@ class LlamaCppAdapter:
         engine = self._engines.get(call.deployment.model)
         if engine is None:
             raise ServiceUnavailable(f"No local model {call.deployment.model!r} is configured.")
+        sampling = _sampling(call)
+        # Tokenizing and the context checks run beside the event loop, before the queue: a request
+        # that cannot fit is refused at once, not after waiting its turn.
+        prompts = await asyncio.to_thread(engine.prepare, call.prompts, sampling)
         events: asyncio.Queue[Event] = asyncio.Queue()
-        job = Job(
-            call.prompts,
-            call.params.n or 1,
-            _sampling(call),
-            bind_loop(asyncio.get_running_loop(), events),
-        )
+        emit = bind_loop(asyncio.get_running_loop(), events)
+        job = Job(prompts, call.params.n or 1, sampling, emit)
         engine.submit(job)
         try:
             while (event := await events.get()) is not None:

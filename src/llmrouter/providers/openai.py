@@ -120,6 +120,9 @@ class OpenAIAdapter:
     def usable(self, deployment: DeploymentSettings) -> bool:
         return self._session is not None
 
+    def ready(self, deployment: DeploymentSettings) -> bool:
+        return self.usable(deployment)
+
     def context_length(self, deployment: DeploymentSettings) -> int | None:
         return None
 

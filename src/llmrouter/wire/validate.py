@@ -21,14 +21,15 @@ Prompts = tuple[str, ...] | tuple[tuple[int, ...], ...]
 
 _PATH = re.compile(r" - at `\$(?P<path>[^`]*)`$")
 _UNKNOWN = re.compile(r"^Object contains unknown field `(?P<field>[^`]*)`")
+_TOKEN_ID = re.compile(r"[0-9]{1,10}")  # ASCII digits only: str.isdigit() accepts "²" and "١"
 _METADATA_PAIRS = 16
 _METADATA_KEY_CHARS = 64
 _METADATA_VALUE_CHARS = 512
 
 
 def _param_of(path: str) -> str:
-    """`$.models[1]` -> `models[1]`; `$` -> ``."""
-    return path.lstrip(".")
+    """`$.models[1]` -> `models[1]`; `$` -> ``; a map's value (`logit_bias[...]`) -> the map."""
+    return path.lstrip(".").split("[...]", 1)[0]
 
 
 def decode_completion_request(body: bytes) -> tuple[CompletionCreateParams, Prompts]:
@@ -38,6 +39,10 @@ def decode_completion_request(body: bytes) -> tuple[CompletionCreateParams, Prom
         raise _translate(str(exc)) from None
     except msgspec.DecodeError as exc:
         raise InvalidRequest(f"The request body is not valid JSON: {exc}", code="invalid_json") from None
+    except UnicodeDecodeError:
+        raise InvalidRequest("The request body is not valid UTF-8.", code="invalid_json") from None
+    except RecursionError:
+        raise InvalidRequest("The request body is nested too deeply.", code="invalid_json") from None
     prompts = _check_prompt(params.prompt)
     _check_cross_field(params)
     return params, prompts
@@ -118,7 +123,7 @@ def _check_cross_field(params: CompletionCreateParams) -> None:
             where = "stop" if isinstance(params.stop, str) else f"stop[{i}]"
             raise InvalidRequest("A stop sequence must not be empty.", param=where)
     for key, bias in (params.logit_bias or {}).items():
-        if not key.isdigit():
+        if not _TOKEN_ID.fullmatch(key):
             raise InvalidRequest(
                 f"`logit_bias` keys must be token ids (non-negative integers); got {key!r}.",
                 param=f"logit_bias.{key}",
