@@ -136,7 +136,8 @@ def _wants_stream(body: bytes) -> bool:
 def _dechunk(buf: bytearray, start: int) -> tuple[bytes, int] | None:
     """A chunked body starting at `start`: (body, end offset), or None until it is complete.
     Raises ValueError when it is malformed."""
-    pos, parts = start, []
+    pos = start
+    parts: list[bytes] = []
     while True:
         eol = buf.find(b"\r\n", pos)
         if eol < 0:

@@ -1,6 +1,6 @@
 """llmrouter's benchmark: the same measurements DIRECT to a mock upstream and THROUGH llmrouter.
 
-    .venv/bin/python bench/run.py [--duration 10] [--warmup 2] [--profile 6]
+    .venv/bin/python bench/run.py [--duration 10] [--warmup 2] [--profile 10] [--perf 10] [--gc-probe]
 
 One run starts `bench/mock_upstream.py`, creates a key in a throw-away LLMROUTER_HOME, starts
 `llmrouter serve --workers 1` against the mock, then measures, each number direct and through the
@@ -15,8 +15,12 @@ router on the same machine in the same run:
 * req/s at c64 once more with the access log on (the default), logging to a file.
 
 Every load has a warm-up at the same concurrency that is not counted. The table is printed and
-written to bench/results/latest.md. Every process it starts has a bounded life: the mock exits by
-itself, the router gets SIGTERM when this script ends (and from the kernel if this script dies).
+written to bench/results/latest.md. After the measurements, `--profile` (py-spy, Python frames) and
+`--perf` (perf, C level) profile the router under c64; `--gc-probe` starts it through
+bench/gc_probe.py and reports its cyclic GC. See bench/README.md.
+
+Every process it starts has a bounded life: the mock exits by itself, the router gets SIGTERM when
+this script ends (and from the kernel if this script dies).
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -156,6 +160,24 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / ticks
 
 
+def gc_snapshotter(pid: int, stats: Path) -> Callable[[], dict[str, Any]]:
+    """Asks bench/gc_probe.py in `pid` for its GC figures so far (SIGUSR1) and reads them."""
+    snap = stats.with_name(stats.name + ".snap")
+
+    def snapshot() -> dict[str, Any]:
+        snap.unlink(missing_ok=True)
+        os.kill(pid, signal.SIGUSR1)
+        deadline = time.monotonic() + 5
+        while not snap.exists():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no GC snapshot from {pid}")
+            time.sleep(0.005)
+        result: dict[str, Any] = json.loads(snap.read_text())
+        return result
+
+    return snapshot
+
+
 @dataclass
 class Router:
     proc: subprocess.Popen[bytes]
@@ -164,13 +186,21 @@ class Router:
     log_path: Path
 
 
-def start_router(home: Path, config: Path, port: int, log_path: Path) -> Router:
+def start_router(
+    home: Path, config: Path, port: int, log_path: Path, gc_stats: Path | None = None
+) -> Router:
+    """`llmrouter serve --workers 1`; with `gc_stats`, through bench/gc_probe.py, which writes
+    the GC's figures there when the server stops."""
     env = {**os.environ, "LLMROUTER_HOME": str(home)}
     env.pop("LLMROUTER_CONFIG", None)
+    command = [LLMROUTER]
+    if gc_stats is not None:
+        command = [sys.executable, str(BENCH / "gc_probe.py")]
+        env["BENCH_GC_STATS"] = str(gc_stats)
     with open(log_path, "wb") as log:
         started = time.perf_counter()
         proc = subprocess.Popen(
-            [LLMROUTER, "serve", "--config", str(config), "--port", str(port), "--workers", "1"],
+            [*command, "serve", "--config", str(config), "--port", str(port), "--workers", "1"],
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=log,
@@ -200,6 +230,7 @@ class WrkResult:
     p99_ms: float
     mean_ms: float
     cpu: dict[str, float] = field(default_factory=dict)  # % of one core, per watched process
+    gc: dict[str, Any] | None = None  # with --gc-probe: the router's GC during the load
 
 
 def wrk(
@@ -250,11 +281,27 @@ def wrk(
 
 
 def measure(
-    port: int, path: str, c: int, args: argparse.Namespace, auth: str, watch: dict[str, int]
+    port: int,
+    path: str,
+    c: int,
+    args: argparse.Namespace,
+    auth: str,
+    watch: dict[str, int],
+    gc_snapshot: Callable[[], dict[str, Any]] | None = None,
 ) -> WrkResult:
     if args.warmup > 0:
         wrk(port, path, c, args.warmup, auth, args.wrk_threads)
+    before = gc_snapshot() if gc_snapshot else None
     result = wrk(port, path, c, args.duration, auth, args.wrk_threads, watch)
+    if gc_snapshot and before:
+        after = gc_snapshot()
+        result.gc = {
+            "cpu_seconds": after["cpu_seconds"] - before["cpu_seconds"],
+            "generations": {
+                g: {k: v - before["generations"][g][k] for k, v in stats.items()}
+                for g, stats in after["generations"].items()
+            },
+        }
     print(
         f"  {path:<20} c{c:<3} {result.rps:>10,.0f} req/s  p50 {result.p50_ms:.3f} ms  "
         f"p99 {result.p99_ms:.3f} ms  errors {result.errors}  cpu {_cpu_text(result.cpu)}",
@@ -409,55 +456,34 @@ def find_py_spy() -> str | None:
     return str(local) if local.exists() else shutil.which("py-spy")
 
 
-def profile(router: Router, auth: str, seconds: float, args: argparse.Namespace, tmp: Path) -> str:
+@contextlib.contextmanager
+def c64_load(router: Router, auth: str, seconds: int, args: argparse.Namespace) -> Iterator[None]:
+    """wrk at c64 against the router for `seconds` + 4 s; the body runs 1.5 s into it."""
+    env = {**os.environ, "BENCH_BODY": BODY, "BENCH_AUTH": auth}
+    url = f"http://{HOST}:{router.port}{ROUTER_PATH}"
+    cmd = ["wrk", f"-t{args.wrk_threads}", "-c64", f"-d{seconds + 4}s", "-s", str(WRK_SCRIPT), url]
+    load = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(1.5)
+        yield
+    finally:
+        load.wait(timeout=seconds + 30)
+
+
+def profile(router: Router, auth: str, seconds: int, args: argparse.Namespace, tmp: Path) -> str:
+    """py-spy's sampled Python stacks of the server under c64: where its Python time goes."""
     py_spy = find_py_spy()
     if py_spy is None:
         return "py-spy is not installed (`.venv/bin/pip install py-spy`); no profile taken.\n"
     raw = tmp / "profile.txt"
     rate = 200
-    env = {**os.environ, "BENCH_BODY": BODY, "BENCH_AUTH": auth}
-    load = subprocess.Popen(
-        [
-            "wrk",
-            f"-t{args.wrk_threads}",
-            "-c64",
-            f"-d{seconds + 4:g}s",
-            "-s",
-            str(WRK_SCRIPT),
-            f"http://{HOST}:{router.port}{ROUTER_PATH}",
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        time.sleep(1.5)
-        subprocess.run(
-            [
-                py_spy,
-                "record",
-                "-p",
-                str(router.proc.pid),
-                "-d",
-                f"{seconds:g}",
-                "-r",
-                str(rate),
-                "-f",
-                "raw",
-                "-o",
-                str(raw),
-                *(["--native"] if args.profile_native else []),
-            ],
-            capture_output=True,
-            timeout=seconds + 60,
-            check=True,
-        )
-    finally:
-        load.wait(timeout=seconds + 30)
-    text = summarize_profile(raw.read_text(), seconds * rate)
+    pid = str(router.proc.pid)
+    cmd = [py_spy, "record", "-p", pid, "-d", str(seconds), "-r", str(rate), "-f", "raw", "-o", str(raw)]
+    with c64_load(router, auth, seconds, args):
+        subprocess.run(cmd, capture_output=True, timeout=seconds + 60, check=True)
     RESULTS.mkdir(exist_ok=True)
     shutil.copy(raw, RESULTS / "profile-collapsed.txt")
-    return text
+    return summarize_profile(raw.read_text(), seconds * rate)
 
 
 def _short(frame: str) -> str:
@@ -473,6 +499,7 @@ def _short(frame: str) -> str:
 
 def summarize_profile(collapsed: str, expected_samples: float, top: int = 15) -> str:
     leaf: Counter[str] = Counter()
+    callers: dict[str, Counter[str]] = {}
     inclusive: Counter[str] = Counter()
     total = 0
     for line in collapsed.splitlines():
@@ -485,19 +512,102 @@ def summarize_profile(collapsed: str, expected_samples: float, top: int = 15) ->
             continue
         total += n
         leaf[frames[-1]] += n
+        if len(frames) > 1:
+            callers.setdefault(frames[-1], Counter())[frames[-2]] += n
         for f in set(frames):
             inclusive[f] += n
+    if total == 0:
+        return "py-spy recorded no samples.\n"
+
+    def caller(frame: str) -> str:
+        found = callers.get(frame)
+        if not found:
+            return ""
+        name, n = found.most_common(1)[0]
+        return f"`{name.split(' (')[0]}` ({100 * n / leaf[frame]:.0f}%)"
+
+    # Frames on (nearly) every stack are the server's main loop; they say nothing.
+    telling = [(f, n) for f, n in inclusive.most_common() if n < 0.97 * total][: top + 10]
     lines = [
-        f"py-spy, {total} samples of the busy main thread out of ~{expected_samples:.0f} "
-        f"({100 * total / max(expected_samples, 1):.0f}% busy) under wrk c64.",
+        f"py-spy (Python frames), {total} samples of the busy main thread out of "
+        f"~{expected_samples:.0f} ({100 * total / max(expected_samples, 1):.0f}% busy) under wrk c64. "
+        "Self time of a Python frame includes the C code and syscalls it calls; "
+        "`Runner.run` self time is uvloop's own loop (C).",
         "",
-        "| self % | frame (leaf) |",
-        "|---:|---|",
-        *(f"| {100 * n / total:.1f} | `{f}` |" for f, n in leaf.most_common(top)),
+        "| self % | frame (leaf) | mostly called from |",
+        "|---:|---|---|",
+        *(f"| {100 * n / total:.1f} | `{f}` | {caller(f)} |" for f, n in leaf.most_common(top)),
         "",
         "| inclusive % | frame |",
         "|---:|---|",
-        *(f"| {100 * n / total:.1f} | `{f}` |" for f, n in inclusive.most_common(top + 10)),
+        *(f"| {100 * n / total:.1f} | `{f}` |" for f, n in telling),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+_NATIVE = {
+    "loop": "uvloop",
+    "parser": "httptools",
+    "url_parser": "httptools",
+    "_core": "msgspec",
+    "_http_parser": "aiohttp parser",
+    "_http_writer": "aiohttp writer",
+    "_multidict": "multidict",
+    "_asyncio": "CPython _asyncio",
+}
+_GC_SYMBOL = ("gc_collect", "visit_decref", "visit_reachable", "_traverse", "VisitInstanceAttributes")
+
+
+def perf_profile(router: Router, auth: str, seconds: int, args: argparse.Namespace, tmp: Path) -> str:
+    """`perf record` of the server under c64 (CPU samples, C level): how its CPU time splits
+    between the interpreter, the cyclic GC, the kernel (sockets) and native extensions."""
+    if shutil.which("perf") is None:
+        return "perf is not installed; no CPU breakdown taken.\n"
+    data = tmp / "perf.data"
+    cmd = ["perf", "record", "-F", "997", "-p", str(router.proc.pid), "-o", str(data)]
+    with c64_load(router, auth, seconds, args):
+        subprocess.run(
+            [*cmd, "--", "sleep", str(seconds)], capture_output=True, timeout=seconds + 60, check=True
+        )
+    report = subprocess.run(
+        ["perf", "report", "-i", str(data), "--no-children", "--sort", "dso,sym", "--stdio"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    groups: dict[str, float] = {}
+    symbols: list[tuple[float, str, str]] = []
+    for line in report.splitlines():
+        parts = line.split()
+        if len(parts) < 4 or line.startswith("#") or not parts[0].endswith("%"):
+            continue
+        share, dso, symbol = float(parts[0][:-1]), parts[1], " ".join(parts[3:])
+        symbols.append((share, dso, symbol))
+        if dso.startswith("[kernel"):
+            group = "kernel (syscalls, loopback TCP)"
+        elif "libpython" in dso and any(g in symbol for g in _GC_SYMBOL):
+            group = "CPython cyclic GC"
+        elif "libpython" in dso:
+            group = "CPython interpreter, objects, allocator"
+        elif "sqlite" in dso:
+            group = "SQLite (key lookup)"
+        else:
+            name = dso.split(".cpython")[0]
+            group = f"native: {_NATIVE.get(name, name)}"
+        groups[group] = groups.get(group, 0.0) + share
+    if not symbols:
+        return "perf recorded no samples (is perf allowed in this container?).\n"
+    lines = [
+        f"perf record -F 997 for {seconds} s under wrk c64 (CPU samples of the server process).",
+        "",
+        "| CPU % | where |",
+        "|---:|---|",
+        *(f"| {v:.1f} | {k} |" for k, v in sorted(groups.items(), key=lambda kv: -kv[1])[:10]),
+        "",
+        "| CPU % | top symbols | in |",
+        "|---:|---|---|",
+        *(f"| {share:.1f} | `{symbol}` | {dso} |" for share, dso, symbol in symbols[:15]),
     ]
     return "\n".join(lines) + "\n"
 
@@ -585,8 +695,12 @@ def main() -> None:
     parser.add_argument("--ttft-warmup", type=int, default=200)
     parser.add_argument("--startup-trials", type=int, default=5, help="extra cold starts to time")
     parser.add_argument("--profile", type=int, default=0, help="py-spy seconds under c64 (0: off)")
+    parser.add_argument("--perf", type=int, default=0, help="perf record seconds under c64 (0: off)")
     parser.add_argument(
-        "--profile-native", action="store_true", help="py-spy --native: C frames too (slower)"
+        "--gc-probe",
+        action="store_true",
+        help="start the measured router through bench/gc_probe.py and report its GC figures "
+        "(BENCH_GC_FREEZE=1 / BENCH_GC_THRESHOLD=a,b,c in the environment for what-ifs)",
     )
     parser.add_argument("--out", type=Path, default=RESULTS / "latest.md")
     args = parser.parse_args()
@@ -602,7 +716,7 @@ def main() -> None:
     logging_cfg.write_text(CONFIG.format(server="", mock_port=mock_port))
     per_load = args.warmup + args.duration + 1
     budget = 20 * per_load + 2 * args.ttft_requests * 0.01 + 10 * args.startup_trials + 300
-    budget += args.profile
+    budget += 2 * (args.profile + args.perf)
     started_at = dt.datetime.now(dt.UTC)
     r: dict[str, Any] = {}
 
@@ -620,7 +734,8 @@ def main() -> None:
             stop(router.proc)
         print(f"  {', '.join(f'{s:.3f}' for s in startups)} s", flush=True)
 
-        router = start_router(home, quiet_cfg, router_port, tmp / "router.log")
+        gc_stats = tmp / "gc.json" if args.gc_probe else None
+        router = start_router(home, quiet_cfg, router_port, tmp / "router.log", gc_stats)
         try:
             pid = router.proc.pid
             startups.append(router.startup_s)
@@ -635,21 +750,30 @@ def main() -> None:
                 flush=True,
             )
             watch_direct = {"mock": mock.pid}
+            snapshot = gc_snapshotter(pid, gc_stats) if gc_stats is not None else None
             watch_router = {"router": pid, "mock": mock.pid}
             for c in (16, 64, 1, 8):
                 print(f"c{c}:", flush=True)
                 r[f"direct_c{c}"] = measure(mock_port, DIRECT_PATH, c, args, "", watch_direct)
-                r[f"router_c{c}"] = measure(router_port, ROUTER_PATH, c, args, key, watch_router)
+                r[f"router_c{c}"] = measure(
+                    router_port, ROUTER_PATH, c, args, key, watch_router, snapshot
+                )
             print("streaming TTFT, sequential:", flush=True)
             r["ttft_direct"] = run_ttft(mock_port, DIRECT_PATH, "", args)
             r["ttft_router"] = run_ttft(router_port, ROUTER_PATH, key, args)
             status = proc_status(pid)
             r["rss_after_kb"], r["peak_kb"] = status["VmRSS"], status["VmHWM"]
             if args.profile > 0:
-                print(f"profiling {args.profile:g} s under c64", flush=True)
+                print(f"py-spy {args.profile} s under c64", flush=True)
                 r["profile"] = profile(router, key, args.profile, args, tmp)
+            if args.perf > 0:
+                print(f"perf {args.perf} s under c64", flush=True)
+                r["perf"] = perf_profile(router, key, args.perf, args, tmp)
+            r["router_cpu_s"] = cpu_seconds(pid)
         finally:
             stop(router.proc)
+        if gc_stats is not None and gc_stats.exists():
+            r["gc"] = json.loads(gc_stats.read_text())
 
         print("access log on (the default), c64:", flush=True)
         logged = start_router(home, logging_cfg, router_port, tmp / "router-logging.log")
@@ -665,8 +789,12 @@ def main() -> None:
     r["startups"] = startups
     r["idle_rss_kb"] = idle_rss
     report = render(r, args, started_at)
+    if "gc" in r:
+        report += "\n" + render_gc(r["gc"], r["router_cpu_s"], r)
     if "profile" in r:
-        report += "\n### Profile\n\n" + r["profile"]
+        report += "\n### Profile: Python frames\n\n" + r["profile"]
+    if "perf" in r:
+        report += "\n### Profile: CPU (perf)\n\n" + r["perf"]
     print("\n" + report)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(report)
@@ -675,6 +803,52 @@ def main() -> None:
 
 
 # -- the report -----------------------------------------------------------------------------------
+
+
+def render_gc(gc: dict[str, Any], cpu_s: float, r: dict[str, Any]) -> str:
+    gens = gc["generations"]
+    total = sum(g["seconds"] for g in gens.values())
+    what_if = []
+    if gc["freeze"]:
+        what_if.append(f"gc.freeze() after start-up ({gc['frozen']:,} objects frozen)")
+    if os.environ.get("BENCH_GC_THRESHOLD"):
+        what_if.append(f"threshold {tuple(gc['threshold'])}")
+    lines = [
+        "### Cyclic GC in the measured router (bench/gc_probe.py)",
+        "",
+        f"What-if: {', '.join(what_if) or 'none (CPython defaults)'}. The router used "
+        f"{cpu_s:.1f} CPU s over the run; collections took {total:.2f} s of it "
+        f"({100 * total / max(cpu_s, 1e-9):.1f}%).",
+        "",
+        "| generation | collections | seconds | ms each | objects freed |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, g in sorted(gens.items()):
+        each = 1000 * g["seconds"] / g["collections"] if g["collections"] else 0.0
+        lines.append(
+            f"| {name} | {g['collections']:,} | {g['seconds']:.3f} | {each:.3f} | {g['collected']:,} |"
+        )
+    lines += [
+        "",
+        "During each measured router load:",
+        "",
+        "| load | router CPU s | in GC | collections gen0 / gen1 / gen2 | gen2 ms each |",
+        "|---|---:|---:|---|---:|",
+    ]
+    for c in (16, 64, 1, 8):
+        during = r[f"router_c{c}"].gc
+        if during is None:
+            continue
+        g = during["generations"]
+        spent = sum(x["seconds"] for x in g.values())
+        counts = " / ".join(f"{g[k]['collections']:,}" for k in sorted(g))
+        gen2 = g["2"]
+        each = 1000 * gen2["seconds"] / gen2["collections"] if gen2["collections"] else 0.0
+        lines.append(
+            f"| c{c} | {during['cpu_seconds']:.2f} | {spent:.3f} s "
+            f"({100 * spent / max(during['cpu_seconds'], 1e-9):.1f}%) | {counts} | {each:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def _verdict(ok: bool) -> str:

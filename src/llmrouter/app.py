@@ -7,6 +7,7 @@ Every request passes through `App.__call__` top to bottom: request id -> route -
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import time
@@ -125,9 +126,11 @@ class App:
             if handler is None:
                 raise MethodNotAllowed(f"{req.path} accepts {', '.join(methods)}.")
             if handler in _WATCH_DISCONNECT:
-                await _cancel_on_disconnect(handler(req, self.ctx), req)
-            else:
+                req.watch_disconnect = True
+            try:
                 await handler(req, self.ctx)
+            finally:
+                req.stop_watching()
         except LlmrouterError as exc:
             if exc.attempts:
                 req.log.setdefault("attempts", exc.attempts)
@@ -171,39 +174,14 @@ class App:
                 except Exception as exc:
                     await send({"type": "lifespan.startup.failed", "message": str(exc)})
                     return
+                # Everything built so far lives as long as the process: keep it out of the cyclic
+                # collector's full passes, which otherwise stall every request (bench/README.md).
+                gc.freeze()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 await self.ctx.aclose()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
-
-
-async def _cancel_on_disconnect(work: Awaitable[None], req: Request) -> None:
-    """Run `work`; if the client disconnects first, cancel it (and with it any upstream call)."""
-    task = asyncio.current_task()
-    assert task is not None
-    receive = req.receive
-    body_read = asyncio.Event()
-
-    async def watch() -> None:
-        await body_read.wait()
-        while (await receive())["type"] != "http.disconnect":
-            pass
-        task.cancel()
-
-    # The handler reads the body itself; the watcher takes over `receive` only after that.
-    async def receive_then_watch() -> dict[str, object]:
-        message = await receive()
-        if not message.get("more_body", False):
-            body_read.set()
-        return message  # type: ignore[return-value]
-
-    req.receive = receive_then_watch
-    watcher = asyncio.ensure_future(watch())
-    try:
-        await work
-    finally:
-        watcher.cancel()
 
 
 def create_app(settings: Settings) -> App:

@@ -5,6 +5,7 @@ The hot path builds no framework objects per request; headers are read once into
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -20,6 +21,7 @@ Send = Callable[[Message], Awaitable[None]]
 
 class Request:
     __slots__ = (
+        "_watcher",
         "headers",
         "log",
         "method",
@@ -29,6 +31,7 @@ class Request:
         "request_id",
         "scope",
         "send",
+        "watch_disconnect",
     )
 
     def __init__(self, scope: Scope, receive: Receive, send: Send, request_id: str) -> None:
@@ -41,6 +44,10 @@ class Request:
         self.headers: dict[bytes, bytes] = dict(scope["headers"])
         self.request_id = request_id
         self.log: dict[str, Any] = {}  # what the handler wants in this request's log line
+        # Long-running handlers: once the body is in, a client that leaves cancels the handler
+        # (and with it any upstream call or queued local generation).
+        self.watch_disconnect = False
+        self._watcher: asyncio.Future[None] | None = None
 
     def header(self, name: bytes) -> str | None:
         value = self.headers.get(name)
@@ -72,7 +79,20 @@ class Request:
                 )
             chunks.append(chunk)
             if not message.get("more_body", False):
+                if self.watch_disconnect:
+                    handler = asyncio.current_task()
+                    assert handler is not None
+                    self._watcher = asyncio.ensure_future(self._cancel_on_disconnect(handler))
                 return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    async def _cancel_on_disconnect(self, handler: asyncio.Task[Any]) -> None:
+        while (await self.receive())["type"] != "http.disconnect":
+            pass
+        handler.cancel()
+
+    def stop_watching(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
 
 
 async def send_bytes(
