@@ -193,17 +193,26 @@ providers:
 """
 
 
-def start_router(tmp: Path, config_text: str) -> Router:
+def start_router(
+    tmp: Path, config_text: str | None, *serve_args: str, create_key: bool = True
+) -> Router:
+    """`llmrouter serve` on a free port with `config_text` (None: the embedded default), its
+    stdout and stderr in `router.log`; returns once /ready answers."""
     home = tmp / "home"
     config = tmp / "config.yaml"
-    config.write_text(config_text)
-    key = run_cli(home, "--config", str(config), "keys", "create", "--name", "tests")
-    secret = key.stdout.strip().splitlines()[-1]
+    config_args: list[str] = []
+    if config_text is not None:
+        config.write_text(config_text)
+        config_args = ["--config", str(config)]
+    secret = ""
+    if create_key:
+        key = run_cli(home, *config_args, "keys", "create", "--name", "tests")
+        secret = key.stdout.strip().splitlines()[-1]
     port = free_port()
     log = tmp / "router.log"
     with log.open("wb") as sink:
         proc = subprocess.Popen(
-            [str(BIN / "llmrouter"), "serve", "--config", str(config), "--port", str(port)],
+            [str(BIN / "llmrouter"), "serve", *config_args, "--port", str(port), *serve_args],
             env={**os.environ, "LLMROUTER_HOME": str(home)},
             stdout=sink,
             stderr=sink,

@@ -163,6 +163,8 @@ class App:
     @staticmethod
     async def _send_error(req: Request, exc: LlmrouterError) -> None:
         headers = [(b"x-request-id", req.request_id.encode()), *exc.headers()]
+        if exc.attempts:
+            headers.append((b"x-llmrouter-attempts", ", ".join(exc.attempts).encode()))
         await send_bytes(req.send, exc.status, encoder.encode(exc.to_body()), headers)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from llmrouter.accounts.keys import KEY_PATTERN
-from tests.conftest import BIN, free_port, run_cli, stop, wait_http
+from tests.conftest import BIN, free_port, router_config, run_cli, start_router, stop
 
 
 def test_keys_create_list_revoke(tmp_path: Path) -> None:
@@ -111,75 +111,42 @@ def test_port_taken_is_one_line(tmp_path: Path) -> None:
 
 
 def test_first_start_prints_a_key_and_a_working_curl(tmp_path: Path) -> None:
-    port = free_port()
-    log = tmp_path / "out.log"
-    with log.open("wb") as sink:
-        proc = subprocess.Popen(
-            [str(BIN / "llmrouter"), "serve", "--port", str(port)],
-            env={**os.environ, "LLMROUTER_HOME": str(tmp_path / "home")},
-            stdout=sink,
-            stderr=subprocess.DEVNULL,
-        )
+    r = start_router(tmp_path, None, create_key=False)
     try:
-        wait_http(f"http://127.0.0.1:{port}/ready", proc)
-        out = log.read_text()
+        out = r.log.read_text()
         secret = next(w for w in out.split() if KEY_PATTERN.match(w))
         assert "curl http://127.0.0.1:" in out and f"Bearer {secret}" in out
-        r = httpx.post(
-            f"http://127.0.0.1:{port}/api/v1/completions",
+        answer = httpx.post(
+            f"{r.api}/completions",
             headers={"Authorization": f"Bearer {secret}"},
             json={"prompt": "The capital of France is", "max_tokens": 4},
             timeout=30,
         )
-        assert r.status_code == 200 and r.json()["choices"][0]["text"]
+        assert answer.status_code == 200 and answer.json()["choices"][0]["text"]
     finally:
-        stop(proc)
-    assert out.count("lr-") == 2  # the key itself and the curl line; shown once
+        stop(r.proc)
+    assert r.log.read_text().count("lr-") == 2  # the key itself and the curl line; shown once
 
 
 def test_serve_with_two_workers(tmp_path: Path, fake_upstream: str) -> None:
-    from tests.conftest import router_config
-
-    config = tmp_path / "c.yaml"
-    config.write_text(router_config(fake_upstream, None))
-    secret = run_cli(tmp_path, "--config", str(config), "keys", "create", "--name", "w")
-    key = secret.stdout.strip().splitlines()[-1]
-    port = free_port()
-    log = tmp_path / "out.log"
-    with log.open("wb") as sink:
-        proc = subprocess.Popen(
-            [
-                str(BIN / "llmrouter"),
-                "serve",
-                "--config",
-                str(config),
-                "--port",
-                str(port),
-                "--workers",
-                "2",
-            ],
-            env={**os.environ, "LLMROUTER_HOME": str(tmp_path)},
-            stdout=sink,
-            stderr=sink,
-        )
+    r = start_router(tmp_path, router_config(fake_upstream, None), "--workers", "2")
     try:
-        wait_http(f"http://127.0.0.1:{port}/ready", proc)
-        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        children = Path(f"/proc/{r.proc.pid}/task/{r.proc.pid}/children").read_text().split()
         workers = [c for c in children if "spawn_main" in Path(f"/proc/{c}/cmdline").read_text()]
         assert len(workers) == 2
         for _ in range(10):
-            r = httpx.post(
-                f"http://127.0.0.1:{port}/api/v1/completions",
-                headers={"Authorization": f"Bearer {key}"},
+            answer = httpx.post(
+                f"{r.api}/completions",
+                headers=r.headers(),
                 json={"model": "fake/ok", "prompt": "Hi"},
                 timeout=30,
             )
-            assert r.status_code == 200
+            assert answer.status_code == 200
     finally:
-        stop(proc)
+        stop(r.proc)
     served_by = {
         line.split('"pid":')[1].split(",")[0]
-        for line in log.read_text().splitlines()
+        for line in r.log.read_text().splitlines()
         if '"msg":"request"' in line
     }
     assert served_by and served_by <= set(workers)

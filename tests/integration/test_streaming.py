@@ -21,6 +21,15 @@ def stream_lines(router: Router, body: dict[str, object]) -> tuple[httpx.Respons
     return r, lines
 
 
+def leave_after_first_chunk(router: Router, body: dict[str, object], timeout: float = 5) -> None:
+    with httpx.stream(
+        "POST", f"{router.api}/completions", headers=router.headers(), json=body, timeout=timeout
+    ) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                break
+
+
 def test_keepalive_comments_while_waiting_for_the_first_token(router: Router) -> None:
     r, lines = stream_lines(router, {"model": "fake/slow-first", "prompt": "Hi", "stream": True})
     assert r.status_code == 200
@@ -74,15 +83,7 @@ def test_stream_chunks_share_id_and_carry_usage_last(router: Router) -> None:
 
 def test_client_disconnect_cancels_an_upstream_stream(router: Router, fake_upstream: str) -> None:
     httpx.post(f"{fake_upstream}/_reset")
-    with httpx.stream(
-        "POST",
-        f"{router.api}/completions",
-        headers=router.headers(),
-        json={"model": "fake/slow-stream", "prompt": "Hi", "stream": True},
-    ) as r:
-        for line in r.iter_lines():
-            if line.startswith("data: {"):
-                break  # leave after the first chunk
+    leave_after_first_chunk(router, {"model": "fake/slow-stream", "prompt": "Hi", "stream": True})
     deadline = time.monotonic() + 2
     while time.monotonic() < deadline:
         if httpx.get(f"{fake_upstream}/_stats").json()["client_gone"] >= 1:
@@ -102,12 +103,7 @@ def test_client_disconnect_stops_the_local_model(router: Router, stream: bool) -
         "stream": stream,
     }
     try:
-        with httpx.stream(
-            "POST", f"{router.api}/completions", headers=router.headers(), json=long, timeout=0.5
-        ) as r:
-            for line in r.iter_lines():
-                if line.startswith("data: {"):
-                    break
+        leave_after_first_chunk(router, long, timeout=0.5)
     except httpx.ReadTimeout:
         assert not stream
     started = time.monotonic()

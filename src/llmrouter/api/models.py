@@ -37,7 +37,7 @@ def model_list(ctx: Context) -> ModelList:
             )
             for name in (model.id, *model.aliases)
         )
-    return ModelList(cards)
+    return ModelList(data=cards)
 
 
 async def list_models(req: Request, ctx: Context) -> None:

@@ -134,14 +134,14 @@ class Usage(Struct):
     total_tokens: int
 
 
-class CompletionResponse(Struct):
+class CompletionResponse(Struct, kw_only=True):  # kw_only: fields in OpenAI's order
     id: str
+    object: Literal["text_completion"] = "text_completion"
     created: int
     model: str
     provider: str
-    choices: list[CompletionChoice]
-    object: Literal["text_completion"] = "text_completion"
     system_fingerprint: str | UnsetType = UNSET
+    choices: list[CompletionChoice]
     usage: Usage | UnsetType = UNSET
 
 
@@ -156,14 +156,14 @@ class ChunkChoice(Struct):
     reasoning: str | None = None
 
 
-class CompletionChunk(Struct):
+class CompletionChunk(Struct, kw_only=True):
     id: str
+    object: Literal["text_completion"] = "text_completion"
     created: int
     model: str
     provider: str
-    choices: list[ChunkChoice]
-    object: Literal["text_completion"] = "text_completion"
     system_fingerprint: str | UnsetType = UNSET
+    choices: list[ChunkChoice]
     # Present (null until the last chunk) only when stream_options.include_usage is set.
     usage: Usage | UnsetType | None = UNSET
 
@@ -172,18 +172,18 @@ class CompletionChunk(Struct):
 # Models
 
 
-class ModelCard(Struct):
+class ModelCard(Struct, kw_only=True):
     id: str
+    object: Literal["model"] = "model"
     created: int
     owned_by: str
     context_length: int | None
     supported_parameters: list[str]
-    object: Literal["model"] = "model"
 
 
-class ModelList(Struct):
-    data: list[ModelCard]
+class ModelList(Struct, kw_only=True):
     object: Literal["list"] = "list"
+    data: list[ModelCard]
 
 
 request_decoder = msgspec.json.Decoder(CompletionCreateParams)
