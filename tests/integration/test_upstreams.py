@@ -130,3 +130,20 @@ def test_unreachable_upstream_is_502(tmp_path, fake_upstream: str) -> None:  # t
         assert error["code"] == "upstream_unavailable"
     finally:
         stop(r.proc)
+
+
+def test_when_every_attempt_fails_the_error_says_what_was_tried(router: Router) -> None:
+    r = post(router, "fake/status-500", models=["fake/status-503"])
+    assert assert_error(r, 502)["error"]["code"] == "upstream_unavailable"
+    attempts = r.headers["x-llmrouter-attempts"].split(", ")
+    assert [a.split()[:2] for a in attempts] == [
+        ["fake/status-500", "upstream_unavailable"],
+        ["fake/status-503", "upstream_unavailable"],
+    ]
+
+
+def test_a_client_error_is_not_retried_elsewhere(router: Router, fake_upstream: str) -> None:
+    httpx.post(f"{fake_upstream}/_reset")
+    r = post(router, "fake/status-400", models=["fake/ok"])
+    assert_error(r, 400)
+    assert httpx.get(f"{fake_upstream}/_stats").json()["requests"] == 1
