@@ -181,11 +181,18 @@ providers:
     base_url: {fake}/v1
     api_key: upstream-secret
     timeouts: {{connect: 1, first_token: 3, idle: 1, total: 4}}
+  basic:
+    kind: openai
+    base_url: {fake}/v1
+    unsupported_parameters: [echo, logprobs, prompt_token_ids]
+    response_formats: [text]
 {llama_part}models:
   - id: local/smollm2-135m-instruct
     aliases: [smollm2]
     deployments: [{{provider: local, model: smollm2-135m-instruct}}]
 {llama_model}{fake_models}
+  - id: basic/ok
+    deployments: [{{provider: basic, model: ok}}]
   - id: fake/fallback
     deployments:
       - {{provider: fake, model: status-503}}

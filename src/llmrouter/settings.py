@@ -39,6 +39,22 @@ EMBEDDED_UPSTREAM_MODEL = "smollm2-135m-instruct"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 PositiveSeconds = Annotated[float, Meta(gt=0)]
+UpstreamParameter = Literal[
+    "best_of",
+    "echo",
+    "frequency_penalty",
+    "logit_bias",
+    "logprobs",
+    "n",
+    "presence_penalty",
+    "seed",
+    "stop",
+    "stream",
+    "suffix",
+    "temperature",
+    "top_p",
+    "prompt_token_ids",
+]
 
 
 class ConfigError(Exception):
@@ -72,6 +88,12 @@ class OpenAIProvider(Struct, frozen=True, forbid_unknown_fields=True, tag="opena
     max_logprobs: Annotated[int, Meta(ge=0)] = 5
     # Request fields that stay with llmrouter unless listed here (they may identify end users).
     forward: frozenset[Literal["user", "metadata"]] = frozenset()
+    # What this upstream does not honour (Ollama ignores echo, logprobs...): requests that set
+    # them go elsewhere or get a 400, never a silently different answer.
+    unsupported_parameters: frozenset[UpstreamParameter] = frozenset()
+    response_formats: frozenset[Literal["text", "json_object", "json_schema", "grammar"]] = frozenset(
+        {"text", "json_object", "json_schema"}
+    )
 
 
 class LlamaCppProvider(

@@ -147,3 +147,23 @@ def test_a_client_error_is_not_retried_elsewhere(router: Router, fake_upstream: 
     r = post(router, "fake/status-400", models=["fake/ok"])
     assert_error(r, 400)
     assert httpx.get(f"{fake_upstream}/_stats").json()["requests"] == 1
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"echo": True}, "echo"),
+        ({"logprobs": 1}, "logprobs"),
+        ({"prompt": [1, 2, 3]}, "prompt"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+    ],
+)
+def test_declared_gaps_are_refused_or_routed_around(
+    router: Router, extra: dict[str, object], param: str
+) -> None:
+    error = assert_error(post(router, "basic/ok", **extra), 400, param)["error"]
+    assert error["code"] == "unsupported_parameter" and "basic/ok" in error["message"]
+    r = post(router, "basic/ok", models=["fake/ok"], **extra)
+    assert r.status_code == 200, r.text
+    assert r.json()["model"] == "fake/ok"
+    assert post(router, "basic/ok").json()["model"] == "basic/ok"

@@ -109,12 +109,13 @@ class OpenAIAdapter:
             await self._session.close()
 
     def capabilities(self, deployment: DeploymentSettings) -> Capabilities:
+        unsupported = self._settings.unsupported_parameters
         return Capabilities(
-            parameters=ALL_PARAMETERS,
-            response_formats=frozenset({"text", "json_object", "json_schema"}),
+            parameters=ALL_PARAMETERS - unsupported,
+            response_formats=self._settings.response_formats,
             max_logprobs=self._settings.max_logprobs,
-            token_prompts=True,
-            best_of_above_n=True,
+            token_prompts="prompt_token_ids" not in unsupported,
+            best_of_above_n="best_of" not in unsupported,
         )
 
     def usable(self, deployment: DeploymentSettings) -> bool:
