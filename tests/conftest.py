@@ -171,6 +171,10 @@ def router_config(fake: str, llama: str | None, *, keepalive: float = 0.5) -> st
         else ""
     )
     return f"""default_model: local/smollm2-135m-instruct
+routing:
+  retry_budget_floor: 1000  # tests share one router; the budget has tests of its own
+  max_attempts: 2
+  health: {{consecutive_failures: 1000000, min_attempts: 1000000}}  # ejection: own tests
 server:
   keepalive_seconds: {keepalive}
   max_body_bytes: 65536
@@ -194,6 +198,7 @@ providers:
   - id: basic/ok
     deployments: [{{provider: basic, model: ok}}]
   - id: fake/fallback
+    strategy: ordered
     deployments:
       - {{provider: fake, model: status-503}}
       - {{provider: fake, model: ok}}

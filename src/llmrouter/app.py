@@ -29,6 +29,7 @@ from llmrouter.obs.logging import access_log, configure_logging
 from llmrouter.openapi import build_openapi
 from llmrouter.providers.base import Provider
 from llmrouter.routing.executor import Executor
+from llmrouter.routing.health import LocalHealth
 from llmrouter.routing.plan import Catalog
 from llmrouter.settings import (
     LlamaCppProvider,
@@ -190,12 +191,14 @@ def create_app(settings: Settings) -> App:
     home = llmrouter_home(settings)
     store = Store.in_home(home)
     providers = build_providers(settings)
+    routing = settings.routing
+    health = LocalHealth(routing.health, alpha=routing.latency_ewma_alpha)
     ctx = Context(
         settings=settings,
         store=store,
         keys=Keys(store),
-        catalog=Catalog(settings, providers),
-        executor=Executor(),
+        catalog=Catalog(settings, providers, health),
+        executor=Executor(routing, health),
         openapi=msgspec.json.encode(build_openapi()),
         started_at=int(time.time()),
     )

@@ -21,10 +21,12 @@ from msgspec import Meta, Struct
 __all__ = [
     "ConfigError",
     "DeploymentSettings",
+    "HealthSettings",
     "LlamaCppProvider",
     "ModelSettings",
     "OpenAIProvider",
     "Pricing",
+    "RoutingSettings",
     "ServerSettings",
     "Settings",
     "Timeouts",
@@ -114,7 +116,12 @@ class DeploymentSettings(Struct, frozen=True, forbid_unknown_fields=True):
     provider: str
     model: str
     model_path: str | None = None  # llamacpp: any GGUF file; default: the embedded model
-    weight: Annotated[float, Meta(gt=0)] = 1.0
+    weight: Annotated[float, Meta(gt=0)] = 1.0  # `weighted`: share of first picks
+    priority: int = 0  # `ordered`: lower goes first (then the order in the file)
+    pricing: Pricing | None = None  # this deployment's prices, if not the model's
+
+
+Strategy = Literal["ordered", "weighted", "lowest_latency", "lowest_cost", "least_busy"]
 
 
 class ModelSettings(Struct, frozen=True, forbid_unknown_fields=True):
@@ -124,6 +131,31 @@ class ModelSettings(Struct, frozen=True, forbid_unknown_fields=True):
     pricing: Pricing = Pricing()
     aliases: list[str] = []
     owned_by: str | None = None
+    strategy: Strategy = "weighted"  # how to order this model's deployments
+    # Start the next deployment too if the first has produced no token after this long.
+    hedge_after_ms: Annotated[int, Meta(ge=1)] | None = None
+
+
+class HealthSettings(Struct, frozen=True, forbid_unknown_fields=True):
+    """When a deployment is taken out of rotation, and for how long."""
+
+    consecutive_failures: Annotated[int, Meta(ge=1)] = 5
+    failure_rate: Annotated[float, Meta(gt=0, le=1)] = 0.5  # over the last `window` attempts...
+    window: Annotated[int, Meta(ge=2)] = 20
+    min_attempts: Annotated[int, Meta(ge=1)] = 10  # ...once at least this many were made
+    cooldown_seconds: PositiveSeconds = 5.0  # the first ejection; doubles with each one after
+    max_cooldown_seconds: PositiveSeconds = 300.0
+
+
+class RoutingSettings(Struct, frozen=True, forbid_unknown_fields=True):
+    max_attempts: Annotated[int, Meta(ge=1)] = 4  # per request, all deployments together
+    deadline_seconds: PositiveSeconds = 900.0  # the whole request, backoff included
+    backoff_base_ms: Annotated[float, Meta(ge=0)] = 50.0  # full jitter: uniform(0, base * 2^k)
+    backoff_max_ms: Annotated[float, Meta(ge=0)] = 2000.0
+    retry_budget_ratio: Annotated[float, Meta(ge=0)] = 0.2  # extra attempts per request...
+    retry_budget_floor: Annotated[int, Meta(ge=0)] = 3  # ...plus these, in any 10 s
+    latency_ewma_alpha: Annotated[float, Meta(gt=0, le=1)] = 0.3
+    health: HealthSettings = HealthSettings()
 
 
 class ServerSettings(Struct, frozen=True, forbid_unknown_fields=True):
@@ -141,6 +173,7 @@ class Settings(Struct, frozen=True, forbid_unknown_fields=True):
     models: Annotated[list[ModelSettings], Meta(min_length=1)]
     default_model: str | None = None
     server: ServerSettings = ServerSettings()
+    routing: RoutingSettings = RoutingSettings()
     home: str | None = None  # the store's folder; default $LLMROUTER_HOME or ~/.llmrouter
 
 

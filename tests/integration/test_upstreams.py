@@ -25,7 +25,6 @@ def post(router: Router, model: str, **extra: object) -> httpx.Response:
         ("fake/status-404", 502, "upstream_unavailable"),
         ("fake/status-400", 400, "upstream_rejected"),
         ("fake/malformed", 502, "upstream_unavailable"),
-        ("fake/status-429", 429, "upstream_rate_limited"),
     ],
 )
 @pytest.mark.parametrize("stream", [False, True])
@@ -36,16 +35,17 @@ def test_upstream_errors_are_mapped(
     error = assert_error(r, status)["error"]
     assert error["code"] == code
     assert "upstream-secret" not in r.text
-    if status == 429:
-        assert r.headers["retry-after"] == "7"
 
 
-def test_upstream_that_hangs_is_504_within_its_deadline(router: Router) -> None:
+def test_upstream_that_hangs_is_504_within_its_deadline(router: Router, fake_upstream: str) -> None:
+    httpx.post(f"{fake_upstream}/_reset")
     started = time.monotonic()
     r = post(router, "fake/hang")
     elapsed = time.monotonic() - started
     assert assert_error(r, 504)["error"]["code"] == "upstream_timeout"
-    assert 3.5 < elapsed < 6  # the fake provider's total deadline is 4 s
+    # Two attempts (the test router's max_attempts), each cut at the provider's total of 4 s.
+    assert httpx.get(f"{fake_upstream}/_stats").json()["requests"] == 2
+    assert 7.9 < elapsed < 9.5
 
 
 def test_fallback_to_the_next_deployment_before_the_first_byte(router: Router) -> None:
@@ -167,3 +167,18 @@ def test_declared_gaps_are_refused_or_routed_around(
     assert r.status_code == 200, r.text
     assert r.json()["model"] == "fake/ok"
     assert post(router, "basic/ok").json()["model"] == "basic/ok"
+
+
+def test_429_keeps_its_retry_after_and_the_deployment_is_skipped_meanwhile(
+    router: Router, fake_upstream: str
+) -> None:
+    httpx.post(f"{fake_upstream}/_reset")
+    r = post(router, "fake/status-429")
+    assert assert_error(r, 429)["error"]["code"] == "upstream_rate_limited"
+    assert r.headers["retry-after"] == "7"
+    # Inside the Retry-After, the upstream is not asked again: 503 until then, streamed or not.
+    for stream in (False, True):
+        again = post(router, "fake/status-429", stream=stream)
+        assert assert_error(again, 503)["error"]["code"] == "service_unavailable"
+        assert 5 <= int(again.headers["retry-after"]) <= 7
+    assert httpx.get(f"{fake_upstream}/_stats").json()["requests"] == 1

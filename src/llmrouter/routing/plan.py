@@ -8,15 +8,18 @@ drop.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from msgspec import UNSET
 
-from llmrouter.errors import ModelNotFound, UnsupportedParameter
+from llmrouter.errors import InvalidRequest, ModelNotFound, UnsupportedParameter
 from llmrouter.providers.base import Capabilities, Provider
+from llmrouter.routing.health import HealthBook
+from llmrouter.routing.strategies import order_targets
 from llmrouter.settings import DeploymentSettings, ModelSettings, Settings
-from llmrouter.wire.completions import CompletionCreateParams
+from llmrouter.wire.completions import CompletionCreateParams, ProviderPreferences
 from llmrouter.wire.validate import Prompts
 
 __all__ = ["Catalog", "Plan", "Target", "requested_parameters"]
@@ -44,9 +47,17 @@ class Plan:
 class Catalog:
     """The configured models, each with its deployments bound to provider adapters."""
 
-    def __init__(self, settings: Settings, providers: dict[str, Provider]) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        providers: dict[str, Provider],
+        health: HealthBook,
+        rng: random.Random | None = None,
+    ) -> None:
         self.settings = settings
         self.providers = providers
+        self.health = health
+        self._rng = rng or random.Random()  # noqa: S311 - load spreading, not secrets
         self.default_model = settings.default_model or settings.models[0].id
         self.models: dict[str, ModelSettings] = {}
         self.targets: dict[str, tuple[Target, ...]] = {}
@@ -76,13 +87,16 @@ class Catalog:
     def plan(self, params: CompletionCreateParams, prompts: Prompts) -> Plan:
         names = self._requested_models(params)
         wanted = requested_parameters(params, prompts)
+        prefs = params.provider or ProviderPreferences()
+        self._check_provider_names(prefs)
         targets: list[Target] = []
         refusal: UnsupportedParameter | None = None
         for name, _param in names:
-            for target in self.targets[name]:
+            capable: list[Target] = []
+            for target in self._allowed(self.targets[name], prefs):
                 missing = _first_unsupported(target.capabilities, params, wanted)
                 if missing is None:
-                    targets.append(target)
+                    capable.append(target)
                 elif refusal is None:
                     param, why = missing
                     refusal = UnsupportedParameter(
@@ -90,10 +104,36 @@ class Catalog:
                         "does not drop parameters.",
                         param=param,
                     )
+            model = self.models[name]
+            ordered = order_targets(prefs.sort or model.strategy, capable, self.health, self._rng)
+            targets.extend(_apply_order(ordered, prefs))
         if not targets:
-            assert refusal is not None
+            if refusal is None:
+                raise InvalidRequest(
+                    "The `provider` preferences leave no deployment of the requested models.",
+                    param="provider",
+                )
             raise refusal
         return Plan(tuple(targets))
+
+    @staticmethod
+    def _allowed(targets: tuple[Target, ...], prefs: ProviderPreferences) -> list[Target]:
+        return [
+            t
+            for t in targets
+            if (prefs.only is None or t.deployment.provider in prefs.only)
+            and (prefs.ignore is None or t.deployment.provider not in prefs.ignore)
+        ]
+
+    def _check_provider_names(self, prefs: ProviderPreferences) -> None:
+        for field in ("order", "only", "ignore"):
+            for i, name in enumerate(getattr(prefs, field) or ()):
+                if name not in self.settings.providers:
+                    known = ", ".join(sorted(self.settings.providers))
+                    raise InvalidRequest(
+                        f"No provider named {name!r} (this router has: {known}).",
+                        param=f"provider.{field}[{i}]",
+                    )
 
     def _requested_models(self, params: CompletionCreateParams) -> list[tuple[str, str]]:
         names: list[tuple[str, str]] = []
@@ -117,6 +157,22 @@ class Catalog:
                 seen.add(canonical)
                 unique.append((name, param))
         return unique
+
+
+def _apply_order(targets: list[Target], prefs: ProviderPreferences) -> list[Target]:
+    """`provider.order` first, in its order; without fallbacks, nothing else."""
+    if prefs.order:
+        rank = {name: i for i, name in enumerate(prefs.order)}
+        listed = sorted(
+            (t for t in targets if t.deployment.provider in rank),
+            key=lambda t: rank[t.deployment.provider],
+        )
+        if prefs.allow_fallbacks is False:
+            return listed
+        return listed + [t for t in targets if t.deployment.provider not in rank]
+    if prefs.allow_fallbacks is False:
+        return targets[:1]
+    return targets
 
 
 def requested_parameters(params: CompletionCreateParams, prompts: Prompts) -> list[str]:

@@ -21,6 +21,7 @@ __all__ = [
     "Logprobs",
     "ModelCard",
     "ModelList",
+    "ProviderPreferences",
     "ResponseFormat",
     "ResponseFormatGrammar",
     "ResponseFormatJSONObject",
@@ -75,6 +76,20 @@ ResponseFormat = (
     | ResponseFormatPython
 )
 
+
+class ProviderPreferences(Struct, forbid_unknown_fields=True):
+    """OpenRouter's `provider` object, an llmrouter extension to the spec. Names are the provider
+    names of the router's config."""
+
+    order: list[str] | None = None  # try these providers first, in this order
+    only: list[str] | None = None  # use no others
+    ignore: list[str] | None = None  # never use these
+    allow_fallbacks: bool | None = None  # false: only `order`'s providers (or only the first)
+    # llmrouter always behaves as `true`: it never drops a parameter. Accepted for compatibility.
+    require_parameters: bool | None = None
+    sort: Literal["price", "latency", "throughput"] | None = None  # instead of the model's strategy
+
+
 TokenId = Annotated[int, Meta(ge=0)]
 # A prompt element: a string (batch of strings), a token id, or a token-id array. Which of the four
 # spec shapes the whole prompt is, and that it is not a mixture, is checked in validate.py.
@@ -106,6 +121,7 @@ class CompletionCreateParams(Struct, forbid_unknown_fields=True, omit_defaults=T
     user: str | UnsetType = UNSET
     metadata: dict[str, Any] | None = None
     response_format: ResponseFormat | None = None
+    provider: ProviderPreferences | None = None
 
 
 # ---------------------------------------------------------------------------------------------

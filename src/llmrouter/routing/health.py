@@ -1,0 +1,208 @@
+"""What the router knows about each deployment: is it healthy, how fast, how busy.
+
+A deployment is ejected after N consecutive failures, or when its failure rate over a window of
+recent attempts is too high. It stays out for a cooldown that doubles with each ejection (capped);
+then exactly one probe request may go to it, and only a successful probe brings it back to full
+traffic. Separately, an upstream's Retry-After makes the router skip the deployment until then.
+
+State lives in this process behind the `HealthBook` protocol, so that a shared implementation (Redis,
+for many replicas) can replace `LocalHealth` without touching the executor.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from llmrouter.settings import HealthSettings
+
+__all__ = ["HealthBook", "LocalHealth", "RetryBudget"]
+
+
+class HealthBook(Protocol):
+    def available(self, label: str) -> bool:
+        """May an attempt go to `label` now? An ejected deployment whose cooldown is over says yes
+        once (that attempt is its probe), then no until the probe's outcome is recorded."""
+
+    def unavailable_for(self, label: str) -> float:
+        """Seconds until `label` may be tried again (0 if it may be now)."""
+
+    def retry_after_for(self, label: str) -> float:
+        """Seconds left of the upstream's Retry-After for `label` (0 if none)."""
+
+    def record(self, label: str, ok: bool) -> None:
+        """The outcome of an attempt: counts toward ejection, ends a probe."""
+
+    def skip_for(self, label: str, seconds: float) -> None:
+        """The upstream asked us to wait (Retry-After)."""
+
+    def observe_latency(self, label: str, seconds: float) -> None: ...
+
+    def latency(self, label: str) -> float | None:
+        """EWMA of time to first token (or to the answer, when not streamed); None if unknown."""
+
+    def observe_throughput(self, label: str, tokens_per_second: float) -> None: ...
+
+    def throughput(self, label: str) -> float | None: ...
+
+    def started(self, label: str) -> None: ...
+
+    def finished(self, label: str) -> None: ...
+
+    def in_flight(self, label: str) -> int: ...
+
+
+@dataclass(slots=True)
+class _State:
+    consecutive_failures: int = 0
+    recent: deque[bool] = field(default_factory=deque)
+    ejections: int = 0
+    ejected_until: float = 0.0
+    probing: bool = False  # the cooldown is over and one probe is out
+    successes_since_ejection: int = 0
+    skip_until: float = 0.0
+    latency: float | None = None
+    throughput: float | None = None
+    in_flight: int = 0
+
+
+class LocalHealth:
+    def __init__(
+        self,
+        settings: HealthSettings,
+        *,
+        alpha: float = 0.3,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._settings = settings
+        self._alpha = alpha
+        self._clock = clock
+        self._states: dict[str, _State] = {}
+
+    def _state(self, label: str) -> _State:
+        state = self._states.get(label)
+        if state is None:
+            state = self._states[label] = _State(recent=deque(maxlen=self._settings.window))
+        return state
+
+    def available(self, label: str) -> bool:
+        state = self._state(label)
+        now = self._clock()
+        if now < state.skip_until or now < state.ejected_until:
+            return False
+        if state.ejections and state.ejected_until and not state.probing:
+            state.probing = True  # this attempt is the probe
+            return True
+        return not state.probing
+
+    def unavailable_for(self, label: str) -> float:
+        state = self._state(label)
+        return max(0.0, max(state.skip_until, state.ejected_until) - self._clock())
+
+    def retry_after_for(self, label: str) -> float:
+        return max(0.0, self._state(label).skip_until - self._clock())
+
+    def record(self, label: str, ok: bool) -> None:
+        state = self._state(label)
+        s = self._settings
+        state.recent.append(ok)
+        if ok:
+            state.consecutive_failures = 0
+            if state.probing:  # the probe came back well: full traffic again
+                state.probing = False
+                state.ejected_until = 0.0
+            state.successes_since_ejection += 1
+            if state.successes_since_ejection >= s.window:
+                state.ejections = 0  # long healthy: the next ejection starts short again
+            return
+        state.consecutive_failures += 1
+        state.successes_since_ejection = 0
+        failures = state.recent.count(False)
+        too_many = state.consecutive_failures >= s.consecutive_failures
+        too_often = len(state.recent) >= s.min_attempts and failures / len(state.recent) >= (
+            s.failure_rate
+        )
+        if state.probing or too_many or too_often:
+            self._eject(state)
+
+    def _eject(self, state: _State) -> None:
+        s = self._settings
+        cooldown = min(s.cooldown_seconds * 2**state.ejections, s.max_cooldown_seconds)
+        state.ejections += 1
+        state.ejected_until = self._clock() + cooldown
+        state.probing = False
+        state.consecutive_failures = 0
+        state.recent.clear()
+
+    def skip_for(self, label: str, seconds: float) -> None:
+        state = self._state(label)
+        state.skip_until = max(state.skip_until, self._clock() + seconds)
+
+    def observe_latency(self, label: str, seconds: float) -> None:
+        state = self._state(label)
+        state.latency = _ewma(state.latency, seconds, self._alpha)
+
+    def latency(self, label: str) -> float | None:
+        return self._state(label).latency
+
+    def observe_throughput(self, label: str, tokens_per_second: float) -> None:
+        state = self._state(label)
+        state.throughput = _ewma(state.throughput, tokens_per_second, self._alpha)
+
+    def throughput(self, label: str) -> float | None:
+        return self._state(label).throughput
+
+    def started(self, label: str) -> None:
+        self._state(label).in_flight += 1
+
+    def finished(self, label: str) -> None:
+        self._state(label).in_flight -= 1
+
+    def in_flight(self, label: str) -> int:
+        return self._state(label).in_flight
+
+
+def _ewma(old: float | None, new: float, alpha: float) -> float:
+    return new if old is None else alpha * new + (1 - alpha) * old
+
+
+class RetryBudget:
+    """Extra attempts (retries, fallbacks, hedges) are at most `ratio` per request plus `floor`, over
+    any `window` seconds, so that an outage does not become a retry storm against the providers
+    that are left."""
+
+    def __init__(
+        self,
+        ratio: float,
+        floor: int,
+        window: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._ratio = ratio
+        self._floor = floor
+        self._window = window
+        self._clock = clock
+        self._requests: deque[float] = deque()
+        self._retries: deque[float] = deque()
+
+    def _prune(self, now: float) -> None:
+        horizon = now - self._window
+        for times in (self._requests, self._retries):
+            while times and times[0] < horizon:
+                times.popleft()
+
+    def note_request(self) -> None:
+        now = self._clock()
+        self._prune(now)
+        self._requests.append(now)
+
+    def try_spend(self) -> bool:
+        now = self._clock()
+        self._prune(now)
+        if len(self._retries) >= self._floor + self._ratio * len(self._requests):
+            return False
+        self._retries.append(now)
+        return True
