@@ -10,6 +10,7 @@ import asyncio
 import gc
 import logging
 import os
+import random
 import time
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -193,12 +194,13 @@ def create_app(settings: Settings) -> App:
     providers = build_providers(settings)
     routing = settings.routing
     health = LocalHealth(routing.health, alpha=routing.latency_ewma_alpha)
+    rng = random.Random(routing.seed)  # noqa: S311 - load spreading and jitter, not secrets
     ctx = Context(
         settings=settings,
         store=store,
         keys=Keys(store),
-        catalog=Catalog(settings, providers, health),
-        executor=Executor(routing, health),
+        catalog=Catalog(settings, providers, health, rng),
+        executor=Executor(routing, health, rng),
         openapi=msgspec.json.encode(build_openapi()),
         started_at=int(time.time()),
     )

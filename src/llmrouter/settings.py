@@ -155,6 +155,7 @@ class RoutingSettings(Struct, frozen=True, forbid_unknown_fields=True):
     retry_budget_ratio: Annotated[float, Meta(ge=0)] = 0.2  # extra attempts per request...
     retry_budget_floor: Annotated[int, Meta(ge=0)] = 3  # ...plus these, in any 10 s
     latency_ewma_alpha: Annotated[float, Meta(gt=0, le=1)] = 0.3
+    seed: int | None = None  # fixes the random choices (weighted order, jitter): for tests
     health: HealthSettings = HealthSettings()
 
 

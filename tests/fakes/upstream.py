@@ -1,25 +1,60 @@
-"""A fake OpenAI-compatible upstream: a real HTTP server on loopback whose model name picks a fault.
+"""A fake OpenAI-compatible upstream: a real HTTP server on loopback where the model name (or an
+`X-Fault` header, which wins) picks the fault.
 
     python tests/fakes/upstream.py PORT
 
-Models: `ok` (answers, echoing what it received), `status-NNN` (answers NNN; 429 carries
-Retry-After: 7), `hang` (never answers), `malformed` (invalid JSON), `stream-truncated` (two chunks,
-then the connection ends without [DONE]), `stream-error` (one chunk, then an in-band error event),
-`slow-first` (waits 2 s before anything), `slow-stream` (one chunk every 0.2 s, 100 of them).
-`GET /_stats` tells how many requests and distinct client connections it saw, and how many streams
-ended because the client went away.
+Faults (streamed and not, unless said):
+  ok                  answers; the text echoes the request body it received
+  status-NNN          answers NNN with an OpenAI-style error body; 429 carries `Retry-After: 7`
+  status-429-date     429 with Retry-After as an HTTP date 3 s ahead
+  hang                never answers (no headers)
+  hang-after-2        stream: two chunks, then silence (non-stream: as `hang`)
+  reset-before        closes the connection without answering
+  reset-after-2       stream: two chunks, then closes; non-stream: half a body, then closes
+  malformed           200 with a body that is not JSON (or SSE)
+  stream-truncated    stream: two chunks, then the end without [DONE]
+  stream-error        stream: one chunk, then an in-band error event (non-stream: 200 {"error"})
+  no-finish           stream: chunks and [DONE], but no finish_reason
+  big                 a 5 MB completion text
+  slow-first          waits 2 s, then answers
+  slow-ok-MS          waits MS milliseconds, then answers
+  slow-stream         one chunk every 0.2 s, 100 of them
+  wait-close          holds the request until the client goes, and notes when (time.time())
+  switch              whatever `POST /_control {"switch": FAULT}` set last (default ok)
+
+`GET /_stats`: requests, hits per model, distinct client connections, streams whose client left,
+close times noted by `wait-close`, and the last body and headers. `POST /_reset` clears them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import json
 import sys
+import time
+from collections import Counter
 from typing import Any
 
 from aiohttp import web
 
-stats: dict[str, Any] = {"requests": 0, "peers": set(), "client_gone": 0, "last_body": None}
+stats: dict[str, Any] = {}
+control: dict[str, str] = {"switch": "ok"}
+
+
+def reset() -> None:
+    stats.update(
+        requests=0,
+        hits=Counter(),
+        peers=set(),
+        client_gone=0,
+        closed_at=[],
+        last_body=None,
+        last_headers=None,
+    )
+
+
+reset()
 
 
 def _completion(model: str, text: str, finish: str = "stop") -> dict[str, Any]:
@@ -45,6 +80,33 @@ def _chunk(model: str, text: str, finish: str | None = None) -> bytes:
     return b"data: " + json.dumps(body).encode() + b"\n\n"
 
 
+def _usage_chunk(model: str) -> bytes:
+    usage = {
+        "id": "cmpl-fake",
+        "object": "text_completion",
+        "created": 1,
+        "model": model,
+        "choices": [],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6},
+    }
+    return b"data: " + json.dumps(usage).encode() + b"\n\n"
+
+
+def _close(request: web.Request) -> None:
+    if request.transport is not None:
+        request.transport.close()
+
+
+async def _wait_for_close(request: web.Request, limit: float = 30.0) -> None:
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            stats["closed_at"].append(time.time())
+            return
+        await asyncio.sleep(0.02)
+
+
 async def completions(request: web.Request) -> web.StreamResponse:
     stats["requests"] += 1
     peer = request.transport.get_extra_info("peername") if request.transport else None
@@ -53,49 +115,79 @@ async def completions(request: web.Request) -> web.StreamResponse:
     stats["last_body"] = body
     stats["last_headers"] = dict(request.headers)
     model = body.get("model", "")
-    if model.startswith("status-"):
-        status = int(model.split("-", 1)[1])
-        headers = {"Retry-After": "7"} if status == 429 else {}
-        error = {"error": {"message": f"fake failure {status}", "type": "fake", "code": None}}
-        return web.json_response(error, status=status, headers=headers)
-    if model == "hang":
+    stats["hits"][model] += 1
+    fault = request.headers.get("X-Fault") or model
+    if fault == "switch":
+        fault = control["switch"]
+    stream = bool(body.get("stream"))
+
+    if fault.startswith("status-"):
+        code = int(fault.split("-")[1])
+        headers = {}
+        if fault == "status-429-date":
+            headers["Retry-After"] = email.utils.formatdate(time.time() + 3, usegmt=True)
+        elif code == 429:
+            headers["Retry-After"] = "7"
+        error = {"error": {"message": f"fake failure {code}", "type": "fake", "code": None}}
+        return web.json_response(error, status=code, headers=headers)
+    if fault == "hang" or (fault == "hang-after-2" and not stream):
         await asyncio.sleep(3600)
-    if model == "malformed":
+    if fault == "reset-before":
+        _close(request)
+        return web.Response()
+    if fault == "wait-close":
+        await _wait_for_close(request)
+        return web.Response()
+    if fault == "malformed":
         return web.Response(text="{not json", content_type="application/json")
-    if model == "slow-first":
+    if fault == "slow-first":
         await asyncio.sleep(2)
-    if not body.get("stream"):
-        return web.json_response(_completion(model, json.dumps(body, sort_keys=True)))
+    if fault.startswith("slow-ok-"):
+        await asyncio.sleep(int(fault.rsplit("-", 1)[1]) / 1000)
+    text = "x" * 5_000_000 if fault == "big" else None
+
+    if not stream:
+        if fault == "stream-error":
+            return web.json_response({"error": {"message": "fake in-band failure"}})
+        if fault == "reset-after-2":
+            response = web.StreamResponse(headers={"Content-Type": "application/json"})
+            response.content_length = 1000
+            await response.prepare(request)
+            await response.write(b'{"choices": [')
+            _close(request)
+            return response
+        return web.json_response(_completion(model, text or json.dumps(body, sort_keys=True)))
 
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
     await response.prepare(request)
     try:
-        if model == "slow-stream":
+        if fault == "slow-stream":
             for i in range(100):
                 await response.write(_chunk(model, f"t{i} "))
                 await asyncio.sleep(0.2)
-        elif model == "stream-truncated":
+        elif fault in ("stream-truncated", "reset-after-2", "hang-after-2"):
             await response.write(_chunk(model, "one "))
             await response.write(_chunk(model, "two "))
-            request.transport.close()  # type: ignore[union-attr]
+            if fault == "hang-after-2":
+                await _wait_for_close(request, limit=3600)
+            _close(request)
             return response
-        elif model == "stream-error":
+        elif fault == "stream-error":
             await response.write(_chunk(model, "one "))
             await response.write(b'data: {"error": {"message": "fake mid-stream failure"}}\n\n')
             return response
+        elif fault == "no-finish":
+            await response.write(_chunk(model, "one "))
+            await response.write(b"data: [DONE]\n\n")
+            return response
+        elif text is not None:
+            for _ in range(5):
+                await response.write(_chunk(model, text[:1_000_000]))
         else:
             for word in ("Hello", " from", " fake"):
                 await response.write(_chunk(model, word))
         await response.write(_chunk(model, "", "stop"))
-        usage = {
-            "id": "cmpl-fake",
-            "object": "text_completion",
-            "created": 1,
-            "model": model,
-            "choices": [],
-            "usage": {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6},
-        }
-        await response.write(b"data: " + json.dumps(usage).encode() + b"\n\n")
+        await response.write(_usage_chunk(model))
         await response.write(b"data: [DONE]\n\n")
     except (ConnectionResetError, asyncio.CancelledError):
         stats["client_gone"] += 1
@@ -107,24 +199,32 @@ async def get_stats(request: web.Request) -> web.Response:
     return web.json_response(
         {
             "requests": stats["requests"],
+            "hits": dict(stats["hits"]),
             "connections": len(stats["peers"]),
             "client_gone": stats["client_gone"],
+            "closed_at": stats["closed_at"],
             "last_body": stats["last_body"],
-            "last_headers": stats.get("last_headers"),
+            "last_headers": stats["last_headers"],
         }
     )
 
 
-async def reset_stats(request: web.Request) -> web.Response:
-    stats.update(requests=0, peers=set(), client_gone=0, last_body=None)
+async def post_reset(request: web.Request) -> web.Response:
+    reset()
     return web.json_response({})
 
 
+async def post_control(request: web.Request) -> web.Response:
+    control.update(await request.json())
+    return web.json_response(control)
+
+
 def main() -> None:
-    app = web.Application()
+    app = web.Application(client_max_size=64 * 1024 * 1024)
     app.router.add_post("/v1/completions", completions)
     app.router.add_get("/_stats", get_stats)
-    app.router.add_post("/_reset", reset_stats)
+    app.router.add_post("/_reset", post_reset)
+    app.router.add_post("/_control", post_control)
     web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None, access_log=None)
 
 

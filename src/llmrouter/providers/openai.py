@@ -47,6 +47,7 @@ __all__ = ["OpenAIAdapter", "parse_retry_after"]
 
 _ROUTER_FIELDS = ("model", "models", "user", "metadata", "stream_options")
 _MAX_ERROR_TEXT = 500
+_MAX_SSE_LINE = 64 * 1024 * 1024
 
 
 # What we read back. Lenient on purpose: upstreams add fields, and some omit ones they should send.
@@ -205,29 +206,42 @@ class OpenAIAdapter:
         self, resp: aiohttp.ClientResponse, *, first: float, idle: float
     ) -> AsyncIterator[bytes]:
         """The `data:` payloads of an SSE stream, up to `[DONE]`; a stream that stops before it
-        is a failure."""
+        is a failure. Lines are split here rather than by aiohttp's readline, which refuses lines
+        over its buffer size (a long completion in one chunk is a long line)."""
+        buffer = bytearray()
+        scanned = 0  # bytes of `buffer` known to hold no newline
         data: list[bytes] = []
         wait = first
         while True:
             try:
                 async with asyncio.timeout(wait):
-                    line = await resp.content.readline()
+                    chunk = await resp.content.readany()
             except Exception as exc:
                 raise self._transport_error(exc) from None
-            if not line:
+            if not chunk:
                 raise UpstreamUnavailable(
                     f"Provider {self.name} ended the stream before it was complete."
                 )
-            line = line.rstrip(b"\r\n")
-            if line.startswith(b"data:"):
-                data.append(line[5:].lstrip(b" "))
-            elif not line and data:
-                payload = b"\n".join(data)
-                data = []
-                if payload == b"[DONE]":
-                    return
-                wait = idle
-                yield payload
+            buffer += chunk
+            start = 0
+            while (newline := buffer.find(b"\n", scanned)) >= 0:
+                line = bytes(buffer[start:newline]).rstrip(b"\r")
+                start = scanned = newline + 1
+                if line.startswith(b"data:"):
+                    data.append(line[5:].lstrip(b" "))
+                elif not line and data:
+                    payload = b"\n".join(data)
+                    data = []
+                    if payload == b"[DONE]":
+                        return
+                    wait = idle
+                    yield payload
+            del buffer[:start]
+            scanned = len(buffer)
+            if scanned > _MAX_SSE_LINE:
+                raise UpstreamUnavailable(
+                    f"Provider {self.name} sent a stream line over {_MAX_SSE_LINE} bytes."
+                )
 
     def _part(self, parsed: _Body) -> StreamPart:
         choices = [

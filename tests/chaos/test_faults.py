@@ -1,0 +1,367 @@
+"""Routing under faults: for every fault of the fake upstream, streamed and not, what the client
+sees, how often the upstream was hit, and how long it took."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import Router, start_router, stop
+from tests.spec import assert_error, validate
+
+FAULTS = (
+    "ok",
+    "status-429",
+    "status-429-date",
+    "status-500",
+    "status-502",
+    "status-503",
+    "hang",
+    "hang-after-2",
+    "reset-before",
+    "reset-after-2",
+    "malformed",
+    "stream-truncated",
+    "stream-error",
+    "no-finish",
+    "big",
+    "wait-close",
+    "switch",
+)
+
+
+def fault_config(fake: str) -> str:
+    # one/FAULT and two/FAULT reach the same fault through different deployments, so that the
+    # streamed and unstreamed cases of a test do not share a deployment's health.
+    singles = "\n".join(
+        f"  - {{id: {name}/{f}, deployments: [{{provider: {p}, model: {f}}}]}}"
+        for f in FAULTS
+        for name, p in (("one", "f1"), ("two", "f2"))
+    )
+    return f"""default_model: one/ok
+server: {{keepalive_seconds: 10, max_body_bytes: 65536}}
+routing:
+  max_attempts: 3
+  deadline_seconds: 3
+  backoff_base_ms: 10
+  backoff_max_ms: 40
+  retry_budget_floor: 100000
+  seed: 7
+  health: {{consecutive_failures: 3, min_attempts: 1000, cooldown_seconds: 1,
+            max_cooldown_seconds: 4}}
+providers:
+  f1: {{kind: openai, base_url: {fake}/v1, timeouts: {{connect: 1, first_token: 1, idle: 1, total: 2}}}}
+  f2: {{kind: openai, base_url: {fake}/v1, timeouts: {{connect: 1, first_token: 1, idle: 1, total: 2}}}}
+  f3: {{kind: openai, base_url: {fake}/v1}}
+models:
+{singles}
+  - id: pair/429
+    strategy: ordered
+    deployments: [{{provider: f3, model: status-429}}, {{provider: f2, model: ok}}]
+  - id: pair/switch
+    strategy: ordered
+    deployments: [{{provider: f1, model: switch}}, {{provider: f2, model: ok}}]
+  - id: hedged
+    strategy: ordered
+    hedge_after_ms: 200
+    deployments: [{{provider: f1, model: slow-ok-1500}}, {{provider: f2, model: ok}}]
+  - id: hedged/both-wait
+    strategy: ordered
+    hedge_after_ms: 200
+    deployments: [{{provider: f1, model: wait-close}}, {{provider: f2, model: wait-close}}]
+  - id: weighted
+    deployments:
+      - {{provider: f1, model: ok, weight: 1}}
+      - {{provider: f2, model: ok, weight: 3}}
+  - id: cheap
+    strategy: lowest_cost
+    pricing: {{prompt: 1, completion: 1}}
+    deployments:
+      - {{provider: f1, model: ok}}
+      - {{provider: f2, model: ok, pricing: {{prompt: 0.1, completion: 0.1}}}}
+      - {{provider: f3, model: ok, pricing: {{prompt: 9, completion: 9}}}}
+"""
+
+
+@pytest.fixture(scope="module")
+def faults(tmp_path_factory: pytest.TempPathFactory, fake_upstream: str) -> Iterator[Router]:
+    r = start_router(tmp_path_factory.mktemp("faults"), fault_config(fake_upstream))
+    try:
+        yield r
+    finally:
+        stop(r.proc)
+
+
+@pytest.fixture
+def fake(fake_upstream: str) -> str:
+    httpx.post(f"{fake_upstream}/_reset")
+    httpx.post(f"{fake_upstream}/_control", json={"switch": "ok"})
+    return fake_upstream
+
+
+def hits(fake: str) -> dict[str, int]:
+    return httpx.get(f"{fake}/_stats").json()["hits"]  # type: ignore[no-any-return]
+
+
+def ask(router: Router, model: str, stream: bool, **extra: object) -> tuple[httpx.Response, float]:
+    body = {"model": model, "prompt": "Hi", "stream": stream, **extra}
+    started = time.monotonic()
+    with httpx.stream(
+        "POST", f"{router.api}/completions", headers=router.headers(), json=body, timeout=30
+    ) as r:
+        r.read()
+    return r, time.monotonic() - started
+
+
+def sse_events(r: httpx.Response) -> list[dict[str, object]]:
+    return [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+
+
+# -- fault by fault ----------------------------------------------------------------------------
+
+# fault -> (status, error code or None, upstream hits, at most seconds)
+BEFORE_ANY_TOKEN = {
+    "status-500": (502, "upstream_unavailable", 3, 1.0),
+    "status-502": (502, "upstream_unavailable", 3, 1.0),
+    "status-503": (502, "upstream_unavailable", 3, 1.0),
+    "reset-before": (502, "upstream_unavailable", 3, 1.0),
+    "malformed": (502, "upstream_unavailable", 3, 1.0),
+}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("fault", sorted(BEFORE_ANY_TOKEN))
+def test_failures_before_the_first_token(faults: Router, fake: str, fault: str, stream: bool) -> None:
+    status, code, upstream_hits, seconds = BEFORE_ANY_TOKEN[fault]
+    r, took = ask(faults, f"{'two' if stream else 'one'}/{fault}", stream)
+    assert assert_error(r, status)["error"]["code"] == code
+    assert hits(fake)[fault] == upstream_hits  # retried up to max_attempts, or not at all
+    assert took < seconds
+    assert len(r.headers["x-llmrouter-attempts"].split(", ")) == upstream_hits, r.headers
+
+
+def test_429_is_passed_on_with_its_retry_after_and_not_retried(faults: Router, fake: str) -> None:
+    r, _ = ask(faults, "one/status-429", True)
+    assert assert_error(r, 429)["error"]["code"] == "upstream_rate_limited"
+    assert r.headers["retry-after"] == "7"
+    r, _ = ask(faults, "one/status-429", False)  # inside the Retry-After: not asked again
+    assert assert_error(r, 503)["error"]["code"] == "service_unavailable"
+    assert hits(fake) == {"status-429": 1}
+
+
+def test_retry_after_as_an_http_date_is_honoured(faults: Router, fake: str) -> None:
+    r, _ = ask(faults, "one/status-429-date", False)
+    assert_error(r, 429)
+    assert 2 <= int(r.headers["retry-after"]) <= 3
+    r, _ = ask(faults, "one/status-429-date", False)
+    assert_error(r, 503)
+    assert hits(fake)["status-429-date"] == 1
+    time.sleep(3.1)
+    r, _ = ask(faults, "one/status-429-date", False)
+    assert_error(r, 429)  # asked again once the date has passed
+    assert hits(fake)["status-429-date"] == 2
+
+
+def test_retry_after_sends_traffic_to_the_others_meanwhile(faults: Router, fake: str) -> None:
+    first, _ = ask(faults, "pair/429", False)
+    assert first.status_code == 200
+    assert first.headers["x-llmrouter-attempts"].startswith("f3/status-429 upstream_rate_limited")
+    for _ in range(3):
+        r, _ = ask(faults, "pair/429", False)
+        assert r.status_code == 200
+        assert r.headers["x-llmrouter-attempts"].startswith("f2/ok ok")
+    assert hits(fake) == {"status-429": 1, "ok": 4}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_hanging_upstream_is_cut_at_the_deadline(faults: Router, fake: str, stream: bool) -> None:
+    r, took = ask(faults, "two/hang" if stream else "one/hang", stream)
+    assert assert_error(r, 504)["error"]["code"] == "upstream_timeout"
+    assert 2.9 < took < 3.6  # the router's deadline is 3 s
+    # Non-streamed: two attempts of 2 s (the second cut by the deadline); streamed: three of 1 s
+    # (time to first token), the third cut.
+    assert hits(fake)["hang"] == (3 if stream else 2)
+
+
+# fault -> text the client got before the error event
+AFTER_THE_FIRST_TOKEN = {
+    "hang-after-2": "one two ",
+    "reset-after-2": "one two ",
+    "stream-truncated": "one two ",
+    "stream-error": "one ",
+    "no-finish": "one ",
+}
+
+
+@pytest.mark.parametrize("fault", sorted(AFTER_THE_FIRST_TOKEN))
+def test_failures_after_the_first_token_end_the_stream(faults: Router, fake: str, fault: str) -> None:
+    r, took = ask(faults, f"one/{fault}", True)
+    assert r.status_code == 200
+    events = sse_events(r)
+    text = "".join(e["choices"][0]["text"] for e in events[:-1])  # type: ignore[index]
+    assert text == AFTER_THE_FIRST_TOKEN[fault]  # no restart elsewhere: nothing duplicated
+    validate(events[-1], "ErrorResponse")
+    assert "data: [DONE]" not in r.text
+    assert hits(fake)[fault] == 1
+    assert took < 2.5  # hang-after-2: cut by the 1 s idle timeout
+
+
+@pytest.mark.parametrize("fault", ["hang-after-2", "reset-after-2", "stream-error"])
+def test_the_same_faults_unstreamed_are_retried(faults: Router, fake: str, fault: str) -> None:
+    r, _ = ask(faults, f"one/{fault}", False)
+    assert r.status_code in (502, 504)
+    assert_error(r, r.status_code)
+    assert hits(fake)[fault] >= 2
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_very_large_answer_passes_whole(faults: Router, fake: str, stream: bool) -> None:
+    r, _ = ask(faults, "two/big" if stream else "one/big", stream)
+    assert r.status_code == 200
+    if stream:
+        text = "".join(e["choices"][0]["text"] for e in sse_events(r) if e["choices"])  # type: ignore[index]
+    else:
+        text = r.json()["choices"][0]["text"]
+    assert len(text) == 5_000_000
+    assert hits(fake)["big"] == 1
+
+
+# -- health ------------------------------------------------------------------------------------
+
+
+def test_ejection_and_recovery_over_time(faults: Router, fake: str) -> None:
+    httpx.post(f"{fake}/_control", json={"switch": "status-500"})
+    for _ in range(3):  # three failures in a row, each answered by the fallback
+        r, _ = ask(faults, "pair/switch", False)
+        assert r.status_code == 200
+        assert r.headers["x-llmrouter-attempts"].startswith("f1/switch upstream_unavailable")
+    for _ in range(3):  # ejected: not asked at all
+        r, _ = ask(faults, "pair/switch", False)
+        assert r.headers["x-llmrouter-attempts"] == r.headers["x-llmrouter-attempts"].split(",")[0]
+        assert r.headers["x-llmrouter-attempts"].startswith("f2/ok ok")
+    assert hits(fake)["switch"] == 3
+    time.sleep(1.1)  # the first cooldown is 1 s; the probe fails: out for 2 s
+    ask(faults, "pair/switch", False)
+    assert hits(fake)["switch"] == 4
+    ask(faults, "pair/switch", False)
+    assert hits(fake)["switch"] == 4
+    httpx.post(f"{fake}/_control", json={"switch": "ok"})  # the upstream recovers
+    time.sleep(2.1)
+    r, _ = ask(faults, "pair/switch", False)  # the probe succeeds
+    assert r.headers["x-llmrouter-attempts"].startswith("f1/switch ok")
+    for _ in range(3):  # and it takes full traffic again
+        r, _ = ask(faults, "pair/switch", False)
+        assert r.headers["x-llmrouter-attempts"].startswith("f1/switch ok")
+    assert hits(fake)["switch"] == 8
+
+
+# -- hedging -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_hedging_the_faster_one_wins(faults: Router, fake: str, stream: bool) -> None:
+    r, took = ask(faults, "hedged", stream)
+    assert r.status_code == 200
+    attempts = r.headers["x-llmrouter-attempts"]
+    assert attempts.startswith("f2/ok ok"), attempts  # the hedge, started at 200 ms, won
+    assert "f1/slow-ok-1500 cancelled" in attempts
+    assert 0.2 < took < 1.0
+    assert hits(fake) == {"slow-ok-1500": 1, "ok": 1}
+
+
+def test_client_disconnect_cancels_every_attempt_within_a_second(faults: Router, fake: str) -> None:
+    body = {"model": "hedged/both-wait", "prompt": "Hi", "stream": True}
+
+    def leave_early() -> float:
+        with contextlib.suppress(httpx.ReadTimeout):
+            httpx.post(f"{faults.api}/completions", headers=faults.headers(), json=body, timeout=0.6)
+        return time.time()
+
+    left_at = leave_early()
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        closed = httpx.get(f"{fake}/_stats").json()["closed_at"]
+        if len(closed) == 2:
+            break
+        time.sleep(0.05)
+    assert hits(fake) == {"wait-close": 2}  # the first attempt and its hedge
+    assert len(closed) == 2
+    assert all(at - left_at < 1.0 for at in closed)
+
+
+# -- strategies and preferences ----------------------------------------------------------------
+
+
+def test_weighted_spreads_first_picks_by_weight(faults: Router, fake: str) -> None:
+    firsts: Counter[str] = Counter()
+    for _ in range(300):
+        r, _ = ask(faults, "weighted", False)
+        firsts[r.headers["x-llmrouter-attempts"].split()[0]] += 1
+    assert firsts["f2/ok"] / 300 == pytest.approx(0.75, abs=0.08)
+
+
+def test_provider_preferences(faults: Router, fake: str) -> None:
+    def first(**provider: object) -> str:
+        r, _ = ask(faults, "cheap", False, provider=provider)
+        assert r.status_code == 200, r.text
+        return r.headers["x-llmrouter-attempts"].split()[0]
+
+    assert first() == "f2/ok"  # lowest_cost
+    assert first(order=["f3", "f1"]) == "f3/ok"
+    assert first(only=["f1", "f3"]) == "f1/ok"
+    assert first(ignore=["f2"]) == "f1/ok"
+    assert first(sort="price", ignore=["f1"]) == "f2/ok"
+    r, _ = ask(faults, "pair/switch", False, provider={"order": ["f2"], "allow_fallbacks": False})
+    assert r.headers["x-llmrouter-attempts"] == r.headers["x-llmrouter-attempts"].split(",")[0]
+    r, _ = ask(faults, "cheap", False, provider={"order": ["nope"]})
+    assert_error(r, 400, "provider.order[0]")
+    r, _ = ask(faults, "cheap", False, provider={"only": ["f1"], "ignore": ["f1"]})
+    assert_error(r, 400, "provider")
+    r, _ = ask(faults, "cheap", False, provider={"favourite": "f1"})
+    assert_error(r, 400, "provider.favourite")
+
+
+# -- the retry budget --------------------------------------------------------------------------
+
+
+def test_retry_budget_under_200_concurrent_requests(tmp_path: Path, fake: str) -> None:
+    config = f"""default_model: down
+routing: {{max_attempts: 4, backoff_base_ms: 5, backoff_max_ms: 20}}
+providers:
+  a: {{kind: openai, base_url: {fake}/v1}}
+  b: {{kind: openai, base_url: {fake}/v1}}
+models:
+  - id: down
+    deployments: [{{provider: a, model: status-500}}, {{provider: b, model: status-503}}]
+"""
+    router = start_router(tmp_path, config)
+    try:
+
+        async def storm() -> list[int]:
+            async with httpx.AsyncClient(
+                headers=router.headers(), timeout=30, limits=httpx.Limits(max_connections=200)
+            ) as client:
+
+                async def one() -> int:
+                    r = await client.post(
+                        f"{router.api}/completions", json={"prompt": "Hi", "max_tokens": 1}
+                    )
+                    return r.status_code
+
+                return await asyncio.gather(*(one() for _ in range(200)))
+
+        statuses = asyncio.run(storm())
+    finally:
+        stop(router.proc)
+    assert set(statuses) <= {502, 503}
+    upstream = sum(hits(fake).values())
+    assert upstream <= 1.2 * 200 + 3, upstream
+    assert upstream >= 200 - 10  # (a few may find both deployments ejected: 503, no hit)

@@ -1,0 +1,151 @@
+"""Strategies, deployment health and the retry budget, on a fake clock and seeded randomness."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import pytest
+
+from llmrouter.providers.base import Capabilities
+from llmrouter.routing.health import LocalHealth, RetryBudget
+from llmrouter.routing.plan import Target
+from llmrouter.routing.strategies import order_targets
+from llmrouter.settings import DeploymentSettings, HealthSettings, ModelSettings, Pricing
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def targets(*deployments: DeploymentSettings) -> list[Target]:
+    model = ModelSettings(id="m", deployments=list(deployments), pricing=Pricing(1, 1))
+    caps = Capabilities(parameters=frozenset())
+    return [Target(model, d, None, caps) for d in deployments]  # type: ignore[arg-type]
+
+
+def d(name: str, **kw: object) -> DeploymentSettings:
+    return DeploymentSettings(provider=name, model="x", **kw)  # type: ignore[arg-type]
+
+
+def firsts(strategy: str, ts: list[Target], health: LocalHealth, n: int = 4000) -> Counter[str]:
+    rng = random.Random(1234)
+    return Counter(order_targets(strategy, ts, health, rng)[0].label for _ in range(n))
+
+
+def health(clock: Clock | None = None, **kw: object) -> LocalHealth:
+    return LocalHealth(HealthSettings(**kw), clock=clock or Clock())  # type: ignore[arg-type]
+
+
+def test_weighted_picks_first_in_proportion_to_weight() -> None:
+    ts = targets(d("a", weight=1), d("b", weight=3))
+    counts = firsts("weighted", ts, health())
+    assert counts["b/x"] / 4000 == pytest.approx(0.75, abs=0.03)
+    orders = {
+        tuple(t.label for t in order_targets("weighted", ts, health(), random.Random(i)))
+        for i in range(50)
+    }
+    assert orders == {("a/x", "b/x"), ("b/x", "a/x")}  # every deployment stays as a fallback
+
+
+def test_ordered_follows_priority_then_the_file() -> None:
+    ts = targets(d("a", priority=2), d("b", priority=1), d("c", priority=2))
+    labels = [t.label for t in order_targets("ordered", ts, health(), random.Random(0))]
+    assert labels == ["b/x", "a/x", "c/x"]
+
+
+def test_lowest_cost_uses_deployment_prices_over_the_model_s() -> None:
+    ts = targets(d("a"), d("b", pricing=Pricing(0.1, 0.2)), d("c", pricing=Pricing(5, 5)))
+    labels = [t.label for t in order_targets("lowest_cost", ts, health(), random.Random(0))]
+    assert labels == ["b/x", "a/x", "c/x"]  # a has the model's 1 + 1
+
+
+def test_lowest_latency_follows_the_ewma_and_measures_the_unknown_first() -> None:
+    h = health()
+    ts = targets(d("a"), d("b"), d("c"))
+    for seconds in (0.5, 0.5, 0.5):
+        h.observe_latency("a/x", seconds)
+    h.observe_latency("b/x", 0.1)
+    assert [t.label for t in order_targets("lowest_latency", ts, h, random.Random(0))] == [
+        "c/x",
+        "b/x",
+        "a/x",
+    ]
+    for _ in range(20):  # b slows down: the EWMA follows
+        h.observe_latency("b/x", 2.0)
+    h.observe_latency("c/x", 1.0)
+    assert order_targets("latency", ts, h, random.Random(0))[0].label == "a/x"
+
+
+def test_least_busy_prefers_fewest_in_flight_and_spreads_ties() -> None:
+    h = health()
+    ts = targets(d("a"), d("b"), d("c"))
+    h.started("a/x")
+    h.started("a/x")
+    h.started("b/x")
+    assert [t.label for t in order_targets("least_busy", ts, h, random.Random(0))] == [
+        "c/x",
+        "b/x",
+        "a/x",
+    ]
+    h.started("c/x")  # b and c tie at one
+    counts = firsts("least_busy", ts, h)
+    assert set(counts) == {"b/x", "c/x"}
+    assert counts["b/x"] / 4000 == pytest.approx(0.5, abs=0.04)
+
+
+def test_ejection_after_consecutive_failures_then_one_probe() -> None:
+    clock = Clock()
+    h = health(clock, consecutive_failures=3, cooldown_seconds=5, max_cooldown_seconds=12)
+    for _ in range(2):
+        h.record("a", False)
+    assert h.available("a")
+    h.record("a", False)
+    assert not h.available("a")
+    assert h.unavailable_for("a") == pytest.approx(5)
+    clock.now += 5
+    assert h.available("a")  # the probe
+    assert not h.available("a")  # only one at a time
+    h.record("a", False)  # the probe failed: out again, for twice as long
+    assert h.unavailable_for("a") == pytest.approx(10)
+    clock.now += 10
+    assert h.available("a")
+    h.record("a", False)
+    assert h.unavailable_for("a") == pytest.approx(12)  # capped
+    clock.now += 12
+    assert h.available("a")
+    h.record("a", True)  # the probe came back well: full traffic
+    assert all(h.available("a") for _ in range(5))
+
+
+def test_ejection_on_failure_rate() -> None:
+    h = health(consecutive_failures=100, failure_rate=0.5, window=10, min_attempts=10)
+    for i in range(9):
+        h.record("a", i % 2 == 0)  # 5 ok, 4 failed: not yet 10 attempts
+    assert h.available("a")
+    h.record("a", False)  # 10 attempts, 5 failed
+    assert not h.available("a")
+
+
+def test_retry_after_skips_without_ejecting() -> None:
+    clock = Clock()
+    h = health(clock)
+    h.skip_for("a", 7)
+    assert not h.available("a") and h.retry_after_for("a") == pytest.approx(7)
+    clock.now += 7
+    assert h.available("a") and h.available("a")
+
+
+def test_retry_budget_is_a_fraction_of_requests_plus_a_floor() -> None:
+    clock = Clock()
+    budget = RetryBudget(0.2, 3, window=10, clock=clock)
+    for _ in range(100):
+        budget.note_request()
+    granted = sum(budget.try_spend() for _ in range(100))
+    assert granted == 23
+    clock.now += 11  # the window has passed: only the floor
+    assert sum(budget.try_spend() for _ in range(10)) == 3
