@@ -3,7 +3,7 @@
     LlmrouterError                      500 server_error       (the root; an internal fault)
     ├── InvalidRequest                  400 invalid_request_error
     │   ├── UnsupportedParameter        400 ... code=unsupported_parameter
-    │   └── ContextLengthExceeded       400 ... code=context_length_exceeded
+    │   └── ContextLengthExceeded       400 ... code=context_length_exceeded (other models next)
     ├── AuthenticationFailed            401 authentication_error
     ├── ModelNotFound                   404 not_found_error
     ├── NotFound                        404 not_found_error
@@ -14,6 +14,7 @@
     └── ProviderError                   502 provider_error        (an upstream failed us)
         ├── UpstreamRejected            400 invalid_request_error (the upstream says the request is bad)
         ├── UpstreamAuthFailed          502 provider_error        (retryable: our credentials there)
+        ├── UpstreamRefused             400 invalid_request_error (retryable: content policy)
         ├── UpstreamRateLimited         429 rate_limit_error      (retryable, keeps Retry-After)
         ├── UpstreamUnavailable         502 provider_error        (retryable: connection, 5xx)
         └── UpstreamTimeout             504 timeout               (retryable)
@@ -45,6 +46,7 @@ __all__ = [
     "UnsupportedParameter",
     "UpstreamAuthFailed",
     "UpstreamRateLimited",
+    "UpstreamRefused",
     "UpstreamRejected",
     "UpstreamTimeout",
     "UpstreamUnavailable",
@@ -105,6 +107,8 @@ class UnsupportedParameter(InvalidRequest):
 
 
 class ContextLengthExceeded(InvalidRequest):
+    """Too long for this model: the executor moves on to the request's other models, if any."""
+
     default_code = "context_length_exceeded"
 
 
@@ -172,6 +176,15 @@ class UpstreamAuthFailed(ProviderError):
     client's fault, so another deployment may still answer."""
 
     default_code = "upstream_auth_failed"
+    retryable = True
+
+
+class UpstreamRefused(ProviderError):
+    """The provider's content policy refused the request; another provider may not."""
+
+    status = 400
+    type = "invalid_request_error"
+    default_code = "content_filter"
     retryable = True
 
 

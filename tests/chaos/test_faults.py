@@ -35,6 +35,8 @@ FAULTS = (
     "big",
     "wait-close",
     "switch",
+    "context-400",
+    "refuse",
 )
 
 
@@ -77,6 +79,10 @@ models:
     strategy: ordered
     hedge_after_ms: 200
     deployments: [{{provider: f1, model: wait-close}}, {{provider: f2, model: wait-close}}]
+  - id: hedged/loser-waits
+    strategy: ordered
+    hedge_after_ms: 200
+    deployments: [{{provider: f1, model: wait-close}}, {{provider: f2, model: ok}}]
   - id: weighted
     deployments:
       - {{provider: f1, model: ok, weight: 1}}
@@ -277,6 +283,18 @@ def test_hedging_the_faster_one_wins(faults: Router, fake: str, stream: bool) ->
     assert hits(fake) == {"slow-ok-1500": 1, "ok": 1}
 
 
+def test_hedging_closes_the_loser_s_upstream_request(faults: Router, fake: str) -> None:
+    r, _ = ask(faults, "hedged/loser-waits", False)
+    answered_at = time.time()
+    assert r.status_code == 200
+    assert "f1/wait-close cancelled" in r.headers["x-llmrouter-attempts"]
+    deadline = time.monotonic() + 2
+    while time.monotonic() < deadline and not httpx.get(f"{fake}/_stats").json()["closed_at"]:
+        time.sleep(0.05)
+    (closed,) = httpx.get(f"{fake}/_stats").json()["closed_at"]
+    assert closed - answered_at < 1.0
+
+
 def test_client_disconnect_cancels_every_attempt_within_a_second(faults: Router, fake: str) -> None:
     body = {"model": "hedged/both-wait", "prompt": "Hi", "stream": True}
 
@@ -365,3 +383,24 @@ models:
     upstream = sum(hits(fake).values())
     assert upstream <= 1.2 * 200 + 3, upstream
     assert upstream >= 200 - 10  # (a few may find both deployments ejected: 503, no hit)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_too_long_for_one_model_goes_to_the_next_model(faults: Router, fake: str, stream: bool) -> None:
+    prefix = "two" if stream else "one"
+    r, _ = ask(faults, f"{prefix}/context-400", stream, models=[f"{prefix}/ok"])
+    assert r.status_code == 200, r.text
+    attempts = r.headers["x-llmrouter-attempts"]
+    assert attempts.startswith(f"{'f2' if stream else 'f1'}/context-400 context_length_exceeded")
+    r, _ = ask(faults, f"{prefix}/context-400", stream)  # nowhere else to go: the client's 400
+    assert assert_error(r, 400)["error"]["code"] == "context_length_exceeded"
+    assert hits(fake)["context-400"] == 2  # never retried on the same model
+
+
+def test_a_content_refusal_falls_back(faults: Router, fake: str) -> None:
+    r, _ = ask(faults, "one/refuse", False, models=["one/ok"])
+    assert r.status_code == 200
+    assert r.json()["model"] == "one/ok"
+    r, _ = ask(faults, "one/refuse", False)
+    assert assert_error(r, 400)["error"]["code"] == "content_filter"
+    assert hits(fake)["refuse"] == 2  # once a request: never asked again for the same one

@@ -7,6 +7,8 @@ Faults (streamed and not, unless said):
   ok                  answers; the text echoes the request body it received
   status-NNN          answers NNN with an OpenAI-style error body; 429 carries `Retry-After: 7`
   status-429-date     429 with Retry-After as an HTTP date 3 s ahead
+  context-400         400 with code context_length_exceeded
+  refuse              400 with code content_policy_violation
   hang                never answers (no headers)
   hang-after-2        stream: two chunks, then silence (non-stream: as `hang`)
   reset-before        closes the connection without answering
@@ -130,6 +132,10 @@ async def completions(request: web.Request) -> web.StreamResponse:
             headers["Retry-After"] = "7"
         error = {"error": {"message": f"fake failure {code}", "type": "fake", "code": None}}
         return web.json_response(error, status=code, headers=headers)
+    if fault in ("context-400", "refuse"):
+        code = "context_length_exceeded" if fault == "context-400" else "content_policy_violation"
+        message = f"fake {code}"
+        return web.json_response({"error": {"message": message, "code": code}}, status=400)
     if fault == "hang" or (fault == "hang-after-2" and not stream):
         await asyncio.sleep(3600)
     if fault == "reset-before":

@@ -91,3 +91,12 @@ def test_choices_take_fair_turns(router: Router) -> None:
     run("small", prompt="Hi", max_tokens=2)
     big.join()
     assert done["small"] < done["big"]
+
+
+def test_a_prompt_too_long_for_the_local_model_goes_to_the_next_model(router: Router) -> None:
+    r = complete(router, prompt="hello " * 2100, max_tokens=1, models=["fake/ok"])
+    assert r.status_code == 200, r.text
+    assert r.json()["model"] == "fake/ok"
+    assert r.headers["x-llmrouter-attempts"].startswith(
+        "local/smollm2-135m-instruct context_length_exceeded"
+    )

@@ -18,10 +18,12 @@ import msgspec
 from msgspec import UNSET, Struct
 
 from llmrouter.errors import (
+    ContextLengthExceeded,
     LlmrouterError,
     ProviderError,
     UpstreamAuthFailed,
     UpstreamRateLimited,
+    UpstreamRefused,
     UpstreamRejected,
     UpstreamTimeout,
     UpstreamUnavailable,
@@ -48,6 +50,7 @@ __all__ = ["OpenAIAdapter", "parse_retry_after"]
 _ROUTER_FIELDS = ("model", "models", "user", "metadata", "stream_options")
 _MAX_ERROR_TEXT = 500
 _MAX_SSE_LINE = 64 * 1024 * 1024
+_REFUSAL_CODES = frozenset({"content_filter", "content_policy_violation"})
 
 
 # What we read back. Lenient on purpose: upstreams add fields, and some omit ones they should send.
@@ -68,6 +71,7 @@ class _Usage(Struct):
 
 class _ErrorDetail(Struct):
     message: str = ""
+    code: str | int | None = None
 
 
 class _Body(Struct):
@@ -289,10 +293,16 @@ class OpenAIAdapter:
         except Exception:
             return b""
 
-    def _status_error(self, resp: aiohttp.ClientResponse, raw: bytes) -> ProviderError:
+    def _status_error(self, resp: aiohttp.ClientResponse, raw: bytes) -> LlmrouterError:
         status = resp.status
-        detail = _error_message(raw)
+        detail, code = _error_detail(raw)
         said = f"Provider {self.name} answered {status}" + (f": {detail}" if detail else ".")
+        if status in (400, 413, 422):
+            lowered = detail.lower()
+            if code == "context_length_exceeded" or "maximum context length" in lowered:
+                return ContextLengthExceeded(said)
+            if code in _REFUSAL_CODES or "content management policy" in lowered:
+                return UpstreamRefused(said)
         if status in (401, 403):
             return UpstreamAuthFailed(
                 f"Provider {self.name} refused llmrouter's credentials ({status})."
@@ -315,16 +325,18 @@ class OpenAIAdapter:
         return UpstreamUnavailable(f"Provider {self.name} failed: {type(exc).__name__}.")
 
 
-def _error_message(raw: bytes) -> str:
+def _error_detail(raw: bytes) -> tuple[str, str | None]:
+    """The upstream error's message (shortened) and code, as far as the body says."""
     try:
         parsed = _body_decoder.decode(raw)
     except msgspec.DecodeError:
-        return raw[:_MAX_ERROR_TEXT].decode("utf-8", errors="replace").strip()
+        return raw[:_MAX_ERROR_TEXT].decode("utf-8", errors="replace").strip(), None
     if isinstance(parsed.error, str):
-        return parsed.error[:_MAX_ERROR_TEXT]
+        return parsed.error[:_MAX_ERROR_TEXT], None
     if parsed.error is not None:
-        return parsed.error.message[:_MAX_ERROR_TEXT]
-    return ""
+        code = parsed.error.code
+        return parsed.error.message[:_MAX_ERROR_TEXT], None if code is None else str(code)
+    return "", None
 
 
 def parse_retry_after(value: str | None) -> float | None:

@@ -1,7 +1,8 @@
 """Executing a plan: the one place that makes attempts, retries, falls back, hedges and times out.
 
 Walk the plan's targets in order, skipping deployments that are ejected or inside an upstream's
-Retry-After. A retryable failure moves on to the next target at once; when a whole pass over the
+Retry-After. A retryable failure moves on to the next target at once (a prompt too long for a model
+moves on to the request's other models); when a whole pass over the
 plan has failed, the next pass waits a backoff with full jitter first. Every attempt after the first
 spends from a retry budget shared by all requests, and none starts past the request's deadline.
 
@@ -23,10 +24,12 @@ from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 from llmrouter.errors import (
+    ContextLengthExceeded,
     LlmrouterError,
     ProviderError,
     ServiceUnavailable,
     UpstreamRateLimited,
+    UpstreamRefused,
     UpstreamTimeout,
     UpstreamUnavailable,
 )
@@ -188,6 +191,8 @@ class Executor:
         attempts: list[Attempt] = []
         running: list[_Running[T]] = []
         tried: set[str] = set()  # in the current pass over the plan
+        too_small: set[str] = set()  # models whose context the request does not fit
+        refused: set[str] = set()  # deployments whose content policy refused the request
         passes = 0
         started = 0
         last_error: LlmrouterError | None = None
@@ -217,7 +222,11 @@ class Executor:
                     if loop.time() >= deadline:
                         last_error = UpstreamTimeout("The request's deadline passed.")
                         break
-                    nxt = self._pick(plan, tried) if started < routing.max_attempts else None
+                    nxt = (
+                        self._pick(plan, tried | refused, too_small)
+                        if started < routing.max_attempts
+                        else None
+                    )
                     if nxt is not None and self._budget.try_spend():
                         launch(nxt)  # the hedge
                     else:
@@ -234,7 +243,12 @@ class Executor:
                         attempts.append(Attempt(label, exc.code, ms))
                         self._learn(label, exc)
                         last_error = exc
-                        stop = stop or not exc.retryable
+                        if isinstance(exc, ContextLengthExceeded):
+                            too_small.add(finished.target.model.id)  # the others may fit it
+                        elif isinstance(exc, UpstreamRefused):
+                            refused.add(label)  # asking it again would be refused again
+                        else:
+                            stop = stop or not exc.retryable
                         continue
                     if winner is None:
                         attempts.append(Attempt(label, "ok", ms))
@@ -249,7 +263,9 @@ class Executor:
                 # Every attempt so far has failed: the next target, or a new pass after a backoff.
                 if started >= routing.max_attempts:
                     break
-                nxt = self._pick(plan, tried)
+                if all(t.model.id in too_small or t.label in refused for t in plan.targets):
+                    break
+                nxt = self._pick(plan, tried | refused, too_small)
                 if nxt is None:
                     passes += 1
                     tried.clear()
@@ -257,7 +273,7 @@ class Executor:
                     if loop.time() + delay >= deadline:
                         break
                     await asyncio.sleep(delay)
-                    nxt = self._pick(plan, tried)
+                    nxt = self._pick(plan, tried | refused, too_small)
                     if nxt is None:
                         break
                 if not self._budget.try_spend():
@@ -294,9 +310,11 @@ class Executor:
             retry_after=min(w for w, _ in waiting),
         )
 
-    def _pick(self, plan: Plan, tried: set[str]) -> Target | None:
+    def _pick(self, plan: Plan, tried: set[str], too_small: set[str] | None = None) -> Target | None:
         for target in plan.targets:
-            if target.label not in tried and self._health.available(target.label):
+            if target.label in tried or (too_small and target.model.id in too_small):
+                continue
+            if self._health.available(target.label):
                 return target
         return None
 
