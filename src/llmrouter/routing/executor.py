@@ -2,12 +2,14 @@
 
 Walk the plan's targets in order, skipping deployments that are ejected or inside an upstream's
 Retry-After. A retryable failure moves on to the next target at once (a prompt too long for a model
-moves on to the request's other models); when a whole pass over the
-plan has failed, the next pass waits a backoff with full jitter first. Every attempt after the first
-spends from a retry budget shared by all requests, and none starts past the request's deadline.
+moves on to the request's other models; a content refusal never goes back to the same deployment);
+when a whole pass over the plan has failed, the next pass waits a backoff with full jitter first.
+Every attempt after the first spends from a retry budget shared by all requests, and none runs past
+the request's deadline.
 
 With `hedge_after_ms` on the model, a first attempt that has produced nothing by then gets a second
-one beside it, on the next target; the first to produce wins and the other is cancelled.
+one beside it, on the next target; the first to produce wins and the other is cancelled. Without
+it, attempts are awaited in place: the common path spawns no task.
 
 The commit point is the first byte for the client: a stream commits when its first part arrives.
 After that a failure ends the stream (the API layer sends one error event), never a restart
@@ -43,6 +45,9 @@ from llmrouter.wire.validate import Prompts
 __all__ = ["Attempt", "Executor", "OpenStream"]
 
 T = TypeVar("T")
+Opened = tuple[StreamPart, AsyncIterator[StreamPart]]
+# An attempt: the target, its call, and the loop time by which it must be over.
+AttemptFn = Callable[[Target, Call, float], Awaitable[T]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +77,63 @@ class _Running(Generic[T]):
     task: asyncio.Task[T]
 
 
+class _Run(Generic[T]):
+    """One request's way through its plan."""
+
+    def __init__(
+        self,
+        plan: Plan,
+        params: CompletionCreateParams,
+        prompts: Prompts,
+        request_id: str,
+        attempt: AttemptFn[T],
+        discard: Callable[[Target, T], Awaitable[None]] | None,
+        deadline: float,
+    ) -> None:
+        self.plan = plan
+        self.params = params
+        self.prompts = prompts
+        self.request_id = request_id
+        self.attempt = attempt
+        self.discard = discard
+        self.deadline = deadline  # loop time
+        self.attempts: list[Attempt] = []
+        self.running: list[_Running[T]] = []  # hedged attempts in flight
+        self.tried: set[str] = set()  # in the current pass over the plan
+        self.too_small: set[str] = set()  # models whose context the request does not fit
+        self.refused: set[str] = set()  # deployments whose content policy refused it
+        self.passes = 0
+        self.started = 0
+        self.last_error: LlmrouterError | None = None
+        self.winner: tuple[Target, T] | None = None
+        self.stop = False
+
+    def start(self, target: Target) -> Awaitable[T]:
+        self.tried.add(target.label)
+        self.started += 1
+        call = Call(
+            target.deployment, self.params, self.prompts, target.provider.timeouts, self.request_id
+        )
+        return self.attempt(target, call, self.deadline)
+
+    def launch(self, target: Target) -> None:
+        task = asyncio.ensure_future(self.start(target))
+        self.running.append(_Running(target, time.perf_counter(), task))
+
+    def nothing_left(self) -> bool:
+        return all(t.model.id in self.too_small or t.label in self.refused for t in self.plan.targets)
+
+    async def cancel_running(self) -> None:
+        """Cancel the attempts still in flight (a hedge that lost, or all of them when the client
+        left), wait for them to unwind, and release what they opened."""
+        for r in self.running:
+            r.task.cancel()
+        for r in self.running:
+            self.attempts.append(Attempt(r.target.label, "cancelled", _ms(r.started)))
+            await _settle(r.task, r.target, self.discard)
+        self.running.clear()
+
+
 class Executor:
     def __init__(
         self,
@@ -89,20 +151,23 @@ class Executor:
     async def complete(
         self, plan: Plan, params: CompletionCreateParams, prompts: Prompts, request_id: str
     ) -> tuple[Target, Completion, list[Attempt]]:
-        async def attempt(target: Target, call: Call) -> Completion:
+        health = self._health
+
+        async def attempt(target: Target, call: Call, deadline: float) -> Completion:
+            label = target.label
             started = time.perf_counter()
-            self._health.started(target.label)
+            health.started(label)
             try:
-                async with asyncio.timeout(call.timeouts.total):
+                async with asyncio.timeout_at(_by(deadline, call.timeouts.total)):
                     result = await target.provider.complete(call)
             except TimeoutError:
-                raise UpstreamTimeout(f"{target.label} did not finish in time.") from None
+                raise UpstreamTimeout(f"{label} did not finish in time.") from None
             finally:
-                self._health.finished(target.label)
+                health.finished(label)
             elapsed = time.perf_counter() - started
-            self._health.observe_latency(target.label, elapsed)
+            health.observe_latency(label, elapsed)
             if result.usage.completion_tokens and elapsed > 0:
-                self._health.observe_throughput(target.label, result.usage.completion_tokens / elapsed)
+                health.observe_throughput(label, result.usage.completion_tokens / elapsed)
             return result
 
         return await self._run(plan, params, prompts, request_id, attempt)
@@ -110,26 +175,28 @@ class Executor:
     async def open_stream(
         self, plan: Plan, params: CompletionCreateParams, prompts: Prompts, request_id: str
     ) -> OpenStream:
-        async def attempt(target: Target, call: Call) -> tuple[StreamPart, AsyncIterator[StreamPart]]:
+        health = self._health
+
+        async def attempt(target: Target, call: Call, deadline: float) -> Opened:
             started = time.perf_counter()
-            self._health.started(target.label)
+            health.started(target.label)
             parts = aiter(target.provider.stream(call))
             try:
-                async with asyncio.timeout(call.timeouts.first_token):
+                async with asyncio.timeout_at(_by(deadline, call.timeouts.first_token)):
                     first = await anext(parts)
             except BaseException as exc:
-                self._health.finished(target.label)
+                health.finished(target.label)
                 await _close(parts)
                 if isinstance(exc, TimeoutError):
                     raise UpstreamTimeout(f"{target.label} produced no token in time.") from None
                 if isinstance(exc, StopAsyncIteration):
                     raise UpstreamUnavailable(f"{target.label} ended without an answer.") from None
                 raise
-            self._health.observe_latency(target.label, time.perf_counter() - started)
+            health.observe_latency(target.label, time.perf_counter() - started)
             return first, parts
 
-        async def discard(target: Target, opened: tuple[StreamPart, AsyncIterator[StreamPart]]) -> None:
-            self._health.finished(target.label)
+        async def discard(target: Target, opened: Opened) -> None:
+            health.finished(target.label)
             await _close(opened[1])
 
         target, (first, parts), attempts = await self._run(
@@ -169,7 +236,7 @@ class Executor:
             self._health.finished(label)
             await _close(parts)
 
-    # -- attempts -----------------------------------------------------------------------------
+    # -- the way through a plan ---------------------------------------------------------------
 
     async def _run(
         self,
@@ -177,152 +244,147 @@ class Executor:
         params: CompletionCreateParams,
         prompts: Prompts,
         request_id: str,
-        attempt: Callable[[Target, Call], Awaitable[T]],
+        attempt: AttemptFn[T],
         discard: Callable[[Target, T], Awaitable[None]] | None = None,
     ) -> tuple[Target, T, list[Attempt]]:
         """Attempts until one succeeds; `discard` releases a result that came in too late (a
         hedge that also produced)."""
-        routing = self._routing
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + routing.deadline_seconds
-        hedge_ms = plan.targets[0].model.hedge_after_ms
-        hedge_after = hedge_ms / 1000 if hedge_ms is not None else None
         self._budget.note_request()
-        attempts: list[Attempt] = []
-        running: list[_Running[T]] = []
-        tried: set[str] = set()  # in the current pass over the plan
-        too_small: set[str] = set()  # models whose context the request does not fit
-        refused: set[str] = set()  # deployments whose content policy refused the request
-        passes = 0
-        started = 0
-        last_error: LlmrouterError | None = None
-        winner: tuple[Target, T] | None = None
-
-        def launch(target: Target) -> None:
-            nonlocal started
-            call = Call(target.deployment, params, prompts, target.provider.timeouts, request_id)
-            task = asyncio.ensure_future(attempt(target, call))
-            running.append(_Running(target, time.perf_counter(), task))
-            tried.add(target.label)
-            started += 1
-
-        launch(self._first_target(plan))
+        deadline = asyncio.get_running_loop().time() + self._routing.deadline_seconds
+        run = _Run(plan, params, prompts, request_id, attempt, discard, deadline)
+        hedge_ms = plan.targets[0].model.hedge_after_ms
+        target: Target | None = self._first_target(plan)
         try:
-            while running and winner is None:
-                wait = deadline - loop.time()
-                if hedge_after is not None and len(running) == 1:
-                    elapsed = time.perf_counter() - running[0].started
-                    wait = min(wait, hedge_after - elapsed)
-                done, _ = await asyncio.wait(
-                    [r.task for r in running],
-                    timeout=max(wait, 0.0),
-                    return_when=asyncio.FIRST_COMPLETED,
-                )
-                if not done:
-                    if loop.time() >= deadline:
-                        last_error = UpstreamTimeout("The request's deadline passed.")
-                        break
-                    nxt = (
-                        self._pick(plan, tried | refused, too_small)
-                        if started < routing.max_attempts
-                        else None
-                    )
-                    if nxt is not None and self._budget.try_spend():
-                        launch(nxt)  # the hedge
-                    else:
-                        hedge_after = None  # nothing to hedge with: just wait
-                    continue
-                stop = False
-                for finished in [r for r in running if r.task in done]:
-                    running.remove(finished)
-                    ms = (time.perf_counter() - finished.started) * 1000
-                    label = finished.target.label
-                    try:
-                        result = finished.task.result()
-                    except LlmrouterError as exc:
-                        attempts.append(Attempt(label, exc.code, ms))
-                        self._learn(label, exc)
-                        last_error = exc
-                        if isinstance(exc, ContextLengthExceeded):
-                            too_small.add(finished.target.model.id)  # the others may fit it
-                        elif isinstance(exc, UpstreamRefused):
-                            refused.add(label)  # asking it again would be refused again
-                        else:
-                            stop = stop or not exc.retryable
-                        continue
-                    if winner is None:
-                        attempts.append(Attempt(label, "ok", ms))
-                        self._health.record(label, True)
-                        winner = finished.target, result
-                    elif discard is not None:
-                        await discard(finished.target, result)
-                if stop or winner is not None:
+            while target is not None:
+                if hedge_ms is None:
+                    await self._attempt(run, target)
+                else:
+                    await self._race(run, target, hedge_ms / 1000)
+                if run.winner is not None:
+                    return run.winner[0], run.winner[1], run.attempts
+                if run.stop:
                     break
-                if running:
-                    continue  # a hedge is still on its way
-                # Every attempt so far has failed: the next target, or a new pass after a backoff.
-                if started >= routing.max_attempts:
-                    break
-                if all(t.model.id in too_small or t.label in refused for t in plan.targets):
-                    break
-                nxt = self._pick(plan, tried | refused, too_small)
-                if nxt is None:
-                    passes += 1
-                    tried.clear()
-                    delay = self._backoff(passes)
-                    if loop.time() + delay >= deadline:
-                        break
-                    await asyncio.sleep(delay)
-                    nxt = self._pick(plan, tried | refused, too_small)
-                    if nxt is None:
-                        break
-                if not self._budget.try_spend():
-                    attempts.append(Attempt(nxt.label, "retry_budget_exhausted", 0.0))
-                    break
-                launch(nxt)
+                target = await self._next(run)
         finally:
-            for r in running:
-                r.task.cancel()
-            for r in running:
-                attempts.append(
-                    Attempt(r.target.label, "cancelled", (time.perf_counter() - r.started) * 1000)
-                )
-                await _settle(r.task, r.target, discard)
-        if winner is not None:
-            return winner[0], winner[1], attempts
-        assert last_error is not None
-        last_error.attempts = [str(a) for a in attempts]
-        raise last_error
+            await run.cancel_running()
+        assert run.last_error is not None
+        run.last_error.attempts = [str(a) for a in run.attempts]
+        raise run.last_error
+
+    async def _attempt(self, run: _Run[T], target: Target) -> None:
+        """One attempt, awaited in place."""
+        started = time.perf_counter()
+        try:
+            result = await run.start(target)
+        except LlmrouterError as exc:
+            self._failed(run, target, exc, _ms(started))
+        else:
+            self._won(run, target, result, _ms(started))
+
+    async def _race(self, run: _Run[T], first: Target, hedge_after: float) -> None:
+        """`first`, and if it has produced nothing after `hedge_after`, the next target beside
+        it; the first to produce wins and the other is cancelled."""
+        loop = asyncio.get_running_loop()
+        run.launch(first)
+        hedged = False
+        while run.running and run.winner is None and not run.stop:
+            wait = run.deadline - loop.time()
+            if not hedged:
+                wait = min(wait, hedge_after - (time.perf_counter() - run.running[0].started))
+            done, _ = await asyncio.wait(
+                [r.task for r in run.running],
+                timeout=max(wait, 0.0),
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            if not done:
+                if loop.time() >= run.deadline:
+                    run.last_error = UpstreamTimeout("The request's deadline passed.")
+                    run.stop = True
+                elif not hedged:
+                    hedged = True
+                    nxt = self._pick(run) if run.started < self._routing.max_attempts else None
+                    if nxt is not None and self._budget.try_spend():
+                        run.launch(nxt)
+                continue
+            for finished in [r for r in run.running if r.task in done]:
+                run.running.remove(finished)
+                ms = _ms(finished.started)
+                try:
+                    result = finished.task.result()
+                except LlmrouterError as exc:
+                    self._failed(run, finished.target, exc, ms)
+                    continue
+                if run.winner is None:
+                    self._won(run, finished.target, result, ms)
+                elif run.discard is not None:
+                    await run.discard(finished.target, result)
+
+    async def _next(self, run: _Run[T]) -> Target | None:
+        """After a failure: the next target of this pass, or of a new pass after a backoff; None
+        when the attempts, the budget, the deadline or the plan are used up."""
+        if run.started >= self._routing.max_attempts or run.nothing_left():
+            return None
+        nxt = self._pick(run)
+        if nxt is None:
+            run.passes += 1
+            run.tried.clear()
+            delay = self._backoff(run.passes)
+            if asyncio.get_running_loop().time() + delay >= run.deadline:
+                return None
+            await asyncio.sleep(delay)
+            nxt = self._pick(run)
+            if nxt is None:
+                return None
+        if not self._budget.try_spend():
+            run.attempts.append(Attempt(nxt.label, "retry_budget_exhausted", 0.0))
+            return None
+        return nxt
+
+    def _won(self, run: _Run[T], target: Target, result: T, ms: float) -> None:
+        run.attempts.append(Attempt(target.label, "ok", ms))
+        self._health.record(target.label, True)
+        run.winner = target, result
+
+    def _failed(self, run: _Run[T], target: Target, exc: LlmrouterError, ms: float) -> None:
+        run.attempts.append(Attempt(target.label, exc.code, ms))
+        if isinstance(exc, UpstreamRateLimited) and exc.retry_after:
+            self._health.skip_for(target.label, exc.retry_after)
+        elif _is_sick(exc):
+            self._health.record(target.label, False)
+        run.last_error = exc
+        if isinstance(exc, ContextLengthExceeded):
+            run.too_small.add(target.model.id)  # the request's other models may fit it
+        elif isinstance(exc, UpstreamRefused):
+            run.refused.add(target.label)  # asking it again would be refused again
+        elif not exc.retryable:
+            run.stop = True
+
+    # -- choosing -----------------------------------------------------------------------------
 
     def _first_target(self, plan: Plan) -> Target:
-        target = self._pick(plan, set())
-        if target is not None:
-            return target
+        for target in plan.targets:
+            if self._health.available(target.label):
+                return target
         # Nothing is available. Deployments that are merely ejected still serve, rather than
         # leave a model with none at all; those inside an upstream's Retry-After wait.
-        waiting = [(self._health.unavailable_for(t.label), t) for t in plan.targets]
-        ejected = [t for t in plan.targets if self._health.retry_after_for(t.label) == 0]
-        if ejected:
-            return ejected[0]
+        for target in plan.targets:
+            if self._health.retry_after_for(target.label) == 0:
+                return target
         labels = ", ".join(t.label for t in plan.targets)
         raise ServiceUnavailable(
             f"Every deployment that could serve this request asked to wait ({labels}).",
-            retry_after=min(w for w, _ in waiting),
+            retry_after=min(self._health.unavailable_for(t.label) for t in plan.targets),
         )
 
-    def _pick(self, plan: Plan, tried: set[str], too_small: set[str] | None = None) -> Target | None:
-        for target in plan.targets:
-            if target.label in tried or (too_small and target.model.id in too_small):
+    def _pick(self, run: _Run[T]) -> Target | None:
+        for target in run.plan.targets:
+            if target.label in run.tried or target.label in run.refused:
+                continue
+            if target.model.id in run.too_small:
                 continue
             if self._health.available(target.label):
                 return target
         return None
-
-    def _learn(self, label: str, exc: LlmrouterError) -> None:
-        if isinstance(exc, UpstreamRateLimited) and exc.retry_after:
-            self._health.skip_for(label, exc.retry_after)
-        elif _is_sick(exc):
-            self._health.record(label, False)
 
     def _backoff(self, passes: int) -> float:
         r = self._routing
@@ -332,7 +394,20 @@ class Executor:
 
 def _is_sick(exc: LlmrouterError) -> bool:
     """Failures that say something about the deployment (not about the request, not load)."""
-    return isinstance(exc, ProviderError) and exc.retryable and not isinstance(exc, UpstreamRateLimited)
+    return (
+        isinstance(exc, ProviderError)
+        and exc.retryable
+        and not isinstance(exc, UpstreamRateLimited | UpstreamRefused)
+    )
+
+
+def _by(deadline: float, seconds: float) -> float:
+    """The earlier of the request's deadline and `seconds` from now, in loop time."""
+    return min(deadline, asyncio.get_running_loop().time() + seconds)
+
+
+def _ms(started: float) -> float:
+    return (time.perf_counter() - started) * 1000
 
 
 async def _settle(
