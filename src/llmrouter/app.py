@@ -166,7 +166,7 @@ class App:
     async def _send_error(req: Request, exc: LlmrouterError) -> None:
         headers = [(b"x-request-id", req.request_id.encode()), *exc.headers()]
         if exc.attempts:
-            headers.append((b"x-llmrouter-attempts", ", ".join(exc.attempts).encode()))
+            headers.append((b"x-llmrouter-attempts", ", ".join(map(str, exc.attempts)).encode()))
         await send_bytes(req.send, exc.status, encoder.encode(exc.to_body()), headers)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:

@@ -25,7 +25,7 @@ executor may try another deployment is `retryable`; what the client sees is `sta
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import msgspec
 
@@ -85,7 +85,7 @@ class LlmrouterError(Exception):
         self.param = param
         self.code = code or self.default_code
         self.retry_after = retry_after
-        self.attempts: list[str] = []  # what the executor tried before giving up, for the log
+        self.attempts: list[Any] = []  # the executor's Attempts before it gave up: header and log
 
     def to_body(self) -> ErrorBody:
         return ErrorBody(ErrorObject(self.code, self.message, self.param or "", self.type))

@@ -49,6 +49,7 @@ def serve(sock: socket.socket, workers: int, config_path: str | None) -> None:
         access_log=False,
         log_config=None,
         server_header=False,
+        proxy_headers=False,  # llmrouter does not use client addresses; skip the middleware
         date_header=True,
         timeout_keep_alive=30,
         workers=workers,

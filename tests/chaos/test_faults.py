@@ -404,3 +404,22 @@ def test_a_content_refusal_falls_back(faults: Router, fake: str) -> None:
     r, _ = ask(faults, "one/refuse", False)
     assert assert_error(r, 400)["error"]["code"] == "content_filter"
     assert hits(fake)["refuse"] == 2  # once a request: never asked again for the same one
+
+
+def test_the_log_line_says_why_the_request_went_where_it_went(faults: Router, fake: str) -> None:
+    r, _ = ask(faults, "one/status-500", False, models=["one/ok"])
+    assert r.status_code == 200
+    request_id = r.json()["id"]
+    deadline = time.monotonic() + 2
+    line = None
+    while line is None and time.monotonic() < deadline:
+        line = next(
+            (json.loads(x) for x in faults.log.read_text().splitlines() if request_id in x), None
+        )
+        time.sleep(0.02)
+    assert line is not None
+    assert [(a["target"], a["outcome"]) for a in line["attempts"]] == [
+        ("f1/status-500", "upstream_unavailable"),
+        ("f1/ok", "ok"),
+    ]
+    assert line["model"] == "one/ok" and line["provider"] == "f1" and line["status"] == 200

@@ -163,7 +163,7 @@ async def _aclose(stream: OpenStream) -> None:
 def _note(req: Request, model: str, provider: str, attempts: list[Attempt], usage: Usage | None) -> None:
     req.log["model"] = model
     req.log["provider"] = provider
-    req.log["attempts"] = [str(a) for a in attempts]
+    req.log["attempts"] = attempts  # encoded as strings by the log line (Attempt.__str__)
     if usage is not None:
         req.log["prompt_tokens"] = usage.prompt_tokens
         req.log["completion_tokens"] = usage.completion_tokens

@@ -268,7 +268,7 @@ class Executor:
         finally:
             await run.cancel_running()
         assert run.last_error is not None
-        run.last_error.attempts = [str(a) for a in run.attempts]
+        run.last_error.attempts = run.attempts
         raise run.last_error
 
     async def _attempt(self, run: _Run[T], target: Target) -> None:
