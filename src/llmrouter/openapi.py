@@ -1,8 +1,9 @@
 """The OpenAPI document this server serves: the shared spec, corrected and extended.
 
 Corrections: `tags` was a nested array (not valid OpenAPI 3.0); the first echoed token's logprob and
-top_logprobs are null, as OpenAI sends them. Extensions: the models endpoint, the statuses llmrouter
-answers besides the spec's (404, 405, 413, 415, 502, 503, 504), and the stream's media type.
+top_logprobs are null, as OpenAI sends them. Extensions: the `provider` routing preferences, the models
+endpoint, the statuses llmrouter answers besides the spec's (404, 405, 413, 415, 502, 503, 504), and
+the stream's media type.
 """
 
 from __future__ import annotations
@@ -47,6 +48,51 @@ def build_openapi() -> dict[str, Any]:
     logprobs = schemas["CompletionLogprobs"]["properties"]
     logprobs["token_logprobs"]["items"]["nullable"] = True
     logprobs["top_logprobs"]["items"]["nullable"] = True
+    schemas["ProviderPreferences"] = {
+        "type": "object",
+        "description": (
+            "llmrouter extension (OpenRouter's `provider` object): which of the router's "
+            "providers may serve this request, and in what order. Names are provider names of "
+            "the router's config; an unknown name is a 400."
+        ),
+        "properties": {
+            "order": {
+                "type": "array",
+                "items": {"type": "string"},
+                "description": "Try these providers first, in this order.",
+            },
+            "only": {"type": "array", "items": {"type": "string"}, "description": "Use no others."},
+            "ignore": {"type": "array", "items": {"type": "string"}, "description": "Never these."},
+            "allow_fallbacks": {
+                "type": "boolean",
+                "nullable": True,
+                "description": "false: only the providers in `order` (or only the first choice).",
+            },
+            "require_parameters": {
+                "type": "boolean",
+                "nullable": True,
+                "description": (
+                    "Accepted for compatibility; llmrouter always requires every parameter to be "
+                    "honoured and never drops one."
+                ),
+            },
+            "sort": {
+                "type": "string",
+                "enum": ["price", "latency", "throughput"],
+                "nullable": True,
+                "description": "Order deployments by this instead of the model's strategy.",
+            },
+        },
+    }
+    params = schemas["CompletionCreateParams"]["properties"]
+    params["provider"] = {
+        "nullable": True,
+        "oneOf": [{"$ref": "#/components/schemas/ProviderPreferences"}],
+    }
+    params["models"]["description"] = (
+        "Fallback models, tried in order after `model` when it cannot answer (provider errors, "
+        "timeouts, rate limits, a prompt too long for its context, a content refusal)."
+    )
     schemas["ModelList"] = {
         "type": "object",
         "required": ["object", "data"],
@@ -95,7 +141,10 @@ def build_openapi() -> dict[str, Any]:
     responses["413"] = _error("Request body over the size limit")
     responses["415"] = _error("Body not sent as application/json")
     responses["502"] = _error("The provider failed or rejected llmrouter's credentials")
-    responses["503"] = _error("No deployment can take the request now (see Retry-After)")
+    responses["503"] = _error(
+        "No capable deployment can take the request now (see Retry-After): all are ejected, "
+        "inside an upstream's Retry-After, or their queue is full"
+    )
     responses["504"] = _error("The provider did not answer in time")
 
     spec["paths"]["/models"] = {
