@@ -188,7 +188,7 @@ providers:
   basic:
     kind: openai
     base_url: {fake}/v1
-    unsupported_parameters: [echo, logprobs, prompt_token_ids]
+    unsupported_parameters: [echo, logprobs, prompt_token_ids, stream_usage]
     response_formats: [text]
 {llama_part}models:
   - id: local/smollm2-135m-instruct

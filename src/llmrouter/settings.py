@@ -56,6 +56,7 @@ UpstreamParameter = Literal[
     "temperature",
     "top_p",
     "prompt_token_ids",
+    "stream_usage",  # usage in streams (stream_options.include_usage)
 ]
 
 

@@ -83,6 +83,9 @@ models:
     strategy: ordered
     hedge_after_ms: 200
     deployments: [{{provider: f1, model: wait-close}}, {{provider: f2, model: ok}}]
+  - {{id: ctx/small, context_length: 100, deployments: [{{provider: f3, model: context-400}}]}}
+  - {{id: ctx/tiny, context_length: 50, deployments: [{{provider: f3, model: ok}}]}}
+  - {{id: ctx/large, context_length: 1000, deployments: [{{provider: f3, model: ok}}]}}
   - id: weighted
     deployments:
       - {{provider: f1, model: ok, weight: 1}}
@@ -423,3 +426,9 @@ def test_the_log_line_says_why_the_request_went_where_it_went(faults: Router, fa
         ("f1/ok", "ok"),
     ]
     assert line["model"] == "one/ok" and line["provider"] == "f1" and line["status"] == 200
+
+
+def test_too_long_prefers_a_model_with_a_larger_context(faults: Router, fake: str) -> None:
+    r, _ = ask(faults, "ctx/small", False, models=["ctx/tiny", "ctx/large"])
+    assert r.status_code == 200
+    assert r.json()["model"] == "ctx/large"  # not ctx/tiny, though it comes first

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import httpx
@@ -182,3 +183,20 @@ def test_429_keeps_its_retry_after_and_the_deployment_is_skipped_meanwhile(
         assert assert_error(again, 503)["error"]["code"] == "service_unavailable"
         assert 5 <= int(again.headers["retry-after"]) <= 7
     assert httpx.get(f"{fake_upstream}/_stats").json()["requests"] == 1
+
+
+def test_usage_in_streams_only_where_the_deployment_reports_it(router: Router) -> None:
+    body = {"prompt": "Hi", "stream": True, "stream_options": {"include_usage": True}}
+    r = httpx.post(
+        f"{router.api}/completions", headers=router.headers(), json={**body, "model": "basic/ok"}
+    )
+    assert_error(r, 400, "stream_options")
+    with httpx.stream(
+        "POST",
+        f"{router.api}/completions",
+        headers=router.headers(),
+        json={**body, "model": "basic/ok", "models": ["fake/ok"]},
+    ) as streamed:
+        lines = [line for line in streamed.iter_lines() if line.startswith("data: {")]
+    assert json.loads(lines[0][6:])["model"] == "fake/ok"
+    assert json.loads(lines[-1][6:])["usage"]["total_tokens"] == 6

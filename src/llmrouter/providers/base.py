@@ -64,6 +64,7 @@ class Capabilities:
     token_prompts: bool = True
     # best_of > n means generating extra candidates and choosing: only where the engine can rank.
     best_of_above_n: bool = False
+    stream_usage: bool = True  # reports usage at the end of a stream
 
 
 @dataclass(frozen=True, slots=True)

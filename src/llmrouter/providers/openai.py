@@ -121,6 +121,7 @@ class OpenAIAdapter:
             max_logprobs=self._settings.max_logprobs,
             token_prompts="prompt_token_ids" not in unsupported,
             best_of_above_n="best_of" not in unsupported,
+            stream_usage="stream_usage" not in unsupported,
         )
 
     def usable(self, deployment: DeploymentSettings) -> bool:

@@ -377,11 +377,16 @@ class Executor:
         )
 
     def _pick(self, run: _Run[T]) -> Target | None:
-        for target in run.plan.targets:
-            if target.label in run.tried or target.label in run.refused:
-                continue
-            if target.model.id in run.too_small:
-                continue
+        candidates = [
+            t
+            for t in run.plan.targets
+            if t.label not in run.tried
+            and t.label not in run.refused
+            and t.model.id not in run.too_small
+        ]
+        if run.too_small:
+            candidates.sort(key=lambda t: _context_rank(t, run))
+        for target in candidates:
             if self._health.available(target.label):
                 return target
         return None
@@ -399,6 +404,20 @@ def _is_sick(exc: LlmrouterError) -> bool:
         and exc.retryable
         and not isinstance(exc, UpstreamRateLimited | UpstreamRefused)
     )
+
+
+def _context_rank(target: Target, run: _Run[T]) -> int:
+    """After a prompt was too long: models known to have a larger context first, then those of
+    unknown context, then the rest (stable, so plan order within each)."""
+    failed = [
+        t.model.context_length
+        for t in run.plan.targets
+        if t.model.id in run.too_small and t.model.context_length is not None
+    ]
+    size = target.model.context_length
+    if size is None:
+        return 1
+    return 0 if not failed or size > max(failed) else 2
 
 
 def _by(deadline: float, seconds: float) -> float:

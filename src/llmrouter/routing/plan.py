@@ -203,6 +203,8 @@ def requested_parameters(params: CompletionCreateParams, prompts: Prompts) -> li
             wanted.append(name)
     if p.stream:
         wanted.append("stream")
+        if p.stream_options is not None and p.stream_options.include_usage:
+            wanted.append("stream_options")
     if p.response_format is not None and type(p.response_format).__name__ != "ResponseFormatText":
         wanted.append("response_format")
     if prompts and not isinstance(prompts[0], str):
@@ -225,6 +227,9 @@ def _first_unsupported(
         elif name == "best_of":
             if not caps.best_of_above_n:
                 return "best_of", "cannot honour `best_of` greater than `n`"
+        elif name == "stream_options":
+            if not caps.stream_usage:
+                return "stream_options", "does not report usage in streams"
         elif name not in caps.parameters:
             return name, f"cannot honour `{name}`"
     if params.logprobs is not None and params.logprobs > caps.max_logprobs:
