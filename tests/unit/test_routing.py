@@ -108,18 +108,35 @@ def test_ejection_after_consecutive_failures_then_one_probe() -> None:
     assert not h.available("a")
     assert h.unavailable_for("a") == pytest.approx(5)
     clock.now += 5
-    assert h.available("a")  # the probe
+    assert h.available("a")
+    h.claim("a")  # the probe
     assert not h.available("a")  # only one at a time
     h.record("a", False)  # the probe failed: out again, for twice as long
     assert h.unavailable_for("a") == pytest.approx(10)
     clock.now += 10
     assert h.available("a")
+    h.claim("a")
     h.record("a", False)
     assert h.unavailable_for("a") == pytest.approx(12)  # capped
     clock.now += 12
-    assert h.available("a")
+    h.claim("a")
     h.record("a", True)  # the probe came back well: full traffic
-    assert all(h.available("a") for _ in range(5))
+    for _ in range(5):
+        assert h.available("a")
+        h.claim("a")
+
+
+def test_a_probe_that_never_reports_back_does_not_keep_the_deployment_out() -> None:
+    clock = Clock()
+    h = health(clock, consecutive_failures=1, cooldown_seconds=1)
+    h.record("a", False)
+    clock.now += 1
+    assert h.available("a")  # looking does not claim
+    assert h.available("a")
+    h.claim("a")  # the probe starts, and is cancelled: no outcome is ever recorded
+    assert not h.available("a")
+    clock.now += 61
+    assert h.available("a")
 
 
 def test_ejection_on_failure_rate() -> None:

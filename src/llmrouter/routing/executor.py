@@ -89,7 +89,9 @@ class _Run(Generic[T]):
         attempt: AttemptFn[T],
         discard: Callable[[Target, T], Awaitable[None]] | None,
         deadline: float,
+        health: HealthBook,
     ) -> None:
+        self.health = health
         self.plan = plan
         self.params = params
         self.prompts = prompts
@@ -109,6 +111,7 @@ class _Run(Generic[T]):
         self.stop = False
 
     def start(self, target: Target) -> Awaitable[T]:
+        self.health.claim(target.label)
         self.tried.add(target.label)
         self.started += 1
         call = Call(
@@ -251,7 +254,7 @@ class Executor:
         hedge that also produced)."""
         self._budget.note_request()
         deadline = asyncio.get_running_loop().time() + self._routing.deadline_seconds
-        run = _Run(plan, params, prompts, request_id, attempt, discard, deadline)
+        run = _Run(plan, params, prompts, request_id, attempt, discard, deadline, self._health)
         hedge_ms = plan.targets[0].model.hedge_after_ms
         target: Target | None = self._first_target(plan)
         try:

@@ -21,11 +21,17 @@ from llmrouter.settings import HealthSettings
 
 __all__ = ["HealthBook", "LocalHealth", "RetryBudget"]
 
+_PROBE_LOST_AFTER = 60.0  # seconds
+
 
 class HealthBook(Protocol):
     def available(self, label: str) -> bool:
-        """May an attempt go to `label` now? An ejected deployment whose cooldown is over says yes
-        once (that attempt is its probe), then no until the probe's outcome is recorded."""
+        """May an attempt go to `label` now? (No side effect: see `claim`.) An ejected deployment
+        whose cooldown is over is available to one probe at a time."""
+
+    def claim(self, label: str) -> None:
+        """An attempt starts at `label` now: if it is the probe after a cooldown, no other may
+        start until its outcome is recorded (or it is lost, and a later one probes again)."""
 
     def unavailable_for(self, label: str) -> float:
         """Seconds until `label` may be tried again (0 if it may be now)."""
@@ -62,6 +68,7 @@ class _State:
     ejections: int = 0
     ejected_until: float = 0.0
     probing: bool = False  # the cooldown is over and one probe is out
+    probe_started: float = 0.0
     successes_since_ejection: int = 0
     skip_until: float = 0.0
     latency: float | None = None
@@ -93,10 +100,15 @@ class LocalHealth:
         now = self._clock()
         if now < state.skip_until or now < state.ejected_until:
             return False
-        if state.ejections and state.ejected_until and not state.probing:
-            state.probing = True  # this attempt is the probe
-            return True
-        return not state.probing
+        # A probe whose outcome never came (it was cancelled: a hedge that lost, a client that
+        # left) must not keep the deployment out forever.
+        return not state.probing or now - state.probe_started > _PROBE_LOST_AFTER
+
+    def claim(self, label: str) -> None:
+        state = self._state(label)
+        if state.ejected_until:  # half-open: this attempt is the probe
+            state.probing = True
+            state.probe_started = self._clock()
 
     def unavailable_for(self, label: str) -> float:
         state = self._state(label)
