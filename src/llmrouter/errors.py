@@ -18,6 +18,7 @@
         ├── UpstreamRateLimited         429 rate_limit_error      (retryable, keeps Retry-After)
         ├── UpstreamUnavailable         502 provider_error        (retryable: connection, 5xx)
         └── UpstreamTimeout             504 timeout               (retryable)
+            └── DeadlineExceeded        504 timeout               (the request's deadline)
 
 Status, type and retryability are properties of the class, never inferred from messages. Whether the
 executor may try another deployment is `retryable`; what the client sees is `status` and `to_body()`.
@@ -25,6 +26,7 @@ executor may try another deployment is `retryable`; what the client sees is `sta
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 import msgspec
@@ -32,6 +34,7 @@ import msgspec
 __all__ = [
     "AuthenticationFailed",
     "ContextLengthExceeded",
+    "DeadlineExceeded",
     "ErrorBody",
     "ErrorObject",
     "InvalidRequest",
@@ -93,7 +96,7 @@ class LlmrouterError(Exception):
     def headers(self) -> list[tuple[bytes, bytes]]:
         if self.retry_after is None:
             return []
-        return [(b"retry-after", str(max(0, round(self.retry_after))).encode())]
+        return [(b"retry-after", str(max(0, math.ceil(self.retry_after))).encode())]
 
 
 class InvalidRequest(LlmrouterError):
@@ -205,3 +208,10 @@ class UpstreamTimeout(ProviderError):
     type = "timeout"
     default_code = "upstream_timeout"
     retryable = True
+
+
+class DeadlineExceeded(UpstreamTimeout):
+    """The request's own deadline passed: nothing to retry, and no fault of the deployment."""
+
+    default_code = "deadline_exceeded"
+    retryable = False

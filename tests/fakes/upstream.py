@@ -17,6 +17,7 @@ Faults (streamed and not, unless said):
   stream-truncated    stream: two chunks, then the end without [DONE]
   stream-error        stream: one chunk, then an in-band error event (non-stream: 200 {"error"})
   no-finish           stream: chunks and [DONE], but no finish_reason
+  empty-stream        stream: [DONE] and nothing else
   big                 a 5 MB completion text
   slow-first          waits 2 s, then answers
   slow-ok-MS          waits MS milliseconds, then answers
@@ -181,6 +182,9 @@ async def completions(request: web.Request) -> web.StreamResponse:
         elif fault == "stream-error":
             await response.write(_chunk(model, "one "))
             await response.write(b'data: {"error": {"message": "fake mid-stream failure"}}\n\n')
+            return response
+        elif fault == "empty-stream":
+            await response.write(b"data: [DONE]\n\n")
             return response
         elif fault == "no-finish":
             await response.write(_chunk(model, "one "))

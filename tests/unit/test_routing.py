@@ -157,12 +157,31 @@ def test_retry_after_skips_without_ejecting() -> None:
     assert h.available("a") and h.available("a")
 
 
-def test_retry_budget_is_a_fraction_of_requests_plus_a_floor() -> None:
+def test_retry_budget_is_a_fraction_of_requests_with_a_floor() -> None:
     clock = Clock()
     budget = RetryBudget(0.2, 3, window=10, clock=clock)
     for _ in range(100):
         budget.note_request()
     granted = sum(budget.try_spend() for _ in range(100))
-    assert granted == 23
-    clock.now += 11  # the window has passed: only the floor
+    assert granted == 20
+    clock.now += 11  # the window has passed: the floor
     assert sum(budget.try_spend() for _ in range(10)) == 3
+
+
+def test_failures_already_in_flight_do_not_eject_again() -> None:
+    clock = Clock()
+    h = health(clock, consecutive_failures=2, cooldown_seconds=5)
+    for _ in range(30):  # one burst of failures from requests that were all in flight
+        h.record("a", False)
+    assert h.unavailable_for("a") == pytest.approx(5)  # one ejection, not fifteen
+
+
+def test_release_lets_the_next_request_probe() -> None:
+    clock = Clock()
+    h = health(clock, consecutive_failures=1, cooldown_seconds=1)
+    h.record("a", False)
+    clock.now += 1
+    h.claim("a")
+    assert not h.available("a")
+    h.release("a")  # the probe was rate-limited: nothing learnt
+    assert h.available("a")

@@ -96,3 +96,6 @@ def test_retry_after_seconds_and_http_date() -> None:
     later = parse_retry_after(formatdate(time.time() + 30, usegmt=True))
     assert later is not None and 28 <= later <= 31
     assert parse_retry_after("soon") is None and parse_retry_after(None) is None
+    assert parse_retry_after("inf") is None and parse_retry_after("1e400") is None
+    assert parse_retry_after("nan") is None
+    assert parse_retry_after("999999") == 3600  # capped at an hour

@@ -82,9 +82,14 @@ async def _stream(
                     await start_stream(send, headers)
                     started = True
                 await send({"type": "http.response.body", "body": KEEPALIVE, "more_body": True})
-    finally:
-        if not opening.done():
-            opening.cancel()
+    except BaseException:
+        # The client left (or sending failed): stop the attempts, and release a stream that
+        # opened in the same moment.
+        opening.cancel()
+        await asyncio.wait((opening,))
+        if not opening.cancelled() and opening.exception() is None:
+            await opening.result().aclose()
+        raise
     try:
         stream = opening.result()
     except LlmrouterError as exc:
@@ -93,10 +98,13 @@ async def _stream(
             raise
         await _end_with_error(req, exc)
         return
-    if not started:
-        headers.append((b"x-llmrouter-attempts", _attempts_header(stream.attempts)))
-        await start_stream(send, headers)
-    await _relay(req, stream, include_usage)
+    try:
+        if not started:
+            headers.append((b"x-llmrouter-attempts", _attempts_header(stream.attempts)))
+            await start_stream(send, headers)
+        await _relay(req, stream, include_usage)
+    finally:
+        await stream.aclose()  # idempotent; covers a client that left before the relay began
 
 
 async def _relay(req: Request, stream: OpenStream, include_usage: bool) -> None:
@@ -138,7 +146,7 @@ async def _relay(req: Request, stream: OpenStream, include_usage: bool) -> None:
         await _end_with_error(req, exc)
         return
     finally:
-        await _aclose(stream)
+        await stream.aclose()
     _note(req, target.model.id, target.deployment.provider, stream.attempts, usage)
     tail = b""
     if include_usage:
@@ -152,12 +160,6 @@ async def _end_with_error(req: Request, exc: LlmrouterError) -> None:
     req.log["stream_error"] = exc.code
     body = event(encoder.encode(exc.to_body()))
     await req.send({"type": "http.response.body", "body": body, "more_body": False})
-
-
-async def _aclose(stream: OpenStream) -> None:
-    closer = getattr(stream.rest, "aclose", None)
-    if closer is not None:
-        await closer()
 
 
 def _note(req: Request, model: str, provider: str, attempts: list[Attempt], usage: Usage | None) -> None:

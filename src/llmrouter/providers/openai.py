@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import math
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -50,6 +51,7 @@ __all__ = ["OpenAIAdapter", "parse_retry_after"]
 _ROUTER_FIELDS = ("model", "models", "user", "metadata", "stream_options")
 _MAX_ERROR_TEXT = 500
 _MAX_SSE_LINE = 64 * 1024 * 1024
+_MAX_RETRY_AFTER = 3600.0
 _REFUSAL_CODES = frozenset({"content_filter", "content_policy_violation"})
 
 
@@ -316,7 +318,7 @@ class OpenAIAdapter:
             return UpstreamRejected(said)
         if status == 408:
             return UpstreamTimeout(said)
-        return UpstreamUnavailable(said)
+        return UpstreamUnavailable(said, retry_after=parse_retry_after(resp.headers.get("retry-after")))
 
     def _transport_error(self, exc: BaseException) -> ProviderError:
         if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):
@@ -341,15 +343,17 @@ def _error_detail(raw: bytes) -> tuple[str, str | None]:
 
 
 def parse_retry_after(value: str | None) -> float | None:
-    """Retry-After as seconds from now: either delta-seconds or an HTTP date."""
+    """Retry-After as seconds from now: either delta-seconds or an HTTP date; at most an hour,
+    and nothing for a value that is not a finite time."""
     if not value:
         return None
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+        try:
+            seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError, OverflowError):
+            return None
+    if not math.isfinite(seconds):
         return None
-    return max(0.0, when.timestamp() - time.time())
+    return min(max(0.0, seconds), _MAX_RETRY_AFTER)

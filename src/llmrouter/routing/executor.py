@@ -27,6 +27,7 @@ from typing import Generic, TypeVar
 
 from llmrouter.errors import (
     ContextLengthExceeded,
+    DeadlineExceeded,
     LlmrouterError,
     ProviderError,
     ServiceUnavailable,
@@ -42,7 +43,7 @@ from llmrouter.settings import RoutingSettings
 from llmrouter.wire.completions import CompletionCreateParams
 from llmrouter.wire.validate import Prompts
 
-__all__ = ["Attempt", "Executor", "OpenStream"]
+__all__ = ["Attempt", "CommittedStream", "Executor", "OpenStream"]
 
 T = TypeVar("T")
 Opened = tuple[StreamPart, AsyncIterator[StreamPart]]
@@ -60,14 +61,86 @@ class Attempt:
         return f"{self.target} {self.outcome} {self.ms:.0f}ms"
 
 
+class CommittedStream:
+    """The rest of a committed stream. A failure, the request's deadline, or an end without
+    every choice's finish reason is raised to the API layer and (when it is the deployment's
+    fault) counts against it. `aclose` releases the upstream; it is safe to call more than once,
+    and before iteration has begun."""
+
+    def __init__(
+        self,
+        health: HealthBook,
+        target: Target,
+        first: StreamPart,
+        parts: AsyncIterator[StreamPart],
+        deadline: float,
+    ) -> None:
+        self._health = health
+        self._label = target.label
+        self._parts = parts
+        self._deadline = deadline
+        self._open_choices = {c.index for c in first.choices if c.finish_reason is None}
+        self._started = time.perf_counter()
+        self._closed = False
+
+    def __aiter__(self) -> CommittedStream:
+        return self
+
+    async def __anext__(self) -> StreamPart:
+        try:
+            async with asyncio.timeout_at(self._deadline):
+                part = await anext(self._parts)
+        except StopAsyncIteration:
+            await self.aclose()
+            if self._open_choices:
+                raise self._failed(
+                    UpstreamUnavailable(
+                        f"{self._label} ended the stream without a finish reason for choice "
+                        f"{min(self._open_choices)}."
+                    )
+                ) from None
+            raise
+        except TimeoutError:
+            await self.aclose()
+            raise DeadlineExceeded("The request's deadline passed during the stream.") from None
+        except LlmrouterError as exc:
+            await self.aclose()
+            raise self._failed(exc) from None
+        for choice in part.choices:
+            if choice.finish_reason is None:
+                self._open_choices.add(choice.index)
+            else:
+                self._open_choices.discard(choice.index)
+        if part.usage is not None and part.usage.completion_tokens:
+            elapsed = time.perf_counter() - self._started
+            if elapsed > 0:
+                self._health.observe_throughput(self._label, part.usage.completion_tokens / elapsed)
+        return part
+
+    def _failed(self, exc: LlmrouterError) -> LlmrouterError:
+        if _is_sick(exc):
+            self._health.record(self._label, False)
+        return exc
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._health.finished(self._label)
+        await _close(self._parts)
+
+
 @dataclass(slots=True)
 class OpenStream:
     """A stream that has produced its first part: committed to `target`."""
 
     target: Target
     first: StreamPart
-    rest: AsyncIterator[StreamPart]
+    rest: CommittedStream
     attempts: list[Attempt] = field(default_factory=list)
+
+    async def aclose(self) -> None:
+        await self.rest.aclose()
 
 
 @dataclass(slots=True)
@@ -129,12 +202,13 @@ class _Run(Generic[T]):
     async def cancel_running(self) -> None:
         """Cancel the attempts still in flight (a hedge that lost, or all of them when the client
         left), wait for them to unwind, and release what they opened."""
-        for r in self.running:
+        running, self.running = self.running, []
+        for r in running:
             r.task.cancel()
-        for r in self.running:
+        for r in running:
             self.attempts.append(Attempt(r.target.label, "cancelled", _ms(r.started)))
-            await _settle(r.task, r.target, self.discard)
-        self.running.clear()
+        for r in running:
+            await _settle(r.task, r.target, self.discard, self.health)
 
 
 class Executor:
@@ -160,11 +234,12 @@ class Executor:
             label = target.label
             started = time.perf_counter()
             health.started(label)
+            limit, is_deadline = _by(deadline, call.timeouts.total)
             try:
-                async with asyncio.timeout_at(_by(deadline, call.timeouts.total)):
+                async with asyncio.timeout_at(limit):
                     result = await target.provider.complete(call)
             except TimeoutError:
-                raise UpstreamTimeout(f"{label} did not finish in time.") from None
+                raise _timeout(label, "did not finish in time", is_deadline) from None
             finally:
                 health.finished(label)
             elapsed = time.perf_counter() - started
@@ -173,7 +248,8 @@ class Executor:
                 health.observe_throughput(label, result.usage.completion_tokens / elapsed)
             return result
 
-        return await self._run(plan, params, prompts, request_id, attempt)
+        target, result, attempts, _ = await self._run(plan, params, prompts, request_id, attempt)
+        return target, result, attempts
 
     async def open_stream(
         self, plan: Plan, params: CompletionCreateParams, prompts: Prompts, request_id: str
@@ -184,14 +260,17 @@ class Executor:
             started = time.perf_counter()
             health.started(target.label)
             parts = aiter(target.provider.stream(call))
+            limit, is_deadline = _by(deadline, call.timeouts.first_token)
             try:
-                async with asyncio.timeout_at(_by(deadline, call.timeouts.first_token)):
+                async with asyncio.timeout_at(limit):
                     first = await anext(parts)
+                    while not _produced(first):  # nothing for the client yet: not committed
+                        first = await anext(parts)
             except BaseException as exc:
                 health.finished(target.label)
                 await _close(parts)
                 if isinstance(exc, TimeoutError):
-                    raise UpstreamTimeout(f"{target.label} produced no token in time.") from None
+                    raise _timeout(target.label, "produced no token in time", is_deadline) from None
                 if isinstance(exc, StopAsyncIteration):
                     raise UpstreamUnavailable(f"{target.label} ended without an answer.") from None
                 raise
@@ -202,42 +281,11 @@ class Executor:
             health.finished(target.label)
             await _close(opened[1])
 
-        target, (first, parts), attempts = await self._run(
+        target, (first, parts), attempts, deadline = await self._run(
             plan, params, prompts, request_id, attempt, discard
         )
-        return OpenStream(target, first, self._watch(target, first, parts), attempts)
-
-    async def _watch(
-        self, target: Target, first: StreamPart, parts: AsyncIterator[StreamPart]
-    ) -> AsyncIterator[StreamPart]:
-        """The rest of a committed stream; a failure, or an end without every choice's finish
-        reason, is raised to the API layer and counts against the deployment."""
-        label = target.label
-        open_choices = {c.index for c in first.choices if c.finish_reason is None}
-        started = time.perf_counter()
-        try:
-            async for part in parts:
-                for choice in part.choices:
-                    if choice.finish_reason is None:
-                        open_choices.add(choice.index)
-                    else:
-                        open_choices.discard(choice.index)
-                if part.usage is not None and part.usage.completion_tokens:
-                    elapsed = time.perf_counter() - started
-                    if elapsed > 0:
-                        self._health.observe_throughput(label, part.usage.completion_tokens / elapsed)
-                yield part
-            if open_choices:
-                raise UpstreamUnavailable(
-                    f"{label} ended the stream without a finish reason for choice {min(open_choices)}."
-                )
-        except LlmrouterError as exc:
-            if _is_sick(exc):
-                self._health.record(label, False)
-            raise
-        finally:
-            self._health.finished(label)
-            await _close(parts)
+        rest = CommittedStream(health, target, first, parts, deadline)
+        return OpenStream(target, first, rest, attempts)
 
     # -- the way through a plan ---------------------------------------------------------------
 
@@ -249,14 +297,14 @@ class Executor:
         request_id: str,
         attempt: AttemptFn[T],
         discard: Callable[[Target, T], Awaitable[None]] | None = None,
-    ) -> tuple[Target, T, list[Attempt]]:
-        """Attempts until one succeeds; `discard` releases a result that came in too late (a
-        hedge that also produced)."""
+    ) -> tuple[Target, T, list[Attempt], float]:
+        """Attempts until one succeeds (and the request's deadline, in loop time); `discard`
+        releases a result that came in too late (a hedge that also produced)."""
         self._budget.note_request()
         deadline = asyncio.get_running_loop().time() + self._routing.deadline_seconds
         run = _Run(plan, params, prompts, request_id, attempt, discard, deadline, self._health)
         hedge_ms = plan.targets[0].model.hedge_after_ms
-        target: Target | None = self._first_target(plan)
+        target: Target | None = self._first_target(run)
         try:
             while target is not None:
                 if hedge_ms is None:
@@ -264,7 +312,7 @@ class Executor:
                 else:
                     await self._race(run, target, hedge_ms / 1000)
                 if run.winner is not None:
-                    return run.winner[0], run.winner[1], run.attempts
+                    return run.winner[0], run.winner[1], run.attempts, deadline
                 if run.stop:
                     break
                 target = await self._next(run)
@@ -301,7 +349,7 @@ class Executor:
             )
             if not done:
                 if loop.time() >= run.deadline:
-                    run.last_error = UpstreamTimeout("The request's deadline passed.")
+                    run.last_error = DeadlineExceeded("The request's deadline passed.")
                     run.stop = True
                 elif not hedged:
                     hedged = True
@@ -319,20 +367,25 @@ class Executor:
                     continue
                 if run.winner is None:
                     self._won(run, finished.target, result, ms)
-                elif run.discard is not None:
-                    await run.discard(finished.target, result)
+                else:  # produced too, but too late: healthy, and what it opened is released
+                    self._health.record(finished.target.label, True)
+                    if run.discard is not None:
+                        await run.discard(finished.target, result)
 
     async def _next(self, run: _Run[T]) -> Target | None:
         """After a failure: the next target of this pass, or of a new pass after a backoff; None
         when the attempts, the budget, the deadline or the plan are used up."""
+        loop = asyncio.get_running_loop()
         if run.started >= self._routing.max_attempts or run.nothing_left():
+            return None
+        if loop.time() >= run.deadline:
             return None
         nxt = self._pick(run)
         if nxt is None:
             run.passes += 1
             run.tried.clear()
             delay = self._backoff(run.passes)
-            if asyncio.get_running_loop().time() + delay >= run.deadline:
+            if loop.time() + delay >= run.deadline:
                 return None
             await asyncio.sleep(delay)
             nxt = self._pick(run)
@@ -350,10 +403,13 @@ class Executor:
 
     def _failed(self, run: _Run[T], target: Target, exc: LlmrouterError, ms: float) -> None:
         run.attempts.append(Attempt(target.label, exc.code, ms))
-        if isinstance(exc, UpstreamRateLimited) and exc.retry_after:
+        if exc.retryable and exc.retry_after:  # the upstream said when to come back
             self._health.skip_for(target.label, exc.retry_after)
+            self._health.release(target.label)
         elif _is_sick(exc):
             self._health.record(target.label, False)
+        else:  # about the request, not the deployment
+            self._health.release(target.label)
         run.last_error = exc
         if isinstance(exc, ContextLengthExceeded):
             run.too_small.add(target.model.id)  # the request's other models may fit it
@@ -364,19 +420,14 @@ class Executor:
 
     # -- choosing -----------------------------------------------------------------------------
 
-    def _first_target(self, plan: Plan) -> Target:
-        for target in plan.targets:
-            if self._health.available(target.label):
+    def _first_target(self, run: _Run[T]) -> Target:
+        for target in run.plan.targets:
+            if self._usable(target, run.plan):
                 return target
-        # Nothing is available. Deployments that are merely ejected still serve, rather than
-        # leave a model with none at all; those inside an upstream's Retry-After wait.
-        for target in plan.targets:
-            if self._health.retry_after_for(target.label) == 0:
-                return target
-        labels = ", ".join(t.label for t in plan.targets)
+        labels = ", ".join(t.label for t in run.plan.targets)
         raise ServiceUnavailable(
             f"Every deployment that could serve this request asked to wait ({labels}).",
-            retry_after=min(self._health.unavailable_for(t.label) for t in plan.targets),
+            retry_after=min(self._health.unavailable_for(t.label) for t in run.plan.targets),
         )
 
     def _pick(self, run: _Run[T]) -> Target | None:
@@ -390,9 +441,20 @@ class Executor:
         if run.too_small:
             candidates.sort(key=lambda t: _context_rank(t, run))
         for target in candidates:
-            if self._health.available(target.label):
+            if self._usable(target, run.plan):
                 return target
         return None
+
+    def _usable(self, target: Target, plan: Plan) -> bool:
+        """Available, or ejected along with every other deployment of its model: a model is never
+        left with none (an upstream's Retry-After is waited out, though)."""
+        health = self._health
+        if health.available(target.label):
+            return True
+        if health.retry_after_for(target.label) > 0:
+            return False
+        model = target.model.id
+        return not any(health.available(t.label) for t in plan.targets if t.model.id == model)
 
     def _backoff(self, passes: int) -> float:
         r = self._routing
@@ -423,9 +485,22 @@ def _context_rank(target: Target, run: _Run[T]) -> int:
     return 0 if not failed or size > max(failed) else 2
 
 
-def _by(deadline: float, seconds: float) -> float:
-    """The earlier of the request's deadline and `seconds` from now, in loop time."""
-    return min(deadline, asyncio.get_running_loop().time() + seconds)
+def _by(deadline: float, seconds: float) -> tuple[float, bool]:
+    """The earlier of the request's deadline and `seconds` from now, in loop time; and whether it
+    is the deadline."""
+    limit = asyncio.get_running_loop().time() + seconds
+    return (deadline, True) if deadline <= limit else (limit, False)
+
+
+def _timeout(label: str, what: str, is_deadline: bool) -> UpstreamTimeout:
+    if is_deadline:
+        return DeadlineExceeded(f"The request's deadline passed while {label} was working.")
+    return UpstreamTimeout(f"{label} {what}.")
+
+
+def _produced(part: StreamPart) -> bool:
+    """Whether a part has anything for the client: text, or the end of a choice."""
+    return any(c.text or c.finish_reason is not None for c in part.choices)
 
 
 def _ms(started: float) -> float:
@@ -436,14 +511,17 @@ async def _settle(
     task: asyncio.Task[T],
     target: Target,
     discard: Callable[[Target, T], Awaitable[None]] | None,
+    health: HealthBook,
 ) -> None:
-    """Wait for a cancelled attempt to finish unwinding, and release what it opened."""
-    try:
-        result = await task
-    except BaseException:  # its outcome no longer matters
+    """Wait for a cancelled attempt to finish unwinding, and release what it opened. (Waiting
+    with `asyncio.wait` leaves this task's own cancellation, if it comes, to propagate.)"""
+    await asyncio.wait((task,))
+    if task.cancelled() or task.exception() is not None:
+        health.release(target.label)
         return
-    if discard is not None:  # it finished before the cancellation reached it
-        await discard(target, result)
+    health.record(target.label, True)  # it finished before the cancellation reached it
+    if discard is not None:
+        await discard(target, task.result())
 
 
 async def _close(parts: object) -> None:

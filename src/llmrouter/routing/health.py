@@ -42,6 +42,10 @@ class HealthBook(Protocol):
     def record(self, label: str, ok: bool) -> None:
         """The outcome of an attempt: counts toward ejection, ends a probe."""
 
+    def release(self, label: str) -> None:
+        """An attempt ended without saying anything about the deployment's health (cancelled,
+        rate-limited, refused): if it was the probe, the next request may probe again."""
+
     def skip_for(self, label: str, seconds: float) -> None:
         """The upstream asked us to wait (Retry-After)."""
 
@@ -130,6 +134,8 @@ class LocalHealth:
             if state.successes_since_ejection >= s.window:
                 state.ejections = 0  # long healthy: the next ejection starts short again
             return
+        if self._clock() < state.ejected_until and not state.probing:
+            return  # requests already in flight when it was ejected: no second ejection
         state.consecutive_failures += 1
         state.successes_since_ejection = 0
         failures = state.recent.count(False)
@@ -148,6 +154,9 @@ class LocalHealth:
         state.probing = False
         state.consecutive_failures = 0
         state.recent.clear()
+
+    def release(self, label: str) -> None:
+        self._state(label).probing = False
 
     def skip_for(self, label: str, seconds: float) -> None:
         state = self._state(label)
@@ -182,9 +191,9 @@ def _ewma(old: float | None, new: float, alpha: float) -> float:
 
 
 class RetryBudget:
-    """Extra attempts (retries, fallbacks, hedges) are at most `ratio` per request plus `floor`, over
-    any `window` seconds, so that an outage does not become a retry storm against the providers
-    that are left."""
+    """Extra attempts (retries, fallbacks, hedges) over any `window` seconds are at most `ratio` of
+    the requests, or `floor` when that is more, so that an outage does not become a retry storm
+    against the providers that are left."""
 
     def __init__(
         self,
@@ -214,7 +223,7 @@ class RetryBudget:
     def try_spend(self) -> bool:
         now = self._clock()
         self._prune(now)
-        if len(self._retries) >= self._floor + self._ratio * len(self._requests):
+        if len(self._retries) >= max(self._floor, self._ratio * len(self._requests)):
             return False
         self._retries.append(now)
         return True
