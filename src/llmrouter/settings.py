@@ -153,8 +153,10 @@ class RoutingSettings(Struct, frozen=True, forbid_unknown_fields=True):
     deadline_seconds: PositiveSeconds = 900.0  # the whole request, backoff included
     backoff_base_ms: Annotated[float, Meta(ge=0)] = 50.0  # full jitter: uniform(0, base * 2^k)
     backoff_max_ms: Annotated[float, Meta(ge=0)] = 2000.0
-    retry_budget_ratio: Annotated[float, Meta(ge=0)] = 0.2  # extra attempts per request...
-    retry_budget_floor: Annotated[int, Meta(ge=0)] = 3  # ...plus these, in any 10 s
+    # Attempts beyond each request's first, in any 10 s: this share of the requests, or the
+    # floor when that is more.
+    retry_budget_ratio: Annotated[float, Meta(ge=0)] = 0.2
+    retry_budget_floor: Annotated[int, Meta(ge=0)] = 3
     latency_ewma_alpha: Annotated[float, Meta(gt=0, le=1)] = 0.3
     seed: int | None = None  # fixes the random choices (weighted order, jitter): for tests
     health: HealthSettings = HealthSettings()
