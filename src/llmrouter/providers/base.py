@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, get_args
 
 from msgspec import UNSET, Struct, UnsetType
 
-from llmrouter.settings import DeploymentSettings, Timeouts
+from llmrouter.settings import DeploymentSettings, Timeouts, UpstreamParameter
 from llmrouter.wire.completions import (
     ChunkChoice,
     CompletionChoice,
@@ -33,25 +33,9 @@ __all__ = [
 
 # Every request field a deployment may or may not honour, by its wire name. `model`, `models`,
 # `stream_options`, `user` and `metadata` are the router's own and are always honoured.
-ALL_PARAMETERS: frozenset[str] = frozenset(
-    {
-        "best_of",
-        "echo",
-        "frequency_penalty",
-        "logit_bias",
-        "logprobs",
-        "max_tokens",
-        "n",
-        "presence_penalty",
-        "seed",
-        "stop",
-        "stream",
-        "suffix",
-        "temperature",
-        "top_p",
-        "response_format",
-    }
-)
+ALL_PARAMETERS: frozenset[str] = (
+    frozenset(get_args(UpstreamParameter)) - {"prompt_token_ids", "stream_usage"}
+) | {"max_tokens", "response_format"}
 
 
 @dataclass(frozen=True, slots=True)
