@@ -33,7 +33,27 @@ FAKE_MODELS = (
     "stream-error",
     "slow-first",
     "slow-stream",
+    "lm",
 )
+# Parameters an `lm-no-X` fake variant lacks, with how the router's config says so.
+LM_LACKING = {
+    "n": "unsupported_parameters: [n]",
+    "best_of": "unsupported_parameters: [best_of]",
+    "echo": "unsupported_parameters: [echo]",
+    "stop": "unsupported_parameters: [stop]",
+    "stream": "unsupported_parameters: [stream]",
+    "stream_options": "unsupported_parameters: [stream_usage]",
+    "logprobs": "unsupported_parameters: [logprobs]",
+    "suffix": "unsupported_parameters: [suffix]",
+    "seed": "unsupported_parameters: [seed]",
+    "logit_bias": "unsupported_parameters: [logit_bias]",
+    "temperature": "unsupported_parameters: [temperature]",
+    "top_p": "unsupported_parameters: [top_p]",
+    "frequency_penalty": "unsupported_parameters: [frequency_penalty]",
+    "presence_penalty": "unsupported_parameters: [presence_penalty]",
+    "prompt": "unsupported_parameters: [prompt_token_ids, prompt_batch]",
+    "response_format": "response_formats: [text]",
+}
 
 
 def free_port() -> int:
@@ -155,13 +175,35 @@ def router_config(fake: str, llama: str | None, *, keepalive: float = 0.5) -> st
     fake_models = "\n".join(
         f"  - id: fake/{m}\n    deployments: [{{provider: fake, model: {m}}}]" for m in FAKE_MODELS
     )
+    # llama-cpp-python's server drops n and best_of, takes one string prompt, sends no usage in
+    # streams, its suffix uses token 0 for the FIM markers, and with echo its logprobs are off by
+    # one token: all declared, so llmrouter emulates or refuses. It takes GBNF in `grammar`.
     llama_part = (
         f"""  llamaserver:
     kind: openai
     base_url: {llama}/v1
+    unsupported_parameters: [n, best_of, echo, suffix, prompt_token_ids, prompt_batch, stream_usage]
+    response_formats: [text, json_object, json_schema, grammar]
+    structured_output_field: grammar
+    defaults: {{top_k: 0, min_p: 0, repeat_penalty: 1.0}}
 """
         if llama
         else ""
+    )
+    lm_providers = "".join(
+        f"""  lm_no_{param}:
+    kind: openai
+    base_url: {fake}/v1
+    {gap if param == "response_format" else "response_formats: [text, json_object, json_schema]"}
+    {gap if param != "response_format" else ""}
+"""
+        for param, gap in LM_LACKING.items()
+    )
+    lm_models = "".join(
+        f"""  - id: lm/no-{param}
+    deployments: [{{provider: lm_no_{param}, model: lm-no-{param}}}]
+"""
+        for param in LM_LACKING
     )
     llama_model = (
         """  - id: upstream/smollm2
@@ -185,12 +227,13 @@ providers:
     base_url: {fake}/v1
     api_key: upstream-secret
     timeouts: {{connect: 1, first_token: 3, idle: 1, total: 4}}
+    response_formats: [text, json_object, json_schema, grammar]
   basic:
     kind: openai
     base_url: {fake}/v1
     unsupported_parameters: [echo, logprobs, prompt_token_ids, stream_usage]
     response_formats: [text]
-{llama_part}models:
+{llama_part}{lm_providers}models:
   - id: local/smollm2-135m-instruct
     aliases: [smollm2]
     deployments: [{{provider: local, model: smollm2-135m-instruct}}]
@@ -202,7 +245,15 @@ providers:
     deployments:
       - {{provider: fake, model: status-503}}
       - {{provider: fake, model: ok}}
-"""
+  - id: lm/full
+    deployments: [{{provider: fake, model: lm}}]
+  - id: lm/think
+    deployments: [{{provider: fake, model: lm-think}}]
+  - id: lm/json-second
+    deployments: [{{provider: lm_no_response_format, model: lm-json-second}}]
+  - id: lm/never-json
+    deployments: [{{provider: lm_no_response_format, model: lm-never-json}}]
+{lm_models}"""
 
 
 def start_router(

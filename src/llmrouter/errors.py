@@ -17,6 +17,7 @@
         ├── UpstreamRefused             400 invalid_request_error (retryable: content policy)
         ├── UpstreamRateLimited         429 rate_limit_error      (retryable, keeps Retry-After)
         ├── UpstreamUnavailable         502 provider_error        (retryable: connection, 5xx)
+        ├── InvalidOutput               502 invalid_output        (retryable: failed response_format)
         └── UpstreamTimeout             504 timeout               (retryable)
             └── DeadlineExceeded        504 timeout               (the request's deadline)
 
@@ -37,6 +38,7 @@ __all__ = [
     "DeadlineExceeded",
     "ErrorBody",
     "ErrorObject",
+    "InvalidOutput",
     "InvalidRequest",
     "LlmrouterError",
     "MethodNotAllowed",
@@ -200,6 +202,14 @@ class UpstreamRateLimited(ProviderError):
 
 class UpstreamUnavailable(ProviderError):
     default_code = "upstream_unavailable"
+    retryable = True
+
+
+class InvalidOutput(ProviderError):
+    """The answer does not satisfy the request's `response_format`: asked again, it may."""
+
+    type = "invalid_output"
+    default_code = "invalid_output"
     retryable = True
 
 

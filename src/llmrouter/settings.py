@@ -41,6 +41,7 @@ EMBEDDED_UPSTREAM_MODEL = "smollm2-135m-instruct"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 PositiveSeconds = Annotated[float, Meta(gt=0)]
+NonEmpty = Annotated[str, Meta(min_length=1)]
 UpstreamParameter = Literal[
     "best_of",
     "echo",
@@ -56,6 +57,7 @@ UpstreamParameter = Literal[
     "temperature",
     "top_p",
     "prompt_token_ids",
+    "prompt_batch",  # several prompts in one request
     "stream_usage",  # usage in streams (stream_options.include_usage)
 ]
 
@@ -91,12 +93,22 @@ class OpenAIProvider(Struct, frozen=True, forbid_unknown_fields=True, tag="opena
     max_logprobs: Annotated[int, Meta(ge=0)] = 5
     # Request fields that stay with llmrouter unless listed here (they may identify end users).
     forward: frozenset[Literal["user", "metadata"]] = frozenset()
-    # What this upstream does not honour (Ollama ignores echo, logprobs...): requests that set
-    # them go elsewhere or get a 400, never a silently different answer.
+    # What this upstream does not honour (Ollama ignores echo, logprobs...): llmrouter does it
+    # itself where it can do it exactly (n, best_of, stop, echo, stream), and otherwise the
+    # request goes elsewhere or gets a 400 -- never a silently different answer.
     unsupported_parameters: frozenset[UpstreamParameter] = frozenset()
+    # The `response_format` kinds it constrains its decoding to. The others are still honoured:
+    # llmrouter checks each answer and asks again (json_object, json_schema, python).
     response_formats: frozenset[Literal["text", "json_object", "json_schema", "grammar"]] = frozenset(
-        {"text", "json_object", "json_schema"}
+        {"text"}
     )
+    # How a constrained format is sent: as `response_format` (vLLM, OpenRouter), or as a GBNF
+    # `grammar` field (llama.cpp's server, llama-cpp-python's), JSON formats converted by llmrouter.
+    structured_output_field: Literal["response_format", "grammar"] = "response_format"
+    # Fields sent with every request unless the request sets them: to make an upstream's sampling
+    # mean what the Completions API says (llama.cpp's servers add top_k 40, min_p 0.05 and a
+    # repeat penalty unless told `{top_k: 0, min_p: 0, repeat_penalty: 1}`).
+    defaults: dict[str, Any] = {}
 
 
 class LlamaCppProvider(
@@ -135,6 +147,9 @@ class ModelSettings(Struct, frozen=True, forbid_unknown_fields=True):
     strategy: Strategy = "weighted"  # how to order this model's deployments
     # Start the next deployment too if the first has produced no token after this long.
     hedge_after_ms: Annotated[int, Meta(ge=1)] | None = None
+    # A completion that opens with the first tag is reasoning up to the second: it is returned
+    # in `choices[].reasoning`, not `text`. null: never.
+    reasoning_tags: tuple[NonEmpty, NonEmpty] | None = ("<think>", "</think>")
 
 
 class HealthSettings(Struct, frozen=True, forbid_unknown_fields=True):
@@ -158,6 +173,9 @@ class RoutingSettings(Struct, frozen=True, forbid_unknown_fields=True):
     retry_budget_ratio: Annotated[float, Meta(ge=0)] = 0.2
     retry_budget_floor: Annotated[int, Meta(ge=0)] = 3
     latency_ewma_alpha: Annotated[float, Meta(gt=0, le=1)] = 0.3
+    # An answer that fails its `response_format` is asked for again this many times on the same
+    # deployment (then the next one); these do not count towards max_attempts.
+    invalid_output_retries: Annotated[int, Meta(ge=0)] = 1
     seed: int | None = None  # fixes the random choices (weighted order, jitter): for tests
     health: HealthSettings = HealthSettings()
 

@@ -24,6 +24,7 @@ Faults (streamed and not, unless said):
   slow-stream         one chunk every 0.2 s, 100 of them
   wait-close          holds the request until the client goes, and notes when (time.time())
   switch              whatever `POST /_control {"switch": FAULT}` set last (default ok)
+  lm, lm-*            a deterministic model honouring every parameter (see tests/fakes/lm.py)
 
 `GET /_stats`: requests, hits per model, distinct client connections, streams whose client left,
 close times noted by `wait-close`, and the last body and headers. `POST /_reset` clears them.
@@ -40,6 +41,11 @@ from collections import Counter
 from typing import Any
 
 from aiohttp import web
+
+try:
+    from tests.fakes import lm
+except ImportError:  # run as a script: python tests/fakes/upstream.py PORT
+    import lm  # type: ignore[no-redef]
 
 stats: dict[str, Any] = {}
 control: dict[str, str] = {"switch": "ok"}
@@ -123,6 +129,8 @@ async def completions(request: web.Request) -> web.StreamResponse:
     if fault == "switch":
         fault = control["switch"]
     stream = bool(body.get("stream"))
+    if fault == "lm" or fault.startswith("lm-"):
+        return await _lm(request, fault, body, stream)
 
     if fault.startswith("status-"):
         code = int(fault.split("-")[1])
@@ -205,6 +213,25 @@ async def completions(request: web.Request) -> web.StreamResponse:
     return response
 
 
+async def _lm(
+    request: web.Request, model: str, body: dict[str, Any], stream: bool
+) -> web.StreamResponse:
+    try:
+        answer = lm.complete(model, body)
+    except lm.Rejected as exc:
+        error = {"error": {"message": str(exc), "type": "invalid_request_error", "code": None}}
+        return web.json_response(error, status=400)
+    if not stream:
+        return web.json_response(answer)
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+    for chunk in lm.chunks(answer, include_usage):
+        await response.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+    await response.write(b"data: [DONE]\n\n")
+    return response
+
+
 async def get_stats(request: web.Request) -> web.Response:
     return web.json_response(
         {
@@ -221,6 +248,7 @@ async def get_stats(request: web.Request) -> web.Response:
 
 async def post_reset(request: web.Request) -> web.Response:
     reset()
+    lm.reset()
     return web.json_response({})
 
 

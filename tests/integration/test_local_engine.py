@@ -34,19 +34,22 @@ def test_results_do_not_depend_on_what_ran_before(router: Router) -> None:
     assert both[0]["logprobs"] == both[1]["logprobs"] == cold["logprobs"]
 
 
-def test_text_offset_counts_from_the_prompt_start(router: Router) -> None:
+def test_text_offset_indexes_the_choice_text_echo_included(router: Router) -> None:
+    # The contract (unlike OpenAI, whose offsets count from the prompt's start even
+    # without echo): offsets are positions in the choice's own text.
     prompt = "The sky is"
     choice = complete(router, prompt=prompt, max_tokens=4, logprobs=0, temperature=0).json()["choices"][
         0
     ]
     offsets = choice["logprobs"]["text_offset"]
-    assert offsets[0] == len(prompt)
     tokens = choice["logprobs"]["tokens"]
-    assert offsets == [len(prompt) + len("".join(tokens[:i])) for i in range(len(tokens))]
+    assert offsets == [len("".join(tokens[:i])) for i in range(len(tokens))]
+    assert "".join(tokens) == choice["text"]
     echoed = complete(router, prompt=prompt, max_tokens=2, logprobs=1, echo=True, temperature=0)
     lp = echoed.json()["choices"][0]["logprobs"]
     assert lp["text_offset"][0] == 0 and lp["token_logprobs"][0] is None
     assert "".join(lp["tokens"]) == echoed.json()["choices"][0]["text"]
+    assert echoed.json()["choices"][0]["text"].startswith(prompt)
 
 
 @pytest.mark.parametrize("stream", [False, True])

@@ -82,12 +82,12 @@ def test_every_parameter_is_passed_on(router: Router, fake_upstream: str) -> Non
         "user": "end-user-1",
         "metadata": {"team": "a"},
     }
-    r = post(router, "fake/ok", **params)
+    r = post(router, "lm/full", **params)
     assert r.status_code == 200, r.text
-    validate(r.json(), "CompletionResponse")
+    validate(r.json(), "CompletionResponse", served=True)  # echo's first token_logprob is null
     got = httpx.get(f"{fake_upstream}/_stats").json()
     sent = got["last_body"]
-    assert sent["model"] == "ok"  # the deployment's upstream name
+    assert sent["model"] == "lm"  # the deployment's upstream name
     assert sent["prompt"] == "Hi" and sent["max_tokens"] == 3
     for name, value in params.items():
         if name in ("user", "metadata"):
@@ -95,7 +95,7 @@ def test_every_parameter_is_passed_on(router: Router, fake_upstream: str) -> Non
         else:
             assert sent[name] == value, name
     assert got["last_headers"]["Authorization"] == "Bearer upstream-secret"
-    assert r.json()["system_fingerprint"] == "fp_fake"
+    assert r.json()["system_fingerprint"] == "fp_lm"
 
 
 def test_token_prompts_pass_through_unchanged(router: Router, fake_upstream: str) -> None:
@@ -153,10 +153,9 @@ def test_a_client_error_is_not_retried_elsewhere(router: Router, fake_upstream: 
 @pytest.mark.parametrize(
     ("extra", "param"),
     [
-        ({"echo": True}, "echo"),
         ({"logprobs": 1}, "logprobs"),
         ({"prompt": [1, 2, 3]}, "prompt"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"response_format": {"type": "grammar", "grammar": 'root ::= "a"'}}, "response_format"),
     ],
 )
 def test_declared_gaps_are_refused_or_routed_around(
@@ -185,18 +184,33 @@ def test_429_keeps_its_retry_after_and_the_deployment_is_skipped_meanwhile(
     assert httpx.get(f"{fake_upstream}/_stats").json()["requests"] == 1
 
 
-def test_usage_in_streams_only_where_the_deployment_reports_it(router: Router) -> None:
+def test_usage_in_streams_is_exact_even_where_the_deployment_counts_none(
+    router: Router, fake_upstream: str
+) -> None:
+    # basic/ok sends no usage in streams: with include_usage, the router asks for a complete
+    # answer (which has the upstream's own count) and streams that, rather than guess.
     body = {"prompt": "Hi", "stream": True, "stream_options": {"include_usage": True}}
-    r = httpx.post(
-        f"{router.api}/completions", headers=router.headers(), json={**body, "model": "basic/ok"}
-    )
-    assert_error(r, 400, "stream_options")
+    with httpx.stream(
+        "POST", f"{router.api}/completions", headers=router.headers(), json={**body, "model": "basic/ok"}
+    ) as streamed:
+        assert streamed.status_code == 200
+        lines = [line for line in streamed.iter_lines() if line.startswith("data: {")]
+    sent = httpx.get(f"{fake_upstream}/_stats").json()["last_body"]
+    assert "stream" not in sent and "stream_options" not in sent
+    assert json.loads(lines[-1][6:])["usage"] == {
+        "prompt_tokens": 3,
+        "completion_tokens": 2,
+        "total_tokens": 5,
+    }
+    assert json.loads(lines[0][6:])["choices"][0]["text"]
+    # Without include_usage the stream is the upstream's own, and nothing asks it for stream usage.
     with httpx.stream(
         "POST",
         f"{router.api}/completions",
         headers=router.headers(),
-        json={**body, "model": "basic/ok", "models": ["fake/ok"]},
+        json={**body, "model": "basic/ok", "stream_options": None},
     ) as streamed:
-        lines = [line for line in streamed.iter_lines() if line.startswith("data: {")]
-    assert json.loads(lines[0][6:])["model"] == "fake/ok"
-    assert json.loads(lines[-1][6:])["usage"]["total_tokens"] == 6
+        assert streamed.status_code == 200
+        streamed.read()
+    sent = httpx.get(f"{fake_upstream}/_stats").json()["last_body"]
+    assert sent["stream"] is True and "stream_options" not in sent

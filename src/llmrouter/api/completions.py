@@ -12,7 +12,8 @@ from llmrouter.api.http import Request
 from llmrouter.api.sse import DONE, KEEPALIVE, event, start_stream
 from llmrouter.errors import LlmrouterError
 from llmrouter.routing.executor import Attempt, OpenStream
-from llmrouter.routing.plan import Plan
+from llmrouter.routing.plan import Plan, Target
+from llmrouter.structured import check_request_format
 from llmrouter.wire.completions import (
     CompletionChunk,
     CompletionCreateParams,
@@ -33,12 +34,13 @@ async def create_completion(req: Request, ctx: Context) -> None:
     req.log["key_id"] = principal.key_id
     req.require_json()
     params, prompts = decode_completion_request(await req.body(ctx.settings.server.max_body_bytes))
+    check_request_format(params.response_format)
     plan = ctx.catalog.plan(params, prompts)
     if params.stream:
         await _stream(req, ctx, plan, params, prompts)
         return
     target, result, attempts = await ctx.executor.complete(plan, params, prompts, req.request_id)
-    _note(req, target.model.id, target.deployment.provider, attempts, result.usage)
+    _note(req, target, attempts, result.usage)
     response = CompletionResponse(
         id=req.request_id,
         created=int(time.time()),
@@ -58,6 +60,7 @@ async def create_completion(req: Request, ctx: Context) -> None:
                 (b"content-length", str(len(body)).encode()),
                 (b"x-request-id", req.request_id.encode()),
                 (b"x-llmrouter-attempts", _attempts_header(attempts)),
+                *_emulated_header(target),
             ],
         }
     )
@@ -101,6 +104,7 @@ async def _stream(
     try:
         if not started:
             headers.append((b"x-llmrouter-attempts", _attempts_header(stream.attempts)))
+            headers.extend(_emulated_header(stream.target))
             await start_stream(send, headers)
         await _relay(req, stream, include_usage)
     finally:
@@ -142,12 +146,12 @@ async def _relay(req: Request, stream: OpenStream, include_usage: bool) -> None:
             except StopAsyncIteration:
                 break
     except LlmrouterError as exc:
-        _note(req, target.model.id, target.deployment.provider, stream.attempts, usage)
+        _note(req, target, stream.attempts, usage)
         await _end_with_error(req, exc)
         return
     finally:
         await stream.aclose()
-    _note(req, target.model.id, target.deployment.provider, stream.attempts, usage)
+    _note(req, target, stream.attempts, usage)
     tail = b""
     if include_usage:
         chunk.choices = []
@@ -162,13 +166,21 @@ async def _end_with_error(req: Request, exc: LlmrouterError) -> None:
     await req.send({"type": "http.response.body", "body": body, "more_body": False})
 
 
-def _note(req: Request, model: str, provider: str, attempts: list[Attempt], usage: Usage | None) -> None:
-    req.log["model"] = model
-    req.log["provider"] = provider
+def _note(req: Request, target: Target, attempts: list[Attempt], usage: Usage | None) -> None:
+    req.log["model"] = target.model.id
+    req.log["provider"] = target.deployment.provider
+    if target.shape is not None and target.shape.emulated:
+        req.log["emulated"] = list(target.shape.emulated)
     req.log["attempts"] = attempts  # encoded as strings by the log line (Attempt.__str__)
     if usage is not None:
         req.log["prompt_tokens"] = usage.prompt_tokens
         req.log["completion_tokens"] = usage.completion_tokens
+
+
+def _emulated_header(target: Target) -> list[tuple[bytes, bytes]]:
+    """Which request fields llmrouter itself honoured for the deployment that answered."""
+    emulated = target.shape.emulated if target.shape is not None else ()
+    return [(b"x-llmrouter-emulated", ", ".join(emulated).encode())] if emulated else []
 
 
 def _attempts_header(attempts: list[Attempt]) -> bytes:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from llmrouter.api.http import Request, send_bytes
+from llmrouter.emulation.shape import honoured_parameters
 from llmrouter.wire.completions import ModelCard, ModelList, encoder
 
 if TYPE_CHECKING:
@@ -22,10 +23,7 @@ def model_list(ctx: Context) -> ModelList:
         targets = ctx.catalog.targets[model.id]
         supported = set(_ROUTER_PARAMETERS)
         for target in targets:
-            caps = target.capabilities
-            supported |= caps.parameters
-            if len(caps.response_formats) > 1:
-                supported.add("response_format")
+            supported |= honoured_parameters(target.capabilities)
         owner = model.owned_by or model.id.split("/", 1)[0]
         cards.extend(
             ModelCard(

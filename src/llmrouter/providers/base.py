@@ -34,7 +34,7 @@ __all__ = [
 # Every request field a deployment may or may not honour, by its wire name. `model`, `models`,
 # `stream_options`, `user` and `metadata` are the router's own and are always honoured.
 ALL_PARAMETERS: frozenset[str] = (
-    frozenset(get_args(UpstreamParameter)) - {"prompt_token_ids", "stream_usage"}
+    frozenset(get_args(UpstreamParameter)) - {"prompt_token_ids", "prompt_batch", "stream_usage"}
 ) | {"max_tokens", "response_format"}
 
 
@@ -46,6 +46,7 @@ class Capabilities:
     response_formats: frozenset[str] = frozenset({"text"})
     max_logprobs: int = 5
     token_prompts: bool = True
+    prompt_batch: bool = True  # several prompts in one call
     # best_of > n means generating extra candidates and choosing: only where the engine can rank.
     best_of_above_n: bool = False
     stream_usage: bool = True  # reports usage at the end of a stream

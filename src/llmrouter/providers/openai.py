@@ -38,6 +38,7 @@ from llmrouter.providers.base import (
     normalise_finish_reason,
 )
 from llmrouter.settings import DeploymentSettings, OpenAIProvider
+from llmrouter.structured import format_kind, gbnf_for
 from llmrouter.wire.completions import (
     ChunkChoice,
     CompletionChoice,
@@ -45,10 +46,11 @@ from llmrouter.wire.completions import (
     Usage,
     encoder,
 )
+from llmrouter.wire.validate import Prompts
 
 __all__ = ["OpenAIAdapter", "parse_retry_after"]
 
-_ROUTER_FIELDS = ("model", "models", "user", "metadata", "stream_options")
+_ROUTER_FIELDS = ("model", "models", "provider", "user", "metadata", "stream_options")
 _MAX_ERROR_TEXT = 500
 _MAX_SSE_LINE = 64 * 1024 * 1024
 _MAX_RETRY_AFTER = 3600.0
@@ -98,6 +100,7 @@ class OpenAIAdapter:
         if settings.api_key:
             self._headers["authorization"] = f"Bearer {settings.api_key}"
         self._session: aiohttp.ClientSession | None = None
+        self._stream_usage = "stream_usage" not in settings.unsupported_parameters
 
     async def start(self) -> None:
         t = self._settings.timeouts
@@ -122,6 +125,7 @@ class OpenAIAdapter:
             response_formats=self._settings.response_formats,
             max_logprobs=self._settings.max_logprobs,
             token_prompts="prompt_token_ids" not in unsupported,
+            prompt_batch="prompt_batch" not in unsupported,
             best_of_above_n="best_of" not in unsupported,
             stream_usage="stream_usage" not in unsupported,
         )
@@ -138,9 +142,16 @@ class OpenAIAdapter:
     # -- requests -----------------------------------------------------------------------------
 
     def _body(self, call: Call, *, stream: bool) -> bytes:
-        fields: dict[str, Any] = msgspec.to_builtins(call.params)
+        fields: dict[str, Any] = {**self._settings.defaults, **msgspec.to_builtins(call.params)}
         for name in _ROUTER_FIELDS:
             fields.pop(name, None)
+        fields["prompt"] = _wire_prompt(call.prompts)
+        response_format = call.params.response_format
+        if format_kind(response_format) == "text":
+            fields.pop("response_format", None)  # the default: legacy upstreams do not know it
+        elif self._settings.structured_output_field == "grammar":
+            fields.pop("response_format")
+            fields["grammar"] = gbnf_for(response_format)
         for name in self._settings.forward:
             value = getattr(call.params, name)
             if value is not UNSET and value is not None:
@@ -148,7 +159,8 @@ class OpenAIAdapter:
         fields["model"] = call.deployment.model
         if stream:
             fields["stream"] = True
-            fields["stream_options"] = {"include_usage": True}
+            if self._stream_usage:
+                fields["stream_options"] = {"include_usage": True}
         return encoder.encode(fields)
 
     async def complete(self, call: Call) -> Completion:
@@ -326,6 +338,14 @@ class OpenAIAdapter:
         if isinstance(exc, aiohttp.ClientConnectionError | OSError):
             return UpstreamUnavailable(f"Provider {self.name} is unreachable: {type(exc).__name__}.")
         return UpstreamUnavailable(f"Provider {self.name} failed: {type(exc).__name__}.")
+
+
+def _wire_prompt(prompts: Prompts) -> str | list[Any]:
+    """The prompt of one call as the upstream takes it: one prompt alone, several as a list."""
+    if len(prompts) == 1:
+        only = prompts[0]
+        return only if isinstance(only, str) else list(only)
+    return [p if isinstance(p, str) else list(p) for p in prompts]
 
 
 def _error_detail(raw: bytes) -> tuple[str, str | None]:

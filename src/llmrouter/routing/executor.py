@@ -25,9 +25,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
+from llmrouter.emulation.shape import Shape
 from llmrouter.errors import (
     ContextLengthExceeded,
     DeadlineExceeded,
+    InvalidOutput,
     LlmrouterError,
     ProviderError,
     ServiceUnavailable,
@@ -177,6 +179,8 @@ class _Run(Generic[T]):
         self.tried: set[str] = set()  # in the current pass over the plan
         self.too_small: set[str] = set()  # models whose context the request does not fit
         self.refused: set[str] = set()  # deployments whose content policy refused it
+        self.invalid: dict[str, int] = {}  # answers that failed response_format, per deployment
+        self.again: Target | None = None  # ask this one again (its answer was invalid)
         self.passes = 0
         self.started = 0
         self.last_error: LlmrouterError | None = None
@@ -237,7 +241,7 @@ class Executor:
             limit, is_deadline = _by(deadline, call.timeouts.total)
             try:
                 async with asyncio.timeout_at(limit):
-                    result = await target.provider.complete(call)
+                    result = await _shape(target).complete(target.provider, call)
             except TimeoutError:
                 raise _timeout(label, "did not finish in time", is_deadline) from None
             finally:
@@ -259,7 +263,7 @@ class Executor:
         async def attempt(target: Target, call: Call, deadline: float) -> Opened:
             started = time.perf_counter()
             health.started(target.label)
-            parts = aiter(target.provider.stream(call))
+            parts = aiter(_shape(target).stream(target.provider, call))
             limit, is_deadline = _by(deadline, call.timeouts.first_token)
             try:
                 async with asyncio.timeout_at(limit):
@@ -376,9 +380,16 @@ class Executor:
         """After a failure: the next target of this pass, or of a new pass after a backoff; None
         when the attempts, the budget, the deadline or the plan are used up."""
         loop = asyncio.get_running_loop()
-        if run.started >= self._routing.max_attempts or run.nothing_left():
-            return None
         if loop.time() >= run.deadline:
+            return None
+        if run.again is not None:  # not counted in max_attempts: it is the same deployment
+            again, run.again = run.again, None
+            run.started -= 1
+            if self._budget.try_spend():
+                return again
+            run.attempts.append(Attempt(again.label, "retry_budget_exhausted", 0.0))
+            return None
+        if run.started >= self._routing.max_attempts or run.nothing_left():
             return None
         nxt = self._pick(run)
         if nxt is None:
@@ -415,6 +426,12 @@ class Executor:
             run.too_small.add(target.model.id)  # the request's other models may fit it
         elif isinstance(exc, UpstreamRefused):
             run.refused.add(target.label)  # asking it again would be refused again
+        elif isinstance(exc, InvalidOutput):
+            count = run.invalid[target.label] = run.invalid.get(target.label, 0) + 1
+            if count <= self._routing.invalid_output_retries:
+                run.again = target
+            else:
+                run.refused.add(target.label)
         elif not exc.retryable:
             run.stop = True
 
@@ -462,12 +479,17 @@ class Executor:
         return self._rng.uniform(0, cap) / 1000
 
 
+def _shape(target: Target) -> Shape:
+    assert target.shape is not None, "a plan's targets carry their shape"
+    return target.shape
+
+
 def _is_sick(exc: LlmrouterError) -> bool:
     """Failures that say something about the deployment (not about the request, not load)."""
     return (
         isinstance(exc, ProviderError)
         and exc.retryable
-        and not isinstance(exc, UpstreamRateLimited | UpstreamRefused)
+        and not isinstance(exc, UpstreamRateLimited | UpstreamRefused | InvalidOutput)
     )
 
 

@@ -1,19 +1,20 @@
-"""From a request to a plan: which deployments may answer it, in what order.
+"""From a request to a plan: which deployments may answer it, in what order, and how.
 
 The request's `model` comes first, then `models` in order (OpenRouter's semantics). A deployment is
-in the plan only if it honours every parameter the request sets; if no deployment of any requested
-model does, the request is refused with a 400 naming the parameter and the model — never a silent
-drop.
+in the plan only if it honours every parameter the request sets, natively or with the router's
+exact emulation (its `Shape`, see `llmrouter.emulation`); if no deployment of any requested model
+can, the request is refused with a 400 naming the parameter and the model — never a silent drop.
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from msgspec import UNSET
 
+from llmrouter.emulation.shape import Shape, requested_parameters, shape_for
 from llmrouter.errors import InvalidRequest, ModelNotFound, UnsupportedParameter
 from llmrouter.providers.base import Capabilities, Provider
 from llmrouter.routing.health import HealthBook
@@ -22,17 +23,19 @@ from llmrouter.settings import DeploymentSettings, ModelSettings, Settings
 from llmrouter.wire.completions import CompletionCreateParams, ProviderPreferences
 from llmrouter.wire.validate import Prompts
 
-__all__ = ["Catalog", "Plan", "Target", "requested_parameters"]
+__all__ = ["Catalog", "Plan", "Target"]
 
 
 @dataclass(frozen=True, slots=True)
 class Target:
-    """One deployment of one model, and the adapter that reaches it."""
+    """One deployment of one model, the adapter that reaches it, and (in a plan) how it is made
+    to honour the request."""
 
     model: ModelSettings
     deployment: DeploymentSettings
     provider: Provider
     capabilities: Capabilities
+    shape: Shape | None = None
 
     @property
     def label(self) -> str:
@@ -94,11 +97,11 @@ class Catalog:
         for name, _param in names:
             capable: list[Target] = []
             for target in self._allowed(self.targets[name], prefs):
-                missing = _first_unsupported(target.capabilities, params, wanted)
-                if missing is None:
-                    capable.append(target)
+                shape = shape_for(target.capabilities, target.model, params, prompts, wanted)
+                if isinstance(shape, Shape):
+                    capable.append(replace(target, shape=shape))
                 elif refusal is None:
-                    param, why = missing
+                    param, why = shape
                     refusal = UnsupportedParameter(
                         f"Model {target.model.id!r} (deployment {target.label}) {why}; llmrouter "
                         "does not drop parameters.",
@@ -173,65 +176,3 @@ def _apply_order(targets: list[Target], prefs: ProviderPreferences) -> list[Targ
     if prefs.allow_fallbacks is False:
         return targets[:1]
     return targets
-
-
-def requested_parameters(params: CompletionCreateParams, prompts: Prompts) -> list[str]:
-    """The parameters this request actually asks something of (neutral values ask nothing)."""
-    p = params
-    wanted: list[str] = []
-    if p.echo:
-        wanted.append("echo")
-    if p.n is not None and p.n > 1:
-        wanted.append("n")
-    if p.best_of is not None and p.best_of > (p.n or 1):
-        wanted.append("best_of")
-    if p.logprobs is not None:
-        wanted.append("logprobs")
-    if p.logit_bias:
-        wanted.append("logit_bias")
-    if p.seed is not None:
-        wanted.append("seed")
-    if p.stop:
-        wanted.append("stop")
-    if p.suffix is not None:
-        wanted.append("suffix")
-    for name in ("temperature", "top_p"):
-        if getattr(p, name) is not None:
-            wanted.append(name)
-    for name in ("frequency_penalty", "presence_penalty"):
-        if getattr(p, name):
-            wanted.append(name)
-    if p.stream:
-        wanted.append("stream")
-        if p.stream_options is not None and p.stream_options.include_usage:
-            wanted.append("stream_options")
-    if p.response_format is not None and type(p.response_format).__name__ != "ResponseFormatText":
-        wanted.append("response_format")
-    if prompts and not isinstance(prompts[0], str):
-        wanted.append("prompt")
-    return wanted
-
-
-def _first_unsupported(
-    caps: Capabilities, params: CompletionCreateParams, wanted: list[str]
-) -> tuple[str, str] | None:
-    """The first parameter `caps` cannot honour, and why; None if it honours them all."""
-    for name in wanted:
-        if name == "prompt":
-            if not caps.token_prompts:
-                return "prompt", "does not accept token-id prompts"
-        elif name == "response_format":
-            kind = params.response_format.__struct_config__.tag  # type: ignore[union-attr]
-            if kind not in caps.response_formats:
-                return "response_format", f"cannot honour response_format {kind!r}"
-        elif name == "best_of":
-            if not caps.best_of_above_n:
-                return "best_of", "cannot honour `best_of` greater than `n`"
-        elif name == "stream_options":
-            if not caps.stream_usage:
-                return "stream_options", "does not report usage in streams"
-        elif name not in caps.parameters:
-            return name, f"cannot honour `{name}`"
-    if params.logprobs is not None and params.logprobs > caps.max_logprobs:
-        return "logprobs", f"returns at most {caps.max_logprobs} logprobs per token"
-    return None

@@ -1,0 +1,501 @@
+"""How one deployment is made to honour one request: what it is asked, and what the router does.
+
+For each parameter the request sets, a deployment honours it natively (it is passed on), or the
+router emulates it exactly, or the deployment cannot serve the request (the plan leaves it out, and
+with no deployment left the client gets a 400 naming the parameter). The router emulates:
+
+    n          n calls in parallel (seeds derived from `seed`), choices merged in order
+    best_of    best_of candidates (natively or fanned out) with logprobs; the n with the highest
+               mean token logprob are returned
+    echo       the prompt prepended to each choice (not with logprobs: the prompt must be scored)
+    stop       enforced on the text, across chunk boundaries (always, even where native)
+    stream     a complete answer sent as a stream (also for `include_usage` where the deployment
+               counts no usage in streams)
+    json_object, json_schema, python
+               each answer checked; an invalid one is asked for again (see the executor)
+
+`Shape.complete` and `Shape.stream` run one attempt through the adapter with all of that applied.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, replace
+from typing import TypeVar
+
+import msgspec
+
+from llmrouter.emulation.choices import ChoiceShaper, Shaped
+from llmrouter.errors import InvalidOutput, LlmrouterError, UpstreamUnavailable
+from llmrouter.providers.base import Call, Capabilities, Completion, Provider, StreamPart
+from llmrouter.settings import ModelSettings
+from llmrouter.structured import Checker, checker_for, format_kind
+from llmrouter.wire.completions import (
+    ChunkChoice,
+    CompletionChoice,
+    CompletionCreateParams,
+    Usage,
+)
+from llmrouter.wire.validate import Prompts
+
+__all__ = ["EMULATED_FORMATS", "Shape", "honoured_parameters", "requested_parameters", "shape_for"]
+
+T = TypeVar("T")
+
+# response_format kinds the router can honour on any deployment by checking (and asking again).
+EMULATED_FORMATS = frozenset({"json_object", "json_schema", "python"})
+
+
+@dataclass(frozen=True, slots=True)
+class _Sub:
+    """Which part of the request one call makes: its prompts from `first_prompt` on, and (when
+    fanned out) which candidate."""
+
+    first_prompt: int
+    candidate: int
+
+
+@dataclass(frozen=True, slots=True)
+class Shape:
+    params: CompletionCreateParams  # what each call to the deployment asks (never `stream`)
+    prompts: Prompts
+    n: int  # choices per prompt for the client
+    candidates: int  # choices generated per prompt (best_of when the router chooses)
+    fan_out: int  # calls per prompt group; each asks for one choice per prompt when > 1
+    split_prompts: bool  # one call per prompt (the deployment takes one prompt at a time)
+    choose_best: bool  # the router picks the n best candidates
+    logprobs: bool  # the client asked for logprobs
+    echo: bool  # the router prepends the prompt
+    native_echo: bool  # the deployment echoes (the prompt's logprobs come from it)
+    stops: tuple[str, ...]
+    reasoning_tags: tuple[str, str] | None
+    checker: Checker | None
+    buffered: bool  # the stream is served from a complete (and checked) answer
+    emulated: tuple[str, ...] = ()  # the request fields the router honours for the deployment
+
+    # -- one attempt ----------------------------------------------------------------------------
+
+    async def complete(self, provider: Provider, call: Call) -> Completion:
+        calls = self._calls(call)
+        if len(calls) == 1:
+            results = [await provider.complete(calls[0][0])]
+        else:
+            results = await _all([provider.complete(c) for c, _ in calls])
+        choices: list[tuple[int, CompletionChoice]] = []
+        for (_, sub), result in zip(calls, results, strict=True):
+            for choice in result.choices:
+                choices.append((self._index(choice.index, sub), choice))
+        expected = len(self.prompts) * self.candidates
+        if len({i for i, _ in choices}) != expected:
+            raise UpstreamUnavailable(
+                f"{call.deployment.provider}/{call.deployment.model} returned {len(choices)} "
+                f"choices where {expected} were asked for."
+            )
+        choices.sort(key=lambda ic: ic[0])
+        if self.choose_best:
+            choices = self._best(choices)
+        shaped = [self._finish_choice(i, c) for i, c in choices]
+        return Completion(
+            choices=shaped,
+            usage=_sum_usage([r.usage for r in results]),
+            system_fingerprint=results[0].system_fingerprint,
+        )
+
+    async def stream(self, provider: Provider, call: Call) -> AsyncIterator[StreamPart]:
+        if self.buffered:
+            result = await self.complete(provider, call)
+            yield StreamPart(
+                [
+                    ChunkChoice(c.text, c.index, c.logprobs, None, msgspec.UNSET, c.reasoning)
+                    for c in result.choices
+                ],
+                system_fingerprint=result.system_fingerprint,
+            )
+            yield StreamPart(
+                [
+                    ChunkChoice("", c.index, None, c.finish_reason, c.native_finish_reason)
+                    for c in result.choices
+                ],
+                usage=result.usage,
+            )
+            return
+        calls = self._calls(call)
+        shapers: dict[int, ChoiceShaper] = {}
+        ended: set[int] = set()
+        usages: list[Usage] = []
+        estimated = False
+        subs = [sub for _, sub in calls]
+        source = _merge([provider.stream(c) for c, _ in calls])
+        try:
+            async for j, part in source:
+                if part.usage is not None:
+                    usages.append(part.usage)
+                    estimated = estimated or part.usage_estimated
+                out: list[ChunkChoice] = []
+                for choice in part.choices:
+                    index = self._index(choice.index, subs[j])
+                    if index in ended:
+                        continue  # after a stop the router enforced: the rest is not sent
+                    shaper = shapers.get(index)
+                    if shaper is None:
+                        shaper = shapers[index] = self._shaper(index)
+                    out.append(self._chunk(index, shaper, choice, ended))
+                if out:
+                    yield StreamPart(out, system_fingerprint=part.system_fingerprint)
+        finally:
+            await source.aclose()
+        expected = len(self.prompts) * self.n
+        if len(ended) < expected:
+            missing = min(set(range(expected)) - ended)
+            raise UpstreamUnavailable(f"The stream ended without choice {missing}.")
+        if usages:
+            yield StreamPart([], usage=_sum_usage(usages), usage_estimated=estimated)
+
+    # -- pieces ---------------------------------------------------------------------------------
+
+    def _calls(self, call: Call) -> list[tuple[Call, _Sub]]:
+        """The calls one attempt makes: one, or one per prompt and/or per candidate."""
+        groups = [(p, self.prompts[p : p + 1]) for p in range(len(self.prompts))]
+        if not self.split_prompts:
+            groups = [(0, self.prompts)]
+        seed = self.params.seed
+        calls: list[tuple[Call, _Sub]] = []
+        for first, prompts in groups:
+            for j in range(self.fan_out):
+                params = self.params
+                if self.fan_out > 1 and seed is not None:
+                    params = msgspec.structs.replace(params, seed=_derived_seed(seed, j))
+                calls.append((replace(call, params=params, prompts=prompts), _Sub(first, j)))
+        return calls
+
+    def _index(self, index: int, sub: _Sub) -> int:
+        """A choice's place among all candidates: prompt p's k-th is p * candidates + k."""
+        per_call = 1 if self.fan_out > 1 else self.candidates
+        prompt = sub.first_prompt + index // per_call
+        k = sub.candidate if self.fan_out > 1 else index % per_call
+        return prompt * self.candidates + k
+
+    def _shaper(self, index: int) -> ChoiceShaper:
+        prompt = self.prompts[index // self.n]
+        text = prompt if isinstance(prompt, str) else None
+        tags = self.reasoning_tags
+        return ChoiceShaper(
+            echo=text if self.echo else None,
+            stops=self.stops,
+            reasoning_tags=tags,
+            in_reasoning=tags is not None and text is not None and text.rstrip().endswith(tags[0]),
+            logprobs=self.logprobs,
+            native_echo=(len(text) if text is not None else None) if self.native_echo else 0,
+        )
+
+    def _chunk(
+        self, index: int, shaper: ChoiceShaper, choice: ChunkChoice, ended: set[int]
+    ) -> ChunkChoice:
+        shaped = shaper.feed(choice.text, choice.logprobs)
+        finish, native = choice.finish_reason, choice.native_finish_reason
+        if shaper.stopped:
+            finish, native = "stop", "stop"
+        elif finish is not None:
+            _join(shaped, shaper.finish())
+        if finish is not None:
+            ended.add(index)
+            self._check(shaper, finish)
+        reasoning = "".join(filter(None, (choice.reasoning, shaped.reasoning))) or None
+        return ChunkChoice(shaped.text, index, shaped.logprobs, finish, native, reasoning)
+
+    def _finish_choice(self, index: int, choice: CompletionChoice) -> CompletionChoice:
+        shaper = self._shaper(index)
+        shaped = shaper.feed(choice.text, choice.logprobs)
+        finish, native = choice.finish_reason, choice.native_finish_reason
+        if shaper.stopped:
+            finish, native = "stop", "stop"
+        else:
+            _join(shaped, shaper.finish())
+        self._check(shaper, finish)
+        reasoning = "".join(filter(None, (choice.reasoning, shaped.reasoning))) or None
+        return CompletionChoice(
+            text=shaped.text,
+            index=index,
+            logprobs=shaped.logprobs if self.logprobs else None,
+            finish_reason=finish,
+            native_finish_reason=native,
+            reasoning=reasoning,
+        )
+
+    def _check(self, shaper: ChoiceShaper, finish: str) -> None:
+        if self.checker is None or finish != "stop":
+            return  # cut by max_tokens (or a content filter): returned as it is
+        problem = self.checker("".join(shaper.content))
+        if problem is not None:
+            raise InvalidOutput(f"The answer does not satisfy response_format: {problem}")
+
+    def _best(self, choices: list[tuple[int, CompletionChoice]]) -> list[tuple[int, CompletionChoice]]:
+        """Per prompt, the n candidates with the highest mean token logprob, best first."""
+        chosen: list[tuple[int, CompletionChoice]] = []
+        for p in range(len(self.prompts)):
+            group = [c for i, c in choices if i // self.candidates == p]
+            group.sort(key=_mean_logprob, reverse=True)
+            chosen.extend((p * self.n + k, c) for k, c in enumerate(group[: self.n]))
+        return chosen
+
+
+def _mean_logprob(choice: CompletionChoice) -> float:
+    values = [v for v in (choice.logprobs.token_logprobs if choice.logprobs else []) if v is not None]
+    return sum(values) / len(values) if values else float("-inf")
+
+
+def _join(into: Shaped, more: Shaped) -> None:
+    into.text += more.text
+    into.reasoning += more.reasoning
+    if more.logprobs is not None:
+        if into.logprobs is None:
+            into.logprobs = more.logprobs
+        else:
+            for name in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+                getattr(into.logprobs, name).extend(getattr(more.logprobs, name))
+
+
+def _sum_usage(usages: list[Usage]) -> Usage:
+    prompt = sum(u.prompt_tokens for u in usages)
+    completion = sum(u.completion_tokens for u in usages)
+    return Usage(prompt, completion, prompt + completion)
+
+
+def _derived_seed(seed: int, j: int) -> int:
+    """A seed per fanned-out call: the same request gives the same seeds, and different calls
+    (or nearby seeds) do not share one. 31 bits, which every upstream accepts."""
+    digest = hashlib.blake2b(f"{seed}/{j}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 33
+
+
+async def _all(calls: list[Awaitable[T]]) -> list[T]:
+    """Every call's result, in order; the first failure cancels the rest and is raised."""
+    tasks = [asyncio.ensure_future(c) for c in calls]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _merge(
+    streams: list[AsyncIterator[StreamPart]],
+) -> AsyncGenerator[tuple[int, StreamPart], None]:
+    """The parts of several streams as they come, each with its stream's number."""
+    if len(streams) == 1:
+        stream = streams[0]
+        try:
+            async for part in stream:
+                yield 0, part
+        finally:
+            await _close(stream)
+        return
+    queue: asyncio.Queue[tuple[int, StreamPart] | LlmrouterError | BaseException | None] = (
+        asyncio.Queue()
+    )
+
+    async def pump(j: int, stream: AsyncIterator[StreamPart]) -> None:
+        try:
+            async for part in stream:
+                await queue.put((j, part))
+            await queue.put(None)
+        except Exception as exc:
+            await queue.put(exc)
+        finally:
+            await _close(stream)
+
+    tasks = [asyncio.ensure_future(pump(j, s)) for j, s in enumerate(streams)]
+    try:
+        running = len(tasks)
+        while running:
+            item = await queue.get()
+            if item is None:
+                running -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _close(stream: object) -> None:
+    closer: Callable[[], Awaitable[None]] | None = getattr(stream, "aclose", None)
+    if closer is not None:
+        await closer()
+
+
+# -- deciding -----------------------------------------------------------------------------------
+
+
+def honoured_parameters(caps: Capabilities) -> set[str]:
+    """The request fields a deployment honours, natively or emulated (for `/models`)."""
+    honoured = set(caps.parameters) | {"n", "stop", "stream", "echo", "response_format"}
+    if "logprobs" in caps.parameters or caps.best_of_above_n:
+        honoured.add("best_of")
+    return honoured
+
+
+def requested_parameters(params: CompletionCreateParams, prompts: Prompts) -> list[str]:
+    """The parameters this request actually asks something of (neutral values ask nothing)."""
+    p = params
+    wanted: list[str] = []
+    if prompts and not isinstance(prompts[0], str):
+        wanted.append("prompt")
+    if p.n is not None and p.n > 1:
+        wanted.append("n")
+    if p.best_of is not None and p.best_of > (p.n or 1):
+        wanted.append("best_of")
+    if p.echo:
+        wanted.append("echo")
+    if p.logprobs is not None:
+        wanted.append("logprobs")
+    for name in ("logit_bias", "stop", "frequency_penalty", "presence_penalty"):
+        if getattr(p, name):
+            wanted.append(name)
+    for name in ("seed", "suffix", "temperature", "top_p"):
+        if getattr(p, name) is not None:
+            wanted.append(name)
+    if p.stream:
+        wanted.append("stream")
+        if p.stream_options is not None and p.stream_options.include_usage:
+            wanted.append("stream_options")
+    if format_kind(p.response_format) != "text":
+        wanted.append("response_format")
+    return wanted
+
+
+def shape_for(
+    caps: Capabilities,
+    model: ModelSettings,
+    params: CompletionCreateParams,
+    prompts: Prompts,
+    wanted: list[str],
+) -> Shape | tuple[str, str]:
+    """The shape that makes this deployment honour the request, or (parameter, why) it cannot."""
+    native = caps.parameters
+    n = params.n or 1
+    best_of = params.best_of or n
+    token_prompts = bool(prompts) and not isinstance(prompts[0], str)
+    kind = format_kind(params.response_format)
+    asks_logprobs = params.logprobs is not None
+    changes: dict[str, object] = {"stream": False, "stream_options": None}
+    fan_out = 1
+    choose_best = False
+    echo = native_echo = False
+    stream_native = True
+
+    for name in wanted:
+        if name in ("n", "best_of", "echo", "stop", "stream", "response_format"):
+            continue  # below, together
+        if name == "prompt":
+            if not caps.token_prompts:
+                return "prompt", "does not accept token-id prompts"
+        elif name == "stream_options":
+            continue
+        elif name not in native:
+            return name, f"cannot honour `{name}`"
+    if asks_logprobs and (params.logprobs or 0) > caps.max_logprobs:
+        return "logprobs", f"returns at most {caps.max_logprobs} logprobs per token"
+
+    if params.echo:
+        if "echo" in native and (asks_logprobs or token_prompts):
+            native_echo = True  # only the deployment can score (or spell) the prompt
+        elif asks_logprobs:
+            return "echo", "cannot score the prompt, which `echo` with `logprobs` needs"
+        elif token_prompts:
+            return "echo", "cannot spell out a token-id prompt for `echo`"
+        else:
+            echo = True
+        changes["echo"] = True if native_echo else None
+        if token_prompts and params.stop and "stop" not in native:
+            return (
+                "stop",
+                "cannot honour `stop`, and the router cannot apply it to an echoed token-id prompt",
+            )
+        if token_prompts and kind in EMULATED_FORMATS:
+            return "echo", f"cannot be combined with response_format {kind!r} for a token-id prompt"
+
+    if best_of > n:
+        if caps.best_of_above_n and "n" in native:
+            pass
+        elif "logprobs" not in native:
+            return (
+                "best_of",
+                "cannot honour `best_of` greater than `n` (nor give the logprobs to choose by)",
+            )
+        elif native_echo:
+            return "best_of", "cannot honour `best_of` greater than `n` together with echoed logprobs"
+        else:
+            choose_best = True
+            changes["best_of"] = None
+            if not asks_logprobs:
+                changes["logprobs"] = 0
+    candidates = best_of if choose_best else n
+    if candidates > 1 and "n" not in native:
+        fan_out = candidates
+        changes["n"] = None
+        changes["best_of"] = None
+    elif choose_best:
+        changes["n"] = candidates
+
+    if params.stop and "stop" not in native:
+        changes["stop"] = None
+    if params.stream and "stream" not in native:
+        stream_native = False
+    format_native = kind == "text" or kind in caps.response_formats
+    if not format_native:
+        if kind not in EMULATED_FORMATS:
+            return "response_format", f"cannot honour response_format {kind!r}"
+        changes["response_format"] = None
+    # Served from a complete answer: a stream the deployment cannot make, an answer to check
+    # before any of it is sent, or usage the deployment does not count in streams (exact, where
+    # the stream's own count would be a guess).
+    usage = params.stream_options is not None and params.stream_options.include_usage
+    buffered = params.stream and (
+        not stream_native or not format_native or (bool(usage) and not caps.stream_usage)
+    )
+
+    split_prompts = len(prompts) > 1 and not caps.prompt_batch
+    emulated = [
+        name
+        for name, done_here in (
+            ("prompt", split_prompts),
+            ("n", fan_out > 1 and n > 1),
+            ("best_of", choose_best),
+            ("echo", echo),
+            ("stop", bool(params.stop) and "stop" not in native),
+            ("stream", params.stream and not stream_native),
+            ("stream_options", bool(usage) and buffered and not caps.stream_usage),
+            ("response_format", not format_native),
+        )
+        if done_here
+    ]
+    return Shape(
+        params=msgspec.structs.replace(params, **changes),
+        prompts=prompts,
+        n=n,
+        candidates=candidates,
+        fan_out=fan_out,
+        split_prompts=split_prompts,
+        choose_best=choose_best,
+        logprobs=asks_logprobs,
+        echo=echo,
+        native_echo=native_echo,
+        stops=_stops(params),
+        reasoning_tags=model.reasoning_tags,
+        checker=checker_for(params.response_format),
+        buffered=buffered,
+        emulated=tuple(emulated),
+    )
+
+
+def _stops(params: CompletionCreateParams) -> tuple[str, ...]:
+    if isinstance(params.stop, str):
+        return (params.stop,)
+    return tuple(params.stop or ())
