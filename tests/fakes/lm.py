@@ -172,8 +172,7 @@ def _choice(
             "tokens": out_tokens,
             "token_logprobs": all_values,
             "top_logprobs": [
-                None if v is None else _top(t, v, k)
-                for t, v in zip(out_tokens, all_values, strict=True)
+                None if v is None else _top(t, v, k) for t, v in zip(out_tokens, all_values, strict=True)
             ]
             if k
             else None,

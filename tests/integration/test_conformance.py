@@ -34,7 +34,7 @@ class Row:
     param: str  # the request field it is about (what a 400 names, what X-Llmrouter-Emulated says)
     body: dict[str, Any]
     cells: tuple[str, str, str, str]  # one per column
-    check: Check = lambda answer, body: None  # noqa: E731
+    check: Check = lambda answer, body: None
     lacking: str = ""  # the lm-no-X variant for column (c); default: `param`
     models: dict[str, str] = field(default_factory=dict)  # per-column model, when not the default
 
