@@ -30,3 +30,43 @@ def test_example_config_loads(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_there_are_readme_configs() -> None:
     assert len(BLOCKS) >= 2
+
+
+PARAMETERS_DOC = (ROOT / "docs" / "parameters.md").read_text()
+
+
+def test_the_parameter_table_is_the_conformance_matrix() -> None:
+    from tests.integration.test_conformance import COLUMNS, ROWS
+
+    table = [
+        [cell.strip() for cell in line.strip().strip("|").split("|")]
+        for line in PARAMETERS_DOC.splitlines()
+        if line.startswith("| ")
+    ]
+    assert table[0] == ["parameter", *COLUMNS]
+    assert table[1:] == [[row.name, *row.cells] for row in ROWS]
+
+
+def test_the_parameter_docs_provider_configs_load() -> None:
+    import msgspec
+    import yaml
+
+    from llmrouter.settings import OpenAIProvider
+
+    blocks = re.findall(r"```yaml\n(.*?)```", PARAMETERS_DOC, re.S)
+    assert len(blocks) == 2
+    for block in blocks:
+        loaded = yaml.safe_load(block)
+        providers = loaded.get("providers", loaded)
+        for body in providers.values():
+            msgspec.convert({k: v for k, v in body.items() if k != "kind"}, OpenAIProvider)
+
+
+def test_every_request_field_of_the_spec_has_a_row() -> None:
+    from llmrouter.openapi import shared_spec
+    from tests.integration.test_conformance import ROWS
+
+    fields = shared_spec()["components"]["schemas"]["CompletionCreateParams"]["properties"]
+    named = " ".join(row.name for row in ROWS)
+    missing = [name for name in fields if not re.search(rf"\b{name}\b", named)]
+    assert not missing
