@@ -88,8 +88,8 @@ def test_text_offsets_point_at_each_token_in_the_choice_text(
     tc: tuple[str, list[str]], stops: list[str]
 ) -> None:
     _, chunks = tc
-    shaper = ChoiceShaper(echo="Q: ", stops=stops, logprobs=True)
-    out = _run(shaper, chunks, logprobs=True)
+    shaper = ChoiceShaper(echo="Q: ", stops=stops, logprobs=1)
+    out = _run(shaper, chunks, logprobs=1)
     assert out.logprobs is not None
     assert len(out.logprobs.tokens) == len(out.logprobs.text_offset)
     assert out.text.startswith("Q: ")

@@ -103,7 +103,7 @@ class ChoiceShaper:
         stops: Sequence[str] = (),
         reasoning_tags: tuple[str, str] | None = None,
         in_reasoning: bool = False,  # the prompt opened the reasoning tag itself
-        logprobs: bool = False,
+        logprobs: int | None = None,
         native_echo: int | None = 0,
     ) -> None:
         """`echo`: text the router echoes first. `native_echo`: how many characters at the start of
@@ -115,7 +115,7 @@ class ChoiceShaper:
         self._reasoning = _Reasoning(reasoning_tags) if reasoning_tags is not None else None
         if self._reasoning is not None and in_reasoning:
             self._reasoning.state = "inside"
-        self._logprobs = logprobs
+        self._logprobs = logprobs  # k: top_logprobs entries per token
         self.emitted = 0  # characters of text sent so far: the next text_offset
         self.content: list[str] = []  # the completion's text (no echo, no reasoning): for checks
         self.stopped = False  # a stop sequence ended the choice
@@ -123,7 +123,7 @@ class ChoiceShaper:
     def feed(self, text: str, logprobs: Logprobs | None) -> Shaped:
         if self.stopped:
             return Shaped()
-        return self._shape(_pieces(text, logprobs), final=False)
+        return self._shape(_pieces(text, logprobs, self._logprobs or 0), final=False)
 
     def finish(self) -> Shaped:
         """The deployment ended the choice: release what was held back."""
@@ -164,7 +164,7 @@ class ChoiceShaper:
 
     def _emit(self, out: Shaped, pieces: list[Piece[Entry | None]]) -> None:
         out.text = "".join(p.text for p in pieces)
-        if self._logprobs:
+        if self._logprobs is not None:
             lp = Logprobs(tokens=[], token_logprobs=[], top_logprobs=[], text_offset=[])
             offset = self.emitted
             for piece in pieces:
@@ -178,7 +178,7 @@ class ChoiceShaper:
         self.emitted += len(out.text)
 
 
-def _pieces(text: str, logprobs: Logprobs | None) -> list[Piece[Entry | None]]:
+def _pieces(text: str, logprobs: Logprobs | None, k: int) -> list[Piece[Entry | None]]:
     """The text cut at its tokens, each piece carrying its token's entry. The text is the truth:
     tokens that do not spell it (a partial UTF-8 character, say) are aligned as far as they go."""
     if logprobs is None or not logprobs.tokens:
@@ -189,10 +189,17 @@ def _pieces(text: str, logprobs: Logprobs | None) -> list[Piece[Entry | None]]:
     for token, logprob, top in zip(logprobs.tokens, logprobs.token_logprobs, tops, strict=False):
         segment = text[position : position + len(token)]
         position += len(segment)
-        pieces.append(Piece(segment, Entry(token, logprob, top)))
+        pieces.append(Piece(segment, Entry(token, logprob, _best(top, k))))
     if position < len(text):
         pieces.append(Piece(text[position:], None))
     return pieces
+
+
+def _best(top: dict[str, float] | None, k: int) -> dict[str, float] | None:
+    """At most k entries (some upstreams add the sampled token to the k best)."""
+    if top is None or len(top) <= k:
+        return top
+    return dict(sorted(top.items(), key=lambda kv: kv[1], reverse=True)[:k])
 
 
 def _split(

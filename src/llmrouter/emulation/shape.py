@@ -29,7 +29,7 @@ import msgspec
 
 from llmrouter.emulation.choices import ChoiceShaper, Shaped
 from llmrouter.errors import InvalidOutput, LlmrouterError, UpstreamUnavailable
-from llmrouter.providers.base import Call, Capabilities, Completion, Provider, StreamPart
+from llmrouter.providers.base import ALL_PARAMETERS, Call, Capabilities, Completion, Provider, StreamPart
 from llmrouter.settings import ModelSettings
 from llmrouter.structured import Checker, checker_for, format_kind
 from llmrouter.wire.completions import (
@@ -43,6 +43,9 @@ from llmrouter.wire.validate import Prompts
 __all__ = ["EMULATED_FORMATS", "Shape", "honoured_parameters", "requested_parameters", "shape_for"]
 
 T = TypeVar("T")
+
+# Request fields a deployment may lack, that have a neutral value to leave out.
+_LACKABLE = ALL_PARAMETERS - {"max_tokens", "response_format", "stream"}
 
 # response_format kinds the router can honour on any deployment by checking (and asking again).
 EMULATED_FORMATS = frozenset({"json_object", "json_schema", "python"})
@@ -66,7 +69,7 @@ class Shape:
     fan_out: int  # calls per prompt group; each asks for one choice per prompt when > 1
     split_prompts: bool  # one call per prompt (the deployment takes one prompt at a time)
     choose_best: bool  # the router picks the n best candidates
-    logprobs: bool  # the client asked for logprobs
+    logprobs: int | None  # the client's `logprobs` (k)
     echo: bool  # the router prepends the prompt
     native_echo: bool  # the deployment echoes (the prompt's logprobs come from it)
     stops: tuple[str, ...]
@@ -218,7 +221,7 @@ class Shape:
         return CompletionChoice(
             text=shaped.text,
             index=index,
-            logprobs=shaped.logprobs if self.logprobs else None,
+            logprobs=shaped.logprobs if self.logprobs is not None else None,
             finish_reason=finish,
             native_finish_reason=native,
             reasoning=reasoning,
@@ -384,7 +387,10 @@ def shape_for(
     token_prompts = bool(prompts) and not isinstance(prompts[0], str)
     kind = format_kind(params.response_format)
     asks_logprobs = params.logprobs is not None
-    changes: dict[str, object] = {"stream": False, "stream_options": None}
+    # What the deployment lacks is not sent at all, not even a neutral value (`n: 1`): an
+    # upstream may refuse the field itself. Non-neutral values were emulated or refused above.
+    changes: dict[str, object] = {name: None for name in _LACKABLE - native}
+    changes.update(stream=False, stream_options=None)
     fan_out = 1
     choose_best = False
     echo = native_echo = False
@@ -484,7 +490,7 @@ def shape_for(
         fan_out=fan_out,
         split_prompts=split_prompts,
         choose_best=choose_best,
-        logprobs=asks_logprobs,
+        logprobs=params.logprobs,
         echo=echo,
         native_echo=native_echo,
         stops=_stops(params),
