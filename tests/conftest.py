@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from llmrouter.settings import embedded_gguf_path
+from tests.fakes.gguf import FIM_MARKERS, with_fim_markers
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -106,6 +107,14 @@ def fake_upstream() -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
+def fim_gguf(gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The embedded model, named as having fill-in-the-middle tokens (it has none of its own)."""
+    path = tmp_path_factory.mktemp("fim") / "smollm2-fim.gguf"
+    with_fim_markers(gguf, path, FIM_MARKERS)
+    return path
+
+
+@pytest.fixture(scope="session")
 def llama_server(gguf: Path) -> Iterator[str]:
     port = free_port()
     proc = subprocess.Popen(
@@ -171,7 +180,9 @@ def run_cli(home: Path, *args: str, check: bool = True) -> subprocess.CompletedP
     )
 
 
-def router_config(fake: str, llama: str | None, *, keepalive: float = 0.5) -> str:
+def router_config(
+    fake: str, llama: str | None, *, keepalive: float = 0.5, fim_gguf: Path | None = None
+) -> str:
     fake_models = "\n".join(
         f"  - id: fake/{m}\n    deployments: [{{provider: fake, model: {m}}}]" for m in FAKE_MODELS
     )
@@ -188,6 +199,13 @@ def router_config(fake: str, llama: str | None, *, keepalive: float = 0.5) -> st
     defaults: {{top_k: 0, min_p: 0, repeat_penalty: 1.0}}
 """
         if llama
+        else ""
+    )
+    fim_model = (
+        f"""  - id: local/smollm2-fim
+    deployments: [{{provider: local, model: smollm2-fim, model_path: {fim_gguf}}}]
+"""
+        if fim_gguf
         else ""
     )
     lm_providers = "".join(
@@ -237,7 +255,7 @@ providers:
   - id: local/smollm2-135m-instruct
     aliases: [smollm2]
     deployments: [{{provider: local, model: smollm2-135m-instruct}}]
-{llama_model}{fake_models}
+{fim_model}{llama_model}{fake_models}
   - id: basic/ok
     deployments: [{{provider: basic, model: ok}}]
   - id: fake/fallback
@@ -287,10 +305,10 @@ def start_router(
 
 @pytest.fixture(scope="session")
 def router(
-    tmp_path_factory: pytest.TempPathFactory, fake_upstream: str, llama_server: str
+    tmp_path_factory: pytest.TempPathFactory, fake_upstream: str, llama_server: str, fim_gguf: Path
 ) -> Iterator[Router]:
     tmp = tmp_path_factory.mktemp("router")
-    r = start_router(tmp, router_config(fake_upstream, llama_server))
+    r = start_router(tmp, router_config(fake_upstream, llama_server, fim_gguf=fim_gguf))
     try:
         yield r
     finally:

@@ -20,6 +20,8 @@ import msgspec
 import referencing.exceptions
 
 from llmrouter.errors import InvalidRequest
+from llmrouter.providers import _grammar
+from llmrouter.providers._grammar import check_grammar
 from llmrouter.wire.completions import (
     ResponseFormat,
     ResponseFormatGrammar,
@@ -50,27 +52,24 @@ def check_request_format(response_format: ResponseFormat | None) -> None:
             return
         _validator(_freeze(schema))  # raises InvalidRequest
     elif isinstance(response_format, ResponseFormatGrammar):
-        try:
-            from llmrouter.providers._grammar import check_grammar
-        except ImportError:  # no llama.cpp here: the upstream that takes the grammar parses it
-            return
         check_grammar(response_format.grammar)
 
 
 def gbnf_for(response_format: ResponseFormat | None) -> str:
     """A constrained format as a GBNF grammar, for engines that decode under one (llama.cpp)."""
-    from llmrouter.providers import _grammar  # JSON Schema conversion comes with llama.cpp
-
     if isinstance(response_format, ResponseFormatJSONObject):
         return _grammar.json_object_grammar()
     if isinstance(response_format, ResponseFormatJSONSchema):
         schema = response_format.json_schema.schema
-        if schema is msgspec.UNSET:
-            return _grammar.json_schema_grammar({})
-        return _grammar.json_schema_grammar(schema)
+        return _schema_grammar("{}" if schema is msgspec.UNSET else _freeze(schema))
     if isinstance(response_format, ResponseFormatGrammar):
         return response_format.grammar
     raise ValueError(f"no grammar for response_format {format_kind(response_format)!r}")
+
+
+@lru_cache(maxsize=256)
+def _schema_grammar(frozen: str) -> str:
+    return _grammar.json_schema_grammar(json.loads(frozen))
 
 
 def checker_for(response_format: ResponseFormat | None) -> Checker | None:

@@ -6,17 +6,22 @@ in numpy rather than by llama.cpp's sampler chain so that it means exactly what 
 says: temperature and top_p only (no hidden top_k/min_p), OpenAI's frequency and presence penalties
 over the completion's own tokens, logit_bias added to logits, and a per-choice generator seeded from
 `seed` so the same request gives the same text.
+
+A grammar (GBNF) restricts that distribution to the tokens llama.cpp's grammar matcher allows, and a
+suffix lays the prompt out for fill-in-the-middle with the model's own marker tokens.
 """
 
 from __future__ import annotations
 
 import asyncio
 import codecs
+import ctypes
 import itertools
 import logging
 import os
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,6 +37,7 @@ from llmrouter.errors import (
     LlmrouterError,
     ServiceUnavailable,
 )
+from llmrouter.providers._grammar import check_grammar
 from llmrouter.stops import Piece, StopScanner
 from llmrouter.wire.validate import Prompts
 
@@ -54,6 +60,8 @@ class Sampling:
     seed: int | None = None
     logprobs: int | None = None
     echo: bool = False
+    grammar: str | None = None  # GBNF with a `root` rule, checked by `_grammar.check_grammar`
+    suffix: str | None = None  # fill-in-the-middle: the text after the completion
 
 
 # Events a job sends back to the event loop, in order.
@@ -94,6 +102,9 @@ class Prepared:
     tokens: list[int]
     text: str
     starter: bool = False  # an empty prompt starts from one document-start token, never echoed
+    # The prompt's own tokens among `tokens` (start, end), when fill-in-the-middle wraps them in the
+    # model's markers and the suffix; None: all of them.
+    span: tuple[int, int] | None = None
 
 
 _serials = itertools.count()
@@ -133,13 +144,30 @@ class Engine:
         self.n_ctx = 0
         self.n_vocab = 0
         self._llm: Any = None
-        self._pieces: dict[int, bytes] = {}
+        self._vocab: Any = None
+        self._fim: tuple[int, int, int] | None = None  # the prefix, suffix and middle markers
+        self._pieces: dict[tuple[int, bool], bytes] = {}
         # The prompt whose keys/values are in the context, and its last logits: the next choice of
         # the same prompt starts from them instead of decoding the prompt again.
         self._prompt_in_context: tuple[int, int] | None = None
         self._prompt_logits: Logits | None = None
 
     # -- any thread -----------------------------------------------------------------------------
+
+    @property
+    def has_fim(self) -> bool:
+        """Whether the model has fill-in-the-middle tokens (so takes a suffix); known once loaded,
+        or after `probe`."""
+        return self._fim is not None
+
+    def probe(self) -> None:
+        """Read what the plan needs to know before the model has loaded (its fill-in-the-middle
+        tokens) from its vocabulary alone: a fraction of a second, where loading takes seconds."""
+        import llama_cpp
+
+        vocab_only = llama_cpp.Llama(model_path=str(self.path), vocab_only=True, verbose=False)
+        self._fim = _fim_markers(vocab_only._model.vocab)
+        vocab_only.close()
 
     def start(self) -> None:
         self._thread.start()
@@ -161,8 +189,19 @@ class Engine:
                     f"Token id {token} is outside this model's vocabulary (0..{self.n_vocab - 1}).",
                     param=f"logit_bias.{token}",
                 )
+        if s.grammar is not None:  # checked at the edge too, but `<token>`s only against a model
+            check_grammar(s.grammar, is_token=self._is_one_token)
+        suffix = None
+        if s.suffix is not None:
+            if not self.has_fim:
+                raise InvalidRequest(
+                    f"The local model {self.name} does not support suffix (no fill-in-the-middle "
+                    "tokens).",
+                    param="suffix",
+                )
+            suffix = self._tokenize(s.suffix, bos=False)
         prepared = [
-            self._prepare_one(p, i, len(prompts))  # type: ignore[arg-type]
+            self._prepare_one(p, i, len(prompts), suffix)  # type: ignore[arg-type]
             for i, p in enumerate(prompts)
         ]
         for i, prompt in enumerate(prepared):
@@ -180,9 +219,11 @@ class Engine:
             self._ready.append(job)
             self._wakeup.notify()
 
-    def _prepare_one(self, prompt: str | tuple[int, ...], i: int, count: int) -> Prepared:
+    def _prepare_one(
+        self, prompt: str | tuple[int, ...], i: int, count: int, suffix: list[int] | None
+    ) -> Prepared:
         if isinstance(prompt, str):
-            tokens = list(self._llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=False))
+            tokens = self._tokenize(prompt, bos=suffix is None)
             text = prompt
         else:
             for k, token in enumerate(prompt):
@@ -194,10 +235,31 @@ class Engine:
                     )
             tokens = list(prompt)
             text = self._text(tokens)
+        if suffix is not None:
+            return self._fill_in_the_middle(tokens, text, suffix)
         if not tokens:  # "as if from the beginning of a new document"
             bos = int(self._llm.token_bos())
             return Prepared([bos if bos >= 0 else int(self._llm.token_eos())], text, starter=True)
         return Prepared(tokens, text)
+
+    def _fill_in_the_middle(self, prefix: list[int], text: str, suffix: list[int]) -> Prepared:
+        """[BOS] <FIM_PRE> prefix <FIM_SUF> suffix <FIM_MID>, as llama.cpp's server lays out infill
+        (without its repository context); the model writes the middle."""
+        import llama_cpp
+
+        assert self._fim is not None
+        pre, suf, mid = self._fim
+        head = [int(self._llm.token_bos())] if llama_cpp.llama_vocab_get_add_bos(self._vocab) else []
+        start = len(head) + 1
+        tokens = [*head, pre, *prefix, suf, *suffix, mid]
+        return Prepared(tokens, text, span=(start, start + len(prefix)))
+
+    def _tokenize(self, text: str, *, bos: bool) -> list[int]:
+        return list(self._llm.tokenize(text.encode("utf-8"), add_bos=bos, special=False))
+
+    def _is_one_token(self, text: str) -> bool:
+        """Whether a grammar's `<text>` names a token: llama.cpp's test, special tokens included."""
+        return len(self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)) == 1
 
     def _check_context(self, tokens: list[int], s: Sampling, where: str) -> None:
         room = self.n_ctx - len(tokens)
@@ -251,14 +313,14 @@ class Engine:
             return None if self._stopping else self._ready.popleft()
 
     def _load(self) -> None:
-        from llama_cpp import Llama  # imported here: a router without local models never pays
+        import llama_cpp  # imported here: a router without local models never pays
 
         size_mb = self.path.stat().st_size / 1e6
         log.info("loading local model %s from %s (%.0f MB)", self.name, self.path, size_mb)
         started = time.perf_counter()
         ticker = threading.Thread(target=self._report_loading, args=(started,), daemon=True)
         ticker.start()
-        self._llm = Llama(
+        self._llm = llama_cpp.Llama(
             model_path=str(self.path),
             n_ctx=self._n_ctx_wanted or 0,  # 0: the model's training context
             n_batch=512,
@@ -269,6 +331,8 @@ class Engine:
         )
         self.n_ctx = int(self._llm.n_ctx())
         self.n_vocab = int(self._llm.n_vocab())
+        self._vocab = self._llm._model.vocab
+        self._fim = _fim_markers(self._vocab)
         log.info(
             "local model %s ready in %.2f s (context %d tokens)",
             self.name,
@@ -281,10 +345,19 @@ class Engine:
         while not self.loaded.wait(3.0):
             log.info("still loading local model %s (%.0f s)", self.name, time.perf_counter() - started)
 
-    def _piece(self, token: int) -> bytes:
-        piece = self._pieces.get(token)
+    def _piece(self, token: int, special: bool = False) -> bytes:
+        """The token's bytes; `special` also spells out control tokens, as llama.cpp's grammar matcher
+        reads them. (llama-cpp-python's detokenize loses any piece longer than its 32-byte buffer.)"""
+        piece = self._pieces.get((token, special))
         if piece is None:
-            piece = self._pieces[token] = bytes(self._llm.detokenize([token]))
+            import llama_cpp
+
+            buf = ctypes.create_string_buffer(64)
+            n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
+            if n < 0:  # the piece needs -n bytes
+                buf = ctypes.create_string_buffer(-n)
+                n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
+            piece = self._pieces[(token, special)] = buf.raw[:n]
         return piece
 
     def _text(self, tokens: list[int]) -> str:
@@ -322,6 +395,7 @@ class Engine:
                 job.emit(ChoiceDelta(index, prompt.text, None))
 
         limit = self.n_ctx - len(prompt.tokens) if s.max_tokens is None else s.max_tokens
+        grammar = None if s.grammar is None else _Grammar(self._vocab, s.grammar, self.n_vocab)
         scanner: StopScanner[TokenInfo | None] = StopScanner(s.stop)
         counts: dict[int, int] = {}
         generated = 0
@@ -330,13 +404,16 @@ class Engine:
         while generated < limit:
             if job.cancelled.is_set():
                 return generated
-            token = self._sample(logits, s, counts, rng)
+            token = self._sample(logits, s, counts, rng, grammar)
             generated += 1
             if self._is_end(token):
                 finish = "stop"
                 break
+            if grammar is not None:
+                grammar.accept(token)
             counts[token] = counts.get(token, 0) + 1
-            piece_text = decoder.decode(self._piece(token))
+            # Under a grammar the text is what the grammar matched, control tokens spelled out.
+            piece_text = decoder.decode(self._piece(token, special=grammar is not None))
             info = None
             if want_logprobs:
                 info = self._token_info(logits, token, piece_text, s.logprobs or 0, offset)
@@ -378,7 +455,7 @@ class Engine:
     def _is_end(self, token: int) -> bool:
         import llama_cpp
 
-        return bool(llama_cpp.llama_vocab_is_eog(self._llm._model.vocab, token))
+        return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
 
     # -- llama.cpp ----------------------------------------------------------------------------
 
@@ -432,7 +509,12 @@ class Engine:
     # -- sampling -----------------------------------------------------------------------------
 
     def _sample(
-        self, logits: Logits, s: Sampling, counts: dict[int, int], rng: np.random.Generator
+        self,
+        logits: Logits,
+        s: Sampling,
+        counts: dict[int, int],
+        rng: np.random.Generator,
+        grammar: _Grammar | None,
     ) -> int:
         x = logits.astype(np.float64)
         if s.logit_bias:
@@ -442,6 +524,25 @@ class Engine:
             ids = np.fromiter(counts.keys(), dtype=np.int64)
             seen = np.fromiter(counts.values(), dtype=np.float64)
             x[ids] -= seen * s.frequency_penalty + s.presence_penalty
+        if grammar is None:
+            return self._draw(x, s, rng)
+        if s.temperature == 0.0 or s.top_p == 1.0:
+            # Checking one token is cheap, the whole vocabulary is not. Keeping an allowed draw and
+            # drawing again from the allowed tokens after a refused one is exactly the constrained
+            # distribution; with top_p < 1 it is not, as the nucleus must be taken after the grammar.
+            token = self._draw(x, s, rng)
+            if grammar.allows(token):
+                return token
+        allowed = grammar.allowed()
+        if not allowed.any():
+            raise InvalidRequest(
+                "The grammar allows no token of this model to come next.", param="response_format"
+            )
+        x[~allowed] = -np.inf
+        return self._draw(x, s, rng)
+
+    def _draw(self, x: npt.NDArray[np.float64], s: Sampling, rng: np.random.Generator) -> int:
+        """A token from adjusted logits `x` by temperature and top_p (-inf: never)."""
         if s.temperature == 0.0:
             return int(np.argmax(x))
         with np.errstate(over="ignore", under="ignore"):  # a tiny temperature is near-greedy
@@ -450,8 +551,8 @@ class Engine:
         probs /= probs.sum()
         if s.top_p < 1.0:
             return self._nucleus(probs, s.top_p, rng)
-        pick = int(np.searchsorted(np.cumsum(probs), rng.random(), side="right"))
-        return min(pick, len(probs) - 1)
+        mass = np.cumsum(probs)  # scaled by its end, so rounding never picks a token of no mass
+        return int(np.searchsorted(mass, rng.random() * mass[-1], side="right"))
 
     @staticmethod
     def _nucleus(probs: npt.NDArray[np.float64], top_p: float, rng: np.random.Generator) -> int:
@@ -486,8 +587,10 @@ class Engine:
         infos: list[TokenInfo] = []
         offset = 0
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        for i, token in enumerate(prompt.tokens):
-            text = decoder.decode(self._piece(token), final=i == len(prompt.tokens) - 1)
+        start, end = prompt.span or (0, len(prompt.tokens))
+        for i in range(start, end):
+            token = prompt.tokens[i]
+            text = decoder.decode(self._piece(token), final=i == end - 1)
             if i == 0:
                 infos.append(TokenInfo(text, None, None, offset))
             else:
@@ -495,6 +598,64 @@ class Engine:
                 infos.append(TokenInfo(text, float(logp[token]), self._top(logp, k), offset))
             offset += len(text)
         return infos
+
+
+def _fim_markers(vocab: Any) -> tuple[int, int, int] | None:
+    """The model's fill-in-the-middle prefix, suffix and middle tokens, if it has all three."""
+    import llama_cpp
+
+    markers = (
+        llama_cpp.llama_vocab_fim_pre(vocab),
+        llama_cpp.llama_vocab_fim_suf(vocab),
+        llama_cpp.llama_vocab_fim_mid(vocab),
+    )
+    if min(markers) < 0:  # LLAMA_TOKEN_NULL is -1
+        return None
+    return int(markers[0]), int(markers[1]), int(markers[2])
+
+
+# llama.cpp's llama_token_data, for an array of the whole vocabulary handed to the grammar sampler.
+_TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
+
+
+class _Grammar:
+    """One choice's place in a grammar: llama.cpp's grammar sampler, asked which tokens may come next
+    (it sets the logit of a token it refuses to -inf) and told which one came.
+
+    Each choice makes its own, so each starts at the grammar's beginning; a finalizer frees the
+    sampler, so no way out of a choice leaks it.
+    """
+
+    def __init__(self, vocab: Any, grammar: str, n_vocab: int) -> None:
+        import llama_cpp
+
+        self._llama_cpp = llama_cpp
+        sampler = llama_cpp.llama_sampler_init_grammar(vocab, grammar.encode("utf-8"), b"root")
+        if not sampler:
+            raise LlmrouterError("llama.cpp refused a grammar that passed the check.")
+        self._sampler = sampler
+        weakref.finalize(self, llama_cpp.llama_sampler_free, sampler)
+        self._vocabulary = np.zeros(n_vocab, dtype=_TOKEN_DATA)
+        self._vocabulary["id"] = np.arange(n_vocab)
+        self._all = llama_cpp.llama_token_data_array(
+            self._vocabulary.ctypes.data_as(llama_cpp.llama_token_data_p), n_vocab, -1, False
+        )
+        self._token: Any = llama_cpp.llama_token_data(0, 0.0, 0.0)
+        self._one = llama_cpp.llama_token_data_array(ctypes.pointer(self._token), 1, -1, False)
+
+    def allows(self, token: int) -> bool:
+        self._token.id, self._token.logit = token, 0.0
+        self._llama_cpp.llama_sampler_apply(self._sampler, ctypes.byref(self._one))
+        return bool(self._token.logit == 0.0)
+
+    def allowed(self) -> npt.NDArray[np.bool_]:
+        self._vocabulary["logit"] = 0.0
+        self._llama_cpp.llama_sampler_apply(self._sampler, ctypes.byref(self._all))
+        allowed: npt.NDArray[np.bool_] = self._vocabulary["logit"] == 0.0
+        return allowed
+
+    def accept(self, token: int) -> None:
+        self._llama_cpp.llama_sampler_accept(self._sampler, token)
 
 
 def _log_softmax(logits: Logits) -> npt.NDArray[np.float64]:

@@ -16,6 +16,7 @@ from llmrouter.providers._llama_engine import (
     Event,
     Job,
     JobUsage,
+    Prepared,
     Sampling,
     TokenInfo,
     bind_loop,
@@ -29,6 +30,7 @@ from llmrouter.settings import (
     Timeouts,
     embedded_gguf_path,
 )
+from llmrouter.structured import format_kind, gbnf_for
 from llmrouter.wire.completions import ChunkChoice, CompletionChoice, Logprobs, Usage
 
 __all__ = ["LlamaCppAdapter", "resolve_model_path"]
@@ -91,6 +93,7 @@ class LlamaCppAdapter:
                     n_threads=settings.n_threads,
                     max_queue=settings.max_queue,
                 )
+                self._engines[deployment.model].probe()
 
     async def start(self) -> None:
         for engine in self._engines.values():
@@ -101,8 +104,10 @@ class LlamaCppAdapter:
             engine.stop()
 
     def capabilities(self, deployment: DeploymentSettings) -> Capabilities:
+        fim = self._engines[deployment.model].has_fim
         return Capabilities(
-            parameters=_CAPABILITIES_PARAMETERS,
+            parameters=_CAPABILITIES_PARAMETERS | {"suffix"} if fim else _CAPABILITIES_PARAMETERS,
+            response_formats=frozenset({"text", "json_object", "json_schema", "grammar"}),
             max_logprobs=self._settings.max_logprobs,
             token_prompts=True,
         )
@@ -163,10 +168,9 @@ class LlamaCppAdapter:
         engine = self._engines.get(call.deployment.model)
         if engine is None:
             raise ServiceUnavailable(f"No local model {call.deployment.model!r} is configured.")
-        sampling = _sampling(call)
-        # Tokenizing and the context checks run beside the event loop, before the queue: a request
-        # that cannot fit is refused at once, not after waiting its turn.
-        prompts = await asyncio.to_thread(engine.prepare, call.prompts, sampling)
+        # Tokenizing, the grammar and the context checks run beside the event loop, before the
+        # queue: a request that cannot fit is refused at once, not after waiting its turn.
+        sampling, prompts = await asyncio.to_thread(_prepare, engine, call)
         events: asyncio.Queue[Event] = asyncio.Queue()
         emit = bind_loop(asyncio.get_running_loop(), events)
         job = Job(prompts, call.params.n or 1, sampling, emit)
@@ -180,6 +184,11 @@ class LlamaCppAdapter:
             # Reached on completion, on error, and when the consumer is cancelled (the client
             # left): a queued job is then skipped and a running one stops at its next token.
             job.cancelled.set()
+
+
+def _prepare(engine: Engine, call: Call) -> tuple[Sampling, list[Prepared]]:
+    sampling = _sampling(call)
+    return sampling, engine.prepare(call.prompts, sampling)
 
 
 def _sampling(call: Call) -> Sampling:
@@ -197,6 +206,8 @@ def _sampling(call: Call) -> Sampling:
         seed=p.seed,
         logprobs=p.logprobs,
         echo=bool(p.echo),
+        grammar=gbnf_for(p.response_format) if format_kind(p.response_format) != "text" else None,
+        suffix=p.suffix,
     )
 
 

@@ -37,7 +37,7 @@ from llmrouter.providers.base import (
     StreamPart,
     normalise_finish_reason,
 )
-from llmrouter.settings import DeploymentSettings, OpenAIProvider
+from llmrouter.settings import ConfigError, DeploymentSettings, OpenAIProvider
 from llmrouter.structured import format_kind, gbnf_for
 from llmrouter.wire.completions import (
     ChunkChoice,
@@ -101,6 +101,14 @@ class OpenAIAdapter:
             self._headers["authorization"] = f"Bearer {settings.api_key}"
         self._session: aiohttp.ClientSession | None = None
         self._stream_usage = "stream_usage" not in settings.unsupported_parameters
+        if settings.structured_output_field == "grammar" and "json_schema" in settings.response_formats:
+            try:  # JSON Schema becomes GBNF with llama-cpp-python's converter
+                import llama_cpp.llama_grammar  # noqa: F401
+            except ImportError:
+                raise ConfigError(
+                    f"provider {name!r}: json_schema as a GBNF grammar needs llama-cpp-python "
+                    "(pip install 'llmrouter[local]')"
+                ) from None
 
     async def start(self) -> None:
         t = self._settings.timeouts

@@ -1,0 +1,131 @@
+"""What llmrouter asks a deployment, and what it does itself, for each combination it can meet."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+import pytest
+
+from llmrouter.emulation.shape import Shape, requested_parameters, shape_for
+from llmrouter.providers.base import ALL_PARAMETERS, Capabilities
+from llmrouter.settings import DeploymentSettings, ModelSettings
+from llmrouter.wire.validate import decode_completion_request
+
+MODEL = ModelSettings(id="m", deployments=[DeploymentSettings(provider="p", model="m")])
+FULL = Capabilities(
+    parameters=ALL_PARAMETERS, response_formats=frozenset({"text", "json_object"}), best_of_above_n=True
+)
+
+
+def lacking(*names: str, **more: Any) -> Capabilities:
+    return Capabilities(parameters=ALL_PARAMETERS - set(names), **more)
+
+
+def shape(caps: Capabilities, **body: Any) -> Shape | tuple[str, str]:
+    params, prompts = decode_completion_request(msgspec.json.encode({"prompt": "Hi", **body}))
+    return shape_for(caps, MODEL, params, prompts, requested_parameters(params, prompts))
+
+
+def ok(caps: Capabilities, **body: Any) -> Shape:
+    result = shape(caps, **body)
+    assert isinstance(result, Shape), result
+    return result
+
+
+def test_everything_native_is_passed_on_untouched() -> None:
+    s = ok(FULL, n=2, best_of=3, stop=["x"], echo=True, logprobs=1)
+    assert s.emulated == ()
+    assert (s.params.n, s.params.best_of, s.params.stop, s.params.echo) == (2, 3, ["x"], True)
+    assert ok(FULL, stream=True).params.stream is False  # the adapter decides how it calls
+    assert (s.fan_out, s.candidates, s.buffered) == (1, 2, False)
+
+
+def test_n_is_fanned_out_with_nothing_sent_about_it() -> None:
+    s = ok(lacking("n"), n=3, seed=1)
+    assert (s.fan_out, s.candidates, s.emulated) == (3, 3, ("n",))
+    assert s.params.n is None
+
+
+def test_a_neutral_value_of_a_lacking_field_is_not_sent() -> None:
+    s = ok(lacking("n", "logit_bias", "presence_penalty"), n=1, logit_bias={}, presence_penalty=0)
+    assert (s.params.n, s.params.logit_bias, s.params.presence_penalty) == (None, None, None)
+    assert s.emulated == ()
+
+
+def test_best_of_is_chosen_by_the_router_from_logprobs() -> None:
+    s = ok(lacking("best_of"), n=2, best_of=5)
+    assert (s.choose_best, s.candidates, s.fan_out) == (True, 5, 1)
+    assert (s.params.n, s.params.best_of, s.params.logprobs) == (5, None, 0)
+    assert s.logprobs is None  # asked for ranking only: not returned
+    fanned = ok(lacking("best_of", "n"), n=2, best_of=5, logprobs=2)
+    assert (fanned.fan_out, fanned.params.n, fanned.params.logprobs) == (5, None, 2)
+    assert fanned.emulated == ("n", "best_of")
+    assert shape(lacking("best_of", "logprobs"), best_of=2) [0] == "best_of"  # fmt: skip
+    assert shape(lacking("best_of"), best_of=2, echo=True, logprobs=1)[0] == "best_of"
+
+
+def test_echo_is_the_routers_unless_the_prompt_must_be_scored() -> None:
+    s = ok(FULL, echo=True)
+    assert (s.echo, s.native_echo, s.params.echo) == (True, False, None)
+    scored = ok(FULL, echo=True, logprobs=1)
+    assert (scored.echo, scored.native_echo, scored.params.echo) == (False, True, True)
+    assert shape(lacking("echo"), echo=True, logprobs=1) == (
+        "echo",
+        "cannot score the prompt, which `echo` with `logprobs` needs",
+    )
+    assert shape(lacking("echo"), echo=True, prompt=[1, 2])[0] == "echo"
+
+
+def test_stop_and_stream_are_emulated() -> None:
+    s = ok(lacking("stop", "stream"), stop="x", stream=True)
+    assert s.params.stop is None and s.stops == ("x",)
+    assert s.buffered and s.emulated == ("stop", "stream")
+    native = ok(FULL, stop="x")
+    assert native.params.stop == "x" and native.stops == ("x",)  # and enforced again
+
+
+def test_stream_usage_comes_from_a_complete_answer_where_streams_count_none() -> None:
+    s = ok(lacking(stream_usage=False), stream=True, stream_options={"include_usage": True})
+    assert s.buffered and s.emulated == ("stream_options",)
+    assert not ok(lacking(stream_usage=False), stream=True).buffered
+
+
+def test_prompts_are_split_for_a_deployment_that_takes_one() -> None:
+    s = ok(lacking(prompt_batch=False), prompt=["a", "b"], n=2)
+    assert s.split_prompts and s.fan_out == 1 and s.emulated == ("prompt",)
+    assert shape(lacking(token_prompts=False), prompt=[1, 2])[0] == "prompt"
+
+
+@pytest.mark.parametrize(
+    ("kind", "outcome"),
+    [("json_object", "native"), ("json_schema", "emulated"), ("python", "emulated"), ("grammar", None)],
+)
+def test_response_formats(kind: str, outcome: str | None) -> None:
+    fmt: dict[str, Any] = {"type": kind}
+    if kind == "json_schema":
+        fmt["json_schema"] = {"name": "x", "schema": {"type": "object"}}
+    if kind == "grammar":
+        fmt["grammar"] = 'root ::= "a"'
+    result = shape(FULL, response_format=fmt)
+    if outcome is None:
+        assert result == ("response_format", "cannot honour response_format 'grammar'")
+        return
+    assert isinstance(result, Shape)
+    assert result.checker is not None  # checked either way
+    assert (result.params.response_format is None) == (outcome == "emulated")
+    assert ("response_format" in result.emulated) == (outcome == "emulated")
+    streamed = ok(FULL, response_format=fmt, stream=True)
+    assert streamed.buffered == (outcome == "emulated")
+
+
+@pytest.mark.parametrize(
+    "name", ["logprobs", "logit_bias", "seed", "suffix", "temperature", "top_p", "frequency_penalty"]
+)
+def test_what_cannot_be_emulated_is_refused_by_name(name: str) -> None:
+    value: Any = {"logit_bias": {"1": 5}, "suffix": "x", "logprobs": 1, "seed": 3}.get(name, 0.5)
+    assert shape(lacking(name), **{name: value})[0] == name
+
+
+def test_logprobs_over_the_deployments_maximum() -> None:
+    assert shape(FULL, logprobs=6)[0] == "logprobs"
