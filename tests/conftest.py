@@ -54,6 +54,7 @@ LM_LACKING = {
     "presence_penalty": "unsupported_parameters: [presence_penalty]",
     "prompt": "unsupported_parameters: [prompt_token_ids, prompt_batch]",
     "response_format": "response_formats: [text]",
+    "max_tokens_zero": "unsupported_parameters: [max_tokens_zero]",
 }
 
 
@@ -187,13 +188,15 @@ def router_config(
         f"  - id: fake/{m}\n    deployments: [{{provider: fake, model: {m}}}]" for m in FAKE_MODELS
     )
     # llama-cpp-python's server drops n and best_of, takes one string prompt, sends no usage in
-    # streams, its suffix uses token 0 for the FIM markers, and with echo its logprobs are off by
-    # one token: all declared, so llmrouter emulates or refuses. It takes GBNF in `grammar`.
+    # streams, its suffix uses token 0 for the FIM markers, with echo its logprobs are off by one
+    # token, and it takes max_tokens 0 as no limit: all declared, so llmrouter emulates or
+    # refuses. It takes GBNF in `grammar`.
     llama_part = (
         f"""  llamaserver:
     kind: openai
     base_url: {llama}/v1
-    unsupported_parameters: [n, best_of, echo, suffix, prompt_token_ids, prompt_batch, stream_usage]
+    unsupported_parameters:
+      [n, best_of, echo, suffix, prompt_token_ids, prompt_batch, stream_usage, max_tokens_zero]
     response_formats: [text, json_object, json_schema, grammar]
     structured_output_field: grammar
     defaults: {{top_k: 0, min_p: 0, repeat_penalty: 1.0}}

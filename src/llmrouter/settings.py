@@ -58,6 +58,7 @@ UpstreamParameter = Literal[
     "top_p",
     "prompt_token_ids",
     "prompt_batch",  # several prompts in one request
+    "max_tokens_zero",  # max_tokens: 0 generates nothing (llama.cpp's servers take it as no limit)
     "stream_usage",  # usage in streams (stream_options.include_usage)
 ]
 

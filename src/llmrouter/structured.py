@@ -15,9 +15,7 @@ from collections.abc import Callable
 from functools import lru_cache
 from typing import Any
 
-import jsonschema
 import msgspec
-import referencing.exceptions
 
 from llmrouter.errors import InvalidRequest
 from llmrouter.providers import _grammar
@@ -69,7 +67,30 @@ def gbnf_for(response_format: ResponseFormat | None) -> str:
 
 @lru_cache(maxsize=256)
 def _schema_grammar(frozen: str) -> str:
-    return _grammar.json_schema_grammar(json.loads(frozen))
+    return _grammar.json_schema_grammar(_bounded_integers(json.loads(frozen)))
+
+
+_ENUMERABLE = 1024
+
+
+def _bounded_integers(node: Any) -> Any:
+    """llama-cpp-python's converter ignores an integer's minimum and maximum; a range small enough
+    is written out as an enum, which it does constrain. (Larger ranges are checked afterwards.)"""
+    if isinstance(node, list):
+        return [_bounded_integers(n) for n in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: _bounded_integers(v) for k, v in node.items()}
+    low, high = out.get("minimum"), out.get("maximum")
+    if (
+        out.get("type") == "integer"
+        and isinstance(low, int)
+        and isinstance(high, int)
+        and 0 <= high - low < _ENUMERABLE
+        and not {"enum", "const", "multipleOf", "exclusiveMinimum", "exclusiveMaximum"} & out.keys()
+    ):
+        return {"enum": list(range(low, high + 1))}
+    return out
 
 
 def checker_for(response_format: ResponseFormat | None) -> Checker | None:
@@ -91,7 +112,7 @@ def checker_for(response_format: ResponseFormat | None) -> Checker | None:
 def _json_object(text: str) -> str | None:
     try:
         value = json.loads(text)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         return f"not JSON: {exc}"
     return None if isinstance(value, dict) else f"a JSON {type(value).__name__}, not an object"
 
@@ -99,18 +120,23 @@ def _json_object(text: str) -> str | None:
 def _json_any(text: str) -> str | None:
     try:
         json.loads(text)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         return f"not JSON: {exc}"
     return None
 
 
 def _json_schema(validator: Any, text: str) -> str | None:
+    import jsonschema
+    import referencing.exceptions
+
     try:
         value = json.loads(text)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         return f"not JSON: {exc}"
     try:
         error = jsonschema.exceptions.best_match(validator.iter_errors(value))
+    except RecursionError:
+        return "nested too deeply to check"
     except referencing.exceptions.Unresolvable as exc:  # never fetched: no network from schemas
         raise InvalidRequest(
             f"`response_format.json_schema.schema` has a reference that cannot be resolved: {exc}",
@@ -127,9 +153,42 @@ def _python(text: str) -> str | None:
         with warnings.catch_warnings():  # invalid escapes etc. warn; only syntax matters here
             warnings.simplefilter("ignore")
             ast.parse(text)
-    except (SyntaxError, ValueError) as exc:
-        return f"not valid Python: {exc}"
+    except (SyntaxError, ValueError, RecursionError, MemoryError) as exc:
+        return f"not valid Python: {type(exc).__name__}: {exc}"
     return None
+
+
+def _check_references(node: Any, root: dict[str, Any]) -> None:
+    """Every `$ref` points inside the schema, at something that is there: a reference elsewhere
+    would be a request from the router to wherever the client likes."""
+    if isinstance(node, list):
+        for item in node:
+            _check_references(item, root)
+        return
+    if not isinstance(node, dict):
+        return
+    ref = node.get("$ref")
+    if isinstance(ref, str) and (not ref.startswith("#") or not _resolves(ref, root)):
+        raise InvalidRequest(
+            f"`$ref` {ref[:100]!r} does not point inside the schema; llmrouter resolves "
+            "references only within the schema itself (`#/$defs/...`).",
+            param="response_format.json_schema.schema",
+        )
+    for value in node.values():
+        _check_references(value, root)
+
+
+def _resolves(ref: str, root: dict[str, Any]) -> bool:
+    node: Any = root
+    for part in ref[1:].lstrip("/").split("/") if ref != "#" else []:
+        key = part.replace("~1", "/").replace("~0", "~")
+        if isinstance(node, dict) and key in node:
+            node = node[key]
+        elif isinstance(node, list) and key.isdigit() and int(key) < len(node):
+            node = node[int(key)]
+        else:
+            return False
+    return True
 
 
 def _freeze(schema: dict[str, Any]) -> str:
@@ -139,7 +198,11 @@ def _freeze(schema: dict[str, Any]) -> str:
 
 @lru_cache(maxsize=256)
 def _validator(frozen: str) -> Any:
+    import jsonschema  # imported on first use: it is most of a start-up otherwise
+    import referencing
+
     schema = json.loads(frozen)
+    _check_references(schema, schema)
     cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
     try:
         cls.check_schema(schema)
@@ -150,4 +213,5 @@ def _validator(frozen: str) -> Any:
             f"{f' (at {where})' if where else ''}: {exc.message}"[:600],
             param="response_format.json_schema.schema",
         ) from None
-    return cls(schema)
+    # An empty registry: a reference is resolved inside the schema or not at all, never fetched.
+    return cls(schema, registry=referencing.Registry())

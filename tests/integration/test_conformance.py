@@ -73,6 +73,11 @@ def _logprobs(k: int) -> Check:
     return check
 
 
+def _echo_only(answer: dict[str, Any], body: dict[str, Any]) -> None:
+    assert answer["choices"][0]["text"] == body["prompt"]
+    assert answer["usage"]["completion_tokens"] == 0
+
+
 def _cut_by_length(answer: dict[str, Any], body: dict[str, Any]) -> None:
     assert answer["choices"][0]["finish_reason"] == "length"
     assert answer["usage"]["completion_tokens"] >= 1
@@ -160,6 +165,14 @@ ROWS = [
     Row("logit_bias", "logit_bias", {"logit_bias": {"11": -100}}, (N, N, R, N)),
     Row("logprobs", "logprobs", {"logprobs": 2}, (N, N, R, N), _logprobs(2)),
     Row("max_tokens", "max_tokens", {"max_tokens": 3}, (N, N, NA, N), _at_most(3)),
+    Row(
+        "max_tokens: 0 (with echo)",
+        "max_tokens",
+        {"max_tokens": 0, "echo": True},
+        (N, N, R, R),
+        _echo_only,
+        lacking="max_tokens_zero",
+    ),
     Row(
         "max_tokens: null",
         "max_tokens",
@@ -367,6 +380,13 @@ def test_invalid_structured_output_is_asked_for_again_then_fails_clearly(router:
     assert json.loads(r.json()["choices"][0]["text"]) == {"ok": True}
     attempts = r.headers["x-llmrouter-attempts"].split(", ")
     assert [a.split()[1] for a in attempts] == ["invalid_output", "ok"]
+    # deterministic (temperature 0, or a seed): asked again it would say the same, so it is not
+    r = httpx.post(
+        f"{router.api}/completions",
+        headers=router.headers(),
+        json={**body, "model": "lm/json-second", "temperature": 0},
+    )
+    assert r.status_code == 502 and r.headers["x-llmrouter-attempts"].count("invalid_output") == 1
     r = httpx.post(
         f"{router.api}/completions", headers=router.headers(), json={**body, "model": "lm/never-json"}
     )
@@ -382,3 +402,49 @@ def test_invalid_structured_output_is_asked_for_again_then_fails_clearly(router:
     assert r.json()["model"] == "lm/full"
     outcomes = [a.split()[1] for a in r.headers["x-llmrouter-attempts"].split(", ")]
     assert outcomes == ["invalid_output", "invalid_output", "ok"]
+
+
+def test_reasoning_is_split_off_in_streams_too(router: Router) -> None:
+    body = {"model": "lm/think", "prompt": "Why?", "max_tokens": 3, "seed": 1, "stream": True}
+    reasoning, text = "", ""
+    with httpx.stream("POST", f"{router.api}/completions", headers=router.headers(), json=body) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                for c in json.loads(line[6:])["choices"]:
+                    reasoning += c.get("reasoning") or ""
+                    text += c["text"]
+    complete = _call(router, {**body, "stream": False})[1]["choices"][0]
+    assert reasoning == complete["reasoning"] == "pondering deeply"
+    assert text == complete["text"] and text and "think>" not in text
+
+
+def test_an_emulated_stop_cuts_inside_a_token_and_across_chunks(router: Router) -> None:
+    # lm's words run " alpha beta gamma ...": "ta gam" begins inside " beta" and ends in " gamma"
+    for seed in range(20):  # a seed whose answer has " beta gamma" in it
+        body = {
+            "model": "lm/no-stop",
+            "prompt": "Hi",
+            "max_tokens": 12,
+            "seed": seed,
+            "temperature": 0.0,
+        }
+        free = _call(router, body)[1]["choices"][0]["text"]
+        if "ta gam" in free:
+            break
+    assert "ta gam" in free
+    expected = free[: free.index("ta gam")]
+    for stream in (False, True):
+        status, answer, headers = _call(router, {**body, "stop": ["ta gam"], "stream": stream})
+        assert status == 200
+        assert answer["choices"][0]["text"] == expected
+        assert answer["choices"][0]["finish_reason"] == "stop"
+        assert headers["x-llmrouter-emulated"] == "stop"
+
+
+def test_a_streamed_answer_that_must_be_checked_fails_before_the_stream_begins(router: Router) -> None:
+    body = {"prompt": "x", "response_format": {"type": "json_object"}, "stream": True}
+    status, answer, _ = _call(router, {**body, "model": "lm/never-json"})
+    assert status == 502 and answer["error"]["type"] == "invalid_output"
+    status, answer, headers = _call(router, {**body, "model": "lm/json-second"})
+    assert status == 200 and json.loads(answer["choices"][0]["text"]) == {"ok": True}
+    assert headers["x-llmrouter-emulated"] == "response_format"

@@ -180,3 +180,38 @@ def test_keys_never_reach_the_log(router: Router) -> None:
 def test_hostile_bodies_are_400(router: Router, body: bytes, param: str) -> None:
     r = httpx.post(f"{router.api}/completions", headers=router.headers(), content=body)
     assert_error(r, 400, param)
+
+
+def test_logit_bias_ids_are_checked_against_the_vocabulary(router: Router) -> None:
+    body = {"prompt": "Hi", "model": "smollm2", "max_tokens": 1, "logit_bias": {"49152": 5}}
+    error = assert_error(post(router, body), 400, "logit_bias.49152")["error"]
+    assert "vocabulary" in error["message"]
+
+
+@pytest.mark.parametrize("model", ["smollm2", "lm/full", "upstream/smollm2", "basic/ok"])
+@pytest.mark.parametrize(
+    ("grammar", "where"),
+    [
+        ('root ::= ("yes" | "no"', "line 1, column 23"),
+        ('root = "yes"', "line 1, column 6"),
+        ('root ::= answer\nanswr ::= "x"', "line 1"),
+        ('start ::= "x"', "root"),
+    ],
+)
+def test_a_grammar_that_does_not_parse_is_a_400_with_the_place(
+    router: Router, model: str, grammar: str, where: str
+) -> None:
+    # At the edge, whichever deployment would have answered (even one that takes no grammar).
+    body = {"prompt": "Hi", "model": model, "response_format": {"type": "grammar", "grammar": grammar}}
+    error = assert_error(post(router, body), 400, "response_format.grammar")["error"]
+    assert where in error["message"], error["message"]
+
+
+def test_a_schema_that_is_not_json_schema_is_a_400(router: Router) -> None:
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "bogus"}}}
+    body = {"prompt": "Hi", "model": "lm/full", "response_format": fmt}
+    error = assert_error(post(router, body), 400, "response_format.json_schema.schema")["error"]
+    assert "bogus" in error["message"]
+    fmt["json_schema"]["schema"] = {"$ref": "https://example.invalid/schema.json"}  # type: ignore[index]
+    r = post(router, {**body, "model": "lm/no-response_format", "prompt": '{"a": 1}\n'})
+    assert_error(r, 400, "response_format.json_schema.schema")  # never fetched

@@ -55,7 +55,7 @@ def _expected_cut(text: str, stops: list[str]) -> str:
     return text
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=1000, deadline=None)
 @given(text_and_chunks(), st.lists(st.text(alphabet=ALPHABET, min_size=1, max_size=4), max_size=4))
 def test_stops_never_appear_and_cut_where_the_first_one_completes(
     tc: tuple[str, list[str]], stops: list[str]
@@ -66,7 +66,7 @@ def test_stops_never_appear_and_cut_where_the_first_one_completes(
     assert out.text == _expected_cut(text, stops)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=1000, deadline=None)
 @given(text_and_chunks())
 def test_reasoning_is_split_off_the_same_way_whatever_the_chunks(tc: tuple[str, list[str]]) -> None:
     text, chunks = tc
@@ -97,6 +97,16 @@ def test_text_offsets_point_at_each_token_in_the_choice_text(
         # a token cut by a stop keeps its entry; its surviving text starts at its offset
         assert token.startswith(out.text[offset : offset + len(token)])
     assert out.logprobs.text_offset == sorted(out.logprobs.text_offset)
+
+
+def test_whitespace_after_the_closing_tag_goes_whatever_the_chunks() -> None:
+    for chunks in (
+        ["<think>x</think>", "\n", " y"],
+        ["<think>x</think>\n y"],
+        ["<think>x</think> ", " ", "y"],
+    ):
+        out = _run(ChoiceShaper(reasoning_tags=("<think>", "</think>")), chunks)
+        assert (out.reasoning, out.text) == ("x", "y")
 
 
 def test_a_prompt_that_opened_the_tag_starts_in_reasoning() -> None:

@@ -40,7 +40,7 @@ class _Reasoning:
     """Splits reasoning off the start of a completion, across any piece boundaries."""
 
     tags: tuple[str, str]
-    state: str = "start"  # "start" (not yet known), "inside", or "content"
+    state: str = "start"  # "start" (not yet known), "inside", "after" (the tag), or "content"
     held: list[Piece[Entry | None]] = field(default_factory=list)
     buffer: str = ""  # reasoning text not yet released (could hold the start of the close tag)
 
@@ -48,7 +48,12 @@ class _Reasoning:
         reasoning: list[str] = []
         content: list[Piece[Entry | None]] = []
         for piece in pieces:
-            if self.state == "content":
+            if self.state == "after":  # whitespace after the closing tag is dropped
+                text = piece.text.lstrip()
+                if text:
+                    self.state = "content"
+                    content.append(Piece(text, piece.payload))
+            elif self.state == "content":
                 content.append(piece)
             elif self.state == "start":
                 self.held.append(piece)
@@ -78,7 +83,7 @@ class _Reasoning:
             reasoning.append(self.buffer[:end])
             rest = self.buffer[end + len(closing) :].lstrip()
             self.buffer = ""
-            self.state = "content"
+            self.state = "content" if rest else "after"
             if rest:
                 content.append(Piece(rest, None))
             return
@@ -87,6 +92,8 @@ class _Reasoning:
         self.buffer = self.buffer[len(self.buffer) - keep :]
 
     def flush(self) -> tuple[str, list[Piece[Entry | None]]]:
+        if self.state in ("after", "content"):
+            return "", []
         if self.state == "start":
             held, self.held = self.held, []
             self.state = "content"
@@ -119,8 +126,12 @@ class ChoiceShaper:
         self.emitted = 0  # characters of text sent so far: the next text_offset
         self.content: list[str] = []  # the completion's text (no echo, no reasoning): for checks
         self.stopped = False  # a stop sequence ended the choice
+        self.tokens = 0  # tokens (or, without logprobs, text deltas) the deployment sent
 
     def feed(self, text: str, logprobs: Logprobs | None) -> Shaped:
+        self.tokens += (
+            len(logprobs.tokens) if logprobs is not None and logprobs.tokens else int(bool(text))
+        )
         if self.stopped:
             return Shaped()
         return self._shape(_pieces(text, logprobs, self._logprobs or 0), final=False)
@@ -169,7 +180,10 @@ class ChoiceShaper:
             offset = self.emitted
             for piece in pieces:
                 if piece.payload is not None:
-                    lp.tokens.append(piece.payload.token)
+                    token = piece.payload.token
+                    if len(piece.text) < len(token) and token.startswith(piece.text):
+                        token = piece.text  # cut by a stop sequence: the part that was kept
+                    lp.tokens.append(token)
                     lp.token_logprobs.append(piece.payload.logprob)
                     lp.top_logprobs.append(piece.payload.top)  # type: ignore[union-attr]
                     lp.text_offset.append(offset)

@@ -77,6 +77,7 @@ class Shape:
     checker: Checker | None
     buffered: bool  # the stream is served from a complete (and checked) answer
     emulated: tuple[str, ...] = ()  # the request fields the router honours for the deployment
+    drain: bool = False  # read a stream to its end after every choice ended: usage is wanted
 
     # -- one attempt ----------------------------------------------------------------------------
 
@@ -130,6 +131,7 @@ class Shape:
         usages: list[Usage] = []
         estimated = False
         subs = [sub for _, sub in calls]
+        expected = len(self.prompts) * self.n
         source = _merge([provider.stream(c) for c, _ in calls])
         try:
             async for j, part in source:
@@ -147,9 +149,14 @@ class Shape:
                     out.append(self._chunk(index, shaper, choice, ended))
                 if out:
                     yield StreamPart(out, system_fingerprint=part.system_fingerprint)
+                if len(ended) == expected and not self.drain and not usages:
+                    # Every choice has ended (a stop the router enforced, before the upstream
+                    # knew): stop the upstream rather than let it run on for nothing.
+                    usages.append(Usage(0, sum(shaper.tokens for shaper in shapers.values()), 0))
+                    estimated = True
+                    break
         finally:
             await source.aclose()
-        expected = len(self.prompts) * self.n
         if len(ended) < expected:
             missing = min(set(range(expected)) - ended)
             raise UpstreamUnavailable(f"The stream ended without choice {missing}.")
@@ -176,6 +183,11 @@ class Shape:
     def _index(self, index: int, sub: _Sub) -> int:
         """A choice's place among all candidates: prompt p's k-th is p * candidates + k."""
         per_call = 1 if self.fan_out > 1 else self.candidates
+        prompts = 1 if self.split_prompts else len(self.prompts)
+        if not 0 <= index < prompts * per_call:
+            raise UpstreamUnavailable(
+                f"The deployment answered with a choice {index} it was not asked for."
+            )
         prompt = sub.first_prompt + index // per_call
         k = sub.candidate if self.fan_out > 1 else index % per_call
         return prompt * self.candidates + k
@@ -198,10 +210,10 @@ class Shape:
     ) -> ChunkChoice:
         shaped = shaper.feed(choice.text, choice.logprobs)
         finish, native = choice.finish_reason, choice.native_finish_reason
-        if shaper.stopped:
-            finish, native = "stop", "stop"
-        elif finish is not None:
+        if finish is not None and not shaper.stopped:
             _join(shaped, shaper.finish())
+        if shaper.stopped:  # by a stop sequence, maybe in what the end released
+            finish, native = "stop", "stop"
         if finish is not None:
             ended.add(index)
             self._check(shaper, finish)
@@ -212,10 +224,10 @@ class Shape:
         shaper = self._shaper(index)
         shaped = shaper.feed(choice.text, choice.logprobs)
         finish, native = choice.finish_reason, choice.native_finish_reason
-        if shaper.stopped:
-            finish, native = "stop", "stop"
-        else:
+        if not shaper.stopped:
             _join(shaped, shaper.finish())
+        if shaper.stopped:  # by a stop sequence, maybe in what the end released
+            finish, native = "stop", "stop"
         self._check(shaper, finish)
         reasoning = "".join(filter(None, (choice.reasoning, shaped.reasoning))) or None
         return CompletionChoice(
@@ -228,8 +240,8 @@ class Shape:
         )
 
     def _check(self, shaper: ChoiceShaper, finish: str) -> None:
-        if self.checker is None or finish != "stop":
-            return  # cut by max_tokens (or a content filter): returned as it is
+        if self.checker is None or finish != "stop" or shaper.stopped:
+            return  # cut by max_tokens or a stop sequence (or a content filter): as it is
         problem = self.checker("".join(shaper.content))
         if problem is not None:
             raise InvalidOutput(f"The answer does not satisfy response_format: {problem}")
@@ -296,19 +308,24 @@ async def _merge(
         finally:
             await _close(stream)
         return
-    queue: asyncio.Queue[tuple[int, StreamPart] | LlmrouterError | BaseException | None] = (
-        asyncio.Queue()
+    # Bounded, so a slow client slows the upstreams down; one slot more per stream for its end.
+    queue: asyncio.Queue[tuple[int, StreamPart] | LlmrouterError | BaseException | None] = asyncio.Queue(
+        maxsize=8 * len(streams)
     )
 
     async def pump(j: int, stream: AsyncIterator[StreamPart]) -> None:
+        end: LlmrouterError | BaseException | None = None
         try:
             async for part in stream:
                 await queue.put((j, part))
-            await queue.put(None)
-        except Exception as exc:
-            await queue.put(exc)
+        except BaseException as exc:
+            end = exc
+            if isinstance(exc, asyncio.CancelledError):
+                raise
         finally:
             await _close(stream)
+            if not isinstance(end, asyncio.CancelledError):
+                await queue.put(end)
 
     tasks = [asyncio.ensure_future(pump(j, s)) for j, s in enumerate(streams)]
     try:
@@ -406,6 +423,8 @@ def shape_for(
             continue
         elif name not in native:
             return name, f"cannot honour `{name}`"
+    if params.max_tokens == 0 and not caps.max_tokens_zero:
+        return "max_tokens", "would take `max_tokens: 0` as no limit at all"
     if asks_logprobs and (params.logprobs or 0) > caps.max_logprobs:
         return "logprobs", f"returns at most {caps.max_logprobs} logprobs per token"
 
@@ -450,7 +469,11 @@ def shape_for(
     elif choose_best:
         changes["n"] = candidates
 
-    if params.stop and "stop" not in native:
+    checker = checker_for(params.response_format)
+    # With a format to check, stops are the router's: a choice a stop cut short is returned as it
+    # is (as one cut by max_tokens), which the router knows only if it did the cutting.
+    router_stops = bool(params.stop) and ("stop" not in native or checker is not None)
+    if router_stops:
         changes["stop"] = None
     if params.stream and "stream" not in native:
         stream_native = False
@@ -475,7 +498,7 @@ def shape_for(
             ("n", fan_out > 1 and n > 1),
             ("best_of", choose_best),
             ("echo", echo),
-            ("stop", bool(params.stop) and "stop" not in native),
+            ("stop", router_stops),
             ("stream", params.stream and not stream_native),
             ("stream_options", bool(usage) and buffered and not caps.stream_usage),
             ("response_format", not format_native),
@@ -495,9 +518,10 @@ def shape_for(
         native_echo=native_echo,
         stops=_stops(params),
         reasoning_tags=model.reasoning_tags,
-        checker=checker_for(params.response_format),
+        checker=checker,
         buffered=buffered,
         emulated=tuple(emulated),
+        drain=bool(usage),
     )
 
 

@@ -34,7 +34,8 @@ __all__ = [
 # Every request field a deployment may or may not honour, by its wire name. `model`, `models`,
 # `stream_options`, `user` and `metadata` are the router's own and are always honoured.
 ALL_PARAMETERS: frozenset[str] = (
-    frozenset(get_args(UpstreamParameter)) - {"prompt_token_ids", "prompt_batch", "stream_usage"}
+    frozenset(get_args(UpstreamParameter))
+    - {"prompt_token_ids", "prompt_batch", "stream_usage", "max_tokens_zero"}
 ) | {"max_tokens", "response_format"}
 
 
@@ -47,6 +48,7 @@ class Capabilities:
     max_logprobs: int = 5
     token_prompts: bool = True
     prompt_batch: bool = True  # several prompts in one call
+    max_tokens_zero: bool = True  # max_tokens: 0 means no completion (not "no limit")
     # best_of > n means generating extra candidates and choosing: only where the engine can rank.
     best_of_above_n: bool = False
     stream_usage: bool = True  # reports usage at the end of a stream

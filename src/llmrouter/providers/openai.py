@@ -134,6 +134,7 @@ class OpenAIAdapter:
             max_logprobs=self._settings.max_logprobs,
             token_prompts="prompt_token_ids" not in unsupported,
             prompt_batch="prompt_batch" not in unsupported,
+            max_tokens_zero="max_tokens_zero" not in unsupported,
             best_of_above_n="best_of" not in unsupported,
             stream_usage="stream_usage" not in unsupported,
         )

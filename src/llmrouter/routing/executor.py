@@ -263,8 +263,11 @@ class Executor:
         async def attempt(target: Target, call: Call, deadline: float) -> Opened:
             started = time.perf_counter()
             health.started(target.label)
-            parts = aiter(_shape(target).stream(target.provider, call))
-            limit, is_deadline = _by(deadline, call.timeouts.first_token)
+            shape = _shape(target)
+            parts = aiter(shape.stream(target.provider, call))
+            # A stream served from a complete answer has its first part when the answer is done.
+            wait = call.timeouts.total if shape.buffered else call.timeouts.first_token
+            limit, is_deadline = _by(deadline, wait)
             try:
                 async with asyncio.timeout_at(limit):
                     first = await anext(parts)
@@ -428,9 +431,9 @@ class Executor:
             run.refused.add(target.label)  # asking it again would be refused again
         elif isinstance(exc, InvalidOutput):
             count = run.invalid[target.label] = run.invalid.get(target.label, 0) + 1
-            if count <= self._routing.invalid_output_retries:
+            if count <= self._routing.invalid_output_retries and not _deterministic(run.params):
                 run.again = target
-            else:
+            else:  # asked again, it would say the same: on to the next deployment
                 run.refused.add(target.label)
         elif not exc.retryable:
             run.stop = True
@@ -484,6 +487,11 @@ def _shape(target: Target) -> Shape:
     return target.shape
 
 
+def _deterministic(params: CompletionCreateParams) -> bool:
+    """Whether asking the same deployment again gives the same answer (greedy, or seeded)."""
+    return params.temperature == 0 or params.seed is not None
+
+
 def _is_sick(exc: LlmrouterError) -> bool:
     """Failures that say something about the deployment (not about the request, not load)."""
     return (
@@ -521,8 +529,12 @@ def _timeout(label: str, what: str, is_deadline: bool) -> UpstreamTimeout:
 
 
 def _produced(part: StreamPart) -> bool:
-    """Whether a part has anything for the client: text, or the end of a choice."""
-    return any(c.text or c.finish_reason is not None for c in part.choices)
+    """Whether a part has anything for the client: text, reasoning, a token (whose text may be
+    empty: part of a character), or the end of a choice."""
+    return any(
+        c.text or c.reasoning or c.finish_reason is not None or (c.logprobs and c.logprobs.tokens)
+        for c in part.choices
+    )
 
 
 def _ms(started: float) -> float:
