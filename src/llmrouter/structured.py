@@ -16,6 +16,7 @@ from functools import lru_cache
 from typing import Any
 
 import msgspec
+import regex
 
 from llmrouter.errors import InvalidRequest
 from llmrouter.providers import _grammar
@@ -206,6 +207,8 @@ def _validator(frozen: str) -> Any:
     cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
     try:
         cls.check_schema(schema)
+        for found in _patterns(schema):
+            regex.compile(found)
     except jsonschema.exceptions.SchemaError as exc:
         where = "/".join(str(p) for p in exc.absolute_path)
         raise InvalidRequest(
@@ -213,5 +216,54 @@ def _validator(frozen: str) -> Any:
             f"{f' (at {where})' if where else ''}: {exc.message}"[:600],
             param="response_format.json_schema.schema",
         ) from None
+    except regex.error as exc:
+        raise InvalidRequest(
+            f"`response_format.json_schema.schema` has a pattern that is not a regular expression: "
+            f"{exc}",
+            param="response_format.json_schema.schema",
+        ) from None
+    # Patterns are the client's, run on the model's text: with a time limit, so that one written to
+    # backtrack for ever costs a failed check, not the server.
+    bounded = jsonschema.validators.extend(  # type: ignore[no-untyped-call]
+        cls, {"pattern": _pattern, "patternProperties": _pattern_properties}
+    )
     # An empty registry: a reference is resolved inside the schema or not at all, never fetched.
-    return cls(schema, registry=referencing.Registry())
+    return bounded(schema, registry=referencing.Registry())
+
+
+_PATTERN_SECONDS = 0.1
+
+
+def _search(pattern: str, text: str) -> bool:
+    try:
+        return regex.search(pattern, text, timeout=_PATTERN_SECONDS) is not None
+    except TimeoutError:
+        return False  # treated as no match: the answer fails the check
+
+
+def _pattern(validator: Any, pattern: str, instance: Any, schema: Any) -> Any:
+    from jsonschema.exceptions import ValidationError
+
+    if validator.is_type(instance, "string") and not _search(pattern, instance):
+        yield ValidationError(f"{instance[:80]!r} does not match {pattern[:80]!r}")
+
+
+def _pattern_properties(validator: Any, properties: dict[str, Any], instance: Any, schema: Any) -> Any:
+    if not validator.is_type(instance, "object"):
+        return
+    for pattern, subschema in properties.items():
+        for key, value in instance.items():
+            if _search(pattern, key):
+                yield from validator.descend(value, subschema, path=key, schema_path=pattern)
+
+
+def _patterns(node: Any) -> list[str]:
+    """Every `pattern` and `patternProperties` key in a schema."""
+    if isinstance(node, list):
+        return [p for item in node for p in _patterns(item)]
+    if not isinstance(node, dict):
+        return []
+    found = [node["pattern"]] if isinstance(node.get("pattern"), str) else []
+    if isinstance(node.get("patternProperties"), dict):
+        found += list(node["patternProperties"])
+    return found + [p for value in node.values() for p in _patterns(value)]
