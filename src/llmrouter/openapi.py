@@ -135,12 +135,23 @@ def build_openapi() -> dict[str, Any]:
             "schema": {"type": "string"},
             "description": "Each attempt: deployment, outcome, milliseconds.",
         },
+        "X-Llmrouter-Emulated": {
+            "schema": {"type": "string"},
+            "description": (
+                "The request fields llmrouter honoured itself for the deployment that answered "
+                "(e.g. `n, stop`); absent when the deployment honoured all of them."
+            ),
+        },
     }
     responses = completions["responses"]
     responses["404"] = _error("Unknown model")
     responses["413"] = _error("Request body over the size limit")
     responses["415"] = _error("Body not sent as application/json")
-    responses["502"] = _error("The provider failed or rejected llmrouter's credentials")
+    responses["502"] = _error(
+        "The provider failed or rejected llmrouter's credentials; or (`type: invalid_output`) no "
+        "answer satisfied `response_format`, after asking again and trying the request's other "
+        "models"
+    )
     responses["503"] = _error(
         "No capable deployment can take the request now (see Retry-After): all are ejected, "
         "inside an upstream's Retry-After, or their queue is full"
