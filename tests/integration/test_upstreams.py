@@ -78,7 +78,6 @@ def test_every_parameter_is_passed_on(router: Router, fake_upstream: str) -> Non
         "suffix": "!",
         "temperature": 0.3,
         "top_p": 0.9,
-        "response_format": {"type": "json_object"},
         "user": "end-user-1",
         "metadata": {"team": "a"},
     }
@@ -96,6 +95,31 @@ def test_every_parameter_is_passed_on(router: Router, fake_upstream: str) -> Non
             assert sent[name] == value, name
     assert got["last_headers"]["Authorization"] == "Bearer upstream-secret"
     assert r.json()["system_fingerprint"] == "fp_lm"
+
+
+def test_user_and_metadata_stay_with_the_request_record(router: Router, fake_upstream: str) -> None:
+    metadata = {"team": "search", "quote": 'a "b" \\ c'}
+    r = post(router, "lm/full", user="end-user-9", metadata=metadata)
+    assert r.status_code == 200, r.text
+    sent = httpx.get(f"{fake_upstream}/_stats").json()["last_body"]
+    assert "user" not in sent and "metadata" not in sent
+    line = None
+    deadline = time.monotonic() + 2
+    while line is None and time.monotonic() < deadline:
+        lines = router.log.read_text().splitlines()
+        line = next((json.loads(x) for x in lines if r.json()["id"] in x), None)
+        time.sleep(0.02)
+    assert line is not None
+    assert line["user"] == "end-user-9" and line["metadata"] == metadata
+
+
+def test_with_a_format_to_check_the_stops_are_the_routers(router: Router, fake_upstream: str) -> None:
+    # so that it knows a choice was cut by a stop (returned as it is) rather than ended badly
+    r = post(router, "lm/full", response_format={"type": "json_object"}, stop=["\n"])
+    assert r.status_code == 200, r.text
+    sent = httpx.get(f"{fake_upstream}/_stats").json()["last_body"]
+    assert sent["response_format"] == {"type": "json_object"} and "stop" not in sent
+    assert r.headers["x-llmrouter-emulated"] == "stop"
 
 
 def test_token_prompts_pass_through_unchanged(router: Router, fake_upstream: str) -> None:

@@ -35,6 +35,11 @@ async def create_completion(req: Request, ctx: Context) -> None:
     req.require_json()
     params, prompts = decode_completion_request(await req.body(ctx.settings.server.max_body_bytes))
     check_request_format(params.response_format)
+    # Kept with the request's record (never sent upstream unless the provider forwards them).
+    if params.user is not UNSET:
+        req.log["user"] = params.user
+    if params.metadata:
+        req.log["metadata"] = params.metadata
     plan = ctx.catalog.plan(params, prompts)
     if params.stream:
         await _stream(req, ctx, plan, params, prompts)

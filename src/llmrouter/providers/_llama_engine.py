@@ -108,6 +108,9 @@ class Prepared:
 
 
 _serials = itertools.count()
+# llama-cpp-python silences a load by pointing file descriptors 1 and 2 at /dev/null and back; two
+# loads at once restore each other's /dev/null, and the process loses its stderr (and the log).
+_LOADING = threading.Lock()
 
 
 @dataclass(eq=False)
@@ -165,9 +168,17 @@ class Engine:
         tokens) from its vocabulary alone: a fraction of a second, where loading takes seconds."""
         import llama_cpp
 
-        vocab_only = llama_cpp.Llama(model_path=str(self.path), vocab_only=True, verbose=False)
-        self._fim = _fim_markers(vocab_only._model.vocab)
-        vocab_only.close()
+        # llama.cpp's log goes through llama-cpp-python's logger: errors only, as `verbose=False`.
+        logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
+        params = llama_cpp.llama_model_default_params()
+        params.vocab_only = True
+        model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), params)
+        if not model:
+            return  # loading the model proper will say what is wrong
+        try:
+            self._fim = _fim_markers(llama_cpp.llama_model_get_vocab(model))
+        finally:
+            llama_cpp.llama_model_free(model)
 
     def start(self) -> None:
         self._thread.start()
@@ -320,15 +331,16 @@ class Engine:
         started = time.perf_counter()
         ticker = threading.Thread(target=self._report_loading, args=(started,), daemon=True)
         ticker.start()
-        self._llm = llama_cpp.Llama(
-            model_path=str(self.path),
-            n_ctx=self._n_ctx_wanted or 0,  # 0: the model's training context
-            n_batch=512,
-            n_threads=self._n_threads,
-            n_threads_batch=self._n_threads,
-            logits_all=False,
-            verbose=False,
-        )
+        with _LOADING:
+            self._llm = llama_cpp.Llama(
+                model_path=str(self.path),
+                n_ctx=self._n_ctx_wanted or 0,  # 0: the model's training context
+                n_batch=512,
+                n_threads=self._n_threads,
+                n_threads_batch=self._n_threads,
+                logits_all=False,
+                verbose=False,
+            )
         self.n_ctx = int(self._llm.n_ctx())
         self.n_vocab = int(self._llm.n_vocab())
         self._vocab = self._llm._model.vocab
