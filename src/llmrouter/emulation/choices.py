@@ -128,6 +128,14 @@ class ChoiceShaper:
         self.stopped = False  # a stop sequence ended the choice
         self.tokens = 0  # tokens (or, without logprobs, text deltas) the deployment sent
 
+    @property
+    def settled(self) -> bool:
+        """Past any reasoning, holding nothing back: with no stops or echo, what follows would pass
+        through unchanged."""
+        return self._reasoning is None or (
+            self._reasoning.state == "content" and not self._reasoning.held
+        )
+
     def feed(self, text: str, logprobs: Logprobs | None) -> Shaped:
         self.tokens += (
             len(logprobs.tokens) if logprobs is not None and logprobs.tokens else int(bool(text))

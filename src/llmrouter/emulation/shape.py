@@ -60,6 +60,9 @@ class _Sub:
     candidate: int
 
 
+_WHOLE = _Sub(0, 0)
+
+
 @dataclass(frozen=True, slots=True)
 class Shape:
     params: CompletionCreateParams  # what each call to the deployment asks (never `stream`)
@@ -78,6 +81,7 @@ class Shape:
     buffered: bool  # the stream is served from a complete (and checked) answer
     emulated: tuple[str, ...] = ()  # the request fields the router honours for the deployment
     drain: bool = False  # read a stream to its end after every choice ended: usage is wanted
+    plain: bool = False  # nothing to do but watch for reasoning: answers pass through as they are
 
     # -- one attempt ----------------------------------------------------------------------------
 
@@ -85,6 +89,8 @@ class Shape:
         calls = self._calls(call)
         if len(calls) == 1:
             results = [await provider.complete(calls[0][0])]
+            if self.plain and _untouched(results[0], self.n * len(self.prompts), self.reasoning_tags):
+                return results[0]  # the common case: nothing for the router to do
         else:
             results = await _all([provider.complete(c) for c, _ in calls])
         choices: list[tuple[int, CompletionChoice]] = []
@@ -126,47 +132,36 @@ class Shape:
             )
             return
         calls = self._calls(call)
-        shapers: dict[int, ChoiceShaper] = {}
-        ended: set[int] = set()
-        usages: list[Usage] = []
-        estimated = False
-        subs = [sub for _, sub in calls]
-        expected = len(self.prompts) * self.n
-        source = _merge([provider.stream(c) for c, _ in calls])
-        try:
-            async for j, part in source:
-                if part.usage is not None:
-                    usages.append(part.usage)
-                    estimated = estimated or part.usage_estimated
-                out: list[ChunkChoice] = []
-                for choice in part.choices:
-                    index = self._index(choice.index, subs[j])
-                    if index in ended:
-                        continue  # after a stop the router enforced: the rest is not sent
-                    shaper = shapers.get(index)
-                    if shaper is None:
-                        shaper = shapers[index] = self._shaper(index)
-                    out.append(self._chunk(index, shaper, choice, ended))
-                if out:
-                    yield StreamPart(out, system_fingerprint=part.system_fingerprint)
-                if len(ended) == expected and not self.drain and not usages:
-                    # Every choice has ended (a stop the router enforced, before the upstream
-                    # knew): stop the upstream rather than let it run on for nothing.
-                    usages.append(Usage(0, sum(shaper.tokens for shaper in shapers.values()), 0))
-                    estimated = True
-                    break
-        finally:
-            await source.aclose()
-        if len(ended) < expected:
-            missing = min(set(range(expected)) - ended)
-            raise UpstreamUnavailable(f"The stream ended without choice {missing}.")
-        if usages:
-            yield StreamPart([], usage=_sum_usage(usages), usage_estimated=estimated)
+        state = _Streaming(self, [sub for _, sub in calls])
+        if len(calls) == 1:  # the common case, without a merging layer between
+            stream = provider.stream(calls[0][0])
+            try:
+                async for part in stream:
+                    if (out := state.shape(0, part)) is not None:
+                        yield out
+                    if state.done:
+                        break
+            finally:
+                await _close(stream)
+        else:
+            merged = _merge([provider.stream(c) for c, _ in calls])
+            try:
+                async for j, part in merged:
+                    if (out := state.shape(j, part)) is not None:
+                        yield out
+                    if state.done:
+                        break
+            finally:
+                await merged.aclose()
+        yield state.end()
 
     # -- pieces ---------------------------------------------------------------------------------
 
     def _calls(self, call: Call) -> list[tuple[Call, _Sub]]:
-        """The calls one attempt makes: one, or one per prompt and/or per candidate."""
+        """The calls one attempt makes: one, or one per prompt and/or per candidate. (`call`
+        already asks `self.params`: the executor builds it so.)"""
+        if self.fan_out == 1 and not self.split_prompts:
+            return [(call, _WHOLE)]
         groups = [(p, self.prompts[p : p + 1]) for p in range(len(self.prompts))]
         if not self.split_prompts:
             groups = [(0, self.prompts)]
@@ -254,6 +249,78 @@ class Shape:
             group.sort(key=_mean_logprob, reverse=True)
             chosen.extend((p * self.n + k, c) for k, c in enumerate(group[: self.n]))
         return chosen
+
+
+class _Streaming:
+    """One streamed attempt's choices on their way through: each choice shaped until it is known to
+    need nothing more (then passed on as it is), usage summed for the end."""
+
+    def __init__(self, shape: Shape, subs: list[_Sub]) -> None:
+        self.shape_ = shape
+        self.subs = subs
+        self.expected = len(shape.prompts) * shape.n
+        self.shapers: dict[int, ChoiceShaper] = {}
+        self.settled: set[int] = set()
+        self.ended: set[int] = set()
+        self.usages: list[Usage] = []
+        self.estimated = False
+        self.done = False  # every choice ended by the router's stops: the upstream can be closed
+
+    def shape(self, j: int, part: StreamPart) -> StreamPart | None:
+        shape = self.shape_
+        if part.usage is not None:
+            self.usages.append(part.usage)
+            self.estimated = self.estimated or part.usage_estimated
+        if shape.plain and j == 0 and all(c.index in self.settled for c in part.choices):
+            for c in part.choices:
+                if c.finish_reason is not None:
+                    self.ended.add(c.index)
+            if not part.choices:
+                return None
+            if part.usage is None:
+                return part
+            return StreamPart(part.choices, system_fingerprint=part.system_fingerprint)
+        out: list[ChunkChoice] = []
+        for choice in part.choices:
+            index = shape._index(choice.index, self.subs[j])
+            if index in self.settled:
+                out.append(choice)
+                if choice.finish_reason is not None:
+                    self.ended.add(index)
+                continue
+            if index in self.ended:
+                continue  # after a stop the router enforced: the rest is not sent
+            shaper = self.shapers.get(index)
+            if shaper is None:
+                shaper = self.shapers[index] = shape._shaper(index)
+            out.append(shape._chunk(index, shaper, choice, self.ended))
+            if shape.plain and shaper.settled and index not in self.ended:
+                self.settled.add(index)
+        if len(self.ended) == self.expected and not shape.drain and not self.usages:
+            # Every choice has ended (a stop the router enforced, before the upstream knew):
+            # stop the upstream rather than let it run on for nothing.
+            self.usages.append(Usage(0, sum(s.tokens for s in self.shapers.values()), 0))
+            self.estimated = self.done = True
+        if not out:
+            return None
+        return StreamPart(out, system_fingerprint=part.system_fingerprint)
+
+    def end(self) -> StreamPart:
+        if len(self.ended) < self.expected:
+            missing = min(set(range(self.expected)) - self.ended)
+            raise UpstreamUnavailable(f"The stream ended without choice {missing}.")
+        usage = _sum_usage(self.usages) if self.usages else None
+        return StreamPart([], usage=usage, usage_estimated=self.estimated)
+
+
+def _untouched(result: Completion, count: int, tags: tuple[str, str] | None) -> bool:
+    """Whether an answer can go out as it came: its choices in order, none opening reasoning."""
+    choices = result.choices
+    return (
+        len(choices) == count
+        and all(c.index == i for i, c in enumerate(choices))
+        and (tags is None or not any(c.text.lstrip().startswith(tags[0]) for c in choices))
+    )
 
 
 def _mean_logprob(choice: CompletionChoice) -> float:
@@ -505,8 +572,20 @@ def shape_for(
         )
         if done_here
     ]
+    tags = model.reasoning_tags
+    plain = (
+        not params.stop
+        and not params.echo
+        and params.logprobs is None
+        and checker is None
+        and fan_out == 1
+        and not choose_best
+        and not split_prompts
+        and not (tags and any(isinstance(p, str) and p.rstrip().endswith(tags[0]) for p in prompts))
+    )
+    changed = {name: value for name, value in changes.items() if getattr(params, name) != value}
     return Shape(
-        params=msgspec.structs.replace(params, **changes),
+        params=msgspec.structs.replace(params, **changed) if changed else params,
         prompts=prompts,
         n=n,
         candidates=candidates,
@@ -522,6 +601,7 @@ def shape_for(
         buffered=buffered,
         emulated=tuple(emulated),
         drain=bool(usage),
+        plain=plain,
     )
 
 

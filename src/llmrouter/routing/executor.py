@@ -191,9 +191,8 @@ class _Run(Generic[T]):
         self.health.claim(target.label)
         self.tried.add(target.label)
         self.started += 1
-        call = Call(
-            target.deployment, self.params, self.prompts, target.provider.timeouts, self.request_id
-        )
+        params = target.shape.params if target.shape is not None else self.params
+        call = Call(target.deployment, params, self.prompts, target.provider.timeouts, self.request_id)
         return self.attempt(target, call, self.deadline)
 
     def launch(self, target: Target) -> None:
