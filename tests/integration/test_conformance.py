@@ -448,3 +448,25 @@ def test_a_streamed_answer_that_must_be_checked_fails_before_the_stream_begins(r
     status, answer, headers = _call(router, {**body, "model": "lm/json-second"})
     assert status == 200 and json.loads(answer["choices"][0]["text"]) == {"ok": True}
     assert headers["x-llmrouter-emulated"] == "response_format"
+
+
+def test_the_local_engine_constrains_a_schema_llama_cpps_converter_would_ignore(router: Router) -> None:
+    import jsonschema
+
+    schema = {
+        "type": "object",
+        "properties": {"year": {"type": "integer", "minimum": 2000, "maximum": 3999}},
+        "required": ["year"],
+        "additionalProperties": False,
+    }
+    fmt = {"type": "json_schema", "json_schema": {"name": "y", "schema": schema}}
+    body = {
+        "model": "local/smollm2-135m-instruct",
+        "prompt": "Year:\n",
+        "max_tokens": 40,
+        "temperature": 0.0,
+    }
+    status, answer, headers = _call(router, {**body, "response_format": fmt})
+    assert status == 200, answer
+    jsonschema.validate(json.loads(answer["choices"][0]["text"]), schema)
+    assert "x-llmrouter-emulated" not in headers  # constrained by the engine, right first time

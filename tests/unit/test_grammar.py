@@ -402,3 +402,55 @@ def test_fill_in_the_middle_writes_a_middle_and_echoes_the_prefix_only(fim_engin
     infos = echoed.tokens[0]
     assert "".join(t.token for t in infos) == echoed.texts[0] and infos[0].offset == 0
     assert infos[0].logprob is not None  # the prefix's first token follows the prefix marker
+
+
+# -- JSON Schema through llguidance ----------------------------------------------------------------
+
+WIDE_RANGE = {
+    "type": "object",
+    "properties": {
+        "year": {"type": "integer", "minimum": 2000, "maximum": 3999},
+        "step": {"type": "integer", "multipleOf": 5, "minimum": 5, "maximum": 95},
+        "tags": {
+            "type": "object",
+            "patternProperties": {"^t[0-9]$": {"type": "boolean"}},
+            "additionalProperties": False,
+            "maxProperties": 2,
+        },
+    },
+    "required": ["year", "step", "tags"],
+    "additionalProperties": False,
+}
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_llguidance_constrains_what_llama_cpps_converter_ignores(
+    engine: Engine, temperature: float
+) -> None:
+    # llama-cpp-python's converter ignores a wide integer range, multipleOf and patternProperties
+    # (bench/schema_coverage.py); under llguidance's grammar the answer validates anyway.
+    import msgspec
+    from llguidance import LLMatcher
+
+    from llmrouter.structured import gbnf_for
+    from llmrouter.wire.completions import CompletionCreateParams
+
+    grammar = LLMatcher.grammar_from_json_schema(WIDE_RANGE)
+    for seed in range(3):
+        out = run(
+            engine, "A record:\n", max_tokens=120, temperature=temperature, seed=seed, guidance=grammar
+        )
+        assert out.finish[0] == "stop", out.texts
+        jsonschema.validate(json.loads(out.texts[0]), WIDE_RANGE)
+    params = msgspec.convert(
+        {
+            "prompt": "x",
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": "r", "schema": WIDE_RANGE},
+            },
+        },
+        CompletionCreateParams,
+    )
+    gbnf = gbnf_for(params.response_format)
+    assert "2000" not in gbnf and "multipleOf" not in gbnf  # the converter: no trace of them

@@ -21,6 +21,7 @@ import logging
 import os
 import threading
 import time
+import warnings
 import weakref
 from collections import deque
 from collections.abc import Callable
@@ -61,6 +62,7 @@ class Sampling:
     logprobs: int | None = None
     echo: bool = False
     grammar: str | None = None  # GBNF with a `root` rule, checked by `_grammar.check_grammar`
+    guidance: str | None = None  # an llguidance grammar (from a JSON Schema), instead of GBNF
     suffix: str | None = None  # fill-in-the-middle: the text after the completion
 
 
@@ -149,6 +151,7 @@ class Engine:
         self._llm: Any = None
         self._vocab: Any = None
         self._fim: tuple[int, int, int] | None = None  # the prefix, suffix and middle markers
+        self._lltokenizer: Any = None
         self._pieces: dict[tuple[int, bool], bytes] = {}
         # The prompt whose keys/values are in the context, and its last logits: the next choice of
         # the same prompt starts from them instead of decoding the prompt again.
@@ -271,6 +274,21 @@ class Engine:
     def _is_one_token(self, text: str) -> bool:
         """Whether a grammar's `<text>` names a token: llama.cpp's test, special tokens included."""
         return len(self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)) == 1
+
+    def _guidance_tokenizer(self) -> Any:
+        """llguidance's view of this model's vocabulary: built once (about a second), on the
+        first request that needs it, in the worker thread."""
+        if self._lltokenizer is None:
+            import llama_cpp
+            from llguidance.llamacpp import lltokenizer_from_vocab
+
+            ends = [t for t in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(self._vocab, t)]
+            with warnings.catch_warnings():  # it asks each token's kind by a deprecated name
+                warnings.simplefilter("ignore", DeprecationWarning)
+                self._lltokenizer = lltokenizer_from_vocab(
+                    self._vocab, n_vocab=self.n_vocab, eos_token=ends
+                )
+        return self._lltokenizer
 
     def _check_context(self, tokens: list[int], s: Sampling, where: str) -> None:
         room = self.n_ctx - len(tokens)
@@ -407,7 +425,11 @@ class Engine:
                 job.emit(ChoiceDelta(index, prompt.text, None))
 
         limit = self.n_ctx - len(prompt.tokens) if s.max_tokens is None else s.max_tokens
-        grammar = None if s.grammar is None else _Grammar(self._vocab, s.grammar, self.n_vocab)
+        grammar: _Grammar | _Guidance | None = None
+        if s.guidance is not None:
+            grammar = _Guidance(self._guidance_tokenizer(), s.guidance, self.n_vocab)
+        elif s.grammar is not None:
+            grammar = _Grammar(self._vocab, s.grammar, self.n_vocab)
         scanner: StopScanner[TokenInfo | None] = StopScanner(s.stop)
         counts: dict[int, int] = {}
         generated = 0
@@ -526,7 +548,7 @@ class Engine:
         s: Sampling,
         counts: dict[int, int],
         rng: np.random.Generator,
-        grammar: _Grammar | None,
+        grammar: _Grammar | _Guidance | None,
     ) -> int:
         x = logits.astype(np.float64)
         if s.logit_bias:
@@ -668,6 +690,36 @@ class _Grammar:
 
     def accept(self, token: int) -> None:
         self._llama_cpp.llama_sampler_accept(self._sampler, token)
+
+
+class _Guidance:
+    """One choice's place in an llguidance grammar: the same three questions as `_Grammar`, for a
+    JSON Schema, which llguidance constrains more of than llama.cpp's converter does
+    (bench/schema_coverage.py)."""
+
+    def __init__(self, tokenizer: Any, grammar: str, n_vocab: int) -> None:
+        import llguidance
+
+        self._matcher = llguidance.LLMatcher(tokenizer, grammar)
+        if self._matcher.is_error():
+            raise InvalidRequest(
+                f"The JSON Schema cannot be compiled: {self._matcher.get_error()[:300]}",
+                param="response_format.json_schema.schema",
+            )
+        self._n_vocab = n_vocab
+
+    def allows(self, token: int) -> bool:
+        return bool(self._matcher.validate_tokens([token]) == 1)
+
+    def allowed(self) -> npt.NDArray[np.bool_]:
+        bits = np.unpackbits(
+            np.frombuffer(self._matcher.compute_bitmask(), dtype=np.uint8), bitorder="little"
+        )
+        allowed: npt.NDArray[np.bool_] = bits[: self._n_vocab].astype(bool)
+        return allowed
+
+    def accept(self, token: int) -> None:
+        self._matcher.consume_token(token)
 
 
 def _log_softmax(logits: Logits) -> npt.NDArray[np.float64]:

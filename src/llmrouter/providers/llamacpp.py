@@ -31,7 +31,14 @@ from llmrouter.settings import (
     embedded_gguf_path,
 )
 from llmrouter.structured import format_kind, gbnf_for
-from llmrouter.wire.completions import ChunkChoice, CompletionChoice, Logprobs, Usage
+from llmrouter.wire.completions import (
+    ChunkChoice,
+    CompletionChoice,
+    Logprobs,
+    ResponseFormat,
+    ResponseFormatJSONSchema,
+    Usage,
+)
 
 __all__ = ["LlamaCppAdapter", "resolve_model_path"]
 
@@ -207,8 +214,29 @@ def _sampling(call: Call) -> Sampling:
         logprobs=p.logprobs,
         echo=bool(p.echo),
         grammar=gbnf_for(p.response_format) if format_kind(p.response_format) != "text" else None,
+        guidance=_guidance(p.response_format),
         suffix=p.suffix,
     )
+
+
+def _guidance(response_format: ResponseFormat | None) -> str | None:
+    """A JSON Schema as an llguidance grammar, when llguidance is installed and implements every
+    keyword the schema uses (else None: llama.cpp's grammar, and the check, do the work)."""
+    if not isinstance(response_format, ResponseFormatJSONSchema):
+        return None
+    schema = response_format.json_schema.schema
+    try:
+        from llguidance import LLMatcher
+    except ImportError:
+        return None
+    # Separators as json.dumps writes them, and no other whitespace: a small model left free to
+    # indent can indent for ever.
+    grammar = LLMatcher.grammar_from_json_schema(
+        {} if schema is UNSET else schema,
+        overrides={"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "},
+    )
+    is_error, _ = LLMatcher.validate_grammar_with_warnings(grammar)
+    return None if is_error else str(grammar)
 
 
 def _usage(event: JobUsage) -> Usage:
