@@ -3,6 +3,7 @@ llama-cpp-python's own OpenAI-compatible server as a real upstream on the same G
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -11,6 +12,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -167,6 +169,41 @@ class Router:
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return run_cli(self.home, "--config", str(self.config), *args, check=check)
+
+
+def ask(router: Router, body: dict[str, Any]) -> tuple[int, dict[str, Any], httpx.Headers]:
+    """POST a completion; a stream comes back assembled into the shape of a complete answer (each
+    choice's text, reasoning and logprobs joined, its finish reason, the usage), an error event
+    failing the test."""
+    url = f"{router.api}/completions"
+    if not body.get("stream"):
+        r = httpx.post(url, headers=router.headers(), json=body, timeout=120)
+        return r.status_code, r.json(), r.headers
+    with httpx.stream("POST", url, headers=router.headers(), json=body, timeout=120) as r:
+        if r.status_code != 200:
+            r.read()
+            return r.status_code, r.json(), r.headers
+        choices: dict[int, dict[str, Any]] = {}
+        usage = None
+        for line in r.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            assert "error" not in chunk, chunk
+            usage = chunk.get("usage") or usage
+            for c in chunk["choices"]:
+                choice = choices.setdefault(
+                    c["index"], {"index": c["index"], "text": "", "reasoning": "", "finish_reason": None}
+                )
+                choice["text"] += c["text"]
+                choice["reasoning"] += c.get("reasoning") or ""
+                choice["finish_reason"] = c.get("finish_reason") or choice["finish_reason"]
+                if c.get("logprobs"):
+                    joined = choice.setdefault("logprobs", {})
+                    for name, values in c["logprobs"].items():
+                        joined.setdefault(name, []).extend(values or [])
+        answer = {"choices": [choices[i] for i in sorted(choices)], "usage": usage}
+        return 200, answer, r.headers
 
 
 def run_cli(home: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:

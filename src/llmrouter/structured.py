@@ -11,7 +11,7 @@ from __future__ import annotations
 import ast
 import json
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import lru_cache
 from typing import Any
 
@@ -29,7 +29,7 @@ from llmrouter.wire.completions import (
     ResponseFormatPython,
 )
 
-__all__ = ["Checker", "check_request_format", "checker_for", "format_kind", "gbnf_for"]
+__all__ = ["Checker", "check_request_format", "checker_for", "format_kind", "gbnf_for", "guidance_for"]
 
 # A checker says what is wrong with a text, or None when it satisfies the format.
 Checker = Callable[[str], str | None]
@@ -64,6 +64,31 @@ def gbnf_for(response_format: ResponseFormat | None) -> str:
     if isinstance(response_format, ResponseFormatGrammar):
         return response_format.grammar
     raise ValueError(f"no grammar for response_format {format_kind(response_format)!r}")
+
+
+def guidance_for(response_format: ResponseFormat | None) -> str | None:
+    """A JSON Schema as an llguidance grammar, when llguidance is installed and implements every
+    keyword the schema uses (else None: llama.cpp's grammar, and the check, do the work)."""
+    if not isinstance(response_format, ResponseFormatJSONSchema):
+        return None
+    schema = response_format.json_schema.schema
+    return _guidance_grammar("{}" if schema is msgspec.UNSET else _freeze(schema))
+
+
+@lru_cache(maxsize=256)
+def _guidance_grammar(frozen: str) -> str | None:
+    try:
+        from llguidance import LLMatcher
+    except ImportError:
+        return None
+    # Separators as json.dumps writes them, and no other whitespace: a small model left free to
+    # indent can indent for ever.
+    grammar = LLMatcher.grammar_from_json_schema(
+        frozen,
+        overrides={"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "},
+    )
+    is_error, _ = LLMatcher.validate_grammar_with_warnings(grammar)
+    return None if is_error else str(grammar)
 
 
 @lru_cache(maxsize=256)
@@ -159,37 +184,50 @@ def _python(text: str) -> str | None:
     return None
 
 
-def _check_references(node: Any, root: dict[str, Any]) -> None:
-    """Every `$ref` points inside the schema, at something that is there: a reference elsewhere
-    would be a request from the router to wherever the client likes."""
-    if isinstance(node, list):
+def _objects(node: Any) -> Iterator[dict[str, Any]]:
+    """Every object in a schema, the schema itself first."""
+    if isinstance(node, dict):
+        yield node
+        for value in node.values():
+            yield from _objects(value)
+    elif isinstance(node, list):
         for item in node:
-            _check_references(item, root)
-        return
-    if not isinstance(node, dict):
-        return
-    ref = node.get("$ref")
-    if isinstance(ref, str) and (not ref.startswith("#") or not _resolves(ref, root)):
-        raise InvalidRequest(
-            f"`$ref` {ref[:100]!r} does not point inside the schema; llmrouter resolves "
-            "references only within the schema itself (`#/$defs/...`).",
-            param="response_format.json_schema.schema",
-        )
-    for value in node.values():
-        _check_references(value, root)
+            yield from _objects(item)
 
 
-def _resolves(ref: str, root: dict[str, Any]) -> bool:
-    node: Any = root
-    for part in ref[1:].lstrip("/").split("/") if ref != "#" else []:
-        key = part.replace("~1", "/").replace("~0", "~")
-        if isinstance(node, dict) and key in node:
-            node = node[key]
-        elif isinstance(node, list) and key.isdigit() and int(key) < len(node):
-            node = node[int(key)]
-        else:
-            return False
-    return True
+def _check_inside(schema: dict[str, Any]) -> None:
+    """Every `$ref` resolves inside the schema (a reference elsewhere would be a request from the
+    router to wherever the client likes: the registry is empty and retrieves nothing), and every
+    pattern is a regular expression."""
+    import referencing
+    import referencing.exceptions
+    import referencing.jsonschema
+
+    root = referencing.Resource.from_contents(schema, referencing.jsonschema.DRAFT202012)
+    resolver = referencing.Registry().resolver_with_root(root)
+    for node in _objects(schema):
+        ref = node.get("$ref")
+        if isinstance(ref, str):
+            try:
+                resolver.lookup(ref)
+            except referencing.exceptions.Unresolvable:
+                raise InvalidRequest(
+                    f"`$ref` {ref[:100]!r} does not point inside the schema; llmrouter resolves "
+                    "references only within the schema itself (`#/$defs/...`).",
+                    param="response_format.json_schema.schema",
+                ) from None
+        patterns = [node["pattern"]] if isinstance(node.get("pattern"), str) else []
+        if isinstance(node.get("patternProperties"), dict):
+            patterns += list(node["patternProperties"])
+        for pattern in patterns:
+            try:
+                regex.compile(pattern)
+            except regex.error as exc:
+                raise InvalidRequest(
+                    "`response_format.json_schema.schema` has a pattern that is not a regular "
+                    f"expression: {exc}",
+                    param="response_format.json_schema.schema",
+                ) from None
 
 
 def _freeze(schema: dict[str, Any]) -> str:
@@ -203,12 +241,9 @@ def _validator(frozen: str) -> Any:
     import referencing
 
     schema = json.loads(frozen)
-    _check_references(schema, schema)
     cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
     try:
         cls.check_schema(schema)
-        for found in _patterns(schema):
-            regex.compile(found)
     except jsonschema.exceptions.SchemaError as exc:
         where = "/".join(str(p) for p in exc.absolute_path)
         raise InvalidRequest(
@@ -216,12 +251,7 @@ def _validator(frozen: str) -> Any:
             f"{f' (at {where})' if where else ''}: {exc.message}"[:600],
             param="response_format.json_schema.schema",
         ) from None
-    except regex.error as exc:
-        raise InvalidRequest(
-            f"`response_format.json_schema.schema` has a pattern that is not a regular expression: "
-            f"{exc}",
-            param="response_format.json_schema.schema",
-        ) from None
+    _check_inside(schema)
     # Patterns are the client's, run on the model's text: with a time limit, so that one written to
     # backtrack for ever costs a failed check, not the server.
     bounded = jsonschema.validators.extend(  # type: ignore[no-untyped-call]
@@ -255,15 +285,3 @@ def _pattern_properties(validator: Any, properties: dict[str, Any], instance: An
         for key, value in instance.items():
             if _search(pattern, key):
                 yield from validator.descend(value, subschema, path=key, schema_path=pattern)
-
-
-def _patterns(node: Any) -> list[str]:
-    """Every `pattern` and `patternProperties` key in a schema."""
-    if isinstance(node, list):
-        return [p for item in node for p in _patterns(item)]
-    if not isinstance(node, dict):
-        return []
-    found = [node["pattern"]] if isinstance(node.get("pattern"), str) else []
-    if isinstance(node.get("patternProperties"), dict):
-        found += list(node["patternProperties"])
-    return found + [p for value in node.values() for p in _patterns(value)]

@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import Router
+from tests.conftest import Router, ask
 
 Check = Callable[[dict[str, Any], dict[str, Any]], None]  # (answer, request body)
 
@@ -274,33 +274,6 @@ def _model(row: Row, column: str) -> str:
     return DEFAULT_MODEL[column]
 
 
-def _call(router: Router, body: dict[str, Any]) -> tuple[int, dict[str, Any], httpx.Headers]:
-    """The answer, a stream assembled into the shape of a complete one."""
-    url = f"{router.api}/completions"
-    if not body.get("stream"):
-        r = httpx.post(url, headers=router.headers(), json=body, timeout=120)
-        return r.status_code, r.json(), r.headers
-    with httpx.stream("POST", url, headers=router.headers(), json=body, timeout=120) as r:
-        if r.status_code != 200:
-            r.read()
-            return r.status_code, r.json(), r.headers
-        choices: dict[int, dict[str, Any]] = {}
-        usage = None
-        for line in r.iter_lines():
-            if not line.startswith("data: {"):
-                continue
-            chunk = json.loads(line[6:])
-            assert "error" not in chunk, chunk
-            usage = chunk.get("usage") or usage
-            for c in chunk["choices"]:
-                choice = choices.setdefault(c["index"], {"index": c["index"], "text": ""})
-                choice["text"] += c["text"]
-                if c.get("finish_reason"):
-                    choice["finish_reason"] = c["finish_reason"]
-        answer = {"choices": [choices[i] for i in sorted(choices)], "usage": usage}
-        return 200, answer, r.headers
-
-
 CELLS = [
     pytest.param(row, column, id=f"{row.name} | {column}")
     for row in ROWS
@@ -320,7 +293,7 @@ def test_cell(router: Router, fake_upstream: str, row: Row, column: str) -> None
         "model": _model(row, column),
     }
     httpx.post(f"{fake_upstream}/_reset")
-    status, answer, headers = _call(router, body)
+    status, answer, headers = ask(router, body)
     if cell == R:
         assert status == 400, answer
         assert answer["error"]["param"] == row.param
@@ -343,24 +316,24 @@ def test_cell(router: Router, fake_upstream: str, row: Row, column: str) -> None
 def test_seed_gives_the_same_text_again(router: Router) -> None:
     for model in ("local/smollm2-135m-instruct", "lm/full", "upstream/smollm2"):
         body = {"model": model, "prompt": PROMPT, "max_tokens": 8, "temperature": 1.0, "seed": 11}
-        texts = {_call(router, body)[1]["choices"][0]["text"] for _ in range(3)}
+        texts = {ask(router, body)[1]["choices"][0]["text"] for _ in range(3)}
         assert len(texts) == 1, (model, texts)
 
 
 def test_derived_seeds_make_fanned_out_choices_differ_and_repeat(router: Router) -> None:
     body = {"model": "lm/no-n", "prompt": PROMPT, "max_tokens": 4, "temperature": 1.0, "n": 3, "seed": 9}
-    first = [c["text"] for c in _call(router, body)[1]["choices"]]
-    again = [c["text"] for c in _call(router, body)[1]["choices"]]
+    first = [c["text"] for c in ask(router, body)[1]["choices"]]
+    again = [c["text"] for c in ask(router, body)[1]["choices"]]
     assert first == again
     assert len(set(first)) > 1
 
 
 def test_best_of_returns_the_candidates_with_the_best_mean_logprob(router: Router) -> None:
     body = {"prompt": PROMPT, "max_tokens": 4, "temperature": 1.0, "seed": 2, "logprobs": 0}
-    native = _call(router, {**body, "model": "lm/full", "n": 1, "best_of": 5})[1]["choices"]
-    emulated = _call(router, {**body, "model": "lm/no-best_of", "n": 1, "best_of": 5})[1]["choices"]
+    native = ask(router, {**body, "model": "lm/full", "n": 1, "best_of": 5})[1]["choices"]
+    emulated = ask(router, {**body, "model": "lm/no-best_of", "n": 1, "best_of": 5})[1]["choices"]
     # every candidate, to see which is best
-    candidates = _call(router, {**body, "model": "lm/no-best_of", "n": 5})[1]["choices"]
+    candidates = ask(router, {**body, "model": "lm/no-best_of", "n": 5})[1]["choices"]
 
     def mean(choice: dict[str, Any]) -> float:
         values = choice["logprobs"]["token_logprobs"]
@@ -406,16 +379,10 @@ def test_invalid_structured_output_is_asked_for_again_then_fails_clearly(router:
 
 def test_reasoning_is_split_off_in_streams_too(router: Router) -> None:
     body = {"model": "lm/think", "prompt": "Why?", "max_tokens": 3, "seed": 1, "stream": True}
-    reasoning, text = "", ""
-    with httpx.stream("POST", f"{router.api}/completions", headers=router.headers(), json=body) as r:
-        for line in r.iter_lines():
-            if line.startswith("data: {"):
-                for c in json.loads(line[6:])["choices"]:
-                    reasoning += c.get("reasoning") or ""
-                    text += c["text"]
-    complete = _call(router, {**body, "stream": False})[1]["choices"][0]
-    assert reasoning == complete["reasoning"] == "pondering deeply"
-    assert text == complete["text"] and text and "think>" not in text
+    streamed = ask(router, body)[1]["choices"][0]
+    complete = ask(router, {**body, "stream": False})[1]["choices"][0]
+    assert streamed["reasoning"] == complete["reasoning"] == "pondering deeply"
+    assert streamed["text"] == complete["text"] and complete["text"] and "think>" not in complete["text"]
 
 
 def test_an_emulated_stop_cuts_inside_a_token_and_across_chunks(router: Router) -> None:
@@ -428,13 +395,13 @@ def test_an_emulated_stop_cuts_inside_a_token_and_across_chunks(router: Router) 
             "seed": seed,
             "temperature": 0.0,
         }
-        free = _call(router, body)[1]["choices"][0]["text"]
+        free = ask(router, body)[1]["choices"][0]["text"]
         if "ta gam" in free:
             break
     assert "ta gam" in free
     expected = free[: free.index("ta gam")]
     for stream in (False, True):
-        status, answer, headers = _call(router, {**body, "stop": ["ta gam"], "stream": stream})
+        status, answer, headers = ask(router, {**body, "stop": ["ta gam"], "stream": stream})
         assert status == 200
         assert answer["choices"][0]["text"] == expected
         assert answer["choices"][0]["finish_reason"] == "stop"
@@ -443,9 +410,9 @@ def test_an_emulated_stop_cuts_inside_a_token_and_across_chunks(router: Router) 
 
 def test_a_streamed_answer_that_must_be_checked_fails_before_the_stream_begins(router: Router) -> None:
     body = {"prompt": "x", "response_format": {"type": "json_object"}, "stream": True}
-    status, answer, _ = _call(router, {**body, "model": "lm/never-json"})
+    status, answer, _ = ask(router, {**body, "model": "lm/never-json"})
     assert status == 502 and answer["error"]["type"] == "invalid_output"
-    status, answer, headers = _call(router, {**body, "model": "lm/json-second"})
+    status, answer, headers = ask(router, {**body, "model": "lm/json-second"})
     assert status == 200 and json.loads(answer["choices"][0]["text"]) == {"ok": True}
     assert headers["x-llmrouter-emulated"] == "response_format"
 
@@ -466,7 +433,7 @@ def test_the_local_engine_constrains_a_schema_llama_cpps_converter_would_ignore(
         "max_tokens": 40,
         "temperature": 0.0,
     }
-    status, answer, headers = _call(router, {**body, "response_format": fmt})
+    status, answer, headers = ask(router, {**body, "response_format": fmt})
     assert status == 200, answer
     jsonschema.validate(json.loads(answer["choices"][0]["text"]), schema)
     assert "x-llmrouter-emulated" not in headers  # constrained by the engine, right first time

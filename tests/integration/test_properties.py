@@ -7,11 +7,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import httpx
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import Router
+from tests.conftest import Router, ask
+from tests.unit.test_stops import reference
 
 BOUNDED = settings(
     max_examples=12,
@@ -28,39 +28,13 @@ STOP = st.one_of(
 
 
 def _complete(router: Router, body: dict[str, Any]) -> dict[str, Any]:
-    r = httpx.post(f"{router.api}/completions", headers=router.headers(), json=body, timeout=60)
-    assert r.status_code == 200, r.text
-    return dict(r.json())
+    status, answer, _ = ask(router, body)
+    assert status == 200, answer
+    return answer
 
 
 def _streamed(router: Router, body: dict[str, Any]) -> dict[int, dict[str, Any]]:
-    choices: dict[int, dict[str, Any]] = {}
-    with httpx.stream(
-        "POST",
-        f"{router.api}/completions",
-        headers=router.headers(),
-        json={**body, "stream": True},
-        timeout=60,
-    ) as r:
-        assert r.status_code == 200, r.read()
-        for line in r.iter_lines():
-            if line.startswith("data: {"):
-                chunk = json.loads(line[6:])
-                assert "error" not in chunk, chunk
-                for c in chunk["choices"]:
-                    choice = choices.setdefault(c["index"], {"text": "", "finish_reason": None})
-                    choice["text"] += c["text"]
-                    choice["finish_reason"] = c["finish_reason"] or choice["finish_reason"]
-    return choices
-
-
-def _cut(text: str, stops: list[str]) -> str:
-    """Where the first stop to complete, reading left to right, begins."""
-    for end in range(1, len(text) + 1):
-        for stop in sorted(stops, key=len, reverse=True):
-            if text[:end].endswith(stop):
-                return text[: end - len(stop)]
-    return text
+    return {c["index"]: c for c in _complete(router, {**body, "stream": True})["choices"]}
 
 
 @BOUNDED
@@ -79,7 +53,7 @@ def test_stops_never_appear_and_streams_agree(
     assert not any(stop in stopped["text"] for stop in stops)
     assert stopped["text"] == streamed["text"]
     assert stopped["finish_reason"] == streamed["finish_reason"]
-    expected = _cut(free["text"], stops)
+    expected = reference(free["text"], stops)[0]
     if expected != free["text"]:  # a stop was in the free text: the answer ends where it began
         assert stopped["text"] == expected and stopped["finish_reason"] == "stop"
     else:  # no stop in reach (one could still complete across the max_tokens line: not here)
@@ -135,31 +109,13 @@ def test_logprobs_line_up_with_tokens_and_text(
         "echo": echo,
         "temperature": 0.0,
     }
-    if stream:
-        tokens: list[str] = []
-        offsets: list[int] = []
-        text = ""
-        with httpx.stream(
-            "POST",
-            f"{router.api}/completions",
-            headers=router.headers(),
-            json={**body, "stream": True},
-            timeout=60,
-        ) as r:
-            for line in r.iter_lines():
-                if line.startswith("data: {"):
-                    for c in json.loads(line[6:])["choices"]:
-                        if c["logprobs"]:
-                            tokens += c["logprobs"]["tokens"]
-                            offsets += c["logprobs"]["text_offset"]
-                            assert all(len(t) <= k for t in c["logprobs"]["top_logprobs"] if t)
-                        text += c["text"]
-    else:
-        answer = _complete(router, body)
-        choice = answer["choices"][0]
-        lp = choice["logprobs"]
-        tokens, offsets, text = lp["tokens"], lp["text_offset"], choice["text"]
-        assert len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == len(tokens)
+    answer = _complete(router, {**body, "stream": stream})
+    choice = answer["choices"][0]
+    lp = choice["logprobs"]
+    tokens, offsets, text = lp["tokens"], lp["text_offset"], choice["text"]
+    assert len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == len(tokens)
+    assert all(len(top) <= k for top in lp["top_logprobs"] if top)
+    if not stream:  # a stream's usage is asked for separately (include_usage)
         usage = answer["usage"]
         expected = usage["completion_tokens"] + (usage["prompt_tokens"] if echo else 0)
         assert len(tokens) == expected

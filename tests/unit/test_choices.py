@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from llmrouter.emulation.choices import ChoiceShaper, Shaped
 from llmrouter.wire.completions import Logprobs
+from tests.unit.test_stops import reference
 
 ALPHABET = "ab<>/think \n"
 
@@ -46,15 +47,6 @@ def text_and_chunks(draw: st.DrawFn) -> tuple[str, list[str]]:
     return text, _chunked(draw, text)
 
 
-def _expected_cut(text: str, stops: list[str]) -> str:
-    """The reference: cut where the first stop to complete (reading left to right) begins."""
-    for end in range(1, len(text) + 1):
-        for stop in sorted(stops, key=len, reverse=True):
-            if text[:end].endswith(stop):
-                return text[: end - len(stop)]
-    return text
-
-
 @settings(max_examples=1000, deadline=None)
 @given(text_and_chunks(), st.lists(st.text(alphabet=ALPHABET, min_size=1, max_size=4), max_size=4))
 def test_stops_never_appear_and_cut_where_the_first_one_completes(
@@ -63,7 +55,7 @@ def test_stops_never_appear_and_cut_where_the_first_one_completes(
     text, chunks = tc
     out = _run(ChoiceShaper(stops=stops), chunks)
     assert not any(stop in out.text for stop in stops)
-    assert out.text == _expected_cut(text, stops)
+    assert out.text == reference(text, stops)[0]
 
 
 @settings(max_examples=1000, deadline=None)

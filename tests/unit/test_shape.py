@@ -10,6 +10,7 @@ import pytest
 from llmrouter.emulation.shape import Shape, requested_parameters, shape_for
 from llmrouter.providers.base import ALL_PARAMETERS, Capabilities
 from llmrouter.settings import DeploymentSettings, ModelSettings
+from llmrouter.structured import checker_for
 from llmrouter.wire.validate import decode_completion_request
 
 MODEL = ModelSettings(id="m", deployments=[DeploymentSettings(provider="p", model="m")])
@@ -24,7 +25,8 @@ def lacking(*names: str, **more: Any) -> Capabilities:
 
 def shape(caps: Capabilities, **body: Any) -> Shape | tuple[str, str]:
     params, prompts = decode_completion_request(msgspec.json.encode({"prompt": "Hi", **body}))
-    return shape_for(caps, MODEL, params, prompts, requested_parameters(params, prompts))
+    wanted = requested_parameters(params, prompts)
+    return shape_for(caps, MODEL, params, prompts, wanted, checker_for(params.response_format))
 
 
 def ok(caps: Capabilities, **body: Any) -> Shape:

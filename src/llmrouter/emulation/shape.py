@@ -31,7 +31,7 @@ from llmrouter.emulation.choices import ChoiceShaper, Shaped
 from llmrouter.errors import InvalidOutput, LlmrouterError, UpstreamUnavailable
 from llmrouter.providers.base import ALL_PARAMETERS, Call, Capabilities, Completion, Provider, StreamPart
 from llmrouter.settings import ModelSettings
-from llmrouter.structured import Checker, checker_for, format_kind
+from llmrouter.structured import Checker, format_kind
 from llmrouter.wire.completions import (
     ChunkChoice,
     CompletionChoice,
@@ -40,7 +40,7 @@ from llmrouter.wire.completions import (
 )
 from llmrouter.wire.validate import Prompts
 
-__all__ = ["EMULATED_FORMATS", "Shape", "honoured_parameters", "requested_parameters", "shape_for"]
+__all__ = ["Shape", "honoured_parameters", "requested_parameters", "shape_for"]
 
 T = TypeVar("T")
 
@@ -137,7 +137,7 @@ class Shape:
             stream = provider.stream(calls[0][0])
             try:
                 async for part in stream:
-                    if (out := state.shape(0, part)) is not None:
+                    if (out := state.take(0, part)) is not None:
                         yield out
                     if state.done:
                         break
@@ -147,7 +147,7 @@ class Shape:
             merged = _merge([provider.stream(c) for c, _ in calls])
             try:
                 async for j, part in merged:
-                    if (out := state.shape(j, part)) is not None:
+                    if (out := state.take(j, part)) is not None:
                         yield out
                     if state.done:
                         break
@@ -256,7 +256,7 @@ class _Streaming:
     need nothing more (then passed on as it is), usage summed for the end."""
 
     def __init__(self, shape: Shape, subs: list[_Sub]) -> None:
-        self.shape_ = shape
+        self.shape = shape
         self.subs = subs
         self.expected = len(shape.prompts) * shape.n
         self.shapers: dict[int, ChoiceShaper] = {}
@@ -266,8 +266,9 @@ class _Streaming:
         self.estimated = False
         self.done = False  # every choice ended by the router's stops: the upstream can be closed
 
-    def shape(self, j: int, part: StreamPart) -> StreamPart | None:
-        shape = self.shape_
+    def take(self, j: int, part: StreamPart) -> StreamPart | None:
+        """What of part `part` of call `j` goes to the client (None: nothing yet)."""
+        shape = self.shape
         if part.usage is not None:
             self.usages.append(part.usage)
             self.estimated = self.estimated or part.usage_estimated
@@ -367,14 +368,6 @@ async def _merge(
     streams: list[AsyncIterator[StreamPart]],
 ) -> AsyncGenerator[tuple[int, StreamPart], None]:
     """The parts of several streams as they come, each with its stream's number."""
-    if len(streams) == 1:
-        stream = streams[0]
-        try:
-            async for part in stream:
-                yield 0, part
-        finally:
-            await _close(stream)
-        return
     # Bounded, so a slow client slows the upstreams down; one slot more per stream for its end.
     queue: asyncio.Queue[tuple[int, StreamPart] | LlmrouterError | BaseException | None] = asyncio.Queue(
         maxsize=8 * len(streams)
@@ -463,8 +456,11 @@ def shape_for(
     params: CompletionCreateParams,
     prompts: Prompts,
     wanted: list[str],
+    checker: Checker | None,
 ) -> Shape | tuple[str, str]:
-    """The shape that makes this deployment honour the request, or (parameter, why) it cannot."""
+    """The shape that makes this deployment honour the request, or (parameter, why) it cannot.
+    `wanted` (`requested_parameters`) and `checker` (`checker_for` the request's format) are the
+    request's own, worked out once for all its deployments."""
     native = caps.parameters
     n = params.n or 1
     best_of = params.best_of or n
@@ -536,7 +532,6 @@ def shape_for(
     elif choose_best:
         changes["n"] = candidates
 
-    checker = checker_for(params.response_format)
     # With a format to check, stops are the router's: a choice a stop cut short is returned as it
     # is (as one cut by max_tokens), which the router knows only if it did the cutting.
     router_stops = bool(params.stop) and ("stop" not in native or checker is not None)

@@ -30,13 +30,11 @@ from llmrouter.settings import (
     Timeouts,
     embedded_gguf_path,
 )
-from llmrouter.structured import format_kind, gbnf_for
+from llmrouter.structured import format_kind, gbnf_for, guidance_for
 from llmrouter.wire.completions import (
     ChunkChoice,
     CompletionChoice,
     Logprobs,
-    ResponseFormat,
-    ResponseFormatJSONSchema,
     Usage,
 )
 
@@ -202,6 +200,8 @@ def _sampling(call: Call) -> Sampling:
     p = call.params
     stop = (p.stop,) if isinstance(p.stop, str) else tuple(p.stop or ())
     max_tokens = _DEFAULT_MAX_TOKENS if p.max_tokens is UNSET else p.max_tokens
+    guidance = guidance_for(p.response_format)
+    constrained = guidance is None and format_kind(p.response_format) != "text"
     return Sampling(
         max_tokens=max_tokens,
         temperature=1.0 if p.temperature is None else p.temperature,
@@ -213,30 +213,10 @@ def _sampling(call: Call) -> Sampling:
         seed=p.seed,
         logprobs=p.logprobs,
         echo=bool(p.echo),
-        grammar=gbnf_for(p.response_format) if format_kind(p.response_format) != "text" else None,
-        guidance=_guidance(p.response_format),
+        grammar=gbnf_for(p.response_format) if constrained else None,
+        guidance=guidance,
         suffix=p.suffix,
     )
-
-
-def _guidance(response_format: ResponseFormat | None) -> str | None:
-    """A JSON Schema as an llguidance grammar, when llguidance is installed and implements every
-    keyword the schema uses (else None: llama.cpp's grammar, and the check, do the work)."""
-    if not isinstance(response_format, ResponseFormatJSONSchema):
-        return None
-    schema = response_format.json_schema.schema
-    try:
-        from llguidance import LLMatcher
-    except ImportError:
-        return None
-    # Separators as json.dumps writes them, and no other whitespace: a small model left free to
-    # indent can indent for ever.
-    grammar = LLMatcher.grammar_from_json_schema(
-        {} if schema is UNSET else schema,
-        overrides={"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "},
-    )
-    is_error, _ = LLMatcher.validate_grammar_with_warnings(grammar)
-    return None if is_error else str(grammar)
 
 
 def _usage(event: JobUsage) -> Usage:

@@ -191,8 +191,13 @@ class _Run(Generic[T]):
         self.health.claim(target.label)
         self.tried.add(target.label)
         self.started += 1
-        params = target.shape.params if target.shape is not None else self.params
-        call = Call(target.deployment, params, self.prompts, target.provider.timeouts, self.request_id)
+        call = Call(
+            target.deployment,
+            _shape(target).params,
+            self.prompts,
+            target.provider.timeouts,
+            self.request_id,
+        )
         return self.attempt(target, call, self.deadline)
 
     def launch(self, target: Target) -> None:

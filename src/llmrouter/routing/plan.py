@@ -20,6 +20,7 @@ from llmrouter.providers.base import Capabilities, Provider
 from llmrouter.routing.health import HealthBook
 from llmrouter.routing.strategies import order_targets
 from llmrouter.settings import DeploymentSettings, ModelSettings, Settings
+from llmrouter.structured import checker_for
 from llmrouter.wire.completions import CompletionCreateParams, ProviderPreferences
 from llmrouter.wire.validate import Prompts
 
@@ -90,6 +91,7 @@ class Catalog:
     def plan(self, params: CompletionCreateParams, prompts: Prompts) -> Plan:
         names = self._requested_models(params)
         wanted = requested_parameters(params, prompts)
+        checker = checker_for(params.response_format)
         prefs = params.provider or ProviderPreferences()
         self._check_provider_names(prefs)
         targets: list[Target] = []
@@ -97,7 +99,7 @@ class Catalog:
         for name, _param in names:
             capable: list[Target] = []
             for target in self._allowed(self.targets[name], prefs):
-                shape = shape_for(target.capabilities, target.model, params, prompts, wanted)
+                shape = shape_for(target.capabilities, target.model, params, prompts, wanted, checker)
                 if isinstance(shape, Shape):
                     capable.append(replace(target, shape=shape))
                 elif refusal is None:
