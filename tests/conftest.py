@@ -60,6 +60,59 @@ LM_LACKING = {
 }
 
 
+PG_URL = os.environ.get("LLMROUTER_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
+REDIS_URL = os.environ.get("LLMROUTER_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def need_service(name: str, reachable: bool) -> None:
+    """Outside CI a test that needs PostgreSQL or Redis skips, saying why; in CI (`.ci/run`
+    starts both) it fails."""
+    if reachable:
+        return
+    message = f"{name} is not reachable; start it (see .ci/run) to run this test"
+    if os.environ.get("CI") or os.environ.get("LLMROUTER_REQUIRE_SERVICES"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def _reachable(host: str, port: int) -> bool:
+    try:
+        socket.create_connection((host, port), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
+@pytest.fixture
+def pg_schema() -> Iterator[str]:
+    """A fresh PostgreSQL schema in the `test` database for one test, dropped after it."""
+    need_service("PostgreSQL at 127.0.0.1:5432", _reachable("127.0.0.1", 5432))
+    import asyncio
+    import uuid
+
+    import asyncpg
+
+    schema = f"t_{uuid.uuid4().hex[:16]}"
+
+    async def drop() -> None:
+        conn = await asyncpg.connect(PG_URL)
+        try:
+            await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+        finally:
+            await conn.close()
+
+    try:
+        yield schema
+    finally:
+        asyncio.run(drop())
+
+
+@pytest.fixture
+def redis_url() -> str:
+    need_service("Redis at 127.0.0.1:6379", _reachable("127.0.0.1", 6379))
+    return REDIS_URL
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -14,13 +14,17 @@ import random
 import time
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from llmrouter.accounts.auth import Authenticator
 from llmrouter.accounts.keys import Keys
-from llmrouter.accounts.store import Store
+from llmrouter.accounts.ledger import Ledger
+from llmrouter.accounts.limits import Limiter, create_limiter
+from llmrouter.accounts.store import Database, open_database
+from llmrouter.api.accounts import generation, key_collection, key_item, whoami
 from llmrouter.api.completions import create_completion
 from llmrouter.api.http import Receive, Request, Scope, Send, send_bytes
 from llmrouter.api.meta import health, openapi, ready
@@ -30,7 +34,7 @@ from llmrouter.obs.logging import access_log, configure_logging
 from llmrouter.openapi import build_openapi
 from llmrouter.providers.base import Provider
 from llmrouter.routing.executor import Executor
-from llmrouter.routing.health import LocalHealth
+from llmrouter.routing.health import HealthBook, LocalHealth
 from llmrouter.routing.plan import Catalog
 from llmrouter.settings import (
     LlamaCppProvider,
@@ -42,7 +46,18 @@ from llmrouter.settings import (
 )
 from llmrouter.wire.completions import encoder
 
-__all__ = ["App", "Context", "build_providers", "create_app", "create_app_from_environment"]
+if TYPE_CHECKING:
+    from llmrouter.accounts.jwt import JwtAuthenticator
+
+__all__ = [
+    "App",
+    "Context",
+    "build_health",
+    "build_providers",
+    "create_app",
+    "create_app_from_environment",
+    "jwt_authenticator",
+]
 
 log = logging.getLogger("llmrouter")
 
@@ -55,8 +70,15 @@ _ROUTES: dict[str, dict[str, Handler]] = {
     "/v1/models": {"GET": list_models},
     "/api/v1/openapi.json": {"GET": openapi},
     "/v1/openapi.json": {"GET": openapi},
+    "/api/v1/key": {"GET": whoami},
+    "/api/v1/generation": {"GET": generation},
+    "/api/v1/keys": {"GET": key_collection, "POST": key_collection},
     "/health": {"GET": health},
     "/ready": {"GET": ready},
+}
+# Paths with an id in them: the handler reads the rest of the path.
+_PREFIX_ROUTES: dict[str, dict[str, Handler]] = {
+    "/api/v1/keys/": {"GET": key_item, "DELETE": key_item, "POST": key_item},
 }
 # Handlers that may run long; a client that leaves cancels them.
 _WATCH_DISCONNECT = frozenset({create_completion})
@@ -64,24 +86,65 @@ _WATCH_DISCONNECT = frozenset({create_completion})
 
 @dataclass(slots=True)
 class Context:
-    """What handlers need; built once per process."""
+    """What handlers need; built once per process. The accounts' parts (database, keys, ledger,
+    limiter) need the event loop, so `start` builds them."""
 
     settings: Settings
-    store: Store
-    keys: Keys
     catalog: Catalog
     executor: Executor
+    health: HealthBook
     openapi: bytes
     started_at: int
+    db: Database = field(init=False)
+    keys: Keys = field(init=False)
+    auth: Authenticator = field(init=False)
+    ledger: Ledger = field(init=False)
+    limiter: Limiter = field(init=False)
 
     async def start(self) -> None:
+        accounts = self.settings.accounts
+        self.db = await open_database(
+            accounts.database_url, llmrouter_home(self.settings), schema=accounts.database_schema
+        )
+        self.keys = Keys(self.db)
+        self.auth = Authenticator(self.keys, jwt_authenticator(self.settings))
+        self.ledger = Ledger(self.db, batch_max=accounts.ledger_batch_max)
+        self.ledger.start()
+        self.limiter = create_limiter(accounts, self.ledger.spent)
+        start_health = getattr(self.health, "start", None)
+        if start_health is not None:
+            await start_health()
         for provider in self.catalog.providers.values():
             await provider.start()
 
     async def aclose(self) -> None:
         for provider in self.catalog.providers.values():
             await provider.aclose()
-        self.store.close()
+        close_health = getattr(self.health, "aclose", None)
+        if close_health is not None:
+            await close_health()
+        await self.limiter.aclose()
+        await self.ledger.aclose()
+        await self.db.aclose()
+
+
+def jwt_authenticator(settings: Settings) -> JwtAuthenticator | None:
+    """Checks the JWT issuers' configuration (at start, in one line) and loads their keys."""
+    if not settings.accounts.jwt:
+        return None
+    from llmrouter.accounts.jwt import JwtAuthenticator
+
+    return JwtAuthenticator(settings.accounts.jwt, settings.accounts.policies)
+
+
+def build_health(settings: Settings) -> HealthBook:
+    routing = settings.routing
+    local = LocalHealth(routing.health, alpha=routing.latency_ewma_alpha)
+    if settings.accounts.redis_url is None:
+        return local
+    from llmrouter.routing.shared_health import SharedHealth
+
+    return SharedHealth(local, settings.accounts.redis_url)
 
 
 def build_providers(settings: Settings) -> dict[str, Provider]:
@@ -121,7 +184,7 @@ class App:
 
         req = Request(scope, receive, send_and_watch, f"cmpl-{uuid.uuid4().hex}")
         try:
-            methods = _ROUTES.get(req.path)
+            methods = _ROUTES.get(req.path) or _prefix_route(req.path)
             if methods is None:
                 raise NotFound(f"No route {req.path}.")
             handler = methods.get(req.method)
@@ -152,6 +215,12 @@ class App:
                         f"Internal error; the request id {req.request_id} finds it in the log."
                     ),
                 )
+        accounting = req.accounting
+        if accounting is not None and not accounting.recorded:  # failed or cancelled
+            accounting.recorded = True
+            self.ctx.ledger.submit(
+                accounting.record(req.request_id, status or 499, req.log.get("error"))
+            )
         if self.ctx.settings.server.access_log:
             req.log.update(
                 request_id=req.request_id,
@@ -188,19 +257,24 @@ class App:
                 return
 
 
+def _prefix_route(path: str) -> dict[str, Handler] | None:
+    for prefix, methods in _PREFIX_ROUTES.items():
+        if path.startswith(prefix):
+            return methods
+    return None
+
+
 def create_app(settings: Settings) -> App:
-    home = llmrouter_home(settings)
-    store = Store.in_home(home)
+    jwt_authenticator(settings)  # a bad issuer fails the start, not the first request
     providers = build_providers(settings)
     routing = settings.routing
-    health = LocalHealth(routing.health, alpha=routing.latency_ewma_alpha)
+    health = build_health(settings)
     rng = random.Random(routing.seed)  # noqa: S311 - load spreading and jitter, not secrets
     ctx = Context(
         settings=settings,
-        store=store,
-        keys=Keys(store),
         catalog=Catalog(settings, providers, health, rng),
         executor=Executor(routing, health, rng),
+        health=health,
         openapi=msgspec.json.encode(build_openapi()),
         started_at=int(time.time()),
     )

@@ -1,15 +1,22 @@
-"""The `llmrouter` command: serve, keys, models."""
+"""The `llmrouter` command: serve, keys, usage, models."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import csv
+import datetime as dt
 import os
+import re
 import sys
-import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
 
-from llmrouter.accounts.keys import KeyError_, Keys
-from llmrouter.accounts.store import Store, StoreError
+import msgspec
+
+from llmrouter.accounts.keys import ApiKey, KeyError_, Keys
+from llmrouter.accounts.ledger import GROUPINGS, Ledger
+from llmrouter.accounts.store import Database, StoreError, open_database
 from llmrouter.settings import (
     ConfigError,
     Settings,
@@ -24,9 +31,11 @@ _EPILOG_MAIN = """\
 examples:
   llmrouter serve                          # the embedded local model on http://127.0.0.1:8080
   llmrouter serve --config config/example.yaml --workers 2
-  llmrouter keys create --name my-app      # the key is the last line printed
+  llmrouter keys create --name my-app --rpm 60 --credit-limit 5 --reset monthly
+  llmrouter usage --since 2026-11-01 --by model
   llmrouter models
 """
+T = TypeVar("T")
 
 
 class CliError(Exception):
@@ -38,8 +47,51 @@ def _settings(path: str | None) -> Settings:
     return load_settings(path) if path else embedded_default()
 
 
-def _keys(args: argparse.Namespace) -> Keys:
-    return Keys(Store.in_home(llmrouter_home(_settings(args.config))))
+def _with_db(settings: Settings, work: Callable[[Database], Awaitable[T]]) -> T:
+    """Open the configured store (SQLite under the home, or PostgreSQL), run, close."""
+
+    async def run() -> T:
+        accounts = settings.accounts
+        db = await open_database(
+            accounts.database_url, llmrouter_home(settings), schema=accounts.database_schema
+        )
+        try:
+            return await work(db)
+        finally:
+            await db.aclose()
+
+    return asyncio.run(run())
+
+
+def _with_keys(args: argparse.Namespace, work: Callable[[Keys], Awaitable[T]]) -> T:
+    return _with_db(_settings(args.config), lambda db: work(Keys(db)))
+
+
+_DURATION = re.compile(r"^(\d+)([mhdw])$")
+_UNIT_SECONDS = {"m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_time(text: str, *, future: bool) -> int:
+    """`2026-12-31`, `2026-12-31T18:00` (UTC unless it says), or a duration: `30d`, `12h`
+    from now (`--expires`) or ago (`--since`)."""
+    duration = _DURATION.match(text)
+    now = dt.datetime.now(dt.UTC)
+    if duration:
+        delta = dt.timedelta(seconds=int(duration.group(1)) * _UNIT_SECONDS[duration.group(2)])
+        return int((now + delta if future else now - delta).timestamp())
+    try:
+        when = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise CliError(f"{text!r} is not a date (2026-12-31), a time or a duration (30d)") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    return int(when.timestamp())
+
+
+def _when(seconds: int | float | None) -> str:
+    if seconds is None:
+        return "-"
+    return dt.datetime.fromtimestamp(seconds, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
 # -- serve --------------------------------------------------------------------------------------
@@ -61,15 +113,22 @@ def cmd_serve(args: argparse.Namespace) -> None:
         sock = bind(host, port)
     except ServeError as exc:
         raise CliError(str(exc)) from None
-    keys = Keys(Store.in_home(llmrouter_home(settings)))
-    if keys.count() == 0:
-        _print_first_key(keys, host, port, settings)
+
+    async def first_key(db: Database) -> str | None:
+        keys = Keys(db)
+        return None if await keys.count() else (await keys.create("default"))[1]
+
+    try:
+        secret = _with_db(settings, first_key)
+    except StoreError as exc:
+        raise CliError(str(exc)) from None
+    if secret is not None:
+        _print_first_key(secret, host, port, settings)
     configure_logging(os.environ.get("LLMROUTER_LOG_LEVEL", "INFO"))
     serve(sock, workers, args.config or os.environ.get("LLMROUTER_CONFIG"))
 
 
-def _print_first_key(keys: Keys, host: str, port: int, settings: Settings) -> None:
-    _, secret = keys.create("default")
+def _print_first_key(secret: str, host: str, port: int, settings: Settings) -> None:
     model = settings.default_model or settings.models[0].id
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host  # noqa: S104
     print(
@@ -93,26 +152,125 @@ Try it:
 
 
 def cmd_keys_create(args: argparse.Namespace) -> None:
-    key, secret = _keys(args).create(args.name)
-    print(f"created key {key.id} named {key.name!r}; it is shown only this once:", file=sys.stderr)
+    from llmrouter.api.accounts import KeySpec
+
+    settings = _settings(args.config)
+    models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
+    known = {name for m in settings.models for name in (m.id, *m.aliases)}
+    for model in models or ():
+        if model not in known:
+            raise CliError(f"--models: no model named {model!r} in the configuration")
+    try:
+        spec = msgspec.convert(
+            {
+                "name": args.name,
+                "owner": args.owner,
+                "rpm": args.rpm,
+                "tpm": args.tpm,
+                "max_concurrent": args.max_concurrent,
+                "credit_limit": args.credit_limit,
+                "reset": args.reset,
+                "models": models,
+                "admin": args.admin,
+            },
+            KeySpec,
+        )
+    except msgspec.ValidationError as exc:
+        raise CliError(str(exc)) from None
+    expires = parse_time(args.expires, future=True) if args.expires else None
+    key, secret = _with_keys(
+        args,
+        lambda keys: keys.create(
+            spec.name, owner=spec.owner, policy=spec.policy(), expires_at=expires, admin=spec.admin
+        ),
+    )
+    kind = "admin key" if key.admin else "key"
+    print(f"created {kind} {key.id} named {key.name!r}; it is shown only this once:", file=sys.stderr)
     print(secret)
 
 
 def cmd_keys_list(args: argparse.Namespace) -> None:
-    keys = _keys(args).list(include_revoked=args.all)
+    from llmrouter.api.accounts import key_view
+
+    keys = _with_keys(args, lambda k: k.list(include_revoked=args.all))
+    if args.json:
+        print(msgspec.json.encode([key_view(k) for k in keys]).decode())
+        return
     if not keys:
         print("no keys")
         return
-    print(f"{'ID':<14}{'NAME':<24}{'CREATED':<22}STATUS")
+    print(f"{'ID':<14}{'NAME':<24}{'CREATED':<21}{'EXPIRES':<21}{'STATUS':<9}LIMITS")
     for key in keys:
-        created = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(key.created_at))
-        status = "revoked" if key.revoked_at else "active"
-        print(f"{key.id:<14}{key.name:<24}{created:<22}{status}")
+        print(
+            f"{key.id:<14}{key.name:<24}{_when(key.created_at):<21}{_when(key.expires_at):<21}"
+            f"{key.status:<9}{_limits_text(key)}"
+        )
+
+
+def _limits_text(key: ApiKey) -> str:
+    p = key.policy
+    parts = [f"{n}={v}" for n, v in (("rpm", p.rpm), ("tpm", p.tpm)) if v is not None]
+    if p.max_concurrent is not None:
+        parts.append(f"concurrent={p.max_concurrent}")
+    if p.credit_limit is not None:
+        parts.append(f"credit={p.credit_limit:g}" + (f"/{p.reset}" if p.reset else ""))
+    if p.models is not None:
+        parts.append("models=" + ",".join(sorted(p.models)))
+    if key.admin:
+        parts.append("admin")
+    return " ".join(parts) or "-"
+
+
+def cmd_keys_show(args: argparse.Namespace) -> None:
+    from llmrouter.api.accounts import key_view
+
+    key = _with_keys(args, lambda k: k.get(args.key, live=False))
+    print(msgspec.json.format(msgspec.json.encode(key_view(key))).decode())
 
 
 def cmd_keys_revoke(args: argparse.Namespace) -> None:
-    key = _keys(args).revoke(args.key)
+    key = _with_keys(args, lambda k: k.revoke(args.key))
     print(f"revoked key {key.id} named {key.name!r}")
+
+
+def cmd_keys_rotate(args: argparse.Namespace) -> None:
+    key, secret = _with_keys(args, lambda k: k.rotate(args.key))
+    print(f"rotated key {key.id} named {key.name!r}; the old secret no longer works,", file=sys.stderr)
+    print("and the new one is shown only this once:", file=sys.stderr)
+    print(secret)
+
+
+# -- usage --------------------------------------------------------------------------------------
+
+
+def cmd_usage(args: argparse.Namespace) -> None:
+    since = parse_time(args.since, future=False) if args.since else None
+    until = parse_time(args.until, future=False) if args.until else None
+    totals = _with_db(
+        _settings(args.config),
+        lambda db: Ledger(db).totals(since=since, until=until, by=args.by),
+    )
+    header = [args.by, "requests", "failed", "prompt_tokens", "completion_tokens", "cost"]
+    rows = [
+        [t.group, t.requests, t.failed, t.prompt_tokens, t.completion_tokens, round(t.cost, 9)]
+        for t in totals
+    ]
+    if args.json:
+        print(msgspec.json.encode([dict(zip(header, r, strict=True)) for r in rows]).decode())
+    elif args.csv:
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow(header)
+        writer.writerows(rows)
+    elif not rows:
+        print("no usage in this period")
+    else:
+        width = max(len(args.by), *(len(str(r[0])) for r in rows)) + 2
+        print(
+            f"{args.by.upper():<{width}}{'REQUESTS':>10}{'FAILED':>8}{'PROMPT':>12}"
+            f"{'COMPLETION':>12}{'COST':>14}"
+        )
+        for r in rows:
+            print(f"{r[0]!s:<{width}}{r[1]:>10}{r[2]:>8}{r[3]:>12}{r[4]:>12}{r[5]:>14.6f}")
 
 
 # -- models -------------------------------------------------------------------------------------
@@ -186,6 +344,17 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=fmt,
     )
     create.add_argument("--name", required=True, help="a name unique among live keys")
+    create.add_argument("--owner", help="who the key is for (a person or team)")
+    create.add_argument("--rpm", type=int, help="requests per minute")
+    create.add_argument("--tpm", type=int, help="tokens (prompt + completion) per minute")
+    create.add_argument("--max-concurrent", type=int, help="requests in flight at once")
+    create.add_argument("--credit-limit", type=float, metavar="AMOUNT", help="spend, in currency")
+    create.add_argument(
+        "--reset", choices=("daily", "weekly", "monthly"), help="the credit limit renews (UTC)"
+    )
+    create.add_argument("--models", metavar="ID,ID", help="the only models it may use")
+    create.add_argument("--expires", metavar="DATE", help="2026-12-31, 2026-12-31T18:00, or 30d")
+    create.add_argument("--admin", action="store_true", help="may use the admin API")
     create.set_defaults(func=cmd_keys_create)
     listing = keys_sub.add_parser(
         "list",
@@ -194,7 +363,16 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=fmt,
     )
     listing.add_argument("--all", action="store_true", help="include revoked keys")
+    listing.add_argument("--json", action="store_true", help="as JSON")
     listing.set_defaults(func=cmd_keys_list)
+    show = keys_sub.add_parser(
+        "show",
+        help="one key's details, as JSON (never its secret)",
+        epilog="example:\n  llmrouter keys show my-app",
+        formatter_class=fmt,
+    )
+    show.add_argument("key", metavar="ID_OR_NAME")
+    show.set_defaults(func=cmd_keys_show)
     revoke = keys_sub.add_parser(
         "revoke",
         help="revoke a key by id or name",
@@ -203,6 +381,30 @@ def _parser() -> argparse.ArgumentParser:
     )
     revoke.add_argument("key", metavar="ID_OR_NAME")
     revoke.set_defaults(func=cmd_keys_revoke)
+    rotate = keys_sub.add_parser(
+        "rotate",
+        help="a new secret for a key (same id, limits and history); printed on the last line",
+        epilog="example:\n  NEW=$(llmrouter keys rotate my-app | tail -n 1)",
+        formatter_class=fmt,
+    )
+    rotate.add_argument("key", metavar="ID_OR_NAME")
+    rotate.set_defaults(func=cmd_keys_rotate)
+
+    usage = sub.add_parser(
+        "usage",
+        help="usage and cost totals from the ledger",
+        description="Totals of the usage ledger, grouped; times are UTC.",
+        epilog="examples:\n  llmrouter usage\n  llmrouter usage --since 7d --by day\n"
+        "  llmrouter usage --since 2026-11-01 --until 2026-12-01 --by key --csv",
+        formatter_class=fmt,
+    )
+    usage.add_argument("--since", help="from (2026-11-01, 2026-11-01T12:00, or 7d ago)")
+    usage.add_argument("--until", help="until (exclusive; same forms)")
+    usage.add_argument("--by", choices=GROUPINGS, default="model", help="group by (default model)")
+    output = usage.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="as JSON")
+    output.add_argument("--csv", action="store_true", help="as CSV")
+    usage.set_defaults(func=cmd_usage)
 
     models = sub.add_parser(
         "models",
@@ -211,7 +413,7 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=fmt,
     )
     models.set_defaults(func=cmd_models)
-    for p in (keys, create, listing, revoke, models):
+    for p in (keys, create, listing, show, revoke, rotate, usage, models):
         p.add_argument("--config", default=argparse.SUPPRESS, help="YAML config file")
     return parser
 

@@ -5,10 +5,13 @@
     │   ├── UnsupportedParameter        400 ... code=unsupported_parameter
     │   └── ContextLengthExceeded       400 ... code=context_length_exceeded (other models next)
     ├── AuthenticationFailed            401 authentication_error
+    ├── CreditExhausted                 402 insufficient_credits  (an addition to the spec)
+    ├── PermissionDenied                403 permission_error      (admin API, a model not allowed)
     ├── ModelNotFound                   404 not_found_error
     ├── NotFound                        404 not_found_error
     ├── MethodNotAllowed                405 invalid_request_error
     ├── PayloadTooLarge                 413 invalid_request_error
+    ├── RateLimited                     429 rate_limit_error      (the principal's own limits)
     ├── UnsupportedMediaType            415 invalid_request_error
     ├── ServiceUnavailable              503 service_unavailable   (retryable)
     └── ProviderError                   502 provider_error        (an upstream failed us)
@@ -35,6 +38,7 @@ import msgspec
 __all__ = [
     "AuthenticationFailed",
     "ContextLengthExceeded",
+    "CreditExhausted",
     "DeadlineExceeded",
     "ErrorBody",
     "ErrorObject",
@@ -45,7 +49,9 @@ __all__ = [
     "ModelNotFound",
     "NotFound",
     "PayloadTooLarge",
+    "PermissionDenied",
     "ProviderError",
+    "RateLimited",
     "ServiceUnavailable",
     "UnsupportedMediaType",
     "UnsupportedParameter",
@@ -91,14 +97,16 @@ class LlmrouterError(Exception):
         self.code = code or self.default_code
         self.retry_after = retry_after
         self.attempts: list[Any] = []  # the executor's Attempts before it gave up: header and log
+        self.extra_headers: list[tuple[bytes, bytes]] = []
 
     def to_body(self) -> ErrorBody:
         return ErrorBody(ErrorObject(self.code, self.message, self.param or "", self.type))
 
     def headers(self) -> list[tuple[bytes, bytes]]:
         if self.retry_after is None:
-            return []
-        return [(b"retry-after", str(max(0, math.ceil(self.retry_after))).encode())]
+            return self.extra_headers
+        retry_after = str(max(0, math.ceil(self.retry_after))).encode()
+        return [(b"retry-after", retry_after), *self.extra_headers]
 
 
 class InvalidRequest(LlmrouterError):
@@ -121,6 +129,20 @@ class AuthenticationFailed(LlmrouterError):
     status = 401
     type = "authentication_error"
     default_code = "invalid_api_key"
+
+
+class CreditExhausted(LlmrouterError):
+    """The principal's credit limit is spent (for this period, if it resets)."""
+
+    status = 402
+    type = "insufficient_credits"
+    default_code = "credit_limit_exceeded"
+
+
+class PermissionDenied(LlmrouterError):
+    status = 403
+    type = "permission_error"
+    default_code = "permission_denied"
 
 
 class ModelNotFound(LlmrouterError):
@@ -151,6 +173,14 @@ class UnsupportedMediaType(LlmrouterError):
     status = 415
     type = "invalid_request_error"
     default_code = "unsupported_media_type"
+
+
+class RateLimited(LlmrouterError):
+    """Over the principal's requests, tokens or concurrency per minute: wait `retry_after`."""
+
+    status = 429
+    type = "rate_limit_error"
+    default_code = "rate_limit_exceeded"
 
 
 class ServiceUnavailable(LlmrouterError):

@@ -19,12 +19,15 @@ import yaml
 from msgspec import Meta, Struct
 
 __all__ = [
+    "AccountSettings",
     "ConfigError",
     "DeploymentSettings",
     "HealthSettings",
+    "JwtIssuer",
     "LlamaCppProvider",
     "ModelSettings",
     "OpenAIProvider",
+    "Policy",
     "Pricing",
     "RoutingSettings",
     "ServerSettings",
@@ -191,12 +194,68 @@ class ServerSettings(Struct, frozen=True, forbid_unknown_fields=True):
     access_log: bool = True
 
 
+Reset = Literal["daily", "weekly", "monthly"]
+
+
+class Policy(Struct, frozen=True, forbid_unknown_fields=True):
+    """Limits for a principal; any left out is unlimited."""
+
+    rpm: Annotated[int, Meta(ge=0)] | None = None  # requests per minute
+    tpm: Annotated[int, Meta(ge=0)] | None = None  # tokens (prompt + completion) per minute
+    max_concurrent: Annotated[int, Meta(ge=0)] | None = None
+    credit_limit: Annotated[float, Meta(ge=0)] | None = None  # currency, per `reset` period
+    reset: Reset | None = None  # null: the credit limit is for all time
+    models: frozenset[str] | None = None  # model ids or aliases it may ask for; null: all
+
+
+JwtAlgorithm = Literal["HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256", "ES384", "PS256"]
+
+
+class JwtIssuer(Struct, frozen=True, forbid_unknown_fields=True):
+    """Tokens this issuer signs are accepted as bearer tokens. Exactly one of `secret` (HS*),
+    `public_key_file` (PEM; RS*/ES*/PS*) or `jwks_file` must be set, and `algorithms` must all be
+    of the key's family: the algorithm is never taken from the token."""
+
+    issuer: NonEmpty  # the `iss` claim, compared exactly
+    audience: NonEmpty  # `aud` must contain it
+    algorithms: Annotated[frozenset[JwtAlgorithm], Meta(min_length=1)]
+    secret: str | None = None
+    public_key_file: str | None = None
+    jwks_file: str | None = None
+    leeway_seconds: Annotated[float, Meta(ge=0, le=60)] = 0.0
+    subject_claim: NonEmpty = "sub"
+    models_claim: NonEmpty = "models"  # a list of model ids, if present
+    policy_claim: NonEmpty = "policy"  # names one of `accounts.policies`, if present
+    # Limits read from claims of these names (e.g. `rpm: 60` in the token), over the policy's.
+    limit_claims: bool = True
+    default_policy: str | None = None  # applies when the token names none
+
+
+class AccountSettings(Struct, frozen=True, forbid_unknown_fields=True):
+    """Who may call, within which limits, and where their usage is recorded."""
+
+    # The ledger and keys: SQLite under `home` when null, else `postgresql://...`.
+    database_url: str | None = None
+    database_schema: str | None = None  # PostgreSQL: tables in this schema (created if missing)
+    # Limits, credits and deployment health shared by replicas; in-process when null.
+    redis_url: str | None = None
+    # When Redis cannot be reached: serve without rate limits (open) or refuse with 503 (closed).
+    rate_limits_fail_open: bool = True
+    credits_fail_open: bool = False
+    policies: dict[str, Policy] = {}
+    jwt: list[JwtIssuer] = []
+    # Ledger writes: at most this many records a batch; a response's last bytes wait for its
+    # record's batch to be durable.
+    ledger_batch_max: Annotated[int, Meta(ge=1)] = 512
+
+
 class Settings(Struct, frozen=True, forbid_unknown_fields=True):
     providers: dict[str, ProviderSettings]
     models: Annotated[list[ModelSettings], Meta(min_length=1)]
     default_model: str | None = None
     server: ServerSettings = ServerSettings()
     routing: RoutingSettings = RoutingSettings()
+    accounts: AccountSettings = AccountSettings()
     home: str | None = None  # the store's folder; default $LLMROUTER_HOME or ~/.llmrouter
 
 
@@ -270,7 +329,23 @@ def load_settings(path: str | os.PathLike[str]) -> Settings:
             _convert(value, ProviderSettings, node, file, f".providers.{name}")  # type: ignore[arg-type]
     settings: Settings = _convert(raw, Settings, node, file, "")
     _check_references(settings, node, file)
-    return settings
+    return _relative_to(settings, file.parent)
+
+
+def _relative_to(settings: Settings, folder: Path) -> Settings:
+    """Key files named in the config are found relative to the config file."""
+
+    def resolve(path: str | None) -> str | None:
+        return None if path is None else str(folder / Path(path).expanduser())
+
+    issuers = [
+        msgspec.structs.replace(
+            i, public_key_file=resolve(i.public_key_file), jwks_file=resolve(i.jwks_file)
+        )
+        for i in settings.accounts.jwt
+    ]
+    accounts = msgspec.structs.replace(settings.accounts, jwt=issuers)
+    return msgspec.structs.replace(settings, accounts=accounts)
 
 
 def _convert(value: Any, kind: type[Any], node: yaml.Node | None, file: Path, prefix: str) -> Any:

@@ -2,8 +2,10 @@
 
 The prefix makes a leaked key easy for secret scanners to find; the checksum (CRC32 of the rest, in
 base62) lets both scanners and the server reject a mistyped or made-up key without a lookup. The id
-is the row's primary key; the stored hash is sha256 of the whole key, compared in constant time.
-A key is random enough (190 bits) that a slow password hash would add latency and no safety.
+is the row's primary key and names the key in counters and the ledger; the stored hash is sha256
+of the whole key, compared in constant time. A key is random enough (190 bits) that a slow password
+hash would add latency and no safety. Rotating a key keeps its id (its limits, spend and history)
+and replaces the secret: the old one stops working at once.
 """
 
 from __future__ import annotations
@@ -12,15 +14,18 @@ import hashlib
 import hmac
 import re
 import secrets
-import sqlite3
 import time
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from llmrouter.accounts.store import Store
+import msgspec
+
+from llmrouter.accounts.principal import UNLIMITED, Principal
+from llmrouter.accounts.store import Database, IntegrityError
 from llmrouter.errors import AuthenticationFailed
+from llmrouter.settings import Policy
 
-__all__ = ["KEY_PATTERN", "ApiKey", "KeyError_", "Keys", "Principal"]
+__all__ = ["KEY_PATTERN", "ApiKey", "KeyError_", "Keys", "check_label"]
 
 _ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 _ID_CHARS, _SECRET_CHARS, _CHECK_CHARS = 12, 32, 6
@@ -29,18 +34,13 @@ KEY_PATTERN = re.compile(
     rf"^{PREFIX}(?P<id>[0-9A-Za-z]{{{_ID_CHARS}}})_(?P<body>[0-9A-Za-z]{{{_SECRET_CHARS}}})"
     rf"(?P<check>[0-9A-Za-z]{{{_CHECK_CHARS}}})$"
 )
+MAX_LABEL = 65536  # characters in a key's name or owner
+_COLUMNS = "id, name, owner, created_at, expires_at, revoked_at, admin, policy"
+_policy_decoder = msgspec.json.Decoder(Policy)
 
 
 class KeyError_(Exception):
-    """A key operation the CLI cannot do (no such key, name taken); said in one line."""
-
-
-@dataclass(frozen=True, slots=True)
-class Principal:
-    """Who is calling."""
-
-    key_id: str
-    name: str
+    """A key operation that cannot be done (no such key, name taken, bad value); one line."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,7 +48,57 @@ class ApiKey:
     id: str
     name: str
     created_at: int
-    revoked_at: int | None
+    revoked_at: int | None = None
+    owner: str | None = None
+    expires_at: int | None = None
+    admin: bool = False
+    policy: Policy = UNLIMITED
+
+    @property
+    def status(self) -> str:
+        if self.revoked_at is not None:
+            return "revoked"
+        if self.expires_at is not None and self.expires_at <= time.time():
+            return "expired"
+        return "active"
+
+    def principal(self) -> Principal:
+        return Principal(
+            id=f"key:{self.id}",
+            kind="key",
+            name=self.name,
+            limits=self.policy,
+            owner=self.owner,
+            admin=self.admin,
+            key_id=self.id,
+            expires_at=self.expires_at,
+        )
+
+
+def _from_row(row: tuple[object, ...]) -> ApiKey:
+    id_, name, owner, created, expires, revoked, admin, policy = row
+    return ApiKey(
+        id=str(id_),
+        name=str(name),
+        created_at=int(created),  # type: ignore[call-overload]
+        revoked_at=None if revoked is None else int(revoked),  # type: ignore[call-overload]
+        owner=None if owner is None else str(owner),
+        expires_at=None if expires is None else int(expires),  # type: ignore[call-overload]
+        admin=bool(admin),
+        policy=_policy_decoder.decode(str(policy)),
+    )
+
+
+def check_label(what: str, value: str) -> str:
+    """Names and owners are kept exactly as given (quotes, SQL, control characters, any length
+    up to MAX_LABEL); NUL alone is refused, since PostgreSQL text cannot hold it."""
+    if not value.strip():
+        raise KeyError_(f"a key's {what} must not be empty")
+    if "\x00" in value:
+        raise KeyError_(f"a key's {what} must not contain the NUL character")
+    if len(value) > MAX_LABEL:
+        raise KeyError_(f"a key's {what} is longer than {MAX_LABEL} characters")
+    return value
 
 
 def _random(n: int) -> str:
@@ -67,77 +117,117 @@ def _checksum(text: str) -> str:
     return _base62(zlib.crc32(text.encode()), _CHECK_CHARS)
 
 
+def _secret_for(key_id: str) -> str:
+    unsigned = f"{PREFIX}{key_id}_{_random(_SECRET_CHARS)}"
+    return unsigned + _checksum(unsigned)
+
+
 def _hash(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
 class Keys:
-    def __init__(self, store: Store) -> None:
-        self._db = store.db
+    def __init__(self, db: Database) -> None:
+        self._db = db
 
-    def create(self, name: str) -> tuple[ApiKey, str]:
+    async def create(
+        self,
+        name: str,
+        *,
+        owner: str | None = None,
+        policy: Policy = UNLIMITED,
+        expires_at: int | None = None,
+        admin: bool = False,
+    ) -> tuple[ApiKey, str]:
         """A new key; the secret is returned once and never stored."""
-        if not name.strip():
-            raise KeyError_("a key needs a non-empty name")
-        key_id = _random(_ID_CHARS)
-        unsigned = f"{PREFIX}{key_id}_{_random(_SECRET_CHARS)}"
-        secret = unsigned + _checksum(unsigned)
+        check_label("name", name)
+        if owner is not None:
+            check_label("owner", owner)
         now = int(time.time())
+        if expires_at is not None and expires_at <= now:
+            raise KeyError_("the expiry must be in the future")
+        key = ApiKey(_random(_ID_CHARS), name, now, None, owner, expires_at, admin, policy)
+        secret = _secret_for(key.id)
         try:
-            self._db.execute(
-                "INSERT INTO api_keys (id, name, secret_hash, created_at) VALUES (?, ?, ?, ?)",
-                (key_id, name, _hash(secret), now),
+            await self._db.execute(
+                f"INSERT INTO api_keys ({_COLUMNS}, secret_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",  # noqa: S608
+                key.id,
+                name,
+                owner,
+                now,
+                expires_at,
+                None,
+                admin,
+                msgspec.json.encode(policy).decode(),
+                _hash(secret),
             )
-        except sqlite3.IntegrityError:
-            raise KeyError_(f"a live key named {name!r} exists already") from None
-        return ApiKey(key_id, name, now, None), secret
+        except IntegrityError:
+            raise KeyError_("a live key with this name exists already") from None
+        return key, secret
 
-    def list(self, *, include_revoked: bool = False) -> list[ApiKey]:
+    async def list(self, *, include_revoked: bool = False) -> list[ApiKey]:
         where = "" if include_revoked else " WHERE revoked_at IS NULL"
-        rows = self._db.execute(
-            f"SELECT id, name, created_at, revoked_at FROM api_keys{where} ORDER BY created_at, id"  # noqa: S608
-        ).fetchall()
-        return [ApiKey(*row) for row in rows]
+        rows = await self._db.fetchall(
+            f"SELECT {_COLUMNS} FROM api_keys{where} ORDER BY created_at, id"  # noqa: S608
+        )
+        return [_from_row(row) for row in rows]
 
-    def count(self) -> int:
-        (n,) = self._db.execute("SELECT count(*) FROM api_keys").fetchone()
-        return int(n)
+    async def count(self) -> int:
+        row = await self._db.fetchone("SELECT count(*) FROM api_keys")
+        return int(row[0]) if row else 0
 
-    def revoke(self, id_or_name: str) -> ApiKey:
-        row = self._db.execute(
-            "SELECT id, name, created_at, revoked_at FROM api_keys "
-            "WHERE revoked_at IS NULL AND (id = ? OR name = ?)",
-            (id_or_name, id_or_name),
-        ).fetchone()
+    async def get(self, id_or_name: str, *, live: bool = True) -> ApiKey:
+        """A key by id, or a live key by name."""
+        row = await self._db.fetchone(
+            f"SELECT {_COLUMNS} FROM api_keys WHERE id = ?",  # noqa: S608
+            id_or_name,
+        )
         if row is None:
-            raise KeyError_(f"no live key with id or name {id_or_name!r}")
-        now = int(time.time())
-        self._db.execute("UPDATE api_keys SET revoked_at = ? WHERE id = ?", (now, row[0]))
-        return ApiKey(row[0], row[1], row[2], now)
+            row = await self._db.fetchone(
+                f"SELECT {_COLUMNS} FROM api_keys WHERE name = ? AND revoked_at IS NULL",  # noqa: S608
+                id_or_name,
+            )
+        if row is None or (live and row[5] is not None):
+            raise KeyError_("no live key with this id or name")
+        return _from_row(row)
 
-    def authenticate(self, authorization: str | None) -> Principal:
-        """The principal for an `Authorization` header, or AuthenticationFailed (401)."""
-        if not authorization:
-            raise AuthenticationFailed(
-                "Missing API key: send it as 'Authorization: Bearer lr-...'.",
-                code="missing_api_key",
-            )
-        scheme, _, key = authorization.partition(" ")
-        key = key.strip()
-        if scheme.lower() != "bearer" or not key:
-            raise AuthenticationFailed(
-                "Malformed Authorization header: expected 'Bearer <key>'.", code="invalid_api_key"
-            )
-        match = KEY_PATTERN.match(key)
+    async def revoke(self, id_or_name: str) -> ApiKey:
+        key = await self.get(id_or_name)
+        now = int(time.time())
+        await self._db.execute(
+            "UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL", now, key.id
+        )
+        return replace(key, revoked_at=now)
+
+    async def rotate(self, id_or_name: str) -> tuple[ApiKey, str]:
+        """A new secret for the same key; the old secret stops working now."""
+        key = await self.get(id_or_name)
+        secret = _secret_for(key.id)
+        changed = await self._db.execute(
+            "UPDATE api_keys SET secret_hash = ? WHERE id = ? AND revoked_at IS NULL",
+            _hash(secret),
+            key.id,
+        )
+        if not changed:
+            raise KeyError_("no live key with this id or name")
+        return key, secret
+
+    async def authenticate(self, token: str) -> Principal:
+        """The principal for a bearer token shaped like a key, or AuthenticationFailed (401)."""
+        match = KEY_PATTERN.match(token)
         if match is None or not hmac.compare_digest(
-            _checksum(key[:-_CHECK_CHARS]), match.group("check")
+            _checksum(token[:-_CHECK_CHARS]), match.group("check")
         ):
             raise AuthenticationFailed("Invalid API key.", code="invalid_api_key")
-        row = self._db.execute(
-            "SELECT name, secret_hash, revoked_at FROM api_keys WHERE id = ?", (match.group("id"),)
-        ).fetchone()
-        if row is None or not hmac.compare_digest(row[1], _hash(key)):
+        row = await self._db.fetchone(
+            f"SELECT {_COLUMNS}, secret_hash FROM api_keys WHERE id = ?",  # noqa: S608
+            match.group("id"),
+        )
+        if row is None or not hmac.compare_digest(str(row[-1]), _hash(token)):
             raise AuthenticationFailed("Invalid API key.", code="invalid_api_key")
-        if row[2] is not None:
+        key = _from_row(row[:-1])
+        if key.revoked_at is not None:
             raise AuthenticationFailed("This API key has been revoked.", code="revoked_api_key")
-        return Principal(match.group("id"), row[0])
+        if key.expires_at is not None and key.expires_at <= time.time():
+            raise AuthenticationFailed("This API key has expired.", code="expired_api_key")
+        return key.principal()

@@ -1,78 +1,344 @@
-"""The embedded store: one SQLite file under LLMROUTER_HOME, with versioned migrations.
+"""The store: keys and the usage ledger, in SQLite (embedded) or PostgreSQL (shared by replicas).
 
-Reads on the request path are single indexed lookups on a connection opened in WAL mode, so the
-CLI (another process) can add or revoke keys while servers run, and they see it at the next request.
+One small async interface over both, with SQL written once using `?` placeholders (PostgreSQL gets
+`$1, $2...`). Schema changes are versioned migrations, applied at open by whichever process comes
+first; each dialect has its own text for the same version.
+
+SQLite: reads run on the event loop's own connection (an indexed lookup takes microseconds, less
+than a hop to a thread); writes run on a second connection in one writer thread, so that a commit's
+fsync never stalls the loop. WAL mode lets readers and the writer (and the CLI, another process)
+work at once. PostgreSQL: an asyncpg pool.
 """
 
 from __future__ import annotations
 
+import asyncio
+import re
 import sqlite3
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal, Protocol
 
-__all__ = ["MIGRATIONS", "Store", "StoreError"]
+__all__ = ["MIGRATIONS", "Database", "Migration", "StoreError", "open_database"]
+
+Row = tuple[Any, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    sqlite: tuple[str, ...]
+    postgres: tuple[str, ...]
+
+
+_KEYS_V1 = """CREATE TABLE api_keys (
+    id          TEXT PRIMARY KEY,      -- the public part of the key
+    name        TEXT NOT NULL,
+    secret_hash TEXT NOT NULL,         -- sha256 of the whole key, hex
+    created_at  BIGINT NOT NULL,       -- unix seconds
+    revoked_at  BIGINT                 -- null while the key is valid
+)"""
+_KEYS_V2 = (
+    "ALTER TABLE api_keys ADD COLUMN owner TEXT",
+    "ALTER TABLE api_keys ADD COLUMN expires_at BIGINT",
+    "ALTER TABLE api_keys ADD COLUMN admin BOOLEAN NOT NULL DEFAULT FALSE",
+    # The key's limits: a JSON object of the Policy's fields (models included).
+    "ALTER TABLE api_keys ADD COLUMN policy TEXT NOT NULL DEFAULT '{}'",
+)
+_LEDGER = """CREATE TABLE ledger (
+    request_id        TEXT PRIMARY KEY,   -- idempotent: a record is written at most once
+    principal         TEXT NOT NULL,      -- key:<id> | jwt:<issuer> <subject> | '' (unauthenticated)
+    end_user          TEXT,               -- the request's `user`, JSON-encoded (any character survives)
+    metadata          TEXT,               -- the request's `metadata`, JSON
+    model_requested   TEXT NOT NULL,
+    model             TEXT,               -- the model and provider that answered
+    provider          TEXT,
+    attempts          TEXT NOT NULL,      -- JSON list: "provider/model outcome 12ms"
+    prompt_tokens     BIGINT NOT NULL,
+    completion_tokens BIGINT NOT NULL,
+    cost              DOUBLE PRECISION NOT NULL,  -- currency, from the answering deployment's prices
+    latency_ms        DOUBLE PRECISION NOT NULL,
+    ttft_ms           DOUBLE PRECISION,   -- streams: until the first content part was sent
+    status            INTEGER NOT NULL,   -- the HTTP status; 499 when the client left
+    error             TEXT,               -- the error's code, if any
+    finish_reason     TEXT,
+    stream            BOOLEAN NOT NULL,
+    created_at        DOUBLE PRECISION NOT NULL,  -- unix seconds
+    finished_at       DOUBLE PRECISION NOT NULL
+)"""
+_LEDGER_INDEXES = (
+    "CREATE INDEX ledger_principal_time ON ledger (principal, created_at)",
+    "CREATE INDEX ledger_time ON ledger (created_at)",
+)
 
 # Each entry moves the schema from version i to i + 1. Never edit one that has shipped; append.
-MIGRATIONS: tuple[tuple[str, ...], ...] = (
-    (
-        """CREATE TABLE api_keys (
-            id          TEXT PRIMARY KEY,      -- the public part of the key
-            name        TEXT NOT NULL,
-            secret_hash TEXT NOT NULL,         -- sha256 of the whole key, hex
-            created_at  INTEGER NOT NULL,      -- unix seconds
-            revoked_at  INTEGER                -- null while the key is valid
-        )""",
-        "CREATE UNIQUE INDEX api_keys_live_name ON api_keys (name) WHERE revoked_at IS NULL",
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        sqlite=(
+            _KEYS_V1,
+            "CREATE UNIQUE INDEX api_keys_live_name ON api_keys (name) WHERE revoked_at IS NULL",
+        ),
+        # A btree entry holds at most ~2.7 kB: names of any length are indexed by their hash.
+        postgres=(
+            _KEYS_V1,
+            "CREATE UNIQUE INDEX api_keys_live_name ON api_keys (md5(name)) WHERE revoked_at IS NULL",
+        ),
+    ),
+    Migration(
+        sqlite=(*_KEYS_V2, _LEDGER, *_LEDGER_INDEXES),
+        postgres=(*_KEYS_V2, _LEDGER, *_LEDGER_INDEXES),
     ),
 )
 
 
 class StoreError(Exception):
-    """The store cannot be opened or migrated; the message names the file."""
+    """The store cannot be opened, migrated or reached; the message names it."""
 
 
-class Store:
+class IntegrityError(StoreError):
+    """A uniqueness constraint refused a write."""
+
+
+class Database(Protocol):
+    dialect: Literal["sqlite", "postgres"]
+    where: str  # for messages: the file, or the server without credentials
+
+    async def fetchone(self, sql: str, *args: Any) -> Row | None: ...
+
+    async def fetchall(self, sql: str, *args: Any) -> list[Row]: ...
+
+    async def execute(self, sql: str, *args: Any) -> int:
+        """Run one statement in its own transaction; the number of rows it changed."""
+
+    async def insert_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        """Run `sql` for every row in one durable transaction (the ledger's group commit)."""
+
+    async def ping(self) -> bool: ...
+
+    async def aclose(self) -> None: ...
+
+
+async def open_database(url: str | None, home: Path, *, schema: str | None = None) -> Database:
+    """SQLite under `home` when `url` is None (or `sqlite:///path`), else PostgreSQL."""
+    if url is None or url.startswith("sqlite:"):
+        path = home / "llmrouter.sqlite3" if url is None else Path(url.removeprefix("sqlite://"))
+        return SqliteDatabase(path)
+    if url.startswith(("postgres://", "postgresql://")):
+        return await PostgresDatabase.connect(url, schema=schema)
+    raise StoreError("database_url must start with postgresql:// or sqlite://")
+
+
+# -- SQLite ---------------------------------------------------------------------------------------
+
+
+class SqliteDatabase:
+    dialect: Literal["sqlite", "postgres"] = "sqlite"
+
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.where = str(path)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=5.0)
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=NORMAL")
-            self.db.execute("PRAGMA foreign_keys=ON")
-            self._migrate()
+            self._reader = self._connect()
+            _migrate_sqlite(self._reader, path)
+            self._writer = self._connect()
+            self._writer.execute("PRAGMA synchronous=FULL")  # a commit is on disk when it returns
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(f"cannot open the store at {path}: {exc}") from None
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="llmrouter-sqlite")
 
-    @classmethod
-    def in_home(cls, home: Path) -> Store:
-        return cls(home / "llmrouter.sqlite3")
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=10.0)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        return db
 
-    def _migrate(self) -> None:
-        (version,) = self.db.execute("PRAGMA user_version").fetchone()
-        if version > len(MIGRATIONS):
-            raise StoreError(
-                f"{self.path} has schema version {version}, newer than this llmrouter knows "
-                f"({len(MIGRATIONS)}); upgrade llmrouter"
-            )
-        for target in range(version + 1, len(MIGRATIONS) + 1):
-            self.db.execute("BEGIN IMMEDIATE")
-            try:
-                (current,) = self.db.execute("PRAGMA user_version").fetchone()
-                if current < target:  # another process may have migrated meanwhile
-                    for statement in MIGRATIONS[target - 1]:
-                        self.db.execute(statement)
-                    self.db.execute(f"PRAGMA user_version = {target}")
-                self.db.execute("COMMIT")
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
-
-    def is_open(self) -> bool:
+    async def fetchone(self, sql: str, *args: Any) -> Row | None:
         try:
-            self.db.execute("SELECT 1").fetchone()
+            row: Row | None = self._reader.execute(sql, args).fetchone()
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.where}: {exc}") from None
+        return row
+
+    async def fetchall(self, sql: str, *args: Any) -> list[Row]:
+        try:
+            return self._reader.execute(sql, args).fetchall()
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.where}: {exc}") from None
+
+    async def execute(self, sql: str, *args: Any) -> int:
+        def run() -> int:
+            return self._writer.execute(sql, args).rowcount
+
+        changed: int = await self._in_writer(run)
+        return changed
+
+    async def insert_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        def run() -> None:
+            self._writer.execute("BEGIN IMMEDIATE")
+            try:
+                self._writer.executemany(sql, rows)
+            except BaseException:
+                self._writer.execute("ROLLBACK")
+                raise
+            self._writer.execute("COMMIT")
+
+        await self._in_writer(run)
+
+    async def _in_writer(self, fn: Any) -> Any:
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._thread, fn)
+        except sqlite3.IntegrityError as exc:
+            raise IntegrityError(str(exc)) from None
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.where}: {exc}") from None
+
+    async def ping(self) -> bool:
+        try:
+            self._reader.execute("SELECT 1").fetchone()
         except sqlite3.Error:
             return False
         return True
 
-    def close(self) -> None:
-        self.db.close()
+    async def aclose(self) -> None:
+        self._thread.shutdown(wait=True)
+        self._reader.close()
+        self._writer.close()
+
+
+def _migrate_sqlite(db: sqlite3.Connection, path: Path) -> None:
+    (version,) = db.execute("PRAGMA user_version").fetchone()
+    _check_version(version, str(path))
+    for target in range(version + 1, len(MIGRATIONS) + 1):
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            (current,) = db.execute("PRAGMA user_version").fetchone()
+            if current < target:  # another process may have migrated meanwhile
+                for statement in MIGRATIONS[target - 1].sqlite:
+                    db.execute(statement)
+                db.execute(f"PRAGMA user_version = {target}")
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+
+def _check_version(version: int, where: str) -> None:
+    if version > len(MIGRATIONS):
+        raise StoreError(
+            f"{where} has schema version {version}, newer than this llmrouter knows "
+            f"({len(MIGRATIONS)}); upgrade llmrouter"
+        )
+
+
+# -- PostgreSQL -----------------------------------------------------------------------------------
+
+_PLACEHOLDER = re.compile(r"\?")
+_SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+
+
+def _numbered(sql: str) -> str:
+    counter = iter(range(1, 1 << 16))
+    return _PLACEHOLDER.sub(lambda _: f"${next(counter)}", sql)
+
+
+class PostgresDatabase:
+    dialect: Literal["sqlite", "postgres"] = "postgres"
+
+    def __init__(self, pool: Any, where: str) -> None:
+        self._pool = pool
+        self.where = where
+        self._sql: dict[str, str] = {}
+
+    @classmethod
+    async def connect(cls, url: str, *, schema: str | None = None) -> PostgresDatabase:
+        import asyncpg
+
+        where = _without_password(url)
+        settings = {"application_name": "llmrouter"}
+        if schema is not None:
+            if not _SCHEMA_NAME.match(schema):
+                raise StoreError(f"database_schema {schema!r} is not a plain lower-case name")
+            settings["search_path"] = schema
+        try:
+            if schema is not None:
+                conn = await asyncpg.connect(url, timeout=10)
+                try:
+                    await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
+                finally:
+                    await conn.close()
+            pool = await asyncpg.create_pool(
+                url, min_size=1, max_size=10, timeout=10, server_settings=settings
+            )
+        except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
+            raise StoreError(f"cannot connect to the database at {where}: {exc}") from None
+        db = cls(pool, where)
+        await db._migrate()
+        return db
+
+    def _q(self, sql: str) -> str:
+        text = self._sql.get(sql)
+        if text is None:
+            text = self._sql[sql] = _numbered(sql)
+        return text
+
+    async def _migrate(self) -> None:
+        async with self._pool.acquire() as conn, conn.transaction():
+            # One migrator at a time across every replica; the others wait, then find it done.
+            await conn.execute("SELECT pg_advisory_xact_lock(7246518091)")
+            await conn.execute("CREATE TABLE IF NOT EXISTS llmrouter_schema (version INTEGER NOT NULL)")
+            version = await conn.fetchval("SELECT max(version) FROM llmrouter_schema") or 0
+            _check_version(version, self.where)
+            for target in range(version + 1, len(MIGRATIONS) + 1):
+                for statement in MIGRATIONS[target - 1].postgres:
+                    await conn.execute(statement)
+                await conn.execute("INSERT INTO llmrouter_schema (version) VALUES ($1)", target)
+
+    async def fetchone(self, sql: str, *args: Any) -> Row | None:
+        record = await self._run("fetchrow", sql, args)
+        return tuple(record) if record is not None else None
+
+    async def fetchall(self, sql: str, *args: Any) -> list[Row]:
+        return [tuple(r) for r in await self._run("fetch", sql, args)]
+
+    async def execute(self, sql: str, *args: Any) -> int:
+        status: str = await self._run("execute", sql, args)
+        tail = status.rsplit(" ", 1)[-1]
+        return int(tail) if tail.isdigit() else 0
+
+    async def insert_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        import asyncpg
+
+        try:
+            async with self._pool.acquire() as conn, conn.transaction():
+                await conn.executemany(self._q(sql), rows)
+        except asyncpg.UniqueViolationError as exc:
+            raise IntegrityError(str(exc)) from None
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise StoreError(f"{self.where}: {exc}") from None
+
+    async def _run(self, method: str, sql: str, args: tuple[Any, ...]) -> Any:
+        import asyncpg
+
+        try:
+            async with self._pool.acquire() as conn:
+                return await getattr(conn, method)(self._q(sql), *args)
+        except asyncpg.UniqueViolationError as exc:
+            raise IntegrityError(str(exc)) from None
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise StoreError(f"{self.where}: {exc}") from None
+
+    async def ping(self) -> bool:
+        try:
+            await self._run("fetchval", "SELECT 1", ())
+        except StoreError:
+            return False
+        return True
+
+    async def aclose(self) -> None:
+        await self._pool.close()
+
+
+def _without_password(url: str) -> str:
+    return re.sub(r"//([^:/@]+):[^@]*@", r"//\1:***@", url)

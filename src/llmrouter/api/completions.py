@@ -1,13 +1,21 @@
-"""POST /api/v1/completions (and /v1/completions): edge -> plan -> executor -> response."""
+"""POST /api/v1/completions (and /v1/completions): edge -> plan -> executor -> response.
+
+At the edge: who is calling (a key or a JWT), may they use the model, and is the request within
+their limits (one round trip to the limiter). At the end: the usage is settled with the limiter,
+and the response's last bytes wait until the ledger holds its record.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from msgspec import UNSET
 
+from llmrouter.accounts.ledger import Record
+from llmrouter.accounts.principal import Principal
 from llmrouter.api.http import Request
 from llmrouter.api.sse import DONE, KEEPALIVE, event, start_stream
 from llmrouter.errors import LlmrouterError
@@ -26,26 +34,112 @@ from llmrouter.wire.validate import Prompts, decode_completion_request
 if TYPE_CHECKING:
     from llmrouter.app import Context
 
-__all__ = ["create_completion"]
+__all__ = ["Accounting", "create_completion", "estimate_tokens"]
+
+_DEFAULT_MAX_TOKENS = 16  # the Completions API's default
+
+
+@dataclass(slots=True)
+class Accounting:
+    """What the ledger records about one request, gathered on its way through."""
+
+    principal: Principal
+    model_requested: str = ""
+    created_at: float = field(default_factory=time.time)
+    started: float = field(default_factory=time.perf_counter)
+    user: str | None = None
+    metadata: dict[str, str] | None = None
+    stream: bool = False
+    target: Target | None = None
+    attempts: list[Attempt] = field(default_factory=list)
+    usage: Usage | None = None
+    finish_reason: str | None = None
+    ttft_ms: float | None = None
+    recorded: bool = False  # the handler wrote it; otherwise the app does, after the handler
+
+    @property
+    def cost(self) -> float:
+        if self.target is None or self.usage is None:
+            return 0.0
+        return self.target.cost(self.usage.prompt_tokens, self.usage.completion_tokens)
+
+    def record(self, request_id: str, status: int, error: str | None) -> Record:
+        usage = self.usage
+        if error == "client_disconnected":
+            status = 499
+        return Record(
+            request_id=request_id,
+            principal=self.principal.id,
+            user=self.user,
+            metadata=self.metadata,
+            # A name that matched no model may hold anything; PostgreSQL text cannot hold NUL.
+            model_requested=self.model_requested.replace("\x00", "\ufffd"),
+            model=self.target.model.id if self.target else None,
+            provider=self.target.deployment.provider if self.target else None,
+            attempts=[str(a) for a in self.attempts],
+            prompt_tokens=usage.prompt_tokens if usage else 0,
+            completion_tokens=usage.completion_tokens if usage else 0,
+            cost=self.cost,
+            latency_ms=round((time.perf_counter() - self.started) * 1000, 3),
+            ttft_ms=self.ttft_ms,
+            status=status,
+            error=error,
+            finish_reason=self.finish_reason,
+            stream=self.stream,
+            created_at=self.created_at,
+            finished_at=time.time(),
+        )
+
+
+def estimate_tokens(params: CompletionCreateParams, prompts: Prompts) -> int:
+    """Tokens to reserve against a tokens-per-minute limit before the usage is known: the prompts
+    (about four characters a token) and the most the answer may hold."""
+    prompt = sum(len(p) // 4 + 1 if isinstance(p, str) else len(p) for p in prompts)
+    max_tokens = params.max_tokens if isinstance(params.max_tokens, int) else _DEFAULT_MAX_TOKENS
+    answers = len(prompts) * max(params.n or 1, params.best_of or 1)
+    return prompt + answers * max_tokens
 
 
 async def create_completion(req: Request, ctx: Context) -> None:
-    principal = ctx.keys.authenticate(req.header(b"authorization"))
-    req.log["key_id"] = principal.key_id
+    principal = await ctx.auth.principal(req.header(b"authorization"))
+    req.log["principal"] = principal.id
+    acc = req.accounting = Accounting(principal)
     req.require_json()
     params, prompts = decode_completion_request(await req.body(ctx.settings.server.max_body_bytes))
-    check_request_format(params.response_format)
+    acc.model_requested = params.model if isinstance(params.model, str) else ""
+    acc.stream = bool(params.stream)
     # Kept with the request's record (never sent upstream unless the provider forwards them).
     if params.user is not UNSET:
-        req.log["user"] = params.user
+        acc.user = req.log["user"] = params.user
     if params.metadata:
-        req.log["metadata"] = params.metadata
+        acc.metadata = req.log["metadata"] = params.metadata
+    check_request_format(params.response_format)
+    ctx.catalog.check_allowed(params, principal.limits.models)
     plan = ctx.catalog.plan(params, prompts)
-    if params.stream:
-        await _stream(req, ctx, plan, params, prompts)
-        return
+    admission = await ctx.limiter.admit(principal, req.request_id, estimate_tokens(params, prompts))
+    try:
+        if params.stream:
+            await _stream(req, ctx, plan, params, prompts, admission.headers)
+        else:
+            await _complete(req, ctx, plan, params, prompts, admission.headers)
+    finally:
+        usage = acc.usage
+        tokens = usage.prompt_tokens + usage.completion_tokens if usage else 0
+        await asyncio.shield(ctx.limiter.settle(admission, tokens, acc.cost))
+
+
+async def _complete(
+    req: Request,
+    ctx: Context,
+    plan: Plan,
+    params: CompletionCreateParams,
+    prompts: Prompts,
+    limit_headers: list[tuple[bytes, bytes]],
+) -> None:
     target, result, attempts = await ctx.executor.complete(plan, params, prompts, req.request_id)
     _note(req, target, attempts, result.usage)
+    if result.choices:
+        _accounting(req).finish_reason = result.choices[0].finish_reason
     response = CompletionResponse(
         id=req.request_id,
         created=int(time.time()),
@@ -66,18 +160,38 @@ async def create_completion(req: Request, ctx: Context) -> None:
                 (b"x-request-id", req.request_id.encode()),
                 (b"x-llmrouter-attempts", _attempts_header(attempts)),
                 *_emulated_header(target),
+                *limit_headers,
             ],
         }
     )
-    await req.send({"type": "http.response.body", "body": body})
+    # All but the last byte now; that one when the record is durable.
+    await req.send({"type": "http.response.body", "body": body[:-1], "more_body": True})
+    await _commit_record(req, ctx, 200)
+    await req.send({"type": "http.response.body", "body": body[-1:]})
+
+
+def _accounting(req: Request) -> Accounting:
+    assert req.accounting is not None, "create_completion sets it first"
+    return req.accounting
+
+
+async def _commit_record(req: Request, ctx: Context, status: int, error: str | None = None) -> None:
+    acc = _accounting(req)
+    acc.recorded = True
+    await ctx.ledger.commit(acc.record(req.request_id, status, error))
 
 
 async def _stream(
-    req: Request, ctx: Context, plan: Plan, params: CompletionCreateParams, prompts: Prompts
+    req: Request,
+    ctx: Context,
+    plan: Plan,
+    params: CompletionCreateParams,
+    prompts: Prompts,
+    limit_headers: list[tuple[bytes, bytes]],
 ) -> None:
     send = req.send
     include_usage = bool(params.stream_options and params.stream_options.include_usage)
-    headers = [(b"x-request-id", req.request_id.encode())]
+    headers = [(b"x-request-id", req.request_id.encode()), *limit_headers]
     opening = asyncio.ensure_future(ctx.executor.open_stream(plan, params, prompts, req.request_id))
     started = False
     try:
@@ -101,22 +215,22 @@ async def _stream(
     try:
         stream = opening.result()
     except LlmrouterError as exc:
-        req.log["attempts"] = exc.attempts
+        req.log["attempts"] = _accounting(req).attempts = exc.attempts
         if not started:
             raise
-        await _end_with_error(req, exc)
+        await _end_with_error(req, ctx, exc)
         return
     try:
         if not started:
             headers.append((b"x-llmrouter-attempts", _attempts_header(stream.attempts)))
             headers.extend(_emulated_header(stream.target))
             await start_stream(send, headers)
-        await _relay(req, stream, include_usage)
+        await _relay(req, ctx, stream, include_usage)
     finally:
         await stream.aclose()  # idempotent; covers a client that left before the relay began
 
 
-async def _relay(req: Request, stream: OpenStream, include_usage: bool) -> None:
+async def _relay(req: Request, ctx: Context, stream: OpenStream, include_usage: bool) -> None:
     """Send the committed stream's parts as chunks; a failure now ends the stream."""
     target = stream.target
     created = int(time.time())
@@ -129,6 +243,7 @@ async def _relay(req: Request, stream: OpenStream, include_usage: bool) -> None:
         choices=[],
         usage=None if include_usage else UNSET,
     )
+    acc = _accounting(req)
     part = stream.first
     try:
         while True:
@@ -137,6 +252,11 @@ async def _relay(req: Request, stream: OpenStream, include_usage: bool) -> None:
                 if part.usage_estimated:
                     req.log["usage_estimated"] = True
             if part.choices:
+                if acc.ttft_ms is None:
+                    acc.ttft_ms = round((time.perf_counter() - acc.started) * 1000, 3)
+                for choice in part.choices:
+                    if choice.index == 0 and choice.finish_reason is not None:
+                        acc.finish_reason = choice.finish_reason
                 chunk.choices = part.choices
                 chunk.system_fingerprint = part.system_fingerprint
                 await req.send(
@@ -152,7 +272,7 @@ async def _relay(req: Request, stream: OpenStream, include_usage: bool) -> None:
                 break
     except LlmrouterError as exc:
         _note(req, target, stream.attempts, usage)
-        await _end_with_error(req, exc)
+        await _end_with_error(req, ctx, exc)
         return
     finally:
         await stream.aclose()
@@ -162,16 +282,21 @@ async def _relay(req: Request, stream: OpenStream, include_usage: bool) -> None:
         chunk.choices = []
         chunk.usage = usage or Usage(0, 0, 0)
         tail = event(encoder.encode(chunk))
+    await _commit_record(req, ctx, 200)
     await req.send({"type": "http.response.body", "body": tail + DONE, "more_body": False})
 
 
-async def _end_with_error(req: Request, exc: LlmrouterError) -> None:
+async def _end_with_error(req: Request, ctx: Context, exc: LlmrouterError) -> None:
+    """A committed stream's failure: one error event, its record durable before it."""
     req.log["stream_error"] = exc.code
     body = event(encoder.encode(exc.to_body()))
+    await _commit_record(req, ctx, 200, exc.code)
     await req.send({"type": "http.response.body", "body": body, "more_body": False})
 
 
 def _note(req: Request, target: Target, attempts: list[Attempt], usage: Usage | None) -> None:
+    acc = _accounting(req)
+    acc.target, acc.attempts, acc.usage = target, attempts, usage
     req.log["model"] = target.model.id
     req.log["provider"] = target.deployment.provider
     if target.shape is not None and target.shape.emulated:

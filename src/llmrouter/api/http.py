@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llmrouter.errors import PayloadTooLarge, UnsupportedMediaType
+
+if TYPE_CHECKING:
+    from llmrouter.api.completions import Accounting
 
 __all__ = ["Receive", "Request", "Scope", "Send", "send_bytes"]
 
@@ -22,6 +25,7 @@ Send = Callable[[Message], Awaitable[None]]
 class Request:
     __slots__ = (
         "_watcher",
+        "accounting",
         "headers",
         "log",
         "method",
@@ -48,6 +52,8 @@ class Request:
         # (and with it any upstream call or queued local generation).
         self.watch_disconnect = False
         self._watcher: asyncio.Future[None] | None = None
+        # A completion's ledger record in the making; the app writes it if the handler did not.
+        self.accounting: Accounting | None = None
 
     def header(self, name: bytes) -> str | None:
         value = self.headers.get(name)

@@ -18,8 +18,8 @@ async def health(req: Request, ctx: Context) -> None:
 
 
 async def ready(req: Request, ctx: Context) -> None:
-    if not ctx.store.is_open():
-        raise ServiceUnavailable("The store is not open.", retry_after=1)
+    if not await ctx.db.ping():
+        raise ServiceUnavailable("The database cannot be reached.", retry_after=1)
     if not any(t.provider.ready(t.deployment) for t in ctx.catalog.all_targets()):
         raise ServiceUnavailable("No deployment is usable yet.", retry_after=1)
     await send_bytes(req.send, 200, b'{"status":"ready"}', [])

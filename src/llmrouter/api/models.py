@@ -39,7 +39,7 @@ def model_list(ctx: Context) -> ModelList:
 
 
 async def list_models(req: Request, ctx: Context) -> None:
-    ctx.keys.authenticate(req.header(b"authorization"))
+    await ctx.auth.principal(req.header(b"authorization"))
     await send_bytes(
         req.send,
         200,

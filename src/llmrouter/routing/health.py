@@ -155,6 +155,31 @@ class LocalHealth:
         state.consecutive_failures = 0
         state.recent.clear()
 
+    def ejection(self, label: str) -> tuple[int, float]:
+        """How many ejections in a row `label` has had, and the seconds left of the current one
+        (0 if it is not out). A failure that ejects raises the count: that is how a wrapper sees
+        the moment of ejection."""
+        state = self._state(label)
+        return state.ejections, max(0.0, state.ejected_until - self._clock())
+
+    def eject_for(self, label: str, seconds: float, ejections: int) -> None:
+        """Another replica ejected `label` for `seconds` more: it is out here too, then one probe
+        goes to it here, as if it had been ejected here. The count of ejections is adopted (the
+        larger wins), not added to: replicas climb one cooldown ladder together, so a probe that
+        fails here takes the next step after the other replica's, not one beyond our own."""
+        if seconds <= 0:
+            return
+        state = self._state(label)
+        state.ejections = max(state.ejections, ejections)
+        until = self._clock() + min(seconds, self._settings.max_cooldown_seconds)
+        if until <= state.ejected_until:
+            return
+        state.ejected_until = until
+        state.probing = False
+        state.consecutive_failures = 0
+        state.successes_since_ejection = 0
+        state.recent.clear()
+
     def release(self, label: str) -> None:
         self._state(label).probing = False
 

@@ -15,11 +15,11 @@ from dataclasses import dataclass, replace
 from msgspec import UNSET
 
 from llmrouter.emulation.shape import Shape, requested_parameters, shape_for
-from llmrouter.errors import InvalidRequest, ModelNotFound, UnsupportedParameter
+from llmrouter.errors import InvalidRequest, ModelNotFound, PermissionDenied, UnsupportedParameter
 from llmrouter.providers.base import Capabilities, Provider
 from llmrouter.routing.health import HealthBook
 from llmrouter.routing.strategies import order_targets
-from llmrouter.settings import DeploymentSettings, ModelSettings, Settings
+from llmrouter.settings import DeploymentSettings, ModelSettings, Pricing, Settings
 from llmrouter.structured import checker_for
 from llmrouter.wire.completions import CompletionCreateParams, ProviderPreferences
 from llmrouter.wire.validate import Prompts
@@ -41,6 +41,15 @@ class Target:
     @property
     def label(self) -> str:
         return f"{self.deployment.provider}/{self.deployment.model}"
+
+    @property
+    def pricing(self) -> Pricing:
+        return self.deployment.pricing or self.model.pricing
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
+        """What an answer of this size costs here, in the configured currency."""
+        pricing = self.pricing
+        return (prompt_tokens * pricing.prompt + completion_tokens * pricing.completion) / 1e6
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +138,19 @@ class Catalog:
             if (prefs.only is None or t.deployment.provider in prefs.only)
             and (prefs.ignore is None or t.deployment.provider not in prefs.ignore)
         ]
+
+    def check_allowed(self, params: CompletionCreateParams, allowed: frozenset[str] | None) -> None:
+        """A principal limited to some models (ids or aliases) may ask for those only."""
+        if allowed is None:
+            return
+        permitted = {self.models[m].id if m in self.models else m for m in allowed}
+        for name, param in self._requested_models(params):
+            if self.models[name].id not in permitted:
+                raise PermissionDenied(
+                    f"This key or token may not use the model {name!r}.",
+                    param=param,
+                    code="model_not_allowed",
+                )
 
     def _check_provider_names(self, prefs: ProviderPreferences) -> None:
         for field in ("order", "only", "ignore"):

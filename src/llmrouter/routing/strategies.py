@@ -29,7 +29,7 @@ def _weighted(targets: Sequence[Target], health: HealthBook, rng: random.Random)
 
 
 def _price(target: Target) -> float:
-    pricing = target.deployment.pricing or target.model.pricing
+    pricing = target.pricing
     return pricing.prompt + pricing.completion
 
 

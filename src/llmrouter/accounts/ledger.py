@@ -1,0 +1,235 @@
+"""The usage ledger: one record per completion request — answered, failed or cancelled.
+
+Records are written off the request path by one writer task, in batches (group commit): whatever
+has arrived while the previous batch was committing goes in the next transaction, so the cost of a
+commit is shared by every request that waits on it and no timer adds latency when the server is
+idle. A response's last bytes wait for its record's batch (`commit`), so a client that received a
+whole response can trust that its record is on disk, even if the server is killed the next moment.
+The insert is idempotent on the request id: a batch retried after an ambiguous failure never
+writes a record twice. A store that is down is retried with backoff, records kept in memory; a
+response waits for it at most `durable_timeout` seconds, and then is released with a warning.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import msgspec
+
+from llmrouter.accounts.store import Database, StoreError
+
+__all__ = ["GROUPINGS", "Ledger", "Record", "Total"]
+
+log = logging.getLogger("llmrouter.ledger")
+
+_COLUMNS = (
+    "request_id",
+    "principal",
+    "end_user",
+    "metadata",
+    "model_requested",
+    "model",
+    "provider",
+    "attempts",
+    "prompt_tokens",
+    "completion_tokens",
+    "cost",
+    "latency_ms",
+    "ttft_ms",
+    "status",
+    "error",
+    "finish_reason",
+    "stream",
+    "created_at",
+    "finished_at",
+)
+_INSERT = (
+    f"INSERT INTO ledger ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))}) "  # noqa: S608
+    "ON CONFLICT (request_id) DO NOTHING"
+)
+_SELECT = f"SELECT {', '.join(_COLUMNS)} FROM ledger"  # noqa: S608
+_encode = msgspec.json.encode
+
+
+class Record(msgspec.Struct, kw_only=True, omit_defaults=False):
+    request_id: str
+    principal: str
+    user: str | None = None
+    metadata: dict[str, str] | None = None
+    model_requested: str
+    model: str | None = None
+    provider: str | None = None
+    attempts: list[str] = []
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost: float = 0.0
+    latency_ms: float
+    ttft_ms: float | None = None
+    status: int
+    error: str | None = None
+    finish_reason: str | None = None
+    stream: bool = False
+    created_at: float
+    finished_at: float
+
+    def row(self) -> tuple[Any, ...]:
+        return (
+            self.request_id,
+            self.principal,
+            None if self.user is None else _encode(self.user).decode(),
+            None if self.metadata is None else _encode(self.metadata).decode(),
+            self.model_requested,
+            self.model,
+            self.provider,
+            _encode(self.attempts).decode(),
+            self.prompt_tokens,
+            self.completion_tokens,
+            self.cost,
+            self.latency_ms,
+            self.ttft_ms,
+            self.status,
+            self.error,
+            self.finish_reason,
+            self.stream,
+            self.created_at,
+            self.finished_at,
+        )
+
+    @classmethod
+    def from_row(cls, row: Sequence[Any]) -> Record:
+        fields = dict(zip(_COLUMNS, row, strict=True))
+        user, metadata = fields.pop("end_user"), fields["metadata"]
+        fields["user"] = None if user is None else msgspec.json.decode(user)
+        fields["metadata"] = None if metadata is None else msgspec.json.decode(metadata)
+        fields["attempts"] = msgspec.json.decode(fields["attempts"])
+        fields["stream"] = bool(fields["stream"])
+        return cls(**fields)
+
+
+Grouping = Literal["key", "model", "provider", "day"]
+GROUPINGS: tuple[Grouping, ...] = ("key", "model", "provider", "day")
+
+
+class Total(msgspec.Struct):
+    group: str
+    requests: int
+    failed: int
+    prompt_tokens: int
+    completion_tokens: int
+    cost: float
+
+
+class Ledger:
+    def __init__(self, db: Database, *, batch_max: int = 512, durable_timeout: float = 10.0) -> None:
+        self._db = db
+        self._batch_max = batch_max
+        self._durable_timeout = durable_timeout
+        self._pending: list[tuple[Record, asyncio.Future[None]]] = []
+        self._wakeup = asyncio.Event()
+        self._writer: asyncio.Task[None] | None = None
+        self._closing = False
+
+    def start(self) -> None:
+        self._writer = asyncio.get_running_loop().create_task(self._write_forever())
+
+    def submit(self, record: Record) -> asyncio.Future[None]:
+        """Queue a record; the future is done when it is durable."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append((record, done))
+        self._wakeup.set()
+        return done
+
+    async def commit(self, record: Record) -> None:
+        """Queue a record and wait until it is durable (or the durability timeout passes)."""
+        done = self.submit(record)
+        try:
+            await asyncio.wait_for(asyncio.shield(done), self._durable_timeout)
+        except TimeoutError:
+            log.warning(
+                "the ledger is not durable yet; releasing the response, its record stays queued",
+                extra={"fields": {"request_id": record.request_id}},
+            )
+
+    async def _write_forever(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while self._pending:
+                batch = self._pending[: self._batch_max]
+                del self._pending[: self._batch_max]
+                await self._write(batch)
+            if self._closing:
+                return
+
+    async def _write(self, batch: list[tuple[Record, asyncio.Future[None]]]) -> None:
+        rows = [record.row() for record, _ in batch]
+        delay = 0.05
+        while True:
+            try:
+                await self._db.insert_many(_INSERT, rows)
+                break
+            except StoreError as exc:
+                log.warning(
+                    "ledger write failed; retrying",
+                    extra={"fields": {"records": len(rows), "error": str(exc), "retry_in": delay}},
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        for _, done in batch:
+            if not done.done():
+                done.set_result(None)
+
+    async def aclose(self, grace: float = 10.0) -> None:
+        """Write what is queued (for at most `grace` seconds), then stop."""
+        self._closing = True
+        self._wakeup.set()
+        if self._writer is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._writer), grace)
+            self._writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._writer
+        if self._pending:
+            log.error("the ledger closed with %d records unwritten", len(self._pending))
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    async def get(self, request_id: str) -> Record | None:
+        row = await self._db.fetchone(f"{_SELECT} WHERE request_id = ?", request_id)
+        return None if row is None else Record.from_row(row)
+
+    async def spent(self, principal: str, since: float) -> float:
+        """The cost recorded for `principal` since a unix time: credits already used."""
+        row = await self._db.fetchone(
+            "SELECT coalesce(sum(cost), 0) FROM ledger WHERE principal = ? AND created_at >= ?",
+            principal,
+            since,
+        )
+        return float(row[0]) if row else 0.0
+
+    async def totals(
+        self, *, since: float | None = None, until: float | None = None, by: Grouping = "model"
+    ) -> list[Total]:
+        column = {
+            "key": "principal",
+            "model": "coalesce(model, model_requested)",
+            "provider": "coalesce(provider, '')",
+            "day": (
+                "date(created_at, 'unixepoch')"
+                if self._db.dialect == "sqlite"
+                else "to_char(to_timestamp(created_at) AT TIME ZONE 'UTC', 'YYYY-MM-DD')"
+            ),
+        }[by]
+        rows = await self._db.fetchall(
+            f"SELECT {column} AS g, count(*), sum(CASE WHEN status >= 400 THEN 1 ELSE 0 END), "  # noqa: S608
+            "coalesce(sum(prompt_tokens), 0), coalesce(sum(completion_tokens), 0), "
+            "coalesce(sum(cost), 0) FROM ledger WHERE created_at >= ? AND created_at < ? "
+            "GROUP BY g ORDER BY g",
+            0.0 if since is None else since,
+            1e18 if until is None else until,
+        )
+        return [Total(str(r[0]), int(r[1]), int(r[2]), int(r[3]), int(r[4]), float(r[5])) for r in rows]

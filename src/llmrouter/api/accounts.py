@@ -1,0 +1,186 @@
+"""The accounts API: the caller's own key (`GET /api/v1/key`), one past request's record
+(`GET /api/v1/generation?id=`), and key administration (`/api/v1/keys...`, admin keys only)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Annotated, Any
+from urllib.parse import parse_qs
+
+import msgspec
+from msgspec import Meta, Struct
+
+from llmrouter.accounts.keys import ApiKey, KeyError_
+from llmrouter.api.http import Request, send_bytes
+from llmrouter.errors import InvalidRequest, MethodNotAllowed, NotFound
+from llmrouter.settings import Policy, Reset
+
+if TYPE_CHECKING:
+    from llmrouter.app import Context
+
+__all__ = ["KeySpec", "generation", "key_collection", "key_item", "key_view", "whoami"]
+
+_encode = msgspec.json.Encoder().encode
+_BODY_LIMIT = 1 << 20
+
+
+class KeySpec(Struct, forbid_unknown_fields=True):
+    """A new key, as the admin API and the CLI take it."""
+
+    name: str
+    owner: str | None = None
+    rpm: Annotated[int, Meta(ge=0)] | None = None
+    tpm: Annotated[int, Meta(ge=0)] | None = None
+    max_concurrent: Annotated[int, Meta(ge=0)] | None = None
+    credit_limit: Annotated[float, Meta(ge=0)] | None = None
+    reset: Reset | None = None
+    models: list[str] | None = None
+    expires_at: int | None = None  # unix seconds
+    admin: bool = False
+
+    def policy(self) -> Policy:
+        return Policy(
+            rpm=self.rpm,
+            tpm=self.tpm,
+            max_concurrent=self.max_concurrent,
+            credit_limit=self.credit_limit,
+            reset=self.reset,
+            models=None if self.models is None else frozenset(self.models),
+        )
+
+
+def _limits(policy: Policy) -> dict[str, Any]:
+    return {
+        "rpm": policy.rpm,
+        "tpm": policy.tpm,
+        "max_concurrent": policy.max_concurrent,
+        "credit_limit": policy.credit_limit,
+        "reset": policy.reset,
+    }
+
+
+def key_view(key: ApiKey) -> dict[str, Any]:
+    """A key as the API and `keys show --json` return it: everything but its secret."""
+    models = key.policy.models
+    return {
+        "id": key.id,
+        "name": key.name,
+        "owner": key.owner,
+        "status": key.status,
+        "admin": key.admin,
+        "created_at": key.created_at,
+        "expires_at": key.expires_at,
+        "revoked_at": key.revoked_at,
+        "limits": _limits(key.policy),
+        "models": None if models is None else sorted(models),
+    }
+
+
+async def _json(req: Request, status: int, payload: object) -> None:
+    await send_bytes(req.send, status, _encode(payload), [(b"x-request-id", req.request_id.encode())])
+
+
+# -- the caller's own view ------------------------------------------------------------------------
+
+
+async def whoami(req: Request, ctx: Context) -> None:
+    """GET /api/v1/key: the calling principal's limits, usage and remaining credit."""
+    principal = await ctx.auth.principal(req.header(b"authorization"))
+    status = await ctx.limiter.status(principal)
+    spent = status.credit_spent
+    if spent is None:  # no credit limit, so nothing counted: the ledger's total for all time
+        spent = await ctx.ledger.spent(principal.id, 0.0)
+    limit = principal.limits.credit_limit
+    models = principal.limits.models
+    await _json(
+        req,
+        200,
+        {
+            "data": {
+                "id": principal.id,
+                "kind": principal.kind,
+                "name": principal.name,
+                "owner": principal.owner,
+                "admin": principal.admin,
+                "expires_at": principal.expires_at,
+                "models": None if models is None else sorted(models),
+                "limits": _limits(principal.limits),
+                "usage": status,
+                "spent": spent,
+                "limit_remaining": None if limit is None else max(0.0, limit - spent),
+            }
+        },
+    )
+
+
+async def generation(req: Request, ctx: Context) -> None:
+    """GET /api/v1/generation?id=...: one past request's record, for whoever made it or an admin.
+    Someone else's id is a 404, as if it did not exist."""
+    principal = await ctx.auth.principal(req.header(b"authorization"))
+    ids = parse_qs(req.query.decode("latin-1")).get("id")
+    if not ids or not ids[0]:
+        raise InvalidRequest("Give the request's id: /api/v1/generation?id=cmpl-...", param="id")
+    record = await ctx.ledger.get(ids[0])
+    if record is None or not (principal.admin or record.principal == principal.id):
+        raise NotFound(f"No generation with id {ids[0]!r}.", param="id")
+    await _json(req, 200, {"data": {"id": record.request_id, **msgspec.to_builtins(record)}})
+
+
+# -- administration -------------------------------------------------------------------------------
+
+
+async def key_collection(req: Request, ctx: Context) -> None:
+    """GET /api/v1/keys (`?all=true` includes revoked keys) and POST /api/v1/keys."""
+    await ctx.auth.admin(req.header(b"authorization"))
+    if req.method == "GET":
+        everything = parse_qs(req.query.decode("latin-1")).get("all", ["false"])[0] == "true"
+        keys = await ctx.keys.list(include_revoked=everything)
+        await _json(req, 200, {"data": [key_view(k) for k in keys]})
+        return
+    req.require_json()
+    try:
+        spec = msgspec.json.decode(await req.body(_BODY_LIMIT), type=KeySpec)
+    except msgspec.ValidationError as exc:
+        message, _, where = str(exc).partition(" - at `$")
+        raise InvalidRequest(message + ".", param=where.rstrip("`").lstrip(".")) from None
+    except msgspec.DecodeError as exc:
+        raise InvalidRequest(f"The body is not valid JSON: {exc}", code="invalid_json") from None
+    check_models(ctx, spec.models)
+    try:
+        key, secret = await ctx.keys.create(
+            spec.name,
+            owner=spec.owner,
+            policy=spec.policy(),
+            expires_at=spec.expires_at,
+            admin=spec.admin,
+        )
+    except KeyError_ as exc:
+        raise InvalidRequest(f"{str(exc).capitalize()}.", param="name") from None
+    await _json(req, 201, {"data": key_view(key), "key": secret})
+
+
+async def key_item(req: Request, ctx: Context) -> None:
+    """GET /api/v1/keys/{id}, DELETE /api/v1/keys/{id} (revoke), POST /api/v1/keys/{id}/rotate."""
+    await ctx.auth.admin(req.header(b"authorization"))
+    rest = req.path.removeprefix("/api/v1/keys/")
+    key_id, _, action = rest.partition("/")
+    allowed = {"": ("GET", "DELETE"), "rotate": ("POST",)}.get(action)
+    if not key_id or allowed is None:
+        raise NotFound(f"No route {req.path}.")
+    if req.method not in allowed:
+        raise MethodNotAllowed(f"{req.path} accepts {', '.join(allowed)}.")
+    try:
+        if req.method == "GET":
+            await _json(req, 200, {"data": key_view(await ctx.keys.get(key_id, live=False))})
+        elif req.method == "DELETE":
+            await _json(req, 200, {"data": key_view(await ctx.keys.revoke(key_id))})
+        else:
+            key, secret = await ctx.keys.rotate(key_id)
+            await _json(req, 200, {"data": key_view(key), "key": secret})
+    except KeyError_:
+        raise NotFound(f"No live key with id {key_id!r}.", param="id") from None
+
+
+def check_models(ctx: Context, models: list[str] | None) -> None:
+    for i, model in enumerate(models or ()):
+        if model not in ctx.catalog.models:
+            raise InvalidRequest(f"No model named {model!r} on this router.", param=f"models[{i}]")

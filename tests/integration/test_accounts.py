@@ -1,0 +1,410 @@
+"""Accounts end to end, through a real router process: keys and their limits, JWTs, the admin
+API's authorisation, `GET /api/v1/key`, the ledger and `GET /api/v1/generation`, `llmrouter usage`.
+
+The whole module runs twice: on SQLite with in-process limits, and on PostgreSQL with Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import jwt as pyjwt
+import pytest
+
+from llmrouter.accounts.keys import KEY_PATTERN
+from tests.conftest import PG_URL, Router, start_router, stop
+
+JWT_SECRET = "a-test-secret-of-at-least-32-bytes!!"
+ISSUER = "https://idp.test"
+# Each answer from the fake costs 3 * 0.1 + 2 * 0.2 = 0.7 (usage: 3 prompt, 2 completion tokens).
+PRICING = "{prompt: 100000, completion: 200000}"
+
+
+def config(fake: str, backend: str, schema: str | None, redis: str | None) -> str:
+    database = (
+        f"  database_url: {PG_URL}\n  database_schema: {schema}\n" if backend == "postgres" else ""
+    )
+    redis_line = f"  redis_url: {redis}\n" if redis else ""
+    return f"""providers:
+  fake: {{kind: openai, base_url: {fake}/v1, timeouts: {{first_token: 5, total: 10}}}}
+models:
+  - {{id: fake/ok, pricing: {PRICING}, deployments: [{{provider: fake, model: ok}}]}}
+  - {{id: fake/other, deployments: [{{provider: fake, model: ok}}]}}
+  - {{id: fake/slow, deployments: [{{provider: fake, model: slow-ok-1500}}]}}
+  - {{id: fake/status-500, deployments: [{{provider: fake, model: status-500}}]}}
+  - {{id: fake/hang, deployments: [{{provider: fake, model: hang}}]}}
+routing: {{max_attempts: 1, retry_budget_floor: 1000}}
+accounts:
+{database}{redis_line}  policies:
+    small: {{rpm: 2, models: [fake/ok]}}
+  jwt:
+    - issuer: {ISSUER}
+      audience: llmrouter
+      algorithms: [HS256]
+      secret: {JWT_SECRET}
+      leeway_seconds: 5
+"""
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def router(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, fake_upstream: str
+) -> Iterator[Router]:
+    backend = request.param
+    schema = redis = None
+    if backend == "postgres":
+        from tests.conftest import REDIS_URL, _reachable, need_service
+
+        need_service("PostgreSQL at 127.0.0.1:5432", _reachable("127.0.0.1", 5432))
+        need_service("Redis at 127.0.0.1:6379", _reachable("127.0.0.1", 6379))
+        schema, redis = f"t_{uuid.uuid4().hex[:16]}", REDIS_URL
+    tmp = tmp_path_factory.mktemp(f"accounts-{backend}")
+    r = start_router(tmp, config(fake_upstream, backend, schema, redis))
+    try:
+        yield r
+    finally:
+        stop(r.proc)
+        if schema is not None:
+            _drop_schema(schema)
+
+
+def _drop_schema(schema: str) -> None:
+    import asyncpg
+
+    async def drop() -> None:
+        conn = await asyncpg.connect(PG_URL)
+        try:
+            await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+        finally:
+            await conn.close()
+
+    asyncio.run(drop())
+
+
+@pytest.fixture(scope="module")
+def admin(router: Router) -> str:
+    out = router.cli("keys", "create", "--name", "root", "--admin")
+    return out.stdout.strip().splitlines()[-1]
+
+
+def new_key(router: Router, *options: str) -> str:
+    name = f"k-{uuid.uuid4().hex[:8]}"
+    return router.cli("keys", "create", "--name", name, *options).stdout.strip().splitlines()[-1]
+
+
+def auth(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def complete(router: Router, token: str, model: str = "fake/ok", **body: Any) -> httpx.Response:
+    return httpx.post(
+        f"{router.api}/completions",
+        headers=auth(token),
+        json={"model": model, "prompt": "hi", **body},
+        timeout=30,
+    )
+
+
+def error_of(response: httpx.Response) -> dict[str, str]:
+    error = response.json()["error"]
+    assert set(error) == {"code", "message", "param", "type"}
+    return error  # type: ignore[no-any-return]
+
+
+def token(**claims: Any) -> str:
+    now = int(time.time())
+    payload = {"iss": ISSUER, "aud": "llmrouter", "sub": "user-1", "exp": now + 300, **claims}
+    return pyjwt.encode(payload, JWT_SECRET, algorithm="HS256")
+
+
+# -- admin API ------------------------------------------------------------------------------------
+
+ADMIN_ENDPOINTS = [
+    ("GET", "/api/v1/keys", None),
+    ("POST", "/api/v1/keys", {"name": "made-by-matrix"}),
+    ("GET", "/api/v1/keys/{id}", None),
+    ("POST", "/api/v1/keys/{id}/rotate", None),
+    ("DELETE", "/api/v1/keys/{id}", None),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "body"), ADMIN_ENDPOINTS)
+def test_admin_api_authorisation_matrix(
+    router: Router, admin: str, method: str, path: str, body: dict[str, Any] | None
+) -> None:
+    target_key = new_key(router)
+    match = KEY_PATTERN.match(target_key)
+    assert match is not None
+    url = router.base + path.format(id=match.group("id"))
+    if body is not None:
+        body = {**body, "name": f"{body['name']}-{uuid.uuid4().hex[:6]}"}
+    callers = {
+        "nobody": ({}, 401),
+        "made-up key": (auth("lr-AAAAAAAAAAAA_" + "B" * 38), 401),
+        "garbage": (auth("not a key"), 401),
+        "normal key": (auth(new_key(router)), 403),
+        "jwt": (auth(token()), 403),
+        "expired jwt": (auth(token(exp=int(time.time()) - 600)), 401),
+    }
+    for who, (headers, status) in callers.items():
+        r = httpx.request(method, url, headers=headers, json=body, timeout=10)
+        assert r.status_code == status, (who, r.text)
+        assert error_of(r)["type"] in ("authentication_error", "permission_error")
+    r = httpx.request(method, url, headers=auth(admin), json=body, timeout=10)
+    assert r.status_code in (200, 201), r.text
+    assert "key" not in r.json() or KEY_PATTERN.match(r.json()["key"])
+
+
+def test_admin_api_manages_keys(router: Router, admin: str) -> None:
+    name = f"svc-{uuid.uuid4().hex[:6]}"
+    spec = {"name": name, "owner": "team-a", "rpm": 7, "credit_limit": 2.5, "reset": "daily"}
+    r = httpx.post(f"{router.api}/keys", headers=auth(admin), json=spec, timeout=10)
+    assert r.status_code == 201, r.text
+    created, secret = r.json()["data"], r.json()["key"]
+    assert (
+        created["limits"]["rpm"] == 7 and created["owner"] == "team-a" and created["status"] == "active"
+    )
+    assert complete(router, secret).status_code == 200
+    listed = httpx.get(f"{router.api}/keys", headers=auth(admin), timeout=10).json()["data"]
+    assert next(k for k in listed if k["id"] == created["id"])["name"] == name
+    assert secret not in json.dumps(listed)
+    rotated = httpx.post(f"{router.api}/keys/{created['id']}/rotate", headers=auth(admin), timeout=10)
+    new_secret = rotated.json()["key"]
+    assert rotated.json()["data"]["id"] == created["id"] and new_secret != secret
+    assert complete(router, secret).status_code == 401
+    assert complete(router, new_secret).status_code == 200
+    gone = httpx.delete(f"{router.api}/keys/{created['id']}", headers=auth(admin), timeout=10)
+    assert gone.json()["data"]["status"] == "revoked"
+    r = complete(router, new_secret)
+    assert r.status_code == 401 and error_of(r)["code"] == "revoked_api_key"
+    missing = httpx.get(f"{router.api}/keys/nope", headers=auth(admin), timeout=10)
+    assert missing.status_code == 404 and error_of(missing)["type"] == "not_found_error"
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"name": "x", "colour": "red"}, ""),
+        ({"name": "x", "rpm": "many"}, "rpm"),
+        ({"name": "x", "rpm": -1}, "rpm"),
+        ({"name": "x", "reset": "hourly"}, "reset"),
+        ({"name": "nul\u0000"}, "name"),
+        ({"name": "x", "models": ["no/such-model"]}, "models[0]"),
+        ({}, ""),
+    ],
+)
+def test_admin_api_refuses_bad_bodies_in_the_error_shape(
+    router: Router, admin: str, body: dict[str, Any], param: str
+) -> None:
+    r = httpx.post(f"{router.api}/keys", headers=auth(admin), json=body, timeout=10)
+    assert r.status_code == 400, r.text
+    error = error_of(r)
+    assert error["type"] == "invalid_request_error" and error["param"] == param
+
+
+def test_hostile_names_and_metadata_are_kept_intact(router: Router, admin: str) -> None:
+    name = f"x'); DROP TABLE api_keys; -- \"\\\t\n\x1b[31m ☃ {uuid.uuid4().hex[:6]} " + "n" * 20000
+    r = httpx.post(f"{router.api}/keys", headers=auth(admin), json={"name": name}, timeout=10)
+    assert r.status_code == 201, r.text
+    secret, key_id = r.json()["key"], r.json()["data"]["id"]
+    assert httpx.get(f"{router.api}/keys/{key_id}", headers=auth(admin)).json()["data"]["name"] == name
+    metadata = {"q": "'; DELETE FROM ledger; --", "ctl": "\x00\x01\n\t", "\"k'": "x" * 512}
+    user = "u\x00'\" ; DROP TABLE ledger; --"
+    answer = complete(router, secret, metadata=metadata, user=user)
+    assert answer.status_code == 200
+    record = generation(router, secret, answer.json()["id"])
+    assert record["metadata"] == metadata and record["user"] == user
+    assert httpx.get(f"{router.api}/keys", headers=auth(admin)).status_code == 200  # tables intact
+
+
+# -- the caller's view, limits and credits --------------------------------------------------------
+
+
+def generation(router: Router, token: str, request_id: str) -> dict[str, Any]:
+    r = httpx.get(f"{router.api}/generation", params={"id": request_id}, headers=auth(token))
+    assert r.status_code == 200, r.text
+    return r.json()["data"]  # type: ignore[no-any-return]
+
+
+def test_key_view_limits_usage_and_remaining_credit(router: Router) -> None:
+    secret = new_key(router, "--rpm", "50", "--credit-limit", "10", "--reset", "monthly")
+    assert complete(router, secret).status_code == 200
+    data = httpx.get(f"{router.api}/key", headers=auth(secret)).json()["data"]
+    assert data["kind"] == "key" and data["limits"]["rpm"] == 50 and data["limits"]["reset"] == "monthly"
+    assert data["usage"]["requests"] == 1
+    assert data["spent"] == pytest.approx(0.7) and data["limit_remaining"] == pytest.approx(9.3)
+
+
+def test_requests_per_minute_gives_429_with_headers(router: Router) -> None:
+    secret = new_key(router, "--rpm", "3")
+    statuses = []
+    for _ in range(3):
+        r = complete(router, secret)
+        statuses.append(r.status_code)
+        assert r.headers["x-ratelimit-limit"] == "3"
+    assert statuses == [200, 200, 200]
+    assert r.headers["x-ratelimit-remaining"] == "0"
+    refused = complete(router, secret)
+    assert refused.status_code == 429
+    assert error_of(refused)["type"] == "rate_limit_error"
+    assert 1 <= int(refused.headers["retry-after"]) <= 60
+    assert (
+        refused.headers["x-ratelimit-limit"] == "3" and refused.headers["x-ratelimit-remaining"] == "0"
+    )
+    assert 1 <= int(refused.headers["x-ratelimit-reset"]) <= 60
+
+
+def test_credit_limit_gives_402(router: Router) -> None:
+    secret = new_key(router, "--credit-limit", "1.0")
+    assert complete(router, secret).status_code == 200  # spent 0.7 of 1.0
+    assert complete(router, secret).status_code == 200  # may overspend by its own cost: 1.4
+    refused = complete(router, secret)
+    assert refused.status_code == 402, refused.text
+    error = error_of(refused)
+    assert error["type"] == "insufficient_credits" and error["code"] == "credit_limit_exceeded"
+    assert complete(router, secret, model="fake/other").status_code == 402  # free, but spent
+
+
+def test_concurrency_limit(router: Router) -> None:
+    secret = new_key(router, "--max-concurrent", "1")
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        slow = pool.submit(complete, router, secret, "fake/slow")
+        time.sleep(0.5)
+        second = complete(router, secret)
+        assert slow.result().status_code == 200
+    assert second.status_code == 429 and "concurren" in error_of(second)["message"]
+    assert complete(router, secret).status_code == 200  # the slot came back
+
+
+def test_models_restriction(router: Router) -> None:
+    secret = new_key(router, "--models", "fake/ok")
+    assert complete(router, secret).status_code == 200
+    refused = complete(router, secret, model="fake/other")
+    assert refused.status_code == 403
+    assert error_of(refused) | {"message": ""} == {
+        "code": "model_not_allowed",
+        "message": "",
+        "param": "model",
+        "type": "permission_error",
+    }
+    fallback = complete(router, secret, models=["fake/other"])
+    assert fallback.status_code == 403 and error_of(fallback)["param"] == "models[0]"
+
+
+def test_jwt_principal_with_policy_and_claims(router: Router) -> None:
+    subject = f"user-{uuid.uuid4().hex[:6]}"
+    bearer = token(sub=subject, policy="small")
+    assert complete(router, bearer).status_code == 200
+    assert complete(router, bearer, model="fake/other").status_code == 403
+    assert complete(router, bearer).status_code == 200
+    assert complete(router, bearer).status_code == 429  # the policy's rpm of 2
+    data = httpx.get(f"{router.api}/key", headers=auth(bearer)).json()["data"]
+    assert data["kind"] == "jwt" and data["name"] == subject and data["limits"]["rpm"] == 2
+    generous = token(sub=f"user-{uuid.uuid4().hex[:6]}", rpm=100)  # limits by claim
+    assert httpx.get(f"{router.api}/key", headers=auth(generous)).json()["data"]["limits"]["rpm"] == 100
+    unsigned = pyjwt.encode(
+        {"iss": ISSUER, "aud": "llmrouter", "sub": "x", "exp": int(time.time()) + 60},
+        None,
+        algorithm="none",
+    )
+    for bad in (unsigned, token(aud="other"), token(iss="https://evil"), token(exp=1)):
+        r = complete(router, bad)
+        assert r.status_code == 401 and error_of(r)["type"] == "authentication_error", bad
+
+
+# -- the ledger -----------------------------------------------------------------------------------
+
+
+def test_generation_is_visible_to_its_principal_and_admins(router: Router, admin: str) -> None:
+    secret = new_key(router)
+    answer = complete(router, secret, user="alice", metadata={"team": "a"})
+    request_id = answer.json()["id"]
+    record = generation(router, secret, request_id)
+    assert record["id"] == request_id and record["status"] == 200
+    assert (record["model"], record["provider"], record["model_requested"]) == (
+        "fake/ok",
+        "fake",
+        "fake/ok",
+    )
+    assert (record["prompt_tokens"], record["completion_tokens"]) == (3, 2)
+    assert record["cost"] == pytest.approx(0.7) and record["finish_reason"] == "stop"
+    assert record["attempts"][0].startswith("fake/ok ok") and record["latency_ms"] > 0
+    assert generation(router, admin, request_id)["id"] == request_id
+    other = httpx.get(
+        f"{router.api}/generation", params={"id": request_id}, headers=auth(new_key(router))
+    )
+    assert other.status_code == 404
+    assert httpx.get(f"{router.api}/generation", headers=auth(secret)).status_code == 400
+
+
+def test_failures_streams_and_cancellations_are_recorded(router: Router) -> None:
+    secret = new_key(router)
+    failed = complete(router, secret, model="fake/status-500")
+    assert failed.status_code == 502
+    record = generation(router, secret, failed.headers["x-request-id"])
+    assert record["status"] == 502 and record["error"] and record["cost"] == 0
+    with httpx.stream(
+        "POST",
+        f"{router.api}/completions",
+        headers=auth(secret),
+        json={"model": "fake/ok", "prompt": "hi", "stream": True},
+        timeout=10,
+    ) as r:
+        streamed_id = r.headers["x-request-id"]
+        assert r.read().endswith(b"data: [DONE]\n\n")
+    record = generation(router, secret, streamed_id)
+    assert record["stream"] is True and record["ttft_ms"] is not None and record["completion_tokens"] > 0
+
+
+def test_a_client_that_leaves_is_recorded_as_cancelled(router: Router) -> None:
+    secret = new_key(router)
+    match = KEY_PATTERN.match(secret)
+    assert match is not None
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(
+            f"{router.api}/completions",
+            headers=auth(secret),
+            json={"model": "fake/hang", "prompt": "hi"},
+            timeout=0.5,
+        )
+    deadline = time.monotonic() + 5
+    mine: list[dict[str, Any]] = []
+    while not mine and time.monotonic() < deadline:
+        time.sleep(0.1)
+        mine = [r for r in usage_rows(router, "--by", "key") if r["key"] == f"key:{match.group('id')}"]
+    assert mine and mine[0]["requests"] == 1 and mine[0]["failed"] == 1
+
+
+def usage_rows(router: Router, *args: str) -> list[dict[str, Any]]:
+    return json.loads(router.cli("usage", "--json", *args).stdout)  # type: ignore[no-any-return]
+
+
+def test_usage_command_totals(router: Router) -> None:
+    secret = new_key(router)
+    for _ in range(2):
+        assert complete(router, secret).status_code == 200
+    by_model = {r["model"]: r for r in usage_rows(router, "--by", "model")}
+    assert by_model["fake/ok"]["requests"] >= 2 and by_model["fake/ok"]["cost"] > 0
+    table = router.cli("usage", "--by", "provider").stdout
+    assert table.splitlines()[0].split()[:2] == ["PROVIDER", "REQUESTS"] and "fake" in table
+    csv_text = router.cli("usage", "--by", "day", "--csv").stdout
+    assert csv_text.splitlines()[0] == "day,requests,failed,prompt_tokens,completion_tokens,cost"
+    assert time.strftime("%Y-%m-%d", time.gmtime()) in csv_text
+    assert usage_rows(router, "--since", "2000-01-01", "--until", "2000-01-02") == []
+    bad = router.cli("usage", "--since", "yesterday-ish", check=False)
+    assert bad.returncode == 1 and "not a date" in bad.stderr
+
+
+def test_unauthenticated_requests_write_nothing(router: Router) -> None:
+    before = sum(r["requests"] for r in usage_rows(router, "--by", "key"))
+    for _ in range(3):
+        assert complete(router, "lr-nothing").status_code == 401
+    time.sleep(0.2)
+    assert sum(r["requests"] for r in usage_rows(router, "--by", "key")) == before

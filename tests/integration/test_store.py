@@ -1,0 +1,234 @@
+"""Keys, migrations and the ledger: one suite, run on SQLite and on the real PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from llmrouter.accounts.keys import KEY_PATTERN, KeyError_, Keys
+from llmrouter.accounts.ledger import Ledger, Record
+from llmrouter.accounts.store import MIGRATIONS, Database, StoreError, open_database
+from llmrouter.errors import AuthenticationFailed
+from llmrouter.settings import Policy
+from tests.conftest import PG_URL
+
+Opener = Callable[[], Awaitable[Database]]
+
+HOSTILE = [
+    "x'); DROP TABLE api_keys; --",
+    'quote " and \\ backslash',
+    "tab\tnewline\nreturn\rbell\x07escape\x1b[31m",
+    "ünïcödé ☃ 𝄞 \u202e",
+    "$1 ? %s {0}",
+    "k" * 60000,
+]
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def opener(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Opener]:
+    if request.param == "sqlite":
+
+        async def sqlite() -> Database:
+            return await open_database(None, tmp_path)
+
+        yield sqlite
+        return
+    schema = request.getfixturevalue("pg_schema")
+
+    async def postgres() -> Database:
+        return await open_database(PG_URL, tmp_path, schema=schema)
+
+    yield postgres
+
+
+def run(opener: Opener, work: Callable[[Database], Awaitable[Any]]) -> Any:
+    async def main() -> Any:
+        db = await opener()
+        try:
+            return await work(db)
+        finally:
+            await db.aclose()
+
+    return asyncio.run(main())
+
+
+def test_keys_round_trip_rotate_revoke(opener: Opener) -> None:
+    async def work(db: Database) -> None:
+        keys = Keys(db)
+        policy = Policy(rpm=5, credit_limit=1.5, reset="weekly", models=frozenset({"a"}))
+        key, secret = await keys.create("app", owner="team", policy=policy)
+        assert KEY_PATTERN.match(secret)
+        principal = await keys.authenticate(secret)
+        assert principal.id == f"key:{key.id}" and principal.limits == policy
+        assert principal.owner == "team" and not principal.admin
+        tampered = secret[:-7] + ("A" if secret[-7] != "A" else "B") + secret[-6:]
+        with pytest.raises(AuthenticationFailed):
+            await keys.authenticate(tampered)  # the checksum no longer matches
+        with pytest.raises(KeyError_, match="exists"):
+            await keys.create("app")
+        rotated, new_secret = await keys.rotate("app")
+        assert rotated.id == key.id and new_secret != secret
+        with pytest.raises(AuthenticationFailed):
+            await keys.authenticate(secret)
+        assert (await keys.authenticate(new_secret)).id == principal.id
+        await keys.revoke(key.id)
+        with pytest.raises(AuthenticationFailed, match="revoked"):
+            await keys.authenticate(new_secret)
+        with pytest.raises(KeyError_):
+            await keys.rotate(key.id)
+        assert (await keys.get(key.id, live=False)).status == "revoked"
+        await keys.create("app")  # the name is free again once revoked
+        assert [k.name for k in await keys.list(include_revoked=True)] == ["app", "app"]
+
+    run(opener, work)
+
+
+def test_expired_keys_are_refused(opener: Opener) -> None:
+    async def work(db: Database) -> None:
+        keys = Keys(db)
+        with pytest.raises(KeyError_, match="future"):
+            await keys.create("old", expires_at=int(time.time()) - 1)
+        key, secret = await keys.create("soon", expires_at=int(time.time()) + 3600)
+        assert (await keys.authenticate(secret)).expires_at == key.expires_at
+        await db.execute("UPDATE api_keys SET expires_at = ? WHERE id = ?", int(time.time()) - 1, key.id)
+        with pytest.raises(AuthenticationFailed, match="expired"):
+            await keys.authenticate(secret)
+        assert (await keys.get(key.id)).status == "expired"
+
+    run(opener, work)
+
+
+def test_hostile_names_are_stored_intact(opener: Opener) -> None:
+    async def work(db: Database) -> None:
+        keys = Keys(db)
+        for i, name in enumerate(HOSTILE):
+            key, secret = await keys.create(name, owner=name[::-1] + str(i))
+            assert (await keys.authenticate(secret)).name == name
+            assert (await keys.get(name)).id == key.id
+        assert sorted(k.name for k in await keys.list()) == sorted(HOSTILE)
+        with pytest.raises(KeyError_, match="NUL"):
+            await keys.create("nul\x00name")
+        with pytest.raises(KeyError_, match="empty"):
+            await keys.create(" \t")
+        assert await keys.count() == len(HOSTILE)  # the tables are all still there
+
+    run(opener, work)
+
+
+def test_migrations_run_once_and_a_newer_schema_is_refused(opener: Opener, tmp_path: Path) -> None:
+    run(opener, lambda db: Keys(db).create("kept"))
+    assert [k.name for k in run(opener, lambda db: Keys(db).list())] == ["kept"]
+
+    async def bump(db: Database) -> None:
+        if db.dialect == "sqlite":
+            await db.execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
+        else:
+            await db.execute("INSERT INTO llmrouter_schema (version) VALUES (?)", len(MIGRATIONS) + 1)
+
+    run(opener, bump)
+    with pytest.raises(StoreError, match="newer"):
+        run(opener, lambda db: db.ping())
+
+
+def record(request_id: str, **fields: Any) -> Record:
+    now = time.time()
+    defaults: dict[str, Any] = {
+        "principal": "key:abc",
+        "model_requested": "m",
+        "model": "m",
+        "provider": "p",
+        "attempts": ["p/m ok 3ms"],
+        "prompt_tokens": 3,
+        "completion_tokens": 5,
+        "cost": 0.25,
+        "latency_ms": 12.5,
+        "status": 200,
+        "finish_reason": "stop",
+        "created_at": now,
+        "finished_at": now,
+    }
+    return Record(request_id=request_id, **{**defaults, **fields})
+
+
+class CountingDatabase:
+    """The real database, counting the ledger's transactions."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self.batches: list[int] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.db, name)
+
+    async def insert_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        self.batches.append(len(rows))
+        await self.db.insert_many(sql, rows)
+
+
+def test_ledger_group_commit_is_durable_and_idempotent(opener: Opener) -> None:
+    async def work(db: Database) -> None:
+        counting = CountingDatabase(db)
+        ledger = Ledger(counting, batch_max=64)  # type: ignore[arg-type]
+        ledger.start()
+        ids = [f"cmpl-{uuid.uuid4().hex}" for _ in range(300)]
+        await asyncio.gather(*(ledger.commit(record(i)) for i in ids))
+        assert sum(counting.batches) == 300
+        assert len(counting.batches) < 300 and max(counting.batches) <= 64  # grouped
+        await ledger.commit(record(ids[0], cost=99.0))  # the same request again: ignored
+        await ledger.aclose()
+        (rows,) = await db.fetchone("SELECT count(*) FROM ledger") or (0,)
+        assert rows == 300
+        got = await Ledger(db).get(ids[0])
+        assert got is not None and got.cost == 0.25 and got.attempts == ["p/m ok 3ms"]
+
+    run(opener, work)
+
+
+def test_ledger_keeps_hostile_user_and_metadata(opener: Opener) -> None:
+    user = "nul\x00 ' \" ; DROP TABLE ledger; -- \n\x1b ☃"
+    metadata = {"k'\x00": 'v"\x01', "sql": "'); DELETE FROM ledger; --", "long": "x" * 512}
+
+    async def work(db: Database) -> None:
+        ledger = Ledger(db)
+        ledger.start()
+        await ledger.commit(record("cmpl-hostile", user=user, metadata=metadata))
+        await ledger.aclose()
+        got = await ledger.get("cmpl-hostile")
+        assert got is not None and got.user == user and got.metadata == metadata
+        assert await ledger.get("cmpl-missing") is None
+
+    run(opener, work)
+
+
+def test_ledger_spend_and_totals(opener: Opener) -> None:
+    day = 86400.0
+    base = 1_800_000_000.0  # 2027-01-15 08:00 UTC
+
+    async def work(db: Database) -> None:
+        ledger = Ledger(db)
+        ledger.start()
+        await ledger.commit(record("a", created_at=base, cost=1.0, principal="key:x"))
+        await ledger.commit(record("b", created_at=base + day, cost=2.0, principal="key:x", model="n"))
+        await ledger.commit(
+            record("c", created_at=base + day, cost=4.0, principal="key:y", status=502, provider="q")
+        )
+        await ledger.aclose()
+        assert await ledger.spent("key:x", 0) == 3.0
+        assert await ledger.spent("key:x", base + 1) == 2.0
+        by_key = {t.group: t for t in await ledger.totals(by="key")}
+        assert by_key["key:x"].requests == 2 and by_key["key:x"].cost == 3.0
+        assert by_key["key:y"].failed == 1
+        by_day = await ledger.totals(by="day")
+        assert [(t.group, t.requests) for t in by_day] == [("2027-01-15", 1), ("2027-01-16", 2)]
+        by_model = {t.group: t.prompt_tokens for t in await ledger.totals(by="model")}
+        assert by_model == {"m": 6, "n": 3}
+        window = await ledger.totals(since=base + 1, until=base + 2 * day, by="provider")
+        assert {t.group: t.requests for t in window} == {"p": 1, "q": 1}
+
+    run(opener, work)
