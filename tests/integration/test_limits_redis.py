@@ -73,9 +73,12 @@ class Ledger:
     def __init__(self, total: float = 0.0) -> None:
         self.total = total
         self.calls: list[tuple[str, float]] = []
+        self.fail = False
 
     async def __call__(self, principal_id: str, since: float) -> float:
         self.calls.append((principal_id, since))
+        if self.fail:
+            raise OSError("database is locked")
         return self.total
 
 
@@ -375,6 +378,22 @@ def test_redis_and_local_limiters_answer_alike(redis_url: str, principals: Princ
             "Rate limit of 100 tokens per minute",
             "Credit limit of 1",
         ]
+
+    run(main)
+
+
+def test_a_failing_ledger_fails_credits_closed_or_open(redis_url: str, principals: Principals) -> None:
+    async def main() -> None:
+        broken = Ledger()
+        broken.fail = True
+        p = principals(credit_limit=1.0, rpm=1)
+        async with limiter(redis_url, Clock(), broken) as closed:
+            with pytest.raises(ServiceUnavailable, match="Cannot check credits: the ledger"):
+                await closed.admit(p, "a", 0)
+        async with limiter(redis_url, Clock(), broken, credits_fail_open=True) as lenient:
+            assert (await lenient.admit(p, "a", 0)).counted
+            with pytest.raises(RateLimited):  # the rate limits are still checked
+                await lenient.admit(p, "b", 0)
 
     run(main)
 

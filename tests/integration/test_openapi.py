@@ -19,6 +19,10 @@ def test_served_spec_is_valid_openapi_without_auth(router: Router) -> None:
     validate_openapi(spec)
     assert spec["paths"]["/completions"]["post"]["tags"] == ["completions"]
     assert "/models" in spec["paths"]
+    assert {"/key", "/generation", "/keys", "/keys/{id}", "/keys/{id}/rotate"} <= set(spec["paths"])
+    responses = spec["paths"]["/completions"]["post"]["responses"]
+    assert {"402", "403", "429"} <= set(responses)
+    assert "X-RateLimit-Remaining" in responses["429"]["headers"]
     shared = json.loads(SHARED.read_text()) if SHARED.exists() else shared_spec()
     served = spec["components"]["schemas"]
     for name, schema in shared["components"]["schemas"].items():

@@ -666,12 +666,20 @@ class RedisLimiter:
         try:
             reply = await self._admit(keys=list(keys), args=args)
             if reply[0] == _CREDIT_UNKNOWN:
-                args[-1] = _to_nano(await self._spent(principal.id, start))
+                try:
+                    args[-1] = _to_nano(await self._spent(principal.id, start))
+                except Exception as exc:
+                    log.warning(
+                        "the ledger is unavailable (%r): cannot start %s's credit", exc, principal.id
+                    )
+                    if not self._settings.credits_fail_open:
+                        raise ServiceUnavailable(
+                            "Cannot check credits: the ledger is unavailable."
+                        ) from None
+                    args[7] = -1  # the rate limits are still checked
                 reply = await self._admit(keys=list(keys), args=args)
         except (RedisError, OSError) as exc:
-            return self._unavailable(principal, request_id, now, "the limits store", f"Redis: {exc}")
-        except Exception as exc:  # the ledger, read for the period's spend
-            return self._unavailable(principal, request_id, now, "the ledger", repr(exc))
+            return self._unavailable(principal, request_id, now, exc)
         verdict = _Verdict(
             code=int(reply[0]),
             requests=int(reply[1]),
@@ -685,18 +693,18 @@ class RedisLimiter:
         return _conclude(principal, request_id, estimated, now, verdict)
 
     def _unavailable(
-        self, principal: Principal, request_id: str, now: float, store: str, reason: str
+        self, principal: Principal, request_id: str, now: float, error: Exception
     ) -> Admission:
-        """Fail closed or open, as configured, when the limits cannot be checked. The reason is
-        logged, never sent: it names hosts and ports."""
+        """Fail closed or open, as configured, when Redis cannot be asked. The error is logged,
+        never sent: it names hosts and ports."""
         limits = principal.limits
         if limits.credit_limit is not None and not self._settings.credits_fail_open:
-            log.warning("%s is unavailable (%s): refusing %s", store, reason, principal.id)
-            raise ServiceUnavailable(f"Cannot check credits: {store} is unavailable.")
+            log.warning("Redis is unavailable (%s): refusing %s", error, principal.id)
+            raise ServiceUnavailable("Cannot check credits: the limits store is unavailable.")
         if _has_rate_limits(limits) and not self._settings.rate_limits_fail_open:
-            log.warning("%s is unavailable (%s): refusing %s", store, reason, principal.id)
-            raise ServiceUnavailable(f"Cannot check rate limits: {store} is unavailable.")
-        log.warning("%s is unavailable (%s): admitting %s unchecked", store, reason, principal.id)
+            log.warning("Redis is unavailable (%s): refusing %s", error, principal.id)
+            raise ServiceUnavailable("Cannot check rate limits: the limits store is unavailable.")
+        log.warning("Redis is unavailable (%s): admitting %s unchecked", error, principal.id)
         return _uncounted(principal, request_id, now)
 
     async def settle(self, admission: Admission, tokens: int, cost: float) -> None:
