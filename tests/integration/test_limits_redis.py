@@ -28,10 +28,9 @@ from llmrouter.accounts.limits import (
     Admission,
     Limiter,
     LocalLimiter,
-    RedisLimiter,
-    redis_key_prefix,
 )
 from llmrouter.accounts.principal import Principal
+from llmrouter.accounts.redis_limits import RedisLimiter, redis_key_prefix
 from llmrouter.errors import (
     CreditExhausted,
     InvalidRequest,

@@ -16,11 +16,11 @@ from llmrouter.accounts.limits import (
     LEASE_SECONDS,
     Admission,
     LocalLimiter,
-    RedisLimiter,
     create_limiter,
     credit_period,
 )
 from llmrouter.accounts.principal import Principal
+from llmrouter.accounts.redis_limits import RedisLimiter
 from llmrouter.errors import CreditExhausted, InvalidRequest, RateLimited, ServiceUnavailable
 from llmrouter.settings import AccountSettings, Policy
 
@@ -221,12 +221,15 @@ def test_credit_is_refused_when_spent_and_comes_back_next_day() -> None:
             "Credit limit of 1 reached (spent 1.2) for this day; it resets at 2025-03-13 00:00 UTC."
         )
         assert (await lim.status(p)).credit_spent == pytest.approx(1.2)
+        ledger.total = 1.2  # the ledger holds both records by now
         clock.now = at(2025, 3, 12, 23, 59, 59) + 0.999
-        with pytest.raises(CreditExhausted):
+        with pytest.raises(CreditExhausted):  # forgotten while idle, started from the ledger
             await lim.admit(p, "c", 0)
+        ledger.total = 0.0
         clock.now = at(2025, 3, 13)
         await lim.admit(p, "c", 0)
-        assert ledger.calls == [("key:k1", at(2025, 3, 12)), ("key:k1", at(2025, 3, 13))]
+        day = [("key:k1", at(2025, 3, 12))]
+        assert ledger.calls == day * 2 + [("key:k1", at(2025, 3, 13))]
         status = await lim.status(p)
         assert (status.credit_spent, status.period_start, status.period_end) == (
             0.0,
@@ -297,6 +300,31 @@ def test_the_credit_counter_starts_from_the_ledger_once() -> None:
         assert (await lim.status(p)).credit_spent == pytest.approx(5.0)
         with pytest.raises(CreditExhausted):
             await lim.admit(p, "c", 0)
+
+    run(main)
+
+
+def test_idle_principals_are_forgotten_and_their_credit_comes_from_the_ledger() -> None:
+    async def main() -> None:
+        clock = Clock()
+        lim, ledger = limiter(clock, Ledger(total=1.0))
+        for i in range(1000):  # many short-lived JWT subjects
+            a = await lim.admit(principal(f"jwt:idp user-{i}", rpm=10), f"r{i}", 0)
+            await lim.settle(a, 0, 0.0)
+        paying = principal("key:paying", credit_limit=3.0)
+        await lim.settle(await lim.admit(paying, "p", 0), 0, 1.5)  # spent 1.0 + 1.5
+        assert len(lim._accounts) == 1001
+        clock.now += 61
+        ledger.total = 2.5  # what the ledger now holds for it
+        busy = principal("key:busy", max_concurrent=1)
+        running = await lim.admit(busy, "b", 0)
+        assert set(lim._accounts) == {"key:busy"}  # the idle ones are gone
+        clock.now += 61
+        await lim.admit(paying, "q", 0)
+        assert "key:busy" in lim._accounts  # its request still runs
+        assert ledger.calls[-1] == ("key:paying", 0)  # started again from the ledger
+        assert (await lim.status(paying)).credit_spent == pytest.approx(2.5)
+        await lim.settle(running, 0, 0.0)
 
     run(main)
 

@@ -1,0 +1,363 @@
+"""The limits shared by replicas through Redis: the same semantics as `LocalLimiter` (see
+`llmrouter.accounts.limits`), with each check-and-count one Lua script, one round trip.
+
+A principal's keys share one hash tag, so they live in one Redis Cluster slot and a script may
+touch all of them. When Redis cannot be reached the request is admitted or refused by the
+configured fail-open/fail-closed choice (credits closed, rate limits open by default), and that is
+logged every time.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from llmrouter.accounts.limits import (
+    _ALL_TIME_TTL,
+    _CREDIT_UNKNOWN,
+    _NANO,
+    LEASE_SECONDS,
+    WINDOW,
+    Admission,
+    LimitStatus,
+    Spent,
+    _check_estimate,
+    _conclude,
+    _has_rate_limits,
+    _is_limited,
+    _to_nano,
+    _uncounted,
+    _Verdict,
+    credit_period,
+)
+from llmrouter.accounts.principal import Principal
+from llmrouter.errors import ServiceUnavailable
+from llmrouter.settings import AccountSettings, Reset
+
+__all__ = ["RedisLimiter", "redis_key_prefix"]
+
+log = logging.getLogger("llmrouter.limits")
+
+
+def redis_key_prefix(principal_id: str) -> bytes:
+    """`lr:{<id>}:`: the braces make a principal's keys one hash slot in a Redis Cluster. The id
+    is kept readable; only `%` and `}` are escaped (`}` would end the hash tag early), and an
+    empty id is `%`, as an empty tag would not be one."""
+    raw = principal_id.encode("utf-8", "surrogatepass")
+    tag = raw.replace(b"%", b"%25").replace(b"}", b"%7D") or b"%"
+    return b"lr:{" + tag + b"}:"
+
+
+# KEYS: 1 requests window (hash: second -> count), 2 tokens window (hash: second -> tokens),
+#       3 leases (zset: request id scored by lease expiry), 4 credit counter (string, nano-units)
+# ARGV: 1 now (unix seconds), 2 its second, 3 request id, 4 estimated tokens,
+#       5 rpm, 6 tpm, 7 max concurrent, 8 credit limit in nano-units (each -1 when unlimited),
+#       9 lease expiry (unix seconds), 10 leases' ttl, 11 credit counter's ttl (0: none),
+#       12 the ledger's spend in nano-units to start a missing counter with ('' when not read yet)
+# Reply: {verdict, requests, requests reset ms, tokens, tokens reset ms, concurrent, credit, wait ms}
+# The script's 60 and 59 are WINDOW; a window's hash lives 120 s after its last write (room for
+# clock skew between replicas). Numbers bound for Redis as arguments (fields, scores, ttls) come
+# from ARGV as strings: how Redis prints a Lua number changed between versions.
+_ADMIT_LUA = """
+local now = tonumber(ARGV[1])
+local second = ARGV[2]
+local oldest = tonumber(second) - 59
+local estimated = tonumber(ARGV[4])
+local rpm, tpm, most = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+local credit_limit = tonumber(ARGV[8])
+
+local function window(key)
+  local raw = redis.call('HGETALL', key)
+  local live, stale, total = {}, {}, 0
+  for i = 1, #raw, 2 do
+    local b = tonumber(raw[i])
+    if b < oldest then
+      stale[#stale + 1] = raw[i]
+    else
+      local n = tonumber(raw[i + 1])
+      live[#live + 1] = {b, n}
+      total = total + n
+    end
+  end
+  if #stale > 0 then redis.call('HDEL', key, unpack(stale)) end
+  table.sort(live, function(x, y) return x[1] < y[1] end)
+  return live, total
+end
+
+local function wait_ms(live, need)
+  local freed = 0
+  for _, bucket in ipairs(live) do
+    freed = freed + bucket[2]
+    if freed >= need then return math.ceil((bucket[1] + 60 - now) * 1000) end
+  end
+  return 60000
+end
+
+local function reset_ms(live)
+  local from = tonumber(second)
+  for _, bucket in ipairs(live) do
+    if bucket[2] > 0 then from = bucket[1]; break end
+  end
+  return math.ceil((from + 60 - now) * 1000)
+end
+
+local credit = '0'
+if credit_limit >= 0 then
+  credit = redis.call('GET', KEYS[4])
+  if not credit then
+    if ARGV[12] == '' then return {1, 0, 0, 0, 0, 0, '0', 0} end
+    credit = ARGV[12]
+    if ARGV[11] ~= '0' then
+      redis.call('SET', KEYS[4], credit, 'EX', ARGV[11])
+    else
+      redis.call('SET', KEYS[4], credit)
+    end
+  end
+  if tonumber(credit) >= credit_limit then return {2, 0, 0, 0, 0, 0, credit, 0} end
+end
+
+local running = 0
+if most >= 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', ARGV[1])
+  running = redis.call('ZCARD', KEYS[3])
+  if running >= most then return {3, 0, 0, 0, 0, running, credit, 1000} end
+end
+
+local requests, requests_live = 0, {}
+if rpm >= 0 then
+  requests_live, requests = window(KEYS[1])
+  if requests + 1 > rpm then
+    return {4, requests, 0, 0, 0, running, credit, wait_ms(requests_live, requests + 1 - rpm)}
+  end
+end
+local tokens, tokens_live = 0, {}
+if tpm >= 0 then
+  tokens_live, tokens = window(KEYS[2])
+  if tokens + estimated > tpm then
+    return {5, requests, 0, tokens, 0, running, credit, wait_ms(tokens_live, tokens + estimated - tpm)}
+  end
+end
+
+if rpm >= 0 then
+  redis.call('HINCRBY', KEYS[1], second, 1)
+  redis.call('EXPIRE', KEYS[1], 120)
+  requests = requests + 1
+end
+if tpm >= 0 then
+  redis.call('HINCRBY', KEYS[2], second, ARGV[4])
+  redis.call('EXPIRE', KEYS[2], 120)
+  tokens = tokens + estimated
+end
+if most >= 0 then
+  redis.call('ZADD', KEYS[3], ARGV[9], ARGV[3])
+  redis.call('EXPIRE', KEYS[3], ARGV[10])
+  running = running + 1
+end
+return {0, requests, reset_ms(requests_live), tokens, reset_ms(tokens_live), running, credit, 0}
+"""
+
+# KEYS: as for admission.
+# ARGV: 1 now, 2 request id, 3 the bucket its tokens were counted in, 4 the tokens' correction,
+#       5 cost in nano-units, 6 credit counter's ttl (0: none), 7 '1' to release its slot
+# A missing credit counter is left missing: the next admission starts it from the ledger.
+_SETTLE_LUA = """
+if ARGV[7] == '1' then redis.call('ZREM', KEYS[3], ARGV[2]) end
+if ARGV[4] ~= '0' and tonumber(ARGV[3]) > math.floor(tonumber(ARGV[1])) - 60
+    and redis.call('HEXISTS', KEYS[2], ARGV[3]) == 1 then
+  redis.call('HINCRBY', KEYS[2], ARGV[3], ARGV[4])
+end
+if ARGV[5] ~= '0' and redis.call('EXISTS', KEYS[4]) == 1 then
+  redis.call('INCRBY', KEYS[4], ARGV[5])
+  if ARGV[6] ~= '0' then redis.call('EXPIRE', KEYS[4], ARGV[6]) end
+end
+return 0
+"""
+
+
+class _Keys(NamedTuple):
+    requests: bytes
+    tokens: bytes
+    leases: bytes
+    credit: bytes
+
+
+def _keys(principal_id: str, reset: Reset | None, period_start: int) -> _Keys:
+    prefix = redis_key_prefix(principal_id)
+    period = f"{reset}:{period_start}" if reset is not None else "all"
+    return _Keys(
+        prefix + b"req", prefix + b"tok", prefix + b"lease", prefix + b"credit:" + period.encode()
+    )
+
+
+def _credit_ttl(end: int | None, now: float) -> int:
+    return _ALL_TIME_TTL if end is None else math.ceil(end - now) + WINDOW
+
+
+def _limit(value: int | float | None) -> int:
+    return -1 if value is None else int(value)
+
+
+class RedisLimiter:
+    """The limits in Redis, shared by every replica using the same Redis."""
+
+    def __init__(
+        self,
+        url: str,
+        settings: AccountSettings,
+        spent: Spent,
+        *,
+        clock: Callable[[], float] = time.time,
+        lease_seconds: float = LEASE_SECONDS,
+        socket_timeout: float = 0.5,
+    ) -> None:
+        self._settings = settings
+        self._spent = spent
+        self._clock = clock
+        self._lease_seconds = lease_seconds
+        # No retries inside the client (`Redis()` would make ten): a request waits on Redis for
+        # one short timeout at most.
+        self._redis: Redis = Redis.from_url(
+            url,
+            socket_timeout=socket_timeout,
+            socket_connect_timeout=socket_timeout,
+            retry=Retry(NoBackoff(), 0),
+        )
+        self._admit = self._redis.register_script(_ADMIT_LUA)
+        self._settle = self._redis.register_script(_SETTLE_LUA)
+
+    async def admit(self, principal: Principal, request_id: str, estimated_tokens: int) -> Admission:
+        limits = principal.limits
+        estimated = _check_estimate(limits, estimated_tokens)
+        if not _is_limited(limits):
+            return _uncounted(principal, request_id, 0.0)
+        now = self._clock()
+        start, end = credit_period(limits.reset, now)
+        keys = _keys(principal.id, limits.reset, start)
+        args: list[Any] = [
+            repr(now),
+            math.floor(now),
+            request_id,
+            estimated,
+            _limit(limits.rpm),
+            _limit(limits.tpm),
+            _limit(limits.max_concurrent),
+            -1 if limits.credit_limit is None else _to_nano(limits.credit_limit),
+            repr(now + self._lease_seconds),
+            math.ceil(self._lease_seconds) + WINDOW,
+            _credit_ttl(end, now),
+            "",
+        ]
+        try:
+            reply = await self._admit(keys=list(keys), args=args)
+            if reply[0] == _CREDIT_UNKNOWN:
+                try:
+                    args[-1] = _to_nano(await self._spent(principal.id, start))
+                except Exception as exc:
+                    log.warning(
+                        "the ledger is unavailable (%r): cannot start %s's credit", exc, principal.id
+                    )
+                    if not self._settings.credits_fail_open:
+                        raise ServiceUnavailable(
+                            "Cannot check credits: the ledger is unavailable."
+                        ) from None
+                    args[7] = -1  # the rate limits are still checked
+                reply = await self._admit(keys=list(keys), args=args)
+        except (RedisError, OSError) as exc:
+            return self._unavailable(principal, request_id, now, exc)
+        verdict = _Verdict(
+            code=int(reply[0]),
+            requests=int(reply[1]),
+            requests_reset=int(reply[2]) / 1000,
+            tokens=int(reply[3]),
+            tokens_reset=int(reply[4]) / 1000,
+            concurrent=int(reply[5]),
+            credit=int(reply[6]),
+            wait=int(reply[7]) / 1000,
+        )
+        return _conclude(principal, request_id, estimated, now, verdict)
+
+    def _unavailable(
+        self, principal: Principal, request_id: str, now: float, error: Exception
+    ) -> Admission:
+        """Fail closed or open, as configured, when Redis cannot be asked. The error is logged,
+        never sent: it names hosts and ports."""
+        limits = principal.limits
+        if limits.credit_limit is not None and not self._settings.credits_fail_open:
+            log.warning("Redis is unavailable (%s): refusing %s", error, principal.id)
+            raise ServiceUnavailable("Cannot check credits: the limits store is unavailable.")
+        if _has_rate_limits(limits) and not self._settings.rate_limits_fail_open:
+            log.warning("Redis is unavailable (%s): refusing %s", error, principal.id)
+            raise ServiceUnavailable("Cannot check rate limits: the limits store is unavailable.")
+        log.warning("Redis is unavailable (%s): admitting %s unchecked", error, principal.id)
+        return _uncounted(principal, request_id, now)
+
+    async def settle(self, admission: Admission, tokens: int, cost: float) -> None:
+        try:
+            limits = admission.limits
+            counted = admission.counted
+            cost_nano = _to_nano(cost) if limits.credit_limit is not None else 0
+            correction = tokens - admission.reserved_tokens if counted and limits.tpm is not None else 0
+            release = counted and limits.max_concurrent is not None
+            if not (cost_nano or correction or release):
+                return
+            now = self._clock()
+            start, end = credit_period(limits.reset, now)
+            await self._settle(
+                keys=list(_keys(admission.principal_id, limits.reset, start)),
+                args=[
+                    repr(now),
+                    admission.request_id,
+                    admission.bucket,
+                    correction,
+                    cost_nano,
+                    _credit_ttl(end, now),
+                    "1" if release else "0",
+                ],
+            )
+        except Exception:
+            log.warning("cannot settle request %s", admission.request_id, exc_info=True)
+
+    async def status(self, principal: Principal) -> LimitStatus:
+        limits = principal.limits
+        now = self._clock()
+        start, end = credit_period(limits.reset, now)
+        if not _is_limited(limits):
+            return LimitStatus(None, None, None, None, start, end)
+        keys = _keys(principal.id, limits.reset, start)
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.hgetall(keys.requests)
+                pipe.hgetall(keys.tokens)
+                pipe.zcount(keys.leases, f"({now!r}", "+inf")
+                pipe.get(keys.credit)
+                requests, tokens, running, credit = await pipe.execute()
+        except (RedisError, OSError) as exc:
+            log.warning("Redis is unavailable (%s): cannot read %s's limits", exc, principal.id)
+            raise ServiceUnavailable("Cannot read limits: the limits store is unavailable.") from None
+        spent: float | None = None
+        if limits.credit_limit is not None:
+            spent = int(credit) / _NANO if credit is not None else await self._spent(principal.id, start)
+        return LimitStatus(
+            requests=_window_sum(requests, now) if limits.rpm is not None else None,
+            tokens=_window_sum(tokens, now) if limits.tpm is not None else None,
+            concurrent=int(running) if limits.max_concurrent is not None else None,
+            credit_spent=spent,
+            period_start=start,
+            period_end=end,
+        )
+
+    async def aclose(self) -> None:
+        await self._redis.aclose()
+
+
+def _window_sum(buckets: dict[bytes, bytes], now: float) -> int:
+    oldest = math.floor(now) - WINDOW + 1
+    return sum(int(n) for b, n in buckets.items() if int(b) >= oldest)
