@@ -62,7 +62,7 @@ DIRECT_PATH = "/v1/completions"
 
 CONFIG = """\
 default_model: mock/model
-{server}providers:
+{server}{accounts}providers:
   mock: {{kind: openai, base_url: "http://127.0.0.1:{mock_port}/v1"}}
 models:
   - id: mock/model
@@ -615,10 +615,16 @@ def perf_profile(router: Router, auth: str, seconds: int, args: argparse.Namespa
 # -- the run --------------------------------------------------------------------------------------
 
 
-def create_key(home: Path, config: Path) -> str:
+# With --limited, the key has limits it never reaches, so every request goes through the limiter
+# (one round trip to Redis when --redis-url is given) and settles its usage and cost.
+LIMITS = ["--rpm", "100000000", "--tpm", "1000000000", "--credit-limit", "1000000000"]
+
+
+def create_key(home: Path, config: Path, limited: bool = False) -> str:
     env = {**os.environ, "LLMROUTER_HOME": str(home)}
     out = subprocess.run(
-        [LLMROUTER, "--config", str(config), "keys", "create", "--name", "bench"],
+        [LLMROUTER, "--config", str(config), "keys", "create", "--name", "bench"]
+        + (LIMITS if limited else []),
         env=env,
         capture_output=True,
         text=True,
@@ -702,6 +708,11 @@ def main() -> None:
         help="start the measured router through bench/gc_probe.py and report its GC figures "
         "(BENCH_GC_FREEZE=1 / BENCH_GC_THRESHOLD=a,b,c in the environment for what-ifs)",
     )
+    parser.add_argument(
+        "--database-url", help="the ledger and keys in PostgreSQL (default: SQLite in a temp home)"
+    )
+    parser.add_argument("--redis-url", help="limits in Redis (default: in process)")
+    parser.add_argument("--limited", action="store_true", help="the key has (unreached) limits")
     parser.add_argument("--out", type=Path, default=RESULTS / "latest.md")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
@@ -712,15 +723,25 @@ def main() -> None:
     home.mkdir()
     mock_port, router_port = free_port(), free_port()
     quiet_cfg, logging_cfg = tmp / "quiet.yaml", tmp / "logging.yaml"
-    quiet_cfg.write_text(CONFIG.format(server="server: {access_log: false}\n", mock_port=mock_port))
-    logging_cfg.write_text(CONFIG.format(server="", mock_port=mock_port))
+    accounts = ""
+    if args.database_url or args.redis_url:
+        schema = f"bench_{os.getpid()}"
+        accounts = "accounts:\n" + (
+            f"  database_url: {args.database_url}\n  database_schema: {schema}\n"
+            if args.database_url
+            else ""
+        )
+        accounts += f"  redis_url: {args.redis_url}\n" if args.redis_url else ""
+    quiet = "server: {access_log: false}\n"
+    quiet_cfg.write_text(CONFIG.format(server=quiet, accounts=accounts, mock_port=mock_port))
+    logging_cfg.write_text(CONFIG.format(server="", accounts=accounts, mock_port=mock_port))
     per_load = args.warmup + args.duration + 1
     budget = 20 * per_load + 2 * args.ttft_requests * 0.01 + 10 * args.startup_trials + 300
     budget += 2 * (args.profile + args.perf)
     started_at = dt.datetime.now(dt.UTC)
     r: dict[str, Any] = {}
 
-    key = create_key(home, quiet_cfg)
+    key = create_key(home, quiet_cfg, args.limited)
     with mock_upstream(mock_port, budget, tmp / "mock.log") as mock:
         print(f"mock upstream pid {mock.pid} on {mock_port}; temp {tmp}", flush=True)
 
@@ -800,6 +821,23 @@ def main() -> None:
     args.out.write_text(report)
     print(f"written to {args.out}")
     shutil.rmtree(tmp, ignore_errors=True)
+    if args.database_url:
+        drop_schema(args.database_url, f"bench_{os.getpid()}")
+
+
+def drop_schema(url: str, schema: str) -> None:
+    import asyncio
+
+    import asyncpg
+
+    async def drop() -> None:
+        conn = await asyncpg.connect(url)
+        try:
+            await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+        finally:
+            await conn.close()
+
+    asyncio.run(drop())
 
 
 # -- the report -----------------------------------------------------------------------------------
@@ -955,6 +993,9 @@ def render(r: dict[str, Any], args: argparse.Namespace, started_at: dt.datetime)
             f"Machine: {cpu}, {os.cpu_count()} cores, Linux {platform.release()}, Python "
             f"{platform.python_version()}; {wrk_line}, -t{args.wrk_threads}; one llmrouter worker; "
             f"{args.duration:g} s per load after {args.warmup:g} s warm-up; nothing pinned.",
+            f"Accounts: ledger in {'PostgreSQL' if args.database_url else 'SQLite'}, limits "
+            f"{'in Redis' if args.redis_url else 'in process'}, the key "
+            f"{'with (unreached) rpm, tpm and credit limits' if args.limited else 'without limits'}.",
             "",
             "| metric | direct (mock) | through llmrouter | router vs direct | target | |",
             "|---|---:|---:|---:|---|---|",
