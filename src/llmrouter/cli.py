@@ -109,6 +109,12 @@ def cmd_serve(args: argparse.Namespace) -> None:
     workers = args.workers or settings.server.workers
     if workers < 1:
         raise CliError(f"--workers must be at least 1 (got {workers})")
+    if workers > 1 and settings.accounts.redis_url is None:
+        print(
+            f"llmrouter: warning: without accounts.redis_url each of the {workers} workers counts "
+            "rate limits and credits for itself",
+            file=sys.stderr,
+        )
     try:
         sock = bind(host, port)
     except ServeError as exc:

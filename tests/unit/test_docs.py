@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -13,10 +14,18 @@ ROOT = Path(__file__).resolve().parents[2]
 BLOCKS = re.findall(r"```yaml\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
 
 
+MINIMAL = """providers: {local: {kind: llamacpp}}
+models: [{id: local/smollm2-135m-instruct, deployments: [{provider: local, model: x}]}]
+"""
+
+
 @pytest.mark.parametrize("block", BLOCKS, ids=[f"readme-{i}" for i in range(len(BLOCKS))])
 def test_readme_configs_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, block: str) -> None:
-    for name in ("OPENAI_API_KEY", "AZURE_URL", "AZURE_KEY"):
+    for name in ("OPENAI_API_KEY", "AZURE_URL", "AZURE_KEY", "PGPASSWORD"):
         monkeypatch.setenv(name, "http://example.invalid/v1" if name.endswith("URL") else "k")
+    block = textwrap.dedent(block)  # blocks inside list items are indented
+    if not re.search(r"^models:", block, re.M):  # a fragment: checked inside a minimal config
+        block += MINIMAL
     path = tmp_path / "c.yaml"
     path.write_text(block)
     assert load_settings(path).models
@@ -26,6 +35,17 @@ def test_example_config_loads(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OPENAI_API_KEY", "k")
     settings = load_settings(ROOT / "config" / "example.yaml")
     assert {"openai", "vllm", "ollama", "local"} <= set(settings.providers)
+
+
+def test_deploy_config_loads(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in (
+        ("DATABASE_URL", "postgresql://db/x"),
+        ("REDIS_URL", "redis://r"),
+        ("OPENAI_API_KEY", "k"),
+    ):
+        monkeypatch.setenv(name, value)
+    accounts = load_settings(ROOT / "deploy" / "config.yaml").accounts
+    assert accounts.database_url == "postgresql://db/x" and accounts.redis_url == "redis://r"
 
 
 def test_there_are_readme_configs() -> None:
