@@ -34,9 +34,11 @@ class Counting:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.db, name)
 
-    async def insert_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+    async def insert_rows(
+        self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], *, key: str
+    ) -> None:
         self.batches += 1
-        await self.db.insert_many(sql, rows)
+        await self.db.insert_rows(table, columns, rows, key=key)
 
 
 def record() -> Record:

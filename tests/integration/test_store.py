@@ -166,9 +166,11 @@ class CountingDatabase:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.db, name)
 
-    async def insert_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+    async def insert_rows(
+        self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], *, key: str
+    ) -> None:
         self.batches.append(len(rows))
-        await self.db.insert_many(sql, rows)
+        await self.db.insert_rows(table, columns, rows, key=key)
 
 
 def test_ledger_group_commit_is_durable_and_idempotent(opener: Opener) -> None:
@@ -230,5 +232,28 @@ def test_ledger_spend_and_totals(opener: Opener) -> None:
         assert by_model == {"m": 6, "n": 3}
         window = await ledger.totals(since=base + 1, until=base + 2 * day, by="provider")
         assert {t.group: t.requests for t in window} == {"p": 1, "q": 1}
+
+    run(opener, work)
+
+
+def test_a_record_the_store_refuses_does_not_stop_the_others(
+    opener: Opener, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def work(db: Database) -> None:
+        if db.dialect == "sqlite":
+            pytest.skip("SQLite stores any number; PostgreSQL's BIGINT refuses 2**64")
+        ledger = Ledger(db)
+        ledger.start()
+        good = [record(f"ok-{i}") for i in range(3)]
+        bad = record("too-big", prompt_tokens=2**64)
+        await asyncio.wait_for(
+            asyncio.gather(*(ledger.commit(r) for r in (good[0], bad, good[1], good[2]))), 10
+        )
+        await ledger.aclose()
+        for r in good:
+            assert await ledger.get(r.request_id) is not None
+        assert await ledger.get("too-big") is None
+        (refused,) = [r for r in caplog.records if "refused a ledger record" in r.getMessage()]
+        assert refused.fields["record"]["request_id"] == "too-big"  # type: ignore[attr-defined]
 
     run(opener, work)

@@ -113,8 +113,8 @@ class JwtAuthenticator:
             options={"require": ["exp", "iss", config.subject_claim]},
         )
         subject = claims[config.subject_claim]
-        if not isinstance(subject, str) or not subject:
-            raise _failure(f"JWT claim {config.subject_claim!r} must be a non-empty string.")
+        if not isinstance(subject, str) or not subject or "\x00" in subject:
+            raise _failure(f"JWT claim {config.subject_claim!r} must be a non-empty string without NUL.")
         return Principal(
             id=f"jwt:{config.issuer} {subject}",
             kind="jwt",

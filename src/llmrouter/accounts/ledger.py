@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from llmrouter.accounts.store import Database, StoreError
+from llmrouter.accounts.store import Database, DataRejected, StoreError
 
 __all__ = ["GROUPINGS", "Ledger", "Record", "Total"]
 
@@ -46,10 +46,6 @@ _COLUMNS = (
     "stream",
     "created_at",
     "finished_at",
-)
-_INSERT = (
-    f"INSERT INTO ledger ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))}) "  # noqa: S608
-    "ON CONFLICT (request_id) DO NOTHING"
 )
 _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM ledger"  # noqa: S608
 _encode = msgspec.json.encode
@@ -77,14 +73,17 @@ class Record(msgspec.Struct, kw_only=True, omit_defaults=False):
     finished_at: float
 
     def row(self) -> tuple[Any, ...]:
+        """The record as the ledger's columns. `user` and `metadata` are JSON, so that any
+        character survives (PostgreSQL text cannot hold NUL); the other text comes from the
+        router or was checked at the edge, and a NUL in it would be replaced, not refused."""
         return (
-            self.request_id,
-            self.principal,
+            _text(self.request_id),
+            _text(self.principal),
             None if self.user is None else _encode(self.user).decode(),
             None if self.metadata is None else _encode(self.metadata).decode(),
-            self.model_requested,
-            self.model,
-            self.provider,
+            _text(self.model_requested),
+            _text(self.model),
+            _text(self.provider),
             _encode(self.attempts).decode(),
             self.prompt_tokens,
             self.completion_tokens,
@@ -92,8 +91,8 @@ class Record(msgspec.Struct, kw_only=True, omit_defaults=False):
             self.latency_ms,
             self.ttft_ms,
             self.status,
-            self.error,
-            self.finish_reason,
+            _text(self.error),
+            _text(self.finish_reason),
             self.stream,
             self.created_at,
             self.finished_at,
@@ -108,6 +107,10 @@ class Record(msgspec.Struct, kw_only=True, omit_defaults=False):
         fields["attempts"] = msgspec.json.decode(fields["attempts"])
         fields["stream"] = bool(fields["stream"])
         return cls(**fields)
+
+
+def _text(value: str | None) -> Any:
+    return value.replace("\x00", "\ufffd") if value is not None and "\x00" in value else value
 
 
 Grouping = Literal["key", "model", "provider", "day"]
@@ -166,11 +169,24 @@ class Ledger:
                 return
 
     async def _write(self, batch: list[tuple[Record, asyncio.Future[None]]]) -> None:
+        """Write a batch, retrying while the store is unreachable. If the store refuses the data
+        itself, the records are written one by one, so that one record it cannot hold (logged in
+        full, then dropped) does not stop the others."""
         rows = [record.row() for record, _ in batch]
         delay = 0.05
         while True:
             try:
-                await self._db.insert_many(_INSERT, rows)
+                await self._db.insert_rows("ledger", _COLUMNS, rows, key="request_id")
+                break
+            except DataRejected as exc:
+                if len(batch) > 1:
+                    for one in batch:
+                        await self._write([one])
+                    return
+                log.error(
+                    "the store refused a ledger record; it is kept here only",
+                    extra={"fields": {"error": str(exc), "record": msgspec.to_builtins(batch[0][0])}},
+                )
                 break
             except StoreError as exc:
                 log.warning(

@@ -6,7 +6,9 @@ first; each dialect has its own text for the same version.
 
 SQLite: reads run on the event loop's own connection (an indexed lookup takes microseconds, less
 than a hop to a thread); writes run on a second connection in one writer thread, so that a commit's
-fsync never stalls the loop. WAL mode lets readers and the writer (and the CLI, another process)
+fsync never stalls the loop. A batch of rows goes to SQLite as one JSON array in one statement
+(`json_each`), so the writer thread spends its time inside SQLite, where it does not hold the GIL
+the event loop needs. WAL mode lets readers and the writer (and the CLI, another process)
 work at once. PostgreSQL: an asyncpg pool.
 """
 
@@ -21,7 +23,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-__all__ = ["MIGRATIONS", "Database", "Migration", "StoreError", "open_database"]
+import msgspec
+
+__all__ = [
+    "MIGRATIONS",
+    "DataRejected",
+    "Database",
+    "IntegrityError",
+    "Migration",
+    "StoreError",
+    "open_database",
+]
 
 Row = tuple[Any, ...]
 
@@ -96,7 +108,12 @@ class StoreError(Exception):
     """The store cannot be opened, migrated or reached; the message names it."""
 
 
-class IntegrityError(StoreError):
+class DataRejected(StoreError):
+    """The database refused the data itself (a constraint, a value it cannot hold): trying the
+    same write again cannot succeed."""
+
+
+class IntegrityError(DataRejected):
     """A uniqueness constraint refused a write."""
 
 
@@ -111,8 +128,11 @@ class Database(Protocol):
     async def execute(self, sql: str, *args: Any) -> int:
         """Run one statement in its own transaction; the number of rows it changed."""
 
-    async def insert_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
-        """Run `sql` for every row in one durable transaction (the ledger's group commit)."""
+    async def insert_rows(
+        self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], *, key: str
+    ) -> None:
+        """Insert `rows` in one durable transaction, skipping any whose `key` column already
+        holds the value (the ledger's group commit; retrying a batch never doubles a row)."""
 
     async def ping(self) -> bool: ...
 
@@ -174,15 +194,18 @@ class SqliteDatabase:
         changed: int = await self._in_writer(run)
         return changed
 
-    async def insert_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+    async def insert_rows(
+        self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], *, key: str
+    ) -> None:
+        values = ", ".join(f"json_extract(value, '$[{i}]')" for i in range(len(columns)))
+        sql = (
+            f"INSERT INTO {table} ({', '.join(columns)}) SELECT {values} FROM json_each(?) "  # noqa: S608
+            f"WHERE true ON CONFLICT ({key}) DO NOTHING"
+        )
+        payload = msgspec.json.encode(rows).decode()
+
         def run() -> None:
-            self._writer.execute("BEGIN IMMEDIATE")
-            try:
-                self._writer.executemany(sql, rows)
-            except BaseException:
-                self._writer.execute("ROLLBACK")
-                raise
-            self._writer.execute("COMMIT")
+            self._writer.execute(sql, (payload,))  # one statement: its own transaction
 
         await self._in_writer(run)
 
@@ -191,6 +214,8 @@ class SqliteDatabase:
             return await asyncio.get_running_loop().run_in_executor(self._thread, fn)
         except sqlite3.IntegrityError as exc:
             raise IntegrityError(str(exc)) from None
+        except (sqlite3.DataError, sqlite3.ProgrammingError, sqlite3.InterfaceError) as exc:
+            raise DataRejected(f"{self.where}: {exc}") from None
         except sqlite3.Error as exc:
             raise StoreError(f"{self.where}: {exc}") from None
 
@@ -307,27 +332,40 @@ class PostgresDatabase:
         tail = status.rsplit(" ", 1)[-1]
         return int(tail) if tail.isdigit() else 0
 
-    async def insert_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
-        import asyncpg
-
+    async def insert_rows(
+        self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], *, key: str
+    ) -> None:
+        sql = (
+            f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))}) "  # noqa: S608
+            f"ON CONFLICT ({key}) DO NOTHING"
+        )
         try:
             async with self._pool.acquire() as conn, conn.transaction():
                 await conn.executemany(self._q(sql), rows)
-        except asyncpg.UniqueViolationError as exc:
-            raise IntegrityError(str(exc)) from None
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            raise StoreError(f"{self.where}: {exc}") from None
+        except Exception as exc:
+            raise self._translate(exc) from None
 
     async def _run(self, method: str, sql: str, args: tuple[Any, ...]) -> Any:
-        import asyncpg
-
         try:
             async with self._pool.acquire() as conn:
                 return await getattr(conn, method)(self._q(sql), *args)
-        except asyncpg.UniqueViolationError as exc:
-            raise IntegrityError(str(exc)) from None
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            raise StoreError(f"{self.where}: {exc}") from None
+        except Exception as exc:
+            raise self._translate(exc) from None
+
+    def _translate(self, exc: Exception) -> StoreError:
+        """asyncpg's errors, as the store's: a refusal of the data (SQLSTATE classes 22 and 23,
+        or a value asyncpg cannot encode) apart from the database being unreachable."""
+        import asyncpg
+
+        if isinstance(exc, asyncpg.UniqueViolationError):
+            return IntegrityError(str(exc))
+        if isinstance(exc, asyncpg.PostgresError) and str(exc.sqlstate or "").startswith(("22", "23")):
+            return DataRejected(f"{self.where}: {exc}")
+        if isinstance(exc, (ValueError, TypeError, OverflowError)):  # asyncpg's encoding errors
+            return DataRejected(f"{self.where}: {exc}")
+        if isinstance(exc, (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)):
+            return StoreError(f"{self.where}: {exc}")
+        raise exc
 
     async def ping(self) -> bool:
         try:

@@ -123,9 +123,10 @@ async def create_completion(req: Request, ctx: Context) -> None:
         else:
             await _complete(req, ctx, plan, params, prompts, admission.headers)
     finally:
-        usage = acc.usage
-        tokens = usage.prompt_tokens + usage.completion_tokens if usage else 0
-        await asyncio.shield(ctx.limiter.settle(admission, tokens, acc.cost))
+        if admission.counted:
+            usage = acc.usage
+            tokens = usage.prompt_tokens + usage.completion_tokens if usage else 0
+            await asyncio.shield(ctx.limiter.settle(admission, tokens, acc.cost))
 
 
 async def _complete(
@@ -150,6 +151,7 @@ async def _complete(
         usage=result.usage,
     )
     body = encoder.encode(response)
+    await _commit_record(req, ctx, 200)  # durable before the client has the answer
     await req.send(
         {
             "type": "http.response.start",
@@ -164,10 +166,7 @@ async def _complete(
             ],
         }
     )
-    # All but the last byte now; that one when the record is durable.
-    await req.send({"type": "http.response.body", "body": body[:-1], "more_body": True})
-    await _commit_record(req, ctx, 200)
-    await req.send({"type": "http.response.body", "body": body[-1:]})
+    await req.send({"type": "http.response.body", "body": body})
 
 
 def _accounting(req: Request) -> Accounting:
