@@ -23,13 +23,13 @@ from llmrouter.accounts.auth import Authenticator
 from llmrouter.accounts.keys import Keys
 from llmrouter.accounts.ledger import Ledger
 from llmrouter.accounts.limits import Limiter, create_limiter
-from llmrouter.accounts.store import Database, open_database
+from llmrouter.accounts.store import Database, StoreError, open_database
 from llmrouter.api.accounts import generation, key_collection, key_item, whoami
 from llmrouter.api.completions import create_completion
 from llmrouter.api.http import Receive, Request, Scope, Send, send_bytes
 from llmrouter.api.meta import health, openapi, ready
 from llmrouter.api.models import list_models
-from llmrouter.errors import LlmrouterError, MethodNotAllowed, NotFound
+from llmrouter.errors import LlmrouterError, MethodNotAllowed, NotFound, ServiceUnavailable
 from llmrouter.obs.logging import access_log, configure_logging
 from llmrouter.openapi import build_openapi
 from llmrouter.providers.base import Provider
@@ -110,7 +110,9 @@ class Context:
         self.auth = Authenticator(self.keys, jwt_authenticator(self.settings))
         self.ledger = Ledger(self.db, batch_max=accounts.ledger_batch_max)
         self.ledger.start()
-        self.limiter = create_limiter(accounts, self.ledger.spent)
+        # A request's concurrency slot frees itself after the longest it may run.
+        lease = self.settings.routing.deadline_seconds + 60
+        self.limiter = create_limiter(accounts, self.ledger.spent, lease_seconds=lease)
         start_health = getattr(self.health, "start", None)
         if start_health is not None:
             await start_health()
@@ -196,31 +198,20 @@ class App:
                 await handler(req, self.ctx)
             finally:
                 req.stop_watching()
-        except LlmrouterError as exc:
-            if exc.attempts:
-                req.log.setdefault("attempts", exc.attempts)
-            req.log["error"] = exc.code
-            if status == 0:
-                await self._send_error(req, exc)
         except (ConnectionAbortedError, asyncio.CancelledError):
             req.log["error"] = "client_disconnected"
             status = status or 499
-        except Exception:
-            log.exception("internal error", extra={"fields": {"request_id": req.request_id}})
-            req.log["error"] = "internal_error"
+        except Exception as exc:
+            error = _as_llmrouter_error(exc, req.request_id)
+            if error.attempts:
+                req.log.setdefault("attempts", error.attempts)
+            req.log["error"] = error.code
             if status == 0:
-                await self._send_error(
-                    req,
-                    LlmrouterError(
-                        f"Internal error; the request id {req.request_id} finds it in the log."
-                    ),
-                )
-        accounting = req.accounting
-        if accounting is not None and not accounting.recorded:  # failed or cancelled
-            accounting.recorded = True
-            self.ctx.ledger.submit(
-                accounting.record(req.request_id, status or 499, req.log.get("error"))
-            )
+                # Like an answer, an error's record is durable before the client has it.
+                await self._record(req, error.status, error.code, durable=True)
+                await self._send_error(req, error)
+        finally:
+            await self._record(req, status or 499, req.log.get("error"), durable=False)
         if self.ctx.settings.server.access_log:
             req.log.update(
                 request_id=req.request_id,
@@ -230,6 +221,19 @@ class App:
                 ms=round((time.perf_counter() - started) * 1000, 3),
             )
             access_log(req.log)
+
+    async def _record(self, req: Request, status: int, error: str | None, *, durable: bool) -> None:
+        """The ledger record of a completion request the handler did not record itself (it
+        failed, or the client left): waited for before an error is sent, else queued."""
+        accounting = req.accounting
+        if accounting is None or accounting.recorded:
+            return
+        accounting.recorded = True
+        record = accounting.record(req.request_id, status, error)
+        if durable:
+            await self.ctx.ledger.commit(record)
+        else:
+            self.ctx.ledger.submit(record)
 
     @staticmethod
     async def _send_error(req: Request, exc: LlmrouterError) -> None:
@@ -255,6 +259,18 @@ class App:
                 await self.ctx.aclose()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+
+def _as_llmrouter_error(exc: Exception, request_id: str) -> LlmrouterError:
+    """What the client is told: our errors as they are, the store being unreachable as a 503,
+    anything else as a 500 whose traceback is in the log (never in the answer)."""
+    if isinstance(exc, LlmrouterError):
+        return exc
+    if isinstance(exc, StoreError):
+        log.warning("database error: %s", exc, extra={"fields": {"request_id": request_id}})
+        return ServiceUnavailable("The database cannot be reached; try again.", retry_after=1)
+    log.exception("internal error", exc_info=exc, extra={"fields": {"request_id": request_id}})
+    return LlmrouterError(f"Internal error; the request id {request_id} finds it in the log.")
 
 
 def _prefix_route(path: str) -> dict[str, Handler] | None:

@@ -75,17 +75,34 @@ def parse_time(text: str, *, future: bool) -> int:
     """`2026-12-31`, `2026-12-31T18:00` (UTC unless it says), or a duration: `30d`, `12h`
     from now (`--expires`) or ago (`--since`)."""
     duration = _DURATION.match(text)
-    now = dt.datetime.now(dt.UTC)
-    if duration:
-        delta = dt.timedelta(seconds=int(duration.group(1)) * _UNIT_SECONDS[duration.group(2)])
-        return int((now + delta if future else now - delta).timestamp())
     try:
+        if duration:
+            seconds = int(duration.group(1)) * _UNIT_SECONDS[duration.group(2)]
+            delta = dt.timedelta(seconds=min(seconds, 10**12))  # past year 9999: OverflowError
+            now = dt.datetime.now(dt.UTC)
+            return int((now + delta if future else now - delta).timestamp())
         when = dt.datetime.fromisoformat(text)
-    except ValueError:
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=dt.UTC)
+        return int(when.timestamp())
+    except (ValueError, OverflowError):
         raise CliError(f"{text!r} is not a date (2026-12-31), a time or a duration (30d)") from None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=dt.UTC)
-    return int(when.timestamp())
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_FORMULA = ("=", "+", "-", "@", "\t", "\r")
+
+
+def shown(text: str) -> str:
+    """Text for a terminal: control characters (escape sequences, newlines) as `\\xNN`."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group(0)):02x}", text)
+
+
+def csv_cell(value: object) -> object:
+    """A spreadsheet would run a cell starting with = + - @ as a formula: quote it."""
+    if isinstance(value, str) and value.startswith(_FORMULA):
+        return "'" + value
+    return value
 
 
 def _when(seconds: int | float | None) -> str:
@@ -120,16 +137,24 @@ def cmd_serve(args: argparse.Namespace) -> None:
     except ServeError as exc:
         raise CliError(str(exc)) from None
 
+    # The embedded store starts with a key, printed once. A shared database does not: replicas
+    # would race to make one and print it to their logs; its keys are made with `keys create`.
     async def first_key(db: Database) -> str | None:
         keys = Keys(db)
-        return None if await keys.count() else (await keys.create("default"))[1]
+        if await keys.count():
+            return None
+        try:
+            return (await keys.create("default"))[1]
+        except KeyError_:  # another process made it meanwhile
+            return None
 
     try:
-        secret = _with_db(settings, first_key)
+        if settings.accounts.database_url is None:
+            secret = _with_db(settings, first_key)
+            if secret is not None:
+                _print_first_key(secret, host, port, settings)
     except StoreError as exc:
         raise CliError(str(exc)) from None
-    if secret is not None:
-        _print_first_key(secret, host, port, settings)
     configure_logging(os.environ.get("LLMROUTER_LOG_LEVEL", "INFO"))
     serve(sock, workers, args.config or os.environ.get("LLMROUTER_CONFIG"))
 
@@ -208,8 +233,8 @@ def cmd_keys_list(args: argparse.Namespace) -> None:
     print(f"{'ID':<14}{'NAME':<24}{'CREATED':<21}{'EXPIRES':<21}{'STATUS':<9}LIMITS")
     for key in keys:
         print(
-            f"{key.id:<14}{key.name:<24}{_when(key.created_at):<21}{_when(key.expires_at):<21}"
-            f"{key.status:<9}{_limits_text(key)}"
+            f"{key.id:<14}{shown(key.name):<24}{_when(key.created_at):<21}"
+            f"{_when(key.expires_at):<21}{key.status:<9}{_limits_text(key)}"
         )
 
 
@@ -266,10 +291,12 @@ def cmd_usage(args: argparse.Namespace) -> None:
     elif args.csv:
         writer = csv.writer(sys.stdout, lineterminator="\n")
         writer.writerow(header)
-        writer.writerows(rows)
+        writer.writerows([[csv_cell(cell) for cell in row] for row in rows])
     elif not rows:
         print("no usage in this period")
     else:
+        for r in rows:
+            r[0] = shown(str(r[0]))
         width = max(len(args.by), *(len(str(r[0])) for r in rows)) + 2
         print(
             f"{args.by.upper():<{width}}{'REQUESTS':>10}{'FAILED':>8}{'PROMPT':>12}"

@@ -197,13 +197,18 @@ class ServerSettings(Struct, frozen=True, forbid_unknown_fields=True):
 Reset = Literal["daily", "weekly", "monthly"]
 
 
+# Bounds that keep limits exact in Redis's integers and JSON's numbers (2^53), and credit finite.
+Count = Annotated[int, Meta(ge=0, le=2**53)]
+Amount = Annotated[float, Meta(ge=0, le=1e12)]
+
+
 class Policy(Struct, frozen=True, forbid_unknown_fields=True):
     """Limits for a principal; any left out is unlimited."""
 
-    rpm: Annotated[int, Meta(ge=0)] | None = None  # requests per minute
-    tpm: Annotated[int, Meta(ge=0)] | None = None  # tokens (prompt + completion) per minute
-    max_concurrent: Annotated[int, Meta(ge=0)] | None = None
-    credit_limit: Annotated[float, Meta(ge=0)] | None = None  # currency, per `reset` period
+    rpm: Count | None = None  # requests per minute
+    tpm: Count | None = None  # tokens (prompt + completion) per minute
+    max_concurrent: Count | None = None
+    credit_limit: Amount | None = None  # currency, per `reset` period
     reset: Reset | None = None  # null: the credit limit is for all time
     models: frozenset[str] | None = None  # model ids or aliases it may ask for; null: all
 
@@ -216,7 +221,8 @@ class JwtIssuer(Struct, frozen=True, forbid_unknown_fields=True):
     `public_key_file` (PEM; RS*/ES*/PS*) or `jwks_file` must be set, and `algorithms` must all be
     of the key's family: the algorithm is never taken from the token."""
 
-    issuer: NonEmpty  # the `iss` claim, compared exactly
+    # The `iss` claim, compared exactly. No spaces: a JWT principal is `jwt:<issuer> <subject>`.
+    issuer: Annotated[str, Meta(pattern=r"^\S+$")]
     audience: NonEmpty  # `aud` must contain it
     algorithms: Annotated[frozenset[JwtAlgorithm], Meta(min_length=1)]
     secret: str | None = None

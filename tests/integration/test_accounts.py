@@ -302,8 +302,7 @@ def test_jwt_principal_with_policy_and_claims(router: Router) -> None:
     subject = f"user-{uuid.uuid4().hex[:6]}"
     bearer = token(sub=subject, policy="small")
     assert complete(router, bearer).status_code == 200
-    assert complete(router, bearer, model="fake/other").status_code == 403
-    assert complete(router, bearer).status_code == 200
+    assert complete(router, bearer, model="fake/other").status_code == 403  # counts, too
     assert complete(router, bearer).status_code == 429  # the policy's rpm of 2
     data = httpx.get(f"{router.api}/key", headers=auth(bearer)).json()["data"]
     assert data["kind"] == "jwt" and data["name"] == subject and data["limits"]["rpm"] == 2
@@ -408,3 +407,77 @@ def test_unauthenticated_requests_write_nothing(router: Router) -> None:
         assert complete(router, "lr-nothing").status_code == 401
     time.sleep(0.2)
     assert sum(r["requests"] for r in usage_rows(router, "--by", "key")) == before
+
+
+def test_refused_requests_count_against_the_rate_limit(router: Router) -> None:
+    secret = new_key(router, "--rpm", "2")
+    assert complete(router, secret, max_tokens=-1).status_code == 400  # not even decoded: free
+    assert complete(router, secret, model="no/such-model").status_code == 404
+    assert complete(router, secret, model="no/such-model").status_code == 404
+    assert complete(router, secret).status_code == 429  # the refusals used the minute's two
+
+
+def test_max_tokens_null_reserves_the_whole_context(router: Router) -> None:
+    secret = new_key(router, "--tpm", "5000")  # fake/ok has no known context: 8192 assumed
+    r = complete(router, secret, max_tokens=None)
+    assert r.status_code == 400 and error_of(r)["code"] == "request_exceeds_tpm"
+    assert complete(router, secret, max_tokens=100).status_code == 200
+
+
+def test_a_stream_cut_short_is_still_charged(router: Router) -> None:
+    secret = new_key(router, "--credit-limit", "100")
+    match = KEY_PATTERN.match(secret)
+    assert match is not None
+    with httpx.stream(
+        "POST",
+        f"{router.api}/completions",
+        headers=auth(secret),
+        json={"model": "fake/ok", "prompt": "hi", "stream": True, "max_tokens": 5},
+        timeout=10,
+    ) as r:
+        request_id = r.headers["x-request-id"]
+        next(r.iter_raw())  # the first chunk, then the client leaves
+    deadline = time.monotonic() + 5
+    record: dict[str, Any] = {}
+    while time.monotonic() < deadline and not record:
+        time.sleep(0.1)
+        got = httpx.get(f"{router.api}/generation", params={"id": request_id}, headers=auth(secret))
+        record = got.json().get("data", {}) if got.status_code == 200 else {}
+    assert record, "no record of the cut stream"
+    assert record["model"] == "fake/ok" and record["attempts"]
+    assert record["prompt_tokens"] + record["completion_tokens"] > 0
+    assert record["cost"] > 0
+
+
+@pytest.mark.parametrize(
+    ("path", "query"),
+    [("/api/v1/generation", {"id": "a\u0000b"}), ("/api/v1/keys/a%00b", None)],
+)
+def test_nul_in_ids_is_a_404(router: Router, admin: str, path: str, query: Any) -> None:
+    r = httpx.get(router.base + path, params=query, headers=auth(admin), timeout=10)
+    assert r.status_code == 404 and error_of(r)["type"] == "not_found_error"
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"name": "x", "expires_at": 2**63}, "expires_at"),
+        ({"name": "x", "credit_limit": 1e300}, "credit_limit"),
+        ({"name": "x", "rpm": 2**60}, "rpm"),
+    ],
+)
+def test_out_of_range_limits_are_400s(
+    router: Router, admin: str, body: dict[str, Any], param: str
+) -> None:
+    r = httpx.post(f"{router.api}/keys", headers=auth(admin), json=body, timeout=10)
+    assert r.status_code == 400 and error_of(r)["param"] == param
+
+
+def test_error_records_are_durable_before_the_error_is_sent(router: Router) -> None:
+    secret = new_key(router)
+    failed = complete(router, secret, model="fake/status-500")
+    # No wait: the record was written before the 502 left.
+    r = httpx.get(
+        f"{router.api}/generation", params={"id": failed.headers["x-request-id"]}, headers=auth(secret)
+    )
+    assert r.status_code == 200 and r.json()["data"]["status"] == 502

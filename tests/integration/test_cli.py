@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -31,9 +32,12 @@ def test_keys_create_list_revoke(tmp_path: Path) -> None:
 
 
 def test_hostile_key_names_are_stored_intact(tmp_path: Path) -> None:
-    name = "x'); DROP TABLE api_keys; --\t\"ü"
+    name = "x'); DROP TABLE api_keys; --\t\"ü\x1b[2J"
     run_cli(tmp_path, "keys", "create", "--name", name)
-    assert name in run_cli(tmp_path, "keys", "list").stdout
+    assert [k["name"] for k in json.loads(run_cli(tmp_path, "keys", "list", "--json").stdout)] == [name]
+    table = run_cli(tmp_path, "keys", "list").stdout
+    assert "\x1b" not in table and "\t" not in table  # a terminal gets escapes shown, not run
+    assert "--\\x09\"ü\\x1b[2J" in table
 
 
 def test_models_names_where_each_is_served(tmp_path: Path) -> None:

@@ -52,7 +52,7 @@ def redis_url() -> str:
         client.ping()
     except redis.RedisError as exc:
         message = f"Redis is not reachable at {REDIS_URL} ({exc}); start one: redis-server --port 6379"
-        if os.environ.get("CI"):
+        if os.environ.get("CI") or os.environ.get("LLMROUTER_REQUIRE_SERVICES"):
             pytest.fail(f"{message} (CI is set, so this is a failure, not a skip)")
         pytest.skip(f"{message}, or set CI=1 to make this a failure")
     finally:
@@ -457,5 +457,35 @@ def test_a_redis_that_never_answers_costs_one_short_timeout() -> None:
                 started = time.monotonic()
                 assert not (await lim.admit(p, "a", 0)).counted  # failed open, after 0.5 s
                 assert 0.4 < time.monotonic() - started < 2.0
+
+    run(main)
+
+
+def test_a_lost_admission_answer_gives_its_slot_back(redis_url: str, principals: Principals) -> None:
+    """Redis busy past the client's timeout: the request is admitted unchecked (rate limits fail
+    open), the script runs later and takes a slot, and the limiter gives the slot back."""
+
+    async def main() -> None:
+        p = principals(max_concurrent=1)
+        lim = RedisLimiter(redis_url, AccountSettings(), Ledger(), clock=time.time, socket_timeout=0.2)
+        busy = redis.asyncio.Redis.from_url(redis_url)
+        try:
+            await lim.admit(p, "warm-up", 0)  # loads the script; then release the slot
+            await busy.zrem(redis_key_prefix(p.id) + b"lease", "warm-up")
+            spin = (  # Redis busy for 0.8 s
+                "local function us() local t = redis.call('TIME') return t[1] * 1e6 + t[2] end "
+                "local stop = us() + 800000 while us() < stop do end"
+            )
+            blocker = asyncio.ensure_future(busy.eval(spin, 0))
+            await asyncio.sleep(0.05)
+            admitted = await lim.admit(p, "lost", 0)
+            assert not admitted.counted  # timed out: admitted unchecked
+            await blocker
+            await asyncio.sleep(1.3)  # its removals at 0.1 s and 1.1 s after the timeout
+            leases = await busy.zrange(redis_key_prefix(p.id) + b"lease", 0, -1)
+            assert leases == [], leases
+        finally:
+            await busy.aclose()
+            await lim.aclose()
 
     run(main)

@@ -253,3 +253,20 @@ def test_serve_workers_share_the_store(tmp_path: Path, fake_upstream: str) -> No
         assert set(ids) <= set(rows)
     finally:
         stop(router.proc)
+
+
+def test_a_shared_database_starts_without_printing_a_key(
+    tmp_path: Path, fake_upstream: str, pg_schema: str
+) -> None:
+    config = (
+        f"providers:\n  fake: {{kind: openai, base_url: {fake_upstream}/v1}}\n"
+        "models:\n  - {id: fake/ok, deployments: [{provider: fake, model: ok}]}\n"
+        f"accounts: {{database_url: '{PG_URL}', database_schema: {pg_schema}}}\n"
+    )
+    router = start_router(tmp_path, config, create_key=False)
+    try:
+        log = router.log.read_text()
+        assert "lr-" not in log and "first start" not in log
+        assert router.cli("keys", "list").stdout.strip() == "no keys"
+    finally:
+        stop(router.proc)

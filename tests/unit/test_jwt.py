@@ -320,7 +320,16 @@ def test_malformed_token_says_so(auth: JwtAuthenticator, token: str) -> None:
 
 @pytest.mark.parametrize(
     "extra",
-    [{"exp": [1]}, {"exp": "soon"}, {"iat": "x"}, {"nbf": {}}, {"sub": 123}, {"sub": ""}, {"aud": [1]}],
+    [
+        {"exp": [1]},
+        {"exp": "soon"},
+        {"iat": "x"},
+        {"nbf": {}},
+        {"sub": 123},
+        {"sub": ""},
+        {"sub": "nul\x00inside"},  # PostgreSQL text cannot hold it, nor a principal id
+        {"aud": [1]},
+    ],
 )
 def test_signed_claims_of_the_wrong_shape_are_a_401(
     auth: JwtAuthenticator, extra: dict[str, Any]
@@ -338,6 +347,8 @@ def test_signed_claims_of_the_wrong_shape_are_a_401(
         ("max_concurrent", "2"),
         ("credit_limit", "5"),
         ("credit_limit", -0.5),
+        ("credit_limit", 1e300),  # must stay finite and exact as nano-units
+        ("rpm", 2**60),
         ("reset", "hourly"),
         ("models", "small"),
         ("models", ["small", 1]),

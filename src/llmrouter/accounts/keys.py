@@ -96,6 +96,10 @@ def check_label(what: str, value: str) -> str:
         raise KeyError_(f"a key's {what} must not be empty")
     if "\x00" in value:
         raise KeyError_(f"a key's {what} must not contain the NUL character")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise KeyError_(f"a key's {what} must be valid Unicode (UTF-8)") from None
     if len(value) > MAX_LABEL:
         raise KeyError_(f"a key's {what} is longer than {MAX_LABEL} characters")
     return value

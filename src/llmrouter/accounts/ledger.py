@@ -85,8 +85,8 @@ class Record(msgspec.Struct, kw_only=True, omit_defaults=False):
             _text(self.model),
             _text(self.provider),
             _encode(self.attempts).decode(),
-            self.prompt_tokens,
-            self.completion_tokens,
+            _int64(self.prompt_tokens),  # an upstream's absurd count is kept, clamped
+            _int64(self.completion_tokens),
             self.cost,
             self.latency_ms,
             self.ttft_ms,
@@ -109,6 +109,10 @@ class Record(msgspec.Struct, kw_only=True, omit_defaults=False):
         return cls(**fields)
 
 
+def _int64(value: int) -> int:
+    return min(max(value, -(2**63)), 2**63 - 1)
+
+
 def _text(value: str | None) -> Any:
     return value.replace("\x00", "\ufffd") if value is not None and "\x00" in value else value
 
@@ -127,14 +131,28 @@ class Total(msgspec.Struct):
 
 
 class Ledger:
-    def __init__(self, db: Database, *, batch_max: int = 512, durable_timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        db: Database,
+        *,
+        batch_max: int = 512,
+        durable_timeout: float = 10.0,
+        max_pending: int = 100_000,
+    ) -> None:
         self._db = db
         self._batch_max = batch_max
+        self._max_pending = max_pending
         self._durable_timeout = durable_timeout
         self._pending: list[tuple[Record, asyncio.Future[None]]] = []
         self._wakeup = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
         self._closing = False
+
+    @property
+    def backlogged(self) -> bool:
+        """So many records wait (the store is down or slow) that new requests should wait too:
+        serving them could not be recorded, and memory would grow without bound."""
+        return len(self._pending) >= self._max_pending
 
     def start(self) -> None:
         self._writer = asyncio.get_running_loop().create_task(self._write_forever())
@@ -172,32 +190,41 @@ class Ledger:
         """Write a batch, retrying while the store is unreachable. If the store refuses the data
         itself, the records are written one by one, so that one record it cannot hold (logged in
         full, then dropped) does not stop the others."""
-        rows = [record.row() for record, _ in batch]
         delay = 0.05
         while True:
             try:
+                rows = [record.row() for record, _ in batch]
                 await self._db.insert_rows("ledger", _COLUMNS, rows, key="request_id")
                 break
-            except DataRejected as exc:
-                if len(batch) > 1:
-                    for one in batch:
-                        await self._write([one])
-                    return
-                log.error(
-                    "the store refused a ledger record; it is kept here only",
-                    extra={"fields": {"error": str(exc), "record": msgspec.to_builtins(batch[0][0])}},
-                )
-                break
             except StoreError as exc:
+                if isinstance(exc, DataRejected):
+                    await self._reject(batch, exc)
+                    return
                 log.warning(
                     "ledger write failed; retrying",
-                    extra={"fields": {"records": len(rows), "error": str(exc), "retry_in": delay}},
+                    extra={"fields": {"records": len(batch), "error": str(exc), "retry_in": delay}},
                 )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
+            except Exception as exc:  # a value no store could take: never a dead writer
+                await self._reject(batch, exc)
+                return
         for _, done in batch:
             if not done.done():
                 done.set_result(None)
+
+    async def _reject(self, batch: list[tuple[Record, asyncio.Future[None]]], exc: Exception) -> None:
+        if len(batch) > 1:
+            for one in batch:
+                await self._write([one])
+            return
+        record, done = batch[0]
+        log.error(
+            "the store refused a ledger record; it is kept here only",
+            extra={"fields": {"error": repr(exc), "record": msgspec.to_builtins(record)}},
+        )
+        if not done.done():
+            done.set_result(None)
 
     async def aclose(self, grace: float = 10.0) -> None:
         """Write what is queued (for at most `grace` seconds), then stop."""
@@ -224,6 +251,7 @@ class Ledger:
             "SELECT coalesce(sum(cost), 0) FROM ledger WHERE principal = ? AND created_at >= ?",
             principal,
             since,
+            heavy=True,
         )
         return float(row[0]) if row else 0.0
 
@@ -247,5 +275,6 @@ class Ledger:
             "GROUP BY g ORDER BY g",
             0.0 if since is None else since,
             1e18 if until is None else until,
+            heavy=True,
         )
         return [Total(str(r[0]), int(r[1]), int(r[2]), int(r[3]), int(r[4]), float(r[5])) for r in rows]

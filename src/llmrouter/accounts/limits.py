@@ -102,14 +102,21 @@ class Limiter(Protocol):
 
 
 def create_limiter(
-    settings: AccountSettings, spent: Spent, *, clock: Callable[[], float] = time.time
+    settings: AccountSettings,
+    spent: Spent,
+    *,
+    clock: Callable[[], float] = time.time,
+    lease_seconds: float = LEASE_SECONDS,
 ) -> Limiter:
-    """Shared through Redis when `redis_url` is set, else in this process."""
+    """Shared through Redis when `redis_url` is set, else in this process. `lease_seconds`: the
+    longest a request may run (its deadline and a margin), after which its slot frees itself."""
     if settings.redis_url:
         from llmrouter.accounts.redis_limits import RedisLimiter
 
-        return RedisLimiter(settings.redis_url, settings, spent, clock=clock)
-    return LocalLimiter(settings, spent, clock=clock)
+        return RedisLimiter(
+            settings.redis_url, settings, spent, clock=clock, lease_seconds=lease_seconds
+        )
+    return LocalLimiter(settings, spent, clock=clock, lease_seconds=lease_seconds)
 
 
 def credit_period(reset: Reset | None, now: float) -> tuple[int, int | None]:
@@ -293,6 +300,7 @@ class _Account:
     leases: dict[str, float]  # request id -> when its slot frees itself
     credit_period: tuple[Reset | None, int] | None = None
     credit: int = 0  # nano-units spent in `credit_period`
+    in_flight: int = 0  # admitted and not yet settled: the account must not be forgotten
 
 
 class LocalLimiter:
@@ -329,9 +337,7 @@ class LocalLimiter:
         idle = [
             principal_id
             for principal_id, a in self._accounts.items()
-            if not a.requests.used(now)
-            and not a.tokens.used(now)
-            and not any(until > now for until in a.leases.values())
+            if not a.in_flight and not a.requests.used(now) and not a.tokens.used(now)
         ]
         for principal_id in idle:
             del self._accounts[principal_id]
@@ -359,12 +365,15 @@ class LocalLimiter:
                 credit_limit = None
             else:
                 # Unless another request started this period (or a later one) meanwhile.
+                account = self._account(principal.id, now)  # a sweep may have dropped it
                 held = account.credit_period
                 if held is None or held[0] != period[0] or held[1] < period[1]:
                     account.credit_period, account.credit = period, spent
         # From here on, nothing awaits: the checks and the counting are one step.
         verdict = self._check(account, limits, request_id, estimated, now, credit_limit)
-        return _conclude(principal, request_id, estimated, now, verdict)
+        admission = _conclude(principal, request_id, estimated, now, verdict)
+        account.in_flight += 1
+        return admission
 
     def _check(
         self,
@@ -424,13 +433,15 @@ class LocalLimiter:
             now = self._clock()
             if admission.counted:
                 account.leases.pop(admission.request_id, None)
+                account.in_flight = max(0, account.in_flight - 1)
             correction = tokens - admission.reserved_tokens
             buckets = account.tokens.buckets
             in_window = admission.bucket > math.floor(now) - WINDOW and admission.bucket in buckets
             if admission.counted and limits.tpm is not None and correction and in_window:
                 buckets[admission.bucket] += correction
-            # Only into a counter already started from the ledger, as with Redis.
-            started = account.credit_period == _period_key(limits.reset, now)
+            # Into the period it was admitted in, and only into a counter already started from
+            # the ledger, as with Redis.
+            started = account.credit_period == _period_key(limits.reset, admission.bucket)
             if limits.credit_limit is not None and cost and started:
                 account.credit += _to_nano(cost)
         except Exception:

@@ -9,6 +9,7 @@ logged every time.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
@@ -18,6 +19,7 @@ from typing import Any, NamedTuple
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from llmrouter.accounts.limits import (
@@ -40,7 +42,7 @@ from llmrouter.accounts.limits import (
 )
 from llmrouter.accounts.principal import Principal
 from llmrouter.errors import ServiceUnavailable
-from llmrouter.settings import AccountSettings, Reset
+from llmrouter.settings import AccountSettings, Policy, Reset
 
 __all__ = ["RedisLimiter", "redis_key_prefix"]
 
@@ -182,6 +184,9 @@ return 0
 """
 
 
+_RELEASE_AFTER = (0.1, 1.0, 5.0)  # seconds between removals of a lost admission's lease
+
+
 class _Keys(NamedTuple):
     requests: bytes
     tokens: bytes
@@ -224,12 +229,18 @@ class RedisLimiter:
         self._lease_seconds = lease_seconds
         # No retries inside the client (`Redis()` would make ten): a request waits on Redis for
         # one short timeout at most.
+        # One retry, on a connection that failed before the command was sent (a pooled
+        # connection Redis closed when it restarted); never on a timeout, after which the script
+        # may have run.
         self._redis: Redis = Redis.from_url(
             url,
             socket_timeout=socket_timeout,
             socket_connect_timeout=socket_timeout,
-            retry=Retry(NoBackoff(), 0),
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
         )
+        self._compensations: set[asyncio.Task[None]] = set()
+        self._url = url
+        self._patient: Redis | None = None  # for giving back slots after a timeout
         self._admit = self._redis.register_script(_ADMIT_LUA)
         self._settle = self._redis.register_script(_SETTLE_LUA)
 
@@ -256,7 +267,7 @@ class RedisLimiter:
             "",
         ]
         try:
-            reply = await self._admit(keys=list(keys), args=args)
+            reply = await self._admit_once(keys, args, request_id, limits)
             if reply[0] == _CREDIT_UNKNOWN:
                 try:
                     args[-1] = _to_nano(await self._spent(principal.id, start))
@@ -269,7 +280,7 @@ class RedisLimiter:
                             "Cannot check credits: the ledger is unavailable."
                         ) from None
                     args[7] = -1  # the rate limits are still checked
-                reply = await self._admit(keys=list(keys), args=args)
+                reply = await self._admit_once(keys, args, request_id, limits)
         except (RedisError, OSError) as exc:
             return self._unavailable(principal, request_id, now, exc)
         verdict = _Verdict(
@@ -283,6 +294,32 @@ class RedisLimiter:
             wait=int(reply[7]) / 1000,
         )
         return _conclude(principal, request_id, estimated, now, verdict)
+
+    async def _admit_once(self, keys: _Keys, args: list[Any], request_id: str, limits: Policy) -> Any:
+        """One run of the admission script. If its answer is lost (a timeout, the request
+        cancelled meanwhile), the script may still have taken a concurrency slot: give it back,
+        in the background."""
+        try:
+            return await self._admit(keys=list(keys), args=args)
+        except BaseException:
+            if limits.max_concurrent is not None:
+                task = asyncio.get_running_loop().create_task(self._release(keys, request_id))
+                self._compensations.add(task)
+                task.add_done_callback(self._compensations.discard)
+            raise
+
+    async def _release(self, keys: _Keys, request_id: str) -> None:
+        """Remove the lease the lost script may have added. Redis may still be busy, and the
+        script may run after a first removal (another connection's commands are not ordered
+        with it): remove it again later, on a client with a patient timeout."""
+        if self._patient is None:
+            self._patient = Redis.from_url(self._url, socket_timeout=5, socket_connect_timeout=5)
+        for delay in _RELEASE_AFTER:
+            await asyncio.sleep(delay)
+            try:
+                await self._patient.zrem(keys.leases, request_id)
+            except (RedisError, OSError) as exc:
+                log.warning("cannot release %s's concurrency slot: %s", request_id, exc)
 
     def _unavailable(
         self, principal: Principal, request_id: str, now: float, error: Exception
@@ -309,7 +346,7 @@ class RedisLimiter:
             if not (cost_nano or correction or release):
                 return
             now = self._clock()
-            start, end = credit_period(limits.reset, now)
+            start, end = credit_period(limits.reset, admission.bucket)  # the admission's period
             await self._settle(
                 keys=list(_keys(admission.principal_id, limits.reset, start)),
                 args=[
@@ -355,7 +392,11 @@ class RedisLimiter:
         )
 
     async def aclose(self) -> None:
+        for task in self._compensations:
+            task.cancel()
         await self._redis.aclose()
+        if self._patient is not None:
+            await self._patient.aclose()
 
 
 def _window_sum(buckets: dict[bytes, bytes], now: float) -> int:

@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
+from urllib.parse import urlsplit
 
 import msgspec
 
@@ -45,12 +46,12 @@ class Migration:
 
 
 _KEYS_V1 = """CREATE TABLE api_keys (
-    id          TEXT PRIMARY KEY,      -- the public part of the key
-    name        TEXT NOT NULL,
-    secret_hash TEXT NOT NULL,         -- sha256 of the whole key, hex
-    created_at  BIGINT NOT NULL,       -- unix seconds
-    revoked_at  BIGINT                 -- null while the key is valid
-)"""
+            id          TEXT PRIMARY KEY,      -- the public part of the key
+            name        TEXT NOT NULL,
+            secret_hash TEXT NOT NULL,         -- sha256 of the whole key, hex
+            created_at  INTEGER NOT NULL,      -- unix seconds
+            revoked_at  INTEGER                -- null while the key is valid
+        )"""  # as shipped in SQLite; PostgreSQL's integers are 64-bit (BIGINT) below
 _KEYS_V2 = (
     "ALTER TABLE api_keys ADD COLUMN owner TEXT",
     "ALTER TABLE api_keys ADD COLUMN expires_at BIGINT",
@@ -93,7 +94,7 @@ MIGRATIONS: tuple[Migration, ...] = (
         ),
         # A btree entry holds at most ~2.7 kB: names of any length are indexed by their hash.
         postgres=(
-            _KEYS_V1,
+            _KEYS_V1.replace("INTEGER", "BIGINT"),
             "CREATE UNIQUE INDEX api_keys_live_name ON api_keys (md5(name)) WHERE revoked_at IS NULL",
         ),
     ),
@@ -121,9 +122,11 @@ class Database(Protocol):
     dialect: Literal["sqlite", "postgres"]
     where: str  # for messages: the file, or the server without credentials
 
-    async def fetchone(self, sql: str, *args: Any) -> Row | None: ...
+    async def fetchone(self, sql: str, *args: Any, heavy: bool = False) -> Row | None:
+        """One row. `heavy`: the query may scan many rows (a sum over the ledger), so SQLite
+        runs it in a thread of its own rather than on the event loop."""
 
-    async def fetchall(self, sql: str, *args: Any) -> list[Row]: ...
+    async def fetchall(self, sql: str, *args: Any, heavy: bool = False) -> list[Row]: ...
 
     async def execute(self, sql: str, *args: Any) -> int:
         """Run one statement in its own transaction; the number of rows it changed."""
@@ -167,6 +170,8 @@ class SqliteDatabase:
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(f"cannot open the store at {path}: {exc}") from None
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="llmrouter-sqlite")
+        self._reporter = ThreadPoolExecutor(1, thread_name_prefix="llmrouter-sqlite-reports")
+        self._report_db: sqlite3.Connection | None = None
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=10.0)
@@ -174,24 +179,32 @@ class SqliteDatabase:
         db.execute("PRAGMA synchronous=NORMAL")
         return db
 
-    async def fetchone(self, sql: str, *args: Any) -> Row | None:
-        try:
-            row: Row | None = self._reader.execute(sql, args).fetchone()
-        except sqlite3.Error as exc:
-            raise StoreError(f"{self.where}: {exc}") from None
-        return row
+    async def fetchone(self, sql: str, *args: Any, heavy: bool = False) -> Row | None:
+        rows = await self.fetchall(sql, *args, heavy=heavy)
+        return rows[0] if rows else None
 
-    async def fetchall(self, sql: str, *args: Any) -> list[Row]:
+    async def fetchall(self, sql: str, *args: Any, heavy: bool = False) -> list[Row]:
+        if heavy:
+            rows: list[Row] = await self._in_thread(
+                self._reporter, lambda: self._reports().execute(sql, args).fetchall()
+            )
+            return rows
         try:
             return self._reader.execute(sql, args).fetchall()
         except sqlite3.Error as exc:
             raise StoreError(f"{self.where}: {exc}") from None
 
+    def _reports(self) -> sqlite3.Connection:
+        """The connection of the reporting thread (made there, on first use)."""
+        if self._report_db is None:
+            self._report_db = self._connect()
+        return self._report_db
+
     async def execute(self, sql: str, *args: Any) -> int:
         def run() -> int:
             return self._writer.execute(sql, args).rowcount
 
-        changed: int = await self._in_writer(run)
+        changed: int = await self._in_thread(self._thread, run)
         return changed
 
     async def insert_rows(
@@ -207,11 +220,11 @@ class SqliteDatabase:
         def run() -> None:
             self._writer.execute(sql, (payload,))  # one statement: its own transaction
 
-        await self._in_writer(run)
+        await self._in_thread(self._thread, run)
 
-    async def _in_writer(self, fn: Any) -> Any:
+    async def _in_thread(self, thread: ThreadPoolExecutor, fn: Any) -> Any:
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._thread, fn)
+            return await asyncio.get_running_loop().run_in_executor(thread, fn)
         except sqlite3.IntegrityError as exc:
             raise IntegrityError(str(exc)) from None
         except (sqlite3.DataError, sqlite3.ProgrammingError, sqlite3.InterfaceError) as exc:
@@ -228,8 +241,11 @@ class SqliteDatabase:
 
     async def aclose(self) -> None:
         self._thread.shutdown(wait=True)
+        self._reporter.shutdown(wait=True)
         self._reader.close()
         self._writer.close()
+        if self._report_db is not None:
+            self._report_db.close()
 
 
 def _migrate_sqlite(db: sqlite3.Connection, path: Path) -> None:
@@ -320,11 +336,11 @@ class PostgresDatabase:
                     await conn.execute(statement)
                 await conn.execute("INSERT INTO llmrouter_schema (version) VALUES ($1)", target)
 
-    async def fetchone(self, sql: str, *args: Any) -> Row | None:
+    async def fetchone(self, sql: str, *args: Any, heavy: bool = False) -> Row | None:
         record = await self._run("fetchrow", sql, args)
         return tuple(record) if record is not None else None
 
-    async def fetchall(self, sql: str, *args: Any) -> list[Row]:
+    async def fetchall(self, sql: str, *args: Any, heavy: bool = False) -> list[Row]:
         return [tuple(r) for r in await self._run("fetch", sql, args)]
 
     async def execute(self, sql: str, *args: Any) -> int:
@@ -379,4 +395,10 @@ class PostgresDatabase:
 
 
 def _without_password(url: str) -> str:
-    return re.sub(r"//([^:/@]+):[^@]*@", r"//\1:***@", url)
+    """The database URL for messages: scheme, user, host, port and database; no password, no
+    query (which may hold one)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    where = f"{host}:{parts.port}" if parts.port else host
+    user = f"{parts.username}@" if parts.username else ""
+    return f"{parts.scheme}://{user}{where}{parts.path}"

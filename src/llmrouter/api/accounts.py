@@ -12,7 +12,7 @@ from msgspec import Meta, Struct
 from llmrouter.accounts.keys import ApiKey, KeyError_
 from llmrouter.api.http import Request, send_bytes
 from llmrouter.errors import InvalidRequest, MethodNotAllowed, NotFound
-from llmrouter.settings import Policy, Reset
+from llmrouter.settings import Amount, Count, Policy, Reset
 
 if TYPE_CHECKING:
     from llmrouter.app import Context
@@ -28,13 +28,13 @@ class KeySpec(Struct, forbid_unknown_fields=True):
 
     name: str
     owner: str | None = None
-    rpm: Annotated[int, Meta(ge=0)] | None = None
-    tpm: Annotated[int, Meta(ge=0)] | None = None
-    max_concurrent: Annotated[int, Meta(ge=0)] | None = None
-    credit_limit: Annotated[float, Meta(ge=0)] | None = None
+    rpm: Count | None = None
+    tpm: Count | None = None
+    max_concurrent: Count | None = None
+    credit_limit: Amount | None = None
     reset: Reset | None = None
     models: list[str] | None = None
-    expires_at: int | None = None  # unix seconds
+    expires_at: Annotated[int, Meta(ge=0, le=2**53)] | None = None  # unix seconds
     admin: bool = False
 
     def policy(self) -> Policy:
@@ -119,6 +119,8 @@ async def generation(req: Request, ctx: Context) -> None:
     ids = parse_qs(req.query.decode("latin-1")).get("id")
     if not ids or not ids[0]:
         raise InvalidRequest("Give the request's id: /api/v1/generation?id=cmpl-...", param="id")
+    if "\x00" in ids[0] or len(ids[0]) > 256:  # no such id can exist
+        raise NotFound("No generation with this id.", param="id")
     record = await ctx.ledger.get(ids[0])
     if record is None or not (principal.admin or record.principal == principal.id):
         raise NotFound(f"No generation with id {ids[0]!r}.", param="id")
@@ -154,7 +156,9 @@ async def key_collection(req: Request, ctx: Context) -> None:
             admin=spec.admin,
         )
     except KeyError_ as exc:
-        raise InvalidRequest(f"{str(exc).capitalize()}.", param="name") from None
+        message = str(exc)
+        param = "owner" if "owner" in message else "expires_at" if "expiry" in message else "name"
+        raise InvalidRequest(f"{message[0].upper()}{message[1:]}.", param=param) from None
     await _json(req, 201, {"data": key_view(key), "key": secret})
 
 
@@ -166,6 +170,8 @@ async def key_item(req: Request, ctx: Context) -> None:
     allowed = {"": ("GET", "DELETE"), "rotate": ("POST",)}.get(action)
     if not key_id or allowed is None:
         raise NotFound(f"No route {req.path}.")
+    if "\x00" in key_id:
+        raise NotFound("No live key with this id.", param="id")
     if req.method not in allowed:
         raise MethodNotAllowed(f"{req.path} accepts {', '.join(allowed)}.")
     try:

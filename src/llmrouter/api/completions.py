@@ -18,7 +18,7 @@ from llmrouter.accounts.ledger import Record
 from llmrouter.accounts.principal import Principal
 from llmrouter.api.http import Request
 from llmrouter.api.sse import DONE, KEEPALIVE, event, start_stream
-from llmrouter.errors import LlmrouterError
+from llmrouter.errors import LlmrouterError, ServiceUnavailable
 from llmrouter.routing.executor import Attempt, OpenStream
 from llmrouter.routing.plan import Plan, Target
 from llmrouter.structured import check_request_format
@@ -37,6 +37,8 @@ if TYPE_CHECKING:
 __all__ = ["Accounting", "create_completion", "estimate_tokens"]
 
 _DEFAULT_MAX_TOKENS = 16  # the Completions API's default
+_UNKNOWN_CONTEXT = 8192  # tokens a `max_tokens: null` answer may hold when no length is known
+_MODEL_NAME_KEPT = 256  # characters of the requested model's name in the record
 
 
 @dataclass(slots=True)
@@ -55,6 +57,7 @@ class Accounting:
     usage: Usage | None = None
     finish_reason: str | None = None
     ttft_ms: float | None = None
+    prompt_estimate: int = 0
     recorded: bool = False  # the handler wrote it; otherwise the app does, after the handler
 
     @property
@@ -72,8 +75,7 @@ class Accounting:
             principal=self.principal.id,
             user=self.user,
             metadata=self.metadata,
-            # A name that matched no model may hold anything; PostgreSQL text cannot hold NUL.
-            model_requested=self.model_requested.replace("\x00", "\ufffd"),
+            model_requested=self.model_requested,
             model=self.target.model.id if self.target else None,
             provider=self.target.deployment.provider if self.target else None,
             attempts=[str(a) for a in self.attempts],
@@ -91,13 +93,20 @@ class Accounting:
         )
 
 
-def estimate_tokens(params: CompletionCreateParams, prompts: Prompts) -> int:
+def prompt_tokens_estimate(prompts: Prompts) -> int:
+    """About four characters a token; token-id prompts are counted exactly."""
+    return sum(len(p) // 4 + 1 if isinstance(p, str) else len(p) for p in prompts)
+
+
+def estimate_tokens(params: CompletionCreateParams, prompts: Prompts, context_length: int) -> int:
     """Tokens to reserve against a tokens-per-minute limit before the usage is known: the prompts
-    (about four characters a token) and the most the answer may hold."""
-    prompt = sum(len(p) // 4 + 1 if isinstance(p, str) else len(p) for p in prompts)
-    max_tokens = params.max_tokens if isinstance(params.max_tokens, int) else _DEFAULT_MAX_TOKENS
+    and the most the answers may hold (`max_tokens: null` means up to the model's context)."""
+    if isinstance(params.max_tokens, int):
+        max_tokens = params.max_tokens
+    else:
+        max_tokens = _DEFAULT_MAX_TOKENS if params.max_tokens is UNSET else context_length
     answers = len(prompts) * max(params.n or 1, params.best_of or 1)
-    return prompt + answers * max_tokens
+    return prompt_tokens_estimate(prompts) + answers * max_tokens
 
 
 async def create_completion(req: Request, ctx: Context) -> None:
@@ -106,18 +115,25 @@ async def create_completion(req: Request, ctx: Context) -> None:
     acc = req.accounting = Accounting(principal)
     req.require_json()
     params, prompts = decode_completion_request(await req.body(ctx.settings.server.max_body_bytes))
-    acc.model_requested = params.model if isinstance(params.model, str) else ""
+    model = params.model if isinstance(params.model, str) else ctx.catalog.default_model
+    acc.model_requested = model[:_MODEL_NAME_KEPT]  # a name that matched nothing may be long
     acc.stream = bool(params.stream)
+    acc.prompt_estimate = prompt_tokens_estimate(prompts)
     # Kept with the request's record (never sent upstream unless the provider forwards them).
     if params.user is not UNSET:
         acc.user = req.log["user"] = params.user
     if params.metadata:
         acc.metadata = req.log["metadata"] = params.metadata
-    check_request_format(params.response_format)
-    ctx.catalog.check_allowed(params, principal.limits.models)
-    plan = ctx.catalog.plan(params, prompts)
-    admission = await ctx.limiter.admit(principal, req.request_id, estimate_tokens(params, prompts))
+    if ctx.ledger.backlogged:
+        raise ServiceUnavailable("The usage ledger cannot keep up; try again.", retry_after=1)
+    # Every request that gets this far counts against the limits, valid or not.
+    context = ctx.catalog.context_length_of(model) or _UNKNOWN_CONTEXT
+    estimate = estimate_tokens(params, prompts, context)
+    admission = await ctx.limiter.admit(principal, req.request_id, estimate)
     try:
+        check_request_format(params.response_format)
+        ctx.catalog.check_allowed(params, principal.limits.models)
+        plan = ctx.catalog.plan(params, prompts)
         if params.stream:
             await _stream(req, ctx, plan, params, prompts, admission.headers)
         else:
@@ -243,17 +259,20 @@ async def _relay(req: Request, ctx: Context, stream: OpenStream, include_usage: 
         usage=None if include_usage else UNSET,
     )
     acc = _accounting(req)
+    acc.target, acc.attempts = target, stream.attempts
+    deltas = 0  # text parts sent: the completion tokens, if the stream is cut before its usage
     part = stream.first
     try:
         while True:
             if part.usage is not None:
-                usage = part.usage
+                usage = acc.usage = part.usage
                 if part.usage_estimated:
                     req.log["usage_estimated"] = True
             if part.choices:
                 if acc.ttft_ms is None:
                     acc.ttft_ms = round((time.perf_counter() - acc.started) * 1000, 3)
                 for choice in part.choices:
+                    deltas += 1
                     if choice.index == 0 and choice.finish_reason is not None:
                         acc.finish_reason = choice.finish_reason
                 chunk.choices = part.choices
@@ -275,6 +294,9 @@ async def _relay(req: Request, ctx: Context, stream: OpenStream, include_usage: 
         return
     finally:
         await stream.aclose()
+        if acc.usage is None and deltas:  # cut short (the client left): what it was sent
+            acc.usage = Usage(acc.prompt_estimate, deltas, acc.prompt_estimate + deltas)
+            req.log["usage_estimated"] = True
     _note(req, target, stream.attempts, usage)
     tail = b""
     if include_usage:

@@ -97,6 +97,11 @@ class Catalog:
         ]
         return min(lengths) if lengths else None
 
+    def context_length_of(self, name: str) -> int | None:
+        """The context length of the model called `name`, if there is one and it is known."""
+        model = self.models.get(name)
+        return None if model is None else self.context_length(model)
+
     def plan(self, params: CompletionCreateParams, prompts: Prompts) -> Plan:
         names = self._requested_models(params)
         wanted = requested_parameters(params, prompts)
