@@ -713,6 +713,9 @@ def main() -> None:
     )
     parser.add_argument("--redis-url", help="limits in Redis (default: in process)")
     parser.add_argument("--limited", action="store_true", help="the key has (unreached) limits")
+    parser.add_argument(
+        "--ledger-sync", choices=("full", "normal"), default="full", help="SQLite's ledger sync"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "latest.md")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
@@ -724,9 +727,9 @@ def main() -> None:
     mock_port, router_port = free_port(), free_port()
     quiet_cfg, logging_cfg = tmp / "quiet.yaml", tmp / "logging.yaml"
     accounts = ""
-    if args.database_url or args.redis_url:
+    if args.database_url or args.redis_url or args.ledger_sync != "full":
         schema = f"bench_{os.getpid()}"
-        accounts = "accounts:\n" + (
+        accounts = f"accounts:\n  ledger_sync: {args.ledger_sync}\n" + (
             f"  database_url: {args.database_url}\n  database_schema: {schema}\n"
             if args.database_url
             else ""
@@ -993,7 +996,8 @@ def render(r: dict[str, Any], args: argparse.Namespace, started_at: dt.datetime)
             f"Machine: {cpu}, {os.cpu_count()} cores, Linux {platform.release()}, Python "
             f"{platform.python_version()}; {wrk_line}, -t{args.wrk_threads}; one llmrouter worker; "
             f"{args.duration:g} s per load after {args.warmup:g} s warm-up; nothing pinned.",
-            f"Accounts: ledger in {'PostgreSQL' if args.database_url else 'SQLite'}, limits "
+            f"Accounts: ledger in "
+            f"{'PostgreSQL' if args.database_url else f'SQLite (sync {args.ledger_sync})'}, limits "
             f"{'in Redis' if args.redis_url else 'in process'}, the key "
             f"{'with (unreached) rpm, tpm and credit limits' if args.limited else 'without limits'}.",
             "",

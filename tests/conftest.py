@@ -87,12 +87,19 @@ def _reachable(host: str, port: int) -> bool:
 def pg_schema() -> Iterator[str]:
     """A fresh PostgreSQL schema in the `test` database for one test, dropped after it."""
     need_service("PostgreSQL at 127.0.0.1:5432", _reachable("127.0.0.1", 5432))
-    import asyncio
     import uuid
 
-    import asyncpg
-
     schema = f"t_{uuid.uuid4().hex[:16]}"
+    try:
+        yield schema
+    finally:
+        drop_schema(schema)
+
+
+def drop_schema(schema: str) -> None:
+    import asyncio
+
+    import asyncpg
 
     async def drop() -> None:
         conn = await asyncpg.connect(PG_URL)
@@ -101,10 +108,7 @@ def pg_schema() -> Iterator[str]:
         finally:
             await conn.close()
 
-    try:
-        yield schema
-    finally:
-        asyncio.run(drop())
+    asyncio.run(drop())
 
 
 @pytest.fixture

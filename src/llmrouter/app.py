@@ -104,9 +104,13 @@ class Context:
     async def start(self) -> None:
         accounts = self.settings.accounts
         self.db = await open_database(
-            accounts.database_url, llmrouter_home(self.settings), schema=accounts.database_schema
+            accounts.database_url,
+            llmrouter_home(self.settings),
+            schema=accounts.database_schema,
+            sync=accounts.ledger_sync,
         )
-        self.keys = Keys(self.db)
+        self.keys = Keys(self.db, cache_seconds=accounts.key_cache_seconds)
+        await self.keys.start()
         self.auth = Authenticator(self.keys, jwt_authenticator(self.settings))
         self.ledger = Ledger(self.db, batch_max=accounts.ledger_batch_max)
         self.ledger.start()

@@ -243,6 +243,9 @@ class AccountSettings(Struct, frozen=True, forbid_unknown_fields=True):
     # The ledger and keys: SQLite under `home` when null, else `postgresql://...`.
     database_url: str | None = None
     database_schema: str | None = None  # PostgreSQL: tables in this schema (created if missing)
+    # PostgreSQL: a server keeps keys it has seen this long, while it hears the database's
+    # notifications (a revoked or rotated key is forgotten at once everywhere). 0: no cache.
+    key_cache_seconds: Annotated[float, Meta(ge=0, le=3600)] = 60.0
     # Limits, credits and deployment health shared by replicas; in-process when null.
     redis_url: str | None = None
     # When Redis cannot be reached: serve without rate limits (open) or refuse with 503 (closed).
@@ -253,6 +256,10 @@ class AccountSettings(Struct, frozen=True, forbid_unknown_fields=True):
     # Ledger writes: at most this many records a batch; a response's last bytes wait for its
     # record's batch to be durable.
     ledger_batch_max: Annotated[int, Meta(ge=1)] = 512
+    # SQLite: `full` syncs each batch to disk (a record survives a power cut); `normal` leaves it
+    # to the OS (it survives the process being killed, not the machine) and waits less.
+    # PostgreSQL's durability is the server's (synchronous_commit).
+    ledger_sync: Literal["full", "normal"] = "full"
 
 
 class Settings(Struct, frozen=True, forbid_unknown_fields=True):

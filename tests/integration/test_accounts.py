@@ -6,7 +6,6 @@ The whole module runs twice: on SQLite with in-process limits, and on PostgreSQL
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import json
 import time
@@ -19,7 +18,7 @@ import jwt as pyjwt
 import pytest
 
 from llmrouter.accounts.keys import KEY_PATTERN
-from tests.conftest import PG_URL, Router, start_router, stop
+from tests.conftest import PG_URL, Router, drop_schema, start_router, stop
 
 JWT_SECRET = "a-test-secret-of-at-least-32-bytes!!"
 ISSUER = "https://idp.test"
@@ -72,20 +71,7 @@ def router(
     finally:
         stop(r.proc)
         if schema is not None:
-            _drop_schema(schema)
-
-
-def _drop_schema(schema: str) -> None:
-    import asyncpg
-
-    async def drop() -> None:
-        conn = await asyncpg.connect(PG_URL)
-        try:
-            await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
-        finally:
-            await conn.close()
-
-    asyncio.run(drop())
+            drop_schema(schema)
 
 
 @pytest.fixture(scope="module")

@@ -37,7 +37,7 @@ def test_hostile_key_names_are_stored_intact(tmp_path: Path) -> None:
     assert [k["name"] for k in json.loads(run_cli(tmp_path, "keys", "list", "--json").stdout)] == [name]
     table = run_cli(tmp_path, "keys", "list").stdout
     assert "\x1b" not in table and "\t" not in table  # a terminal gets escapes shown, not run
-    assert "--\\x09\"ü\\x1b[2J" in table
+    assert '--\\x09"ü\\x1b[2J' in table
 
 
 def test_models_names_where_each_is_served(tmp_path: Path) -> None:

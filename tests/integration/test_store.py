@@ -267,3 +267,54 @@ def test_a_record_the_store_refuses_does_not_stop_the_others(
         assert refused.fields["record"]["request_id"] == "too-big"  # type: ignore[attr-defined]
 
     run(opener, work)
+
+
+def test_postgres_keys_are_cached_until_a_replica_changes_them(pg_schema: str, tmp_path: Path) -> None:
+    async def main() -> None:
+        one = await open_database(PG_URL, tmp_path, schema=pg_schema)
+        two = await open_database(PG_URL, tmp_path, schema=pg_schema)  # another replica
+        try:
+            a, b = Keys(one, cache_seconds=60), Keys(two, cache_seconds=60)
+            await a.start()
+            await b.start()
+            deadline = time.monotonic() + 5
+            while not (one.listening and two.listening) and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            key, secret = await b.create("cached")
+            assert (await a.authenticate(secret)).key_id == key.id
+            # An edit behind llmrouter's back is not seen while the key is cached...
+            await two.execute("UPDATE api_keys SET name = 'renamed' WHERE id = ?", key.id)
+            assert (await a.authenticate(secret)).name == "cached"
+            # ...but a revocation on another replica reaches this one at once.
+            started = time.monotonic()
+            await b.revoke(key.id)
+            refused: AuthenticationFailed | None = None
+            while refused is None and time.monotonic() - started < 2:
+                try:
+                    await a.authenticate(secret)
+                except AuthenticationFailed as exc:
+                    refused = exc
+                await asyncio.sleep(0.005)
+            assert refused is not None, "the revocation did not reach the other replica in 2 s"
+            assert "revoked" in refused.message and time.monotonic() - started < 1.0
+        finally:
+            await one.aclose()
+            await two.aclose()
+
+    asyncio.run(main())
+
+
+def test_sqlite_keys_are_never_cached(tmp_path: Path) -> None:
+    async def main() -> None:
+        db = await open_database(None, tmp_path)
+        try:
+            keys = Keys(db, cache_seconds=60)
+            await keys.start()
+            key, secret = await keys.create("fresh")
+            await keys.authenticate(secret)
+            await db.execute("UPDATE api_keys SET name = 'renamed' WHERE id = ?", key.id)
+            assert (await keys.authenticate(secret)).name == "renamed"
+        finally:
+            await db.aclose()
+
+    asyncio.run(main())

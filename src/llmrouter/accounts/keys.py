@@ -6,6 +6,10 @@ is the row's primary key and names the key in counters and the ledger; the store
 of the whole key, compared in constant time. A key is random enough (190 bits) that a slow password
 hash would add latency and no safety. Rotating a key keeps its id (its limits, spend and history)
 and replaces the secret: the old one stops working at once.
+
+On PostgreSQL a server keeps the keys it has seen for `cache_seconds`, to spare a round trip per
+request, but only while it receives the database's notifications: revoking or rotating a key (from
+any replica or the CLI) notifies every server, which forgets the key at once.
 """
 
 from __future__ import annotations
@@ -130,9 +134,31 @@ def _hash(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+_CHANNEL = "llmrouter_keys"  # NOTIFY payload: the id of a key that changed
+_CACHE_MAX = 100_000
+
+
 class Keys:
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, *, cache_seconds: float = 0.0) -> None:
         self._db = db
+        self._cache_seconds = cache_seconds
+        self._cache: dict[str, tuple[float, ApiKey]] = {}  # sha256 of the secret -> (until, key)
+
+    async def start(self) -> None:
+        """Start caching, where the database can say when a key changes."""
+        if self._cache_seconds > 0:
+            await self._db.listen(_CHANNEL, self._forget)
+
+    def _forget(self, key_id: str | None) -> None:
+        if key_id is None:
+            self._cache.clear()
+            return
+        for digest in [d for d, (_, key) in self._cache.items() if key.id == key_id]:
+            del self._cache[digest]
+
+    async def _changed(self, key_id: str) -> None:
+        self._forget(key_id)
+        await self._db.notify(_CHANNEL, key_id)
 
     async def create(
         self,
@@ -201,6 +227,7 @@ class Keys:
         await self._db.execute(
             "UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL", now, key.id
         )
+        await self._changed(key.id)
         return replace(key, revoked_at=now)
 
     async def rotate(self, id_or_name: str) -> tuple[ApiKey, str]:
@@ -214,6 +241,7 @@ class Keys:
         )
         if not changed:
             raise KeyError_("no live key with this id or name")
+        await self._changed(key.id)
         return key, secret
 
     async def authenticate(self, token: str) -> Principal:
@@ -223,15 +251,28 @@ class Keys:
             _checksum(token[:-_CHECK_CHARS]), match.group("check")
         ):
             raise AuthenticationFailed("Invalid API key.", code="invalid_api_key")
-        row = await self._db.fetchone(
-            f"SELECT {_COLUMNS}, secret_hash FROM api_keys WHERE id = ?",  # noqa: S608
-            match.group("id"),
-        )
-        if row is None or not hmac.compare_digest(str(row[-1]), _hash(token)):
-            raise AuthenticationFailed("Invalid API key.", code="invalid_api_key")
-        key = _from_row(row[:-1])
+        digest = _hash(token)
+        now = time.time()
+        cached = self._cache.get(digest) if self._db.listening else None
+        if cached is not None and cached[0] > now:
+            key = cached[1]
+        else:
+            key = await self._lookup(match.group("id"), digest)
+            if self._db.listening and key.revoked_at is None:
+                if len(self._cache) >= _CACHE_MAX:
+                    self._cache.clear()
+                self._cache[digest] = (now + self._cache_seconds, key)
         if key.revoked_at is not None:
             raise AuthenticationFailed("This API key has been revoked.", code="revoked_api_key")
         if key.expires_at is not None and key.expires_at <= time.time():
             raise AuthenticationFailed("This API key has expired.", code="expired_api_key")
         return key.principal()
+
+    async def _lookup(self, key_id: str, digest: str) -> ApiKey:
+        row = await self._db.fetchone(
+            f"SELECT {_COLUMNS}, secret_hash FROM api_keys WHERE id = ?",  # noqa: S608
+            key_id,
+        )
+        if row is None or not hmac.compare_digest(str(row[-1]), digest):
+            raise AuthenticationFailed("Invalid API key.", code="invalid_api_key")
+        return _from_row(row[:-1])

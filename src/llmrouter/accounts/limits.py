@@ -177,6 +177,21 @@ def _uncounted(principal: Principal, request_id: str, now: float) -> Admission:
     return Admission(principal.id, request_id, 0, math.floor(now), [], principal.limits, counted=False)
 
 
+async def _spent_from_ledger(
+    spent: Spent, principal_id: str, since: float, settings: AccountSettings
+) -> int | None:
+    """The ledger's spend since a period began, in nano-units, to start a credit counter with.
+    The ledger unavailable: a 503 (credits fail closed), or None to admit without the credit
+    check (fail open); logged either way."""
+    try:
+        return _to_nano(await spent(principal_id, since))
+    except Exception as exc:
+        log.warning("the ledger is unavailable (%r): cannot start %s's credit", exc, principal_id)
+        if not settings.credits_fail_open:
+            raise ServiceUnavailable("Cannot check credits: the ledger is unavailable.") from None
+        return None
+
+
 def _to_nano(amount: float) -> int:
     return round(amount * _NANO)
 
@@ -352,16 +367,8 @@ class LocalLimiter:
         credit_limit = None if limits.credit_limit is None else _to_nano(limits.credit_limit)
         period = _period_key(limits.reset, now)
         if credit_limit is not None and account.credit_period != period:
-            try:
-                spent = _to_nano(await self._spent(principal.id, period[1]))
-            except Exception as exc:
-                log.warning(
-                    "the ledger is unavailable (%r): cannot start %s's credit", exc, principal.id
-                )
-                if not self._settings.credits_fail_open:
-                    raise ServiceUnavailable(
-                        "Cannot check credits: the ledger is unavailable."
-                    ) from None
+            spent = await _spent_from_ledger(self._spent, principal.id, period[1], self._settings)
+            if spent is None:
                 credit_limit = None
             else:
                 # Unless another request started this period (or a later one) meanwhile.

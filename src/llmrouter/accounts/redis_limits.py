@@ -35,6 +35,7 @@ from llmrouter.accounts.limits import (
     _conclude,
     _has_rate_limits,
     _is_limited,
+    _spent_from_ledger,
     _to_nano,
     _uncounted,
     _Verdict,
@@ -269,17 +270,11 @@ class RedisLimiter:
         try:
             reply = await self._admit_once(keys, args, request_id, limits)
             if reply[0] == _CREDIT_UNKNOWN:
-                try:
-                    args[-1] = _to_nano(await self._spent(principal.id, start))
-                except Exception as exc:
-                    log.warning(
-                        "the ledger is unavailable (%r): cannot start %s's credit", exc, principal.id
-                    )
-                    if not self._settings.credits_fail_open:
-                        raise ServiceUnavailable(
-                            "Cannot check credits: the ledger is unavailable."
-                        ) from None
-                    args[7] = -1  # the rate limits are still checked
+                spent = await _spent_from_ledger(self._spent, principal.id, start, self._settings)
+                if spent is None:
+                    args[7] = -1  # failing open: the rate limits are still checked
+                else:
+                    args[-1] = spent
                 reply = await self._admit_once(keys, args, request_id, limits)
         except (RedisError, OSError) as exc:
             return self._unavailable(principal, request_id, now, exc)

@@ -15,9 +15,10 @@ work at once. PostgreSQL: an asyncpg pool.
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,7 @@ __all__ = [
 ]
 
 Row = tuple[Any, ...]
+log = logging.getLogger("llmrouter.store")
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,14 +141,28 @@ class Database(Protocol):
 
     async def ping(self) -> bool: ...
 
+    @property
+    def listening(self) -> bool:
+        """Notifications (`listen`) are being received now."""
+
+    async def notify(self, channel: str, payload: str) -> None:
+        """Tell every process listening on `channel` (PostgreSQL's NOTIFY; SQLite: nothing)."""
+
+    async def listen(self, channel: str, on_message: Callable[[str | None], None]) -> None:
+        """Call `on_message(payload)` for each notification on `channel`, and `on_message(None)`
+        when the listening connection is lost or made again (what was learnt may be stale)."""
+
     async def aclose(self) -> None: ...
 
 
-async def open_database(url: str | None, home: Path, *, schema: str | None = None) -> Database:
-    """SQLite under `home` when `url` is None (or `sqlite:///path`), else PostgreSQL."""
+async def open_database(
+    url: str | None, home: Path, *, schema: str | None = None, sync: str = "full"
+) -> Database:
+    """SQLite under `home` when `url` is None (or `sqlite:///path`), else PostgreSQL. `sync`:
+    SQLite's synchronous mode for writes (`full` or `normal`)."""
     if url is None or url.startswith("sqlite:"):
         path = home / "llmrouter.sqlite3" if url is None else Path(url.removeprefix("sqlite://"))
-        return SqliteDatabase(path)
+        return SqliteDatabase(path, sync=sync)
     if url.startswith(("postgres://", "postgresql://")):
         return await PostgresDatabase.connect(url, schema=schema)
     raise StoreError("database_url must start with postgresql:// or sqlite://")
@@ -158,7 +174,9 @@ async def open_database(url: str | None, home: Path, *, schema: str | None = Non
 class SqliteDatabase:
     dialect: Literal["sqlite", "postgres"] = "sqlite"
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, sync: str = "full") -> None:
+        if sync not in ("full", "normal"):
+            raise StoreError(f"unknown SQLite sync mode {sync!r}")
         self.path = path
         self.where = str(path)
         try:
@@ -166,7 +184,8 @@ class SqliteDatabase:
             self._reader = self._connect()
             _migrate_sqlite(self._reader, path)
             self._writer = self._connect()
-            self._writer.execute("PRAGMA synchronous=FULL")  # a commit is on disk when it returns
+            # full: a commit is on disk when it returns; normal: in the OS's hands (WAL).
+            self._writer.execute(f"PRAGMA synchronous={sync.upper()}")
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(f"cannot open the store at {path}: {exc}") from None
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="llmrouter-sqlite")
@@ -239,6 +258,15 @@ class SqliteDatabase:
             return False
         return True
 
+    # One file has no notifications: every lookup reads it, which is as cheap as a cache.
+    listening = False
+
+    async def notify(self, channel: str, payload: str) -> None:
+        return None
+
+    async def listen(self, channel: str, on_message: Callable[[str | None], None]) -> None:
+        return None
+
     async def aclose(self) -> None:
         self._thread.shutdown(wait=True)
         self._reporter.shutdown(wait=True)
@@ -287,10 +315,14 @@ def _numbered(sql: str) -> str:
 class PostgresDatabase:
     dialect: Literal["sqlite", "postgres"] = "postgres"
 
-    def __init__(self, pool: Any, where: str) -> None:
+    def __init__(self, pool: Any, where: str, url: str, settings: dict[str, str]) -> None:
         self._pool = pool
         self.where = where
+        self._url = url
+        self._settings = settings
         self._sql: dict[str, str] = {}
+        self.listening = False
+        self._listener: asyncio.Task[None] | None = None
 
     @classmethod
     async def connect(cls, url: str, *, schema: str | None = None) -> PostgresDatabase:
@@ -314,7 +346,7 @@ class PostgresDatabase:
             )
         except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
             raise StoreError(f"cannot connect to the database at {where}: {exc}") from None
-        db = cls(pool, where)
+        db = cls(pool, where, url, settings)
         await db._migrate()
         return db
 
@@ -390,7 +422,41 @@ class PostgresDatabase:
             return False
         return True
 
+    async def notify(self, channel: str, payload: str) -> None:
+        await self._run("execute", "SELECT pg_notify(?, ?)", (channel, payload))
+
+    async def listen(self, channel: str, on_message: Callable[[str | None], None]) -> None:
+        self._listener = asyncio.get_running_loop().create_task(
+            self._listen_forever(channel, on_message)
+        )
+
+    async def _listen_forever(self, channel: str, on_message: Callable[[str | None], None]) -> None:
+        """One connection of its own, LISTENing; made again (after a pause) when it is lost."""
+        import asyncpg
+
+        while True:
+            conn = None
+            try:
+                conn = await asyncpg.connect(self._url, timeout=10, server_settings=self._settings)
+                lost = asyncio.Event()
+                conn.add_termination_listener(lambda _conn, lost=lost: lost.set())
+                await conn.add_listener(channel, lambda _c, _pid, _ch, payload: on_message(payload))
+                on_message(None)  # anything learnt before this connection may be stale
+                self.listening = True
+                await lost.wait()
+                log.warning("lost the database's notifications on %s; reconnecting", channel)
+            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning("cannot listen to the database on %s: %s", channel, exc)
+            finally:
+                self.listening = False
+                on_message(None)
+                if conn is not None and not conn.is_closed():
+                    await conn.close()
+            await asyncio.sleep(2.0)
+
     async def aclose(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
         await self._pool.close()
 
 
