@@ -282,6 +282,10 @@ def test_models_restriction(router: Router) -> None:
     }
     fallback = complete(router, secret, models=["fake/other"])
     assert fallback.status_code == 403 and error_of(fallback)["param"] == "models[0]"
+    listed = httpx.get(f"{router.api}/models", headers=auth(secret)).json()["data"]
+    assert [m["id"] for m in listed] == ["fake/ok"]
+    everything = httpx.get(f"{router.api}/models", headers=auth(new_key(router))).json()["data"]
+    assert len(everything) == 5
 
 
 def test_jwt_principal_with_policy_and_claims(router: Router) -> None:

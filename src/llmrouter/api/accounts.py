@@ -124,7 +124,8 @@ async def generation(req: Request, ctx: Context) -> None:
     record = await ctx.ledger.get(ids[0])
     if record is None or not (principal.admin or record.principal == principal.id):
         raise NotFound(f"No generation with id {ids[0]!r}.", param="id")
-    await _json(req, 200, {"data": {"id": record.request_id, **msgspec.to_builtins(record)}})
+    fields = msgspec.to_builtins(record)
+    await _json(req, 200, {"data": {"id": fields.pop("request_id"), **fields}})
 
 
 # -- administration -------------------------------------------------------------------------------

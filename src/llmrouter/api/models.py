@@ -1,4 +1,5 @@
-"""GET /api/v1/models (and /v1/models): OpenAI's list format, with context length and parameters."""
+"""GET /api/v1/models (and /v1/models): OpenAI's list format, with context length and parameters;
+a key or token limited to some models sees those."""
 
 from __future__ import annotations
 
@@ -17,9 +18,17 @@ __all__ = ["list_models"]
 _ROUTER_PARAMETERS = ("max_tokens", "metadata", "model", "models", "stream_options", "user")
 
 
-def model_list(ctx: Context) -> ModelList:
+def model_list(ctx: Context, allowed: frozenset[str] | None = None) -> ModelList:
+    """The models, or only those of them a principal limited to `allowed` may use."""
+    permitted = (
+        None
+        if allowed is None
+        else {ctx.catalog.models[m].id for m in allowed if m in ctx.catalog.models}
+    )
     cards: list[ModelCard] = []
     for model in ctx.settings.models:
+        if permitted is not None and model.id not in permitted:
+            continue
         targets = ctx.catalog.targets[model.id]
         supported = set(_ROUTER_PARAMETERS)
         for target in targets:
@@ -39,10 +48,10 @@ def model_list(ctx: Context) -> ModelList:
 
 
 async def list_models(req: Request, ctx: Context) -> None:
-    await ctx.auth.principal(req.header(b"authorization"))
+    principal = await ctx.auth.principal(req.header(b"authorization"))
     await send_bytes(
         req.send,
         200,
-        encoder.encode(model_list(ctx)),
+        encoder.encode(model_list(ctx, principal.limits.models)),
         [(b"x-request-id", req.request_id.encode())],
     )
