@@ -197,9 +197,10 @@ class ServerSettings(Struct, frozen=True, forbid_unknown_fields=True):
 Reset = Literal["daily", "weekly", "monthly"]
 
 
-# Bounds that keep limits exact in Redis's integers and JSON's numbers (2^53), and credit finite.
+# Bounds that keep limits exact in Redis's integers and JSON's numbers (2^53), and credit finite
+# and countable in nano-units within Redis's 64-bit integers.
 Count = Annotated[int, Meta(ge=0, le=2**53)]
-Amount = Annotated[float, Meta(ge=0, le=1e12)]
+Amount = Annotated[float, Meta(ge=0, le=1e9)]
 
 
 class Policy(Struct, frozen=True, forbid_unknown_fields=True):

@@ -269,23 +269,51 @@ def test_a_record_the_store_refuses_does_not_stop_the_others(
     run(opener, work)
 
 
+class CountingReads:
+    """The real database, counting the single-row reads (key lookups)."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self.count = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.db, name)
+
+    async def fetchone(self, sql: str, *args: Any, heavy: bool = False) -> Any:
+        self.count += 1
+        return await self.db.fetchone(sql, *args, heavy=heavy)
+
+
+async def until(done: Callable[[], bool], keys: Keys, secret: str) -> None:
+    """Authenticate until `done()`, for at most 2 s."""
+    deadline = time.monotonic() + 2
+    while not done():
+        assert time.monotonic() < deadline, "no notification in 2 s"
+        await keys.authenticate(secret)
+        await asyncio.sleep(0.005)
+
+
 def test_postgres_keys_are_cached_until_a_replica_changes_them(pg_schema: str, tmp_path: Path) -> None:
     async def main() -> None:
         one = await open_database(PG_URL, tmp_path, schema=pg_schema)
         two = await open_database(PG_URL, tmp_path, schema=pg_schema)  # another replica
+        reads = CountingReads(one)
         try:
-            a, b = Keys(one, cache_seconds=60), Keys(two, cache_seconds=60)
+            a, b = Keys(reads, cache_seconds=60), Keys(two, cache_seconds=60)  # type: ignore[arg-type]
             await a.start()
             await b.start()
             deadline = time.monotonic() + 5
             while not (one.listening and two.listening) and time.monotonic() < deadline:
                 await asyncio.sleep(0.01)
             key, secret = await b.create("cached")
-            assert (await a.authenticate(secret)).key_id == key.id
-            # An edit behind llmrouter's back is not seen while the key is cached...
+            for _ in range(3):
+                assert (await a.authenticate(secret)).key_id == key.id
+            assert reads.count == 1  # then from the cache
+            # An edit by SQL, behind llmrouter's back, reaches the cache too (the trigger)...
             await two.execute("UPDATE api_keys SET name = 'renamed' WHERE id = ?", key.id)
-            assert (await a.authenticate(secret)).name == "cached"
-            # ...but a revocation on another replica reaches this one at once.
+            await until(lambda: reads.count == 2, a, secret)
+            assert (await a.authenticate(secret)).name == "renamed"
+            # ...and so does a revocation on another replica.
             started = time.monotonic()
             await b.revoke(key.id)
             refused: AuthenticationFailed | None = None
@@ -314,6 +342,59 @@ def test_sqlite_keys_are_never_cached(tmp_path: Path) -> None:
             await keys.authenticate(secret)
             await db.execute("UPDATE api_keys SET name = 'renamed' WHERE id = ?", key.id)
             assert (await keys.authenticate(secret)).name == "renamed"
+        finally:
+            await db.aclose()
+
+    asyncio.run(main())
+
+
+class SlowListeningDatabase(CountingReads):
+    """A database whose key lookups take a while, and which says it hears notifications."""
+
+    listening = True
+    delay = 0.0
+
+    async def fetchone(self, sql: str, *args: Any, heavy: bool = False) -> Any:
+        row = await super().fetchone(sql, *args, heavy=heavy)
+        await asyncio.sleep(self.delay)
+        return row
+
+
+def test_a_lookup_overtaken_by_a_change_is_not_cached(tmp_path: Path) -> None:
+    async def main() -> None:
+        db = await open_database(None, tmp_path)
+        slow = SlowListeningDatabase(db)
+        try:
+            keys = Keys(slow, cache_seconds=60)  # type: ignore[arg-type]
+            key, secret = await keys.create("raced")
+            slow.delay = 0.2
+            lookup = asyncio.ensure_future(keys.authenticate(secret))
+            await asyncio.sleep(0.05)  # the row is read; its answer is on its way
+            keys._forget(key.id)  # a notification: the key changed meanwhile
+            await lookup
+            slow.delay = 0.0
+            await keys.authenticate(secret)
+            assert slow.count == 2  # read again: the overtaken read was not kept
+            await keys.authenticate(secret)
+            assert slow.count == 2  # this one was
+        finally:
+            await db.aclose()
+
+    asyncio.run(main())
+
+
+def test_the_ledger_says_when_its_backlog_is_full(tmp_path: Path) -> None:
+    async def main() -> None:
+        db = await open_database(None, tmp_path)
+        try:
+            ledger = Ledger(db, max_pending=2)  # not started: nothing is written
+            ledger.submit(record("one"))
+            assert not ledger.backlogged
+            ledger.submit(record("two"))
+            assert ledger.backlogged
+            ledger.start()
+            await ledger.aclose()
+            assert not ledger.backlogged and await ledger.get("two") is not None
         finally:
             await db.aclose()
 

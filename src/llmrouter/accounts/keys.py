@@ -8,8 +8,10 @@ hash would add latency and no safety. Rotating a key keeps its id (its limits, s
 and replaces the secret: the old one stops working at once.
 
 On PostgreSQL a server keeps the keys it has seen for `cache_seconds`, to spare a round trip per
-request, but only while it receives the database's notifications: revoking or rotating a key (from
-any replica or the CLI) notifies every server, which forgets the key at once.
+request, but only while it receives the database's notifications: a trigger on `api_keys` notifies
+every server of any change to a key, in the changing transaction (any replica, the CLI, or SQL by
+hand), and each forgets the key at once. A lookup that was under way when a key changed is not
+cached: it may have read the key as it was.
 """
 
 from __future__ import annotations
@@ -143,6 +145,8 @@ class Keys:
         self._db = db
         self._cache_seconds = cache_seconds
         self._cache: dict[str, tuple[float, ApiKey]] = {}  # sha256 of the secret -> (until, key)
+        self._digests: dict[str, set[str]] = {}  # key id -> its cached digests
+        self._forgotten = 0  # how many times anything was forgotten
 
     async def start(self) -> None:
         """Start caching, where the database can say when a key changes."""
@@ -150,15 +154,21 @@ class Keys:
             await self._db.listen(_CHANNEL, self._forget)
 
     def _forget(self, key_id: str | None) -> None:
+        """A key changed (None: anything may have, the notifications were interrupted)."""
+        self._forgotten += 1
         if key_id is None:
             self._cache.clear()
+            self._digests.clear()
             return
-        for digest in [d for d, (_, key) in self._cache.items() if key.id == key_id]:
-            del self._cache[digest]
+        for digest in self._digests.pop(key_id, ()):
+            self._cache.pop(digest, None)
 
-    async def _changed(self, key_id: str) -> None:
-        self._forget(key_id)
-        await self._db.notify(_CHANNEL, key_id)
+    def _keep(self, digest: str, key: ApiKey, until: float) -> None:
+        if len(self._cache) >= _CACHE_MAX:
+            self._cache.clear()
+            self._digests.clear()
+        self._cache[digest] = (until, key)
+        self._digests.setdefault(key.id, set()).add(digest)
 
     async def create(
         self,
@@ -227,7 +237,7 @@ class Keys:
         await self._db.execute(
             "UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL", now, key.id
         )
-        await self._changed(key.id)
+        self._forget(key.id)  # here at once; elsewhere when the trigger's notification arrives
         return replace(key, revoked_at=now)
 
     async def rotate(self, id_or_name: str) -> tuple[ApiKey, str]:
@@ -241,7 +251,7 @@ class Keys:
         )
         if not changed:
             raise KeyError_("no live key with this id or name")
-        await self._changed(key.id)
+        self._forget(key.id)
         return key, secret
 
     async def authenticate(self, token: str) -> Principal:
@@ -257,11 +267,11 @@ class Keys:
         if cached is not None and cached[0] > now:
             key = cached[1]
         else:
+            forgotten = self._forgotten
             key = await self._lookup(match.group("id"), digest)
-            if self._db.listening and key.revoked_at is None:
-                if len(self._cache) >= _CACHE_MAX:
-                    self._cache.clear()
-                self._cache[digest] = (now + self._cache_seconds, key)
+            # Not if a notification came meanwhile: this read may be older than that change.
+            if self._db.listening and forgotten == self._forgotten and key.revoked_at is None:
+                self._keep(digest, key, now + self._cache_seconds)
         if key.revoked_at is not None:
             raise AuthenticationFailed("This API key has been revoked.", code="revoked_api_key")
         if key.expires_at is not None and key.expires_at <= time.time():

@@ -54,6 +54,7 @@ Spent = Callable[[str, float], Awaitable[float]]
 WINDOW: Final = 60  # seconds, in one-second buckets
 LEASE_SECONDS: Final = 900.0  # a concurrency slot not released by then is freed
 _NANO: Final = 1_000_000_000  # credit is counted in integer billionths of the currency
+_NANO_MAX: Final = 2**62
 _ALL_TIME_TTL: Final = 30 * 86400  # an all-time counter idle this long is rebuilt from the ledger
 _PERIODS: Final = {"daily": "day", "weekly": "week", "monthly": "month"}
 
@@ -193,7 +194,10 @@ async def _spent_from_ledger(
 
 
 def _to_nano(amount: float) -> int:
-    return round(amount * _NANO)
+    """Currency as integer nano-units, within Redis's 64-bit integers (an absurd cost from an
+    absurd usage saturates rather than failing)."""
+    nano = amount * _NANO
+    return _NANO_MAX if not math.isfinite(nano) or nano >= _NANO_MAX else round(nano)
 
 
 def _seconds(delta: float) -> int:

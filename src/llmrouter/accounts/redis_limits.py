@@ -19,7 +19,6 @@ from typing import Any, NamedTuple
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from llmrouter.accounts.limits import (
@@ -230,14 +229,14 @@ class RedisLimiter:
         self._lease_seconds = lease_seconds
         # No retries inside the client (`Redis()` would make ten): a request waits on Redis for
         # one short timeout at most.
-        # One retry, on a connection that failed before the command was sent (a pooled
-        # connection Redis closed when it restarted); never on a timeout, after which the script
-        # may have run.
+        # No retries inside the client: a failure may come after the script ran (a reply lost
+        # with its connection), and running it again would count the request twice. After a Redis
+        # restart, each stale pooled connection fails one request (open or closed, as configured).
         self._redis: Redis = Redis.from_url(
             url,
             socket_timeout=socket_timeout,
             socket_connect_timeout=socket_timeout,
-            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+            retry=Retry(NoBackoff(), 0),
         )
         self._compensations: set[asyncio.Task[None]] = set()
         self._url = url
@@ -298,10 +297,13 @@ class RedisLimiter:
             return await self._admit(keys=list(keys), args=args)
         except BaseException:
             if limits.max_concurrent is not None:
-                task = asyncio.get_running_loop().create_task(self._release(keys, request_id))
-                self._compensations.add(task)
-                task.add_done_callback(self._compensations.discard)
+                self._release_later(keys, request_id)
             raise
+
+    def _release_later(self, keys: _Keys, request_id: str) -> None:
+        task = asyncio.get_running_loop().create_task(self._release(keys, request_id))
+        self._compensations.add(task)
+        task.add_done_callback(self._compensations.discard)
 
     async def _release(self, keys: _Keys, request_id: str) -> None:
         """Remove the lease the lost script may have added. Redis may still be busy, and the
@@ -332,18 +334,19 @@ class RedisLimiter:
         return _uncounted(principal, request_id, now)
 
     async def settle(self, admission: Admission, tokens: int, cost: float) -> None:
+        limits = admission.limits
+        counted = admission.counted
+        cost_nano = _to_nano(cost) if limits.credit_limit is not None else 0
+        correction = tokens - admission.reserved_tokens if counted and limits.tpm is not None else 0
+        release = counted and limits.max_concurrent is not None
+        if not (cost_nano or correction or release):
+            return
+        now = self._clock()
+        start, end = credit_period(limits.reset, admission.bucket)  # the admission's period
+        keys = _keys(admission.principal_id, limits.reset, start)
         try:
-            limits = admission.limits
-            counted = admission.counted
-            cost_nano = _to_nano(cost) if limits.credit_limit is not None else 0
-            correction = tokens - admission.reserved_tokens if counted and limits.tpm is not None else 0
-            release = counted and limits.max_concurrent is not None
-            if not (cost_nano or correction or release):
-                return
-            now = self._clock()
-            start, end = credit_period(limits.reset, admission.bucket)  # the admission's period
             await self._settle(
-                keys=list(_keys(admission.principal_id, limits.reset, start)),
+                keys=list(keys),
                 args=[
                     repr(now),
                     admission.request_id,
@@ -356,6 +359,8 @@ class RedisLimiter:
             )
         except Exception:
             log.warning("cannot settle request %s", admission.request_id, exc_info=True)
+            if release:  # its slot at least must not wait out the lease
+                self._release_later(keys, admission.request_id)
 
     async def status(self, principal: Principal) -> LimitStatus:
         limits = principal.limits

@@ -15,6 +15,7 @@ work at once. PostgreSQL: an asyncpg pool.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import sqlite3
@@ -23,7 +24,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
-from urllib.parse import urlsplit
 
 import msgspec
 
@@ -87,6 +87,18 @@ _LEDGER_INDEXES = (
     "CREATE INDEX ledger_time ON ledger (created_at)",
 )
 
+# PostgreSQL: every change to a key notifies the servers that cache keys, in the changing
+# transaction (the notification is delivered when it commits, and only if it does).
+_KEY_CHANGED = (
+    """CREATE FUNCTION llmrouter_key_changed() RETURNS trigger AS $$
+    BEGIN
+        PERFORM pg_notify('llmrouter_keys', OLD.id);
+        RETURN NULL;
+    END $$ LANGUAGE plpgsql""",
+    "CREATE TRIGGER api_keys_changed AFTER UPDATE OR DELETE ON api_keys "
+    "FOR EACH ROW EXECUTE FUNCTION llmrouter_key_changed()",
+)
+
 # Each entry moves the schema from version i to i + 1. Never edit one that has shipped; append.
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(
@@ -102,7 +114,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     ),
     Migration(
         sqlite=(*_KEYS_V2, _LEDGER, *_LEDGER_INDEXES),
-        postgres=(*_KEYS_V2, _LEDGER, *_LEDGER_INDEXES),
+        postgres=(*_KEYS_V2, _LEDGER, *_LEDGER_INDEXES, *_KEY_CHANGED),
     ),
 )
 
@@ -144,9 +156,6 @@ class Database(Protocol):
     @property
     def listening(self) -> bool:
         """Notifications (`listen`) are being received now."""
-
-    async def notify(self, channel: str, payload: str) -> None:
-        """Tell every process listening on `channel` (PostgreSQL's NOTIFY; SQLite: nothing)."""
 
     async def listen(self, channel: str, on_message: Callable[[str | None], None]) -> None:
         """Call `on_message(payload)` for each notification on `channel`, and `on_message(None)`
@@ -261,9 +270,6 @@ class SqliteDatabase:
     # One file has no notifications: every lookup reads it, which is as cheap as a cache.
     listening = False
 
-    async def notify(self, channel: str, payload: str) -> None:
-        return None
-
     async def listen(self, channel: str, on_message: Callable[[str | None], None]) -> None:
         return None
 
@@ -304,6 +310,7 @@ def _check_version(version: int, where: str) -> None:
 # -- PostgreSQL -----------------------------------------------------------------------------------
 
 _PLACEHOLDER = re.compile(r"\?")
+_HEARTBEAT_SECONDS = 5.0
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
 
@@ -422,9 +429,6 @@ class PostgresDatabase:
             return False
         return True
 
-    async def notify(self, channel: str, payload: str) -> None:
-        await self._run("execute", "SELECT pg_notify(?, ?)", (channel, payload))
-
     async def listen(self, channel: str, on_message: Callable[[str | None], None]) -> None:
         self._listener = asyncio.get_running_loop().create_task(
             self._listen_forever(channel, on_message)
@@ -438,33 +442,38 @@ class PostgresDatabase:
             conn = None
             try:
                 conn = await asyncpg.connect(self._url, timeout=10, server_settings=self._settings)
-                lost = asyncio.Event()
-                conn.add_termination_listener(lambda _conn, lost=lost: lost.set())
                 await conn.add_listener(channel, lambda _c, _pid, _ch, payload: on_message(payload))
                 on_message(None)  # anything learnt before this connection may be stale
                 self.listening = True
-                await lost.wait()
-                log.warning("lost the database's notifications on %s; reconnecting", channel)
-            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                log.warning("cannot listen to the database on %s: %s", channel, exc)
+                # A connection a network device dropped without a word would look alive for
+                # ever: ask on it, and take a late answer as the connection lost.
+                while True:
+                    await asyncio.sleep(_HEARTBEAT_SECONDS)
+                    await asyncio.wait_for(conn.fetchval("SELECT 1"), _HEARTBEAT_SECONDS)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("the database's notifications on %s stopped: %r", channel, exc)
             finally:
                 self.listening = False
                 on_message(None)
-                if conn is not None and not conn.is_closed():
-                    await conn.close()
+                if conn is not None:
+                    conn.terminate()
             await asyncio.sleep(2.0)
 
     async def aclose(self) -> None:
         if self._listener is not None:
             self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listener
         await self._pool.close()
 
 
 def _without_password(url: str) -> str:
-    """The database URL for messages: scheme, user, host, port and database; no password, no
-    query (which may hold one)."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    where = f"{host}:{parts.port}" if parts.port else host
-    user = f"{parts.username}@" if parts.username else ""
-    return f"{parts.scheme}://{user}{where}{parts.path}"
+    """The database URL for messages: scheme, user, hosts and database; no password, no query
+    (which may hold one). Not parsed as one host: asyncpg takes `h1:5432,h2:5432`."""
+    scheme, _, rest = url.partition("://")
+    netloc, slash, path = rest.partition("/")
+    userinfo, at, hosts = netloc.rpartition("@")
+    user = userinfo.split(":", 1)[0] + "@" if at else ""
+    return f"{scheme}://{user}{hosts}{slash}{path.split('?', 1)[0]}"

@@ -112,10 +112,19 @@ def estimate_tokens(params: CompletionCreateParams, prompts: Prompts, context_le
 async def create_completion(req: Request, ctx: Context) -> None:
     principal = await ctx.auth.principal(req.header(b"authorization"))
     req.log["principal"] = principal.id
+    if ctx.ledger.backlogged:  # refused before it has a record: the backlog must not grow
+        raise ServiceUnavailable("The usage ledger cannot keep up; try again.", retry_after=1)
     acc = req.accounting = Accounting(principal)
-    req.require_json()
-    params, prompts = decode_completion_request(await req.body(ctx.settings.server.max_body_bytes))
-    model = params.model if isinstance(params.model, str) else ctx.catalog.default_model
+    try:
+        req.require_json()
+        body = await req.body(ctx.settings.server.max_body_bytes)
+        params, prompts = decode_completion_request(body)
+    except LlmrouterError:
+        # A request that does not parse is recorded too, so it counts against the rate limit
+        # (a 429 then, rather than its 400).
+        await ctx.limiter.settle(await ctx.limiter.admit(principal, req.request_id, 0), 0, 0.0)
+        raise
+    model = _first_model(params, ctx.catalog.default_model)
     acc.model_requested = model[:_MODEL_NAME_KEPT]  # a name that matched nothing may be long
     acc.stream = bool(params.stream)
     acc.prompt_estimate = prompt_tokens_estimate(prompts)
@@ -124,8 +133,6 @@ async def create_completion(req: Request, ctx: Context) -> None:
         acc.user = req.log["user"] = params.user
     if params.metadata:
         acc.metadata = req.log["metadata"] = params.metadata
-    if ctx.ledger.backlogged:
-        raise ServiceUnavailable("The usage ledger cannot keep up; try again.", retry_after=1)
     # Every request that gets this far counts against the limits, valid or not.
     context = ctx.catalog.context_length_of(model) or _UNKNOWN_CONTEXT
     estimate = estimate_tokens(params, prompts, context)
@@ -143,6 +150,12 @@ async def create_completion(req: Request, ctx: Context) -> None:
             usage = acc.usage
             tokens = usage.prompt_tokens + usage.completion_tokens if usage else 0
             await asyncio.shield(ctx.limiter.settle(admission, tokens, acc.cost))
+
+
+def _first_model(params: CompletionCreateParams, default: str) -> str:
+    if isinstance(params.model, str):
+        return params.model
+    return params.models[0] if params.models else default
 
 
 async def _complete(
@@ -288,15 +301,14 @@ async def _relay(req: Request, ctx: Context, stream: OpenStream, include_usage: 
                 part = await anext(stream.rest)
             except StopAsyncIteration:
                 break
-    except LlmrouterError as exc:
-        _note(req, target, stream.attempts, usage)
+    except LlmrouterError as exc:  # the upstream failed, or the deadline passed
+        _note(req, target, stream.attempts, usage or _sent(req, acc, deltas))
         await _end_with_error(req, ctx, exc)
         return
     finally:
         await stream.aclose()
-        if acc.usage is None and deltas:  # cut short (the client left): what it was sent
-            acc.usage = Usage(acc.prompt_estimate, deltas, acc.prompt_estimate + deltas)
-            req.log["usage_estimated"] = True
+        if acc.usage is None:  # the client left
+            acc.usage = _sent(req, acc, deltas)
     _note(req, target, stream.attempts, usage)
     tail = b""
     if include_usage:
@@ -305,6 +317,14 @@ async def _relay(req: Request, ctx: Context, stream: OpenStream, include_usage: 
         tail = event(encoder.encode(chunk))
     await _commit_record(req, ctx, 200)
     await req.send({"type": "http.response.body", "body": tail + DONE, "more_body": False})
+
+
+def _sent(req: Request, acc: Accounting, deltas: int) -> Usage | None:
+    """The usage of a stream cut before its count came: what was sent (a text part a token)."""
+    if not deltas:
+        return None
+    req.log["usage_estimated"] = True
+    return Usage(acc.prompt_estimate, deltas, acc.prompt_estimate + deltas)
 
 
 async def _end_with_error(req: Request, ctx: Context, exc: LlmrouterError) -> None:
