@@ -112,7 +112,11 @@ class Context:
         self.keys = Keys(self.db, cache_seconds=accounts.key_cache_seconds)
         await self.keys.start()
         self.auth = Authenticator(self.keys, jwt_authenticator(self.settings))
-        self.ledger = Ledger(self.db, batch_max=accounts.ledger_batch_max)
+        self.ledger = Ledger(
+            self.db,
+            batch_max=accounts.ledger_batch_max,
+            durable_timeout=accounts.ledger_wait_seconds,
+        )
         self.ledger.start()
         # A request's concurrency slot frees itself after the longest it may run.
         lease = self.settings.routing.deadline_seconds + 60

@@ -261,6 +261,9 @@ class AccountSettings(Struct, frozen=True, forbid_unknown_fields=True):
     # to the OS (it survives the process being killed, not the machine) and waits less.
     # PostgreSQL's durability is the server's (synchronous_commit).
     ledger_sync: Literal["full", "normal"] = "full"
+    # While the store is down, an answer waits this long for its record, then goes out anyway
+    # (with a warning; the record stays queued in memory and is written when the store is back).
+    ledger_wait_seconds: Annotated[float, Meta(gt=0, le=600)] = 10.0
 
 
 class Settings(Struct, frozen=True, forbid_unknown_fields=True):

@@ -39,10 +39,10 @@ from llmrouter.errors import (
     ServiceUnavailable,
 )
 from llmrouter.settings import AccountSettings, Policy
+from tests.fakes.limits import T0, Clock, Ledger
 
 REDIS_URL = os.environ.get("LLMROUTER_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 CLOSED_PORT_URL = "redis://127.0.0.1:1/0"  # nothing listens on port 1
-T0 = datetime(2025, 3, 12, 10, 0, 30, tzinfo=UTC).timestamp() + 0.25
 
 
 @pytest.fixture(scope="module")
@@ -58,27 +58,6 @@ def redis_url() -> str:
     finally:
         client.close()
     return REDIS_URL
-
-
-class Clock:
-    def __init__(self, now: float = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class Ledger:
-    def __init__(self, total: float = 0.0) -> None:
-        self.total = total
-        self.calls: list[tuple[str, float]] = []
-        self.fail = False
-
-    async def __call__(self, principal_id: str, since: float) -> float:
-        self.calls.append((principal_id, since))
-        if self.fail:
-            raise OSError("database is locked")
-        return self.total
 
 
 class Principals:

@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Coroutine
-from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -23,36 +22,7 @@ from llmrouter.accounts.principal import Principal
 from llmrouter.accounts.redis_limits import RedisLimiter
 from llmrouter.errors import CreditExhausted, InvalidRequest, RateLimited, ServiceUnavailable
 from llmrouter.settings import AccountSettings, Policy
-
-
-def at(year: int, month: int, day: int, hour: int = 0, minute: int = 0, second: int = 0) -> float:
-    return datetime(year, month, day, hour, minute, second, tzinfo=UTC).timestamp()
-
-
-T0 = at(2025, 3, 12, 10, 0, 30) + 0.25  # mid-minute, a quarter into its second
-
-
-class Clock:
-    def __init__(self, now: float = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class Ledger:
-    """The ledger's `spent`: a total it answers, and who asked since when."""
-
-    def __init__(self, total: float = 0.0) -> None:
-        self.total = total
-        self.calls: list[tuple[str, float]] = []
-        self.fail = False
-
-    async def __call__(self, principal_id: str, since: float) -> float:
-        self.calls.append((principal_id, since))
-        if self.fail:
-            raise OSError("database is locked")
-        return self.total
+from tests.fakes.limits import T0, Clock, Ledger, at
 
 
 def principal(principal_id: str = "key:k1", **limits: Any) -> Principal:
