@@ -111,6 +111,19 @@ def drop_schema(schema: str) -> None:
     asyncio.run(drop())
 
 
+def drop_redis_namespace(namespace: str) -> None:
+    """Delete a test's keys (`<namespace>:*`) from the shared Redis."""
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        keys = list(client.scan_iter(match=f"{namespace}:*", count=1000))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()
+
+
 @pytest.fixture
 def redis_url() -> str:
     need_service("Redis at 127.0.0.1:6379", _reachable("127.0.0.1", 6379))

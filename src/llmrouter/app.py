@@ -148,13 +148,13 @@ def jwt_authenticator(settings: Settings) -> JwtAuthenticator | None:
 
 
 def build_health(settings: Settings) -> HealthBook:
-    routing = settings.routing
+    routing, accounts = settings.routing, settings.accounts
     local = LocalHealth(routing.health, alpha=routing.latency_ewma_alpha)
-    if settings.accounts.redis_url is None:
+    if accounts.redis_url is None:
         return local
     from llmrouter.routing.shared_health import SharedHealth
 
-    return SharedHealth(local, settings.accounts.redis_url)
+    return SharedHealth(local, accounts.redis_url, channel=f"{accounts.redis_namespace}:health")
 
 
 def build_providers(settings: Settings) -> dict[str, Provider]:

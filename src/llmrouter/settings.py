@@ -249,6 +249,9 @@ class AccountSettings(Struct, frozen=True, forbid_unknown_fields=True):
     key_cache_seconds: Annotated[float, Meta(ge=0, le=3600)] = 60.0
     # Limits, credits and deployment health shared by replicas; in-process when null.
     redis_url: str | None = None
+    # Prefixes this deployment's keys and channel in Redis: deployments that share a Redis (staging
+    # and production) must not share counters or health.
+    redis_namespace: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")] = "llmrouter"
     # When Redis cannot be reached: serve without rate limits (open) or refuse with 503 (closed).
     rate_limits_fail_open: bool = True
     credits_fail_open: bool = False

@@ -18,7 +18,7 @@ import jwt as pyjwt
 import pytest
 
 from llmrouter.accounts.keys import KEY_PATTERN
-from tests.conftest import PG_URL, Router, drop_schema, start_router, stop
+from tests.conftest import PG_URL, Router, drop_redis_namespace, drop_schema, start_router, stop
 
 JWT_SECRET = "a-test-secret-of-at-least-32-bytes!!"
 ISSUER = "https://idp.test"
@@ -30,7 +30,7 @@ def config(fake: str, backend: str, schema: str | None, redis: str | None) -> st
     database = (
         f"  database_url: {PG_URL}\n  database_schema: {schema}\n" if backend == "postgres" else ""
     )
-    redis_line = f"  redis_url: {redis}\n" if redis else ""
+    redis_line = f"  redis_url: {redis}\n  redis_namespace: {schema}\n" if redis else ""
     return f"""providers:
   fake: {{kind: openai, base_url: {fake}/v1, timeouts: {{first_token: 5, total: 10}}}}
 models:
@@ -75,6 +75,7 @@ def router(
         stop(r.proc)
         if schema is not None:
             drop_schema(schema)
+            drop_redis_namespace(schema)
 
 
 @pytest.fixture(scope="module")

@@ -468,3 +468,26 @@ def test_a_lost_admission_answer_gives_its_slot_back(redis_url: str, principals:
             await lim.aclose()
 
     run(main)
+
+
+def test_namespaces_keep_deployments_apart(redis_url: str, principals: Principals) -> None:
+    """Staging and production on one Redis: the same principal id, separate counters."""
+
+    async def main() -> None:
+        p = principals(rpm=1)
+        namespace = f"staging-{uuid.uuid4().hex[:8]}"
+        staging = RedisLimiter(redis_url, AccountSettings(redis_namespace=namespace), Ledger())
+        production = RedisLimiter(redis_url, AccountSettings(), Ledger())
+        client = redis.asyncio.Redis.from_url(redis_url)
+        try:
+            await staging.admit(p, "a", 0)
+            await production.admit(p, "b", 0)  # not refused: staging's count is its own
+            with pytest.raises(RateLimited):
+                await staging.admit(p, "c", 0)
+        finally:
+            await client.delete(*await client.keys(f"{namespace}:*"))
+            await client.aclose()
+            await staging.aclose()
+            await production.aclose()
+
+    run(main)

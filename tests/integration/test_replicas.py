@@ -22,6 +22,7 @@ from tests.conftest import (
     BIN,
     PG_URL,
     Router,
+    drop_redis_namespace,
     free_port,
     run_cli,
     start_router,
@@ -47,6 +48,7 @@ accounts:
   database_url: {PG_URL}
   database_schema: {schema}
   redis_url: {redis}
+  redis_namespace: {schema}  # this test's replicas share health and limits with no one else
 """
 
 
@@ -66,6 +68,7 @@ def replicas(
             stop(second.proc)
     finally:
         stop(first.proc)
+        drop_redis_namespace(pg_schema)
 
 
 def test_a_limit_is_exact_across_two_replicas(replicas: tuple[Router, Router]) -> None:

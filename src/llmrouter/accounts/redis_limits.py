@@ -49,13 +49,13 @@ __all__ = ["RedisLimiter", "redis_key_prefix"]
 log = logging.getLogger("llmrouter.limits")
 
 
-def redis_key_prefix(principal_id: str) -> bytes:
-    """`lr:{<id>}:`: the braces make a principal's keys one hash slot in a Redis Cluster. The id
-    is kept readable; only `%` and `}` are escaped (`}` would end the hash tag early), and an
-    empty id is `%`, as an empty tag would not be one."""
+def redis_key_prefix(principal_id: str, namespace: str = "llmrouter") -> bytes:
+    """`<namespace>:{<id>}:`: the braces make a principal's keys one hash slot in a Redis Cluster.
+    The id is kept readable; only `%` and `}` are escaped (`}` would end the hash tag early), and
+    an empty id is `%`, as an empty tag would not be one."""
     raw = principal_id.encode("utf-8", "surrogatepass")
     tag = raw.replace(b"%", b"%25").replace(b"}", b"%7D") or b"%"
-    return b"lr:{" + tag + b"}:"
+    return namespace.encode() + b":{" + tag + b"}:"
 
 
 # KEYS: 1 requests window (hash: second -> count), 2 tokens window (hash: second -> tokens),
@@ -194,8 +194,8 @@ class _Keys(NamedTuple):
     credit: bytes
 
 
-def _keys(principal_id: str, reset: Reset | None, period_start: int) -> _Keys:
-    prefix = redis_key_prefix(principal_id)
+def _keys(namespace: str, principal_id: str, reset: Reset | None, period_start: int) -> _Keys:
+    prefix = redis_key_prefix(principal_id, namespace)
     period = f"{reset}:{period_start}" if reset is not None else "all"
     return _Keys(
         prefix + b"req", prefix + b"tok", prefix + b"lease", prefix + b"credit:" + period.encode()
@@ -224,6 +224,7 @@ class RedisLimiter:
         socket_timeout: float = 0.5,
     ) -> None:
         self._settings = settings
+        self._namespace = settings.redis_namespace
         self._spent = spent
         self._clock = clock
         self._lease_seconds = lease_seconds
@@ -251,7 +252,7 @@ class RedisLimiter:
             return _uncounted(principal, request_id, 0.0)
         now = self._clock()
         start, end = credit_period(limits.reset, now)
-        keys = _keys(principal.id, limits.reset, start)
+        keys = _keys(self._namespace, principal.id, limits.reset, start)
         args: list[Any] = [
             repr(now),
             math.floor(now),
@@ -343,7 +344,7 @@ class RedisLimiter:
             return
         now = self._clock()
         start, end = credit_period(limits.reset, admission.bucket)  # the admission's period
-        keys = _keys(admission.principal_id, limits.reset, start)
+        keys = _keys(self._namespace, admission.principal_id, limits.reset, start)
         try:
             await self._settle(
                 keys=list(keys),
@@ -368,7 +369,7 @@ class RedisLimiter:
         start, end = credit_period(limits.reset, now)
         if not _is_limited(limits):
             return LimitStatus(None, None, None, None, start, end)
-        keys = _keys(principal.id, limits.reset, start)
+        keys = _keys(self._namespace, principal.id, limits.reset, start)
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
                 pipe.hgetall(keys.requests)
