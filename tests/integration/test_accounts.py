@@ -37,6 +37,7 @@ models:
   - {{id: fake/ok, pricing: {PRICING}, deployments: [{{provider: fake, model: ok}}]}}
   - {{id: fake/other, deployments: [{{provider: fake, model: ok}}]}}
   - {{id: fake/slow, deployments: [{{provider: fake, model: slow-ok-1500}}]}}
+  - {{id: fake/slow-priced, pricing: {PRICING}, deployments: [{{provider: fake, model: slow-ok-1500}}]}}
   - {{id: fake/status-500, deployments: [{{provider: fake, model: status-500}}]}}
   - {{id: fake/hang, deployments: [{{provider: fake, model: hang}}]}}
   - id: fake/truncated
@@ -260,6 +261,18 @@ def test_credit_limit_gives_402(router: Router) -> None:
     error = error_of(refused)
     assert error["type"] == "insufficient_credits" and error["code"] == "credit_limit_exceeded"
     assert complete(router, secret, model="fake/other").status_code == 402  # free, but spent
+
+
+def test_credit_is_held_while_a_request_runs(router: Router) -> None:
+    secret = new_key(router, "--credit-limit", "1")
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(complete, router, secret, "fake/slow-priced")  # may cost 3.3: held
+        time.sleep(0.5)
+        second = complete(router, secret)
+        assert slow.result().status_code == 200
+    assert second.status_code == 402
+    assert "held by requests in flight" in error_of(second)["message"]
+    assert complete(router, secret).status_code == 200  # 0.7 spent, nothing held: under 1
 
 
 def test_concurrency_limit(router: Router) -> None:

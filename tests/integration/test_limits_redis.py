@@ -40,6 +40,7 @@ from llmrouter.errors import (
 )
 from llmrouter.settings import AccountSettings, Policy
 from tests.fakes.limits import T0, Clock, Ledger
+from tests.unit.test_limits import credit_hold_story
 
 REDIS_URL = os.environ.get("LLMROUTER_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 CLOSED_PORT_URL = "redis://127.0.0.1:1/0"  # nothing listens on port 1
@@ -489,5 +490,14 @@ def test_namespaces_keep_deployments_apart(redis_url: str, principals: Principal
             await client.aclose()
             await staging.aclose()
             await production.aclose()
+
+    run(main)
+
+
+def test_credit_held_by_requests_in_flight_in_redis(redis_url: str, principals: Principals) -> None:
+    async def main() -> None:
+        clock = Clock()
+        async with limiter(redis_url, clock) as lim:
+            await credit_hold_story(lim, principals(credit_limit=1.0), clock)
 
     run(main)

@@ -14,6 +14,7 @@ import pytest
 from llmrouter.accounts.limits import (
     LEASE_SECONDS,
     Admission,
+    Limiter,
     LocalLimiter,
     create_limiter,
     credit_period,
@@ -386,5 +387,37 @@ def test_create_limiter_picks_redis_only_when_configured() -> None:
         shared = create_limiter(AccountSettings(redis_url="redis://127.0.0.1:1/0"), Ledger())
         assert isinstance(shared, RedisLimiter)  # no connection until it is used
         await shared.aclose()
+
+    run(main)
+
+
+async def credit_hold_story(lim: Limiter, p: Principal, clock: Clock) -> None:
+    """Requests in flight hold their estimated cost: the spend and the holds together are
+    checked, a settled request's hold becomes its real cost, and a hold left by a crashed
+    replica ends with the lease."""
+    a = await lim.admit(p, "a", 0, 0.6)
+    b = await lim.admit(p, "b", 0, 0.6)  # nothing spent, 0.6 held: under 1
+    with pytest.raises(CreditExhausted) as refused:
+        await lim.admit(p, "c", 0, 0.6)  # 1.2 held
+    assert refused.value.message == (
+        "Credit limit of 1 reached (spent 0, 1.2 held by requests in flight)."
+    )
+    await lim.settle(a, 0, 0.1)  # spent 0.1, 0.6 held
+    d = await lim.admit(p, "d", 0, 0.6)
+    await lim.settle(b, 0, 0.1)
+    await lim.settle(d, 0, 0.1)
+    assert (await lim.status(p)).credit_spent == pytest.approx(0.3)
+    await lim.admit(p, "e", 0, 5.0)  # its own estimate never refuses it; then it crashes
+    with pytest.raises(CreditExhausted):
+        await lim.admit(p, "f", 0, 0.0)
+    clock.now += LEASE_SECONDS + 1
+    await lim.admit(p, "g", 0, 0.0)  # the hold ended with the lease
+
+
+def test_credit_held_by_requests_in_flight() -> None:
+    async def main() -> None:
+        clock = Clock()
+        lim, _ = limiter(clock)
+        await credit_hold_story(lim, principal(credit_limit=1.0), clock)
 
     run(main)

@@ -10,9 +10,11 @@ settled; a lease also ends by itself after `LEASE_SECONDS`, so that a replica th
 hold slots for ever.
 
 Credit is spent per period in UTC (a day from midnight, a week from Monday, a month from the 1st;
-with no `reset`, for all time). A request is refused (402) once the period's spend has reached the
-limit; the check is at admission and the cost is known only at the end, so requests in flight may
-take the spend past the limit, each by at most its own cost. The first time a limiter sees a
+with no `reset`, for all time). The cost is known only at the end, so each admitted request holds
+a reservation of what it may cost (its prompt and `max_tokens` at the dearest deployment that may
+answer it) until it is settled; a request is refused (402) once the spend and the reservations of
+the requests in flight reach the limit. A request is never refused for its own estimate alone, so
+the spend may pass the limit by at most the last admitted request's cost. The first time a limiter sees a
 principal in a period, its counter starts from the ledger (`spent`), so a restart or a flushed
 Redis does not hand out the period's credit again.
 
@@ -27,7 +29,7 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Final, NamedTuple, Protocol
 
@@ -73,6 +75,7 @@ class Admission:
     headers: list[tuple[bytes, bytes]]  # X-RateLimit-* for a successful response
     limits: Policy = UNLIMITED
     counted: bool = False  # its request, tokens and slot were recorded (not unlimited, not failed open)
+    reserved_credit: int = 0  # nano-units of credit held until it is settled
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,8 +91,15 @@ class LimitStatus:
 
 
 class Limiter(Protocol):
-    async def admit(self, principal: Principal, request_id: str, estimated_tokens: int) -> Admission:
-        """Count the request against `principal`'s limits, or raise RateLimited (429),
+    async def admit(
+        self,
+        principal: Principal,
+        request_id: str,
+        estimated_tokens: int,
+        estimated_cost: float = 0.0,
+    ) -> Admission:
+        """Count the request against `principal`'s limits, holding `estimated_cost` of its credit
+        until it is settled, or raise RateLimited (429),
         CreditExhausted (402), InvalidRequest (400: the estimate alone exceeds the tokens per
         minute) or ServiceUnavailable (503: the limits cannot be checked and must be)."""
 
@@ -153,6 +163,7 @@ class _Verdict(NamedTuple):
     concurrent: int = 0
     credit: int = 0  # nano-units spent in the period
     wait: float = 0.0  # refused: seconds until the request could pass
+    reserved: int = 0  # nano-units held by requests in flight
 
 
 def _has_rate_limits(limits: Policy) -> bool:
@@ -215,14 +226,17 @@ def _rate_limited(message: str, limit: int, used: int, wait: float) -> RateLimit
 
 
 def _conclude(
-    principal: Principal, request_id: str, estimated: int, now: float, v: _Verdict
+    principal: Principal, request_id: str, estimated: int, now: float, v: _Verdict, reserve: int = 0
 ) -> Admission:
     """The admission for a request the checks let in, or the error for one they refused."""
     limits = principal.limits
     if v.code == _CREDIT:
         assert limits.credit_limit is not None
         spent = v.credit / _NANO
-        message = f"Credit limit of {limits.credit_limit:g} reached (spent {spent:.6g})"
+        message = f"Credit limit of {limits.credit_limit:g} reached (spent {spent:.6g}"
+        if v.reserved:
+            message += f", {v.reserved / _NANO:.6g} held by requests in flight"
+        message += ")"
         _, end = credit_period(limits.reset, now)
         if limits.reset is not None and end is not None:
             resets = datetime.fromtimestamp(end, UTC).strftime("%Y-%m-%d %H:%M UTC")
@@ -264,7 +278,10 @@ def _conclude(
         headers += _window_headers(b"-requests", limits.rpm, v.requests, None)
     if limits.tpm is not None:
         headers += _window_headers(b"-tokens", limits.tpm, v.tokens, None)
-    return Admission(principal.id, request_id, estimated, math.floor(now), headers, limits, counted=True)
+    reserve = reserve if limits.credit_limit is not None else 0
+    return Admission(
+        principal.id, request_id, estimated, math.floor(now), headers, limits, True, reserve
+    )
 
 
 def _window_headers(
@@ -320,6 +337,8 @@ class _Account:
     credit_period: tuple[Reset | None, int] | None = None
     credit: int = 0  # nano-units spent in `credit_period`
     in_flight: int = 0  # admitted and not yet settled: the account must not be forgotten
+    # Credit held by requests in flight: request id -> (nano-units, when the hold ends by itself).
+    holds: dict[str, tuple[int, float]] = field(default_factory=dict)
 
 
 class LocalLimiter:
@@ -361,7 +380,13 @@ class LocalLimiter:
         for principal_id in idle:
             del self._accounts[principal_id]
 
-    async def admit(self, principal: Principal, request_id: str, estimated_tokens: int) -> Admission:
+    async def admit(
+        self,
+        principal: Principal,
+        request_id: str,
+        estimated_tokens: int,
+        estimated_cost: float = 0.0,
+    ) -> Admission:
         limits = principal.limits
         estimated = _check_estimate(limits, estimated_tokens)
         if not _is_limited(limits):
@@ -381,8 +406,9 @@ class LocalLimiter:
                 if held is None or held[0] != period[0] or held[1] < period[1]:
                     account.credit_period, account.credit = period, spent
         # From here on, nothing awaits: the checks and the counting are one step.
-        verdict = self._check(account, limits, request_id, estimated, now, credit_limit)
-        admission = _conclude(principal, request_id, estimated, now, verdict)
+        reserve = _to_nano(estimated_cost) if credit_limit is not None else 0
+        verdict = self._check(account, limits, request_id, estimated, now, credit_limit, reserve)
+        admission = _conclude(principal, request_id, estimated, now, verdict, reserve)
         account.in_flight += 1
         return admission
 
@@ -394,9 +420,15 @@ class LocalLimiter:
         estimated: int,
         now: float,
         credit_limit: int | None,  # nano-units; None: not checked
+        reserve: int,  # nano-units this request holds while it runs
     ) -> _Verdict:
-        if credit_limit is not None and account.credit >= credit_limit:
-            return _Verdict(_CREDIT, credit=account.credit)
+        held = 0
+        if credit_limit is not None:
+            for ended in [r for r, (_, until) in account.holds.items() if until <= now]:
+                del account.holds[ended]
+            held = sum(amount for amount, _ in account.holds.values())
+            if account.credit + held >= credit_limit:
+                return _Verdict(_CREDIT, credit=account.credit, reserved=held)
         running = 0
         if limits.max_concurrent is not None:
             for expired in [r for r, until in account.leases.items() if until <= now]:
@@ -425,6 +457,8 @@ class LocalLimiter:
         if limits.max_concurrent is not None:
             account.leases[request_id] = now + self._lease_seconds
             running += 1
+        if reserve:
+            account.holds[request_id] = (reserve, now + self._lease_seconds)
         return _Verdict(
             _OK,
             requests=requests,
@@ -444,6 +478,7 @@ class LocalLimiter:
             now = self._clock()
             if admission.counted:
                 account.leases.pop(admission.request_id, None)
+                account.holds.pop(admission.request_id, None)
                 account.in_flight = max(0, account.in_flight - 1)
             correction = tokens - admission.reserved_tokens
             buckets = account.tokens.buckets

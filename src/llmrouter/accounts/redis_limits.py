@@ -59,12 +59,15 @@ def redis_key_prefix(principal_id: str, namespace: str = "llmrouter") -> bytes:
 
 
 # KEYS: 1 requests window (hash: second -> count), 2 tokens window (hash: second -> tokens),
-#       3 leases (zset: request id scored by lease expiry), 4 credit counter (string, nano-units)
+#       3 leases (zset: request id scored by lease expiry), 4 credit counter (string, nano-units),
+#       5 credit held by requests in flight (hash: request id -> "nano-units:expiry")
 # ARGV: 1 now (unix seconds), 2 its second, 3 request id, 4 estimated tokens,
 #       5 rpm, 6 tpm, 7 max concurrent, 8 credit limit in nano-units (each -1 when unlimited),
 #       9 lease expiry (unix seconds), 10 leases' ttl, 11 credit counter's ttl (0: none),
-#       12 the ledger's spend in nano-units to start a missing counter with ('' when not read yet)
-# Reply: {verdict, requests, requests reset ms, tokens, tokens reset ms, concurrent, credit, wait ms}
+#       12 the ledger's spend in nano-units to start a missing counter with ('' when not read yet),
+#       13 the credit this request holds while it runs, in nano-units ('0': none)
+# Reply: {verdict, requests, requests reset ms, tokens, tokens reset ms, concurrent, credit, wait ms,
+#         credit held by requests in flight}
 # The script's 60 and 59 are WINDOW; a window's hash lives 120 s after its last write (room for
 # clock skew between replicas). Numbers bound for Redis as arguments (fields, scores, ttls) come
 # from ARGV as strings: how Redis prints a Lua number changed between versions.
@@ -111,11 +114,11 @@ local function reset_ms(live)
   return math.ceil((from + 60 - now) * 1000)
 end
 
-local credit = '0'
+local credit, held = '0', 0
 if credit_limit >= 0 then
   credit = redis.call('GET', KEYS[4])
   if not credit then
-    if ARGV[12] == '' then return {1, 0, 0, 0, 0, 0, '0', 0} end
+    if ARGV[12] == '' then return {1, 0, 0, 0, 0, 0, '0', 0, 0} end
     credit = ARGV[12]
     if ARGV[11] ~= '0' then
       redis.call('SET', KEYS[4], credit, 'EX', ARGV[11])
@@ -123,28 +126,39 @@ if credit_limit >= 0 then
       redis.call('SET', KEYS[4], credit)
     end
   end
-  if tonumber(credit) >= credit_limit then return {2, 0, 0, 0, 0, 0, credit, 0} end
+  local holds, ended = redis.call('HGETALL', KEYS[5]), {}
+  for i = 1, #holds, 2 do
+    local amount, ends = string.match(holds[i + 1], '^(%d+):(.+)$')
+    if tonumber(ends) <= now then
+      ended[#ended + 1] = holds[i]
+    else
+      held = held + tonumber(amount)
+    end
+  end
+  if #ended > 0 then redis.call('HDEL', KEYS[5], unpack(ended)) end
+  if tonumber(credit) + held >= credit_limit then return {2, 0, 0, 0, 0, 0, credit, 0, held} end
 end
 
 local running = 0
 if most >= 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', ARGV[1])
   running = redis.call('ZCARD', KEYS[3])
-  if running >= most then return {3, 0, 0, 0, 0, running, credit, 1000} end
+  if running >= most then return {3, 0, 0, 0, 0, running, credit, 1000, held} end
 end
 
 local requests, requests_live = 0, {}
 if rpm >= 0 then
   requests_live, requests = window(KEYS[1])
   if requests + 1 > rpm then
-    return {4, requests, 0, 0, 0, running, credit, wait_ms(requests_live, requests + 1 - rpm)}
+    return {4, requests, 0, 0, 0, running, credit, wait_ms(requests_live, requests + 1 - rpm), held}
   end
 end
 local tokens, tokens_live = 0, {}
 if tpm >= 0 then
   tokens_live, tokens = window(KEYS[2])
   if tokens + estimated > tpm then
-    return {5, requests, 0, tokens, 0, running, credit, wait_ms(tokens_live, tokens + estimated - tpm)}
+    local wait = wait_ms(tokens_live, tokens + estimated - tpm)
+    return {5, requests, 0, tokens, 0, running, credit, wait, held}
   end
 end
 
@@ -163,15 +177,21 @@ if most >= 0 then
   redis.call('EXPIRE', KEYS[3], ARGV[10])
   running = running + 1
 end
-return {0, requests, reset_ms(requests_live), tokens, reset_ms(tokens_live), running, credit, 0}
+if credit_limit >= 0 and ARGV[13] ~= '0' then
+  redis.call('HSET', KEYS[5], ARGV[3], ARGV[13] .. ':' .. ARGV[9])
+  redis.call('EXPIRE', KEYS[5], ARGV[10])
+end
+return {0, requests, reset_ms(requests_live), tokens, reset_ms(tokens_live), running, credit, 0, held}
 """
 
 # KEYS: as for admission.
 # ARGV: 1 now, 2 request id, 3 the bucket its tokens were counted in, 4 the tokens' correction,
-#       5 cost in nano-units, 6 credit counter's ttl (0: none), 7 '1' to release its slot
+#       5 cost in nano-units, 6 credit counter's ttl (0: none), 7 '1' to release its slot,
+#       8 '1' to end its hold on credit
 # A missing credit counter is left missing: the next admission starts it from the ledger.
 _SETTLE_LUA = """
 if ARGV[7] == '1' then redis.call('ZREM', KEYS[3], ARGV[2]) end
+if ARGV[8] == '1' then redis.call('HDEL', KEYS[5], ARGV[2]) end
 if ARGV[4] ~= '0' and tonumber(ARGV[3]) > math.floor(tonumber(ARGV[1])) - 60
     and redis.call('HEXISTS', KEYS[2], ARGV[3]) == 1 then
   redis.call('HINCRBY', KEYS[2], ARGV[3], ARGV[4])
@@ -192,14 +212,14 @@ class _Keys(NamedTuple):
     tokens: bytes
     leases: bytes
     credit: bytes
+    holds: bytes
 
 
 def _keys(namespace: str, principal_id: str, reset: Reset | None, period_start: int) -> _Keys:
     prefix = redis_key_prefix(principal_id, namespace)
     period = f"{reset}:{period_start}" if reset is not None else "all"
-    return _Keys(
-        prefix + b"req", prefix + b"tok", prefix + b"lease", prefix + b"credit:" + period.encode()
-    )
+    credit = prefix + b"credit:" + period.encode()
+    return _Keys(prefix + b"req", prefix + b"tok", prefix + b"lease", credit, prefix + b"hold")
 
 
 def _credit_ttl(end: int | None, now: float) -> int:
@@ -245,13 +265,20 @@ class RedisLimiter:
         self._admit = self._redis.register_script(_ADMIT_LUA)
         self._settle = self._redis.register_script(_SETTLE_LUA)
 
-    async def admit(self, principal: Principal, request_id: str, estimated_tokens: int) -> Admission:
+    async def admit(
+        self,
+        principal: Principal,
+        request_id: str,
+        estimated_tokens: int,
+        estimated_cost: float = 0.0,
+    ) -> Admission:
         limits = principal.limits
         estimated = _check_estimate(limits, estimated_tokens)
         if not _is_limited(limits):
             return _uncounted(principal, request_id, 0.0)
         now = self._clock()
         start, end = credit_period(limits.reset, now)
+        reserve = _to_nano(estimated_cost) if limits.credit_limit is not None else 0
         keys = _keys(self._namespace, principal.id, limits.reset, start)
         args: list[Any] = [
             repr(now),
@@ -266,6 +293,7 @@ class RedisLimiter:
             math.ceil(self._lease_seconds) + WINDOW,
             _credit_ttl(end, now),
             "",
+            reserve,
         ]
         try:
             reply = await self._admit_once(keys, args, request_id, limits)
@@ -274,7 +302,7 @@ class RedisLimiter:
                 if spent is None:
                     args[7] = -1  # failing open: the rate limits are still checked
                 else:
-                    args[-1] = spent
+                    args[11] = spent
                 reply = await self._admit_once(keys, args, request_id, limits)
         except (RedisError, OSError) as exc:
             return self._unavailable(principal, request_id, now, exc)
@@ -287,8 +315,9 @@ class RedisLimiter:
             concurrent=int(reply[5]),
             credit=int(reply[6]),
             wait=int(reply[7]) / 1000,
+            reserved=int(reply[8]),
         )
-        return _conclude(principal, request_id, estimated, now, verdict)
+        return _conclude(principal, request_id, estimated, now, verdict, reserve)
 
     async def _admit_once(self, keys: _Keys, args: list[Any], request_id: str, limits: Policy) -> Any:
         """One run of the admission script. If its answer is lost (a timeout, the request
@@ -297,7 +326,7 @@ class RedisLimiter:
         try:
             return await self._admit(keys=list(keys), args=args)
         except BaseException:
-            if limits.max_concurrent is not None:
+            if limits.max_concurrent is not None or limits.credit_limit is not None:
                 self._release_later(keys, request_id)
             raise
 
@@ -315,9 +344,12 @@ class RedisLimiter:
         for delay in _RELEASE_AFTER:
             await asyncio.sleep(delay)
             try:
-                await self._patient.zrem(keys.leases, request_id)
+                async with self._patient.pipeline(transaction=False) as pipe:
+                    pipe.zrem(keys.leases, request_id)
+                    pipe.hdel(keys.holds, request_id)
+                    await pipe.execute()
             except (RedisError, OSError) as exc:
-                log.warning("cannot release %s's concurrency slot: %s", request_id, exc)
+                log.warning("cannot release %s's slot and credit hold: %s", request_id, exc)
 
     def _unavailable(
         self, principal: Principal, request_id: str, now: float, error: Exception
@@ -340,7 +372,8 @@ class RedisLimiter:
         cost_nano = _to_nano(cost) if limits.credit_limit is not None else 0
         correction = tokens - admission.reserved_tokens if counted and limits.tpm is not None else 0
         release = counted and limits.max_concurrent is not None
-        if not (cost_nano or correction or release):
+        unhold = counted and admission.reserved_credit > 0
+        if not (cost_nano or correction or release or unhold):
             return
         now = self._clock()
         start, end = credit_period(limits.reset, admission.bucket)  # the admission's period
@@ -356,11 +389,12 @@ class RedisLimiter:
                     cost_nano,
                     _credit_ttl(end, now),
                     "1" if release else "0",
+                    "1" if unhold else "0",
                 ],
             )
         except Exception:
             log.warning("cannot settle request %s", admission.request_id, exc_info=True)
-            if release:  # its slot at least must not wait out the lease
+            if release or unhold:  # its slot and hold at least must not wait out the lease
                 self._release_later(keys, admission.request_id)
 
     async def status(self, principal: Principal) -> LimitStatus:

@@ -136,7 +136,9 @@ async def create_completion(req: Request, ctx: Context) -> None:
     # Every request that gets this far counts against the limits, valid or not.
     context = ctx.catalog.context_length_of(model) or _UNKNOWN_CONTEXT
     estimate = estimate_tokens(params, prompts, context)
-    admission = await ctx.limiter.admit(principal, req.request_id, estimate)
+    # Credit is held for the most it could cost, until its real cost is known.
+    cost = ctx.catalog.dearest_cost(params, acc.prompt_estimate, estimate - acc.prompt_estimate)
+    admission = await ctx.limiter.admit(principal, req.request_id, estimate, cost)
     try:
         check_request_format(params.response_format)
         ctx.catalog.check_allowed(params, principal.limits.models)

@@ -97,6 +97,22 @@ class Catalog:
         ]
         return min(lengths) if lengths else None
 
+    def dearest_cost(
+        self, params: CompletionCreateParams, prompt_tokens: int, completion_tokens: int
+    ) -> float:
+        """The most a request of this size could cost at any deployment of the models it names
+        (names that match no model cost nothing: the request will be refused)."""
+        names = [params.model] if isinstance(params.model, str) else []
+        names += params.models if isinstance(params.models, list) else []
+        return max(
+            (
+                target.cost(prompt_tokens, completion_tokens)
+                for name in names or [self.default_model]
+                for target in self.targets.get(name, ())
+            ),
+            default=0.0,
+        )
+
     def context_length_of(self, name: str) -> int | None:
         """The context length of the model called `name`, if there is one and it is known."""
         model = self.models.get(name)
