@@ -369,8 +369,9 @@ def build_openapi() -> dict[str, Any]:
     ok["headers"].update(_RATE_LIMIT_HEADERS)
     responses["429"]["description"] = (
         "Over the key's or token's requests, tokens or concurrent requests per minute (see "
-        "Retry-After and X-RateLimit-*), or (`type: provider_error`-like code "
-        "`upstream_rate_limited`) every deployment's upstream rate-limited the request"
+        "Retry-After and X-RateLimit-*); or its credit is held by requests in flight (`code: "
+        "credit_held`, retry after one finishes); or (code `upstream_rate_limited`) every "
+        "deployment's upstream rate-limited the request"
     )
     responses["429"]["headers"] = {
         "Retry-After": {"schema": {"type": "integer"}, "description": "Seconds to wait."},

@@ -270,8 +270,8 @@ def test_credit_is_held_while_a_request_runs(router: Router) -> None:
         time.sleep(0.5)
         second = complete(router, secret)
         assert slow.result().status_code == 200
-    assert second.status_code == 402
-    assert "held by requests in flight" in error_of(second)["message"]
+    assert second.status_code == 429 and second.headers["retry-after"] == "1"
+    assert error_of(second)["code"] == "credit_held"  # not spent: retry when the first is done
     assert complete(router, secret).status_code == 200  # 0.7 spent, nothing held: under 1
 
 

@@ -397,10 +397,12 @@ async def credit_hold_story(lim: Limiter, p: Principal, clock: Clock) -> None:
     replica ends with the lease."""
     a = await lim.admit(p, "a", 0, 0.6)
     b = await lim.admit(p, "b", 0, 0.6)  # nothing spent, 0.6 held: under 1
-    with pytest.raises(CreditExhausted) as refused:
-        await lim.admit(p, "c", 0, 0.6)  # 1.2 held
-    assert refused.value.message == (
-        "Credit limit of 1 reached (spent 0, 1.2 held by requests in flight)."
+    with pytest.raises(RateLimited) as held:
+        await lim.admit(p, "c", 0, 0.6)  # 1.2 held, nothing spent: a 429 to retry, not a 402
+    assert held.value.code == "credit_held" and held.value.retry_after == 1.0
+    assert held.value.message == (
+        "Credit limit of 1 is held by requests in flight (spent 0, 1.2 held); retry when one of "
+        "them has finished."
     )
     await lim.settle(a, 0, 0.1)  # spent 0.1, 0.6 held
     d = await lim.admit(p, "d", 0, 0.6)
@@ -408,10 +410,13 @@ async def credit_hold_story(lim: Limiter, p: Principal, clock: Clock) -> None:
     await lim.settle(d, 0, 0.1)
     assert (await lim.status(p)).credit_spent == pytest.approx(0.3)
     await lim.admit(p, "e", 0, 5.0)  # its own estimate never refuses it; then it crashes
-    with pytest.raises(CreditExhausted):
+    with pytest.raises(RateLimited):
         await lim.admit(p, "f", 0, 0.0)
     clock.now += LEASE_SECONDS + 1
-    await lim.admit(p, "g", 0, 0.0)  # the hold ended with the lease
+    g = await lim.admit(p, "g", 0, 0.0)  # the hold ended with the lease
+    await lim.settle(g, 0, 0.8)  # spent 1.1: really spent now
+    with pytest.raises(CreditExhausted):
+        await lim.admit(p, "h", 0, 0.0)
 
 
 def test_credit_held_by_requests_in_flight() -> None:

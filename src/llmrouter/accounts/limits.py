@@ -11,10 +11,12 @@ hold slots for ever.
 
 Credit is spent per period in UTC (a day from midnight, a week from Monday, a month from the 1st;
 with no `reset`, for all time). The cost is known only at the end, so each admitted request holds
-a reservation of what it may cost (its prompt and `max_tokens` at the dearest deployment that may
-answer it) until it is settled; a request is refused (402) once the spend and the reservations of
-the requests in flight reach the limit. A request is never refused for its own estimate alone, so
-the spend may pass the limit by at most the last admitted request's cost. The first time a limiter sees a
+an estimate of the most it may cost until it is settled (see `api/completions.py`). A request is
+refused once the spend and the holds of the requests in flight reach the limit: with a 402 when
+the spend alone has, else with a 429 (`credit_held`) to retry when one of them finishes. A
+request is never refused for its own estimate alone, so the spend may pass the limit by about the
+last admitted request's cost. In Redis, the holds are read at each admission: its cost grows with
+the principal's requests in flight (about 0.5 ms at a thousand). The first time a limiter sees a
 principal in a period, its counter starts from the ledger (`spent`), so a restart or a flushed
 Redis does not hand out the period's credit again.
 
@@ -233,10 +235,14 @@ def _conclude(
     if v.code == _CREDIT:
         assert limits.credit_limit is not None
         spent = v.credit / _NANO
-        message = f"Credit limit of {limits.credit_limit:g} reached (spent {spent:.6g}"
-        if v.reserved:
-            message += f", {v.reserved / _NANO:.6g} held by requests in flight"
-        message += ")"
+        if v.credit < _to_nano(limits.credit_limit):  # not spent: held until requests finish
+            raise RateLimited(
+                f"Credit limit of {limits.credit_limit:g} is held by requests in flight (spent "
+                f"{spent:.6g}, {v.reserved / _NANO:.6g} held); retry when one of them has finished.",
+                code="credit_held",
+                retry_after=1.0,
+            )
+        message = f"Credit limit of {limits.credit_limit:g} reached (spent {spent:.6g})"
         _, end = credit_period(limits.reset, now)
         if limits.reset is not None and end is not None:
             resets = datetime.fromtimestamp(end, UTC).strftime("%Y-%m-%d %H:%M UTC")

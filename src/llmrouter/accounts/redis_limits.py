@@ -301,6 +301,7 @@ class RedisLimiter:
                 spent = await _spent_from_ledger(self._spent, principal.id, start, self._settings)
                 if spent is None:
                     args[7] = -1  # failing open: the rate limits are still checked
+                    args[12] = reserve = 0
                 else:
                     args[11] = spent
                 reply = await self._admit_once(keys, args, request_id, limits)

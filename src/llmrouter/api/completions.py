@@ -98,6 +98,11 @@ def prompt_tokens_estimate(prompts: Prompts) -> int:
     return sum(len(p) // 4 + 1 if isinstance(p, str) else len(p) for p in prompts)
 
 
+def prompt_tokens_bound(prompts: Prompts) -> int:
+    """At most a token a UTF-8 byte (byte-level tokenizers); token-id prompts exactly."""
+    return sum(len(p.encode()) + 1 if isinstance(p, str) else len(p) for p in prompts)
+
+
 def estimate_tokens(params: CompletionCreateParams, prompts: Prompts, context_length: int) -> int:
     """Tokens to reserve against a tokens-per-minute limit before the usage is known: the prompts
     and the most the answers may hold (`max_tokens: null` means up to the model's context)."""
@@ -134,10 +139,15 @@ async def create_completion(req: Request, ctx: Context) -> None:
     if params.metadata:
         acc.metadata = req.log["metadata"] = params.metadata
     # Every request that gets this far counts against the limits, valid or not.
-    context = ctx.catalog.context_length_of(model) or _UNKNOWN_CONTEXT
+    context = ctx.catalog.longest_context(params) or _UNKNOWN_CONTEXT
     estimate = estimate_tokens(params, prompts, context)
-    # Credit is held for the most it could cost, until its real cost is known.
-    cost = ctx.catalog.dearest_cost(params, acc.prompt_estimate, estimate - acc.prompt_estimate)
+    # Credit is held for about the most it could cost until its real cost is known: every prompt
+    # token bound, once per answer (a deployment without `n` is asked once per answer), and every
+    # answer token it may have, at the dearest deployment of its models.
+    answers = max(params.n or 1, params.best_of or 1)
+    cost = ctx.catalog.dearest_cost(
+        params, prompt_tokens_bound(prompts) * answers, estimate - acc.prompt_estimate
+    )
     admission = await ctx.limiter.admit(principal, req.request_id, estimate, cost)
     try:
         check_request_format(params.response_format)

@@ -97,21 +97,29 @@ class Catalog:
         ]
         return min(lengths) if lengths else None
 
+    def _named(self, params: CompletionCreateParams) -> list[str]:
+        names = [params.model] if isinstance(params.model, str) else []
+        names += params.models if isinstance(params.models, list) else []
+        return names or [self.default_model]
+
     def dearest_cost(
         self, params: CompletionCreateParams, prompt_tokens: int, completion_tokens: int
     ) -> float:
         """The most a request of this size could cost at any deployment of the models it names
         (names that match no model cost nothing: the request will be refused)."""
-        names = [params.model] if isinstance(params.model, str) else []
-        names += params.models if isinstance(params.models, list) else []
         return max(
             (
                 target.cost(prompt_tokens, completion_tokens)
-                for name in names or [self.default_model]
+                for name in self._named(params)
                 for target in self.targets.get(name, ())
             ),
             default=0.0,
         )
+
+    def longest_context(self, params: CompletionCreateParams) -> int | None:
+        """The longest known context of the models a request names, if any is known."""
+        lengths = [n for name in self._named(params) if (n := self.context_length_of(name))]
+        return max(lengths, default=None)
 
     def context_length_of(self, name: str) -> int | None:
         """The context length of the model called `name`, if there is one and it is known."""
