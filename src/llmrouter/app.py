@@ -121,18 +121,14 @@ class Context:
         # A request's concurrency slot frees itself after the longest it may run.
         lease = self.settings.routing.deadline_seconds + 60
         self.limiter = create_limiter(accounts, self.ledger.spent, lease_seconds=lease)
-        start_health = getattr(self.health, "start", None)
-        if start_health is not None:
-            await start_health()
+        await self.health.start()
         for provider in self.catalog.providers.values():
             await provider.start()
 
     async def aclose(self) -> None:
         for provider in self.catalog.providers.values():
             await provider.aclose()
-        close_health = getattr(self.health, "aclose", None)
-        if close_health is not None:
-            await close_health()
+        await self.health.aclose()
         await self.limiter.aclose()
         await self.ledger.aclose()
         await self.db.aclose()

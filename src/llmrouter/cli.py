@@ -398,30 +398,29 @@ def _parser() -> argparse.ArgumentParser:
     listing.add_argument("--all", action="store_true", help="include revoked keys")
     listing.add_argument("--json", action="store_true", help="as JSON")
     listing.set_defaults(func=cmd_keys_list)
-    show = keys_sub.add_parser(
-        "show",
-        help="one key's details, as JSON (never its secret)",
-        epilog="example:\n  llmrouter keys show my-app",
-        formatter_class=fmt,
-    )
-    show.add_argument("key", metavar="ID_OR_NAME")
-    show.set_defaults(func=cmd_keys_show)
-    revoke = keys_sub.add_parser(
-        "revoke",
-        help="revoke a key by id or name",
-        epilog="example:\n  llmrouter keys revoke my-app",
-        formatter_class=fmt,
-    )
-    revoke.add_argument("key", metavar="ID_OR_NAME")
-    revoke.set_defaults(func=cmd_keys_revoke)
-    rotate = keys_sub.add_parser(
-        "rotate",
-        help="a new secret for a key (same id, limits and history); printed on the last line",
-        epilog="example:\n  NEW=$(llmrouter keys rotate my-app | tail -n 1)",
-        formatter_class=fmt,
-    )
-    rotate.add_argument("key", metavar="ID_OR_NAME")
-    rotate.set_defaults(func=cmd_keys_rotate)
+    # The actions on one key, named by id or name.
+    one_key = []
+    for action, help_, example, func in (
+        (
+            "show",
+            "one key's details, as JSON (never its secret)",
+            "llmrouter keys show my-app",
+            cmd_keys_show,
+        ),
+        ("revoke", "revoke a key by id or name", "llmrouter keys revoke my-app", cmd_keys_revoke),
+        (
+            "rotate",
+            "a new secret for a key (same id, limits and history); printed on the last line",
+            "NEW=$(llmrouter keys rotate my-app | tail -n 1)",
+            cmd_keys_rotate,
+        ),
+    ):
+        parser_ = keys_sub.add_parser(
+            action, help=help_, epilog=f"example:\n  {example}", formatter_class=fmt
+        )
+        parser_.add_argument("key", metavar="ID_OR_NAME")
+        parser_.set_defaults(func=func)
+        one_key.append(parser_)
 
     usage = sub.add_parser(
         "usage",
@@ -446,7 +445,7 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=fmt,
     )
     models.set_defaults(func=cmd_models)
-    for p in (keys, create, listing, show, revoke, rotate, usage, models):
+    for p in (keys, create, listing, *one_key, usage, models):
         p.add_argument("--config", default=argparse.SUPPRESS, help="YAML config file")
     return parser
 

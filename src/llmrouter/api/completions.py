@@ -20,7 +20,7 @@ from llmrouter.api.http import Request
 from llmrouter.api.sse import DONE, KEEPALIVE, event, start_stream
 from llmrouter.errors import LlmrouterError, ServiceUnavailable
 from llmrouter.routing.executor import Attempt, OpenStream
-from llmrouter.routing.plan import Plan, Target
+from llmrouter.routing.plan import Catalog, Plan, Target
 from llmrouter.structured import check_request_format
 from llmrouter.wire.completions import (
     CompletionChunk,
@@ -34,7 +34,7 @@ from llmrouter.wire.validate import Prompts, decode_completion_request
 if TYPE_CHECKING:
     from llmrouter.app import Context
 
-__all__ = ["Accounting", "create_completion", "estimate_tokens"]
+__all__ = ["Accounting", "answer_tokens", "create_completion"]
 
 _DEFAULT_MAX_TOKENS = 16  # the Completions API's default
 _UNKNOWN_CONTEXT = 8192  # tokens a `max_tokens: null` answer may hold when no length is known
@@ -103,15 +103,14 @@ def prompt_tokens_bound(prompts: Prompts) -> int:
     return sum(len(p.encode()) + 1 if isinstance(p, str) else len(p) for p in prompts)
 
 
-def estimate_tokens(params: CompletionCreateParams, prompts: Prompts, context_length: int) -> int:
-    """Tokens to reserve against a tokens-per-minute limit before the usage is known: the prompts
-    and the most the answers may hold (`max_tokens: null` means up to the model's context)."""
+def answer_tokens(params: CompletionCreateParams, catalog: Catalog) -> int:
+    """The most tokens one answer may hold: `max_tokens`, 16 when it is not set, and when it is
+    null the longest context of the models named (looked up only then)."""
     if isinstance(params.max_tokens, int):
-        max_tokens = params.max_tokens
-    else:
-        max_tokens = _DEFAULT_MAX_TOKENS if params.max_tokens is UNSET else context_length
-    answers = len(prompts) * max(params.n or 1, params.best_of or 1)
-    return prompt_tokens_estimate(prompts) + answers * max_tokens
+        return params.max_tokens
+    if params.max_tokens is UNSET:
+        return _DEFAULT_MAX_TOKENS
+    return catalog.longest_context(params) or _UNKNOWN_CONTEXT
 
 
 async def create_completion(req: Request, ctx: Context) -> None:
@@ -138,17 +137,18 @@ async def create_completion(req: Request, ctx: Context) -> None:
         acc.user = req.log["user"] = params.user
     if params.metadata:
         acc.metadata = req.log["metadata"] = params.metadata
-    # Every request that gets this far counts against the limits, valid or not.
-    context = ctx.catalog.longest_context(params) or _UNKNOWN_CONTEXT
-    estimate = estimate_tokens(params, prompts, context)
-    # Credit is held for about the most it could cost until its real cost is known: every prompt
-    # token bound, once per answer (a deployment without `n` is asked once per answer), and every
-    # answer token it may have, at the dearest deployment of its models.
-    answers = max(params.n or 1, params.best_of or 1)
-    cost = ctx.catalog.dearest_cost(
-        params, prompt_tokens_bound(prompts) * answers, estimate - acc.prompt_estimate
-    )
-    admission = await ctx.limiter.admit(principal, req.request_id, estimate, cost)
+    # Every request that gets this far counts against the limits, valid or not. Tokens per minute
+    # reserve the prompts and the most the answers may hold.
+    per_prompt = max(params.n or 1, params.best_of or 1)
+    answers = len(prompts) * per_prompt * answer_tokens(params, ctx.catalog)
+    cost = 0.0
+    if principal.limits.credit_limit is not None:
+        # Credit is held for about the most it could cost until its real cost is known: every
+        # prompt token bound, once per answer (a deployment without `n` is asked once per
+        # answer), and every answer token, at the dearest deployment of its models.
+        bound = prompt_tokens_bound(prompts) * per_prompt
+        cost = ctx.catalog.dearest_cost(params, bound, answers)
+    admission = await ctx.limiter.admit(principal, req.request_id, acc.prompt_estimate + answers, cost)
     try:
         check_request_format(params.response_format)
         ctx.catalog.check_allowed(params, principal.limits.models)

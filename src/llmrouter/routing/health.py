@@ -25,6 +25,11 @@ _PROBE_LOST_AFTER = 60.0  # seconds
 
 
 class HealthBook(Protocol):
+    async def start(self) -> None:
+        """In the server's event loop, before the first request (a shared book connects)."""
+
+    async def aclose(self) -> None: ...
+
     def available(self, label: str) -> bool:
         """May an attempt go to `label` now? (No side effect: see `claim`.) An ejected deployment
         whose cooldown is over is available to one probe at a time."""
@@ -92,6 +97,12 @@ class LocalHealth:
         self._alpha = alpha
         self._clock = clock
         self._states: dict[str, _State] = {}
+
+    async def start(self) -> None:
+        return None  # nothing to connect: the state is this process's
+
+    async def aclose(self) -> None:
+        return None
 
     def _state(self, label: str) -> _State:
         state = self._states.get(label)
