@@ -342,7 +342,7 @@ def router_config(
     )
     return f"""default_model: local/smollm2-135m-instruct
 routing:
-  retry_budget_floor: 1000  # tests share one router; the budget has tests of its own
+  retry_budget: {{min_per_second: 1000}}  # tests share one router; the budget has tests of its own
   max_attempts: 2
   health: {{consecutive_failures: 1000000, min_attempts: 1000000}}  # ejection: own tests
 server:

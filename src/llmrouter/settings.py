@@ -29,6 +29,7 @@ __all__ = [
     "OpenAIProvider",
     "Policy",
     "Pricing",
+    "RetryBudgetSettings",
     "RoutingSettings",
     "ServerSettings",
     "Settings",
@@ -167,15 +168,22 @@ class HealthSettings(Struct, frozen=True, forbid_unknown_fields=True):
     max_cooldown_seconds: PositiveSeconds = 300.0
 
 
+class RetryBudgetSettings(Struct, frozen=True, forbid_unknown_fields=True):
+    """Attempts beyond a request's first (Finagle's RetryBudget, see routing/budget.py): each
+    request deposits `ratio` of one, and `min_per_second` are always allowed, over any
+    `ttl_seconds`. A request's first attempt at each model it names costs nothing."""
+
+    ratio: Annotated[float, Meta(ge=0, le=1000)] = 0.2
+    min_per_second: Annotated[float, Meta(ge=0, le=1e6)] = 10.0
+    ttl_seconds: Annotated[float, Meta(ge=1, le=3600)] = 10.0
+
+
 class RoutingSettings(Struct, frozen=True, forbid_unknown_fields=True):
     max_attempts: Annotated[int, Meta(ge=1)] = 4  # per request, all deployments together
     deadline_seconds: PositiveSeconds = 900.0  # the whole request, backoff included
     backoff_base_ms: Annotated[float, Meta(ge=0)] = 50.0  # full jitter: uniform(0, base * 2^k)
     backoff_max_ms: Annotated[float, Meta(ge=0)] = 2000.0
-    # Attempts beyond each request's first, in any 10 s: this share of the requests, or the
-    # floor when that is more.
-    retry_budget_ratio: Annotated[float, Meta(ge=0)] = 0.2
-    retry_budget_floor: Annotated[int, Meta(ge=0)] = 3
+    retry_budget: RetryBudgetSettings = RetryBudgetSettings()
     latency_ewma_alpha: Annotated[float, Meta(gt=0, le=1)] = 0.3
     # An answer that fails its `response_format` is asked for again this many times on the same
     # deployment (then the next one); these do not count towards max_attempts.
@@ -311,6 +319,13 @@ def embedded_default() -> Settings:
 # Loading
 
 
+# Keys of earlier versions, and what took their place.
+_REPLACED = {
+    ".routing.retry_budget_ratio": "now routing.retry_budget.ratio",
+    ".routing.retry_budget_floor": (
+        "now routing.retry_budget.min_per_second: retries a second always allowed, not a count"
+    ),
+}
 _ENV = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?::-(?P<default>[^}]*))?\}")
 _PLACEHOLDER = "LLMROUTER_ENV_REFERENCE_"
 _PATH_STEP = re.compile(r"\.([^.\[]+)|\[(\d+)\]")
@@ -377,6 +392,8 @@ def _convert(value: Any, kind: type[Any], node: yaml.Node | None, file: Path, pr
         if message.startswith("Object contains unknown field"):
             where += "." + message.split("`")[1]
             message = "unknown key"
+            if where in _REPLACED:
+                message += f" ({_REPLACED[where]})"
         raise ConfigError(f"{file}: {_place(node, where)}: {message}") from None
 
 

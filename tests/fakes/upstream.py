@@ -7,6 +7,7 @@ Faults (streamed and not, unless said):
   ok                  answers; the text echoes the request body it received
   status-NNN          answers NNN with an OpenAI-style error body; 429 carries `Retry-After: 7`
   status-429-date     429 with Retry-After as an HTTP date 3 s ahead
+  retry-after-N       429 with `Retry-After: N`
   context-400         400 with code context_length_exceeded
   refuse              400 with code content_policy_violation
   hang                never answers (no headers)
@@ -132,6 +133,9 @@ async def completions(request: web.Request) -> web.StreamResponse:
     if fault == "lm" or fault.startswith("lm-"):
         return await _lm(request, fault, body, stream)
 
+    if fault.startswith("retry-after-"):
+        error = {"error": {"message": "fake rate limit", "type": "fake", "code": None}}
+        return web.json_response(error, status=429, headers={"Retry-After": fault[12:]})
     if fault.startswith("status-"):
         code = int(fault.split("-")[1])
         headers = {}

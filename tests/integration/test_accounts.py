@@ -43,7 +43,7 @@ models:
   - id: fake/truncated
     pricing: {PRICING}
     deployments: [{{provider: fake, model: stream-truncated}}]
-routing: {{max_attempts: 1, retry_budget_floor: 1000}}
+routing: {{max_attempts: 1, retry_budget: {{min_per_second: 1000}}}}
 accounts:
 {database}{redis_line}  policies:
     small: {{rpm: 2, models: [fake/ok]}}

@@ -42,7 +42,7 @@ models:
       - {{provider: fake, model: status-503}}
       - {{provider: fake, model: ok}}
 routing:
-  retry_budget_floor: 1000
+  retry_budget: {{min_per_second: 1000}}
   health: {{consecutive_failures: 2, cooldown_seconds: 30}}
 accounts:
   database_url: {PG_URL}

@@ -8,7 +8,8 @@ from collections import Counter
 import pytest
 
 from llmrouter.providers.base import Capabilities
-from llmrouter.routing.health import LocalHealth, RetryBudget
+from llmrouter.routing.budget import RetryBudget
+from llmrouter.routing.health import LocalHealth
 from llmrouter.routing.plan import Target
 from llmrouter.routing.strategies import order_targets
 from llmrouter.settings import DeploymentSettings, HealthSettings, ModelSettings, Pricing
@@ -157,15 +158,43 @@ def test_retry_after_skips_without_ejecting() -> None:
     assert h.available("a") and h.available("a")
 
 
-def test_retry_budget_is_a_fraction_of_requests_with_a_floor() -> None:
+def test_retry_budget_is_a_share_of_requests_plus_a_reserve_per_second() -> None:
     clock = Clock()
-    budget = RetryBudget(0.2, 3, window=10, clock=clock)
-    for _ in range(100):
-        budget.note_request()
-    granted = sum(budget.try_spend() for _ in range(100))
-    assert granted == 20
-    clock.now += 11  # the window has passed: the floor
-    assert sum(budget.try_spend() for _ in range(10)) == 3
+    budget = RetryBudget(0.2, 10, ttl_seconds=10, clock=clock)
+    assert budget.reserve == 100
+    for _ in range(200):
+        budget.deposit()
+    assert sum(budget.try_withdraw() for _ in range(1000)) == 100 + 40  # exactly
+    clock.now += 10  # what was deposited and withdrawn has expired: the reserve is back
+    assert sum(budget.try_withdraw() for _ in range(1000)) == 100
+
+
+def test_the_retry_budget_never_refuses_below_its_reserve_rate() -> None:
+    clock = Clock()
+    budget = RetryBudget(0.2, 10, ttl_seconds=10, clock=clock)
+    # A quiet router whose every request needs a fallback: ten a second, for a minute.
+    for _ in range(600):
+        budget.deposit()
+        assert budget.try_withdraw()
+        clock.now += 0.1
+
+
+def test_the_retry_budget_caps_a_sustained_storm_at_its_ratio() -> None:
+    clock = Clock()
+    budget = RetryBudget(0.2, 10, ttl_seconds=10, clock=clock)
+    granted = 0
+    for _ in range(60_000):  # 1,000 requests a second for a minute, each wanting three retries
+        budget.deposit()
+        granted += sum(budget.try_withdraw() for _ in range(3))
+        clock.now += 0.001
+    # Over any 10 s: 20% of its requests and the reserve of 100. Six windows in the minute.
+    assert 0.2 * 60_000 + 5 * 100 < granted <= 0.2 * 60_000 + 6 * 100
+
+
+def test_a_retry_budget_with_no_ratio_and_no_reserve_refuses_every_retry() -> None:
+    budget = RetryBudget(0, 0, clock=Clock())
+    budget.deposit()
+    assert not budget.try_withdraw()
 
 
 def test_failures_already_in_flight_do_not_eject_again() -> None:

@@ -1,11 +1,17 @@
 """Executing a plan: the one place that makes attempts, retries, falls back, hedges and times out.
 
 Walk the plan's targets in order, skipping deployments that are ejected or inside an upstream's
-Retry-After. A retryable failure moves on to the next target at once (a prompt too long for a model
-moves on to the request's other models; a content refusal never goes back to the same deployment);
-when a whole pass over the plan has failed, the next pass waits a backoff with full jitter first.
-Every attempt after the first spends from a retry budget shared by all requests, and none runs past
-the request's deadline.
+Retry-After, wherever they are in the plan. Only when nothing in the whole plan is in rotation does
+a request try one anyway, once: the ejected deployment whose cooldown ends first (Envoy's panic
+mode; its attempt is marked `panic`, and if it answers it is back in rotation at once). A retryable
+failure moves on to the next target at once (a prompt too long for a model moves on to the
+request's other models; a content refusal never goes back to the same deployment); when a whole
+pass over the plan has failed, the next pass waits a backoff with full jitter first.
+
+The first attempt at each model the request names (its `model`, then each of `models`) is the
+client's own instruction and costs nothing; every other attempt (another deployment of the same
+model, a second pass, a hedge, asking again after an invalid answer) spends from the retry budget
+shared by all requests (`routing/budget.py`). No attempt runs past the request's deadline.
 
 With `hedge_after_ms` on the model, a first attempt that has produced nothing by then gets a second
 one beside it, on the next target; the first to produce wins and the other is cancelled. Without
@@ -39,7 +45,8 @@ from llmrouter.errors import (
     UpstreamUnavailable,
 )
 from llmrouter.providers.base import Call, Completion, StreamPart
-from llmrouter.routing.health import HealthBook, RetryBudget
+from llmrouter.routing.budget import RetryBudget
+from llmrouter.routing.health import HealthBook
 from llmrouter.routing.plan import Plan, Target
 from llmrouter.settings import RoutingSettings
 from llmrouter.wire.completions import CompletionCreateParams
@@ -58,9 +65,11 @@ class Attempt:
     target: str
     outcome: str  # "ok", "cancelled" (a hedge that lost), or the error's code
     ms: float
+    note: str = ""  # "panic": tried although ejected, because everything in the plan was
 
     def __str__(self) -> str:
-        return f"{self.target} {self.outcome} {self.ms:.0f}ms"
+        text = f"{self.target} {self.outcome} {self.ms:.0f}ms"
+        return f"{text} {self.note}" if self.note else text
 
 
 class CommittedStream:
@@ -177,6 +186,8 @@ class _Run(Generic[T]):
         self.attempts: list[Attempt] = []
         self.running: list[_Running[T]] = []  # hedged attempts in flight
         self.tried: set[str] = set()  # in the current pass over the plan
+        self.models_tried: set[str] = set()  # a first attempt at these costs the budget nothing
+        self.panic: str | None = None  # the deployment tried in panic mode (once a request)
         self.too_small: set[str] = set()  # models whose context the request does not fit
         self.refused: set[str] = set()  # deployments whose content policy refused it
         self.invalid: dict[str, int] = {}  # answers that failed response_format, per deployment
@@ -188,8 +199,10 @@ class _Run(Generic[T]):
         self.stop = False
 
     def start(self, target: Target) -> Awaitable[T]:
-        self.health.claim(target.label)
+        if target.label != self.panic:  # (a panic attempt is no probe: it fails as ejected)
+            self.health.claim(target.label)
         self.tried.add(target.label)
+        self.models_tried.add(target.model.id)
         self.started += 1
         call = Call(
             target.deployment,
@@ -204,8 +217,15 @@ class _Run(Generic[T]):
         task = asyncio.ensure_future(self.start(target))
         self.running.append(_Running(target, time.perf_counter(), task))
 
+    def may_answer(self, target: Target) -> bool:
+        """Whether `target` could still answer this request (as far as the request goes)."""
+        return target.model.id not in self.too_small and target.label not in self.refused
+
     def nothing_left(self) -> bool:
-        return all(t.model.id in self.too_small or t.label in self.refused for t in self.plan.targets)
+        return not any(self.may_answer(t) for t in self.plan.targets)
+
+    def note(self, target: Target) -> str:
+        return "panic" if target.label == self.panic else ""
 
     async def cancel_running(self) -> None:
         """Cancel the attempts still in flight (a hedge that lost, or all of them when the client
@@ -228,7 +248,8 @@ class Executor:
     ) -> None:
         self._routing = routing
         self._health = health
-        self._budget = RetryBudget(routing.retry_budget_ratio, routing.retry_budget_floor)
+        b = routing.retry_budget
+        self._budget = RetryBudget(b.ratio, b.min_per_second, b.ttl_seconds)
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not secrets
 
     # -- the two kinds of request -------------------------------------------------------------
@@ -311,7 +332,7 @@ class Executor:
     ) -> tuple[Target, T, list[Attempt], float]:
         """Attempts until one succeeds (and the request's deadline, in loop time); `discard`
         releases a result that came in too late (a hedge that also produced)."""
-        self._budget.note_request()
+        self._budget.deposit()
         deadline = asyncio.get_running_loop().time() + self._routing.deadline_seconds
         run = _Run(plan, params, prompts, request_id, attempt, discard, deadline, self._health)
         hedge_ms = plan.targets[0].model.hedge_after_ms
@@ -365,7 +386,7 @@ class Executor:
                 elif not hedged:
                     hedged = True
                     nxt = self._pick(run) if run.started < self._routing.max_attempts else None
-                    if nxt is not None and self._budget.try_spend():
+                    if nxt is not None and self._budget.try_withdraw():  # a hedge always costs
                         run.launch(nxt)
                 continue
             for finished in [r for r in run.running if r.task in done]:
@@ -392,7 +413,7 @@ class Executor:
         if run.again is not None:  # not counted in max_attempts: it is the same deployment
             again, run.again = run.again, None
             run.started -= 1
-            if self._budget.try_spend():
+            if self._budget.try_withdraw():
                 return again
             run.attempts.append(Attempt(again.label, "retry_budget_exhausted", 0.0))
             return None
@@ -409,18 +430,20 @@ class Executor:
             nxt = self._pick(run)
             if nxt is None:
                 return None
-        if not self._budget.try_spend():
-            run.attempts.append(Attempt(nxt.label, "retry_budget_exhausted", 0.0))
-            return None
-        return nxt
+        if nxt.model.id not in run.models_tried or self._budget.try_withdraw():
+            return nxt
+        run.attempts.append(Attempt(nxt.label, "retry_budget_exhausted", 0.0))
+        return self._pick(run, first_at_model=True)  # a model the request named, not yet tried
 
     def _won(self, run: _Run[T], target: Target, result: T, ms: float) -> None:
-        run.attempts.append(Attempt(target.label, "ok", ms))
+        run.attempts.append(Attempt(target.label, "ok", ms, run.note(target)))
         self._health.record(target.label, True)
+        if target.label == run.panic:
+            self._health.restore(target.label)
         run.winner = target, result
 
     def _failed(self, run: _Run[T], target: Target, exc: LlmrouterError, ms: float) -> None:
-        run.attempts.append(Attempt(target.label, exc.code, ms))
+        run.attempts.append(Attempt(target.label, exc.code, ms, run.note(target)))
         if exc.retryable and exc.retry_after:  # the upstream said when to come back
             self._health.skip_for(target.label, exc.retry_after)
             self._health.release(target.label)
@@ -445,40 +468,43 @@ class Executor:
     # -- choosing -----------------------------------------------------------------------------
 
     def _first_target(self, run: _Run[T]) -> Target:
-        for target in run.plan.targets:
-            if self._usable(target, run.plan):
-                return target
+        target = self._pick(run)
+        if target is not None:
+            return target
         labels = ", ".join(t.label for t in run.plan.targets)
         raise ServiceUnavailable(
             f"Every deployment that could serve this request asked to wait ({labels}).",
             retry_after=min(self._health.unavailable_for(t.label) for t in run.plan.targets),
         )
 
-    def _pick(self, run: _Run[T]) -> Target | None:
+    def _pick(self, run: _Run[T], *, first_at_model: bool = False) -> Target | None:
+        """The next target: the first in the plan, not yet tried in this pass, that may answer
+        and is in rotation (with `first_at_model`, only at a model not tried yet). When nothing in
+        the whole plan is in rotation: once a request, the ejected one whose cooldown ends first;
+        an upstream's Retry-After is always waited out."""
+        health = self._health
         candidates = [
             t
             for t in run.plan.targets
             if t.label not in run.tried
-            and t.label not in run.refused
-            and t.model.id not in run.too_small
+            and run.may_answer(t)
+            and not (first_at_model and t.model.id in run.models_tried)
         ]
         if run.too_small:
             candidates.sort(key=lambda t: _context_rank(t, run))
         for target in candidates:
-            if self._usable(target, run.plan):
+            if health.available(target.label):
                 return target
-        return None
-
-    def _usable(self, target: Target, plan: Plan) -> bool:
-        """Available, or ejected along with every other deployment of its model: a model is never
-        left with none (an upstream's Retry-After is waited out, though)."""
-        health = self._health
-        if health.available(target.label):
-            return True
-        if health.retry_after_for(target.label) > 0:
-            return False
-        model = target.model.id
-        return not any(health.available(t.label) for t in plan.targets if t.model.id == model)
+        if run.panic is not None:
+            return None
+        if any(health.available(t.label) for t in run.plan.targets if run.may_answer(t)):
+            return None  # something is in rotation: this pass is over, not the plan
+        ejected = [t for t in candidates if health.retry_after_for(t.label) <= 0]
+        if not ejected:
+            return None
+        target = min(ejected, key=lambda t: health.unavailable_for(t.label))
+        run.panic = target.label
+        return target
 
     def _backoff(self, passes: int) -> float:
         r = self._routing

@@ -19,7 +19,7 @@ from typing import Protocol
 
 from llmrouter.settings import HealthSettings
 
-__all__ = ["HealthBook", "LocalHealth", "RetryBudget"]
+__all__ = ["HealthBook", "LocalHealth"]
 
 _PROBE_LOST_AFTER = 60.0  # seconds
 
@@ -50,6 +50,10 @@ class HealthBook(Protocol):
     def release(self, label: str) -> None:
         """An attempt ended without saying anything about the deployment's health (cancelled,
         rate-limited, refused): if it was the probe, the next request may probe again."""
+
+    def restore(self, label: str) -> None:
+        """`label` answered while it was ejected (it was tried anyway, because every deployment
+        of a plan was out): it takes full traffic again, as after a successful probe."""
 
     def skip_for(self, label: str, seconds: float) -> None:
         """The upstream asked us to wait (Retry-After)."""
@@ -194,6 +198,12 @@ class LocalHealth:
     def release(self, label: str) -> None:
         self._state(label).probing = False
 
+    def restore(self, label: str) -> None:
+        state = self._state(label)
+        state.ejected_until = 0.0
+        state.probing = False
+        state.consecutive_failures = 0
+
     def skip_for(self, label: str, seconds: float) -> None:
         state = self._state(label)
         state.skip_until = max(state.skip_until, self._clock() + seconds)
@@ -224,42 +234,3 @@ class LocalHealth:
 
 def _ewma(old: float | None, new: float, alpha: float) -> float:
     return new if old is None else alpha * new + (1 - alpha) * old
-
-
-class RetryBudget:
-    """Extra attempts (retries, fallbacks, hedges) over any `window` seconds are at most `ratio` of
-    the requests, or `floor` when that is more, so that an outage does not become a retry storm
-    against the providers that are left."""
-
-    def __init__(
-        self,
-        ratio: float,
-        floor: int,
-        window: float = 10.0,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self._ratio = ratio
-        self._floor = floor
-        self._window = window
-        self._clock = clock
-        self._requests: deque[float] = deque()
-        self._retries: deque[float] = deque()
-
-    def _prune(self, now: float) -> None:
-        horizon = now - self._window
-        for times in (self._requests, self._retries):
-            while times and times[0] < horizon:
-                times.popleft()
-
-    def note_request(self) -> None:
-        now = self._clock()
-        self._prune(now)
-        self._requests.append(now)
-
-    def try_spend(self) -> bool:
-        now = self._clock()
-        self._prune(now)
-        if len(self._retries) >= max(self._floor, self._ratio * len(self._requests)):
-            return False
-        self._retries.append(now)
-        return True

@@ -197,6 +197,9 @@ class SharedHealth:
     def release(self, label: str) -> None:
         self._local.release(label)
 
+    def restore(self, label: str) -> None:  # recovery is not shared: each replica sees its own
+        self._local.restore(label)
+
     def skip_for(self, label: str, seconds: float) -> None:
         self._local.skip_for(label, seconds)
         if seconds > 0:
