@@ -304,6 +304,18 @@ def build_openapi() -> dict[str, Any]:
                 "nullable": True,
                 "description": "Order deployments by this instead of the model's strategy.",
             },
+            "resume": {
+                "type": "boolean",
+                "nullable": True,
+                "description": (
+                    "A stream that fails after its first token is continued on the next "
+                    "deployment of the plan, sent the prompt and the text so far, so that the "
+                    "client gets one uninterrupted answer (null: as the model's `resume_streams` "
+                    "says). Only where continuing means the same answer: one string prompt, "
+                    "`n` 1, no `logprobs`, `echo`, `suffix` or `response_format` other than "
+                    "text; elsewhere the stream ends with an error event."
+                ),
+            },
         },
     }
     params = schemas["CompletionCreateParams"]["properties"]

@@ -155,6 +155,10 @@ class ModelSettings(Struct, frozen=True, forbid_unknown_fields=True):
     # A completion that opens with the first tag is reasoning up to the second: it is returned
     # in `choices[].reasoning`, not `text`. null: never.
     reasoning_tags: tuple[NonEmpty, NonEmpty] | None = ("<think>", "</think>")
+    # A stream of this model that fails after its first token is continued on the next
+    # deployment of the plan (sent the prompt and the text so far), where that means the same
+    # answer; a request's `provider.resume` overrides it.
+    resume_streams: bool = False
 
 
 class HealthSettings(Struct, frozen=True, forbid_unknown_fields=True):

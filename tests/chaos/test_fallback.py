@@ -287,3 +287,22 @@ def test_without_ejection_a_quiet_router_still_falls_back_every_time(tmp_path: P
                 time.sleep(0.125)
     finally:
         stop(router.proc)
+
+
+def test_with_no_budget_at_all_the_models_the_client_named_are_still_tried(
+    tmp_path: Path, fake: str
+) -> None:
+    cfg = config(fake).replace("routing:\n", "routing:\n  retry_budget: {ratio: 0, min_per_second: 0}\n")
+    router = start_router(tmp_path, cfg)
+    try:
+        with httpx.Client(headers=router.headers(), timeout=30) as client:
+            body = {**BODY, "model": "pair/seq", "models": ["seq/good"]}
+            r = client.post(f"{router.api}/completions", json=body)
+    finally:
+        stop(router.proc)
+    assert r.status_code == 200
+    assert [a.split()[:2] for a in r.headers["x-llmrouter-attempts"].split(", ")] == [
+        ["dead/pair-seq-bad", "upstream_unavailable"],
+        ["live/pair-seq-good", "retry_budget_exhausted"],  # the same model's other deployment
+        ["live/seq-good", "ok"],  # the model the client named: its first attempt is free
+    ]

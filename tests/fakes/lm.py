@@ -13,6 +13,9 @@ Model names choose a variant:
   lm-think           each completion starts with `<think>pondering deeply</think>\\n`
   lm-json-second     text that is not JSON on odd calls, a JSON object on even ones
   lm-never-json      never JSON (and never Python)
+  lm-chain           each word chosen by the text so far (prompt and completion), and nothing
+                     else: sent the prompt and the start of its answer, it continues that answer
+                     exactly as it would have (for resumed streams); max_tokens and stop only
 """
 
 from __future__ import annotations
@@ -92,6 +95,11 @@ def _generate(
         return [text], [-0.5], "stop"
     if model == "lm-never-json":
         return ["{never"], [-0.5], "stop"
+    if model == "lm-chain":
+        chain: list[str] = []
+        for _ in range(limit):
+            chain.append(WORDS[zlib.crc32((prompt + "".join(chain)).encode()) % len(WORDS)])
+        return chain, [-0.1] * len(chain), "length"
     grammar = fmt.get("grammar") if fmt.get("type") == "grammar" else body.get("grammar")
     if grammar:  # not a GBNF engine: it says the grammar's first literal, enough for tests
         literal = re.search(r'"([^"]*)"', grammar)

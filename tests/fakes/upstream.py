@@ -26,6 +26,9 @@ Faults (streamed and not, unless said):
   wait-close          holds the request until the client goes, and notes when (time.time())
   switch              whatever `POST /_control {"switch": FAULT}` set last (default ok)
   lm, lm-*            a deterministic model honouring every parameter (see tests/fakes/lm.py)
+  lm...-CUT-after-N   the same model, its stream cut after N text chunks: CUT is `reset` (the
+                      connection closes), `hang` (silence), `error` (an in-band error event),
+                      `truncated` (the end, without [DONE]) or `nofinish` ([DONE], no finish)
 
 `GET /_stats`: requests, hits per model, distinct client connections, streams whose client left,
 close times noted by `wait-close`, and the last body and headers. `POST /_reset` clears them.
@@ -36,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import json
+import re
 import sys
 import time
 from collections import Counter
@@ -217,9 +221,15 @@ async def completions(request: web.Request) -> web.StreamResponse:
     return response
 
 
+_CUT = re.compile(r"^(?P<model>lm.*)-(?P<cut>reset|hang|error|truncated|nofinish)-after-(?P<n>\d+)$")
+
+
 async def _lm(
     request: web.Request, model: str, body: dict[str, Any], stream: bool
 ) -> web.StreamResponse:
+    cut = _CUT.match(model)
+    if cut is not None:
+        model = cut["model"]
     try:
         answer = lm.complete(model, body)
     except lm.Rejected as exc:
@@ -230,10 +240,28 @@ async def _lm(
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
     await response.prepare(request)
     include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+    texts = 0
     for chunk in lm.chunks(answer, include_usage):
+        if cut is not None and texts == int(cut["n"]):
+            return await _cut_stream(request, response, cut["cut"])
+        texts += sum(1 for c in chunk["choices"] if c["text"])
         await response.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
     await response.write(b"data: [DONE]\n\n")
     return response
+
+
+async def _cut_stream(
+    request: web.Request, response: web.StreamResponse, how: str
+) -> web.StreamResponse:
+    if how == "reset":
+        _close(request)
+    elif how == "hang":
+        await _wait_for_close(request, limit=3600)
+    elif how == "error":
+        await response.write(b'data: {"error": {"message": "fake mid-stream failure"}}\n\n')
+    elif how == "nofinish":
+        await response.write(b"data: [DONE]\n\n")
+    return response  # truncated: the end of the body, without [DONE]
 
 
 async def get_stats(request: web.Request) -> web.Response:

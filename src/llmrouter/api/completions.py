@@ -19,8 +19,9 @@ from llmrouter.accounts.principal import Principal
 from llmrouter.api.http import Request
 from llmrouter.api.sse import DONE, KEEPALIVE, event, start_stream
 from llmrouter.errors import LlmrouterError, ServiceUnavailable
-from llmrouter.routing.executor import Attempt, OpenStream
 from llmrouter.routing.plan import Catalog, Plan, Target
+from llmrouter.routing.resume import Splice
+from llmrouter.routing.streams import Attempt, OpenStream
 from llmrouter.structured import check_request_format
 from llmrouter.wire.completions import (
     CompletionChunk,
@@ -59,11 +60,14 @@ class Accounting:
     ttft_ms: float | None = None
     prompt_estimate: int = 0
     recorded: bool = False  # the handler wrote it; otherwise the app does, after the handler
+    splice: Splice | None = None  # a stream that could move between deployments
 
     @property
     def cost(self) -> float:
         if self.target is None or self.usage is None:
             return 0.0
+        if self.splice is not None and self.splice.resumed:  # each deployment at its price
+            return self.splice.cost(self.usage)
         return self.target.cost(self.usage.prompt_tokens, self.usage.completion_tokens)
 
     def record(self, request_id: str, status: int, error: str | None) -> Record:
@@ -284,11 +288,14 @@ async def _relay(req: Request, ctx: Context, stream: OpenStream, include_usage: 
         usage=None if include_usage else UNSET,
     )
     acc = _accounting(req)
-    acc.target, acc.attempts = target, stream.attempts
+    acc.target, acc.attempts, acc.splice = target, stream.attempts, stream.rest.splice
     deltas = 0  # text parts sent: the completion tokens, if the stream is cut before its usage
     part = stream.first
     try:
         while True:
+            if acc.splice is not None and acc.splice.target is not target:  # resumed elsewhere
+                target = acc.target = acc.splice.target
+                chunk.model, chunk.provider = target.model.id, target.deployment.provider
             if part.usage is not None:
                 usage = acc.usage = part.usage
                 if part.usage_estimated:

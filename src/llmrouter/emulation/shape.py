@@ -29,7 +29,7 @@ import msgspec
 
 from llmrouter.emulation.choices import ChoiceShaper, Shaped
 from llmrouter.errors import InvalidOutput, LlmrouterError, UpstreamUnavailable
-from llmrouter.providers.base import ALL_PARAMETERS, Call, Capabilities, Completion, Provider, StreamPart
+from llmrouter.providers.base import ALL_PARAMETERS, Call, Capabilities, Completion, StreamPart, Upstream
 from llmrouter.settings import ModelSettings
 from llmrouter.structured import Checker, format_kind
 from llmrouter.wire.completions import (
@@ -85,7 +85,7 @@ class Shape:
 
     # -- one attempt ----------------------------------------------------------------------------
 
-    async def complete(self, provider: Provider, call: Call) -> Completion:
+    async def complete(self, provider: Upstream, call: Call) -> Completion:
         calls = self._calls(call)
         if len(calls) == 1:
             results = [await provider.complete(calls[0][0])]
@@ -113,7 +113,7 @@ class Shape:
             system_fingerprint=results[0].system_fingerprint,
         )
 
-    async def stream(self, provider: Provider, call: Call) -> AsyncIterator[StreamPart]:
+    async def stream(self, provider: Upstream, call: Call) -> AsyncIterator[StreamPart]:
         if self.buffered:
             result = await self.complete(provider, call)
             yield StreamPart(

@@ -28,6 +28,7 @@ __all__ = [
     "Completion",
     "Provider",
     "StreamPart",
+    "Upstream",
     "normalise_finish_reason",
 ]
 
@@ -81,7 +82,16 @@ class StreamPart(Struct):
     usage_estimated: bool = False  # counted by llmrouter because the provider sent none
 
 
-class Provider(Protocol):
+class Upstream(Protocol):
+    """What one attempt asks of a deployment's adapter: a whole answer, or a stream of it."""
+
+    async def complete(self, call: Call) -> Completion: ...
+
+    def stream(self, call: Call) -> AsyncIterator[StreamPart]:
+        """Yield the answer as it comes. Raising before the first part is a normal failure."""
+
+
+class Provider(Upstream, Protocol):
     name: str
     timeouts: Timeouts
 
@@ -98,11 +108,6 @@ class Provider(Protocol):
 
     def ready(self, deployment: DeploymentSettings) -> bool:
         """Whether the deployment would answer at once (a local model has loaded): for /ready."""
-
-    async def complete(self, call: Call) -> Completion: ...
-
-    def stream(self, call: Call) -> AsyncIterator[StreamPart]:
-        """Yield the answer as it comes. Raising before the first part is a normal failure."""
 
 
 def normalise_finish_reason(native: str | None) -> str:

@@ -19,17 +19,22 @@ it, attempts are awaited in place: the common path spawns no task.
 
 The commit point is the first byte for the client: a stream commits when its first part arrives.
 After that a failure ends the stream (the API layer sends one error event), never a restart
-elsewhere; a stream that stops without a finish reason for every choice is such a failure.
+elsewhere; a stream that stops without a finish reason for every choice is such a failure. Where
+the request allows it and the model or the request asks for it, such a stream is continued on the
+next deployment instead (`routing/resume.py`): that continuation is an attempt like any other.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Generic, TypeVar
+
+import msgspec
 
 from llmrouter.emulation.shape import Shape
 from llmrouter.errors import (
@@ -37,121 +42,37 @@ from llmrouter.errors import (
     DeadlineExceeded,
     InvalidOutput,
     LlmrouterError,
-    ProviderError,
     ServiceUnavailable,
-    UpstreamRateLimited,
     UpstreamRefused,
-    UpstreamTimeout,
     UpstreamUnavailable,
 )
 from llmrouter.providers.base import Call, Completion, StreamPart
 from llmrouter.routing.budget import RetryBudget
-from llmrouter.routing.health import HealthBook
+from llmrouter.routing.health import HealthBook, is_sick
 from llmrouter.routing.plan import Plan, Target
+from llmrouter.routing.resume import Splice, continuation_limit, resumable
+from llmrouter.routing.streams import (
+    Attempt,
+    CommittedStream,
+    OpenStream,
+    close,
+    ended_by_length,
+    limit_at,
+    open_continuation,
+    produced,
+    timed_out,
+)
 from llmrouter.settings import RoutingSettings
 from llmrouter.wire.completions import CompletionCreateParams
 from llmrouter.wire.validate import Prompts
 
-__all__ = ["Attempt", "CommittedStream", "Executor", "OpenStream"]
+__all__ = ["Executor"]
 
 T = TypeVar("T")
-Opened = tuple[StreamPart, AsyncIterator[StreamPart]]
+# A stream's first part, the rest, and (if it can be continued elsewhere) its splice.
+Opened = tuple[StreamPart, AsyncIterator[StreamPart], Splice | None]
 # An attempt: the target, its call, and the loop time by which it must be over.
 AttemptFn = Callable[[Target, Call, float], Awaitable[T]]
-
-
-@dataclass(frozen=True, slots=True)
-class Attempt:
-    target: str
-    outcome: str  # "ok", "cancelled" (a hedge that lost), or the error's code
-    ms: float
-    note: str = ""  # "panic": tried although ejected, because everything in the plan was
-
-    def __str__(self) -> str:
-        text = f"{self.target} {self.outcome} {self.ms:.0f}ms"
-        return f"{text} {self.note}" if self.note else text
-
-
-class CommittedStream:
-    """The rest of a committed stream. A failure, the request's deadline, or an end without
-    every choice's finish reason is raised to the API layer and (when it is the deployment's
-    fault) counts against it. `aclose` releases the upstream; it is safe to call more than once,
-    and before iteration has begun."""
-
-    def __init__(
-        self,
-        health: HealthBook,
-        target: Target,
-        first: StreamPart,
-        parts: AsyncIterator[StreamPart],
-        deadline: float,
-    ) -> None:
-        self._health = health
-        self._label = target.label
-        self._parts = parts
-        self._deadline = deadline
-        self._open_choices = {c.index for c in first.choices if c.finish_reason is None}
-        self._started = time.perf_counter()
-        self._closed = False
-
-    def __aiter__(self) -> CommittedStream:
-        return self
-
-    async def __anext__(self) -> StreamPart:
-        try:
-            async with asyncio.timeout_at(self._deadline):
-                part = await anext(self._parts)
-        except StopAsyncIteration:
-            await self.aclose()
-            if self._open_choices:
-                raise self._failed(
-                    UpstreamUnavailable(
-                        f"{self._label} ended the stream without a finish reason for choice "
-                        f"{min(self._open_choices)}."
-                    )
-                ) from None
-            raise
-        except TimeoutError:
-            await self.aclose()
-            raise DeadlineExceeded("The request's deadline passed during the stream.") from None
-        except LlmrouterError as exc:
-            await self.aclose()
-            raise self._failed(exc) from None
-        for choice in part.choices:
-            if choice.finish_reason is None:
-                self._open_choices.add(choice.index)
-            else:
-                self._open_choices.discard(choice.index)
-        if part.usage is not None and part.usage.completion_tokens:
-            elapsed = time.perf_counter() - self._started
-            if elapsed > 0:
-                self._health.observe_throughput(self._label, part.usage.completion_tokens / elapsed)
-        return part
-
-    def _failed(self, exc: LlmrouterError) -> LlmrouterError:
-        if _is_sick(exc):
-            self._health.record(self._label, False)
-        return exc
-
-    async def aclose(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._health.finished(self._label)
-        await _close(self._parts)
-
-
-@dataclass(slots=True)
-class OpenStream:
-    """A stream that has produced its first part: committed to `target`."""
-
-    target: Target
-    first: StreamPart
-    rest: CommittedStream
-    attempts: list[Attempt] = field(default_factory=list)
-
-    async def aclose(self) -> None:
-        await self.rest.aclose()
 
 
 @dataclass(slots=True)
@@ -184,6 +105,7 @@ class _Run(Generic[T]):
         self.discard = discard
         self.deadline = deadline  # loop time
         self.attempts: list[Attempt] = []
+        self.streaming = -1  # the attempt a committed stream is on, in `attempts`
         self.running: list[_Running[T]] = []  # hedged attempts in flight
         self.tried: set[str] = set()  # in the current pass over the plan
         self.models_tried: set[str] = set()  # a first attempt at these costs the budget nothing
@@ -198,12 +120,16 @@ class _Run(Generic[T]):
         self.winner: tuple[Target, T] | None = None
         self.stop = False
 
-    def start(self, target: Target) -> Awaitable[T]:
+    def begin(self, target: Target) -> None:
+        """An attempt at `target` starts now."""
         if target.label != self.panic:  # (a panic attempt is no probe: it fails as ejected)
             self.health.claim(target.label)
         self.tried.add(target.label)
         self.models_tried.add(target.model.id)
         self.started += 1
+
+    def start(self, target: Target) -> Awaitable[T]:
+        self.begin(target)
         call = Call(
             target.deployment,
             _shape(target).params,
@@ -263,12 +189,12 @@ class Executor:
             label = target.label
             started = time.perf_counter()
             health.started(label)
-            limit, is_deadline = _by(deadline, call.timeouts.total)
+            limit, is_deadline = limit_at(deadline, call.timeouts.total)
             try:
                 async with asyncio.timeout_at(limit):
                     result = await _shape(target).complete(target.provider, call)
             except TimeoutError:
-                raise _timeout(label, "did not finish in time", is_deadline) from None
+                raise timed_out(label, "did not finish in time", is_deadline) from None
             finally:
                 health.finished(label)
             elapsed = time.perf_counter() - started
@@ -277,51 +203,58 @@ class Executor:
                 health.observe_throughput(label, result.usage.completion_tokens / elapsed)
             return result
 
-        target, result, attempts, _ = await self._run(plan, params, prompts, request_id, attempt)
-        return target, result, attempts
+        run = self._new_run(plan, params, prompts, request_id, attempt)
+        target, result = await self._run(run)
+        return target, result, run.attempts
 
     async def open_stream(
         self, plan: Plan, params: CompletionCreateParams, prompts: Prompts, request_id: str
     ) -> OpenStream:
         health = self._health
+        resume = resumable(params, prompts)
+        run: _Run[Opened]
 
         async def attempt(target: Target, call: Call, deadline: float) -> Opened:
             started = time.perf_counter()
             health.started(target.label)
             shape = _shape(target)
-            parts = aiter(shape.stream(target.provider, call))
+            splice = None
+            if resume and not shape.buffered and _resumes(run, target):
+                splice = Splice(target, functools.partial(self._continue, run))
+            parts = aiter(shape.stream(splice or target.provider, call))
             # A stream served from a complete answer has its first part when the answer is done.
             wait = call.timeouts.total if shape.buffered else call.timeouts.first_token
-            limit, is_deadline = _by(deadline, wait)
+            limit, is_deadline = limit_at(deadline, wait)
             try:
                 async with asyncio.timeout_at(limit):
                     first = await anext(parts)
-                    while not _produced(first):  # nothing for the client yet: not committed
+                    while not produced(first):  # nothing for the client yet: not committed
                         first = await anext(parts)
             except BaseException as exc:
                 health.finished(target.label)
-                await _close(parts)
+                await close(parts)
                 if isinstance(exc, TimeoutError):
-                    raise _timeout(target.label, "produced no token in time", is_deadline) from None
+                    raise timed_out(target.label, "produced no token in time", is_deadline) from None
                 if isinstance(exc, StopAsyncIteration):
                     raise UpstreamUnavailable(f"{target.label} ended without an answer.") from None
                 raise
             health.observe_latency(target.label, time.perf_counter() - started)
-            return first, parts
+            return first, parts, splice
 
         async def discard(target: Target, opened: Opened) -> None:
             health.finished(target.label)
-            await _close(opened[1])
+            await close(opened[1])
 
-        target, (first, parts), attempts, deadline = await self._run(
-            plan, params, prompts, request_id, attempt, discard
-        )
-        rest = CommittedStream(health, target, first, parts, deadline)
-        return OpenStream(target, first, rest, attempts)
+        run = self._new_run(plan, params, prompts, request_id, attempt, discard)
+        target, (first, parts, splice) = await self._run(run)
+        if splice is not None:
+            splice.committed = True
+        rest = CommittedStream(health, target, first, parts, run.deadline, splice)
+        return OpenStream(target, first, rest, run.attempts)
 
     # -- the way through a plan ---------------------------------------------------------------
 
-    async def _run(
+    def _new_run(
         self,
         plan: Plan,
         params: CompletionCreateParams,
@@ -329,12 +262,16 @@ class Executor:
         request_id: str,
         attempt: AttemptFn[T],
         discard: Callable[[Target, T], Awaitable[None]] | None = None,
-    ) -> tuple[Target, T, list[Attempt], float]:
-        """Attempts until one succeeds (and the request's deadline, in loop time); `discard`
+    ) -> _Run[T]:
+        """A request's way through `plan`, with its deadline (loop time) from now; `discard`
         releases a result that came in too late (a hedge that also produced)."""
         self._budget.deposit()
         deadline = asyncio.get_running_loop().time() + self._routing.deadline_seconds
-        run = _Run(plan, params, prompts, request_id, attempt, discard, deadline, self._health)
+        return _Run(plan, params, prompts, request_id, attempt, discard, deadline, self._health)
+
+    async def _run(self, run: _Run[T]) -> tuple[Target, T]:
+        """Attempts until one succeeds, or the request's deadline."""
+        plan = run.plan
         hedge_ms = plan.targets[0].model.hedge_after_ms
         target: Target | None = self._first_target(run)
         try:
@@ -344,7 +281,7 @@ class Executor:
                 else:
                     await self._race(run, target, hedge_ms / 1000)
                 if run.winner is not None:
-                    return run.winner[0], run.winner[1], run.attempts, deadline
+                    return run.winner
                 if run.stop:
                     break
                 target = await self._next(run)
@@ -435,7 +372,66 @@ class Executor:
         run.attempts.append(Attempt(nxt.label, "retry_budget_exhausted", 0.0))
         return self._pick(run, first_at_model=True)  # a model the request named, not yet tried
 
+    # -- continuing a cut stream (routing/resume.py) -------------------------------------------
+
+    async def _continue(
+        self,
+        run: _Run[Opened],
+        failed: Target,
+        exc: LlmrouterError,
+        text: str,
+        tokens: int,
+        began: float,
+    ) -> tuple[Target, AsyncIterator[StreamPart]]:
+        """`failed` broke off a committed stream with `exc` after sending `text` (`tokens`
+        parts): judge the failure, then continue the answer on the next deployment of the plan
+        that starts, within the request's attempts, budget and deadline. Raises the last failure
+        when the stream cannot go on."""
+        health = self._health
+        entry = run.attempts[run.streaming]
+        run.attempts[run.streaming] = Attempt(failed.label, exc.code, _ms(began), entry.note)
+        self._judge(run, failed, exc)
+        if not exc.retryable or run.stop or not _resumes(run, failed):
+            raise exc
+        limit = continuation_limit(run.params, tokens)
+        if limit == 0:  # every token the request allows has been sent: the answer is whole
+            return failed, ended_by_length()
+        prompt = run.prompts[0]
+        assert isinstance(prompt, str), "only a string prompt is resumed"
+        prompt += text
+        while (target := await self._next(run)) is not None:
+            shape = _shape(target)
+            params = msgspec.structs.replace(shape.params, prompt=prompt, max_tokens=limit)
+            call = Call(target.deployment, params, (prompt,), target.provider.timeouts, run.request_id)
+            run.begin(target)
+            health.started(target.label)
+            started = time.perf_counter()
+            try:
+                parts = await open_continuation(target, call, run.deadline)
+            except LlmrouterError as failure:
+                health.finished(target.label)
+                self._failed(run, target, failure, _ms(started))
+                if run.stop:
+                    break
+                continue
+            except BaseException:  # cancelled: the client left, or the request's deadline
+                health.finished(target.label)
+                health.release(target.label)
+                run.attempts.append(Attempt(target.label, "cancelled", _ms(started)))
+                raise
+            run.streaming = len(run.attempts)
+            run.attempts.append(Attempt(target.label, "ok", _ms(started), "resumed"))
+            health.record(target.label, True)
+            if target.label == run.panic:
+                health.restore(target.label)
+            health.finished(failed.label)
+            return target, parts
+        last = run.last_error or exc
+        last.attempts = run.attempts
+        raise last
+
     def _won(self, run: _Run[T], target: Target, result: T, ms: float) -> None:
+        run.streaming = len(run.attempts)
         run.attempts.append(Attempt(target.label, "ok", ms, run.note(target)))
         self._health.record(target.label, True)
         if target.label == run.panic:
@@ -444,10 +440,15 @@ class Executor:
 
     def _failed(self, run: _Run[T], target: Target, exc: LlmrouterError, ms: float) -> None:
         run.attempts.append(Attempt(target.label, exc.code, ms, run.note(target)))
+        self._judge(run, target, exc)
+
+    def _judge(self, run: _Run[T], target: Target, exc: LlmrouterError) -> None:
+        """What a failure says about the deployment (its health) and about the rest of the
+        request's way (what not to try again; whether to stop)."""
         if exc.retryable and exc.retry_after:  # the upstream said when to come back
             self._health.skip_for(target.label, exc.retry_after)
             self._health.release(target.label)
-        elif _is_sick(exc):
+        elif is_sick(exc):
             self._health.record(target.label, False)
         else:  # about the request, not the deployment
             self._health.release(target.label)
@@ -512,6 +513,15 @@ class Executor:
         return self._rng.uniform(0, cap) / 1000
 
 
+def _resumes(run: _Run[T], target: Target) -> bool:
+    """Whether a stream of `target` that fails mid-way is continued: the request says, or else
+    the model's `resume_streams`."""
+    prefs = run.params.provider
+    if prefs is not None and prefs.resume is not None:
+        return prefs.resume
+    return target.model.resume_streams
+
+
 def _shape(target: Target) -> Shape:
     assert target.shape is not None, "a plan's targets carry their shape"
     return target.shape
@@ -520,15 +530,6 @@ def _shape(target: Target) -> Shape:
 def _deterministic(params: CompletionCreateParams) -> bool:
     """Whether asking the same deployment again gives the same answer (greedy, or seeded)."""
     return params.temperature == 0 or params.seed is not None
-
-
-def _is_sick(exc: LlmrouterError) -> bool:
-    """Failures that say something about the deployment (not about the request, not load)."""
-    return (
-        isinstance(exc, ProviderError)
-        and exc.retryable
-        and not isinstance(exc, UpstreamRateLimited | UpstreamRefused | InvalidOutput)
-    )
 
 
 def _context_rank(target: Target, run: _Run[T]) -> int:
@@ -543,28 +544,6 @@ def _context_rank(target: Target, run: _Run[T]) -> int:
     if size is None:
         return 1
     return 0 if not failed or size > max(failed) else 2
-
-
-def _by(deadline: float, seconds: float) -> tuple[float, bool]:
-    """The earlier of the request's deadline and `seconds` from now, in loop time; and whether it
-    is the deadline."""
-    limit = asyncio.get_running_loop().time() + seconds
-    return (deadline, True) if deadline <= limit else (limit, False)
-
-
-def _timeout(label: str, what: str, is_deadline: bool) -> UpstreamTimeout:
-    if is_deadline:
-        return DeadlineExceeded(f"The request's deadline passed while {label} was working.")
-    return UpstreamTimeout(f"{label} {what}.")
-
-
-def _produced(part: StreamPart) -> bool:
-    """Whether a part has anything for the client: text, reasoning, a token (whose text may be
-    empty: part of a character), or the end of a choice."""
-    return any(
-        c.text or c.reasoning or c.finish_reason is not None or (c.logprobs and c.logprobs.tokens)
-        for c in part.choices
-    )
 
 
 def _ms(started: float) -> float:
@@ -586,9 +565,3 @@ async def _settle(
     health.record(target.label, True)  # it finished before the cancellation reached it
     if discard is not None:
         await discard(target, task.result())
-
-
-async def _close(parts: object) -> None:
-    closer = getattr(parts, "aclose", None)
-    if closer is not None:
-        await closer()

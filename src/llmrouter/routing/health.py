@@ -17,9 +17,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from llmrouter.errors import (
+    InvalidOutput,
+    LlmrouterError,
+    ProviderError,
+    UpstreamRateLimited,
+    UpstreamRefused,
+)
 from llmrouter.settings import HealthSettings
 
-__all__ = ["HealthBook", "LocalHealth"]
+__all__ = ["HealthBook", "LocalHealth", "is_sick"]
 
 _PROBE_LOST_AFTER = 60.0  # seconds
 
@@ -234,3 +241,12 @@ class LocalHealth:
 
 def _ewma(old: float | None, new: float, alpha: float) -> float:
     return new if old is None else alpha * new + (1 - alpha) * old
+
+
+def is_sick(exc: LlmrouterError) -> bool:
+    """Failures that say something about the deployment (not about the request, not load)."""
+    return (
+        isinstance(exc, ProviderError)
+        and exc.retryable
+        and not isinstance(exc, UpstreamRateLimited | UpstreamRefused | InvalidOutput)
+    )

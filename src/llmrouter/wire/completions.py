@@ -88,6 +88,9 @@ class ProviderPreferences(Struct, forbid_unknown_fields=True):
     # llmrouter always behaves as `true`: it never drops a parameter. Accepted for compatibility.
     require_parameters: bool | None = None
     sort: Literal["price", "latency", "throughput"] | None = None  # instead of the model's strategy
+    # A llmrouter extension: continue a stream that fails mid-way on the next deployment (null:
+    # as the model's `resume_streams` says).
+    resume: bool | None = None
 
 
 TokenId = Annotated[int, Meta(ge=0)]

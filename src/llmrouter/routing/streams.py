@@ -1,0 +1,230 @@
+"""A stream once it is committed to a deployment, and the pieces every streamed attempt shares.
+
+`CommittedStream` is the rest of an answer after its first part has gone to the client: from then
+on a failure is not a fallback (that would repeat text) but the end of the stream, unless a
+`Splice` continues it on another deployment (`routing/resume.py`). `open_continuation` opens that
+other deployment, as far as its first token. The time limits of an attempt (the earlier of a
+phase's timeout and the request's deadline) are here too, for the executor and for these.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from llmrouter.errors import DeadlineExceeded, LlmrouterError, UpstreamTimeout, UpstreamUnavailable
+from llmrouter.providers.base import Call, StreamPart
+from llmrouter.routing.health import HealthBook, is_sick
+from llmrouter.routing.resume import Splice
+from llmrouter.wire.completions import ChunkChoice
+
+if TYPE_CHECKING:
+    from llmrouter.routing.plan import Target
+
+__all__ = [
+    "Attempt",
+    "CommittedStream",
+    "OpenStream",
+    "close",
+    "ended_by_length",
+    "limit_at",
+    "open_continuation",
+    "produced",
+    "timed_out",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    target: str
+    outcome: str  # "ok", "cancelled" (a hedge that lost), or the error's code
+    ms: float
+    # "panic": tried although ejected, because everything in the plan was; "resumed": it
+    # continued a stream another deployment broke off
+    note: str = ""
+
+    def __str__(self) -> str:
+        text = f"{self.target} {self.outcome} {self.ms:.0f}ms"
+        return f"{text} {self.note}" if self.note else text
+
+
+class CommittedStream:
+    """The rest of a committed stream. A failure, the request's deadline, or an end without
+    every choice's finish reason is raised to the API layer and (when it is the deployment's
+    fault) counts against it. `aclose` releases the upstream; it is safe to call more than once,
+    and before iteration has begun. With a `splice`, a failure may instead be continued on
+    another deployment (see `routing/resume.py`): `target` is the one streaming now."""
+
+    def __init__(
+        self,
+        health: HealthBook,
+        target: Target,
+        first: StreamPart,
+        parts: AsyncIterator[StreamPart],
+        deadline: float,
+        splice: Splice | None = None,
+    ) -> None:
+        self._health = health
+        self._target = target
+        self._splice = splice
+        self._parts = parts
+        self._deadline = deadline
+        self._open_choices = {c.index for c in first.choices if c.finish_reason is None}
+        self._started = time.perf_counter()
+        self._closed = False
+
+    def __aiter__(self) -> CommittedStream:
+        return self
+
+    async def __anext__(self) -> StreamPart:
+        try:
+            async with asyncio.timeout_at(self._deadline):
+                part = await anext(self._parts)
+        except StopAsyncIteration:
+            await self.aclose()
+            if self._open_choices:
+                raise self._failed(
+                    UpstreamUnavailable(
+                        f"{self.target.label} ended the stream without a finish reason for choice "
+                        f"{min(self._open_choices)}."
+                    )
+                ) from None
+            raise
+        except TimeoutError:
+            await self.aclose()
+            raise DeadlineExceeded("The request's deadline passed during the stream.") from None
+        except LlmrouterError as exc:
+            await self.aclose()
+            raise self._failed(exc) from None
+        for choice in part.choices:
+            if choice.finish_reason is None:
+                self._open_choices.add(choice.index)
+            else:
+                self._open_choices.discard(choice.index)
+        if part.usage is not None and part.usage.completion_tokens:
+            elapsed = time.perf_counter() - self._started
+            if elapsed > 0:
+                tokens_per_second = part.usage.completion_tokens / elapsed
+                self._health.observe_throughput(self.target.label, tokens_per_second)
+        return part
+
+    @property
+    def target(self) -> Target:
+        return self._target if self._splice is None else self._splice.target
+
+    @property
+    def splice(self) -> Splice | None:
+        return self._splice
+
+    def _failed(self, exc: LlmrouterError) -> LlmrouterError:
+        # (A splice's failures were judged when it tried to continue them.)
+        if self._splice is None and is_sick(exc):
+            self._health.record(self.target.label, False)
+        return exc
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._health.finished(self.target.label)
+        await close(self._parts)
+
+
+@dataclass(slots=True)
+class OpenStream:
+    """A stream that has produced its first part: committed to `target` (with a splice, the
+    deployment that continues it is `rest.target`)."""
+
+    target: Target
+    first: StreamPart
+    rest: CommittedStream
+    attempts: list[Attempt] = field(default_factory=list)
+
+    async def aclose(self) -> None:
+        await self.rest.aclose()
+
+
+async def open_continuation(target: Target, call: Call, deadline: float) -> AsyncIterator[StreamPart]:
+    """The continuation's stream, once it has produced something (within its time to first
+    token, or its total time when it is a complete answer)."""
+    shape = target.shape
+    assert shape is not None, "a plan's targets carry their shape"
+    if shape.buffered:  # it cannot stream this request: its whole answer, as one part
+        limit, is_deadline = limit_at(deadline, call.timeouts.total)
+        try:
+            async with asyncio.timeout_at(limit):
+                result = await target.provider.complete(call)
+        except TimeoutError:
+            raise timed_out(target.label, "did not finish in time", is_deadline) from None
+        choices = [
+            ChunkChoice(c.text, c.index, None, c.finish_reason, c.native_finish_reason, c.reasoning)
+            for c in result.choices
+        ]
+        return _parts_of([StreamPart(choices, result.usage, result.system_fingerprint)])
+    parts = aiter(target.provider.stream(call))
+    held: list[StreamPart] = []
+    limit, is_deadline = limit_at(deadline, call.timeouts.first_token)
+    try:
+        async with asyncio.timeout_at(limit):
+            while not held or not produced(held[-1]):
+                held.append(await anext(parts))
+    except BaseException as exc:
+        await close(parts)
+        if isinstance(exc, TimeoutError):
+            raise timed_out(target.label, "produced no token in time", is_deadline) from None
+        if isinstance(exc, StopAsyncIteration):
+            raise UpstreamUnavailable(f"{target.label} ended without an answer.") from None
+        raise
+    return _chained(held, parts)
+
+
+async def _chained(
+    held: list[StreamPart], parts: AsyncIterator[StreamPart]
+) -> AsyncIterator[StreamPart]:
+    try:
+        for part in held:
+            yield part
+        async for part in parts:
+            yield part
+    finally:
+        await close(parts)
+
+
+async def _parts_of(parts: list[StreamPart]) -> AsyncIterator[StreamPart]:
+    for part in parts:
+        yield part
+
+
+def ended_by_length() -> AsyncIterator[StreamPart]:
+    return _parts_of([StreamPart([ChunkChoice("", 0, None, "length")])])
+
+
+def limit_at(deadline: float, seconds: float) -> tuple[float, bool]:
+    """The earlier of the request's deadline and `seconds` from now, in loop time; and whether it
+    is the deadline."""
+    limit = asyncio.get_running_loop().time() + seconds
+    return (deadline, True) if deadline <= limit else (limit, False)
+
+
+def timed_out(label: str, what: str, is_deadline: bool) -> UpstreamTimeout:
+    if is_deadline:
+        return DeadlineExceeded(f"The request's deadline passed while {label} was working.")
+    return UpstreamTimeout(f"{label} {what}.")
+
+
+def produced(part: StreamPart) -> bool:
+    """Whether a part has anything for the client: text, reasoning, a token (whose text may be
+    empty: part of a character), or the end of a choice."""
+    return any(
+        c.text or c.reasoning or c.finish_reason is not None or (c.logprobs and c.logprobs.tokens)
+        for c in part.choices
+    )
+
+
+async def close(parts: object) -> None:
+    closer = getattr(parts, "aclose", None)
+    if closer is not None:
+        await closer()
