@@ -20,6 +20,7 @@ from msgspec import Meta, Struct
 
 __all__ = [
     "AccountSettings",
+    "AffinitySettings",
     "ConfigError",
     "DeploymentSettings",
     "HealthSettings",
@@ -139,7 +140,21 @@ class DeploymentSettings(Struct, frozen=True, forbid_unknown_fields=True):
     pricing: Pricing | None = None  # this deployment's prices, if not the model's
 
 
-Strategy = Literal["ordered", "weighted", "lowest_latency", "lowest_cost", "least_busy"]
+Strategy = Literal[
+    "ordered", "weighted", "lowest_latency", "lowest_cost", "least_busy", "prefix_affinity"
+]
+
+
+class AffinitySettings(Struct, frozen=True, forbid_unknown_fields=True):
+    """`prefix_affinity`: the start of the prompt picks the deployment (weighted rendezvous
+    hashing), so that prompts sharing a prefix meet the same replica's prefix cache."""
+
+    prefix_bytes: Annotated[int, Meta(ge=1, le=1 << 20)] = 1024  # of a string prompt, UTF-8
+    prefix_tokens: Annotated[int, Meta(ge=1, le=1 << 18)] = 256  # of a token-id prompt
+    # A hot prefix spills to the least busy deployment once its own has at least `spill_after`
+    # requests in flight and more than `max_share` of the model's.
+    max_share: Annotated[float, Meta(gt=0, le=1)] = 0.5
+    spill_after: Annotated[int, Meta(ge=1)] = 8
 
 
 class ModelSettings(Struct, frozen=True, forbid_unknown_fields=True):
@@ -150,6 +165,7 @@ class ModelSettings(Struct, frozen=True, forbid_unknown_fields=True):
     aliases: list[str] = []
     owned_by: str | None = None
     strategy: Strategy = "weighted"  # how to order this model's deployments
+    affinity: AffinitySettings = AffinitySettings()  # for `prefix_affinity`
     # Start the next deployment too if the first has produced no token after this long.
     hedge_after_ms: Annotated[int, Meta(ge=1)] | None = None
     # A completion that opens with the first tag is reasoning up to the second: it is returned

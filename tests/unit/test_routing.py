@@ -12,7 +12,14 @@ from llmrouter.routing.budget import RetryBudget
 from llmrouter.routing.health import LocalHealth
 from llmrouter.routing.plan import Target
 from llmrouter.routing.strategies import order_targets
-from llmrouter.settings import DeploymentSettings, HealthSettings, ModelSettings, Pricing
+from llmrouter.settings import (
+    AffinitySettings,
+    DeploymentSettings,
+    HealthSettings,
+    ModelSettings,
+    Pricing,
+)
+from llmrouter.wire.validate import Prompts
 
 
 class Clock:
@@ -214,3 +221,86 @@ def test_release_lets_the_next_request_probe() -> None:
     assert not h.available("a")
     h.release("a")  # the probe was rate-limited: nothing learnt
     assert h.available("a")
+
+
+# -- prefix affinity ----------------------------------------------------------------------------
+
+
+def affine(*deployments: DeploymentSettings, **affinity: object) -> list[Target]:
+    model = ModelSettings(
+        id="m",
+        deployments=list(deployments),
+        strategy="prefix_affinity",
+        affinity=AffinitySettings(**affinity),  # type: ignore[arg-type]
+    )
+    caps = Capabilities(parameters=frozenset())
+    return [Target(model, d, None, caps) for d in deployments]  # type: ignore[arg-type]
+
+
+def first_for(prompt: str | tuple[int, ...], ts: list[Target], h: LocalHealth | None = None) -> str:
+    rng = random.Random()  # the order must not depend on it
+    prompts: Prompts = (prompt,)  # type: ignore[assignment]
+    return order_targets("prefix_affinity", ts, h or health(), rng, prompts)[0].label
+
+
+def test_the_same_prefix_always_goes_to_the_same_deployment() -> None:
+    ts = affine(d("a"), d("b"), d("c"), d("d"), prefix_bytes=16)
+    prefix = "You are a helpful assistant. "
+    firsts = {first_for(prefix + f"Question {i}?", ts) for i in range(1000)}
+    assert len(firsts) == 1  # only the first 16 bytes count
+    # Other prefixes go elsewhere, about evenly.
+    spread = Counter(first_for(f"{i:04d} and the same rest", ts) for i in range(4000))
+    assert set(spread) == {"a/x", "b/x", "c/x", "d/x"}
+    assert all(n / 4000 == pytest.approx(0.25, abs=0.03) for n in spread.values())
+
+
+def test_prefix_affinity_follows_the_weights() -> None:
+    ts = affine(d("a", weight=1), d("b", weight=3))
+    spread = Counter(first_for(f"prompt {i}", ts) for i in range(4000))
+    assert spread["b/x"] / 4000 == pytest.approx(0.75, abs=0.03)
+
+
+def test_removing_a_deployment_moves_only_the_prefixes_it_held() -> None:
+    four = affine(d("a"), d("b"), d("c"), d("d"))
+    three = affine(d("a"), d("b"), d("d"))
+    prompts = [f"tenant {i}: the system prompt" for i in range(2000)]
+    before = {p: first_for(p, four) for p in prompts}
+    after = {p: first_for(p, three) for p in prompts}
+    moved = {p for p in prompts if before[p] != after[p]}
+    assert moved == {p for p in prompts if before[p] == "c/x"}
+    assert Counter(after[p] for p in moved).keys() == {"a/x", "b/x", "d/x"}  # spread, not piled
+
+
+def test_token_id_prompts_hash_their_first_tokens() -> None:
+    ts = affine(d("a"), d("b"), d("c"), prefix_tokens=4)
+    assert len({first_for((1, 2, 3, 4, i), ts) for i in range(200)}) == 1
+    assert len({first_for((i, 2, 3, 4), ts) for i in range(200)}) == 3
+
+
+def test_an_ejected_first_choice_leaves_its_prefix_to_the_second() -> None:
+    clock = Clock()
+    h = health(clock, consecutive_failures=1)
+    ts = affine(d("a"), d("b"), d("c"))
+    order = order_targets("prefix_affinity", ts, h, random.Random(), ("same prefix",))
+    h.record(order[0].label, False)  # ejected: the executor skips it, to the same second choice
+    again = order_targets("prefix_affinity", ts, h, random.Random(), ("same prefix",))
+    assert [t.label for t in again] == [t.label for t in order]
+
+
+def test_a_hot_prefix_spills_to_the_least_busy_deployment() -> None:
+    h = health()
+    ts = affine(d("a"), d("b"), d("c"), spill_after=4, max_share=0.5)
+    home = first_for("hot", ts, h)
+    others = [t.label for t in ts if t.label != home]
+    for _ in range(3):
+        h.started(home)
+    assert first_for("hot", ts, h) == home  # three in flight: below spill_after
+    h.started(home)
+    assert first_for("hot", ts, h) != home  # four, and all of the model's: spill
+    h.started(others[0])
+    h.started(others[1])
+    h.started(others[1])
+    assert first_for("hot", ts, h) == others[0]  # the least busy
+    h.started(others[0])
+    h.started(others[0])  # home 4 of 9 in flight: not more than half
+    assert first_for("hot", ts, h) == home

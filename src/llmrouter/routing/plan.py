@@ -148,7 +148,8 @@ class Catalog:
                         param=param,
                     )
             model = self.models[name]
-            ordered = order_targets(prefs.sort or model.strategy, capable, self.health, self._rng)
+            strategy = prefs.sort or model.strategy
+            ordered = order_targets(strategy, capable, self.health, self._rng, prompts)
             targets.extend(_apply_order(ordered, prefs))
         if not targets:
             if refusal is None:
