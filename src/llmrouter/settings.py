@@ -186,6 +186,9 @@ class HealthSettings(Struct, frozen=True, forbid_unknown_fields=True):
     min_attempts: Annotated[int, Meta(ge=1)] = 10  # ...once at least this many were made
     cooldown_seconds: PositiveSeconds = 5.0  # the first ejection; doubles with each one after
     max_cooldown_seconds: PositiveSeconds = 300.0
+    # A 429 without Retry-After skips the deployment this long, as if it had said so (0: not
+    # at all, and every request asks it first again).
+    rate_limit_skip_seconds: Annotated[float, Meta(ge=0, le=3600)] = 1.0
 
 
 class RetryBudgetSettings(Struct, frozen=True, forbid_unknown_fields=True):

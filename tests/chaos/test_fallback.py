@@ -40,6 +40,7 @@ def config(fake: str, cooldown: float = COOLDOWN, max_cooldown: float = MAX_COOL
             ("limited30", "retry-after-30"),
             ("limited2", "retry-after-2"),
             ("flip", "switch"),
+            ("busy", "status-429-bare"),
         )
     )
     return f"""default_model: seq/good
@@ -67,6 +68,11 @@ models:
     deployments: [{{provider: limited30, model: ra-pair-primary}}, {{provider: live, model: ra-pair-ok}}]
   - {{id: ra2/primary, deployments: [{{provider: limited2, model: ra2-primary}}]}}
   - {{id: ra2/fallback, deployments: [{{provider: live, model: ra2-fallback}}]}}
+  - {{id: busy/primary, deployments: [{{provider: busy, model: busy-primary}}]}}
+  - {{id: busy/fallback, deployments: [{{provider: live, model: busy-fallback}}]}}
+  - id: busy/pair
+    strategy: ordered
+    deployments: [{{provider: busy, model: busy-pair-primary}}, {{provider: live, model: busy-pair-ok}}]
   - {{id: panic/a, deployments: [{{provider: flip, model: panic-a}}]}}
   - {{id: panic/b, deployments: [{{provider: flip, model: panic-b}}]}}
 """
@@ -188,6 +194,23 @@ def test_retry_after_sends_requests_straight_to_the_fallback(
             assert "," not in r.headers["x-llmrouter-attempts"]  # nothing tried before it
     assert hits(fake)[primary] == 1  # Retry-After: 30, and the time is not up
     assert hits(fake)[fallback] == 201
+
+
+@pytest.mark.parametrize(
+    ("body", "primary"),
+    [
+        ({"model": "busy/primary", "models": ["busy/fallback"]}, "busy-primary"),
+        ({"model": "busy/pair"}, "busy-pair-primary"),
+    ],
+    ids=["models", "deployments"],
+)
+def test_a_429_without_retry_after_is_skipped_for_a_second(
+    router: Router, fake: str, body: dict[str, object], primary: str
+) -> None:
+    statuses, took = sequential(router, {**BODY, **body}, 1000)
+    assert statuses == {200: 1000}
+    # Asked again once a second (rate_limit_skip_seconds), not on every request.
+    assert 1 <= hits(fake)[primary] <= 1 + int(took / 1.0), took
 
 
 def test_retry_after_ends_and_the_primary_is_asked_again(router: Router, fake: str) -> None:

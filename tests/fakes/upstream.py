@@ -7,6 +7,7 @@ Faults (streamed and not, unless said):
   ok                  answers; the text echoes the request body it received
   status-NNN          answers NNN with an OpenAI-style error body; 429 carries `Retry-After: 7`
   status-429-date     429 with Retry-After as an HTTP date 3 s ahead
+  status-429-bare     429 without Retry-After
   retry-after-N       429 with `Retry-After: N`
   context-400         400 with code context_length_exceeded
   refuse              400 with code content_policy_violation
@@ -145,6 +146,8 @@ async def completions(request: web.Request) -> web.StreamResponse:
         headers = {}
         if fault == "status-429-date":
             headers["Retry-After"] = email.utils.formatdate(time.time() + 3, usegmt=True)
+        elif fault == "status-429-bare":
+            pass
         elif code == 429:
             headers["Retry-After"] = "7"
         error = {"error": {"message": f"fake failure {code}", "type": "fake", "code": None}}

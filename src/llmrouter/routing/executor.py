@@ -43,6 +43,7 @@ from llmrouter.errors import (
     InvalidOutput,
     LlmrouterError,
     ServiceUnavailable,
+    UpstreamRateLimited,
     UpstreamRefused,
     UpstreamUnavailable,
 )
@@ -445,8 +446,11 @@ class Executor:
     def _judge(self, run: _Run[T], target: Target, exc: LlmrouterError) -> None:
         """What a failure says about the deployment (its health) and about the rest of the
         request's way (what not to try again; whether to stop)."""
-        if exc.retryable and exc.retry_after:  # the upstream said when to come back
-            self._health.skip_for(target.label, exc.retry_after)
+        wait = exc.retry_after
+        if not wait and isinstance(exc, UpstreamRateLimited):  # "later", without saying when
+            wait = self._routing.health.rate_limit_skip_seconds
+        if exc.retryable and wait:  # the upstream said when to come back
+            self._health.skip_for(target.label, wait)
             self._health.release(target.label)
         elif is_sick(exc):
             self._health.record(target.label, False)
