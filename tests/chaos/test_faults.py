@@ -406,6 +406,47 @@ models:
     assert upstream >= 200 + 100  # every request was tried once, and the reserve was there
 
 
+def test_retry_budget_under_200_concurrent_requests_that_name_three_models(
+    tmp_path: Path, fake: str
+) -> None:
+    config = f"""routing:
+  max_attempts: 6
+  backoff_base_ms: 5
+  backoff_max_ms: 20
+  health: {{consecutive_failures: 1000000, min_attempts: 1000000}}
+providers:
+  a: {{kind: openai, base_url: {fake}/v1}}
+models:
+  - {{id: d1, deployments: [{{provider: a, model: status-500}}]}}
+  - {{id: d2, deployments: [{{provider: a, model: status-502}}]}}
+  - {{id: d3, deployments: [{{provider: a, model: status-503}}]}}
+"""
+    router = start_router(tmp_path, config)
+    try:
+
+        async def storm() -> list[int]:
+            async with httpx.AsyncClient(
+                headers=router.headers(), timeout=30, limits=httpx.Limits(max_connections=200)
+            ) as client:
+
+                async def one() -> int:
+                    body = {"model": "d1", "models": ["d2", "d3"], "prompt": "Hi", "max_tokens": 1}
+                    return (await client.post(f"{router.api}/completions", json=body)).status_code
+
+                return await asyncio.gather(*(one() for _ in range(200)))
+
+        statuses = asyncio.run(storm())
+    finally:
+        stop(router.proc)
+    assert set(statuses) == {502}
+    per_deployment = hits(fake)
+    # The first attempt at each model a request names is free: one a request at each deployment,
+    # never more; everything else (here, second passes) is the budget's 40 + 100.
+    assert sum(per_deployment.values()) <= 3 * 200 + 0.2 * 200 + 100, per_deployment
+    assert sum(per_deployment.values()) >= 3 * 200 + 100
+    assert all(200 <= n <= 200 + 0.2 * 200 + 100 for n in per_deployment.values()), per_deployment
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_too_long_for_one_model_goes_to_the_next_model(faults: Router, fake: str, stream: bool) -> None:
     prefix = "two" if stream else "one"

@@ -36,6 +36,13 @@ def config(fake: str) -> str:
     models = [pair(f"r/reset-{n}", f"lm-chain-reset-after-{n}") for n in (0, *RESET_AT)]
     models += [pair(f"r/{cut}-2", f"lm-chain-{cut}-after-2") for cut in CUTS if cut != "reset"]
     models += [
+        pair("r/reset-16", "lm-chain-reset-after-16"),  # every token sent, not the finish
+        pair("r/lostend", "lm-chain-lostend"),
+        pair("r/pairs-3", "lm-chain-pairs-reset-after-3"),
+        pair("r/reasoning-2", "lm-chain-reasoning-reset-after-2"),
+        "  - id: r30/reset-20\n    strategy: ordered\n    resume_streams: true\n    deployments: "
+        "[{provider: a30, model: lm-chain-reset-after-20}, {provider: b30, model: lm-chain}]",
+        "  - {id: healthy30, deployments: [{provider: b30, model: lm-chain}]}",
         pair("r/stop-3", "lm-chain-reset-after-3", a="a_nostop"),
         pair("off/reset-2", "lm-chain-reset-after-2", resume=False),
         pair("optout/reset-2", "lm-chain-reset-after-2"),
@@ -47,6 +54,7 @@ def config(fake: str) -> str:
         "[{provider: a, model: lm-chain-reset-after-2}]}",
         "  - {id: chain/reset-9, deployments: [{provider: a, model: lm-chain-reset-after-9}]}",
         "  - {id: healthy, deployments: [{provider: b, model: lm-chain}]}",
+        "  - {id: dl/hang, deployments: [{provider: slow, model: lm-chain-hang-after-0}]}",
     ]
     models_text = "\n".join(models)
     timeouts = "timeouts: {connect: 1, first_token: 2, idle: 1, total: 5}"
@@ -59,6 +67,9 @@ providers:
   a: {{kind: openai, base_url: {fake}/v1, {timeouts}}}
   a_nostop: {{kind: openai, base_url: {fake}/v1, unsupported_parameters: [stop], {timeouts}}}
   b: {{kind: openai, base_url: {fake}/v1, {timeouts}}}
+  slow: {{kind: openai, base_url: {fake}/v1, timeouts: {{first_token: 30, idle: 30, total: 60}}}}
+  a30: {{kind: openai, base_url: {fake}/v1, defaults: {{max_tokens: 30}}, {timeouts}}}
+  b30: {{kind: openai, base_url: {fake}/v1, defaults: {{max_tokens: 30}}, {timeouts}}}
 models:
 {models_text}
 """
@@ -99,6 +110,7 @@ def streamed(router: Router, model: str, **extra: Any) -> tuple[httpx.Response, 
         "stream_options": {"include_usage": True},
         **extra,
     }
+    body = {k: v for k, v in body.items() if v is not ...}  # `...`: left out of the request
     with httpx.stream(
         "POST", f"{router.api}/completions", headers=router.headers(), json=body, timeout=30
     ) as r:
@@ -222,10 +234,81 @@ def test_a_request_whose_continuation_would_mean_something_else_is_not_resumed(
     assert "lm-chain" not in hits(fake)  # not asked to continue
 
 
-def test_with_nowhere_to_go_the_stream_ends_with_its_error(router: Router, fake: str) -> None:
+def test_a_plan_of_one_deployment_continues_on_it_again_until_max_attempts(
+    router: Router, fake: str
+) -> None:
+    """The executor's next pass over the plan comes back to the same deployment: four attempts
+    (max_attempts), two tokens each, then the stream ends with the last one's error."""
     r, events = streamed(router, "alone/reset-2")
     assert events[-1]["error"]["code"] == "upstream_unavailable"
     assert "data: [DONE]" not in r.text
+    words = healthy(router)["choices"][0]["text"].split()
+    assert text_of(events[:-1]) == "".join(f" {w}" for w in words[:8])
+    assert hits(fake) == {"lm-chain-reset-after-2": 4, "lm-chain": 1}
+    got = record(router, events[0]["id"])
+    assert [a.split()[1] for a in got["attempts"]] == ["upstream_unavailable"] * 4
+    assert [a.endswith(" resumed") for a in got["attempts"]] == [False, True, True, True]
+
+
+def test_a_stream_cut_after_its_last_token_ends_by_length_and_is_billed(
+    router: Router, fake: str
+) -> None:
+    whole = healthy(router)["choices"][0]["text"]
+    r, events = streamed(router, "r/reset-16")
+    assert "data: [DONE]" in r.text
+    assert text_of(events) == whole
+    finish = next(c for e in events for c in e["choices"] if c["finish_reason"])
+    assert finish["finish_reason"] == "length"
+    assert events[-1]["usage"]["completion_tokens"] == 16
+    got = record(router, events[0]["id"])
+    assert got["completion_tokens"] == 16 and got["cost"] > 0
+    assert [a.split()[:2] for a in got["attempts"]] == [
+        ["a/lm-chain-reset-after-16", "upstream_unavailable"]
+    ]
+    assert hits(fake) == {"lm-chain-reset-after-16": 1, "lm-chain": 1}  # (the healthy one)
+
+
+def test_a_whole_answer_whose_end_was_lost_is_billed_and_held_against_its_deployment(
+    router: Router, fake: str
+) -> None:
+    whole = healthy(router)["choices"][0]["text"]
+    r, events = streamed(router, "r/lostend")
+    assert "data: [DONE]" in r.text
+    assert text_of(events) == whole
+    assert events[-1]["usage"]["completion_tokens"] == 16
+    got = record(router, events[0]["id"])
+    assert got["completion_tokens"] == 16 and got["cost"] > 0
+    assert got["attempts"][0].split()[1] == "upstream_unavailable"  # not "ok"
+    assert hits(fake) == {"lm-chain-lostend": 1, "lm-chain": 1}
+
+
+def test_without_max_tokens_the_seam_counts_from_the_deployment_s_default(
+    router: Router, fake: str
+) -> None:
+    body = {"model": "healthy30", "prompt": PROMPT}
+    r = httpx.post(f"{router.api}/completions", headers=router.headers(), json=body, timeout=30)
+    whole = r.json()["choices"][0]["text"]
+    assert len(whole.split()) == 30  # the provider's `defaults: {max_tokens: 30}`
+    _, events = streamed(router, "r30/reset-20", max_tokens=...)  # (left out)
+    assert text_of(events) == whole
+    assert events[-1]["usage"]["completion_tokens"] == 30
+
+
+def test_tokens_counted_by_the_upstream_are_used_at_the_seam(router: Router, fake: str) -> None:
+    """Two tokens a chunk, with the count so far in each (vLLM's continuous usage stats): cut
+    after three chunks, six tokens, and the continuation is asked for the other ten."""
+    whole = healthy(router)["choices"][0]["text"]
+    _, events = streamed(router, "r/pairs-3")
+    assert text_of(events) == whole
+    assert events[-1]["usage"]["completion_tokens"] == 16
+    assert httpx.get(f"{fake}/_stats").json()["last_body"]["max_tokens"] == 10
+
+
+def test_a_stream_with_reasoning_of_its_own_is_not_continued(router: Router, fake: str) -> None:
+    """Its reasoning came in a field of its own, which a continuation would not be sent."""
+    _, events = streamed(router, "r/reasoning-2")
+    assert events[-1]["error"]["code"] == "upstream_unavailable"
+    assert hits(fake) == {"lm-chain-reasoning-reset-after-2": 1}
 
 
 def test_a_continuation_on_another_model_of_the_request(router: Router, fake: str) -> None:
@@ -249,3 +332,43 @@ def test_a_continuation_that_breaks_off_too_is_continued_again(router: Router, f
         ["b/lm-chain", "ok", "resumed"],
     ]
     assert (got["prompt_tokens"], got["completion_tokens"]) == (PROMPT_TOKENS, 16)
+
+
+@pytest.fixture(scope="module")
+def strict(tmp_path_factory: pytest.TempPathFactory, fake_upstream: str) -> Iterator[Router]:
+    """No retry budget at all, and a 3 s deadline."""
+    cfg = config(fake_upstream).replace(
+        "  deadline_seconds: 10\n",
+        "  deadline_seconds: 3\n  retry_budget: {ratio: 0, min_per_second: 0}\n",
+    )
+    r = start_router(tmp_path_factory.mktemp("resume-strict"), cfg)
+    try:
+        yield r
+    finally:
+        stop(r.proc)
+
+
+def test_a_continuation_spends_the_retry_budget_like_any_other_attempt(
+    strict: Router, fake: str
+) -> None:
+    r, events = streamed(strict, "nolp/reset-2")  # its other deployment: a retry
+    assert events[-1]["error"]["code"] == "upstream_unavailable"
+    got = record(strict, events[0]["id"])
+    assert [a.split()[:2] for a in got["attempts"]] == [
+        ["a/lm-chain-reset-after-2", "upstream_unavailable"],
+        ["b/lm-chain", "retry_budget_exhausted"],
+    ]
+    # A model the client named is its own instruction: its first attempt is free.
+    r, events = streamed(strict, "alone/reset-2", models=["healthy"])
+    assert "data: [DONE]" in r.text
+    assert text_of(events) == healthy(strict)["choices"][0]["text"]
+
+
+def test_a_continuation_ends_at_the_request_s_deadline(strict: Router, fake: str) -> None:
+    started = time.monotonic()
+    r, events = streamed(strict, "alone/reset-2", models=["dl/hang"])  # it never answers
+    took = time.monotonic() - started
+    assert events[-1]["error"]["code"] == "deadline_exceeded"
+    assert len(text_of(events[:-1]).split()) == 2
+    assert 2.9 < took < 4.5
+    assert "data: [DONE]" not in r.text

@@ -30,6 +30,11 @@ Faults (streamed and not, unless said):
   lm...-CUT-after-N   the same model, its stream cut after N text chunks: CUT is `reset` (the
                       connection closes), `hang` (silence), `error` (an in-band error event),
                       `truncated` (the end, without [DONE]) or `nofinish` ([DONE], no finish)
+  lm...-lostend       the whole stream, finish reasons included, then the connection closes
+                      before the usage chunk and [DONE]
+  lm...-pairs...      streams two tokens a chunk, each chunk with the usage so far (as vLLM's
+                      continuous_usage_stats)
+  lm...-reasoning...  the first chunk also carries `reasoning` in a field of its own
 
 `GET /_stats`: requests, hits per model, distinct client connections, streams whose client left,
 close times noted by `wait-close`, and the last body and headers. `POST /_reset` clears them.
@@ -224,7 +229,9 @@ async def completions(request: web.Request) -> web.StreamResponse:
     return response
 
 
-_CUT = re.compile(r"^(?P<model>lm.*)-(?P<cut>reset|hang|error|truncated|nofinish)-after-(?P<n>\d+)$")
+_CUT = re.compile(
+    r"^(?P<model>lm.*?)(?:-(?P<cut>reset|hang|error|truncated|nofinish)-after-(?P<n>\d+)|-lostend)$"
+)
 
 
 async def _lm(
@@ -233,6 +240,8 @@ async def _lm(
     cut = _CUT.match(model)
     if cut is not None:
         model = cut["model"]
+    pairs, reasoning = "-pairs" in model, "-reasoning" in model
+    model = model.replace("-pairs", "").replace("-reasoning", "")
     try:
         answer = lm.complete(model, body)
     except lm.Rejected as exc:
@@ -243,14 +252,57 @@ async def _lm(
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
     await response.prepare(request)
     include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+    chunks = lm.chunks(answer, include_usage)
+    if pairs:
+        chunks = _in_pairs(chunks, answer["usage"]["prompt_tokens"])
+    if reasoning:
+        chunks[0]["choices"][0]["reasoning"] = "Let me think. "
     texts = 0
-    for chunk in lm.chunks(answer, include_usage):
-        if cut is not None and texts == int(cut["n"]):
+    for chunk in chunks:
+        if cut is not None and cut["cut"] is not None and texts == int(cut["n"]):
             return await _cut_stream(request, response, cut["cut"])
+        if cut is not None and cut["cut"] is None and chunk.get("usage") and not chunk["choices"]:
+            _close(request)  # lostend: everything but the count and [DONE]
+            return response
         texts += sum(1 for c in chunk["choices"] if c["text"])
         await response.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+    if cut is not None and cut["cut"] is None:
+        _close(request)
+        return response
     await response.write(b"data: [DONE]\n\n")
     return response
+
+
+def _in_pairs(chunks: list[dict[str, Any]], prompt_tokens: int) -> list[dict[str, Any]]:
+    """Two text chunks a chunk, each with the usage so far (one choice)."""
+    out: list[dict[str, Any]] = []
+    tokens = 0
+    for chunk in chunks:
+        choices = chunk["choices"]
+        if choices and choices[0]["text"] and out and out[-1]["choices"]:
+            last = out[-1]["choices"][0]
+            if last["finish_reason"] is None and last.get("_n", 1) == 1:
+                last["text"] += choices[0]["text"]
+                last["_n"] = 2
+                tokens += 1
+                out[-1]["usage"] = _usage(prompt_tokens, tokens)
+                continue
+        if choices and choices[0]["text"]:
+            tokens += 1
+            chunk = {**chunk, "usage": _usage(prompt_tokens, tokens)}
+        out.append(chunk)
+    for chunk in out:
+        for choice in chunk["choices"]:
+            choice.pop("_n", None)
+    return out
+
+
+def _usage(prompt: int, completion: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
 
 
 async def _cut_stream(

@@ -198,6 +198,39 @@ def test_the_retry_budget_caps_a_sustained_storm_at_its_ratio() -> None:
     assert 0.2 * 60_000 + 5 * 100 < granted <= 0.2 * 60_000 + 6 * 100
 
 
+def test_the_reserve_is_not_given_twice_in_one_ttl() -> None:
+    clock = Clock()
+    budget = RetryBudget(0.2, 10, ttl_seconds=10, clock=clock)
+    clock.now += 9.99
+    assert sum(budget.try_withdraw() for _ in range(200)) == 100
+    clock.now += 9.01  # 9 s later: those 100 are still within the last 10 s
+    assert not budget.try_withdraw()
+    clock.now += 0.99  # now they are not
+    assert sum(budget.try_withdraw() for _ in range(200)) == 100
+
+
+def test_the_retry_budget_s_promise_holds_at_every_moment() -> None:
+    """At any moment, the retries of the last 10 s are at most 100 plus 20% of the requests of
+    the last 10 s: checked against the history at every retry of a random, bursty load."""
+    rng = random.Random(11)
+    clock = Clock()
+    budget = RetryBudget(0.2, 10, ttl_seconds=10, clock=clock)
+    requests: list[float] = []
+    retries: list[float] = []
+    for _ in range(20_000):
+        clock.now += rng.choice([0.0, 0.0, 0.001, 0.01, 0.3, 0.99, 2.5])
+        if rng.random() < 0.6:
+            budget.deposit()
+            requests.append(clock.now)
+        elif budget.try_withdraw():
+            retries.append(clock.now)
+            since = clock.now - 10
+            recent_requests = sum(1 for t in requests[-5000:] if t > since)
+            recent_retries = sum(1 for t in retries[-5000:] if t > since)
+            assert recent_retries <= 100 + 0.2 * recent_requests
+    assert len(retries) > 1000  # the budget was exercised, not just refused
+
+
 def test_a_retry_budget_with_no_ratio_and_no_reserve_refuses_every_retry() -> None:
     budget = RetryBudget(0, 0, clock=Clock())
     budget.deposit()

@@ -304,7 +304,7 @@ async def _relay(req: Request, ctx: Context, stream: OpenStream, include_usage: 
                 if acc.ttft_ms is None:
                     acc.ttft_ms = round((time.perf_counter() - acc.started) * 1000, 3)
                 for choice in part.choices:
-                    deltas += 1
+                    deltas += bool(choice.text or choice.reasoning)
                     if choice.index == 0 and choice.finish_reason is not None:
                         acc.finish_reason = choice.finish_reason
                 chunk.choices = part.choices
@@ -328,6 +328,8 @@ async def _relay(req: Request, ctx: Context, stream: OpenStream, include_usage: 
         await stream.aclose()
         if acc.usage is None:  # the client left
             acc.usage = _sent(req, acc, deltas)
+    if usage is None:  # it ended without its count (a resumed stream's end was lost)
+        usage = acc.usage  # what was sent, counted just above
     _note(req, target, stream.attempts, usage)
     tail = b""
     if include_usage:

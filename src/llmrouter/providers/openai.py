@@ -137,6 +137,7 @@ class OpenAIAdapter:
             max_tokens_zero="max_tokens_zero" not in unsupported,
             best_of_above_n="best_of" not in unsupported,
             stream_usage="stream_usage" not in unsupported,
+            default_max_tokens=_default_max_tokens(self._settings.defaults),
         )
 
     def usable(self, deployment: DeploymentSettings) -> bool:
@@ -347,6 +348,13 @@ class OpenAIAdapter:
         if isinstance(exc, aiohttp.ClientConnectionError | OSError):
             return UpstreamUnavailable(f"Provider {self.name} is unreachable: {type(exc).__name__}.")
         return UpstreamUnavailable(f"Provider {self.name} failed: {type(exc).__name__}.")
+
+
+def _default_max_tokens(defaults: dict[str, Any]) -> int:
+    value = defaults.get("max_tokens")
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    return 16  # the Completions API's default, which llmrouter sends where it must be known
 
 
 def _wire_prompt(prompts: Prompts) -> str | list[Any]:

@@ -2,9 +2,9 @@
 
 Its job is to keep an outage from becoming a retry storm against the providers that are left,
 without ever refusing a fallback to a router that is merely quiet. This is Finagle's `RetryBudget`:
-every request deposits `ratio` of a retry, every retry withdraws one, deposits expire after
-`ttl_seconds`, and a reserve of `min_per_second` retries a second is always there. So over any
-`ttl_seconds`, retries are at most `ratio` of the requests plus `min_per_second * ttl_seconds`.
+every request deposits `ratio` of a retry, every retry withdraws one, both expire `ttl_seconds`
+later, and a reserve of `min_per_second * ttl_seconds` retries is always there. So at any moment
+the retries of the last `ttl_seconds` are at most `ratio` of that time's requests plus the reserve.
 
 Why this one and not the others the issue names:
 - A count of retries per window with a floor of a few (what this module replaced) is used up by a
@@ -18,18 +18,20 @@ Why this one and not the others the issue names:
 A deposit per request with a reserve per second has neither hole: below `min_per_second` failures
 a second nothing is ever refused, and a storm's extra attempts are a fixed share of its requests.
 
-The balance is kept in `_SLICES` slices of the TTL, in integer thousandths of a retry, so that the
-arithmetic is exact (200 requests at 0.2 deposit exactly 40 retries).
+The balance is exact: amounts are integer thousandths of a retry (200 requests at 0.2 deposit
+exactly 40 retries), kept per millisecond in a queue that drops each one `ttl_seconds` after it
+(Finagle expires whole slices of the TTL at once, which lets a window that straddles an expiry see
+twice the reserve). The queue holds at most one entry a millisecond, whatever the traffic.
 """
 
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable
 
 __all__ = ["RetryBudget"]
 
-_SLICES = 10
 _ONE = 1000  # a retry, in thousandths
 
 
@@ -43,37 +45,40 @@ class RetryBudget:
     ) -> None:
         self._deposit = round(ratio * _ONE)
         self._reserve = round(min_per_second * ttl_seconds * _ONE)
-        self._slice = ttl_seconds / _SLICES
+        self._ttl_ms = round(ttl_seconds * 1000)
         self._clock = clock
-        self._epochs = [-1] * _SLICES  # which slice of time each slot holds
-        self._amounts = [0] * _SLICES
+        self._entries: deque[list[int]] = deque()  # [millisecond, amount], oldest first
+        self._sum = 0  # of the entries' amounts
 
     @property
     def reserve(self) -> int:
         """Retries always allowed in any `ttl_seconds`, whatever the traffic."""
         return self._reserve // _ONE
 
-    def _slot(self) -> int:
-        epoch = int(self._clock() / self._slice)
-        slot = epoch % _SLICES
-        if self._epochs[slot] != epoch:  # a slot from an earlier TTL: its amounts have expired
-            self._epochs[slot] = epoch
-            self._amounts[slot] = 0
-        return slot
+    def _now(self) -> int:
+        """The clock in milliseconds, with what is older than the TTL dropped."""
+        now = int(self._clock() * 1000)
+        entries, horizon = self._entries, now - self._ttl_ms
+        while entries and entries[0][0] <= horizon:
+            self._sum -= entries.popleft()[1]
+        return now
 
-    def _balance(self, epoch: int) -> int:
-        oldest = epoch - _SLICES
-        live = (a for e, a in zip(self._epochs, self._amounts, strict=True) if e > oldest)
-        return self._reserve + sum(live)
+    def _add(self, now: int, amount: int) -> None:
+        entries = self._entries
+        if entries and entries[-1][0] == now:
+            entries[-1][1] += amount
+        else:
+            entries.append([now, amount])
+        self._sum += amount
 
     def deposit(self) -> None:
         """A request has arrived."""
-        self._amounts[self._slot()] += self._deposit
+        self._add(self._now(), self._deposit)
 
     def try_withdraw(self) -> bool:
         """May one more attempt start? If so, it is counted."""
-        slot = self._slot()
-        if self._balance(self._epochs[slot]) < _ONE:
+        now = self._now()
+        if self._reserve + self._sum < _ONE:
             return False
-        self._amounts[slot] -= _ONE
+        self._add(now, -_ONE)
         return True

@@ -31,7 +31,7 @@ import functools
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Generic, TypeVar
 
 import msgspec
@@ -51,13 +51,12 @@ from llmrouter.providers.base import Call, Completion, StreamPart
 from llmrouter.routing.budget import RetryBudget
 from llmrouter.routing.health import HealthBook, is_sick
 from llmrouter.routing.plan import Plan, Target
-from llmrouter.routing.resume import Splice, continuation_limit, resumable
+from llmrouter.routing.resume import Splice, first_limit, resumable
 from llmrouter.routing.streams import (
     Attempt,
     CommittedStream,
     OpenStream,
     close,
-    ended_by_length,
     limit_at,
     open_continuation,
     produced,
@@ -163,7 +162,24 @@ class _Run(Generic[T]):
         for r in running:
             self.attempts.append(Attempt(r.target.label, "cancelled", _ms(r.started)))
         for r in running:
-            await _settle(r.task, r.target, self.discard, self.health)
+            await self._settle(r.task, r.target)
+
+    async def _settle(self, task: asyncio.Task[T], target: Target) -> None:
+        """Wait for a cancelled attempt to finish unwinding, and release what it opened. (Waiting
+        with `asyncio.wait` leaves this task's own cancellation, if it comes, to propagate.)"""
+        await asyncio.wait((task,))
+        if task.cancelled() or task.exception() is not None:
+            self.release(target)
+            return
+        self.health.record(target.label, True)  # it finished before the cancellation reached it
+        if self.discard is not None:
+            await self.discard(target, task.result())
+
+    def release(self, target: Target) -> None:
+        """An attempt at `target` ended saying nothing about it: if it was the probe, another
+        may probe. (A panic attempt was no probe, and must not free the probe's claim.)"""
+        if target.label != self.panic:
+            self.health.release(target.label)
 
 
 class Executor:
@@ -221,7 +237,11 @@ class Executor:
             shape = _shape(target)
             splice = None
             if resume and not shape.buffered and _resumes(run, target):
-                splice = Splice(target, functools.partial(self._continue, run))
+                cap = first_limit(params, target.capabilities.default_max_tokens)
+                if call.params.max_tokens != cap:  # the limit the seam counts down from
+                    call = replace(call, params=msgspec.structs.replace(call.params, max_tokens=cap))
+                resume_at = functools.partial(self._continue, run)
+                splice = Splice(target, cap, resume_at, functools.partial(self._broke_off, run))
             parts = aiter(shape.stream(splice or target.provider, call))
             # A stream served from a complete answer has its first part when the answer is done.
             wait = call.timeouts.total if shape.buffered else call.timeouts.first_token
@@ -323,7 +343,8 @@ class Executor:
                     run.stop = True
                 elif not hedged:
                     hedged = True
-                    nxt = self._pick(run) if run.started < self._routing.max_attempts else None
+                    room = run.started < self._routing.max_attempts
+                    nxt = self._pick(run, panic=False) if room else None  # (no hedge on the out)
                     if nxt is not None and self._budget.try_withdraw():  # a hedge always costs
                         run.launch(nxt)
                 continue
@@ -383,20 +404,16 @@ class Executor:
         text: str,
         tokens: int,
         began: float,
+        limit: int | None,
     ) -> tuple[Target, AsyncIterator[StreamPart]]:
         """`failed` broke off a committed stream with `exc` after sending `text` (`tokens`
-        parts): judge the failure, then continue the answer on the next deployment of the plan
-        that starts, within the request's attempts, budget and deadline. Raises the last failure
-        when the stream cannot go on."""
+        tokens): judge the failure, then continue the answer (at most `limit` tokens more) on the
+        next deployment of the plan that starts, within the request's attempts, budget and
+        deadline. Raises the last failure when the stream cannot go on."""
         health = self._health
-        entry = run.attempts[run.streaming]
-        run.attempts[run.streaming] = Attempt(failed.label, exc.code, _ms(began), entry.note)
-        self._judge(run, failed, exc)
+        self._broke_off(run, failed, exc, began)
         if not exc.retryable or run.stop or not _resumes(run, failed):
             raise exc
-        limit = continuation_limit(run.params, tokens)
-        if limit == 0:  # every token the request allows has been sent: the answer is whole
-            return failed, ended_by_length()
         prompt = run.prompts[0]
         assert isinstance(prompt, str), "only a string prompt is resumed"
         prompt += text
@@ -417,11 +434,12 @@ class Executor:
                 continue
             except BaseException:  # cancelled: the client left, or the request's deadline
                 health.finished(target.label)
-                health.release(target.label)
+                run.release(target)
                 run.attempts.append(Attempt(target.label, "cancelled", _ms(started)))
                 raise
             run.streaming = len(run.attempts)
-            run.attempts.append(Attempt(target.label, "ok", _ms(started), "resumed"))
+            note = f"resumed {run.note(target)}".rstrip()
+            run.attempts.append(Attempt(target.label, "ok", _ms(started), note))
             health.record(target.label, True)
             if target.label == run.panic:
                 health.restore(target.label)
@@ -430,6 +448,13 @@ class Executor:
         last = run.last_error or exc
         last.attempts = run.attempts
         raise last
+
+    def _broke_off(self, run: _Run[Opened], failed: Target, exc: LlmrouterError, began: float) -> None:
+        """The committed attempt at `failed` ended in `exc`: its entry in the attempts says so,
+        and the failure is judged like any other."""
+        entry = run.attempts[run.streaming]
+        run.attempts[run.streaming] = Attempt(failed.label, exc.code, _ms(began), entry.note)
+        self._judge(run, failed, exc)
 
     def _won(self, run: _Run[T], target: Target, result: T, ms: float) -> None:
         run.streaming = len(run.attempts)
@@ -451,11 +476,12 @@ class Executor:
             wait = self._routing.health.rate_limit_skip_seconds
         if exc.retryable and wait:  # the upstream said when to come back
             self._health.skip_for(target.label, wait)
-            self._health.release(target.label)
+            run.release(target)
         elif is_sick(exc):
-            self._health.record(target.label, False)
+            if target.label != run.panic:  # (it is out already; a probe's outcome decides)
+                self._health.record(target.label, False)
         else:  # about the request, not the deployment
-            self._health.release(target.label)
+            run.release(target)
         run.last_error = exc
         if isinstance(exc, ContextLengthExceeded):
             run.too_small.add(target.model.id)  # the request's other models may fit it
@@ -482,11 +508,11 @@ class Executor:
             retry_after=min(self._health.unavailable_for(t.label) for t in run.plan.targets),
         )
 
-    def _pick(self, run: _Run[T], *, first_at_model: bool = False) -> Target | None:
+    def _pick(self, run: _Run[T], *, first_at_model: bool = False, panic: bool = True) -> Target | None:
         """The next target: the first in the plan, not yet tried in this pass, that may answer
         and is in rotation (with `first_at_model`, only at a model not tried yet). When nothing in
-        the whole plan is in rotation: once a request, the ejected one whose cooldown ends first;
-        an upstream's Retry-After is always waited out."""
+        the whole plan is in rotation (and `panic`): once a request, the ejected one whose
+        cooldown ends first; an upstream's Retry-After is always waited out."""
         health = self._health
         candidates = [
             t
@@ -500,7 +526,7 @@ class Executor:
         for target in candidates:
             if health.available(target.label):
                 return target
-        if run.panic is not None:
+        if run.panic is not None or not panic:
             return None
         if any(health.available(t.label) for t in run.plan.targets if run.may_answer(t)):
             return None  # something is in rotation: this pass is over, not the plan
@@ -552,20 +578,3 @@ def _context_rank(target: Target, run: _Run[T]) -> int:
 
 def _ms(started: float) -> float:
     return (time.perf_counter() - started) * 1000
-
-
-async def _settle(
-    task: asyncio.Task[T],
-    target: Target,
-    discard: Callable[[Target, T], Awaitable[None]] | None,
-    health: HealthBook,
-) -> None:
-    """Wait for a cancelled attempt to finish unwinding, and release what it opened. (Waiting
-    with `asyncio.wait` leaves this task's own cancellation, if it comes, to propagate.)"""
-    await asyncio.wait((task,))
-    if task.cancelled() or task.exception() is not None:
-        health.release(target.label)
-        return
-    health.record(target.label, True)  # it finished before the cancellation reached it
-    if discard is not None:
-        await discard(target, task.result())

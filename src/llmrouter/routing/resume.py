@@ -4,19 +4,25 @@ The Completions API is raw continuation, so a stream that fails after its first 
 finished by another deployment that is sent the prompt and the text so far: the client sees one
 uninterrupted answer. That means the same answer only for one string prompt, one choice, and
 nothing that scores or wraps the text (no `logprobs`, `echo` or `suffix`, no `response_format`
-but text): `resumable` says so.
+but text): `resumable` says so. A stream whose deployment sent reasoning in a field of its own
+(not as text) is not continued either: the continuation would not see it, and reason again.
 
 A `Splice` is the upstream of one streamed attempt, below the shaping that the answer goes through
 once (stop sequences, reasoning): it passes its deployment's parts on, keeping the text and the
 tokens of the answer, and when that deployment fails (or ends without finishing) after the commit
 point, it asks the executor for a continuation and passes that on instead. So stop sequences are
-found across the seam, and `max_tokens` counts across it. Which deployment continues, and within
-which attempts, budget and deadline, is the executor's to decide (`Continue`).
+found across the seam, and `max_tokens` counts across it: the first attempt is sent its limit
+explicitly (the request's, else the deployment's default), and each continuation what is left.
+Which deployment continues, within which attempts, budget and deadline, is the executor's to
+decide (`Resume`); a failure that needs no continuation (the answer had ended; only its usage or
+`[DONE]` was lost) is still the deployment's failure (`BrokeOff`).
 
-The usage of a resumed answer is the prompt tokens of the first (the continuation's prompt count,
-less the tokens it was given back as text) and the completion tokens of every deployment together,
-counted a text part a token for the ones that were cut: an estimate, and said to be one. Its cost
-is what each deployment was asked and gave, at its own price.
+Tokens are what a deployment reported in its stream when it reports them (vLLM's continuous usage
+stats), else its text parts, a token each: an estimate, said to be one. An upstream that sends
+several tokens a part makes the estimate low, and a resumed answer may then run past `max_tokens`
+by that much. The usage of a resumed answer is the prompt tokens of the first (the continuation's
+prompt count, less the tokens it was given back as text) and the completion tokens of every
+deployment together; its cost is what each deployment was asked and gave, at its own price.
 """
 
 from __future__ import annotations
@@ -30,22 +36,23 @@ from msgspec import UNSET
 from llmrouter.errors import LlmrouterError, UpstreamUnavailable
 from llmrouter.providers.base import Call, Completion, StreamPart
 from llmrouter.structured import format_kind
-from llmrouter.wire.completions import CompletionCreateParams, Usage
+from llmrouter.wire.completions import ChunkChoice, CompletionCreateParams, Usage
 from llmrouter.wire.validate import Prompts
 
 if TYPE_CHECKING:
     from llmrouter.routing.plan import Target
 
-__all__ = ["Continue", "Splice", "continuation_limit", "resumable"]
-
-_DEFAULT_MAX_TOKENS = 16  # the Completions API's default
+__all__ = ["BrokeOff", "Resume", "Splice", "first_limit", "resumable"]
 
 # (the deployment that broke off, its failure, the text so far, its tokens, when its part
-# began) -> the deployment that continues and its parts; raises when the stream cannot go on.
-Continue = Callable[
-    ["Target", LlmrouterError, str, int, float],
+# began, the continuation's max_tokens) -> the deployment that continues and its parts; raises
+# when the stream cannot go on.
+Resume = Callable[
+    ["Target", LlmrouterError, str, int, float, "int | None"],
     Awaitable[tuple["Target", AsyncIterator[StreamPart]]],
 ]
+# (the deployment, its failure, when its part began): judged, with nothing to continue.
+BrokeOff = Callable[["Target", LlmrouterError, float], None]
 
 
 def resumable(params: CompletionCreateParams, prompts: Prompts) -> bool:
@@ -63,21 +70,23 @@ def resumable(params: CompletionCreateParams, prompts: Prompts) -> bool:
     )
 
 
-def continuation_limit(params: CompletionCreateParams, tokens: int) -> int | None:
-    """The continuation's `max_tokens` once `tokens` have been sent (None: up to its context)."""
-    if params.max_tokens is None:
-        return None
-    limit = _DEFAULT_MAX_TOKENS if params.max_tokens is UNSET else params.max_tokens
-    return max(0, limit - tokens)
+def first_limit(params: CompletionCreateParams, default: int) -> int | None:
+    """The whole answer's `max_tokens`: the request's, else the deployment's `default` (None: up
+    to the context)."""
+    if params.max_tokens is UNSET:
+        return default
+    return params.max_tokens
 
 
 class Splice:
-    def __init__(self, target: Target, continue_: Continue) -> None:
+    def __init__(self, target: Target, limit: int | None, resume: Resume, broke_off: BrokeOff) -> None:
         self.target = target  # the deployment streaming now
         self.committed = False  # the client has had part of the answer: failures continue it
-        self._continue = continue_
+        self.judged: LlmrouterError | None = None  # the failure the executor has already judged
+        self._limit = limit
+        self._resume = resume
+        self._broke_off = broke_off
         self._text: list[str] = []  # choice 0's text as the deployments sent it
-        self._tokens = 0  # text parts sent so far, by every deployment
         self._cut: list[tuple[Target, int]] = []  # deployments that broke off, and their tokens
 
     @property
@@ -91,17 +100,21 @@ class Splice:
         parts = aiter(self.target.provider.stream(call))
         began = time.perf_counter()
         while True:
-            finished = False
+            finished = reasoned = False
+            counted, reported = 0, None  # this deployment's text parts, and its own count
             try:
                 async for part in parts:
                     for choice in part.choices:
                         if choice.text:
                             self._text.append(choice.text)
-                            self._tokens += 1
+                            counted += 1
+                        reasoned = reasoned or bool(choice.reasoning)
                         finished = finished or choice.finish_reason is not None
                     usage = part.usage
-                    if usage is not None and not finished:
-                        if not part.choices:  # a count of an answer that did not end: ours
+                    if usage is not None and not finished:  # a count of an unfinished answer
+                        if not part.usage_estimated:
+                            reported = usage.completion_tokens
+                        if not part.choices:
                             continue
                         part = StreamPart(part.choices, None, part.system_fingerprint)
                     elif usage is not None and self._cut:
@@ -117,21 +130,40 @@ class Splice:
             except LlmrouterError as exc:
                 if not self.committed:
                     raise  # before the commit point the executor starts afresh elsewhere
-                if finished:
-                    return  # the answer is whole; only its end (usage, [DONE]) was lost
                 failure = exc
             finally:
                 await _close(parts)
-            cut = self.target, self._tokens - sum(t for _, t in self._cut)
-            target, parts = await self._continue(
-                self.target, failure, "".join(self._text), self._tokens, began
-            )
-            self._cut.append(cut)
+            self.judged = failure
+            if finished:  # the answer is whole; only its end (usage, [DONE]) was lost
+                self._broke_off(self.target, failure, began)
+                return
+            if reasoned:  # its reasoning is not in the text: a continuation would lack it
+                self._broke_off(self.target, failure, began)
+                raise failure
+            tokens = (reported if reported is not None else counted) + self._given
+            limit = None if self._limit is None else max(0, self._limit - tokens)
+            if limit == 0:  # it had sent every token the request allows: the answer is whole
+                self._broke_off(self.target, failure, began)
+                yield StreamPart([ChunkChoice("", 0, None, "length")])
+                return
+            try:
+                target, parts = await self._resume(
+                    self.target, failure, "".join(self._text), tokens, began, limit
+                )
+            except LlmrouterError as exc:
+                self.judged = exc
+                raise
+            self._cut.append((self.target, tokens - self._given))
             self.target, began = target, time.perf_counter()
+
+    @property
+    def _given(self) -> int:
+        """Tokens the deployments that broke off sent."""
+        return sum(t for _, t in self._cut)
 
     def _usage(self, usage: Usage) -> Usage:
         """The continuation's count, as the count of the whole answer."""
-        given = sum(t for _, t in self._cut)
+        given = self._given
         prompt = max(0, usage.prompt_tokens - given)
         completion = given + usage.completion_tokens
         return Usage(prompt, completion, prompt + completion)

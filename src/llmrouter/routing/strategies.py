@@ -92,9 +92,10 @@ def prefix_key(prompts: Prompts, prefix_bytes: int, prefix_tokens: int) -> bytes
 
 
 def _unit(prefix: bytes, label: str) -> float:
-    """A hash of the prefix and the deployment, uniform in (0, 1)."""
+    """A hash of the prefix and the deployment, uniform in (0, 1): 52 bits and a half, so that
+    the float is exact and never 0 or 1."""
     digest = hashlib.blake2b(label.encode(), digest_size=8, key=prefix).digest()
-    return (int.from_bytes(digest, "big") + 0.5) / 2.0**64
+    return ((int.from_bytes(digest, "big") >> 12) + 0.5) / 2.0**52
 
 
 def _prefix_affinity(

@@ -29,7 +29,6 @@ __all__ = [
     "CommittedStream",
     "OpenStream",
     "close",
-    "ended_by_length",
     "limit_at",
     "open_continuation",
     "produced",
@@ -120,8 +119,8 @@ class CommittedStream:
         return self._splice
 
     def _failed(self, exc: LlmrouterError) -> LlmrouterError:
-        # (A splice's failures were judged when it tried to continue them.)
-        if self._splice is None and is_sick(exc):
+        judged = self._splice is not None and self._splice.judged is exc  # when it broke off
+        if is_sick(exc) and not judged:
             self._health.record(self.target.label, False)
         return exc
 
@@ -196,10 +195,6 @@ async def _chained(
 async def _parts_of(parts: list[StreamPart]) -> AsyncIterator[StreamPart]:
     for part in parts:
         yield part
-
-
-def ended_by_length() -> AsyncIterator[StreamPart]:
-    return _parts_of([StreamPart([ChunkChoice("", 0, None, "length")])])
 
 
 def limit_at(deadline: float, seconds: float) -> tuple[float, bool]:

@@ -1,0 +1,123 @@
+"""The executor in process, against a scripted provider: the moments that take several requests
+to line up exactly (a probe and a panic attempt in flight together), in milliseconds."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+
+from llmrouter.errors import UpstreamUnavailable
+from llmrouter.providers.base import ALL_PARAMETERS, Call, Capabilities, Completion, StreamPart
+from llmrouter.routing.executor import Executor
+from llmrouter.routing.health import LocalHealth
+from llmrouter.routing.plan import Catalog
+from llmrouter.settings import (
+    DeploymentSettings,
+    HealthSettings,
+    ModelSettings,
+    OpenAIProvider,
+    RoutingSettings,
+    Settings,
+    Timeouts,
+)
+from llmrouter.wire.completions import CompletionChoice, Usage
+from llmrouter.wire.validate import decode_completion_request
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Scripted:
+    """A provider whose every call runs `answer` (a coroutine the test writes)."""
+
+    name = "p"
+    timeouts = Timeouts()
+
+    def __init__(self, answer: Callable[[Call], Awaitable[Completion]]) -> None:
+        self.answer = answer
+        self.calls = 0
+
+    async def start(self) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+    def capabilities(self, deployment: DeploymentSettings) -> Capabilities:
+        return Capabilities(parameters=ALL_PARAMETERS)
+
+    def usable(self, deployment: DeploymentSettings) -> bool:
+        return True
+
+    def ready(self, deployment: DeploymentSettings) -> bool:
+        return True
+
+    async def complete(self, call: Call) -> Completion:
+        self.calls += 1
+        return await self.answer(call)
+
+    async def stream(self, call: Call) -> AsyncIterator[StreamPart]:  # not used here
+        raise AssertionError("not streamed")
+        yield
+
+
+def ok() -> Completion:
+    return Completion([CompletionChoice("hi", 0, None, "stop")], Usage(1, 1, 2))
+
+
+def setup(
+    answer: Callable[[Call], Awaitable[Completion]], clock: Clock
+) -> tuple[Executor, Catalog, LocalHealth, Scripted]:
+    settings = Settings(
+        providers={"p": OpenAIProvider(base_url="http://127.0.0.1:9/v1")},
+        models=[ModelSettings(id="m", deployments=[DeploymentSettings(provider="p", model="x")])],
+        routing=RoutingSettings(
+            health=HealthSettings(consecutive_failures=1, cooldown_seconds=5, max_cooldown_seconds=60)
+        ),
+    )
+    provider = Scripted(answer)
+    health = LocalHealth(settings.routing.health, clock=clock)
+    catalog = Catalog(settings, {"p": provider}, health)  # type: ignore[dict-item]
+    return Executor(settings.routing, health), catalog, health, provider
+
+
+def test_a_panic_attempt_beside_the_probe_does_not_spoil_the_probe() -> None:
+    """The only deployment is half-open, its probe in flight; a second request finds nothing in
+    rotation and tries it anyway (panic) and fails. That failure must not eject it again, nor
+    take the probe's place: the probe's success brings it back."""
+    clock = Clock()
+    probe_may_answer = asyncio.Event()
+
+    async def answer(call: Call) -> Completion:
+        if provider.calls == 1:  # the probe: answers well, once the panic attempt has failed
+            await probe_may_answer.wait()
+            return ok()
+        raise UpstreamUnavailable("the panic attempt fails")
+
+    executor, catalog, health, provider = setup(answer, clock)
+    params, prompts = decode_completion_request(b'{"model": "m", "prompt": "Hi"}')
+    health.record("p/x", False)  # ejected for 5 s
+    clock.now += 5  # the cooldown is over: the next attempt is the probe
+
+    async def run() -> None:
+        probe = asyncio.ensure_future(
+            executor.complete(catalog.plan(params, prompts), params, prompts, "a")
+        )
+        await asyncio.sleep(0)
+        assert not health.available("p/x")  # the probe is out
+        with pytest.raises(UpstreamUnavailable) as failed:
+            await executor.complete(catalog.plan(params, prompts), params, prompts, "b")
+        assert [(a.target, a.note) for a in failed.value.attempts] == [("p/x", "panic")]
+        assert health.ejection("p/x")[1] == 0  # not ejected again by it
+        probe_may_answer.set()
+        _, result, attempts = await probe
+        assert result.choices[0].text == "hi" and str(attempts[0]).startswith("p/x ok")
+
+    asyncio.run(run())
+    assert health.available("p/x")  # the probe's success brought it back
+    assert provider.calls == 2
