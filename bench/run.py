@@ -66,6 +66,7 @@ default_model: mock/model
   mock: {{kind: openai, base_url: "http://127.0.0.1:{mock_port}/v1"}}
 models:
   - id: mock/model
+    resume_streams: {resume}
     deployments: [{{provider: mock, model: mock-model}}]
 """
 
@@ -716,6 +717,9 @@ def main() -> None:
     parser.add_argument(
         "--ledger-sync", choices=("full", "normal"), default="full", help="SQLite's ledger sync"
     )
+    parser.add_argument(
+        "--resume-streams", action="store_true", help="the model continues cut streams elsewhere"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "latest.md")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
@@ -736,8 +740,13 @@ def main() -> None:
         )
         accounts += f"  redis_url: {args.redis_url}\n" if args.redis_url else ""
     quiet = "server: {access_log: false}\n"
-    quiet_cfg.write_text(CONFIG.format(server=quiet, accounts=accounts, mock_port=mock_port))
-    logging_cfg.write_text(CONFIG.format(server="", accounts=accounts, mock_port=mock_port))
+    resume = str(args.resume_streams).lower()
+    quiet_cfg.write_text(
+        CONFIG.format(server=quiet, accounts=accounts, mock_port=mock_port, resume=resume)
+    )
+    logging_cfg.write_text(
+        CONFIG.format(server="", accounts=accounts, mock_port=mock_port, resume=resume)
+    )
     per_load = args.warmup + args.duration + 1
     budget = 20 * per_load + 2 * args.ttft_requests * 0.01 + 10 * args.startup_trials + 300
     budget += 2 * (args.profile + args.perf)
@@ -999,7 +1008,8 @@ def render(r: dict[str, Any], args: argparse.Namespace, started_at: dt.datetime)
             f"Accounts: ledger in "
             f"{'PostgreSQL' if args.database_url else f'SQLite (sync {args.ledger_sync})'}, limits "
             f"{'in Redis' if args.redis_url else 'in process'}, the key "
-            f"{'with (unreached) rpm, tpm and credit limits' if args.limited else 'without limits'}.",
+            f"{'with (unreached) rpm, tpm and credit limits' if args.limited else 'without limits'}"
+            f"{'; streams resumable (resume_streams)' if args.resume_streams else ''}.",
             "",
             "| metric | direct (mock) | through llmrouter | router vs direct | target | |",
             "|---|---:|---:|---:|---|---|",
