@@ -39,6 +39,11 @@ def config(fake: str) -> str:
         pair("r/reset-16", "lm-chain-reset-after-16"),  # every token sent, not the finish
         pair("r/lostend", "lm-chain-lostend"),
         pair("r/pairs-3", "lm-chain-pairs-reset-after-3"),
+        pair("r/pairs-8", "lm-chain-pairs-reset-after-8"),  # all sixteen tokens, not the finish
+        pair("r/pairs-lostend", "lm-chain-pairs-lostend"),
+        "  - {id: on/null, resume_streams: true, deployments: [{provider: bnull, model: lm-chain}]}",
+        "  - {id: off/null, deployments: [{provider: bnull, model: lm-chain}]}",
+        "  - {id: on/healthy, resume_streams: true, deployments: [{provider: b, model: lm-chain}]}",
         pair("r/reasoning-2", "lm-chain-reasoning-reset-after-2"),
         "  - id: r30/reset-20\n    strategy: ordered\n    resume_streams: true\n    deployments: "
         "[{provider: a30, model: lm-chain-reset-after-20}, {provider: b30, model: lm-chain}]",
@@ -69,6 +74,7 @@ providers:
   b: {{kind: openai, base_url: {fake}/v1, {timeouts}}}
   slow: {{kind: openai, base_url: {fake}/v1, timeouts: {{first_token: 30, idle: 30, total: 60}}}}
   a30: {{kind: openai, base_url: {fake}/v1, defaults: {{max_tokens: 30}}, {timeouts}}}
+  bnull: {{kind: openai, base_url: {fake}/v1, defaults: {{max_tokens: null}}, {timeouts}}}
   b30: {{kind: openai, base_url: {fake}/v1, defaults: {{max_tokens: 30}}, {timeouts}}}
 models:
 {models_text}
@@ -302,6 +308,38 @@ def test_tokens_counted_by_the_upstream_are_used_at_the_seam(router: Router, fak
     assert text_of(events) == whole
     assert events[-1]["usage"]["completion_tokens"] == 16
     assert httpx.get(f"{fake}/_stats").json()["last_body"]["max_tokens"] == 10
+
+
+@pytest.mark.parametrize("model", ["r/pairs-8", "r/pairs-lostend"])
+def test_an_answer_the_splice_ends_itself_keeps_the_upstream_s_own_count(
+    router: Router, fake: str, model: str
+) -> None:
+    """Cut after its last token (max_tokens reached), or after its finish (the end lost): the
+    count the deployment streamed, two tokens a chunk, is the answer's usage, not a chunk a
+    token."""
+    whole = healthy(router)["choices"][0]["text"]
+    r, events = streamed(router, model)
+    assert "data: [DONE]" in r.text
+    assert text_of(events) == whole
+    usage = events[-1]["usage"]
+    assert (usage["prompt_tokens"], usage["completion_tokens"]) == (PROMPT_TOKENS, 16)
+    got = record(router, events[0]["id"])
+    assert (got["prompt_tokens"], got["completion_tokens"]) == (PROMPT_TOKENS, 16)
+    assert got["cost"] == pytest.approx(PRICE_A * (PROMPT_TOKENS + 16) / 1e6)
+
+
+@pytest.mark.parametrize(
+    ("on", "off", "words"), [("on/null", "off/null", 40), ("on/healthy", "healthy", 16)]
+)
+def test_a_resumable_stream_that_does_not_fail_is_the_stream_it_would_have_been(
+    router: Router, fake: str, on: str, off: str, words: int
+) -> None:
+    """Without max_tokens: a provider whose `defaults` say no limit (null) keeps it, and one
+    without defaults gets the API's 16, resumable or not."""
+    _, resumable_events = streamed(router, on, max_tokens=...)
+    _, plain_events = streamed(router, off, max_tokens=...)
+    assert text_of(resumable_events) == text_of(plain_events)
+    assert len(text_of(plain_events).split()) == words
 
 
 def test_a_stream_with_reasoning_of_its_own_is_not_continued(router: Router, fake: str) -> None:

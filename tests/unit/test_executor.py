@@ -121,3 +121,28 @@ def test_a_panic_attempt_beside_the_probe_does_not_spoil_the_probe() -> None:
     asyncio.run(run())
     assert health.available("p/x")  # the probe's success brought it back
     assert provider.calls == 2
+
+
+def test_after_its_panic_attempt_a_request_s_next_attempt_there_is_a_probe() -> None:
+    """Panic is one attempt, not a mark on the deployment for the rest of the request: once the
+    cooldown ends (during the backoff before the next pass), the request's next attempt there is
+    the probe, and its failure ejects the deployment again, for twice as long."""
+    clock = Clock()
+
+    async def answer(call: Call) -> Completion:
+        clock.now += 1  # each attempt takes a second of the health clock
+        raise UpstreamUnavailable("dead")
+
+    executor, catalog, health, provider = setup(answer, clock)
+    params, prompts = decode_completion_request(b'{"model": "m", "prompt": "Hi"}')
+    health.record("p/x", False)  # ejected for 5 s
+    clock.now += 4.5  # half a second of the cooldown left: the first attempt is a panic one
+
+    async def run() -> list[str]:
+        with pytest.raises(UpstreamUnavailable) as failed:
+            await executor.complete(catalog.plan(params, prompts), params, prompts, "a")
+        return [a.note for a in failed.value.attempts]
+
+    assert asyncio.run(run()) == ["panic", ""]  # the panic attempt, then the probe
+    assert health.ejection("p/x") == (2, pytest.approx(10))  # the probe's failure counted
+    assert provider.calls == 2

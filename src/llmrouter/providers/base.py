@@ -53,8 +53,9 @@ class Capabilities:
     # best_of > n means generating extra candidates and choosing: only where the engine can rank.
     best_of_above_n: bool = False
     stream_usage: bool = True  # reports usage at the end of a stream
-    # The output cap a request without `max_tokens` gets here (the API's 16, or a `defaults`).
-    default_max_tokens: int = 16
+    # The output cap a request without `max_tokens` gets here (the API's 16, or a `defaults`;
+    # None: up to the context).
+    default_max_tokens: int | None = 16
 
 
 @dataclass(frozen=True, slots=True)

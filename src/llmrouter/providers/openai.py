@@ -350,11 +350,15 @@ class OpenAIAdapter:
         return UpstreamUnavailable(f"Provider {self.name} failed: {type(exc).__name__}.")
 
 
-def _default_max_tokens(defaults: dict[str, Any]) -> int:
-    value = defaults.get("max_tokens")
+def _default_max_tokens(defaults: dict[str, Any]) -> int | None:
+    """What a request without `max_tokens` gets: the `defaults` (null, or llama.cpp's -1: no
+    limit), else the Completions API's 16, which llmrouter sends where it must know it."""
+    if "max_tokens" not in defaults:
+        return 16
+    value = defaults["max_tokens"]
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return value
-    return 16  # the Completions API's default, which llmrouter sends where it must be known
+    return None
 
 
 def _wire_prompt(prompts: Prompts) -> str | list[Any]:

@@ -109,7 +109,8 @@ class _Run(Generic[T]):
         self.running: list[_Running[T]] = []  # hedged attempts in flight
         self.tried: set[str] = set()  # in the current pass over the plan
         self.models_tried: set[str] = set()  # a first attempt at these costs the budget nothing
-        self.panic: str | None = None  # the deployment tried in panic mode (once a request)
+        self.panicked = False  # a request tries one deployment in panic mode, once
+        self.panic: str | None = None  # the deployment of that attempt, until its outcome
         self.too_small: set[str] = set()  # models whose context the request does not fit
         self.refused: set[str] = set()  # deployments whose content policy refused it
         self.invalid: dict[str, int] = {}  # answers that failed response_format, per deployment
@@ -170,8 +171,10 @@ class _Run(Generic[T]):
         await asyncio.wait((task,))
         if task.cancelled() or task.exception() is not None:
             self.release(target)
+            self.over(target)
             return
         self.health.record(target.label, True)  # it finished before the cancellation reached it
+        self.over(target)
         if self.discard is not None:
             await self.discard(target, task.result())
 
@@ -180,6 +183,12 @@ class _Run(Generic[T]):
         may probe. (A panic attempt was no probe, and must not free the probe's claim.)"""
         if target.label != self.panic:
             self.health.release(target.label)
+
+    def over(self, target: Target) -> None:
+        """The outcome of an attempt at `target` has been taken in: if it was the panic
+        attempt, later attempts there (a probe, once its cooldown ends) are ordinary ones."""
+        if target.label == self.panic:
+            self.panic = None
 
 
 class Executor:
@@ -238,7 +247,7 @@ class Executor:
             splice = None
             if resume and not shape.buffered and _resumes(run, target):
                 cap = first_limit(params, target.capabilities.default_max_tokens)
-                if call.params.max_tokens != cap:  # the limit the seam counts down from
+                if cap is not None and call.params.max_tokens != cap:  # what the seam counts from
                     call = replace(call, params=msgspec.structs.replace(call.params, max_tokens=cap))
                 resume_at = functools.partial(self._continue, run)
                 splice = Splice(target, cap, resume_at, functools.partial(self._broke_off, run))
@@ -435,6 +444,7 @@ class Executor:
             except BaseException:  # cancelled: the client left, or the request's deadline
                 health.finished(target.label)
                 run.release(target)
+                run.over(target)
                 run.attempts.append(Attempt(target.label, "cancelled", _ms(started)))
                 raise
             run.streaming = len(run.attempts)
@@ -443,6 +453,7 @@ class Executor:
             health.record(target.label, True)
             if target.label == run.panic:
                 health.restore(target.label)
+            run.over(target)
             health.finished(failed.label)
             return target, parts
         last = run.last_error or exc
@@ -462,11 +473,13 @@ class Executor:
         self._health.record(target.label, True)
         if target.label == run.panic:
             self._health.restore(target.label)
+        run.over(target)
         run.winner = target, result
 
     def _failed(self, run: _Run[T], target: Target, exc: LlmrouterError, ms: float) -> None:
         run.attempts.append(Attempt(target.label, exc.code, ms, run.note(target)))
         self._judge(run, target, exc)
+        run.over(target)
 
     def _judge(self, run: _Run[T], target: Target, exc: LlmrouterError) -> None:
         """What a failure says about the deployment (its health) and about the rest of the
@@ -526,7 +539,7 @@ class Executor:
         for target in candidates:
             if health.available(target.label):
                 return target
-        if run.panic is not None or not panic:
+        if run.panicked or not panic:
             return None
         if any(health.available(t.label) for t in run.plan.targets if run.may_answer(t)):
             return None  # something is in rotation: this pass is over, not the plan
@@ -534,7 +547,7 @@ class Executor:
         if not ejected:
             return None
         target = min(ejected, key=lambda t: health.unavailable_for(t.label))
-        run.panic = target.label
+        run.panicked, run.panic = True, target.label
         return target
 
     def _backoff(self, passes: int) -> float:

@@ -70,7 +70,7 @@ def resumable(params: CompletionCreateParams, prompts: Prompts) -> bool:
     )
 
 
-def first_limit(params: CompletionCreateParams, default: int) -> int | None:
+def first_limit(params: CompletionCreateParams, default: int | None) -> int | None:
     """The whole answer's `max_tokens`: the request's, else the deployment's `default` (None: up
     to the context)."""
     if params.max_tokens is UNSET:
@@ -101,7 +101,8 @@ class Splice:
         began = time.perf_counter()
         while True:
             finished = reasoned = False
-            counted, reported = 0, None  # this deployment's text parts, and its own count
+            counted = 0  # this deployment's text parts
+            reported: Usage | None = None  # its own count so far, when it streams one
             try:
                 async for part in parts:
                     for choice in part.choices:
@@ -111,9 +112,9 @@ class Splice:
                         reasoned = reasoned or bool(choice.reasoning)
                         finished = finished or choice.finish_reason is not None
                     usage = part.usage
+                    if usage is not None and not part.usage_estimated:
+                        reported = usage
                     if usage is not None and not finished:  # a count of an unfinished answer
-                        if not part.usage_estimated:
-                            reported = usage.completion_tokens
                         if not part.choices:
                             continue
                         part = StreamPart(part.choices, None, part.system_fingerprint)
@@ -136,15 +137,18 @@ class Splice:
             self.judged = failure
             if finished:  # the answer is whole; only its end (usage, [DONE]) was lost
                 self._broke_off(self.target, failure, began)
+                if reported is not None:  # the count it streamed is the best there is
+                    yield StreamPart([], self._usage(reported), usage_estimated=True)
                 return
             if reasoned:  # its reasoning is not in the text: a continuation would lack it
                 self._broke_off(self.target, failure, began)
                 raise failure
-            tokens = (reported if reported is not None else counted) + self._given
+            tokens = (reported.completion_tokens if reported else counted) + self._given
             limit = None if self._limit is None else max(0, self._limit - tokens)
             if limit == 0:  # it had sent every token the request allows: the answer is whole
                 self._broke_off(self.target, failure, began)
-                yield StreamPart([ChunkChoice("", 0, None, "length")])
+                usage = None if reported is None else self._usage(reported)
+                yield StreamPart([ChunkChoice("", 0, None, "length")], usage, usage_estimated=True)
                 return
             try:
                 target, parts = await self._resume(
