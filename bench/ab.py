@@ -1,0 +1,110 @@
+"""Revisions of llmrouter side by side: each served at once against one mock, measured in turns.
+
+    .venv/bin/python bench/ab.py 52be946 HEAD [--rounds 4] [--seconds 4] [--connections 64,1]
+
+Each revision is exported with `git archive` into a temporary folder and served by this venv's
+interpreter with that folder first on `PYTHONPATH` (so dependencies are today's; only the code
+differs). All routers run at the same time, idle but for the one being measured, and the loads
+alternate between them round by round: a change in the machine's speed (this VM's is large) then
+falls on every revision alike, which separate runs of bench/run.py cannot promise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from run import (
+    LLMROUTER,
+    ROOT,
+    free_port,
+    mock_upstream,
+    stop,
+    wait_healthy,
+    wrk,
+)
+
+CONFIG = """\
+default_model: mock/model
+server: {{access_log: false}}
+providers:
+  mock: {{kind: openai, base_url: "http://127.0.0.1:{mock_port}/v1"}}
+models:
+  - id: mock/model
+    deployments: [{{provider: mock, model: mock-model}}]
+"""
+
+
+def export(rev: str, into: Path) -> Path:
+    into.mkdir(parents=True)
+    archive = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", rev], capture_output=True, check=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    return into / "src"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("revs", nargs="+", help="git revisions (commits, branches, HEAD)")
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--seconds", type=float, default=4.0, help="per load")
+    parser.add_argument("--connections", default="64,1", help="wrk -c values, comma-separated")
+    args = parser.parse_args()
+    loads = [int(c) for c in args.connections.split(",")]
+    tmp = Path(tempfile.mkdtemp(prefix="llmrouter-ab-"))
+    mock_port = free_port()
+    budget = 60 + args.rounds * len(args.revs) * len(loads) * (args.seconds + 2)
+    routers: dict[str, tuple[subprocess.Popen[bytes], int, str]] = {}
+    with mock_upstream(mock_port, budget, tmp / "mock.log"):
+        try:
+            for rev in args.revs:
+                src = export(rev, tmp / f"rev-{len(routers)}")
+                home = tmp / f"home-{len(routers)}"
+                config = tmp / f"config-{len(routers)}.yaml"
+                config.write_text(CONFIG.format(mock_port=mock_port))
+                env = {**os.environ, "PYTHONPATH": str(src), "LLMROUTER_HOME": str(home)}
+                env.pop("LLMROUTER_CONFIG", None)
+                key = subprocess.run(
+                    [LLMROUTER, "--config", str(config), "keys", "create", "--name", "ab"],
+                    env=env, capture_output=True, text=True, check=True,
+                ).stdout.strip().splitlines()[-1]  # fmt: skip
+                port = free_port()
+                with open(tmp / f"router-{len(routers)}.log", "wb") as log:
+                    proc = subprocess.Popen(
+                        [LLMROUTER, "serve", "--config", str(config), "--port", str(port)],
+                        env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                    )  # fmt: skip
+                wait_healthy(port, proc)
+                routers[rev] = (proc, port, key)
+            results: dict[tuple[str, int], list[tuple[float, float, float]]] = {}
+            for _ in range(args.rounds):
+                for rev, (_, port, key) in routers.items():
+                    for c in loads:
+                        r = wrk(port, "/api/v1/completions", c, args.seconds, key, 1)
+                        if r.errors:
+                            sys.exit(f"{rev}: {r.errors} errors at c{c}")
+                        results.setdefault((rev, c), []).append((r.rps, r.p50_ms, r.p99_ms))
+        finally:
+            for proc, _, _ in routers.values():
+                stop(proc)
+    print("| revision | load | req/s, each round | median | p50 ms (median) | p99 ms (median) |")
+    print("|---|---|---|---:|---:|---:|")
+    for (rev, c), rows in results.items():
+        rps = ", ".join(f"{x[0]:,.0f}" for x in rows)
+        med = statistics.median
+        print(
+            f"| {rev} | c{c} | {rps} | {med(x[0] for x in rows):,.0f} | "
+            f"{med(x[1] for x in rows):.3f} | {med(x[2] for x in rows):.3f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
