@@ -3,6 +3,7 @@ llama-cpp-python's own OpenAI-compatible server as a real upstream on the same G
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -382,6 +383,16 @@ providers:
   - id: lm/never-json
     deployments: [{{provider: lm_no_response_format, model: lm-never-json}}]
 {lm_models}"""
+
+
+@contextlib.contextmanager
+def serving(tmp: Path, config_text: str | None, *serve_args: str) -> Iterator[Router]:
+    """`start_router`, stopped when the block ends."""
+    router = start_router(tmp, config_text, *serve_args)
+    try:
+        yield router
+    finally:
+        stop(router.proc)
 
 
 def start_router(

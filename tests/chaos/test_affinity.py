@@ -3,15 +3,15 @@ router replica; a removed deployment moves only its own prefixes; a hot prefix s
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import random
-from collections import Counter
 from collections.abc import Iterator
 
 import httpx
 import pytest
 
-from tests.conftest import Router, start_router, stop
+from tests.chaos.traffic import at_once, hits
+from tests.conftest import Router, serving
 
 PREFIX_BYTES = 32
 
@@ -46,24 +46,11 @@ models:
 
 @pytest.fixture(scope="module")
 def replicas(tmp_path_factory: pytest.TempPathFactory, fake_upstream: str) -> Iterator[list[Router]]:
-    routers: list[Router] = []
-    try:
-        for i in range(2):
-            routers.append(start_router(tmp_path_factory.mktemp(f"affinity{i}"), config(fake_upstream)))
-        yield routers
-    finally:
-        for r in routers:
-            stop(r.proc)
-
-
-@pytest.fixture
-def fake(fake_upstream: str) -> str:
-    httpx.post(f"{fake_upstream}/_reset")
-    return fake_upstream
-
-
-def hits(fake: str) -> Counter[str]:
-    return Counter(httpx.get(f"{fake}/_stats").json()["hits"])
+    with contextlib.ExitStack() as stack:
+        yield [
+            stack.enter_context(serving(tmp_path_factory.mktemp(f"affinity{i}"), config(fake_upstream)))
+            for i in range(2)
+        ]
 
 
 def where(client: httpx.Client, router: Router, model: str, prompt: str) -> str:
@@ -108,18 +95,10 @@ def test_replicas_agree_on_every_prefix_and_removing_one_moves_only_its_own(
 def test_a_hot_prefix_spills_instead_of_overloading_one_replica(
     replicas: list[Router], fake: str
 ) -> None:
-    router = replicas[0]
-
-    async def burst() -> list[int]:
-        async with httpx.AsyncClient(headers=router.headers(), timeout=30) as client:
-
-            async def one(i: int) -> int:
-                body = {"model": "hot", "prompt": f"{prefix(7)} question {i}", "max_tokens": 1}
-                return (await client.post(f"{router.api}/completions", json=body)).status_code
-
-            return await asyncio.gather(*(one(i) for i in range(30)))
-
-    assert set(asyncio.run(burst())) == {200}
+    bodies = [
+        {"model": "hot", "prompt": f"{prefix(7)} question {i}", "max_tokens": 1} for i in range(30)
+    ]
+    assert set(at_once(replicas[0], bodies)) == {200}
     spread = hits(fake)
     assert sum(spread.values()) == 30
     assert set(spread) == {"hot-a", "hot-b", "hot-c"}

@@ -18,7 +18,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import Router, start_router, stop
+from tests.chaos.traffic import hits
+from tests.conftest import Router, serving
 from tests.spec import assert_error
 
 CONSECUTIVE_FAILURES = 5
@@ -80,22 +81,8 @@ models:
 
 @pytest.fixture(scope="module")
 def router(tmp_path_factory: pytest.TempPathFactory, fake_upstream: str) -> Iterator[Router]:
-    r = start_router(tmp_path_factory.mktemp("fallback"), config(fake_upstream))
-    try:
+    with serving(tmp_path_factory.mktemp("fallback"), config(fake_upstream)) as r:
         yield r
-    finally:
-        stop(r.proc)
-
-
-@pytest.fixture
-def fake(fake_upstream: str) -> str:
-    httpx.post(f"{fake_upstream}/_reset")
-    httpx.post(f"{fake_upstream}/_control", json={"switch": "ok"})
-    return fake_upstream
-
-
-def hits(fake: str) -> Counter[str]:
-    return Counter(httpx.get(f"{fake}/_stats").json()["hits"])
 
 
 def probes_within(seconds: float, cooldown: float = COOLDOWN, cap: float = MAX_COOLDOWN) -> int:
@@ -237,11 +224,8 @@ def test_retry_after_ends_and_the_primary_is_asked_again(router: Router, fake: s
 def slow_recovery(tmp_path_factory: pytest.TempPathFactory, fake_upstream: str) -> Iterator[Router]:
     """Cooldowns longer than the test, so that what is ejected stays ejected."""
     tmp = tmp_path_factory.mktemp("panic")
-    r = start_router(tmp, config(fake_upstream, cooldown=60, max_cooldown=120))
-    try:
+    with serving(tmp, config(fake_upstream, cooldown=60, max_cooldown=120)) as r:
         yield r
-    finally:
-        stop(r.proc)
 
 
 def test_when_every_deployment_of_the_plan_is_ejected_one_is_tried_anyway(
@@ -300,29 +284,21 @@ def test_without_ejection_a_quiet_router_still_falls_back_every_time(tmp_path: P
         f"consecutive_failures: {CONSECUTIVE_FAILURES},", "consecutive_failures: 1000000,"
     )
     cfg = cfg.replace("health: {", "health: {min_attempts: 1000000, ")
-    router = start_router(tmp_path, cfg)
-    try:
-        with httpx.Client(headers=router.headers(), timeout=30) as client:
-            for _ in range(40):  # 8 a second: within the reserve of 10 retries a second
-                r = client.post(f"{router.api}/completions", json={**BODY, "model": "pair/seq"})
-                assert r.status_code == 200, r.headers
-                assert r.headers["x-llmrouter-attempts"].startswith("dead/pair-seq-bad upstream")
-                time.sleep(0.125)
-    finally:
-        stop(router.proc)
+    with serving(tmp_path, cfg) as router, httpx.Client(headers=router.headers(), timeout=30) as client:
+        for _ in range(40):  # 8 a second: within the reserve of 10 retries a second
+            r = client.post(f"{router.api}/completions", json={**BODY, "model": "pair/seq"})
+            assert r.status_code == 200, r.headers
+            assert r.headers["x-llmrouter-attempts"].startswith("dead/pair-seq-bad upstream")
+            time.sleep(0.125)
 
 
 def test_with_no_budget_at_all_the_models_the_client_named_are_still_tried(
     tmp_path: Path, fake: str
 ) -> None:
     cfg = config(fake).replace("routing:\n", "routing:\n  retry_budget: {ratio: 0, min_per_second: 0}\n")
-    router = start_router(tmp_path, cfg)
-    try:
-        with httpx.Client(headers=router.headers(), timeout=30) as client:
-            body = {**BODY, "model": "pair/seq", "models": ["seq/good"]}
-            r = client.post(f"{router.api}/completions", json=body)
-    finally:
-        stop(router.proc)
+    body = {**BODY, "model": "pair/seq", "models": ["seq/good"]}
+    with serving(tmp_path, cfg) as router:
+        r = httpx.post(f"{router.api}/completions", json=body, headers=router.headers(), timeout=30)
     assert r.status_code == 200
     assert [a.split()[:2] for a in r.headers["x-llmrouter-attempts"].split(", ")] == [
         ["dead/pair-seq-bad", "upstream_unavailable"],

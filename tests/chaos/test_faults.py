@@ -3,7 +3,6 @@ sees, how often the upstream was hit, and how long it took."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import time
@@ -14,7 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import Router, start_router, stop
+from tests.chaos.traffic import at_once, hits
+from tests.conftest import Router, serving
 from tests.spec import assert_error, validate
 
 FAULTS = (
@@ -107,22 +107,8 @@ models:
 
 @pytest.fixture(scope="module")
 def faults(tmp_path_factory: pytest.TempPathFactory, fake_upstream: str) -> Iterator[Router]:
-    r = start_router(tmp_path_factory.mktemp("faults"), fault_config(fake_upstream))
-    try:
+    with serving(tmp_path_factory.mktemp("faults"), fault_config(fake_upstream)) as r:
         yield r
-    finally:
-        stop(r.proc)
-
-
-@pytest.fixture
-def fake(fake_upstream: str) -> str:
-    httpx.post(f"{fake_upstream}/_reset")
-    httpx.post(f"{fake_upstream}/_control", json={"switch": "ok"})
-    return fake_upstream
-
-
-def hits(fake: str) -> dict[str, int]:
-    return httpx.get(f"{fake}/_stats").json()["hits"]  # type: ignore[no-any-return]
 
 
 def ask(router: Router, model: str, stream: bool, **extra: object) -> tuple[httpx.Response, float]:
@@ -379,25 +365,8 @@ models:
   - id: down
     deployments: [{{provider: a, model: status-500}}, {{provider: b, model: status-503}}]
 """
-    router = start_router(tmp_path, config)
-    try:
-
-        async def storm() -> list[int]:
-            async with httpx.AsyncClient(
-                headers=router.headers(), timeout=30, limits=httpx.Limits(max_connections=200)
-            ) as client:
-
-                async def one() -> int:
-                    r = await client.post(
-                        f"{router.api}/completions", json={"prompt": "Hi", "max_tokens": 1}
-                    )
-                    return r.status_code
-
-                return await asyncio.gather(*(one() for _ in range(200)))
-
-        statuses = asyncio.run(storm())
-    finally:
-        stop(router.proc)
+    with serving(tmp_path, config) as router:
+        statuses = at_once(router, [{"prompt": "Hi", "max_tokens": 1}] * 200)
     assert set(statuses) <= {502, 503}
     upstream = sum(hits(fake).values())
     # The budget's promise (README): over any 10 s, retries are at most 20% of the requests plus
@@ -421,23 +390,9 @@ models:
   - {{id: d2, deployments: [{{provider: a, model: status-502}}]}}
   - {{id: d3, deployments: [{{provider: a, model: status-503}}]}}
 """
-    router = start_router(tmp_path, config)
-    try:
-
-        async def storm() -> list[int]:
-            async with httpx.AsyncClient(
-                headers=router.headers(), timeout=30, limits=httpx.Limits(max_connections=200)
-            ) as client:
-
-                async def one() -> int:
-                    body = {"model": "d1", "models": ["d2", "d3"], "prompt": "Hi", "max_tokens": 1}
-                    return (await client.post(f"{router.api}/completions", json=body)).status_code
-
-                return await asyncio.gather(*(one() for _ in range(200)))
-
-        statuses = asyncio.run(storm())
-    finally:
-        stop(router.proc)
+    body = {"model": "d1", "models": ["d2", "d3"], "prompt": "Hi", "max_tokens": 1}
+    with serving(tmp_path, config) as router:
+        statuses = at_once(router, [body] * 200)
     assert set(statuses) == {502}
     per_deployment = hits(fake)
     # The first attempt at each model a request names is free: one a request at each deployment,

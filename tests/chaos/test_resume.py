@@ -15,7 +15,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import Router, start_router, stop
+from tests.chaos.traffic import hits
+from tests.conftest import Router, serving
 
 PROMPT = "Once upon a time"
 PROMPT_TOKENS = 4  # the fake counts words
@@ -83,21 +84,8 @@ models:
 
 @pytest.fixture(scope="module")
 def router(tmp_path_factory: pytest.TempPathFactory, fake_upstream: str) -> Iterator[Router]:
-    r = start_router(tmp_path_factory.mktemp("resume"), config(fake_upstream))
-    try:
+    with serving(tmp_path_factory.mktemp("resume"), config(fake_upstream)) as r:
         yield r
-    finally:
-        stop(r.proc)
-
-
-@pytest.fixture
-def fake(fake_upstream: str) -> str:
-    httpx.post(f"{fake_upstream}/_reset")
-    return fake_upstream
-
-
-def hits(fake: str) -> dict[str, int]:
-    return httpx.get(f"{fake}/_stats").json()["hits"]  # type: ignore[no-any-return]
 
 
 def healthy(router: Router, **extra: Any) -> dict[str, Any]:
@@ -379,11 +367,8 @@ def strict(tmp_path_factory: pytest.TempPathFactory, fake_upstream: str) -> Iter
         "  deadline_seconds: 10\n",
         "  deadline_seconds: 3\n  retry_budget: {ratio: 0, min_per_second: 0}\n",
     )
-    r = start_router(tmp_path_factory.mktemp("resume-strict"), cfg)
-    try:
+    with serving(tmp_path_factory.mktemp("resume-strict"), cfg) as r:
         yield r
-    finally:
-        stop(r.proc)
 
 
 def test_a_continuation_spends_the_retry_budget_like_any_other_attempt(

@@ -45,7 +45,6 @@ from llmrouter.errors import (
     ServiceUnavailable,
     UpstreamRateLimited,
     UpstreamRefused,
-    UpstreamUnavailable,
 )
 from llmrouter.providers.base import Call, Completion, StreamPart
 from llmrouter.routing.budget import RetryBudget
@@ -59,8 +58,8 @@ from llmrouter.routing.streams import (
     close,
     limit_at,
     open_continuation,
-    produced,
     timed_out,
+    until_produced,
 )
 from llmrouter.settings import RoutingSettings
 from llmrouter.wire.completions import CompletionCreateParams
@@ -254,19 +253,10 @@ class Executor:
             parts = aiter(shape.stream(splice or target.provider, call))
             # A stream served from a complete answer has its first part when the answer is done.
             wait = call.timeouts.total if shape.buffered else call.timeouts.first_token
-            limit, is_deadline = limit_at(deadline, wait)
-            try:
-                async with asyncio.timeout_at(limit):
-                    first = await anext(parts)
-                    while not produced(first):  # nothing for the client yet: not committed
-                        first = await anext(parts)
-            except BaseException as exc:
+            try:  # (parts with nothing for the client yet do not commit it, and are dropped)
+                first = (await until_produced(parts, target.label, deadline, wait))[-1]
+            except BaseException:
                 health.finished(target.label)
-                await close(parts)
-                if isinstance(exc, TimeoutError):
-                    raise timed_out(target.label, "produced no token in time", is_deadline) from None
-                if isinstance(exc, StopAsyncIteration):
-                    raise UpstreamUnavailable(f"{target.label} ended without an answer.") from None
                 raise
             health.observe_latency(target.label, time.perf_counter() - started)
             return first, parts, splice

@@ -35,6 +35,7 @@ from msgspec import UNSET
 
 from llmrouter.errors import LlmrouterError, UpstreamUnavailable
 from llmrouter.providers.base import Call, Completion, StreamPart
+from llmrouter.routing.streams import close
 from llmrouter.structured import format_kind
 from llmrouter.wire.completions import ChunkChoice, CompletionCreateParams, Usage
 from llmrouter.wire.validate import Prompts
@@ -133,7 +134,7 @@ class Splice:
                     raise  # before the commit point the executor starts afresh elsewhere
                 failure = exc
             finally:
-                await _close(parts)
+                await close(parts)
             self.judged = failure
             if finished:  # the answer is whole; only its end (usage, [DONE]) was lost
                 self._broke_off(self.target, failure, began)
@@ -179,9 +180,3 @@ class Splice:
             total += target.cost(prompt + given, tokens)
             given += tokens
         return total + self.target.cost(prompt + given, max(0, usage.completion_tokens - given))
-
-
-async def _close(parts: object) -> None:
-    closer = getattr(parts, "aclose", None)
-    if closer is not None:
-        await closer()

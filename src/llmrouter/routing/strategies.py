@@ -30,7 +30,8 @@ if TYPE_CHECKING:
 
 __all__ = ["order_targets", "prefix_key"]
 
-Strategy = Callable[[Sequence["Target"], HealthBook, random.Random, Prompts], list["Target"]]
+# Deployments of one model, best first, for one request.
+Ordering = Callable[[Sequence["Target"], HealthBook, random.Random, Prompts], list["Target"]]
 
 
 def _ordered(
@@ -119,7 +120,7 @@ def _prefix_affinity(
     return [idlest, *(t for t in ordered if t is not idlest)]
 
 
-_STRATEGIES: dict[str, Strategy] = {
+_STRATEGIES: dict[str, Ordering] = {
     "ordered": _ordered,
     "weighted": _weighted,
     "lowest_cost": _lowest_cost,

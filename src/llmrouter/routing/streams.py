@@ -18,11 +18,11 @@ from typing import TYPE_CHECKING
 from llmrouter.errors import DeadlineExceeded, LlmrouterError, UpstreamTimeout, UpstreamUnavailable
 from llmrouter.providers.base import Call, StreamPart
 from llmrouter.routing.health import HealthBook, is_sick
-from llmrouter.routing.resume import Splice
 from llmrouter.wire.completions import ChunkChoice
 
 if TYPE_CHECKING:
     from llmrouter.routing.plan import Target
+    from llmrouter.routing.resume import Splice
 
 __all__ = [
     "Attempt",
@@ -33,6 +33,7 @@ __all__ = [
     "open_continuation",
     "produced",
     "timed_out",
+    "until_produced",
 ]
 
 
@@ -164,8 +165,18 @@ async def open_continuation(target: Target, call: Call, deadline: float) -> Asyn
         ]
         return _parts_of([StreamPart(choices, result.usage, result.system_fingerprint)])
     parts = aiter(target.provider.stream(call))
+    held = await until_produced(parts, target.label, deadline, call.timeouts.first_token)
+    return _chained(held, parts)
+
+
+async def until_produced(
+    parts: AsyncIterator[StreamPart], label: str, deadline: float, seconds: float
+) -> list[StreamPart]:
+    """A stream's parts up to the first with something for the client, within `seconds` (and
+    the request's `deadline`, in loop time). On any failure the stream is closed, and a timeout
+    or an empty stream is raised as the deployment's failure."""
     held: list[StreamPart] = []
-    limit, is_deadline = limit_at(deadline, call.timeouts.first_token)
+    limit, is_deadline = limit_at(deadline, seconds)
     try:
         async with asyncio.timeout_at(limit):
             while not held or not produced(held[-1]):
@@ -173,11 +184,11 @@ async def open_continuation(target: Target, call: Call, deadline: float) -> Asyn
     except BaseException as exc:
         await close(parts)
         if isinstance(exc, TimeoutError):
-            raise timed_out(target.label, "produced no token in time", is_deadline) from None
+            raise timed_out(label, "produced no token in time", is_deadline) from None
         if isinstance(exc, StopAsyncIteration):
-            raise UpstreamUnavailable(f"{target.label} ended without an answer.") from None
+            raise UpstreamUnavailable(f"{label} ended without an answer.") from None
         raise
-    return _chained(held, parts)
+    return held
 
 
 async def _chained(
