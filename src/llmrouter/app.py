@@ -206,14 +206,10 @@ class App:
             req.log["error"] = "client_disconnected"
             status = status or 499
         except Exception as exc:
-            error = _as_llmrouter_error(exc, req.request_id)
-            if error.attempts:
-                req.log.setdefault("attempts", error.attempts)
-            req.log["error"] = error.code
-            if status == 0:
-                # Like an answer, an error's record is durable before the client has it.
-                await self._record(req, error.status, error.code, durable=True)
-                await self._send_error(req, error)
+            # In a method of its own: a local here naming the error would keep it, its traceback
+            # this frame, and this frame the request with its headers and body, in a cycle that
+            # only the cyclic collector frees (tests/unit/test_app.py).
+            await self._fail(req, exc, responded=status != 0)
         finally:
             await self._record(req, status or 499, req.log.get("error"), durable=False)
         if self.ctx.settings.server.access_log:
@@ -225,6 +221,16 @@ class App:
                 ms=round((time.perf_counter() - started) * 1000, 3),
             )
             access_log(req.log)
+
+    async def _fail(self, req: Request, exc: Exception, *, responded: bool) -> None:
+        error = _as_llmrouter_error(exc, req.request_id)
+        if error.attempts:
+            req.log.setdefault("attempts", error.attempts)
+        req.log["error"] = error.code
+        if not responded:
+            # Like an answer, an error's record is durable before the client has it.
+            await self._record(req, error.status, error.code, durable=True)
+            await self._send_error(req, error)
 
     async def _record(self, req: Request, status: int, error: str | None, *, durable: bool) -> None:
         """The ledger record of a completion request the handler did not record itself (it

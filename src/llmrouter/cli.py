@@ -156,7 +156,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     except StoreError as exc:
         raise CliError(str(exc)) from None
     configure_logging(os.environ.get("LLMROUTER_LOG_LEVEL", "INFO"))
-    serve(sock, workers, args.config or os.environ.get("LLMROUTER_CONFIG"))
+    serve(sock, workers, args.config or os.environ.get("LLMROUTER_CONFIG"), settings.server)
 
 
 def _print_first_key(secret: str, host: str, port: int, settings: Settings) -> None:

@@ -10,7 +10,10 @@
     ├── ModelNotFound                   404 not_found_error
     ├── NotFound                        404 not_found_error
     ├── MethodNotAllowed                405 invalid_request_error
+    ├── RequestTimeout                  408 invalid_request_error (the client was too slow sending)
     ├── PayloadTooLarge                 413 invalid_request_error
+    ├── UriTooLong                      414 invalid_request_error
+    ├── HeadersTooLarge                 431 invalid_request_error
     ├── RateLimited                     429 rate_limit_error      (the principal's own limits)
     ├── UnsupportedMediaType            415 invalid_request_error
     ├── ServiceUnavailable              503 service_unavailable   (retryable)
@@ -42,6 +45,7 @@ __all__ = [
     "DeadlineExceeded",
     "ErrorBody",
     "ErrorObject",
+    "HeadersTooLarge",
     "InvalidOutput",
     "InvalidRequest",
     "LlmrouterError",
@@ -52,6 +56,7 @@ __all__ = [
     "PermissionDenied",
     "ProviderError",
     "RateLimited",
+    "RequestTimeout",
     "ServiceUnavailable",
     "UnsupportedMediaType",
     "UnsupportedParameter",
@@ -61,6 +66,7 @@ __all__ = [
     "UpstreamRejected",
     "UpstreamTimeout",
     "UpstreamUnavailable",
+    "UriTooLong",
 ]
 
 
@@ -163,10 +169,28 @@ class MethodNotAllowed(LlmrouterError):
     default_code = "method_not_allowed"
 
 
+class RequestTimeout(LlmrouterError):
+    status = 408
+    type = "invalid_request_error"
+    default_code = "request_timeout"
+
+
 class PayloadTooLarge(LlmrouterError):
     status = 413
     type = "invalid_request_error"
     default_code = "payload_too_large"
+
+
+class UriTooLong(LlmrouterError):
+    status = 414
+    type = "invalid_request_error"
+    default_code = "uri_too_long"
+
+
+class HeadersTooLarge(LlmrouterError):
+    status = 431
+    type = "invalid_request_error"
+    default_code = "request_header_fields_too_large"
 
 
 class UnsupportedMediaType(LlmrouterError):

@@ -3,8 +3,13 @@ uvloop and httptools, in one process or N workers sharing the socket."""
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from llmrouter.settings import ServerSettings
 
 __all__ = ["ServeError", "bind", "serve"]
 
@@ -32,9 +37,11 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(sock: socket.socket, workers: int, config_path: str | None) -> None:
+def serve(sock: socket.socket, workers: int, config_path: str | None, settings: ServerSettings) -> None:
     """Serve on a socket from `bind`, until interrupted."""
     import uvicorn
+
+    from llmrouter.api.protocol import EdgeProtocol
 
     if config_path:
         os.environ["LLMROUTER_CONFIG"] = config_path
@@ -44,14 +51,16 @@ def serve(sock: socket.socket, workers: int, config_path: str | None) -> None:
         "llmrouter.app:create_app_from_environment",
         factory=True,
         loop="uvloop",
-        http="httptools",
+        # httptools, with the edge's bounds on what a client may send and how slowly.
+        # (A partial, not a class, so that it pickles for the worker processes.)
+        http=functools.partial(EdgeProtocol, server=settings),  # type: ignore[arg-type]
+        ws="none",
         lifespan="on",
         access_log=False,
         log_config=None,
         server_header=False,
         proxy_headers=False,  # llmrouter does not use client addresses; skip the middleware
         date_header=True,
-        timeout_keep_alive=30,
         workers=workers,
     )
     server = uvicorn.Server(config)

@@ -21,6 +21,7 @@ from msgspec import Meta, Struct
 __all__ = [
     "AccountSettings",
     "AffinitySettings",
+    "ClientTimeouts",
     "ConfigError",
     "DeploymentSettings",
     "HealthSettings",
@@ -215,11 +216,24 @@ class RoutingSettings(Struct, frozen=True, forbid_unknown_fields=True):
     health: HealthSettings = HealthSettings()
 
 
+class ClientTimeouts(Struct, frozen=True, forbid_unknown_fields=True):
+    """How long a client may take to send its request, in seconds; past each, the connection is
+    closed (with a 408 where a response can still be sent)."""
+
+    idle: PositiveSeconds = 30.0  # a connection with no request under way: before its first byte,
+    # and between requests (keep-alive)
+    headers: PositiveSeconds = 10.0  # from a request's first byte to the end of its headers
+    body: PositiveSeconds = 60.0  # from the end of the headers to the end of the body
+
+
 class ServerSettings(Struct, frozen=True, forbid_unknown_fields=True):
     host: str = "127.0.0.1"
     port: Annotated[int, Meta(ge=0, le=65535)] = 8080
     workers: Annotated[int, Meta(ge=1)] = 1
     max_body_bytes: Annotated[int, Meta(ge=1024)] = 4 * 1024 * 1024
+    # The request line and headers together: past this, 414 (in the request line) or 431.
+    max_header_bytes: Annotated[int, Meta(ge=1024, le=16 * 1024 * 1024)] = 64 * 1024
+    client_timeouts: ClientTimeouts = ClientTimeouts()
     # While a stream waits for its first token, a comment line this often keeps proxies open.
     keepalive_seconds: PositiveSeconds = 3.0
     access_log: bool = True

@@ -9,12 +9,16 @@ import asyncio
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import TYPE_CHECKING, Any
 
-from llmrouter.errors import PayloadTooLarge, UnsupportedMediaType
+from llmrouter.errors import InvalidRequest, PayloadTooLarge, RequestTimeout, UnsupportedMediaType
 
 if TYPE_CHECKING:
     from llmrouter.api.completions import Accounting
 
-__all__ = ["Receive", "Request", "Scope", "Send", "send_bytes"]
+__all__ = ["BODY_TIMED_OUT", "Receive", "Request", "Scope", "Send", "send_bytes"]
+
+# Set in a request's scope by the connection (api/protocol.py) when it ended the request for a body
+# that did not arrive in time: the request then ends as a 408, not as a client that left.
+BODY_TIMED_OUT = "llmrouter.body_timed_out"
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -32,6 +36,7 @@ class Request:
         "path",
         "query",
         "receive",
+        "repeated",
         "request_id",
         "scope",
         "send",
@@ -46,6 +51,11 @@ class Request:
         self.path: str = scope["path"]
         self.query: bytes = scope.get("query_string", b"")
         self.headers: dict[bytes, bytes] = dict(scope["headers"])
+        # Names sent more than once: the router reads each header it uses as one value, and a proxy
+        # in front that read the first of two would disagree with it about the second.
+        self.repeated: frozenset[bytes] = (
+            _repeated(scope["headers"]) if len(self.headers) < len(scope["headers"]) else frozenset()
+        )
         self.request_id = request_id
         self.log: dict[str, Any] = {}  # what the handler wants in this request's log line
         # Long-running handlers: once the body is in, a client that leaves cancels the handler
@@ -56,11 +66,15 @@ class Request:
         self.accounting: Accounting | None = None
 
     def header(self, name: bytes) -> str | None:
+        """The value of a header the router acts on; 400 if the request sent it more than once."""
+        if name in self.repeated:
+            shown = name.decode("latin-1")
+            raise InvalidRequest(f"The request has more than one {shown} header.", param=shown)
         value = self.headers.get(name)
         return value.decode("latin-1") if value is not None else None
 
     def require_json(self) -> None:
-        content_type = self.headers.get(b"content-type", b"")
+        content_type = (self.header(b"content-type") or "").encode("latin-1")
         media = content_type.split(b";", 1)[0].strip().lower()
         if media != b"application/json":
             shown = media.decode("latin-1") or "none"
@@ -76,6 +90,8 @@ class Request:
         while True:
             message = await self.receive()
             if message["type"] == "http.disconnect":
+                if self.scope.get(BODY_TIMED_OUT):  # the connection's deadline passed (and said so)
+                    raise RequestTimeout("The request's body did not arrive in time.", param="body")
                 raise ConnectionAbortedError("client disconnected while sending the body")
             chunk = message.get("body", b"")
             size += len(chunk)
@@ -99,6 +115,14 @@ class Request:
     def stop_watching(self) -> None:
         if self._watcher is not None:
             self._watcher.cancel()
+
+
+def _repeated(headers: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
+    seen: set[bytes] = set()
+    repeated: set[bytes] = set()
+    for name, _ in headers:
+        (repeated if name in seen else seen).add(name)
+    return frozenset(repeated)
 
 
 async def send_bytes(

@@ -1,0 +1,327 @@
+"""The edge holds against slow, huge and malformed clients (issue 11): bounded request heads, read
+deadlines, one Authorization header, and the spec's error shape for what the parser refuses.
+
+Each test talks to a real router process over raw sockets, since the point is what a client can do
+below any HTTP library's manners."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import Router, serving
+
+DEADLINE = 2.0  # every client deadline in these tests' config
+
+
+def edge_config(fake: str) -> str:
+    return f"""default_model: fake/ok
+server:
+  max_header_bytes: 65536
+  client_timeouts: {{idle: {DEADLINE}, headers: {DEADLINE}, body: {DEADLINE}}}
+providers:
+  fake: {{kind: openai, base_url: {fake}/v1}}
+models:
+  - id: fake/ok
+    deployments: [{{provider: fake, model: ok}}]
+"""
+
+
+@pytest.fixture(scope="module")
+def router(fake_upstream: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Router]:
+    with serving(tmp_path_factory.mktemp("edge"), edge_config(fake_upstream)) as r:
+        yield r
+
+
+def exchange(router: Router, raw: bytes, timeout: float = 10.0) -> bytes:
+    """Send raw bytes, read until the server closes (or `timeout`)."""
+    port = int(router.base.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            sock.sendall(raw)
+        chunks = []
+        try:
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+        except ConnectionResetError:
+            pass
+        return b"".join(chunks)
+
+
+def parsed(response: bytes) -> tuple[int, dict[str, str], Any]:
+    head, _, body = response.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    return status, headers, json.loads(body) if body else None
+
+
+def assert_error_shape(body: Any, code: str, param: str | None = None) -> None:
+    assert set(body) == {"error"}
+    error = body["error"]
+    assert set(error) == {"code", "message", "param", "type"}
+    assert error["code"] == code, error
+    assert error["type"] == "invalid_request_error"
+    if param is not None:
+        assert error["param"] == param
+
+
+def rss_peak_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmHWM")
+
+
+# -- 1. the request head is bounded ---------------------------------------------------------------
+
+
+def test_a_header_past_the_bound_is_a_431_in_the_error_shape(router: Router) -> None:
+    raw = (
+        b"POST /api/v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Authorization: Bearer " + b"a" * 100_000 + b"\r\nContent-Length: 2\r\n\r\n{}"
+    )
+    status, headers, body = parsed(exchange(router, raw))
+    assert status == 431
+    assert headers["content-type"] == "application/json"
+    assert headers["connection"] == "close"
+    assert_error_shape(body, "request_header_fields_too_large", "headers")
+    assert "65536" in body["error"]["message"]
+
+
+def test_a_head_within_the_bound_is_served(router: Router) -> None:
+    # 60 KB of headers, under the 64 KiB bound: an ordinary request, refused only for its key.
+    r = httpx.get(
+        f"{router.api}/models",
+        headers={"Authorization": "Bearer " + "a" * 60_000},
+        timeout=10,
+    )
+    assert r.status_code == 401
+
+
+def test_a_url_past_the_bound_is_a_414(router: Router) -> None:
+    raw = b"GET /api/v1/models?" + b"q" * 1_000_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n"
+    status, headers, body = parsed(exchange(router, raw))
+    assert status == 414
+    assert headers["content-type"] == "application/json"
+    assert_error_shape(body, "uri_too_long", "url")
+
+
+def test_huge_headers_in_parallel_cost_no_memory(router: Router) -> None:
+    """Four clients each sending a 64 MB header: the router reads 64 KiB of each and closes."""
+    before = rss_peak_kib(router.proc.pid)
+    port = int(router.base.rsplit(":", 1)[1])
+    piece = b"a" * (1 << 20)
+
+    def flood() -> None:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            try:
+                sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ")
+                for _ in range(64):
+                    sock.sendall(piece)
+            except (BrokenPipeError, ConnectionResetError):
+                return
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=flood) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    took = time.monotonic() - started
+    grown_mib = (rss_peak_kib(router.proc.pid) - before) / 1024
+    assert grown_mib < 16, f"the router's peak memory grew {grown_mib:.0f} MiB"
+    assert took < 10
+    assert httpx.get(f"{router.base}/health", timeout=5).status_code == 200
+
+
+# -- 2. read deadlines --------------------------------------------------------------------------
+
+
+async def _dribble(port: int, results: list[tuple[str, float, bytes]]) -> None:
+    """One byte of a request head a second, until the server closes."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    start = time.monotonic()
+    head = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"s" * 100
+    got = b""
+    for byte in head:
+        writer.write(bytes([byte]))
+        try:
+            got = await asyncio.wait_for(reader.read(65536), 1.0)
+        except TimeoutError:
+            continue
+        except ConnectionError:
+            break
+        if got or reader.at_eof():
+            got += await _rest(reader)
+            break
+    results.append(("dribble", time.monotonic() - start, got))
+    writer.close()
+
+
+async def _no_body(port: int, key: str, results: list[tuple[str, float, bytes]]) -> None:
+    """Headers that promise a body that never comes."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    start = time.monotonic()
+    writer.write(
+        b"POST /api/v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Authorization: Bearer " + key.encode() + b"\r\nContent-Length: 100\r\n\r\n{"
+    )
+    got = await _rest(reader)
+    results.append(("no_body", time.monotonic() - start, got))
+    writer.close()
+
+
+async def _idle(port: int, results: list[tuple[str, float, bytes]]) -> None:
+    """Connects and says nothing."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    start = time.monotonic()
+    got = await _rest(reader)
+    results.append(("idle", time.monotonic() - start, got))
+    writer.close()
+
+
+async def _rest(reader: asyncio.StreamReader) -> bytes:
+    """What else the server sends before it closes (a reset is a close too)."""
+    chunks = []
+    try:
+        async with asyncio.timeout(15):
+            while chunk := await reader.read(65536):
+                chunks.append(chunk)
+    except TimeoutError:
+        return b"<still open>"
+    except ConnectionError:
+        pass
+    return b"".join(chunks)
+
+
+def test_slow_and_silent_clients_are_closed_on_time_while_others_are_served(router: Router) -> None:
+    port = int(router.base.rsplit(":", 1)[1])
+    results: list[tuple[str, float, bytes]] = []
+    served: list[float] = []
+
+    async def normal_traffic() -> None:
+        async with httpx.AsyncClient(timeout=5) as client:
+            for _ in range(20):
+                started = time.monotonic()
+                r = await client.get(f"{router.base}/health")
+                assert r.status_code == 200
+                served.append(time.monotonic() - started)
+                await asyncio.sleep(0.15)
+
+    async def attack() -> None:
+        await asyncio.gather(
+            *(_dribble(port, results) for _ in range(300)),
+            *(_no_body(port, router.key, results) for _ in range(200)),
+            *(_idle(port, results) for _ in range(100)),
+            normal_traffic(),
+        )
+
+    asyncio.run(attack())
+    assert len(served) == 20
+    by_kind: dict[str, list[tuple[float, bytes]]] = {}
+    for kind, took, got in results:
+        by_kind.setdefault(kind, []).append((took, got))
+    assert {k: len(v) for k, v in by_kind.items()} == {"dribble": 300, "no_body": 200, "idle": 100}
+    for kind, outcomes in by_kind.items():
+        for took, got in outcomes:
+            assert got != b"<still open>", kind
+            # Closed once its deadline passed, and not long after (the loop is busy with 600).
+            assert DEADLINE - 0.2 <= took <= DEADLINE + 2.5, (kind, took)
+            if kind == "idle":
+                assert got == b"", got  # nothing was asked: nothing to answer
+                continue
+            status, headers, body = parsed(got)
+            assert status == 408
+            assert headers["connection"] == "close"
+            assert_error_shape(body, "request_timeout", "headers" if kind == "dribble" else "body")
+
+
+def test_a_body_that_comes_slowly_but_in_time_is_served(router: Router) -> None:
+    port = int(router.base.rsplit(":", 1)[1])
+    body = json.dumps({"model": "fake/ok", "prompt": "hi", "max_tokens": 3}).encode()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(
+            b"POST /api/v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Authorization: Bearer " + router.key.encode() + b"\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body)
+        )
+        for i in range(0, len(body), len(body) // 3 + 1):
+            time.sleep(DEADLINE / 5)
+            sock.sendall(body[i : i + len(body) // 3 + 1])
+        response = sock.recv(65536)
+    assert response.startswith(b"HTTP/1.1 200 "), response[:200]
+
+
+def test_a_kept_alive_connection_is_closed_when_idle(router: Router) -> None:
+    port = int(router.base.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")
+        started = time.monotonic()
+        assert sock.recv(65536) == b""
+        assert DEADLINE - 0.2 <= time.monotonic() - started <= DEADLINE + 1.5
+
+
+# -- 8. one Authorization header -----------------------------------------------------------------
+
+
+def test_two_authorization_headers_are_refused(router: Router) -> None:
+    r = httpx.post(
+        f"{router.api}/completions",
+        headers=[
+            ("Authorization", f"Bearer {router.key}"),
+            ("Authorization", "Bearer someone-else"),
+            ("Content-Type", "application/json"),
+        ],
+        json={"model": "fake/ok", "prompt": "hi"},
+        timeout=10,
+    )
+    assert r.status_code == 400
+    assert_error_shape(r.json(), "invalid_value", "authorization")
+    # In either order.
+    r = httpx.get(
+        f"{router.api}/models",
+        headers=[("Authorization", "Bearer x"), ("Authorization", f"Bearer {router.key}")],
+        timeout=10,
+    )
+    assert r.status_code == 400
+
+
+# -- 9. what the parser refuses is answered in the spec's shape -----------------------------------
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        pytest.param(b"GET /health HTTP/1.1\rHost: x\r\n\r\n", id="bare-cr"),
+        pytest.param(b"GET /health HTTP/1.1\r\nHost: x\x00y\r\n\r\n", id="nul"),
+        pytest.param(
+            b"POST /api/v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
+            b"Content-Length: 3\r\n\r\n{}",
+            id="two-content-lengths",
+        ),
+        pytest.param(
+            b"POST /api/v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            id="content-length-and-chunked",
+        ),
+        pytest.param(b"GET /health HTTP/9.9\r\nHost: x\r\n\r\n", id="bad-version"),
+    ],
+)
+def test_malformed_requests_get_a_400_in_the_error_shape(router: Router, raw: bytes) -> None:
+    status, headers, body = parsed(exchange(router, raw))
+    assert status == 400
+    assert headers["content-type"] == "application/json"
+    assert headers["connection"] == "close"
+    assert_error_shape(body, "invalid_http")
