@@ -29,7 +29,13 @@ from llmrouter.api.completions import create_completion
 from llmrouter.api.http import Receive, Request, Scope, Send, send_bytes
 from llmrouter.api.meta import health, openapi, ready
 from llmrouter.api.models import list_models
-from llmrouter.errors import LlmrouterError, MethodNotAllowed, NotFound, ServiceUnavailable
+from llmrouter.errors import (
+    LlmrouterError,
+    MethodNotAllowed,
+    NotFound,
+    ServiceUnavailable,
+    quoted,
+)
 from llmrouter.obs.logging import access_log, configure_logging
 from llmrouter.openapi import build_openapi
 from llmrouter.providers.base import Provider
@@ -192,10 +198,10 @@ class App:
         try:
             methods = _ROUTES.get(req.path) or _prefix_route(req.path)
             if methods is None:
-                raise NotFound(f"No route {req.path}.")
+                raise NotFound(f"No route {quoted(req.path)}.")
             handler = methods.get(req.method)
             if handler is None:
-                raise MethodNotAllowed(f"{req.path} accepts {', '.join(methods)}.")
+                raise MethodNotAllowed(f"{quoted(req.path)} accepts {', '.join(methods)}.")
             if handler in _WATCH_DISCONNECT:
                 req.watch_disconnect = True
             try:

@@ -67,7 +67,27 @@ __all__ = [
     "UpstreamTimeout",
     "UpstreamUnavailable",
     "UriTooLong",
+    "clipped",
+    "quoted",
 ]
+
+
+# What an error may quote of the client's own input, and the most a message or param may be: a
+# 1 MB model name comes back as its first characters, not as a 1 MB error.
+QUOTED_CHARS = 64
+MAX_MESSAGE_CHARS = 2000
+MAX_PARAM_CHARS = 256
+
+
+def quoted(value: object, limit: int = QUOTED_CHARS) -> str:
+    """`value` as an error message shows client input: its repr, cut to `limit` characters."""
+    text = value if isinstance(value, str) else str(value)
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + f"... ({len(text)} characters)"
+
+
+def clipped(text: str, limit: int = QUOTED_CHARS) -> str:
+    """`text` cut to `limit` characters (for a param naming a client's key)."""
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 class ErrorObject(msgspec.Struct):
@@ -97,9 +117,11 @@ class LlmrouterError(Exception):
         code: str | None = None,
         retry_after: float | None = None,
     ) -> None:
+        if len(message) > MAX_MESSAGE_CHARS:
+            message = message[:MAX_MESSAGE_CHARS] + "..."
         super().__init__(message)
         self.message = message
-        self.param = param
+        self.param = None if param is None else clipped(param, MAX_PARAM_CHARS)
         self.code = code or self.default_code
         self.retry_after = retry_after
         self.attempts: list[Any] = []  # the executor's Attempts before it gave up: header and log

@@ -14,6 +14,8 @@ import json
 from importlib import resources
 from typing import Any
 
+from llmrouter.wire.completions import MAX_MODEL_CHARS, MAX_USER_CHARS
+
 __all__ = ["build_openapi", "shared_spec"]
 
 
@@ -323,6 +325,13 @@ def build_openapi() -> dict[str, Any]:
         "nullable": True,
         "oneOf": [{"$ref": "#/components/schemas/ProviderPreferences"}],
     }
+    # Free strings that reach the ledger and the log are bounded (wire/completions.py).
+    params["user"] = {
+        "type": "string",
+        "maxLength": MAX_USER_CHARS,
+        "description": "An identifier of the end user, kept in the ledger; at most 256 characters.",
+    }
+    schemas["ModelName"] = {**schemas["ModelName"], "maxLength": MAX_MODEL_CHARS}
     params["models"]["description"] = (
         "Fallback models, tried in order after `model` when it cannot answer (provider errors, "
         "timeouts, rate limits, a prompt too long for its context, a content refusal)."

@@ -47,6 +47,8 @@ EMBEDDED_UPSTREAM_MODEL = "smollm2-135m-instruct"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 PositiveSeconds = Annotated[float, Meta(gt=0)]
+# As long as a request may name (wire/completions.py's MAX_MODEL_CHARS).
+ModelId = Annotated[str, Meta(min_length=1, max_length=256)]
 NonEmpty = Annotated[str, Meta(min_length=1)]
 UpstreamParameter = Literal[
     "best_of",
@@ -159,11 +161,11 @@ class AffinitySettings(Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class ModelSettings(Struct, frozen=True, forbid_unknown_fields=True):
-    id: Annotated[str, Meta(min_length=1)]
+    id: ModelId
     deployments: Annotated[list[DeploymentSettings], Meta(min_length=1)]
     context_length: Annotated[int, Meta(ge=1)] | None = None
     pricing: Pricing = Pricing()
-    aliases: list[str] = []
+    aliases: list[ModelId] = []
     owned_by: str | None = None
     strategy: Strategy = "weighted"  # how to order this model's deployments
     affinity: AffinitySettings = AffinitySettings()  # for `prefix_affinity`

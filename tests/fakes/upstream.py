@@ -25,6 +25,11 @@ Faults (streamed and not, unless said):
   slow-ok-MS          waits MS milliseconds, then answers
   slow-stream         one chunk every 0.2 s, 100 of them
   wait-close          holds the request until the client goes, and notes when (time.time())
+  echo-NNN            answers NNN (200: an in-band error) with an error message quoting every
+                      request header, as a proxy in between might; streamed: one chunk, then an
+                      in-band error event quoting them
+  redirect-NNN        answers NNN with `Location: /elsewhere/v1/completions` (which counts the
+                      requests it gets in `redirected`)
   switch              whatever `POST /_control {"switch": FAULT}` set last (default ok)
   lm, lm-*            a deterministic model honouring every parameter (see tests/fakes/lm.py)
   lm...-CUT-after-N   the same model, its stream cut after N text chunks: CUT is `reset` (the
@@ -71,6 +76,7 @@ def reset() -> None:
         closed_at=[],
         last_body=None,
         last_headers=None,
+        redirected=0,
     )
 
 
@@ -143,6 +149,11 @@ async def completions(request: web.Request) -> web.StreamResponse:
     if fault == "lm" or fault.startswith("lm-"):
         return await _lm(request, fault, body, stream)
 
+    if fault.startswith("echo-"):
+        return await _echo(request, int(fault[5:]), stream)
+    if fault.startswith("redirect-"):
+        location = "/elsewhere/v1/completions"
+        return web.Response(status=int(fault[9:]), headers={"Location": location})
     if fault.startswith("retry-after-"):
         error = {"error": {"message": "fake rate limit", "type": "fake", "code": None}}
         return web.json_response(error, status=429, headers={"Retry-After": fault[12:]})
@@ -227,6 +238,23 @@ async def completions(request: web.Request) -> web.StreamResponse:
         stats["client_gone"] += 1
         raise
     return response
+
+
+async def _echo(request: web.Request, status: int, stream: bool) -> web.StreamResponse:
+    said = "proxy saw: " + "; ".join(f"{k}: {v}" for k, v in request.headers.items())
+    error = json.dumps({"error": {"message": said, "type": "fake", "code": None}})
+    if not stream:
+        return web.Response(text=error, status=status, content_type="application/json")
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    await response.write(_chunk("echo", "one "))
+    await response.write(b"data: " + error.encode() + b"\n\n")
+    return response
+
+
+async def elsewhere(request: web.Request) -> web.Response:
+    stats["redirected"] += 1
+    return web.json_response(_completion("elsewhere", "redirected"))
 
 
 _CUT = re.compile(
@@ -329,6 +357,7 @@ async def get_stats(request: web.Request) -> web.Response:
             "closed_at": stats["closed_at"],
             "last_body": stats["last_body"],
             "last_headers": stats["last_headers"],
+            "redirected": stats["redirected"],
         }
     )
 
@@ -347,6 +376,7 @@ async def post_control(request: web.Request) -> web.Response:
 def main() -> None:
     app = web.Application(client_max_size=64 * 1024 * 1024)
     app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/elsewhere/v1/completions", elsewhere)
     app.router.add_get("/_stats", get_stats)
     app.router.add_post("/_reset", post_reset)
     app.router.add_post("/_control", post_control)

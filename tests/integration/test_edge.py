@@ -325,3 +325,50 @@ def test_malformed_requests_get_a_400_in_the_error_shape(router: Router, raw: by
     assert headers["content-type"] == "application/json"
     assert headers["connection"] == "close"
     assert_error_shape(body, "invalid_http")
+
+
+# -- 5. free strings are bounded, and errors quote little of them --------------------------------
+
+
+def _post(router: Router, body: dict[str, Any]) -> httpx.Response:
+    return httpx.post(f"{router.api}/completions", headers=router.headers(), json=body, timeout=30)
+
+
+def test_user_is_at_most_256_characters(router: Router) -> None:
+    r = _post(router, {"model": "fake/ok", "prompt": "hi", "max_tokens": 1, "user": "u" * 256})
+    assert r.status_code == 200, r.text
+    for user in ("u" * 257, "u" * 3_900_000):
+        r = _post(router, {"model": "fake/ok", "prompt": "hi", "user": user})
+        assert r.status_code == 400, r.text[:300]
+        assert r.json()["error"]["param"] == "user"
+        assert "256" in r.json()["error"]["message"]
+        assert len(r.content) < 1000
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "param"),
+    [
+        ({"model": "m" * 1_000_000, "prompt": "hi"}, 400, "model"),
+        ({"model": "m" * 200, "prompt": "hi"}, 404, "model"),
+        ({"model": "fake/ok", "models": ["fake/ok", "m" * 200], "prompt": "hi"}, 404, "models[1]"),
+        ({"model": "fake/ok", "prompt": "hi", "k" * 100_000: 1}, 400, None),
+        ({"model": "fake/ok", "prompt": "hi", "logit_bias": {"x" * 100_000: 1}}, 400, None),
+        ({"model": "fake/ok", "prompt": "hi", "metadata": {"k" * 100_000: 1}}, 400, None),
+    ],
+)
+def test_an_error_quotes_little_of_what_it_refuses(
+    router: Router, body: dict[str, Any], status: int, param: str | None
+) -> None:
+    r = _post(router, body)
+    assert r.status_code == status, r.text[:300]
+    error = r.json()["error"]
+    if param is not None:
+        assert error["param"] == param
+    assert len(error["message"]) < 250, error["message"][:400]
+    assert len(error["param"]) < 100
+
+
+def test_an_unknown_long_path_is_quoted_short(router: Router) -> None:
+    r = httpx.get(f"{router.base}/" + "p" * 60_000, timeout=10)
+    assert r.status_code == 404
+    assert len(r.content) < 500

@@ -44,9 +44,10 @@ def test_upstream_that_hangs_is_504_within_its_deadline(router: Router, fake_ups
     r = post(router, "fake/hang")
     elapsed = time.monotonic() - started
     assert assert_error(r, 504)["error"]["code"] == "upstream_timeout"
-    # Two attempts (the test router's max_attempts), each cut at the provider's total of 4 s.
+    # Two attempts (the test router's max_attempts), each cut at the provider's first_token of
+    # 3 s: no response headers by then (issue 11; its total is 4 s).
     assert httpx.get(f"{fake_upstream}/_stats").json()["requests"] == 2
-    assert 7.9 < elapsed < 9.5
+    assert 5.9 < elapsed < 7.5
 
 
 def test_fallback_to_the_next_deployment_before_the_first_byte(router: Router) -> None:

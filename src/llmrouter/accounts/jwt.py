@@ -29,6 +29,8 @@ from llmrouter.settings import ConfigError, JwtAlgorithm, JwtIssuer, Policy
 
 __all__ = ["JwtAuthenticator"]
 
+_MAX_SUBJECT_CHARS = 256
+
 _PublicKey = RSAPublicKey | EllipticCurvePublicKey
 _Key = bytes | _PublicKey  # bytes: an HMAC secret
 _NEEDS = {
@@ -115,6 +117,10 @@ class JwtAuthenticator:
         subject = claims[config.subject_claim]
         if not isinstance(subject, str) or not subject or "\x00" in subject:
             raise _failure(f"JWT claim {config.subject_claim!r} must be a non-empty string without NUL.")
+        if len(subject) > _MAX_SUBJECT_CHARS:  # it names the principal in the ledger and the log
+            raise _failure(
+                f"JWT claim {config.subject_claim!r} is longer than {_MAX_SUBJECT_CHARS} characters."
+            )
         return Principal(
             id=f"jwt:{config.issuer} {subject}",
             kind="jwt",

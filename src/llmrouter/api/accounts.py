@@ -11,7 +11,7 @@ from msgspec import Meta, Struct
 
 from llmrouter.accounts.keys import ApiKey, KeyError_
 from llmrouter.api.http import Request, send_bytes
-from llmrouter.errors import InvalidRequest, MethodNotAllowed, NotFound
+from llmrouter.errors import InvalidRequest, MethodNotAllowed, NotFound, quoted
 from llmrouter.settings import Amount, Count, Policy, Reset
 
 if TYPE_CHECKING:
@@ -123,7 +123,7 @@ async def generation(req: Request, ctx: Context) -> None:
         raise NotFound("No generation with this id.", param="id")
     record = await ctx.ledger.get(ids[0])
     if record is None or not (principal.admin or record.principal == principal.id):
-        raise NotFound(f"No generation with id {ids[0]!r}.", param="id")
+        raise NotFound(f"No generation with id {quoted(ids[0])}.", param="id")
     fields = msgspec.to_builtins(record)
     await _json(req, 200, {"data": {"id": fields.pop("request_id"), **fields}})
 
@@ -184,10 +184,10 @@ async def key_item(req: Request, ctx: Context) -> None:
             key, secret = await ctx.keys.rotate(key_id)
             await _json(req, 200, {"data": key_view(key), "key": secret})
     except KeyError_:
-        raise NotFound(f"No live key with id {key_id!r}.", param="id") from None
+        raise NotFound(f"No live key with id {quoted(key_id)}.", param="id") from None
 
 
 def check_models(ctx: Context, models: list[str] | None) -> None:
     for i, model in enumerate(models or ()):
         if model not in ctx.catalog.models:
-            raise InvalidRequest(f"No model named {model!r} on this router.", param=f"models[{i}]")
+            raise InvalidRequest(f"No model named {quoted(model)} on this router.", param=f"models[{i}]")

@@ -29,6 +29,7 @@ from llmrouter.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from llmrouter.obs.redact import Redactor
 from llmrouter.providers.base import (
     ALL_PARAMETERS,
     Call,
@@ -37,7 +38,7 @@ from llmrouter.providers.base import (
     StreamPart,
     normalise_finish_reason,
 )
-from llmrouter.settings import ConfigError, DeploymentSettings, OpenAIProvider
+from llmrouter.settings import ConfigError, DeploymentSettings, OpenAIProvider, Timeouts
 from llmrouter.structured import format_kind, gbnf_for
 from llmrouter.wire.completions import (
     ChunkChoice,
@@ -99,6 +100,8 @@ class OpenAIAdapter:
         self._headers = {"content-type": "application/json", **settings.headers}
         if settings.api_key:
             self._headers["authorization"] = f"Bearer {settings.api_key}"
+        # What this provider sends that must never come back out in what it (or a proxy) says.
+        self._redact = Redactor([settings.api_key, *settings.headers.values()])
         self._session: aiohttp.ClientSession | None = None
         self._stream_usage = "stream_usage" not in settings.unsupported_parameters
         if settings.structured_output_field == "grammar" and "json_schema" in settings.response_formats:
@@ -176,15 +179,17 @@ class OpenAIAdapter:
     async def complete(self, call: Call) -> Completion:
         assert self._session is not None, "start() opens the session"
         body = self._body(call, stream=False)
+        resp = await self._post(body, call.timeouts)
         try:
-            async with self._session.post(self._url, data=body, headers=self._headers) as resp:
-                raw = await resp.read()
-                if resp.status != 200:
-                    raise self._status_error(resp, raw)
+            raw = await resp.read()
+            if resp.status != 200:
+                raise self._status_error(resp, raw)
         except LlmrouterError:
             raise
         except Exception as exc:
             raise self._transport_error(exc) from None
+        finally:
+            resp.release()
         parsed = self._decode(raw)
         choices = [
             CompletionChoice(
@@ -208,11 +213,7 @@ class OpenAIAdapter:
         assert self._session is not None, "start() opens the session"
         t = call.timeouts
         body = self._body(call, stream=True)
-        try:
-            async with asyncio.timeout(t.first_token):
-                resp = await self._session.post(self._url, data=body, headers=self._headers)
-        except Exception as exc:
-            raise self._transport_error(exc) from None
+        resp = await self._post(body, t)
         try:
             if resp.status != 200:
                 raise self._status_error(resp, await self._read_safely(resp))
@@ -230,6 +231,19 @@ class OpenAIAdapter:
                 yield StreamPart([], usage=Usage(0, text_chunks, text_chunks), usage_estimated=True)
         finally:
             resp.release()
+
+    async def _post(self, body: bytes, timeouts: Timeouts) -> aiohttp.ClientResponse:
+        """POST a request and wait for the response's headers, for at most `first_token`,
+        streamed or not. Redirects are not followed: a 3xx would send the prompt wherever it
+        points, so it is a failure of this deployment (`_status_error`)."""
+        assert self._session is not None, "start() opens the session"
+        try:
+            async with asyncio.timeout(timeouts.first_token):
+                return await self._session.post(
+                    self._url, data=body, headers=self._headers, allow_redirects=False
+                )
+        except Exception as exc:
+            raise self._transport_error(exc) from None
 
     async def _events(
         self, resp: aiohttp.ClientResponse, *, first: float, idle: float
@@ -306,9 +320,8 @@ class OpenAIAdapter:
             ) from None
         if parsed.error is not None:
             message = parsed.error if isinstance(parsed.error, str) else parsed.error.message
-            raise UpstreamUnavailable(
-                f"Provider {self.name} reported an error: {message[:_MAX_ERROR_TEXT]}"
-            )
+            said = self._redact(message)[:_MAX_ERROR_TEXT]
+            raise UpstreamUnavailable(f"Provider {self.name} reported an error: {said}")
         return parsed
 
     @staticmethod
@@ -320,7 +333,13 @@ class OpenAIAdapter:
 
     def _status_error(self, resp: aiohttp.ClientResponse, raw: bytes) -> LlmrouterError:
         status = resp.status
+        if 300 <= status < 400:
+            return UpstreamUnavailable(
+                f"Provider {self.name} answered {status}, a redirect, which llmrouter does not "
+                "follow: set its base_url to where it points."
+            )
         detail, code = _error_detail(raw)
+        detail = self._redact(detail)[:_MAX_ERROR_TEXT]
         said = f"Provider {self.name} answered {status}" + (f": {detail}" if detail else ".")
         if status in (400, 413, 422):
             lowered = detail.lower()
@@ -370,16 +389,16 @@ def _wire_prompt(prompts: Prompts) -> str | list[Any]:
 
 
 def _error_detail(raw: bytes) -> tuple[str, str | None]:
-    """The upstream error's message (shortened) and code, as far as the body says."""
+    """The upstream error's message and code, as far as the body says."""
     try:
         parsed = _body_decoder.decode(raw)
     except msgspec.DecodeError:
-        return raw[:_MAX_ERROR_TEXT].decode("utf-8", errors="replace").strip(), None
+        return raw.decode("utf-8", errors="replace").strip(), None
     if isinstance(parsed.error, str):
-        return parsed.error[:_MAX_ERROR_TEXT], None
+        return parsed.error, None
     if parsed.error is not None:
         code = parsed.error.code
-        return parsed.error.message[:_MAX_ERROR_TEXT], None if code is None else str(code)
+        return parsed.error.message, None if code is None else str(code)
     return "", None
 
 

@@ -15,7 +15,13 @@ from dataclasses import dataclass, replace
 from msgspec import UNSET
 
 from llmrouter.emulation.shape import Shape, requested_parameters, shape_for
-from llmrouter.errors import InvalidRequest, ModelNotFound, PermissionDenied, UnsupportedParameter
+from llmrouter.errors import (
+    InvalidRequest,
+    ModelNotFound,
+    PermissionDenied,
+    UnsupportedParameter,
+    quoted,
+)
 from llmrouter.providers.base import Capabilities, Provider
 from llmrouter.routing.health import HealthBook
 from llmrouter.routing.strategies import order_targets
@@ -177,7 +183,7 @@ class Catalog:
         for name, param in self._requested_models(params):
             if self.models[name].id not in permitted:
                 raise PermissionDenied(
-                    f"This key or token may not use the model {name!r}.",
+                    f"This key or token may not use the model {quoted(name)}.",
                     param=param,
                     code="model_not_allowed",
                 )
@@ -188,7 +194,7 @@ class Catalog:
                 if name not in self.settings.providers:
                     known = ", ".join(sorted(self.settings.providers))
                     raise InvalidRequest(
-                        f"No provider named {name!r} (this router has: {known}).",
+                        f"No provider named {quoted(name)} (this router has: {known}).",
                         param=f"provider.{field}[{i}]",
                     )
 
@@ -205,7 +211,7 @@ class Catalog:
         for name, param in names:
             if name not in self.models:
                 raise ModelNotFound(
-                    f"The model {name!r} does not exist on this router; GET /api/v1/models lists "
+                    f"The model {quoted(name)} does not exist on this router; GET /api/v1/models lists "
                     "the models it serves.",
                     param=param,
                 )

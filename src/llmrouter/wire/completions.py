@@ -13,6 +13,8 @@ import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType
 
 __all__ = [
+    "MAX_MODEL_CHARS",
+    "MAX_USER_CHARS",
     "ChunkChoice",
     "CompletionChoice",
     "CompletionChunk",
@@ -98,12 +100,17 @@ TokenId = Annotated[int, Meta(ge=0)]
 # spec shapes the whole prompt is, and that it is not a mixture, is checked in validate.py.
 PromptItem = str | TokenId | list[TokenId]
 Penalty = Annotated[float, Meta(ge=-2.0, le=2.0)]
+# Free strings that reach the ledger and the log are bounded: a model id (configured ids are held
+# to the same bound) and `user` (OpenAI's end-user identifier; 256 characters, as its guides use).
+MAX_MODEL_CHARS = 256
+MAX_USER_CHARS = 256
+ModelName = Annotated[str, Meta(max_length=MAX_MODEL_CHARS)]
 
 
 class CompletionCreateParams(Struct, forbid_unknown_fields=True, omit_defaults=True):
     prompt: str | list[PromptItem]
-    model: str | UnsetType = UNSET
-    models: list[str] | UnsetType = UNSET
+    model: ModelName | UnsetType = UNSET
+    models: list[ModelName] | UnsetType = UNSET
     best_of: Annotated[int, Meta(ge=1, le=128)] | None = None
     echo: bool | None = None
     frequency_penalty: Penalty | None = None
@@ -121,7 +128,7 @@ class CompletionCreateParams(Struct, forbid_unknown_fields=True, omit_defaults=T
     suffix: str | None = None
     temperature: Annotated[float, Meta(ge=0.0, le=2.0)] | None = None
     top_p: Annotated[float, Meta(ge=0.0, le=1.0)] | None = None
-    user: str | UnsetType = UNSET
+    user: Annotated[str, Meta(max_length=MAX_USER_CHARS)] | UnsetType = UNSET
     metadata: dict[str, Any] | None = None
     response_format: ResponseFormat | None = None
     provider: ProviderPreferences | None = None

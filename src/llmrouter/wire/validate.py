@@ -11,7 +11,7 @@ from typing import cast
 
 import msgspec
 
-from llmrouter.errors import InvalidRequest
+from llmrouter.errors import InvalidRequest, clipped, quoted
 from llmrouter.wire.completions import CompletionCreateParams, request_decoder
 
 __all__ = ["Prompts", "decode_completion_request"]
@@ -54,7 +54,7 @@ def _translate(message: str) -> InvalidRequest:
     text = message[: match.start()] if match else message
     unknown = _UNKNOWN.match(text)
     if unknown:
-        field = f"{path}.{unknown.group('field')}" if path else unknown.group("field")
+        field = clipped(f"{path}.{unknown.group('field')}" if path else unknown.group("field"))
         return InvalidRequest(
             f"Unrecognized request argument supplied: {field}",
             param=field,
@@ -125,12 +125,12 @@ def _check_cross_field(params: CompletionCreateParams) -> None:
     for key, bias in (params.logit_bias or {}).items():
         if not _TOKEN_ID.fullmatch(key):
             raise InvalidRequest(
-                f"`logit_bias` keys must be token ids (non-negative integers); got {key!r}.",
-                param=f"logit_bias.{key}",
+                f"`logit_bias` keys must be token ids (non-negative integers); got {quoted(key)}.",
+                param=f"logit_bias.{clipped(key)}",
             )
         if isinstance(bias, bool) or not isinstance(bias, int | float) or not -100 <= bias <= 100:
             raise InvalidRequest(
-                f"`logit_bias` values must be numbers from -100 to 100; got {bias!r}.",
+                f"`logit_bias` values must be numbers from -100 to 100; got {quoted(repr(bias))}.",
                 param=f"logit_bias.{key}",
             )
     if params.metadata is not None:
@@ -151,11 +151,11 @@ def _check_metadata(metadata: dict[str, object]) -> None:
         )
     for key, value in metadata.items():
         if not isinstance(value, str):
-            raise InvalidRequest("`metadata` values must be strings.", param=f"metadata.{key}")
+            raise InvalidRequest("`metadata` values must be strings.", param=f"metadata.{clipped(key)}")
         if len(key) > _METADATA_KEY_CHARS:
             raise InvalidRequest(
                 f"`metadata` keys are at most {_METADATA_KEY_CHARS} characters.",
-                param=f"metadata.{key[:_METADATA_KEY_CHARS]}",
+                param=f"metadata.{clipped(key)}",
             )
         if len(value) > _METADATA_VALUE_CHARS:
             raise InvalidRequest(
