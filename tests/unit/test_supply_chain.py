@@ -142,3 +142,13 @@ def test_the_installs_use_the_locks_with_hashes() -> None:
         for command in re.findall(r"pip install[^\n]*(?:\\\n[^\n]*)*", text):
             assert "--require-hashes" in command or "--no-deps" in command, command
 
+
+def test_images_are_pinned_by_digest() -> None:
+    dockerfile = (ROOT / "deploy" / "Dockerfile").read_text()
+    compose = (ROOT / "deploy" / "compose.yaml").read_text()
+    images = re.findall(r"^FROM (\S+)", dockerfile, re.M)
+    images += re.findall(r"^\s*image: (\S+)", compose, re.M)
+    assert images
+    unpinned = [image for image in images if not re.search(r"@sha256:[0-9a-f]{64}$", image)]
+    # nginx waits for a digest that could be read (see the TODO in compose.yaml); nothing else may.
+    assert unpinned == ["nginx:1.27"]
