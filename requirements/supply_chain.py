@@ -236,7 +236,7 @@ def problems(
             f"{', '.join(stale)} {'is' if len(stale) == 1 else 'are'} stale (pyproject.toml's "
             f"dependencies or requirements/build.in changed since made): {HINT}",
         )
-    return found
+    return list(dict.fromkeys(found))  # a pin shared by several locks is reported once
 
 
 def site_packages() -> list[Path]:

@@ -65,7 +65,7 @@ def test_a_new_dependency_or_an_unpinned_one_is_caught() -> None:
     pyproject["project"]["dependencies"].append("idna>=3")
     found = sc.problems(pyproject=pyproject)
     assert "requirements/test.txt lacks leftpad==1.0: run `make lock`" in found
-    assert "'idna>=3' is not pinned with ==: pin it, then run `make lock`" in found
+    assert found.count("'idna>=3' is not pinned with ==: pin it, then run `make lock`") == 1
 
 
 def test_a_changed_build_tool_makes_the_locks_stale() -> None:
