@@ -34,6 +34,8 @@ providers:
 models:
   - id: fake/ok
     deployments: [{{provider: fake, model: ok}}]
+  - id: fake/slow
+    deployments: [{{provider: fake, model: slow-ok-3000}}]
 """
 
 
@@ -271,6 +273,42 @@ def test_a_kept_alive_connection_is_closed_when_idle(router: Router) -> None:
         started = time.monotonic()
         assert sock.recv(65536) == b""
         assert DEADLINE - 0.2 <= time.monotonic() - started <= DEADLINE + 1.5
+
+
+def test_requests_longer_than_every_client_deadline_are_answered(router: Router) -> None:
+    """The deadlines bound what the client sends, never the router's own time to answer."""
+    for stream in (False, True):
+        started = time.monotonic()
+        r = _post(router, {"model": "fake/slow", "prompt": "hi", "max_tokens": 3, "stream": stream})
+        assert r.status_code == 200, r.text
+        assert time.monotonic() - started > DEADLINE + 0.5
+        if stream:
+            assert r.text.rstrip().endswith("data: [DONE]")
+
+
+def test_pipelined_requests_are_answered_in_order(router: Router) -> None:
+    body = json.dumps({"model": "fake/slow", "prompt": "hi", "max_tokens": 3}).encode()
+    auth = b"Authorization: Bearer " + router.key.encode() + b"\r\n"
+    raw = (
+        b"POST /api/v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + auth
+        + b"Content-Length: %d\r\n\r\n" % len(body)
+        + body
+        # Behind it, a request whose body comes later than its headers: its time starts when the
+        # slow one is answered, not while it waits unread.
+        + b"POST /api/v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + auth
+        + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body)
+    )
+    port = int(router.base.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=15) as sock:
+        sock.sendall(raw)
+        time.sleep(DEADLINE + 1.5)  # longer than the body deadline, all spent behind the first
+        sock.sendall(body)
+        got = b""
+        while chunk := sock.recv(65536):
+            got += chunk
+    assert got.count(b"HTTP/1.1 200 ") == 2, got[:500]
 
 
 # -- 8. one Authorization header -----------------------------------------------------------------

@@ -121,8 +121,11 @@ class EdgeProtocol(HttpToolsProtocol):
         self.in_head = False
         self.in_body = True
         self._disarm()
-        self.deadline = self.loop.call_later(self.body_seconds, self._body_timed_out)
         super().on_headers_complete()
+        # A pipelined request waits, its body unread, until the response before it is sent: its
+        # body's time starts when it does (`on_response_complete`).
+        if not self.pipeline:
+            self.deadline = self.loop.call_later(self.body_seconds, self._body_timed_out)
 
     def on_message_complete(self) -> None:
         self._disarm()
@@ -134,9 +137,11 @@ class EdgeProtocol(HttpToolsProtocol):
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        # The next request's head began while this response was under way: its time starts now.
-        waiting = self.in_head and self.head_bytes and self.deadline is None
-        if waiting and not self.transport.is_closing():
+        if self.deadline is not None or self.transport.is_closing():
+            return
+        if self.in_body:  # a pipelined request, started now, whose body is still to come
+            self.deadline = self.loop.call_later(self.body_seconds, self._body_timed_out)
+        elif self.in_head and self.head_bytes:  # the next head began while this response was sent
             self.deadline = self.loop.call_later(self.head_seconds, self._head_timed_out)
 
     def _idle_cycle(self) -> bool:
