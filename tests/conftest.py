@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import resource
 import socket
 import subprocess
 import sys
@@ -386,9 +387,11 @@ providers:
 
 
 @contextlib.contextmanager
-def serving(tmp: Path, config_text: str | None, *serve_args: str) -> Iterator[Router]:
+def serving(
+    tmp: Path, config_text: str | None, *serve_args: str, nofile: tuple[int, int] | None = None
+) -> Iterator[Router]:
     """`start_router`, stopped when the block ends."""
-    router = start_router(tmp, config_text, *serve_args)
+    router = start_router(tmp, config_text, *serve_args, nofile=nofile)
     try:
         yield router
     finally:
@@ -396,10 +399,15 @@ def serving(tmp: Path, config_text: str | None, *serve_args: str) -> Iterator[Ro
 
 
 def start_router(
-    tmp: Path, config_text: str | None, *serve_args: str, create_key: bool = True
+    tmp: Path,
+    config_text: str | None,
+    *serve_args: str,
+    create_key: bool = True,
+    nofile: tuple[int, int] | None = None,
 ) -> Router:
     """`llmrouter serve` on a free port with `config_text` (None: the embedded default), its
-    stdout and stderr in `router.log`; returns once /ready answers."""
+    stdout and stderr in `router.log`, started with `nofile` as its (soft, hard) limit of open
+    files if given; returns once /ready answers."""
     home = tmp / "home"
     config = tmp / "config.yaml"
     config_args: list[str] = []
@@ -418,10 +426,17 @@ def start_router(
             env={**os.environ, "LLMROUTER_HOME": str(home)},
             stdout=sink,
             stderr=sink,
+            preexec_fn=None
+            if nofile is None
+            else lambda: resource.setrlimit(resource.RLIMIT_NOFILE, nofile),
         )
     base = f"http://127.0.0.1:{port}"
     wait_http(f"{base}/ready", proc)
     return Router(base, secret, home, config, proc, log)
+
+
+def _limit_files(nofile: tuple[int, int]) -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, nofile)
 
 
 @pytest.fixture(scope="session")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import os
+import resource
 import socket
 from typing import TYPE_CHECKING
 
@@ -12,6 +13,8 @@ if TYPE_CHECKING:
     from llmrouter.settings import ServerSettings
 
 __all__ = ["ServeError", "bind", "serve"]
+
+_MAX_FILES = 1 << 20
 
 
 class ServeError(Exception):
@@ -37,11 +40,23 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _raise_file_limit() -> None:
+    """Each connection is a file descriptor, and the soft limit is often 1,024 while the hard one
+    is far higher: take what the system allows, so that a thousand idle sockets (until their idle
+    deadline closes them) do not turn away the next client. Inherited by the workers."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = _MAX_FILES if hard == resource.RLIM_INFINITY else min(hard, _MAX_FILES)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+
 def serve(sock: socket.socket, workers: int, config_path: str | None, settings: ServerSettings) -> None:
     """Serve on a socket from `bind`, until interrupted."""
     import uvicorn
 
     from llmrouter.api.protocol import EdgeProtocol
+
+    _raise_file_limit()
 
     if config_path:
         os.environ["LLMROUTER_CONFIG"] = config_path

@@ -410,3 +410,23 @@ def test_an_unknown_long_path_is_quoted_short(router: Router) -> None:
     r = httpx.get(f"{router.base}/" + "p" * 60_000, timeout=10)
     assert r.status_code == 404
     assert len(r.content) < 500
+
+
+def test_a_thousand_idle_sockets_do_not_turn_away_a_client_at_a_1024_file_limit(
+    fake_upstream: str, tmp_path: Path
+) -> None:
+    """Started with a soft limit of 1,024 open files (a common default) under a hard one of
+    4,096, the router takes the hard limit: 1,100 silent sockets leave room for a real client
+    (and go when their idle deadline passes)."""
+    with serving(tmp_path, edge_config(fake_upstream), nofile=(1024, 4096)) as router:
+        port = int(router.base.rsplit(":", 1)[1])
+        idle = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(1100)]
+        try:
+            time.sleep(0.3)
+            r = httpx.get(f"{router.base}/health", timeout=5)
+            assert r.status_code == 200
+            time.sleep(DEADLINE + 1)
+            assert all(sock.recv(1) == b"" for sock in idle)  # closed by the idle deadline
+        finally:
+            for sock in idle:
+                sock.close()
