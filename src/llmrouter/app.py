@@ -134,6 +134,7 @@ class Context:
     async def aclose(self) -> None:
         for provider in self.catalog.providers.values():
             await provider.aclose()
+        self.catalog.checks.close()
         await self.health.aclose()
         await self.limiter.aclose()
         await self.ledger.aclose()
@@ -166,11 +167,11 @@ def build_providers(settings: Settings) -> dict[str, Provider]:
         if isinstance(provider_settings, OpenAIProvider):
             from llmrouter.providers.openai import OpenAIAdapter
 
-            providers[name] = OpenAIAdapter(name, provider_settings, deployments)
+            providers[name] = OpenAIAdapter(name, provider_settings, deployments, settings.checks)
         elif isinstance(provider_settings, LlamaCppProvider):
             from llmrouter.providers.llamacpp import LlamaCppAdapter
 
-            providers[name] = LlamaCppAdapter(name, provider_settings, deployments)
+            providers[name] = LlamaCppAdapter(name, provider_settings, deployments, settings.checks)
     return providers
 
 

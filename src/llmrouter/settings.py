@@ -21,6 +21,7 @@ from msgspec import Meta, Struct
 __all__ = [
     "AccountSettings",
     "AffinitySettings",
+    "CheckSettings",
     "ClientTimeouts",
     "ConfigError",
     "DeploymentSettings",
@@ -316,6 +317,24 @@ class AccountSettings(Struct, frozen=True, forbid_unknown_fields=True):
     ledger_wait_seconds: Annotated[float, Meta(gt=0, le=600)] = 10.0
 
 
+class CheckSettings(Struct, frozen=True, forbid_unknown_fields=True):
+    """Bounds on the client's structured-output input and on checking answers against it. The
+    maxima keep llmrouter's own (recursive) checks far from Python's recursion limit."""
+
+    # The most time checking one answer (one choice) against its format may take; past it the
+    # answer is invalid_output. Every `pattern` in the schema shares it.
+    answer_seconds: Annotated[float, Meta(gt=0, le=60)] = 1.0
+    # A `json_schema` schema: objects and arrays nested at most this deep, and groups nested at
+    # most this deep in each of its patterns; at most this many bytes (as compact JSON).
+    schema_depth: Annotated[int, Meta(ge=1, le=100)] = 64
+    schema_bytes: Annotated[int, Meta(ge=1024)] = 512 * 1024
+    # A `grammar` (GBNF): groups nested at most this deep, at most this many bytes (UTF-8), and at
+    # most this many rules once its repetitions are expanded (llama.cpp's own count).
+    grammar_depth: Annotated[int, Meta(ge=1, le=256)] = 64
+    grammar_bytes: Annotated[int, Meta(ge=1024)] = 256 * 1024
+    grammar_rules: Annotated[int, Meta(ge=16, le=1_000_000)] = 100_000
+
+
 class Settings(Struct, frozen=True, forbid_unknown_fields=True):
     providers: dict[str, ProviderSettings]
     models: Annotated[list[ModelSettings], Meta(min_length=1)]
@@ -323,6 +342,7 @@ class Settings(Struct, frozen=True, forbid_unknown_fields=True):
     server: ServerSettings = ServerSettings()
     routing: RoutingSettings = RoutingSettings()
     accounts: AccountSettings = AccountSettings()
+    checks: CheckSettings = CheckSettings()
     home: str | None = None  # the store's folder; default $LLMROUTER_HOME or ~/.llmrouter
 
 

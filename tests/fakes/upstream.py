@@ -31,6 +31,8 @@ Faults (streamed and not, unless said):
   redirect-NNN        answers NNN with `Location: /elsewhere/v1/completions` (which counts the
                       requests it gets in `redirected`)
   switch              whatever `POST /_control {"switch": FAULT}` set last (default ok)
+  say-prompt          answers with the (string) prompt as its text, cut to `max_tokens` characters
+                      (then finish_reason `length`): a test chooses the answer by its prompt
   lm, lm-*            a deterministic model honouring every parameter (see tests/fakes/lm.py)
   lm...-CUT-after-N   the same model, its stream cut after N text chunks: CUT is `reset` (the
                       connection closes), `hang` (silence), `error` (an in-band error event),
@@ -186,6 +188,8 @@ async def completions(request: web.Request) -> web.StreamResponse:
         await asyncio.sleep(2)
     if fault.startswith("slow-ok-"):
         await asyncio.sleep(int(fault.rsplit("-", 1)[1]) / 1000)
+    if fault == "say-prompt":
+        return await _say_prompt(request, model, body, stream)
     text = "x" * 5_000_000 if fault == "big" else None
 
     if not stream:
@@ -255,6 +259,24 @@ async def _echo(request: web.Request, status: int, stream: bool) -> web.StreamRe
 async def elsewhere(request: web.Request) -> web.Response:
     stats["redirected"] += 1
     return web.json_response(_completion("elsewhere", "redirected"))
+
+
+async def _say_prompt(
+    request: web.Request, model: str, body: dict[str, Any], stream: bool
+) -> web.StreamResponse:
+    text, finish = str(body.get("prompt", "")), "stop"
+    limit = body.get("max_tokens")
+    if isinstance(limit, int) and len(text) > limit:
+        text, finish = text[:limit], "length"
+    if not stream:
+        return web.json_response(_completion(model, text, finish))
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    await response.write(_chunk(model, text))
+    await response.write(_chunk(model, "", finish))
+    await response.write(_usage_chunk(model))
+    await response.write(b"data: [DONE]\n\n")
+    return response
 
 
 _CUT = re.compile(

@@ -106,12 +106,12 @@ def test_a_panic_attempt_beside_the_probe_does_not_spoil_the_probe() -> None:
 
     async def run() -> None:
         probe = asyncio.ensure_future(
-            executor.complete(catalog.plan(params, prompts), params, prompts, "a")
+            executor.complete(catalog.plan(params, prompts, None), params, prompts, "a")
         )
         await asyncio.sleep(0)
         assert not health.available("p/x")  # the probe is out
         with pytest.raises(UpstreamUnavailable) as failed:
-            await executor.complete(catalog.plan(params, prompts), params, prompts, "b")
+            await executor.complete(catalog.plan(params, prompts, None), params, prompts, "b")
         assert [(a.target, a.note) for a in failed.value.attempts] == [("p/x", "panic")]
         assert health.ejection("p/x")[1] == 0  # not ejected again by it
         probe_may_answer.set()
@@ -140,7 +140,7 @@ def test_after_its_panic_attempt_a_request_s_next_attempt_there_is_a_probe() -> 
 
     async def run() -> list[str]:
         with pytest.raises(UpstreamUnavailable) as failed:
-            await executor.complete(catalog.plan(params, prompts), params, prompts, "a")
+            await executor.complete(catalog.plan(params, prompts, None), params, prompts, "a")
         return [a.note for a in failed.value.attempts]
 
     assert asyncio.run(run()) == ["panic", ""]  # the panic attempt, then the probe

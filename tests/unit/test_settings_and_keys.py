@@ -4,10 +4,12 @@ import time
 from email.utils import formatdate
 from pathlib import Path
 
+import msgspec
 import pytest
 
+from llmrouter.providers._grammar import MAX_DEPTH, MAX_RULES
 from llmrouter.providers.openai import parse_retry_after
-from llmrouter.settings import ConfigError, load_settings
+from llmrouter.settings import CheckSettings, ConfigError, load_settings
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -57,12 +59,30 @@ ONE_MODEL = "models:\n  - {id: m, deployments: [{provider: o, model: x}]}\n"
             "  - {id: m, deployments: [{provider: o, model: x}]}\n",
             "providers.o.timeouts.total",
         ),
+        (
+            "providers: {o: {kind: openai, base_url: 'http://x'}}\n" + ONE_MODEL + "checks:\n"
+            "  schema_depth: 101\n",
+            "checks.schema_depth",
+        ),
+        (
+            "providers: {o: {kind: openai, base_url: 'http://x'}}\n" + ONE_MODEL + "checks:\n"
+            "  pattern_seconds: 1\n",
+            "checks",
+        ),
     ],
 )
 def test_config_errors_name_the_place(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(ConfigError, match=None) as info:
         load_settings(write(tmp_path, text))
     assert message in str(info.value)
+
+
+def test_the_checks_maxima_are_the_most_the_grammar_check_takes() -> None:
+    info = msgspec.inspect.type_info(CheckSettings)
+    assert isinstance(info, msgspec.inspect.StructType)
+    fields = {f.name: f.type for f in info.fields}
+    assert getattr(fields["grammar_depth"], "le", None) == MAX_DEPTH
+    assert getattr(fields["grammar_rules"], "le", None) == MAX_RULES
 
 
 def test_retry_after_seconds_and_http_date() -> None:

@@ -22,7 +22,6 @@ from llmrouter.errors import LlmrouterError, ServiceUnavailable
 from llmrouter.routing.plan import Catalog, Plan, Target
 from llmrouter.routing.resume import Splice
 from llmrouter.routing.streams import Attempt, OpenStream
-from llmrouter.structured import check_request_format
 from llmrouter.wire.completions import (
     CompletionChunk,
     CompletionCreateParams,
@@ -154,9 +153,9 @@ async def create_completion(req: Request, ctx: Context) -> None:
         cost = ctx.catalog.dearest_cost(params, bound, answers)
     admission = await ctx.limiter.admit(principal, req.request_id, acc.prompt_estimate + answers, cost)
     try:
-        check_request_format(params.response_format)
+        checker = await ctx.catalog.checks.admit(params.response_format)
         ctx.catalog.check_allowed(params, principal.limits.models)
-        plan = ctx.catalog.plan(params, prompts)
+        plan = ctx.catalog.plan(params, prompts, checker)
         if params.stream:
             await _stream(req, ctx, plan, params, prompts, admission.headers)
         else:

@@ -106,7 +106,12 @@ class Shape:
         choices.sort(key=lambda ic: ic[0])
         if self.choose_best:
             choices = self._best(choices)
-        shaped = [self._finish_choice(i, c) for i, c in choices]
+        shaped: list[CompletionChoice] = []
+        for i, c in choices:
+            choice, unchecked = self._finish_choice(i, c)
+            if unchecked is not None:
+                await self._check(unchecked)
+            shaped.append(choice)
         return Completion(
             choices=shaped,
             usage=_sum_usage([r.usage for r in results]),
@@ -137,7 +142,9 @@ class Shape:
             stream = provider.stream(calls[0][0])
             try:
                 async for part in stream:
-                    if (out := state.take(0, part)) is not None:
+                    out = state.take(0, part)
+                    await state.check()
+                    if out is not None:
                         yield out
                     if state.done:
                         break
@@ -147,7 +154,9 @@ class Shape:
             merged = _merge([provider.stream(c) for c, _ in calls])
             try:
                 async for j, part in merged:
-                    if (out := state.take(j, part)) is not None:
+                    out = state.take(j, part)
+                    await state.check()
+                    if out is not None:
                         yield out
                     if state.done:
                         break
@@ -201,8 +210,15 @@ class Shape:
         )
 
     def _chunk(
-        self, index: int, shaper: ChoiceShaper, choice: ChunkChoice, ended: set[int]
+        self,
+        index: int,
+        shaper: ChoiceShaper,
+        choice: ChunkChoice,
+        ended: set[int],
+        unchecked: list[str],
     ) -> ChunkChoice:
+        """A streamed choice's chunk, shaped; a choice that ended adds its text to `unchecked`
+        when it needs checking (before this chunk goes out)."""
         shaped = shaper.feed(choice.text, choice.logprobs)
         finish, native = choice.finish_reason, choice.native_finish_reason
         if finish is not None and not shaper.stopped:
@@ -211,11 +227,15 @@ class Shape:
             finish, native = "stop", "stop"
         if finish is not None:
             ended.add(index)
-            self._check(shaper, finish)
+            if (text := self._to_check(shaper, finish)) is not None:
+                unchecked.append(text)
         reasoning = "".join(filter(None, (choice.reasoning, shaped.reasoning))) or None
         return ChunkChoice(shaped.text, index, shaped.logprobs, finish, native, reasoning)
 
-    def _finish_choice(self, index: int, choice: CompletionChoice) -> CompletionChoice:
+    def _finish_choice(
+        self, index: int, choice: CompletionChoice
+    ) -> tuple[CompletionChoice, str | None]:
+        """The choice, shaped, and its text if it needs checking."""
         shaper = self._shaper(index)
         shaped = shaper.feed(choice.text, choice.logprobs)
         finish, native = choice.finish_reason, choice.native_finish_reason
@@ -223,9 +243,8 @@ class Shape:
             _join(shaped, shaper.finish())
         if shaper.stopped:  # by a stop sequence, maybe in what the end released
             finish, native = "stop", "stop"
-        self._check(shaper, finish)
         reasoning = "".join(filter(None, (choice.reasoning, shaped.reasoning))) or None
-        return CompletionChoice(
+        result = CompletionChoice(
             text=shaped.text,
             index=index,
             logprobs=shaped.logprobs if self.logprobs is not None else None,
@@ -233,11 +252,17 @@ class Shape:
             native_finish_reason=native,
             reasoning=reasoning,
         )
+        return result, self._to_check(shaper, finish)
 
-    def _check(self, shaper: ChoiceShaper, finish: str) -> None:
+    def _to_check(self, shaper: ChoiceShaper, finish: str) -> str | None:
+        """The text of an ended choice that must satisfy the format, if it must."""
         if self.checker is None or finish != "stop" or shaper.stopped:
-            return  # cut by max_tokens or a stop sequence (or a content filter): as it is
-        problem = self.checker("".join(shaper.content))
+            return None  # cut by max_tokens or a stop sequence (or a content filter): as it is
+        return "".join(shaper.content)
+
+    async def _check(self, text: str) -> None:
+        assert self.checker is not None, "_to_check gives a text only when there is a checker"
+        problem = await self.checker.check(text)
         if problem is not None:
             raise InvalidOutput(f"The answer does not satisfy response_format: {problem}")
 
@@ -265,6 +290,7 @@ class _Streaming:
         self.usages: list[Usage] = []
         self.estimated = False
         self.done = False  # every choice ended by the router's stops: the upstream can be closed
+        self.unchecked: list[str] = []  # the texts of choices that ended, to check before sending
 
     def take(self, j: int, part: StreamPart) -> StreamPart | None:
         """What of part `part` of call `j` goes to the client (None: nothing yet)."""
@@ -294,7 +320,7 @@ class _Streaming:
             shaper = self.shapers.get(index)
             if shaper is None:
                 shaper = self.shapers[index] = shape._shaper(index)
-            out.append(shape._chunk(index, shaper, choice, self.ended))
+            out.append(shape._chunk(index, shaper, choice, self.ended, self.unchecked))
             if shape.plain and shaper.settled and index not in self.ended:
                 self.settled.add(index)
         if len(self.ended) == self.expected and not shape.drain and not self.usages:
@@ -305,6 +331,11 @@ class _Streaming:
         if not out:
             return None
         return StreamPart(out, system_fingerprint=part.system_fingerprint)
+
+    async def check(self) -> None:
+        """Check the choices that `take` saw end (InvalidOutput if one fails)."""
+        while self.unchecked:
+            await self.shape._check(self.unchecked.pop(0))
 
     def end(self) -> StreamPart:
         if len(self.ended) < self.expected:

@@ -11,6 +11,11 @@ It is stricter than llama.cpp where llama.cpp would take a grammar and then neve
 recursion through a rule that matches the empty text only indirectly (llama.cpp looks one rule deep,
 then grows its stacks until the process aborts), and a repetition `{m,n}` with n < m (llama.cpp counts
 n - m rules down from 2**64). It also refuses a NUL character, where C would cut the grammar short.
+
+And it is bounded, where llama.cpp is not: groups nest at most `max_depth` deep (the parser recurses
+once a group, as llama.cpp's does), the repetitions expand to at most `max_rules` rules (`"a"{0,2000}`
+is 2,000 of them in 11 characters), and the text is at most `max_bytes` long. The caller passes the
+limits of `checks:` in the config; the defaults are the most those may be.
 """
 
 from __future__ import annotations
@@ -22,7 +27,12 @@ from typing import Any
 
 from llmrouter.errors import InvalidRequest
 
-__all__ = ["check_grammar", "json_object_grammar", "json_schema_grammar"]
+__all__ = ["MAX_DEPTH", "MAX_RULES", "check_grammar", "json_object_grammar", "json_schema_grammar"]
+
+# The most `checks.grammar_depth` and `checks.grammar_rules` may be (settings.CheckSettings): two
+# frames of recursion a group leave room below Python's limit of 1,000 wherever the check runs.
+MAX_DEPTH = 256
+MAX_RULES = 1_000_000
 
 _GRAMMAR_PARAM = "response_format.grammar"
 _SCHEMA_PARAM = "response_format.json_schema.schema"
@@ -47,9 +57,16 @@ def json_object_grammar() -> str:
     return _JSON_OBJECT
 
 
-def json_schema_grammar(schema: dict[str, Any]) -> str:
+def json_schema_grammar(
+    schema: dict[str, Any],
+    *,
+    max_bytes: int | None = None,
+    max_depth: int = MAX_DEPTH,
+    max_rules: int = MAX_RULES,
+) -> str:
     """GBNF for the JSON that `schema` describes, by llama-cpp-python's converter (which needs the
-    `local` extra). InvalidRequest for a schema it cannot convert, or converts into broken GBNF."""
+    `local` extra). InvalidRequest for a schema it cannot convert, or converts into broken GBNF or
+    into a grammar beyond the limits (as `check_grammar`)."""
     from llama_cpp.llama_grammar import json_schema_to_gbnf
 
     try:
@@ -60,7 +77,7 @@ def json_schema_grammar(schema: dict[str, Any]) -> str:
             f"The JSON schema cannot be turned into a grammar: {reason}", param=_SCHEMA_PARAM
         ) from None
     try:
-        check_grammar(grammar)
+        check_grammar(grammar, max_bytes=max_bytes, max_depth=max_depth, max_rules=max_rules)
     except InvalidRequest as exc:  # e.g. a `pattern` the converter translated into broken GBNF
         raise InvalidRequest(
             f"The JSON schema cannot be turned into a grammar: {exc.message}", param=_SCHEMA_PARAM
@@ -68,19 +85,32 @@ def json_schema_grammar(schema: dict[str, Any]) -> str:
     return grammar
 
 
-def check_grammar(text: str, *, is_token: Callable[[str], bool] | None = None) -> None:
-    """InvalidRequest unless llama.cpp will take `text` as a grammar with a `root` rule; its message
-    says where: line and column (from 1) and character offset (from 0).
+def check_grammar(
+    text: str,
+    *,
+    is_token: Callable[[str], bool] | None = None,
+    max_bytes: int | None = None,
+    max_depth: int = MAX_DEPTH,
+    max_rules: int = MAX_RULES,
+) -> None:
+    """InvalidRequest unless llama.cpp will take `text` as a grammar with a `root` rule, within the
+    limits; its message says where: line and column (from 1) and character offset (from 0).
 
     A `<text>` token names one token of a model's vocabulary; `is_token` says whether it does, and
     without it (no model at hand) any such token is taken.
     """
+    if max_bytes is not None and len(text) > max_bytes // 4 and len(text.encode()) > max_bytes:
+        raise InvalidRequest(
+            f"Invalid grammar: it is {len(text.encode())} bytes; llmrouter takes grammars of at "
+            f"most {max_bytes} bytes (checks.grammar_bytes).",
+            param=_GRAMMAR_PARAM,
+        )
     if unusable := _UNUSABLE.search(text):
         what = "a NUL character" if unusable[0] == "\0" else "a lone surrogate, which is not UTF-8"
         raise InvalidRequest(
             f"Invalid grammar: {what} {_where(text, unusable.start())}", param=_GRAMMAR_PARAM
         )
-    parser = _Parser(text)
+    parser = _Parser(text, max_depth, max_rules)
     try:
         parser.parse()
         if is_token is not None:
@@ -143,8 +173,11 @@ class _Parser:
     """llama_grammar_parser, function for function; `pos` walks `src` as the C pointer walks the
     NUL-terminated string (the text has no NUL of its own), so the port can stay literal."""
 
-    def __init__(self, text: str) -> None:
+    def __init__(self, text: str, max_depth: int = MAX_DEPTH, max_rules: int = MAX_RULES) -> None:
         self.src = text + "\0"
+        self.max_depth = max_depth
+        self.max_rules = max_rules
+        self.depth = 0  # groups open around the parser's position
         self.symbols: dict[str, int] = {}
         self.rules: dict[int, list[_Element]] = {}
         self.defined_at: dict[str, int] = {}
@@ -289,12 +322,14 @@ class _Parser:
                     "exceeds sane defaults, please reduce the number of repetitions or rule complexity",
                     at,
                 )
+            optional = 1 if high is None else high - low
+            if len(self.symbols) + optional > self.max_rules:
+                raise self._too_many_rules(at)
             if low == 0:
                 del rule[last_start:]
             else:
                 rule.extend(item * (low - 1))
             last = 0
-            optional = 1 if high is None else high - low
             for i in range(optional):
                 rec = self._generate(name)
                 tail: list[_Element] = [rec if high is None else last] if i > 0 or high is None else []
@@ -334,10 +369,20 @@ class _Parser:
                 last_start, n_prev = len(rule), 1
                 rule.append(ref)
             elif c == "(":
+                if self.depth == self.max_depth:
+                    raise _Error(
+                        f"groups nested deeper than {self.max_depth} (llmrouter's limit, "
+                        "checks.grammar_depth)",
+                        at,
+                    )
+                if len(self.symbols) >= self.max_rules:
+                    raise self._too_many_rules(at)
                 pos = self._space(pos + 1, newline_ok=True)
                 before = len(self.symbols)
                 group = self._generate(name)
+                self.depth += 1
                 pos = self._alternates(pos, name, group, nested=True)
+                self.depth -= 1
                 n_prev = max(1, len(self.symbols) - before)
                 last_start = len(rule)
                 rule.append(group)
@@ -383,19 +428,16 @@ class _Parser:
                 break
         return pos
 
+    def _too_many_rules(self, at: int) -> _Error:
+        return _Error(
+            f"it expands to more than {self.max_rules} rules (llmrouter's limit, checks.grammar_rules)",
+            at,
+        )
+
     def left_recursive(self) -> str | None:
         """The name of a rule that can reach itself before matching any text, if there is one."""
         alternatives = {sid: _split(rule) for sid, rule in self.rules.items()}
-        nullable: set[int] = set()
-        changed = True
-        while changed:  # a fixed point; newest rules first, as rules mostly refer to newer ones
-            changed = False
-            for sid in sorted(alternatives, reverse=True):
-                if sid not in nullable and any(
-                    all(isinstance(e, int) and e in nullable for e in alt) for alt in alternatives[sid]
-                ):
-                    nullable.add(sid)
-                    changed = True
+        nullable = _nullable(alternatives)
         first: dict[int, list[int]] = {}  # the rules each rule can begin with
         for sid, alts in alternatives.items():
             first[sid] = []
@@ -436,3 +478,38 @@ def _split(rule: list[_Element]) -> list[list[_Element]]:
         else:
             alternatives[-1].append(e)
     return alternatives
+
+
+def _nullable(alternatives: dict[int, list[list[_Element]]]) -> set[int]:
+    """The rules that can match the empty text: a rule is, once every element of one of its
+    alternatives is. Each alternative counts its elements not yet known to be (a terminal never
+    is), and a rule found to be lowers the counts of the alternatives that use it: time in
+    proportion to the grammar, where a fixed point over all rules takes a pass per rule of a chain."""
+    waiting: list[int] = []  # per alternative: its elements not known to match the empty text
+    owner: list[int] = []  # per alternative: its rule
+    used_in: dict[int, list[int]] = {}  # per rule: the alternatives that refer to it, once a use
+    found: list[int] = []
+    for sid, alts in alternatives.items():
+        for alt in alts:
+            k = len(waiting)
+            owner.append(sid)
+            refs = [e for e in alt if isinstance(e, int)]
+            if len(refs) < len(alt):
+                waiting.append(-1)  # a terminal: never empty
+                continue
+            waiting.append(len(refs))
+            for ref in refs:
+                used_in.setdefault(ref, []).append(k)
+            if not refs:
+                found.append(sid)
+    nullable: set[int] = set()
+    while found:
+        sid = found.pop()
+        if sid in nullable:
+            continue
+        nullable.add(sid)
+        for k in used_in.get(sid, ()):
+            waiting[k] -= 1
+            if waiting[k] == 0 and owner[k] not in nullable:
+                found.append(owner[k])
+    return nullable

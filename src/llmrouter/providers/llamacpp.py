@@ -24,6 +24,7 @@ from llmrouter.providers._llama_engine import (
 from llmrouter.providers.base import Call, Capabilities, Completion, StreamPart
 from llmrouter.settings import (
     EMBEDDED_UPSTREAM_MODEL,
+    CheckSettings,
     ConfigError,
     DeploymentSettings,
     LlamaCppProvider,
@@ -83,10 +84,15 @@ def resolve_model_path(deployment: DeploymentSettings) -> Path:
 
 class LlamaCppAdapter:
     def __init__(
-        self, name: str, settings: LlamaCppProvider, deployments: list[DeploymentSettings]
+        self,
+        name: str,
+        settings: LlamaCppProvider,
+        deployments: list[DeploymentSettings],
+        checks: CheckSettings,
     ) -> None:
         self.name = name
         self._settings = settings
+        self._checks = checks  # the limits a grammar made from a schema is held to
         self.timeouts = Timeouts()
         self._engines: dict[str, Engine] = {}
         for deployment in deployments:
@@ -175,7 +181,7 @@ class LlamaCppAdapter:
             raise ServiceUnavailable(f"No local model {call.deployment.model!r} is configured.")
         # Tokenizing, the grammar and the context checks run beside the event loop, before the
         # queue: a request that cannot fit is refused at once, not after waiting its turn.
-        sampling, prompts = await asyncio.to_thread(_prepare, engine, call)
+        sampling, prompts = await asyncio.to_thread(_prepare, engine, call, self._checks)
         events: asyncio.Queue[Event] = asyncio.Queue()
         emit = bind_loop(asyncio.get_running_loop(), events)
         job = Job(prompts, call.params.n or 1, sampling, emit)
@@ -191,12 +197,12 @@ class LlamaCppAdapter:
             job.cancelled.set()
 
 
-def _prepare(engine: Engine, call: Call) -> tuple[Sampling, list[Prepared]]:
-    sampling = _sampling(call)
+def _prepare(engine: Engine, call: Call, checks: CheckSettings) -> tuple[Sampling, list[Prepared]]:
+    sampling = _sampling(call, checks)
     return sampling, engine.prepare(call.prompts, sampling)
 
 
-def _sampling(call: Call) -> Sampling:
+def _sampling(call: Call, checks: CheckSettings) -> Sampling:
     p = call.params
     stop = (p.stop,) if isinstance(p.stop, str) else tuple(p.stop or ())
     max_tokens = _DEFAULT_MAX_TOKENS if p.max_tokens is UNSET else p.max_tokens
@@ -213,7 +219,7 @@ def _sampling(call: Call) -> Sampling:
         seed=p.seed,
         logprobs=p.logprobs,
         echo=bool(p.echo),
-        grammar=gbnf_for(p.response_format) if constrained else None,
+        grammar=gbnf_for(p.response_format, checks) if constrained else None,
         guidance=guidance,
         suffix=p.suffix,
     )

@@ -38,7 +38,13 @@ from llmrouter.providers.base import (
     StreamPart,
     normalise_finish_reason,
 )
-from llmrouter.settings import ConfigError, DeploymentSettings, OpenAIProvider, Timeouts
+from llmrouter.settings import (
+    CheckSettings,
+    ConfigError,
+    DeploymentSettings,
+    OpenAIProvider,
+    Timeouts,
+)
 from llmrouter.structured import format_kind, gbnf_for
 from llmrouter.wire.completions import (
     ChunkChoice,
@@ -91,10 +97,15 @@ _body_decoder = msgspec.json.Decoder(_Body)
 
 class OpenAIAdapter:
     def __init__(
-        self, name: str, settings: OpenAIProvider, deployments: list[DeploymentSettings]
+        self,
+        name: str,
+        settings: OpenAIProvider,
+        deployments: list[DeploymentSettings],
+        checks: CheckSettings,
     ) -> None:
         self.name = name
         self._settings = settings
+        self._checks = checks  # the limits a grammar made from a schema is held to
         self.timeouts = settings.timeouts
         self._url = settings.base_url.rstrip("/") + "/completions"
         self._headers = {"content-type": "application/json", **settings.headers}
@@ -164,7 +175,7 @@ class OpenAIAdapter:
             fields.pop("response_format", None)  # the default: legacy upstreams do not know it
         elif self._settings.structured_output_field == "grammar":
             fields.pop("response_format")
-            fields["grammar"] = gbnf_for(response_format)
+            fields["grammar"] = gbnf_for(response_format, self._checks)
         for name in self._settings.forward:
             value = getattr(call.params, name)
             if value is not UNSET and value is not None:
@@ -176,9 +187,17 @@ class OpenAIAdapter:
                 fields["stream_options"] = {"include_usage": True}
         return encoder.encode(fields)
 
+    async def _encoded(self, call: Call, *, stream: bool) -> bytes:
+        kind = format_kind(call.params.response_format)
+        if kind == "json_schema" and self._settings.structured_output_field == "grammar":
+            # A schema becomes GBNF by llama-cpp-python's converter, and the result is checked:
+            # time that grows with the schema (cached after), so not on the event loop.
+            return await asyncio.to_thread(self._body, call, stream=stream)
+        return self._body(call, stream=stream)
+
     async def complete(self, call: Call) -> Completion:
         assert self._session is not None, "start() opens the session"
-        body = self._body(call, stream=False)
+        body = await self._encoded(call, stream=False)
         resp = await self._post(body, call.timeouts)
         try:
             raw = await resp.read()
@@ -212,7 +231,7 @@ class OpenAIAdapter:
     async def stream(self, call: Call) -> AsyncIterator[StreamPart]:
         assert self._session is not None, "start() opens the session"
         t = call.timeouts
-        body = self._body(call, stream=True)
+        body = await self._encoded(call, stream=True)
         resp = await self._post(body, t)
         try:
             if resp.status != 200:

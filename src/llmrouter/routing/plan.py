@@ -26,7 +26,7 @@ from llmrouter.providers.base import Capabilities, Provider
 from llmrouter.routing.health import HealthBook
 from llmrouter.routing.strategies import order_targets
 from llmrouter.settings import DeploymentSettings, ModelSettings, Pricing, Settings
-from llmrouter.structured import checker_for
+from llmrouter.structured import Checker, Checks
 from llmrouter.wire.completions import CompletionCreateParams, ProviderPreferences
 from llmrouter.wire.validate import Prompts
 
@@ -77,6 +77,7 @@ class Catalog:
         self.providers = providers
         self.health = health
         self._rng = rng or random.Random()  # noqa: S311 - load spreading, not secrets
+        self.checks = Checks(settings.checks)
         self.default_model = settings.default_model or settings.models[0].id
         self.models: dict[str, ModelSettings] = {}
         self.targets: dict[str, tuple[Target, ...]] = {}
@@ -132,10 +133,10 @@ class Catalog:
         model = self.models.get(name)
         return None if model is None else self.context_length(model)
 
-    def plan(self, params: CompletionCreateParams, prompts: Prompts) -> Plan:
+    def plan(self, params: CompletionCreateParams, prompts: Prompts, checker: Checker | None) -> Plan:
+        """`checker` is the check of the request's `response_format` (`self.checks.admit`)."""
         names = self._requested_models(params)
         wanted = requested_parameters(params, prompts)
-        checker = checker_for(params.response_format)
         prefs = params.provider or ProviderPreferences()
         self._check_provider_names(prefs)
         targets: list[Target] = []
