@@ -227,6 +227,7 @@ class ClientTimeouts(Struct, frozen=True, forbid_unknown_fields=True):
     # and between requests (keep-alive)
     headers: PositiveSeconds = 10.0  # from a request's first byte to the end of its headers
     body: PositiveSeconds = 60.0  # from the end of the headers to the end of the body
+    write: PositiveSeconds = 60.0  # a response the client does not read: its socket's buffer full
 
 
 class ServerSettings(Struct, frozen=True, forbid_unknown_fields=True):

@@ -28,7 +28,8 @@ def edge_config(fake: str) -> str:
     return f"""default_model: fake/ok
 server:
   max_header_bytes: 65536
-  client_timeouts: {{idle: {DEADLINE}, headers: {DEADLINE}, body: {DEADLINE}}}
+  max_body_bytes: 1048576
+  client_timeouts: {{idle: {DEADLINE}, headers: {DEADLINE}, body: {DEADLINE}, write: {DEADLINE}}}
 providers:
   fake: {{kind: openai, base_url: {fake}/v1}}
 models:
@@ -36,6 +37,8 @@ models:
     deployments: [{{provider: fake, model: ok}}]
   - id: fake/slow
     deployments: [{{provider: fake, model: slow-ok-3000}}]
+  - id: fake/big
+    deployments: [{{provider: fake, model: big}}]
 """
 
 
@@ -375,7 +378,7 @@ def _post(router: Router, body: dict[str, Any]) -> httpx.Response:
 def test_user_is_at_most_256_characters(router: Router) -> None:
     r = _post(router, {"model": "fake/ok", "prompt": "hi", "max_tokens": 1, "user": "u" * 256})
     assert r.status_code == 200, r.text
-    for user in ("u" * 257, "u" * 3_900_000):
+    for user in ("u" * 257, "u" * 1_000_000):
         r = _post(router, {"model": "fake/ok", "prompt": "hi", "user": user})
         assert r.status_code == 400, r.text[:300]
         assert r.json()["error"]["param"] == "user"
@@ -430,3 +433,139 @@ def test_a_thousand_idle_sockets_do_not_turn_away_a_client_at_a_1024_file_limit(
         finally:
             for sock in idle:
                 sock.close()
+
+
+# -- what a review found: trailers, pipelining, readers that do not read -------------------------
+
+
+def _chunked(router: Router, body: bytes, trailers: bytes) -> bytes:
+    return (
+        b"POST /api/v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Authorization: Bearer " + router.key.encode() + b"\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"%x\r\n" % len(body) + body + b"\r\n0\r\n" + trailers + b"\r\n"
+    )
+
+
+def test_trailers_are_held_to_the_head_bound(router: Router) -> None:
+    """A chunked body's trailers are headers too: the head's bound holds them."""
+    body = json.dumps({"model": "fake/ok", "prompt": "hi", "max_tokens": 1}).encode()
+    before = rss_peak_kib(router.proc.pid)
+    many = b"".join(b"X-T%d: %s\r\n" % (i, b"a" * 1000) for i in range(20_000))  # 20 MB
+    status, _, error = parsed(exchange(router, _chunked(router, body, many)))
+    assert status == 431
+    assert_error_shape(error, "request_header_fields_too_large", "headers")
+    status, _, _ = parsed(
+        exchange(router, _chunked(router, body, b"X-T: " + b"a" * 16_000_000 + b"\r\n"))
+    )
+    assert status == 431
+    assert (rss_peak_kib(router.proc.pid) - before) / 1024 < 16
+    # A few small trailers are fine.
+    status, _, answer = parsed(
+        exchange(
+            router, _chunked(router, body, b"X-Checksum: 1\r\n")[:-2] + b"Connection: close\r\n\r\n"
+        )
+    )
+    assert status == 200, answer
+
+
+def test_thousands_of_pipelined_requests_in_one_read_are_all_answered(router: Router) -> None:
+    raw = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n" * 2999 + (
+        b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    assert len(raw) > 65536  # more than the head bound, in one send
+    got = exchange(router, raw, timeout=30)
+    assert got.count(b"HTTP/1.1 200 ") == 3000
+    assert b"HTTP/1.1 4" not in got
+    assert b"Traceback" not in router.log.read_bytes()
+
+
+def test_a_head_waiting_behind_pipelined_requests_does_not_cut_their_answers(router: Router) -> None:
+    """The next head's time starts when every response before it is sent, not at the first."""
+
+    def request(stream: bool) -> bytes:
+        body = json.dumps({"model": "fake/slow", "prompt": "hi", "max_tokens": 3, "stream": stream})
+        return (
+            b"POST /api/v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Authorization: Bearer " + router.key.encode() + b"\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body) + body.encode()
+        )
+
+    port = int(router.base.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+        sock.sendall(request(False) + request(True))
+        time.sleep(0.5)
+        sock.sendall(b"GET /health HTTP/1.1\r\n")  # and no more of it
+        got = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := sock.recv(65536):
+                got += chunk
+    assert got.count(b"HTTP/1.1 200 ") == 2, got[-300:]
+    assert b"data: [DONE]" in got  # the stream was not cut
+    assert got.count(b"HTTP/1.1 408 ") == 1  # the dribbled head, once the answers were sent
+
+
+def test_a_refused_pipelined_head_never_lands_inside_another_response(router: Router) -> None:
+    body = json.dumps({"model": "fake/slow", "prompt": "hi", "max_tokens": 3, "stream": True})
+    first = (
+        b"POST /api/v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Authorization: Bearer " + router.key.encode() + b"\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(body) + body.encode()
+    )
+    garbage = b"GET /health HTTP/1.1\r\nHost: x\x00y\r\n\r\n"
+    got = exchange(router, first + garbage, timeout=20)
+    # The first is answered whole, then the bad one is refused.
+    first_answer, _, refusal = got.partition(b"data: [DONE]\n\n\r\n0\r\n\r\n")
+    assert first_answer.startswith(b"HTTP/1.1 200 "), got[:300]
+    assert refusal.startswith(b"HTTP/1.1 400 "), refusal[:300]
+    assert_error_shape(parsed(refusal)[2], "invalid_http")
+    assert b"Traceback" not in router.log.read_bytes()
+
+
+def test_a_client_that_does_not_read_its_answer_is_dropped(router: Router) -> None:
+    """5 MB asked for and never read: the connection goes after the write deadline."""
+    port = int(router.base.rsplit(":", 1)[1])
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    sock.settimeout(10)
+    body = json.dumps({"model": "fake/big", "prompt": "hi"}).encode()
+    sock.sendall(
+        b"POST /api/v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Authorization: Bearer " + router.key.encode() + b"\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(body) + body
+    )
+    time.sleep(DEADLINE + 2.5)
+    got = 0
+    with contextlib.suppress(ConnectionResetError):
+        while chunk := sock.recv(65536):
+            got += len(chunk)
+    sock.close()
+    assert got < 5_000_000, got
+
+
+def test_a_body_refused_early_ends_the_connection_soon(router: Router) -> None:
+    """A 413 (or a 401) sent before the body has come whole: the rest is not read for long."""
+    port = int(router.base.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(
+            b"POST /api/v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Authorization: Bearer " + router.key.encode() + b"\r\nContent-Length: 100000000\r\n\r\n"
+        )
+        answered = None
+        piece = b"x" * 100_000
+        started = time.monotonic()
+        try:
+            while time.monotonic() - started < 10:
+                sock.sendall(piece)
+                if answered is None:
+                    sock.setblocking(False)
+                    with contextlib.suppress(BlockingIOError):
+                        if sock.recv(65536).startswith(b"HTTP/1.1 413 "):
+                            answered = time.monotonic()
+                    sock.setblocking(True)
+                time.sleep(0.05)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        ended = time.monotonic()
+    assert answered is not None
+    assert ended - answered < 1.8, ended - answered  # a second's linger, not the body's 2 s

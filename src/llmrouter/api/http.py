@@ -9,16 +9,17 @@ import asyncio
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import TYPE_CHECKING, Any
 
-from llmrouter.errors import InvalidRequest, PayloadTooLarge, RequestTimeout, UnsupportedMediaType
+from llmrouter.errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
 
 if TYPE_CHECKING:
     from llmrouter.api.completions import Accounting
 
-__all__ = ["BODY_TIMED_OUT", "Receive", "Request", "Scope", "Send", "send_bytes"]
+__all__ = ["REFUSED_BY_EDGE", "Receive", "Request", "Scope", "Send", "send_bytes"]
 
-# Set in a request's scope by the connection (api/protocol.py) when it ended the request for a body
-# that did not arrive in time: the request then ends as a 408, not as a client that left.
-BODY_TIMED_OUT = "llmrouter.body_timed_out"
+# Set in a request's scope by the connection (api/protocol.py) when it refused the request while
+# the app was handling it (its body too slow, or its chunked framing too large), to the error it
+# answered: the request then ends as that error, not as a client that left.
+REFUSED_BY_EDGE = "llmrouter.refused_by_edge"
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -90,8 +91,9 @@ class Request:
         while True:
             message = await self.receive()
             if message["type"] == "http.disconnect":
-                if self.scope.get(BODY_TIMED_OUT):  # the connection's deadline passed (and said so)
-                    raise RequestTimeout("The request's body did not arrive in time.", param="body")
+                refusal = self.scope.get(REFUSED_BY_EDGE)
+                if refusal is not None:  # the connection refused it (and said so to the client)
+                    raise refusal
                 raise ConnectionAbortedError("client disconnected while sending the body")
             chunk = message.get("body", b"")
             size += len(chunk)

@@ -6,17 +6,25 @@ one byte a second or nothing at all, and answers a malformed request in plain te
 keeps uvicorn's request cycle and adds, per connection:
 
 - a size bound on the request line and headers together (`server.max_header_bytes`): past it,
-  414 if the request line is not over yet, else 431, and the connection is closed;
-- three deadlines (`server.client_timeouts`): `idle` for a connection with no request under way
+  414 if the request line is not over yet, else 431, and the connection is closed; the same bound
+  holds a chunked body's framing and trailers (which httptools parses as headers);
+- four deadlines (`server.client_timeouts`): `idle` for a connection with no request under way
   (before its first byte, and between requests), `headers` from a request's first byte to the end
-  of its headers, `body` from there to the end of its body. Past one, the connection is closed,
-  after a 408 when nothing of a response has been sent;
+  of its headers, `body` from there to the end of its body, `write` for a response the client
+  does not read (the socket's buffer full). Past one, the connection is closed, after a 408 when
+  nothing of a response has been sent;
 - errors in the spec's shape, for what the parser refuses too.
 
-The bytes of a request's head are counted as they arrive, before httptools sees them, so no more
-than the bound (plus what one read brings after a pipelined request) is ever parsed. A deadline is
-one timer handle per connection, re-armed as the request moves from head to body; the common path
-pays a length check and two timer calls per request.
+The bytes of a request's head are counted as they arrive, before httptools sees them, and fed to
+it at most up to the bound: no more than the bound is ever parsed for one head, give or take one
+read when requests are pipelined (the bytes of a read in which one request ends and the next
+begins are not counted, since where the next begins is not known). A deadline is one timer handle
+per connection, re-armed as the request moves from head to body; the common path pays a length
+check and two timer calls per request.
+
+With pipelined requests, uvicorn answers them in order while it has parsed ahead: `self.cycle` is
+the last one parsed, `self.running` the one being answered. A refusal that is not the running
+request's own (a later request's bad head, say) cannot be answered in order, so it only closes.
 """
 
 from __future__ import annotations
@@ -25,9 +33,9 @@ import asyncio
 from typing import Any
 
 import httptools
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
 
-from llmrouter.api.http import BODY_TIMED_OUT
+from llmrouter.api.http import REFUSED_BY_EDGE
 from llmrouter.errors import (
     HeadersTooLarge,
     InvalidRequest,
@@ -42,6 +50,9 @@ from llmrouter.wire.completions import encoder
 __all__ = ["EdgeProtocol"]
 
 _LINGER_SECONDS = 1.0
+# What a chunk's own line and CRLF may take before the rest counts as framing to bound (a chunk
+# size in hex, its CRLFs, a short extension).
+_CHUNK_FRAMING = 64
 
 
 class EdgeProtocol(HttpToolsProtocol):
@@ -53,13 +64,22 @@ class EdgeProtocol(HttpToolsProtocol):
         self.timeout_keep_alive = timeouts.idle  # type: ignore[assignment]
         self.head_seconds = timeouts.headers
         self.body_seconds = timeouts.body
+        self.write_seconds = timeouts.write
         self.log_refusals = server.access_log
+        self.url = b""
         self.head_bytes = 0  # of the request whose head is being read
         self.in_head = True  # waiting for, or reading, a request line and headers
         self.in_body = False  # the headers are in, the body is not
-        self.line_done = False  # the request line has ended (the head is in its headers)
+        self.chunked = False  # that body comes in chunks
+        self.body_fed = self.body_got = self.chunks = 0  # its bytes, its content, its chunks
+        # Heads and requests ended: a count, to tell a piece of a read in which the head or the body
+        # ended (and the next part began, where is not known) from one wholly of one part.
+        self.boundaries = 0
+        self.running: RequestResponseCycle | None = None  # the request being answered
         self.refused = False  # answered with an error: what else comes is read and dropped
+        self.held: LlmrouterError | None = None  # a refusal waiting for the answers before it
         self.deadline: asyncio.TimerHandle | None = None
+        self.write_deadline: asyncio.TimerHandle | None = None
 
     # -- the connection --------------------------------------------------------------------------
 
@@ -73,34 +93,47 @@ class EdgeProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        if self.write_deadline is not None:
+            self.write_deadline.cancel()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
         if self.refused:
             return
         self._unset_keepalive_if_required()
-        if not self.in_head:
-            self._feed(data)
-            return
-        if self.deadline is None and self._idle_cycle():
+        if self.in_head and self.deadline is None and self._idle_cycle():
             self.deadline = self.loop.call_later(self.head_seconds, self._head_timed_out)
-        if not self.line_done:
-            self.line_done = b"\n" in data
-        room = self.max_head - self.head_bytes
-        if len(data) <= room:
-            self.head_bytes += len(data)
-            self._feed(data)
-            return
-        # More than the head may hold: parse only what it may, and refuse if the head is not over.
-        self.head_bytes = self.max_head
         view = memoryview(data)
-        self._feed(view[:room])
-        if self.transport.is_closing():
-            return
-        if self.in_head:
-            self._refuse_head()
-        else:
-            self._feed(view[room:])
+        while view:
+            if self.in_head:
+                step = self.max_head - self.head_bytes
+            elif self.chunked:
+                step = self.max_head
+            else:  # a body of a known length: the parser takes no more than it
+                self._feed(view)
+                return
+            piece, view = view[:step], view[step:]
+            boundaries = self.boundaries
+            self._feed(piece)
+            if self.refused or self.transport.is_closing():
+                return
+            if self.boundaries != boundaries:
+                continue  # where in the piece the next part began is not known: not counted
+            if self.in_head:
+                self.head_bytes += len(piece)
+                if self.head_bytes >= self.max_head:
+                    self._refuse_head()
+                    return
+            elif self.chunked:
+                self.body_fed += len(piece)
+                framing = self.body_fed - self.body_got - _CHUNK_FRAMING * self.chunks
+                if framing > self.max_head:
+                    message = (
+                        "The chunked body's framing and trailers are larger than the limit of "
+                        f"{self.max_head} bytes."
+                    )
+                    self._refuse(HeadersTooLarge(message, param="headers"))
+                    return
 
     def _feed(self, data: bytes | memoryview) -> None:
         try:
@@ -115,11 +148,29 @@ class EdgeProtocol(HttpToolsProtocol):
         """What uvicorn sends for a request it cannot parse, in the spec's shape."""
         self._refuse(InvalidRequest(msg, code="invalid_http"))
 
+    def pause_writing(self) -> None:
+        """The client is not reading the response as fast as it is written: it has `write`
+        seconds to take some of it before the connection is dropped."""
+        super().pause_writing()
+        if self.write_deadline is None:
+            self.write_deadline = self.loop.call_later(self.write_seconds, self._write_timed_out)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self.write_deadline is not None:
+            self.write_deadline.cancel()
+            self.write_deadline = None
+
     # -- a request's progress ---------------------------------------------------------------------
 
     def on_headers_complete(self) -> None:
+        self.boundaries += 1
         self.in_head = False
         self.in_body = True
+        self.chunked = any(
+            name == b"transfer-encoding" and b"chunked" in value.lower() for name, value in self.headers
+        )
+        self.body_fed = self.body_got = self.chunks = 0
         self._disarm()
         super().on_headers_complete()
         # A pipelined request waits, its body unread, until the response before it is sent: its
@@ -127,21 +178,45 @@ class EdgeProtocol(HttpToolsProtocol):
         if not self.pipeline:
             self.deadline = self.loop.call_later(self.body_seconds, self._body_timed_out)
 
+    def on_body(self, body: bytes) -> None:
+        self.body_got += len(body)
+        super().on_body(body)
+
+    def on_chunk_header(self) -> None:
+        self.chunks += 1
+
     def on_message_complete(self) -> None:
+        self.boundaries += 1
         self._disarm()
         self.in_body = False
         self.in_head = True
         self.head_bytes = 0
-        self.line_done = False
         super().on_message_complete()
 
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
+        self.running = cycle
+        super()._start_asgi_task(cycle, app)
+
     def on_response_complete(self) -> None:
-        super().on_response_complete()
-        if self.deadline is not None or self.transport.is_closing():
+        super().on_response_complete()  # starts the next pipelined request, if one is waiting
+        if self.transport.is_closing():
             return
-        if self.in_body:  # a pipelined request, started now, whose body is still to come
-            self.deadline = self.loop.call_later(self.body_seconds, self._body_timed_out)
-        elif self.in_head and self.head_bytes:  # the next head began while this response was sent
+        if self.held is not None:
+            if self._idle_cycle():  # every request before the refused one is answered
+                self._answer(self.held)
+            return
+        if self.refused:
+            return
+        if self.in_body and not self.pipeline and self.running is self.cycle:
+            if self.cycle.response_complete:
+                # Answered before its body came whole (a 401, a 413): the rest is not wanted.
+                self._end_quietly()
+            elif self.deadline is None:  # a pipelined request, started now, its body to come
+                self.deadline = self.loop.call_later(self.body_seconds, self._body_timed_out)
+        elif self.in_head and self.head_bytes and self.deadline is None and self._idle_cycle():
+            # The next head began while this response was being sent: its time starts now, and
+            # its deadline, not the idle one, governs the connection.
+            self._unset_keepalive_if_required()
             self.deadline = self.loop.call_later(self.head_seconds, self._head_timed_out)
 
     def _idle_cycle(self) -> bool:
@@ -163,6 +238,11 @@ class EdgeProtocol(HttpToolsProtocol):
         else:
             self.transport.close()
 
+    def _end_quietly(self) -> None:
+        self.refused = True
+        self._disarm()
+        self._linger()
+
     # -- refusals -------------------------------------------------------------------------------
 
     def _head_timed_out(self) -> None:
@@ -178,39 +258,70 @@ class EdgeProtocol(HttpToolsProtocol):
         if self.cycle.response_started:  # answered without reading the whole body: nothing to say
             self.transport.close()
             return
-        # The app is waiting for the body: tell it why the body ends (it logs the request).
-        self.scope[BODY_TIMED_OUT] = True  # type: ignore[literal-required]
         message = f"The request's body did not arrive within {self.body_seconds:g} s."
-        self._refuse(RequestTimeout(message, param="body"), logged_by_app=True)
+        self._refuse(RequestTimeout(message, param="body"))
+
+    def _write_timed_out(self) -> None:
+        self.write_deadline = None
+        if not self.transport.is_closing():
+            self._end_cycles()
+            self.transport.abort()  # close() would wait for the client to read what is buffered
 
     def _refuse_head(self) -> None:
         limit = f"the limit of {self.max_head} bytes"
-        if not self.line_done:
+        # Still in the request line when nearly all of the head is its URL.
+        if len(self.url) + 32 >= self.head_bytes:
             self._refuse(UriTooLong(f"The request line is longer than {limit}.", param="url"))
         else:
             message = f"The request line and headers are larger than {limit}."
             self._refuse(HeadersTooLarge(message, param="headers"))
 
-    def _refuse(self, error: LlmrouterError, *, logged_by_app: bool = False) -> None:
-        """Answer `error` in the spec's shape and close, unless a response has begun (then only
-        close). A request the app is handling is ended for it: its receive says the client left,
-        its sends fall silent. The access log has a line for the refusal, unless the app, handling
-        the request, writes its own."""
+    def _refuse(self, error: LlmrouterError) -> None:
+        """Answer `error` in the spec's shape and close. A request the app is handling is ended
+        for it: its receive says the connection refused it (`REFUSED_BY_EDGE`), its sends fall
+        silent, and it writes the request's log line. A later request's refusal waits for the
+        answers before it; one that cannot be answered in order (the running request's response
+        is under way) only closes."""
         if self.transport.is_closing() or self.refused:
             return
         self.refused = True
         self._disarm()
-        cycle = None if self._idle_cycle() else self.cycle
-        if cycle is not None and cycle.response_started:
+        running = self.running
+        if running is not None and running.response_complete:
+            running = None
+        if running is not None and self.in_head:
+            # A later request's head, pipelined: the requests before it are answered first, then
+            # the refusal. Nothing more is read meanwhile.
+            self.held = error
+            self.flow.pause_reading()
+            return
+        own = running is not None and running is self.cycle
+        if own:
+            self.scope[REFUSED_BY_EDGE] = error  # type: ignore[literal-required]
+        self._end_cycles()
+        if running is not None and (running.response_started or not own):
             self.transport.close()
         else:
-            if cycle is not None:
+            self._answer(error, logged=own)
+
+    def _answer(self, error: LlmrouterError, *, logged: bool = False) -> None:
+        """Write a refusal and close; the access log has a line for it, unless the app, whose
+        request it ended, writes its own."""
+        self.held = None
+        self.transport.write(_response(error, self.server_state.default_headers))
+        self._linger()
+        if self.log_refusals and not logged:
+            access_log({"status": error.status, "error": error.code, "message": error.message})
+
+    def _end_cycles(self) -> None:
+        """Every request on this connection not yet answered ends: the app's receive says the
+        client left, its sends fall silent, and none waiting behind starts."""
+        waiting = [cycle for cycle, _ in self.pipeline]
+        self.pipeline.clear()
+        for cycle in (self.running, self.cycle, *waiting):
+            if cycle is not None and not cycle.response_complete:
                 cycle.disconnected = True
                 cycle.message_event.set()
-            self.transport.write(_response(error, self.server_state.default_headers))
-            self._linger()
-        if self.log_refusals and not logged_by_app:
-            access_log({"status": error.status, "error": error.code, "message": error.message})
 
 
 def _response(error: LlmrouterError, default_headers: list[tuple[bytes, bytes]]) -> bytes:
