@@ -39,6 +39,7 @@ from typing import Any, ClassVar
 import msgspec
 
 __all__ = [
+    "QUOTED_CHARS",
     "AuthenticationFailed",
     "ContextLengthExceeded",
     "CreditExhausted",

@@ -395,6 +395,17 @@ def test_user_is_at_most_256_characters(router: Router) -> None:
         ({"model": "fake/ok", "prompt": "hi", "k" * 100_000: 1}, 400, None),
         ({"model": "fake/ok", "prompt": "hi", "logit_bias": {"x" * 100_000: 1}}, 400, None),
         ({"model": "fake/ok", "prompt": "hi", "metadata": {"k" * 100_000: 1}}, 400, None),
+        ({"model": "fake/ok", "prompt": "hi", "response_format": {"type": "Z" * 1500}}, 400, None),
+        ({"model": "fake/ok", "prompt": "hi", "provider": {"sort": "Z" * 1500}}, 400, None),
+        (
+            {
+                "model": "fake/ok",
+                "prompt": "hi",
+                "response_format": {"type": "grammar", "grammar": "root ::= " + "z" * 1500},
+            },
+            400,
+            "response_format.grammar",
+        ),
     ],
 )
 def test_an_error_quotes_little_of_what_it_refuses(
@@ -407,6 +418,17 @@ def test_an_error_quotes_little_of_what_it_refuses(
         assert error["param"] == param
     assert len(error["message"]) < 250, error["message"][:400]
     assert len(error["param"]) < 100
+
+
+def test_a_long_content_type_is_quoted_short(router: Router) -> None:
+    r = httpx.post(
+        f"{router.api}/completions",
+        headers={"Authorization": f"Bearer {router.key}", "Content-Type": "t/" + "x" * 3000},
+        content=b"{}",
+        timeout=10,
+    )
+    assert r.status_code == 415
+    assert len(r.json()["error"]["message"]) < 250
 
 
 def test_an_unknown_long_path_is_quoted_short(router: Router) -> None:

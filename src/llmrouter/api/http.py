@@ -9,7 +9,7 @@ import asyncio
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import TYPE_CHECKING, Any
 
-from llmrouter.errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
+from llmrouter.errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType, quoted
 
 if TYPE_CHECKING:
     from llmrouter.api.completions import Accounting
@@ -78,7 +78,7 @@ class Request:
         content_type = (self.header(b"content-type") or "").encode("latin-1")
         media = content_type.split(b";", 1)[0].strip().lower()
         if media != b"application/json":
-            shown = media.decode("latin-1") or "none"
+            shown = quoted(media.decode("latin-1")) if media else "none"
             raise UnsupportedMediaType(
                 f"The body must be JSON sent as 'Content-Type: application/json' (got {shown}).",
                 param="content-type",

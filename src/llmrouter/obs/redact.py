@@ -5,6 +5,10 @@ upstream may quote the request it received, `Authorization` included. Each adapt
 upstream says through its `Redactor` before the text goes anywhere (an error's message, which is
 relayed, logged or stored), so the secrets it sends (its key, its configured header values) never
 come back out.
+
+What counts as a secret's appearance: the value itself in any letter case; the credential of a
+value written `Scheme credential` (`Bearer sk-...`, `Basic dXNl...`) on its own; and any word that
+begins with a secret's first 12 characters, since a quote may be cut short.
 """
 
 from __future__ import annotations
@@ -18,16 +22,31 @@ REDACTED = "[redacted]"
 # A configured value shorter than this is not treated as a secret: redacting "1" or "json" would
 # garble every message, and nothing that short is a credential.
 SHORTEST_SECRET = 8
+# A word that begins with this much of a secret is taken for a quote of it cut short.
+PREFIX = 12
 
 
 class Redactor:
-    """Replaces every occurrence of each secret with `[redacted]`."""
+    """Replaces every appearance of each secret with `[redacted]`."""
 
     __slots__ = ("_pattern",)
 
     def __init__(self, secrets: Iterable[str | None]) -> None:
-        kept = sorted({s for s in secrets if s and len(s) >= SHORTEST_SECRET}, key=len, reverse=True)
-        self._pattern = re.compile("|".join(map(re.escape, kept))) if kept else None
+        values: set[str] = set()
+        for secret in secrets:
+            if not secret:
+                continue
+            values.add(secret)
+            scheme, _, credential = secret.strip().partition(" ")
+            if credential and scheme.isalpha():
+                values.add(credential.strip())
+        alternatives = []
+        for value in sorted((v for v in values if len(v) >= SHORTEST_SECRET), key=len, reverse=True):
+            if len(value) > PREFIX:  # the value, or a word beginning with its first characters
+                alternatives.append(re.escape(value[:PREFIX]) + r"\S*")
+            else:
+                alternatives.append(re.escape(value))
+        self._pattern = re.compile("|".join(alternatives), re.IGNORECASE) if alternatives else None
 
     def __call__(self, text: str) -> str:
         return text if self._pattern is None else self._pattern.sub(REDACTED, text)

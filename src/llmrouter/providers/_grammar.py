@@ -25,7 +25,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from llmrouter.errors import InvalidRequest
+from llmrouter.errors import InvalidRequest, quoted
 
 __all__ = ["MAX_DEPTH", "MAX_RULES", "check_grammar", "json_object_grammar", "json_schema_grammar"]
 
@@ -192,7 +192,7 @@ class _Parser:
         if undefined:
             at, sid = min(undefined)
             name = next(n for n, i in self.symbols.items() if i == sid)
-            raise _Error(f"Undefined rule identifier '{name}'", at)
+            raise _Error(f"Undefined rule identifier {quoted(name)}", at)
 
     def _symbol(self, name: str) -> int:
         return self.symbols.setdefault(name, len(self.symbols))

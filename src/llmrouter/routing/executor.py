@@ -32,7 +32,7 @@ import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
-from typing import Generic, TypeVar
+from typing import Any, Generic, NoReturn, TypeVar
 
 import msgspec
 
@@ -308,8 +308,7 @@ class Executor:
         finally:
             await run.cancel_running()
         assert run.last_error is not None
-        run.last_error.attempts = run.attempts
-        raise run.last_error
+        _raise_last(run)
 
     async def _attempt(self, run: _Run[T], target: Target) -> None:
         """One attempt, awaited in place."""
@@ -446,9 +445,9 @@ class Executor:
             run.over(target)
             health.finished(failed.label)
             return target, parts
-        last = run.last_error or exc
-        last.attempts = run.attempts
-        raise last
+        if run.last_error is None:
+            run.last_error = exc.with_traceback(None)
+        _raise_last(run)
 
     def _broke_off(self, run: _Run[Opened], failed: Target, exc: LlmrouterError, began: float) -> None:
         """The committed attempt at `failed` ended in `exc`: its entry in the attempts says so,
@@ -485,7 +484,9 @@ class Executor:
                 self._health.record(target.label, False)
         else:  # about the request, not the deployment
             run.release(target)
-        run.last_error = exc
+        # Without its traceback: that holds the attempt's frame, which holds `run`, which would
+        # hold the error, in a cycle only the cyclic collector frees (with the request's prompt).
+        run.last_error = exc.with_traceback(None)
         if isinstance(exc, ContextLengthExceeded):
             run.too_small.add(target.model.id)  # the request's other models may fit it
         elif isinstance(exc, UpstreamRefused):
@@ -577,6 +578,18 @@ def _context_rank(target: Target, run: _Run[T]) -> int:
     if size is None:
         return 1
     return 0 if not failed or size > max(failed) else 2
+
+
+def _raise_last(run: _Run[Any]) -> NoReturn:
+    """Raise the run's last error with its attempts, leaving no reference to it behind in the run
+    or this frame (the traceback it is raised with holds the frame)."""
+    error, run.last_error = run.last_error, None
+    assert error is not None
+    error.attempts = run.attempts
+    try:
+        raise error
+    finally:
+        del error
 
 
 def _ms(started: float) -> float:

@@ -11,7 +11,7 @@ from typing import cast
 
 import msgspec
 
-from llmrouter.errors import InvalidRequest, clipped, quoted
+from llmrouter.errors import QUOTED_CHARS, InvalidRequest, clipped, quoted
 from llmrouter.wire.completions import CompletionCreateParams, request_decoder
 
 __all__ = ["Prompts", "decode_completion_request"]
@@ -21,6 +21,8 @@ Prompts = tuple[str, ...] | tuple[tuple[int, ...], ...]
 
 _PATH = re.compile(r" - at `\$(?P<path>[^`]*)`$")
 _UNKNOWN = re.compile(r"^Object contains unknown field `(?P<field>[^`]*)`")
+# A value msgspec quotes back ("Invalid enum value 'ZZZ...'"), long enough to need cutting.
+_QUOTE_IN_MESSAGE = re.compile(rf"'([^']{{{QUOTED_CHARS + 1},}})'")
 _TOKEN_ID = re.compile(r"[0-9]{1,10}")  # ASCII digits only: str.isdigit() accepts "²" and "١"
 _METADATA_PAIRS = 16
 _METADATA_KEY_CHARS = 64
@@ -49,6 +51,7 @@ def decode_completion_request(body: bytes) -> tuple[CompletionCreateParams, Prom
 
 
 def _translate(message: str) -> InvalidRequest:
+    message = _QUOTE_IN_MESSAGE.sub(lambda m: quoted(m.group(1)), message)
     match = _PATH.search(message)
     path = _param_of(match.group("path")) if match else ""
     text = message[: match.start()] if match else message

@@ -1,0 +1,36 @@
+"""What an upstream says comes back without the secrets llmrouter sent it."""
+
+from __future__ import annotations
+
+import pytest
+
+from llmrouter.obs.redact import Redactor
+
+KEY = "sk-SECRETKEY-abcdef123456"
+BASIC = "Basic dXNlcjpwYXNzd29yZDEyMw=="
+
+
+@pytest.mark.parametrize(
+    "said",
+    [
+        f"proxy saw: authorization: Bearer {KEY}",  # verbatim
+        f"bad key {KEY.lower()}",  # in another case
+        f"bad key {KEY.upper()}!",
+        f"authorization: Bearer {KEY[:15]}...",  # cut short
+        f"authorization: {BASIC}",  # a configured header value, whole
+        "credentials dXNlcjpwYXNzd29yZDEyMw== are not valid",  # its credential alone
+        f'{{"message": "key={KEY}"}}',  # inside JSON
+    ],
+)
+def test_every_appearance_of_a_secret_is_redacted(said: str) -> None:
+    redact = Redactor([KEY, BASIC, "application/json"])
+    out = redact(said)
+    assert "[redacted]" in out
+    for secret in (KEY, "dXNlcjpwYXNzd29yZDEyMw=="):
+        assert secret[:12].lower() not in out.lower(), out
+
+
+def test_what_is_not_a_secret_is_left_alone() -> None:
+    redact = Redactor([KEY, "1", "json", None, ""])  # values under 8 characters are not secrets
+    assert redact("model gpt-1 answered 1 json error") == "model gpt-1 answered 1 json error"
+    assert Redactor([])("anything") == "anything"
