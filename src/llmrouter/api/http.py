@@ -85,7 +85,13 @@ class Request:
             )
 
     async def body(self, limit: int) -> bytes:
-        """The whole body, refusing (413) as soon as more than `limit` bytes have arrived."""
+        """The whole body, refusing (413) as soon as more than `limit` bytes have arrived, or at
+        once when its Content-Length says it will be larger."""
+        declared = self.headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise PayloadTooLarge(
+                f"The request body is larger than the limit of {limit} bytes.", param="body"
+            )
         chunks: list[bytes] = []
         size = 0
         while True:
