@@ -591,3 +591,102 @@ def test_a_body_refused_early_ends_the_connection_soon(router: Router) -> None:
         ended = time.monotonic()
     assert answered is not None
     assert ended - answered < 1.8, ended - answered  # a second's linger, not the body's 2 s
+
+
+# -- what a second review found ------------------------------------------------------------------
+
+
+def test_small_chunks_bank_no_allowance_for_trailers(router: Router) -> None:
+    body = json.dumps({"model": "fake/ok", "prompt": "hi", "max_tokens": 1}).encode()
+    chunks = b"".join(b"1\r\n%c\r\n" % byte for byte in body) * 1  # one byte a chunk
+    padding = b"1\r\n \r\n" * 20_000  # whitespace after the JSON: 20,000 more chunks
+    trailers = b"X-T: " + b"a" * 1000 + b"\r\n"
+    raw = (
+        b"POST /api/v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Authorization: Bearer "
+        + router.key.encode()
+        + b"\r\nTransfer-Encoding: chunked\r\n\r\n"
+        + chunks
+        + padding
+        + b"0\r\n"
+        + trailers * 300
+        + b"\r\n"
+    )
+    status, _, error = parsed(exchange(router, raw))
+    assert status == 431, error
+    assert_error_shape(error, "request_header_fields_too_large", "headers")
+
+
+def test_a_client_asking_to_close_that_does_not_read_is_dropped_too(router: Router) -> None:
+    port = int(router.base.rsplit(":", 1)[1])
+    body = json.dumps({"model": "fake/big", "prompt": "hi"}).encode()
+    for close in (b"Connection: close\r\n", b""):
+        version = b"1.1" if close else b"1.0"
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", port))
+        sock.settimeout(10)
+        sock.sendall(
+            b"POST /api/v1/completions HTTP/" + version + b"\r\nHost: x\r\n"
+            b"Content-Type: application/json\r\nAuthorization: Bearer "
+            + router.key.encode()
+            + b"\r\n"
+            + close
+            + b"Content-Length: %d\r\n\r\n" % len(body)
+            + body
+        )
+        time.sleep(DEADLINE + 2.5)
+        got = 0
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := sock.recv(65536):
+                got += len(chunk)
+        sock.close()
+        assert got < 5_000_000, (version, got)
+
+
+def test_a_bad_body_with_expect_100_continue_is_a_clean_400(router: Router) -> None:
+    raw = (
+        b"POST /api/v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Authorization: Bearer " + router.key.encode() + b"\r\nExpect: 100-continue\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\nzz\r\n"
+    )
+    before = router.log.read_bytes()
+    got = exchange(router, raw)
+    assert b"HTTP/1.1 400 " in got
+    assert b"100 Continue" not in got
+    time.sleep(0.3)
+    new = router.log.read_bytes()[len(before) :]
+    assert b"Traceback" not in new and b"internal_error" not in new, new[-2000:]
+    assert b'"status":400' in new
+
+
+def test_a_bad_body_of_a_later_pipelined_request_waits_for_the_answer_before_it(
+    router: Router,
+) -> None:
+    body = json.dumps({"model": "fake/slow", "prompt": "hi", "max_tokens": 3, "stream": True})
+    first = (
+        b"POST /api/v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Authorization: Bearer " + router.key.encode() + b"\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(body) + body.encode()
+    )
+    bad = (
+        b"POST /api/v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\nzz\r\n"
+    )
+    got = exchange(router, first + bad, timeout=20)
+    first_answer, _, refusal = got.partition(b"data: [DONE]\n\n\r\n0\r\n\r\n")
+    assert first_answer.startswith(b"HTTP/1.1 200 "), got[:300]
+    assert refusal.startswith(b"HTTP/1.1 400 "), refusal[:300]
+
+
+def test_a_huge_head_right_behind_a_body_is_still_bounded(router: Router) -> None:
+    body = json.dumps({"model": "fake/ok", "prompt": "x" * 2000, "max_tokens": 1}).encode()
+    first = (
+        b"POST /api/v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Authorization: Bearer " + router.key.encode() + b"\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(body) + body
+    )
+    huge = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 150_000 + b"\r\n\r\n"
+    got = exchange(router, first + huge, timeout=20)
+    assert got.startswith(b"HTTP/1.1 200 "), got[:300]
+    assert b"HTTP/1.1 431 " in got, got[-500:]

@@ -16,9 +16,10 @@ keeps uvicorn's request cycle and adds, per connection:
 - errors in the spec's shape, for what the parser refuses too.
 
 The bytes of a request's head are counted as they arrive, before httptools sees them, and fed to
-it at most up to the bound: no more than the bound is ever parsed for one head, give or take one
-read when requests are pipelined (the bytes of a read in which one request ends and the next
-begins are not counted, since where the next begins is not known). A deadline is one timer handle
+it at most up to the bound, and a body of known length is fed exactly: no more than the bound is
+ever parsed for one head, and at most twice it for a head pipelined right behind another request
+(the bytes of a piece in which one head or body ends and the next part begins are not counted,
+since where the next begins is not known). A deadline is one timer handle
 per connection, re-armed as the request moves from head to body; the common path pays a length
 check and two timer calls per request.
 
@@ -71,7 +72,10 @@ class EdgeProtocol(HttpToolsProtocol):
         self.in_head = True  # waiting for, or reading, a request line and headers
         self.in_body = False  # the headers are in, the body is not
         self.chunked = False  # that body comes in chunks
-        self.body_fed = self.body_got = self.chunks = 0  # its bytes, its content, its chunks
+        self.length: int | None = 0  # or is this long
+        self.body_got = self.chunks = 0  # its content so far, its chunks so far
+        self.framing = 0  # bytes of the chunked body's framing and trailers beyond their allowance
+        self.head_begun = False  # a next request's head has begun (some of its bytes are parsed)
         # Heads and requests ended: a count, to tell a piece of a read in which the head or the body
         # ended (and the next part began, where is not known) from one wholly of one part.
         self.boundaries = 0
@@ -109,11 +113,12 @@ class EdgeProtocol(HttpToolsProtocol):
                 step = self.max_head - self.head_bytes
             elif self.chunked:
                 step = self.max_head
-            else:  # a body of a known length: the parser takes no more than it
-                self._feed(view)
-                return
+            elif self.length is not None:  # the body's rest, exactly: what follows is a next head
+                step = max(1, self.length - self.body_got)
+            else:  # a length the parser will refuse
+                step = len(view)
             piece, view = view[:step], view[step:]
-            boundaries = self.boundaries
+            boundaries, got, chunks = self.boundaries, self.body_got, self.chunks
             self._feed(piece)
             if self.refused or self.transport.is_closing():
                 return
@@ -125,9 +130,11 @@ class EdgeProtocol(HttpToolsProtocol):
                     self._refuse_head()
                     return
             elif self.chunked:
-                self.body_fed += len(piece)
-                framing = self.body_fed - self.body_got - _CHUNK_FRAMING * self.chunks
-                if framing > self.max_head:
+                # What of the piece was not content, beyond a chunk line's allowance; what a piece
+                # of small chunks leaves unused is not kept for later (for trailers, say).
+                spent = len(piece) - (self.body_got - got) - _CHUNK_FRAMING * (self.chunks - chunks)
+                self.framing = max(0, self.framing + spent)
+                if self.framing > self.max_head:
                     message = (
                         "The chunked body's framing and trailers are larger than the limit of "
                         f"{self.max_head} bytes."
@@ -170,13 +177,20 @@ class EdgeProtocol(HttpToolsProtocol):
         self.chunked = any(
             name == b"transfer-encoding" and b"chunked" in value.lower() for name, value in self.headers
         )
-        self.body_fed = self.body_got = self.chunks = 0
+        lengths = [value for name, value in self.headers if name == b"content-length"]
+        self.length = int(lengths[0]) if len(lengths) == 1 and lengths[0].isdigit() else None
+        self.framing = self.body_got = self.chunks = 0
+        self.head_begun = False
         self._disarm()
         super().on_headers_complete()
         # A pipelined request waits, its body unread, until the response before it is sent: its
         # body's time starts when it does (`on_response_complete`).
         if not self.pipeline:
             self.deadline = self.loop.call_later(self.body_seconds, self._body_timed_out)
+
+    def on_message_begin(self) -> None:
+        self.head_begun = True
+        super().on_message_begin()
 
     def on_body(self, body: bytes) -> None:
         self.body_got += len(body)
@@ -202,8 +216,9 @@ class EdgeProtocol(HttpToolsProtocol):
         if self.transport.is_closing():
             return
         if self.held is not None:
-            if self._idle_cycle():  # every request before the refused one is answered
-                self._answer(self.held)
+            running = self.running
+            if not self.pipeline and (running is None or running.response_complete):
+                self._answer(self.held)  # every request before the refused one is answered
             return
         if self.refused:
             return
@@ -213,7 +228,7 @@ class EdgeProtocol(HttpToolsProtocol):
                 self._end_quietly()
             elif self.deadline is None:  # a pipelined request, started now, its body to come
                 self.deadline = self.loop.call_later(self.body_seconds, self._body_timed_out)
-        elif self.in_head and self.head_bytes and self.deadline is None and self._idle_cycle():
+        elif self.in_head and self.head_begun and self.deadline is None and self._idle_cycle():
             # The next head began while this response was being sent: its time starts now, and
             # its deadline, not the idle one, governs the connection.
             self._unset_keepalive_if_required()
@@ -263,9 +278,9 @@ class EdgeProtocol(HttpToolsProtocol):
 
     def _write_timed_out(self) -> None:
         self.write_deadline = None
-        if not self.transport.is_closing():
-            self._end_cycles()
-            self.transport.abort()  # close() would wait for the client to read what is buffered
+        self._end_cycles()
+        # Even once closing: close() waits for the client to read what is buffered.
+        self.transport.abort()
 
     def _refuse_head(self) -> None:
         limit = f"the limit of {self.max_head} bytes"
@@ -289,9 +304,11 @@ class EdgeProtocol(HttpToolsProtocol):
         running = self.running
         if running is not None and running.response_complete:
             running = None
-        if running is not None and self.in_head:
-            # A later request's head, pipelined: the requests before it are answered first, then
-            # the refusal. Nothing more is read meanwhile.
+        if running is not None and (self.in_head or running is not self.cycle):
+            # A later request's, pipelined: the requests before it are answered first, then the
+            # refusal. It never starts, and nothing more is read meanwhile.
+            if not self.in_head:
+                self._drop(self.cycle)
             self.held = error
             self.flow.pause_reading()
             return
@@ -320,8 +337,21 @@ class EdgeProtocol(HttpToolsProtocol):
         self.pipeline.clear()
         for cycle in (self.running, self.cycle, *waiting):
             if cycle is not None and not cycle.response_complete:
-                cycle.disconnected = True
-                cycle.message_event.set()
+                self._drop(cycle)
+
+    def _drop(self, cycle: RequestResponseCycle) -> None:
+        """One request ends unanswered: its receive says the client left, its sends fall silent,
+        it sends no `100 Continue` (after a refusal's end of our side), and it no longer holds
+        this protocol (a cycle only the cyclic collector would free, if it never runs)."""
+        cycle.disconnected = True
+        cycle.waiting_for_100_continue = False
+        cycle.on_response = _nothing
+        cycle.message_event.set()
+        self.pipeline = type(self.pipeline)(entry for entry in self.pipeline if entry[0] is not cycle)
+
+
+def _nothing() -> None:
+    pass
 
 
 def _response(error: LlmrouterError, default_headers: list[tuple[bytes, bytes]]) -> bytes:
