@@ -105,9 +105,18 @@ class EdgeProtocol(HttpToolsProtocol):
         if self.refused:
             return
         self._unset_keepalive_if_required()
-        if self.in_head and self.deadline is None and self._idle_cycle():
-            self.deadline = self.loop.call_later(self.head_seconds, self._head_timed_out)
-        view = memoryview(data)
+        self._read(memoryview(data))
+        # A deadline for what this read left unfinished (most requests come whole in one read and
+        # need none): a head's from the read that began it, a body's from the end of its head.
+        if self.deadline is None and not self.refused and not self.transport.is_closing():
+            if self.in_head:
+                if (self.head_bytes or self.head_begun) and self._idle_cycle():
+                    self.deadline = self.loop.call_later(self.head_seconds, self._head_timed_out)
+            elif self.running is self.cycle:  # (a pipelined body's time starts when it does)
+                self.deadline = self.loop.call_later(self.body_seconds, self._body_timed_out)
+
+    def _read(self, view: memoryview) -> None:
+        """Feed a read to the parser, counting the head (and a chunked body's framing)."""
         while view:
             if self.in_head:
                 step = self.max_head - self.head_bytes
@@ -174,19 +183,17 @@ class EdgeProtocol(HttpToolsProtocol):
         self.boundaries += 1
         self.in_head = False
         self.in_body = True
-        self.chunked = any(
-            name == b"transfer-encoding" and b"chunked" in value.lower() for name, value in self.headers
-        )
-        lengths = [value for name, value in self.headers if name == b"content-length"]
-        self.length = int(lengths[0]) if len(lengths) == 1 and lengths[0].isdigit() else None
+        chunked, length = False, None
+        for name, value in self.headers:
+            if name == b"content-length":
+                length = int(value) if length is None and value.isdigit() else -1
+            elif name == b"transfer-encoding":
+                chunked = chunked or b"chunked" in value.lower()
+        self.chunked, self.length = chunked, (None if length == -1 else length or 0)
         self.framing = self.body_got = self.chunks = 0
         self.head_begun = False
-        self._disarm()
+        self._disarm()  # the body's deadline, if the read leaves it unfinished: data_received
         super().on_headers_complete()
-        # A pipelined request waits, its body unread, until the response before it is sent: its
-        # body's time starts when it does (`on_response_complete`).
-        if not self.pipeline:
-            self.deadline = self.loop.call_later(self.body_seconds, self._body_timed_out)
 
     def on_message_begin(self) -> None:
         self.head_begun = True
