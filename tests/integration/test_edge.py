@@ -48,10 +48,34 @@ def router(fake_upstream: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
         yield r
 
 
+def port_of(router: Router) -> int:
+    return int(router.base.rsplit(":", 1)[1])
+
+
+def completion_head(router: Router, headers: bytes = b"", version: bytes = b"1.1") -> bytes:
+    """The head of a POST /api/v1/completions with the router's key, `headers` added."""
+    return (
+        b"POST /api/v1/completions HTTP/" + version + b"\r\nHost: x\r\n"
+        b"Content-Type: application/json\r\nAuthorization: Bearer "
+        + router.key.encode()
+        + b"\r\n"
+        + headers
+        + b"\r\n"
+    )
+
+
+CHUNKED = b"Transfer-Encoding: chunked\r\n"
+
+
+def completion(router: Router, body: bytes, headers: bytes = b"", version: bytes = b"1.1") -> bytes:
+    """A whole POST /api/v1/completions, its body of known length."""
+    length = b"Content-Length: %d\r\n" % len(body)
+    return completion_head(router, headers + length, version) + body
+
+
 def exchange(router: Router, raw: bytes, timeout: float = 10.0) -> bytes:
     """Send raw bytes, read until the server closes (or `timeout`)."""
-    port = int(router.base.rsplit(":", 1)[1])
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+    with socket.create_connection(("127.0.0.1", port_of(router)), timeout=timeout) as sock:
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
             sock.sendall(raw)
         chunks = []
@@ -125,7 +149,7 @@ def test_a_url_past_the_bound_is_a_414(router: Router) -> None:
 def test_huge_headers_in_parallel_cost_no_memory(router: Router) -> None:
     """Four clients each sending a 64 MB header: the router reads 64 KiB of each and closes."""
     before = rss_peak_kib(router.proc.pid)
-    port = int(router.base.rsplit(":", 1)[1])
+    port = port_of(router)
     piece = b"a" * (1 << 20)
 
     def flood() -> None:
@@ -211,7 +235,7 @@ async def _rest(reader: asyncio.StreamReader) -> bytes:
 
 
 def test_slow_and_silent_clients_are_closed_on_time_while_others_are_served(router: Router) -> None:
-    port = int(router.base.rsplit(":", 1)[1])
+    port = port_of(router)
     results: list[tuple[str, float, bytes]] = []
     served: list[float] = []
 
@@ -253,14 +277,10 @@ def test_slow_and_silent_clients_are_closed_on_time_while_others_are_served(rout
 
 
 def test_a_body_that_comes_slowly_but_in_time_is_served(router: Router) -> None:
-    port = int(router.base.rsplit(":", 1)[1])
+    port = port_of(router)
     body = json.dumps({"model": "fake/ok", "prompt": "hi", "max_tokens": 3}).encode()
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        sock.sendall(
-            b"POST /api/v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            b"Authorization: Bearer " + router.key.encode() + b"\r\n"
-            b"Content-Length: %d\r\n\r\n" % len(body)
-        )
+        sock.sendall(completion_head(router, b"Content-Length: %d\r\n" % len(body)))
         for i in range(0, len(body), len(body) // 3 + 1):
             time.sleep(DEADLINE / 5)
             sock.sendall(body[i : i + len(body) // 3 + 1])
@@ -269,7 +289,7 @@ def test_a_body_that_comes_slowly_but_in_time_is_served(router: Router) -> None:
 
 
 def test_a_kept_alive_connection_is_closed_when_idle(router: Router) -> None:
-    port = int(router.base.rsplit(":", 1)[1])
+    port = port_of(router)
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
         response = sock.recv(65536)
@@ -294,19 +314,12 @@ def test_requests_longer_than_every_client_deadline_are_answered(router: Router)
 
 def test_pipelined_requests_are_answered_in_order(router: Router) -> None:
     body = json.dumps({"model": "fake/slow", "prompt": "hi", "max_tokens": 3}).encode()
-    auth = b"Authorization: Bearer " + router.key.encode() + b"\r\n"
-    raw = (
-        b"POST /api/v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        + auth
-        + b"Content-Length: %d\r\n\r\n" % len(body)
-        + body
-        # Behind it, a request whose body comes later than its headers: its time starts when the
-        # slow one is answered, not while it waits unread.
-        + b"POST /api/v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        + auth
-        + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body)
+    # Behind it, a request whose body comes later than its headers: its time starts when the
+    # slow one is answered, not while it waits unread.
+    raw = completion(router, body) + completion_head(
+        router, b"Content-Length: %d\r\nConnection: close\r\n" % len(body)
     )
-    port = int(router.base.rsplit(":", 1)[1])
+    port = port_of(router)
     with socket.create_connection(("127.0.0.1", port), timeout=15) as sock:
         sock.sendall(raw)
         time.sleep(DEADLINE + 1.5)  # longer than the body deadline, all spent behind the first
@@ -447,7 +460,7 @@ def test_a_thousand_idle_sockets_do_not_turn_away_a_client_at_a_1024_file_limit(
     4,096, the router takes the hard limit: 1,100 silent sockets leave room for a real client
     (and go when their idle deadline passes)."""
     with serving(tmp_path, edge_config(fake_upstream), nofile=(1024, 4096)) as router:
-        port = int(router.base.rsplit(":", 1)[1])
+        port = port_of(router)
         idle = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(1100)]
         try:
             time.sleep(0.3)
@@ -465,9 +478,12 @@ def test_a_thousand_idle_sockets_do_not_turn_away_a_client_at_a_1024_file_limit(
 
 def _chunked(router: Router, body: bytes, trailers: bytes) -> bytes:
     return (
-        b"POST /api/v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        b"Authorization: Bearer " + router.key.encode() + b"\r\nTransfer-Encoding: chunked\r\n\r\n"
-        b"%x\r\n" % len(body) + body + b"\r\n0\r\n" + trailers + b"\r\n"
+        completion_head(router, CHUNKED)
+        + b"%x\r\n" % len(body)
+        + body
+        + b"\r\n0\r\n"
+        + trailers
+        + b"\r\n"
     )
 
 
@@ -509,13 +525,9 @@ def test_a_head_waiting_behind_pipelined_requests_does_not_cut_their_answers(rou
 
     def request(stream: bool) -> bytes:
         body = json.dumps({"model": "fake/slow", "prompt": "hi", "max_tokens": 3, "stream": stream})
-        return (
-            b"POST /api/v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            b"Authorization: Bearer " + router.key.encode() + b"\r\n"
-            b"Content-Length: %d\r\n\r\n" % len(body) + body.encode()
-        )
+        return completion(router, body.encode())
 
-    port = int(router.base.rsplit(":", 1)[1])
+    port = port_of(router)
     with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
         sock.sendall(request(False) + request(True))
         time.sleep(0.5)
@@ -531,11 +543,7 @@ def test_a_head_waiting_behind_pipelined_requests_does_not_cut_their_answers(rou
 
 def test_a_refused_pipelined_head_never_lands_inside_another_response(router: Router) -> None:
     body = json.dumps({"model": "fake/slow", "prompt": "hi", "max_tokens": 3, "stream": True})
-    first = (
-        b"POST /api/v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        b"Authorization: Bearer " + router.key.encode() + b"\r\n"
-        b"Content-Length: %d\r\n\r\n" % len(body) + body.encode()
-    )
+    first = completion(router, body.encode())
     garbage = b"GET /health HTTP/1.1\r\nHost: x\x00y\r\n\r\n"
     got = exchange(router, first + garbage, timeout=20)
     # The first is answered whole, then the bad one is refused.
@@ -546,36 +554,37 @@ def test_a_refused_pipelined_head_never_lands_inside_another_response(router: Ro
     assert b"Traceback" not in router.log.read_bytes()
 
 
-def test_a_client_that_does_not_read_its_answer_is_dropped(router: Router) -> None:
-    """5 MB asked for and never read: the connection goes after the write deadline."""
-    port = int(router.base.rsplit(":", 1)[1])
+def _unread(router: Router, raw: bytes) -> int:
+    """Send `raw` from a socket with a small receive buffer, read nothing for longer than the
+    write deadline, then read what still comes: how many bytes that is."""
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.connect(("127.0.0.1", port))
+    sock.connect(("127.0.0.1", port_of(router)))
     sock.settimeout(10)
-    body = json.dumps({"model": "fake/big", "prompt": "hi"}).encode()
-    sock.sendall(
-        b"POST /api/v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        b"Authorization: Bearer " + router.key.encode() + b"\r\n"
-        b"Content-Length: %d\r\n\r\n" % len(body) + body
-    )
+    sock.sendall(raw)
     time.sleep(DEADLINE + 2.5)
     got = 0
     with contextlib.suppress(ConnectionResetError):
         while chunk := sock.recv(65536):
             got += len(chunk)
     sock.close()
+    return got
+
+
+BIG = json.dumps({"model": "fake/big", "prompt": "hi"}).encode()  # a 5 MB answer
+
+
+def test_a_client_that_does_not_read_its_answer_is_dropped(router: Router) -> None:
+    """5 MB asked for and never read: the connection goes after the write deadline."""
+    got = _unread(router, completion(router, BIG))
     assert got < 5_000_000, got
 
 
 def test_a_body_refused_early_ends_the_connection_soon(router: Router) -> None:
     """A 413 (or a 401) sent before the body has come whole: the rest is not read for long."""
-    port = int(router.base.rsplit(":", 1)[1])
+    port = port_of(router)
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        sock.sendall(
-            b"POST /api/v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            b"Authorization: Bearer " + router.key.encode() + b"\r\nContent-Length: 100000000\r\n\r\n"
-        )
+        sock.sendall(completion_head(router, b"Content-Length: 100000000\r\n"))
         answered = None
         piece = b"x" * 100_000
         started = time.monotonic()
@@ -604,55 +613,20 @@ def test_small_chunks_bank_no_allowance_for_trailers(router: Router) -> None:
     chunks = b"".join(b"1\r\n%c\r\n" % byte for byte in body) * 1  # one byte a chunk
     padding = b"1\r\n \r\n" * 20_000  # whitespace after the JSON: 20,000 more chunks
     trailers = b"X-T: " + b"a" * 1000 + b"\r\n"
-    raw = (
-        b"POST /api/v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        b"Authorization: Bearer "
-        + router.key.encode()
-        + b"\r\nTransfer-Encoding: chunked\r\n\r\n"
-        + chunks
-        + padding
-        + b"0\r\n"
-        + trailers * 300
-        + b"\r\n"
-    )
+    raw = completion_head(router, CHUNKED) + chunks + padding + b"0\r\n" + trailers * 300 + b"\r\n"
     status, _, error = parsed(exchange(router, raw))
     assert status == 431, error
     assert_error_shape(error, "request_header_fields_too_large", "headers")
 
 
 def test_a_client_asking_to_close_that_does_not_read_is_dropped_too(router: Router) -> None:
-    port = int(router.base.rsplit(":", 1)[1])
-    body = json.dumps({"model": "fake/big", "prompt": "hi"}).encode()
-    for close in (b"Connection: close\r\n", b""):
-        version = b"1.1" if close else b"1.0"
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.connect(("127.0.0.1", port))
-        sock.settimeout(10)
-        sock.sendall(
-            b"POST /api/v1/completions HTTP/" + version + b"\r\nHost: x\r\n"
-            b"Content-Type: application/json\r\nAuthorization: Bearer "
-            + router.key.encode()
-            + b"\r\n"
-            + close
-            + b"Content-Length: %d\r\n\r\n" % len(body)
-            + body
-        )
-        time.sleep(DEADLINE + 2.5)
-        got = 0
-        with contextlib.suppress(ConnectionResetError):
-            while chunk := sock.recv(65536):
-                got += len(chunk)
-        sock.close()
+    for close, version in ((b"Connection: close\r\n", b"1.1"), (b"", b"1.0")):
+        got = _unread(router, completion(router, BIG, close, version))
         assert got < 5_000_000, (version, got)
 
 
 def test_a_bad_body_with_expect_100_continue_is_a_clean_400(router: Router) -> None:
-    raw = (
-        b"POST /api/v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        b"Authorization: Bearer " + router.key.encode() + b"\r\nExpect: 100-continue\r\n"
-        b"Transfer-Encoding: chunked\r\n\r\nzz\r\n"
-    )
+    raw = completion_head(router, b"Expect: 100-continue\r\n" + CHUNKED) + b"zz\r\n"
     before = router.log.read_bytes()
     got = exchange(router, raw)
     assert b"HTTP/1.1 400 " in got
@@ -667,11 +641,7 @@ def test_a_bad_body_of_a_later_pipelined_request_waits_for_the_answer_before_it(
     router: Router,
 ) -> None:
     body = json.dumps({"model": "fake/slow", "prompt": "hi", "max_tokens": 3, "stream": True})
-    first = (
-        b"POST /api/v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        b"Authorization: Bearer " + router.key.encode() + b"\r\n"
-        b"Content-Length: %d\r\n\r\n" % len(body) + body.encode()
-    )
+    first = completion(router, body.encode())
     bad = (
         b"POST /api/v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
         b"Transfer-Encoding: chunked\r\n\r\nzz\r\n"
@@ -684,11 +654,7 @@ def test_a_bad_body_of_a_later_pipelined_request_waits_for_the_answer_before_it(
 
 def test_a_huge_head_right_behind_a_body_is_still_bounded(router: Router) -> None:
     body = json.dumps({"model": "fake/ok", "prompt": "x" * 2000, "max_tokens": 1}).encode()
-    first = (
-        b"POST /api/v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        b"Authorization: Bearer " + router.key.encode() + b"\r\n"
-        b"Content-Length: %d\r\n\r\n" % len(body) + body
-    )
+    first = completion(router, body)
     huge = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 150_000 + b"\r\n\r\n"
     got = exchange(router, first + huge, timeout=20)
     assert got.startswith(b"HTTP/1.1 200 "), got[:300]

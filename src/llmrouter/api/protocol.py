@@ -69,8 +69,7 @@ class EdgeProtocol(HttpToolsProtocol):
         self.log_refusals = server.access_log
         self.url = b""
         self.head_bytes = 0  # of the request whose head is being read
-        self.in_head = True  # waiting for, or reading, a request line and headers
-        self.in_body = False  # the headers are in, the body is not
+        self.in_head = True  # waiting for, or reading, a request line and headers (else a body)
         self.chunked = False  # that body comes in chunks
         self.length: int | None = 0  # or is this long
         self.body_got = self.chunks = 0  # its content so far, its chunks so far
@@ -182,7 +181,6 @@ class EdgeProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self.boundaries += 1
         self.in_head = False
-        self.in_body = True
         chunked, length = False, None
         for name, value in self.headers:
             if name == b"content-length":
@@ -209,7 +207,6 @@ class EdgeProtocol(HttpToolsProtocol):
     def on_message_complete(self) -> None:
         self.boundaries += 1
         self._disarm()
-        self.in_body = False
         self.in_head = True
         self.head_bytes = 0
         super().on_message_complete()
@@ -229,7 +226,7 @@ class EdgeProtocol(HttpToolsProtocol):
             return
         if self.refused:
             return
-        if self.in_body and not self.pipeline and self.running is self.cycle:
+        if not self.in_head and not self.pipeline and self.running is self.cycle:
             if self.cycle.response_complete:
                 # Answered before its body came whole (a 401, a 413): the rest is not wanted.
                 self._end_quietly()
