@@ -6,10 +6,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 # llama.cpp's native build picks AMX on these CPUs and segfaults at the first decode; pin the ISA.
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
-# Hash-checked, wheels only except llama-cpp-python (an sdist, built with the locked build tools
-# already in the venv rather than in an isolated environment pip would fill without hashes).
+# Hash-checked, wheels only except the packages published only as sdists: llama-cpp-python, and
+# three of lm-eval's (test only). They are built with the locked build tools already in the venv,
+# rather than in an isolated environment pip would fill without hashes.
+SDISTS := llama-cpp-python,rouge-score,sqlitedict,word2number
 INSTALL := $(BIN)/python -m pip install --quiet --require-hashes --only-binary :all: \
-	--no-binary llama-cpp-python --no-build-isolation
+	--no-binary $(SDISTS) --no-build-isolation
 # llmrouter itself, editable: built by the locked hatchling, its dependencies already installed.
 INSTALL_SELF := $(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 SUPPLY_CHAIN := requirements/supply_chain.py
