@@ -29,6 +29,7 @@ from llmrouter.api.completions import create_completion
 from llmrouter.api.http import Receive, Request, Scope, Send, send_bytes
 from llmrouter.api.meta import health, openapi, ready
 from llmrouter.api.models import list_models
+from llmrouter.api.tokenize import detokenize, tokenize, tokenizer_info
 from llmrouter.errors import (
     LlmrouterError,
     MethodNotAllowed,
@@ -76,6 +77,15 @@ _ROUTES: dict[str, dict[str, Handler]] = {
     "/v1/models": {"GET": list_models},
     "/api/v1/openapi.json": {"GET": openapi},
     "/v1/openapi.json": {"GET": openapi},
+    "/api/v1/tokenize": {"POST": tokenize},
+    "/v1/tokenize": {"POST": tokenize},
+    "/tokenize": {"POST": tokenize},  # where vLLM serves it (and lm-eval's remote tokenizer asks)
+    "/api/v1/detokenize": {"POST": detokenize},
+    "/v1/detokenize": {"POST": detokenize},
+    "/detokenize": {"POST": detokenize},
+    "/api/v1/tokenizer_info": {"GET": tokenizer_info},
+    "/v1/tokenizer_info": {"GET": tokenizer_info},
+    "/tokenizer_info": {"GET": tokenizer_info},
     "/api/v1/key": {"GET": whoami},
     "/api/v1/generation": {"GET": generation},
     "/api/v1/keys": {"GET": key_collection, "POST": key_collection},

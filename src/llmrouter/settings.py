@@ -119,6 +119,11 @@ class OpenAIProvider(Struct, frozen=True, forbid_unknown_fields=True, tag="opena
     # mean what the Completions API says (llama.cpp's servers add top_k 40, min_p 0.05 and a
     # repeat penalty unless told `{top_k: 0, min_p: 0, repeat_penalty: 1}`).
     defaults: dict[str, Any] = {}
+    # The upstream's own tokenizer endpoints, which /tokenize and /detokenize pass on to: vLLM's
+    # (`/tokenize`, `/detokenize`, `/tokenizer_info`) or llama.cpp's server's (`/tokenize`,
+    # `/detokenize`), at `tokenizer_url` (default: base_url without its trailing `/v1`).
+    tokenizer: Literal["vllm", "llama.cpp"] | None = None
+    tokenizer_url: Annotated[str, Meta(pattern=r"^https?://")] | None = None
 
 
 class LlamaCppProvider(
@@ -142,6 +147,10 @@ class DeploymentSettings(Struct, frozen=True, forbid_unknown_fields=True):
     weight: Annotated[float, Meta(gt=0)] = 1.0  # `weighted`: share of first picks
     priority: int = 0  # `ordered`: lower goes first (then the order in the file)
     pricing: Pricing | None = None  # this deployment's prices, if not the model's
+    # llamacpp: how a /completions string prompt reads control-token text such as
+    # `<|im_start|>`: as those tokens ("parse", as llama.cpp's server and vLLM do), or as plain
+    # characters ("plain"). Other kinds read prompts as their upstream does.
+    special_tokens: Literal["parse", "plain"] = "parse"
 
 
 Strategy = Literal[
@@ -526,6 +535,13 @@ def _check_references(settings: Settings, node: yaml.Node | None, file: Path) ->
                 known = ", ".join(sorted(settings.providers)) or "none"
                 raise ConfigError(
                     f"{file}: {where}: unknown provider {deployment.provider!r} (defined: {known})"
+                )
+            local = isinstance(settings.providers[deployment.provider], LlamaCppProvider)
+            if deployment.special_tokens != "parse" and not local:
+                where = _place(node, f".models[{i}].deployments[{j}].special_tokens")
+                raise ConfigError(
+                    f"{file}: {where}: applies to llamacpp deployments only (an upstream reads "
+                    "control tokens in prompts its own way)"
                 )
     if settings.default_model is not None and settings.default_model not in seen:
         raise ConfigError(

@@ -43,6 +43,11 @@ Faults (streamed and not, unless said):
                       continuous_usage_stats)
   lm...-reasoning...  the first chunk also carries `reasoning` in a field of its own
 
+Tokenizer endpoints, whose tokens are a text's UTF-8 bytes (a document start, 256, first when
+asked for), the model name (or `X-Fault`) choosing `status-NNN` as for completions:
+  vLLM's              POST /tokenize, POST /detokenize, GET /tokenizer_info
+  llama.cpp's server  POST /llamacpp/tokenize, POST /llamacpp/detokenize
+
 `GET /_stats`: requests, hits per model, distinct client connections, streams whose client left,
 close times noted by `wait-close`, and the last body and headers. `POST /_reset` clears them.
 """
@@ -79,6 +84,7 @@ def reset() -> None:
         last_body=None,
         last_headers=None,
         redirected=0,
+        tokenizer_bodies=[],
     )
 
 
@@ -380,8 +386,70 @@ async def get_stats(request: web.Request) -> web.Response:
             "last_body": stats["last_body"],
             "last_headers": stats["last_headers"],
             "redirected": stats["redirected"],
+            "tokenizer_bodies": stats["tokenizer_bodies"],
         }
     )
+
+
+_START = 256  # the fake tokenizer's document-start token
+
+
+def _spell(token: int) -> str:
+    return "<s>" if token == _START else bytes([token]).decode("latin-1")
+
+
+async def _tokenizer_request(request: web.Request) -> tuple[dict[str, Any], web.Response | None]:
+    body = await request.json() if request.method == "POST" else dict(request.query)
+    stats["tokenizer_bodies"].append({"path": request.path, **body})
+    fault = request.headers.get("X-Fault") or str(body.get("model", ""))
+    if fault.startswith("status-"):
+        status = int(fault.split("-")[1])
+        return body, web.json_response({"error": {"message": f"fault {status}"}}, status=status)
+    return body, None
+
+
+async def vllm_tokenize(request: web.Request) -> web.Response:
+    body, refusal = await _tokenizer_request(request)
+    if refusal is not None:
+        return refusal
+    tokens = ([_START] if body.get("add_special_tokens", True) else []) + list(body["prompt"].encode())
+    answer: dict[str, Any] = {"count": len(tokens), "max_model_len": 4096, "tokens": tokens}
+    answer["token_strs"] = [_spell(t) for t in tokens] if body.get("return_token_strs") else None
+    return web.json_response(answer)
+
+
+async def vllm_detokenize(request: web.Request) -> web.Response:
+    body, refusal = await _tokenizer_request(request)
+    if refusal is not None:
+        return refusal
+    if any(t > _START for t in body["tokens"]):
+        return web.json_response({"error": {"message": "token id out of range"}}, status=400)
+    return web.json_response({"prompt": "".join(_spell(t) for t in body["tokens"])})
+
+
+async def vllm_tokenizer_info(request: web.Request) -> web.Response:
+    _, refusal = await _tokenizer_request(request)
+    if refusal is not None:
+        return refusal
+    info = {"tokenizer_class": "FakeTokenizer", "bos_token": "<s>", "eos_token": "<s>"}
+    return web.json_response({**info, "model_max_length": 4096})
+
+
+async def llamacpp_tokenize(request: web.Request) -> web.Response:
+    body, refusal = await _tokenizer_request(request)
+    if refusal is not None:
+        return refusal
+    tokens = ([_START] if body.get("add_special") else []) + list(body["content"].encode())
+    if body.get("with_pieces"):
+        return web.json_response({"tokens": [{"id": t, "piece": _spell(t)} for t in tokens]})
+    return web.json_response({"tokens": tokens})
+
+
+async def llamacpp_detokenize(request: web.Request) -> web.Response:
+    body, refusal = await _tokenizer_request(request)
+    if refusal is not None:
+        return refusal
+    return web.json_response({"content": "".join(_spell(t) for t in body["tokens"])})
 
 
 async def post_reset(request: web.Request) -> web.Response:
@@ -399,6 +467,11 @@ def main() -> None:
     app = web.Application(client_max_size=64 * 1024 * 1024)
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/elsewhere/v1/completions", elsewhere)
+    app.router.add_post("/tokenize", vllm_tokenize)
+    app.router.add_post("/detokenize", vllm_detokenize)
+    app.router.add_get("/tokenizer_info", vllm_tokenizer_info)
+    app.router.add_post("/llamacpp/tokenize", llamacpp_tokenize)
+    app.router.add_post("/llamacpp/detokenize", llamacpp_detokenize)
     app.router.add_get("/_stats", get_stats)
     app.router.add_post("/_reset", post_reset)
     app.router.add_post("/_control", post_control)

@@ -124,3 +124,26 @@ def test_the_deployments_own_echo_is_not_scanned_for_stops() -> None:
 def test_an_unknown_echo_length_shapes_nothing() -> None:
     out = _run(ChoiceShaper(stops=["b"], native_echo=None), ["abc"])
     assert out.text == "abc"
+
+
+def test_an_end_of_text_entry_that_spells_no_text_keeps_its_token() -> None:
+    """An end-of-text token is listed (usage counts it) but not in the text: its entry passes the
+    stop scanner, echo and reasoning whole, at the text's end, never mistaken for a cut token."""
+    shaper = ChoiceShaper(echo="Q: ", stops=["zz"], logprobs=1)
+    first = shaper.feed(
+        "Hi z", Logprobs(["Hi", " z"], [-0.5, -0.25], [{"Hi": -0.5}, {" z": -0.25}], [0, 2])
+    )
+    end = shaper.feed("", Logprobs(["<|im_end|>"], [-0.1], [{"<|im_end|>": -0.1}], [4]))
+    tail = shaper.finish()
+    assert first.text + end.text + tail.text == "Q: Hi z"
+    tokens = [*first.logprobs.tokens, *end.logprobs.tokens, *tail.logprobs.tokens]  # type: ignore[union-attr]
+    offsets = [*first.logprobs.text_offset, *end.logprobs.text_offset, *tail.logprobs.text_offset]  # type: ignore[union-attr]
+    assert tokens == ["Hi", " z", "<|im_end|>"]
+    assert offsets == [3, 5, 7]
+
+
+def test_a_token_cut_by_a_stop_is_listed_as_the_part_kept() -> None:
+    shaper = ChoiceShaper(stops=["lo w"], logprobs=0)
+    out = shaper.feed("hello world", Logprobs(["hello", " world"], [-1.0, -2.0], [{}, {}], [0, 5]))
+    assert out.text == "hel" and out.logprobs is not None
+    assert out.logprobs.tokens == ["hel"]

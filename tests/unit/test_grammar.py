@@ -86,7 +86,7 @@ class Result:
 def run(engine: Engine, prompt: str | tuple[int, ...], n: int = 1, **sampling: Any) -> Result:
     s = Sampling(**sampling)
     events: queue.Queue[object] = queue.Queue()
-    engine.submit(Job(engine.prepare((prompt,), s), n, s, events.put))  # type: ignore[arg-type]
+    engine.submit(Job(engine.prepare((prompt,), s, special=True), n, s, events.put))  # type: ignore[arg-type]
     result = Result()
     while (event := events.get(timeout=60)) is not None:
         if isinstance(event, ChoiceDelta):
@@ -198,8 +198,12 @@ def test_seeds_give_the_same_text_under_a_grammar(engine: Engine) -> None:
 
 
 def test_logprob_tokens_spell_the_constrained_text(engine: Engine) -> None:
+    """...up to the end-of-text token that ended it: listed (and counted), but not in the text."""
     r = run(engine, "A dog:", max_tokens=30, temperature=0, logprobs=2, grammar=json_object_grammar())
-    assert "".join(t.token for t in r.tokens[0]) == r.texts[0]
+    assert r.finish[0] == "stop" and r.tokens[0][-1].token == "<|endoftext|>"
+    assert r.tokens[0][-1].offset == len("A dog:") + len(r.texts[0])
+    assert "".join(t.token for t in r.tokens[0][:-1]) == r.texts[0]
+    assert len(r.tokens[0]) == r.completion_tokens
     assert all(t.logprob is not None and t.logprob <= 0 for t in r.tokens[0])
 
 
@@ -210,7 +214,7 @@ def test_a_control_token_is_spelt_out_as_the_grammar_matched_it(engine: Engine) 
 
 def test_a_grammar_naming_a_token_the_model_lacks_is_refused_before_it_runs(engine: Engine) -> None:
     with pytest.raises(InvalidRequest, match=r"invalid token '<\|nope\|>'.*line 1, column 10"):
-        engine.prepare(("x",), Sampling(max_tokens=2, grammar="root ::= <|nope|>"))
+        engine.prepare(("x",), Sampling(max_tokens=2, grammar="root ::= <|nope|>"), special=True)
 
 
 # -- the grammar check, against llama.cpp ------------------------------------------------------
@@ -375,7 +379,7 @@ def test_a_schema_that_cannot_be_converted_is_refused(schema: dict[str, Any], re
 def test_a_model_without_fim_tokens_refuses_a_suffix(engine: Engine) -> None:
     assert not engine.has_fim
     with pytest.raises(InvalidRequest, match="does not support suffix") as caught:
-        engine.prepare(("def f():",), Sampling(max_tokens=4, suffix="\n"))
+        engine.prepare(("def f():",), Sampling(max_tokens=4, suffix="\n"), special=True)
     assert caught.value.param == "suffix"
 
 
@@ -388,7 +392,7 @@ def test_the_prompt_is_laid_out_for_fill_in_the_middle(fim_engine: Engine, vocab
     expected = [pre, *prefix_tokens, suf, *suffix_tokens, mid]
     s = Sampling(max_tokens=4, suffix=suffix)
     for prompt in (prefix, tuple(prefix_tokens)):
-        [prepared] = fim_engine.prepare((prompt,), s)  # type: ignore[arg-type]
+        [prepared] = fim_engine.prepare((prompt,), s, special=True)  # type: ignore[arg-type]
         assert prepared.tokens == expected and prepared.text == prefix
 
 

@@ -19,11 +19,13 @@ __all__ = ["ChoiceShaper", "Entry", "Shaped"]
 
 @dataclass(frozen=True, slots=True)
 class Entry:
-    """One token's logprob data, as the deployment gave it."""
+    """One token's logprob data, as the deployment gave it, and how much of the text it spelled
+    (none for an end-of-text token, which the text leaves out)."""
 
     token: str
     logprob: float | None
     top: dict[str, float] | None
+    chars: int
 
 
 @dataclass(slots=True)
@@ -189,7 +191,7 @@ class ChoiceShaper:
             for piece in pieces:
                 if piece.payload is not None:
                     token = piece.payload.token
-                    if len(piece.text) < len(token) and token.startswith(piece.text):
+                    if len(piece.text) < piece.payload.chars and token.startswith(piece.text):
                         token = piece.text  # cut by a stop sequence: the part that was kept
                     lp.tokens.append(token)
                     lp.token_logprobs.append(piece.payload.logprob)
@@ -211,7 +213,7 @@ def _pieces(text: str, logprobs: Logprobs | None, k: int) -> list[Piece[Entry | 
     for token, logprob, top in zip(logprobs.tokens, logprobs.token_logprobs, tops, strict=False):
         segment = text[position : position + len(token)]
         position += len(segment)
-        pieces.append(Piece(segment, Entry(token, logprob, _best(top, k))))
+        pieces.append(Piece(segment, Entry(token, logprob, _best(top, k), len(segment))))
     if position < len(text):
         pieces.append(Piece(text[position:], None))
     return pieces

@@ -9,6 +9,15 @@ over the completion's own tokens, logit_bias added to logits, and a per-choice g
 
 A grammar (GBNF) restricts that distribution to the tokens llama.cpp's grammar matcher allows, and a
 suffix lays the prompt out for fill-in-the-middle with the model's own marker tokens.
+
+Two things an evaluation harness counts on (docs/parameters.md):
+- A /completions prompt is text the client wrote whole, so control tokens written in it
+  (`<|im_start|>`) are read as those tokens, as llama.cpp's server and vLLM read them, unless the
+  deployment says `special_tokens: plain`. `Engine.prepare` is that path; text that is only content
+  (a suffix, and a chat message one day) is tokenized by `_tokenize_plain`, which never reads them.
+- A choice that ends on the model's end-of-generation token lists that token in its logprobs, spelled
+  out, at the end of the text, which leaves it out: one entry per token `usage` counts, as OpenAI's
+  legacy models do.
 """
 
 from __future__ import annotations
@@ -104,6 +113,10 @@ class Prepared:
     tokens: list[int]
     text: str
     starter: bool = False  # an empty prompt starts from one document-start token, never echoed
+    # The first token was put there by the tokenizer: a document start the text does not hold.
+    # (Any other control token is in the text, spelled out: read from it, or, in a token-id
+    # prompt, echoed as it would be read back.)
+    added_start: bool = False
     # The prompt's own tokens among `tokens` (start, end), when fill-in-the-middle wraps them in the
     # model's markers and the suffix; None: all of them.
     span: tuple[int, int] | None = None
@@ -191,12 +204,11 @@ class Engine:
             self._stopping = True
             self._wakeup.notify()
 
-    def prepare(self, prompts: Prompts, s: Sampling) -> list[Prepared]:
-        """Tokenize and check a request against this model; runs in a helper thread, so that a
-        request that cannot fit is refused at once rather than after waiting in the queue."""
-        self.loaded.wait()
-        if self.load_error is not None:
-            raise ServiceUnavailable(f"The local model {self.name} did not load.")
+    def prepare(self, prompts: Prompts, s: Sampling, *, special: bool) -> list[Prepared]:
+        """Tokenize and check a /completions request against this model; runs in a helper thread,
+        so that a request that cannot fit is refused at once rather than after waiting in the
+        queue. `special`: control tokens written in a string prompt are read as those tokens."""
+        self._wait_loaded()
         for token in s.logit_bias:
             if token >= self.n_vocab:
                 raise InvalidRequest(
@@ -213,14 +225,57 @@ class Engine:
                     "tokens).",
                     param="suffix",
                 )
-            suffix = self._tokenize(s.suffix, bos=False)
+            suffix = self._tokenize_plain(s.suffix, bos=False)  # as llama.cpp's server reads it
         prepared = [
-            self._prepare_one(p, i, len(prompts), suffix)  # type: ignore[arg-type]
+            self._prepare_one(p, i, len(prompts), suffix, special)  # type: ignore[arg-type]
             for i, p in enumerate(prompts)
         ]
         for i, prompt in enumerate(prepared):
             self._check_context(prompt.tokens, s, "prompt" if len(prompts) == 1 else f"prompt[{i}]")
         return prepared
+
+    def tokenize(self, text: str, *, add_special: bool, special: bool) -> list[int]:
+        """`text` as `prepare` reads a string prompt (`add_special`: with the document start the
+        tokenizer puts first, if it does); in a helper thread."""
+        self._wait_loaded()
+        return self._tokenize_prompt(text, bos=add_special, special=special)
+
+    def detokenize(self, tokens: list[int], param: str = "tokens") -> str:
+        """The text of `tokens`, control tokens spelled out; in a helper thread."""
+        self._wait_loaded()
+        self._check_ids(tokens, param)
+        return self._text(tokens)
+
+    def spelled(self, tokens: list[int]) -> list[str]:
+        return [self._spelled(t) for t in tokens]
+
+    def tokenizer_info(self) -> dict[str, Any]:
+        """The tokenizer's configuration, in the names vLLM's /tokenizer_info uses."""
+        self._wait_loaded()
+        bos, eos = int(self._llm.token_bos()), int(self._llm.token_eos())
+        template = self._llm.metadata.get("tokenizer.chat_template")
+        return {
+            "tokenizer_class": "llama.cpp",
+            "bos_token": self._spelled(bos) if bos >= 0 else None,
+            "eos_token": self._spelled(eos) if eos >= 0 else None,
+            "add_bos_token": self._adds_start,
+            "model_max_length": self.n_ctx,
+            "vocab_size": self.n_vocab,
+            "chat_template": template,
+        }
+
+    def _wait_loaded(self) -> None:
+        self.loaded.wait()
+        if self.load_error is not None:
+            raise ServiceUnavailable(f"The local model {self.name} did not load.")
+
+    def _check_ids(self, tokens: list[int] | tuple[int, ...], param: str) -> None:
+        for k, token in enumerate(tokens):
+            if token >= self.n_vocab:
+                raise InvalidRequest(
+                    f"Token id {token} is outside this model's vocabulary (0..{self.n_vocab - 1}).",
+                    param=f"{param}[{k}]",
+                )
 
     def submit(self, job: Job) -> None:
         with self._wakeup:
@@ -234,19 +289,21 @@ class Engine:
             self._wakeup.notify()
 
     def _prepare_one(
-        self, prompt: str | tuple[int, ...], i: int, count: int, suffix: list[int] | None
+        self,
+        prompt: str | tuple[int, ...],
+        i: int,
+        count: int,
+        suffix: list[int] | None,
+        special: bool,
     ) -> Prepared:
+        added_start = False
         if isinstance(prompt, str):
-            tokens = self._tokenize(prompt, bos=suffix is None)
+            with_start = suffix is None  # fill-in-the-middle puts its own first
+            tokens = self._tokenize_prompt(prompt, bos=with_start, special=special)
             text = prompt
+            added_start = with_start and self._adds_start
         else:
-            for k, token in enumerate(prompt):
-                if token >= self.n_vocab:
-                    where = f"prompt[{k}]" if count == 1 else f"prompt[{i}][{k}]"
-                    raise InvalidRequest(
-                        f"Token id {token} is outside this model's vocabulary (0..{self.n_vocab - 1}).",
-                        param=where,
-                    )
+            self._check_ids(prompt, "prompt" if count == 1 else f"prompt[{i}]")
             tokens = list(prompt)
             text = self._text(tokens)
         if suffix is not None:
@@ -254,7 +311,7 @@ class Engine:
         if not tokens:  # "as if from the beginning of a new document"
             bos = int(self._llm.token_bos())
             return Prepared([bos if bos >= 0 else int(self._llm.token_eos())], text, starter=True)
-        return Prepared(tokens, text)
+        return Prepared(tokens, text, added_start=added_start)
 
     def _fill_in_the_middle(self, prefix: list[int], text: str, suffix: list[int]) -> Prepared:
         """[BOS] <FIM_PRE> prefix <FIM_SUF> suffix <FIM_MID>, as llama.cpp's server lays out infill
@@ -268,7 +325,21 @@ class Engine:
         tokens = [*head, pre, *prefix, suf, *suffix, mid]
         return Prepared(tokens, text, span=(start, start + len(prefix)))
 
-    def _tokenize(self, text: str, *, bos: bool) -> list[int]:
+    @property
+    def _adds_start(self) -> bool:
+        """Whether this model's tokenizer puts a document-start token before a text."""
+        import llama_cpp
+
+        return bool(llama_cpp.llama_vocab_get_add_bos(self._vocab))
+
+    def _tokenize_prompt(self, text: str, *, bos: bool, special: bool) -> list[int]:
+        """A prompt the client wrote whole: control tokens spelled in it are those tokens (when
+        `special`), as llama.cpp's server and vLLM read a /completions prompt."""
+        return list(self._llm.tokenize(text.encode("utf-8"), add_bos=bos, special=special))
+
+    def _tokenize_plain(self, text: str, *, bos: bool) -> list[int]:
+        """Text that is content only: `<|im_end|>` in it is ten characters, never a control token.
+        Whatever a client puts inside a larger prompt it does not write whole goes through here."""
         return list(self._llm.tokenize(text.encode("utf-8"), add_bos=bos, special=False))
 
     def _is_one_token(self, text: str) -> bool:
@@ -391,7 +462,14 @@ class Engine:
         return piece
 
     def _text(self, tokens: list[int]) -> str:
-        return b"".join(self._piece(t) for t in tokens).decode("utf-8", errors="replace")
+        """The text of `tokens`, control tokens spelled out: read back as a prompt, it gives the
+        same tokens."""
+        pieces = (self._piece(t, special=True) for t in tokens)
+        return b"".join(pieces).decode("utf-8", errors="replace")
+
+    def _spelled(self, token: int) -> str:
+        """A token as logprobs name it: control tokens spelled out (`<|im_end|>`, never "")."""
+        return self._piece(token, special=True).decode("utf-8", errors="replace")
 
     def _step(self, job: Job) -> bool:
         """Run the job's next choice; True when it was the last."""
@@ -435,6 +513,7 @@ class Engine:
         generated = 0
         finish = "length"
         position = len(prompt.tokens)
+        end: tuple[Logits, int] | None = None  # the end-of-generation token and its logits
         while generated < limit:
             if job.cancelled.is_set():
                 return generated
@@ -442,6 +521,7 @@ class Engine:
             generated += 1
             if self._is_end(token):
                 finish = "stop"
+                end = (logits, token)
                 break
             if grammar is not None:
                 grammar.accept(token)
@@ -468,6 +548,12 @@ class Engine:
             elif tail:
                 pieces = [Piece(tail, None)]
             self._emit_pieces(job, index, pieces, want_logprobs)
+            if end is not None and want_logprobs:  # counted in usage, so listed; not in the text
+                end_logits, token = end
+                info = self._token_info(
+                    end_logits, token, self._spelled(token), s.logprobs or 0, offset + len(tail)
+                )
+                job.emit(ChoiceDelta(index, "", [info]))
         job.emit(ChoiceEnd(index, finish))
         return generated
 
@@ -613,7 +699,7 @@ class Engine:
             return {}
         best = np.argpartition(-logp, k)[:k]
         best = best[np.argsort(-logp[best], kind="stable")]
-        return {self._piece(int(t)).decode("utf-8", errors="replace"): float(logp[t]) for t in best}
+        return {self._spelled(int(t)): float(logp[t]) for t in best}
 
     def _prompt_logprobs(self, prompt: Prepared, rows: Logits, k: int) -> list[TokenInfo]:
         if prompt.starter:
@@ -624,7 +710,8 @@ class Engine:
         start, end = prompt.span or (0, len(prompt.tokens))
         for i in range(start, end):
             token = prompt.tokens[i]
-            text = decoder.decode(self._piece(token), final=i == end - 1)
+            spelled = not (i == 0 and prompt.added_start)
+            text = decoder.decode(self._piece(token, special=spelled), final=i == end - 1)
             if i == 0:
                 infos.append(TokenInfo(text, None, None, offset))
             else:

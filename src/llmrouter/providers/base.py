@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Protocol, get_args
+from typing import Any, Protocol, get_args
 
 from msgspec import UNSET, Struct, UnsetType
 
@@ -28,6 +28,8 @@ __all__ = [
     "Completion",
     "Provider",
     "StreamPart",
+    "Tokenized",
+    "Tokenizer",
     "Upstream",
     "normalise_finish_reason",
 ]
@@ -85,6 +87,26 @@ class StreamPart(Struct):
     usage_estimated: bool = False  # counted by llmrouter because the provider sent none
 
 
+@dataclass(frozen=True, slots=True)
+class Tokenized:
+    tokens: list[int]
+    token_strs: list[str] | None = None  # when asked for
+    max_model_len: int | None = None  # when the tokenizer's side knows it
+
+
+class Tokenizer(Protocol):
+    """A deployment's own tokenizer, as /tokenize and /detokenize reach it: the local model's, or
+    an upstream's tokenizer endpoints. Errors are `llmrouter.errors`, as for calls."""
+
+    async def tokenize(self, text: str, *, add_special: bool, strings: bool) -> Tokenized:
+        """`text` read as a /completions string prompt is read on this deployment."""
+
+    async def detokenize(self, tokens: list[int]) -> str: ...
+
+    async def info(self) -> dict[str, Any]:
+        """What lm-eval's remote tokenizer reads: `bos_token`, `eos_token`, `chat_template`..."""
+
+
 class Upstream(Protocol):
     """What one attempt asks of a deployment's adapter: a whole answer, or a stream of it."""
 
@@ -111,6 +133,9 @@ class Provider(Upstream, Protocol):
 
     def ready(self, deployment: DeploymentSettings) -> bool:
         """Whether the deployment would answer at once (a local model has loaded): for /ready."""
+
+    def tokenizer(self, deployment: DeploymentSettings) -> Tokenizer | None:
+        """The deployment's tokenizer, if the router can reach one."""
 
 
 def normalise_finish_reason(native: str | None) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 from msgspec import UNSET
 
@@ -21,7 +22,14 @@ from llmrouter.providers._llama_engine import (
     TokenInfo,
     bind_loop,
 )
-from llmrouter.providers.base import Call, Capabilities, Completion, StreamPart
+from llmrouter.providers.base import (
+    Call,
+    Capabilities,
+    Completion,
+    StreamPart,
+    Tokenized,
+    Tokenizer,
+)
 from llmrouter.settings import (
     EMBEDDED_UPSTREAM_MODEL,
     CheckSettings,
@@ -135,6 +143,9 @@ class LlamaCppAdapter:
         # Known from the config at once, or from the model once it has loaded.
         return self._engines[deployment.model].n_ctx or self._settings.n_ctx
 
+    def tokenizer(self, deployment: DeploymentSettings) -> Tokenizer | None:
+        return _LocalTokenizer(self._engines[deployment.model], deployment.special_tokens == "parse")
+
     async def complete(self, call: Call) -> Completion:
         texts: dict[int, list[str]] = {}
         infos: dict[int, list[TokenInfo]] = {}
@@ -197,9 +208,32 @@ class LlamaCppAdapter:
             job.cancelled.set()
 
 
+class _LocalTokenizer:
+    """The local model's tokenizer, reading text exactly as its /completions prompts are read."""
+
+    def __init__(self, engine: Engine, special: bool) -> None:
+        self._engine = engine
+        self._special = special
+
+    async def tokenize(self, text: str, *, add_special: bool, strings: bool) -> Tokenized:
+        return await asyncio.to_thread(self._tokenize, text, add_special, strings)
+
+    def _tokenize(self, text: str, add_special: bool, strings: bool) -> Tokenized:
+        engine = self._engine
+        tokens = engine.tokenize(text, add_special=add_special, special=self._special)
+        return Tokenized(tokens, engine.spelled(tokens) if strings else None, engine.n_ctx)
+
+    async def detokenize(self, tokens: list[int]) -> str:
+        return await asyncio.to_thread(self._engine.detokenize, tokens)
+
+    async def info(self) -> dict[str, Any]:
+        return await asyncio.to_thread(self._engine.tokenizer_info)
+
+
 def _prepare(engine: Engine, call: Call, checks: CheckSettings) -> tuple[Sampling, list[Prepared]]:
     sampling = _sampling(call, checks)
-    return sampling, engine.prepare(call.prompts, sampling)
+    special = call.deployment.special_tokens == "parse"
+    return sampling, engine.prepare(call.prompts, sampling, special=special)
 
 
 def _sampling(call: Call, checks: CheckSettings) -> Sampling:

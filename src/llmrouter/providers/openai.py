@@ -12,7 +12,7 @@ import email.utils
 import math
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import msgspec
@@ -20,6 +20,7 @@ from msgspec import UNSET, Struct
 
 from llmrouter.errors import (
     ContextLengthExceeded,
+    InvalidRequest,
     LlmrouterError,
     ProviderError,
     UpstreamAuthFailed,
@@ -36,6 +37,8 @@ from llmrouter.providers.base import (
     Capabilities,
     Completion,
     StreamPart,
+    Tokenized,
+    Tokenizer,
     normalise_finish_reason,
 )
 from llmrouter.settings import (
@@ -163,6 +166,11 @@ class OpenAIAdapter:
     def context_length(self, deployment: DeploymentSettings) -> int | None:
         return None
 
+    def tokenizer(self, deployment: DeploymentSettings) -> Tokenizer | None:
+        if self._settings.tokenizer is None:
+            return None
+        return _UpstreamTokenizer(self, deployment.model)
+
     # -- requests -----------------------------------------------------------------------------
 
     def _body(self, call: Call, *, stream: bool) -> bytes:
@@ -251,18 +259,49 @@ class OpenAIAdapter:
         finally:
             resp.release()
 
-    async def _post(self, body: bytes, timeouts: Timeouts) -> aiohttp.ClientResponse:
-        """POST a request and wait for the response's headers, for at most `first_token`,
-        streamed or not. Redirects are not followed: a 3xx would send the prompt wherever it
-        points, so it is a failure of this deployment (`_status_error`)."""
+    async def _post(
+        self, body: bytes, timeouts: Timeouts, url: str | None = None
+    ) -> aiohttp.ClientResponse:
+        """POST a request (to /completions, or `url`) and wait for the response's headers, for at
+        most `first_token`, streamed or not. Redirects are not followed: a 3xx would send the
+        prompt wherever it points, so it is a failure of this deployment (`_status_error`)."""
+        return await self._send("POST", url or self._url, body, timeouts)
+
+    async def _send(
+        self, method: str, url: str, body: bytes | None, timeouts: Timeouts
+    ) -> aiohttp.ClientResponse:
         assert self._session is not None, "start() opens the session"
         try:
             async with asyncio.timeout(timeouts.first_token):
-                return await self._session.post(
-                    self._url, data=body, headers=self._headers, allow_redirects=False
+                return await self._session.request(
+                    method, url, data=body, headers=self._headers, allow_redirects=False
                 )
         except Exception as exc:
             raise self._transport_error(exc) from None
+
+    async def fetch(self, method: str, path: str, fields: dict[str, Any] | None) -> Any:
+        """One whole JSON exchange with the upstream's tokenizer endpoints (`path` under
+        `tokenizer_url`); its errors translated as a completion's are."""
+        base = self._settings.tokenizer_url or _server_root(self._settings.base_url)
+        body = None if fields is None else encoder.encode(fields)
+        resp = await self._send(method, base.rstrip("/") + path, body, self.timeouts)
+        try:
+            async with asyncio.timeout(self.timeouts.total):
+                raw = await resp.read()
+            if resp.status != 200:
+                raise self._status_error(resp, raw)
+        except LlmrouterError:
+            raise
+        except Exception as exc:
+            raise self._transport_error(exc) from None
+        finally:
+            resp.release()
+        try:
+            return msgspec.json.decode(raw)
+        except msgspec.DecodeError:
+            raise UpstreamUnavailable(
+                f"Provider {self.name} sent a {path} answer that is not JSON."
+            ) from None
 
     async def _events(
         self, resp: aiohttp.ClientResponse, *, first: float, idle: float
@@ -386,6 +425,97 @@ class OpenAIAdapter:
         if isinstance(exc, aiohttp.ClientConnectionError | OSError):
             return UpstreamUnavailable(f"Provider {self.name} is unreachable: {type(exc).__name__}.")
         return UpstreamUnavailable(f"Provider {self.name} failed: {type(exc).__name__}.")
+
+
+class _UpstreamTokenizer:
+    """An upstream's tokenizer endpoints, vLLM's or llama.cpp's server's, in vLLM's terms."""
+
+    def __init__(self, adapter: OpenAIAdapter, model: str) -> None:
+        self._adapter = adapter
+        self._model = model
+        self._kind = adapter._settings.tokenizer
+
+    async def tokenize(self, text: str, *, add_special: bool, strings: bool) -> Tokenized:
+        if self._kind == "vllm":
+            fields = {"model": self._model, "prompt": text, "add_special_tokens": add_special}
+            if strings:
+                fields["return_token_strs"] = True
+            answer = _convert(await self._adapter.fetch("POST", "/tokenize", fields), _VllmTokens)
+            return Tokenized(answer.tokens, answer.token_strs, answer.max_model_len)
+        fields = {"content": text, "add_special": add_special, "parse_special": True}
+        if strings:
+            fields["with_pieces"] = True
+        raw = await self._adapter.fetch("POST", "/tokenize", fields)
+        if strings:
+            pieces = _convert(raw, _LlamaPieces).tokens
+            return Tokenized([p.id for p in pieces], [_piece_text(p.piece) for p in pieces])
+        return Tokenized(_convert(raw, _LlamaTokens).tokens)
+
+    async def detokenize(self, tokens: list[int]) -> str:
+        if self._kind == "vllm":
+            fields: dict[str, Any] = {"model": self._model, "tokens": tokens}
+            return _convert(await self._adapter.fetch("POST", "/detokenize", fields), _VllmText).prompt
+        raw = await self._adapter.fetch("POST", "/detokenize", {"tokens": tokens})
+        return _convert(raw, _LlamaText).content
+
+    async def info(self) -> dict[str, Any]:
+        if self._kind != "vllm":
+            raise InvalidRequest(
+                f"Provider {self._adapter.name} (llama.cpp's server) has no /tokenizer_info.",
+                param="model",
+            )
+        answer = await self._adapter.fetch("GET", "/tokenizer_info", None)
+        if not isinstance(answer, dict):
+            raise UpstreamUnavailable(f"Provider {self._adapter.name} sent a malformed /tokenizer_info.")
+        return answer
+
+
+# The tokenizer endpoints' answers, read as leniently as completions are.
+class _VllmTokens(Struct):
+    tokens: list[int]
+    token_strs: list[str] | None = None
+    max_model_len: int | None = None
+
+
+class _VllmText(Struct):
+    prompt: str
+
+
+class _LlamaTokens(Struct):
+    tokens: list[int]
+
+
+class _LlamaPiece(Struct):
+    id: int
+    piece: str | list[int]  # bytes, where the piece is not valid UTF-8 alone
+
+
+class _LlamaPieces(Struct):
+    tokens: list[_LlamaPiece]
+
+
+class _LlamaText(Struct):
+    content: str
+
+
+T = TypeVar("T")
+
+
+def _convert(raw: Any, kind: type[T]) -> T:
+    try:
+        return msgspec.convert(raw, kind)
+    except msgspec.ValidationError as exc:
+        raise UpstreamUnavailable(f"A tokenizer endpoint sent a malformed answer: {exc}") from None
+
+
+def _piece_text(piece: str | list[int]) -> str:
+    return piece if isinstance(piece, str) else bytes(piece).decode("utf-8", errors="replace")
+
+
+def _server_root(base_url: str) -> str:
+    """vLLM and llama.cpp's server serve their tokenizer beside `/v1`, not under it."""
+    base = base_url.rstrip("/")
+    return base[: -len("/v1")] if base.endswith("/v1") else base
 
 
 def _default_max_tokens(defaults: dict[str, Any]) -> int | None:

@@ -22,7 +22,7 @@ from llmrouter.errors import (
     UnsupportedParameter,
     quoted,
 )
-from llmrouter.providers.base import Capabilities, Provider
+from llmrouter.providers.base import Capabilities, Provider, Tokenizer
 from llmrouter.routing.health import HealthBook
 from llmrouter.routing.strategies import order_targets
 from llmrouter.settings import DeploymentSettings, ModelSettings, Pricing, Settings
@@ -178,16 +178,48 @@ class Catalog:
 
     def check_allowed(self, params: CompletionCreateParams, allowed: frozenset[str] | None) -> None:
         """A principal limited to some models (ids or aliases) may ask for those only."""
+        for name, param in self._requested_models(params):
+            self._check_permitted(name, param, allowed)
+
+    def _check_permitted(self, name: str, param: str, allowed: frozenset[str] | None) -> None:
         if allowed is None:
             return
         permitted = {self.models[m].id if m in self.models else m for m in allowed}
-        for name, param in self._requested_models(params):
-            if self.models[name].id not in permitted:
-                raise PermissionDenied(
-                    f"This key or token may not use the model {quoted(name)}.",
-                    param=param,
-                    code="model_not_allowed",
-                )
+        if self.models[name].id not in permitted:
+            raise PermissionDenied(
+                f"This key or token may not use the model {quoted(name)}.",
+                param=param,
+                code="model_not_allowed",
+            )
+
+    def tokenizers(
+        self, name: str | None, allowed: frozenset[str] | None
+    ) -> list[tuple[Target, Tokenizer]]:
+        """The deployments of the model called `name` (None: the default model) whose tokenizer
+        the router reaches, in the model's order, ejected ones last."""
+        name = self.default_model if name is None else name
+        if name not in self.models:
+            raise ModelNotFound(
+                f"The model {quoted(name)} does not exist on this router; GET /api/v1/models lists "
+                "the models it serves.",
+                param="model",
+            )
+        self._check_permitted(name, "model", allowed)
+        found = [
+            (t, tokenizer)
+            for t in self.targets[name]
+            if t.provider.usable(t.deployment)
+            and (tokenizer := t.provider.tokenizer(t.deployment)) is not None
+        ]
+        if not found:
+            raise InvalidRequest(
+                f"The model {quoted(name)} has no tokenizer llmrouter can reach: /tokenize serves "
+                "local models, and upstreams whose provider declares one (`tokenizer: vllm` or "
+                "`llama.cpp`).",
+                param="model",
+            )
+        found.sort(key=lambda tt: not self.health.available(tt[0].label))
+        return found
 
     def _check_provider_names(self, prefs: ProviderPreferences) -> None:
         for field in ("order", "only", "ignore"):

@@ -7,14 +7,16 @@ the error's `param` (`prompt[2]`). The rules that span several fields follow.
 from __future__ import annotations
 
 import re
-from typing import cast
+from typing import TypeVar, cast
 
 import msgspec
 
 from llmrouter.errors import QUOTED_CHARS, InvalidRequest, clipped, quoted
 from llmrouter.wire.completions import CompletionCreateParams, request_decoder
 
-__all__ = ["Prompts", "decode_completion_request"]
+__all__ = ["Prompts", "decode_body", "decode_completion_request"]
+
+T = TypeVar("T")
 
 # A validated prompt: a batch of strings, or a batch of token-id sequences (never a mixture).
 Prompts = tuple[str, ...] | tuple[tuple[int, ...], ...]
@@ -35,8 +37,16 @@ def _param_of(path: str) -> str:
 
 
 def decode_completion_request(body: bytes) -> tuple[CompletionCreateParams, Prompts]:
+    params = decode_body(request_decoder, body)
+    prompts = _check_prompt(params.prompt)
+    _check_cross_field(params)
+    return params, prompts
+
+
+def decode_body(decoder: msgspec.json.Decoder[T], body: bytes) -> T:
+    """A request body decoded into its type, or a 400 naming the field that is wrong."""
     try:
-        params = request_decoder.decode(body)
+        return decoder.decode(body)
     except msgspec.ValidationError as exc:
         raise _translate(str(exc)) from None
     except msgspec.DecodeError as exc:
@@ -45,9 +55,6 @@ def decode_completion_request(body: bytes) -> tuple[CompletionCreateParams, Prom
         raise InvalidRequest("The request body is not valid UTF-8.", code="invalid_json") from None
     except RecursionError:
         raise InvalidRequest("The request body is nested too deeply.", code="invalid_json") from None
-    prompts = _check_prompt(params.prompt)
-    _check_cross_field(params)
-    return params, prompts
 
 
 def _translate(message: str) -> InvalidRequest:
