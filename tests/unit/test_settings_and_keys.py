@@ -69,6 +69,16 @@ ONE_MODEL = "models:\n  - {id: m, deployments: [{provider: o, model: x}]}\n"
             "  pattern_seconds: 1\n",
             "checks",
         ),
+        (
+            "providers: {o: {kind: openai, base_url: 'http://x'}}\nmodels:\n"
+            "  - {id: m, deployments: [{provider: o, model: x, special_tokens: plain}]}\n",
+            "models[0].deployments[0].special_tokens (line 3): applies to llamacpp deployments only",
+        ),
+        (
+            "providers: {o: {kind: openai, base_url: 'http://x', tokenizer: sentencepiece}}\n"
+            + ONE_MODEL,
+            "providers.o.tokenizer",
+        ),
     ],
 )
 def test_config_errors_name_the_place(tmp_path: Path, text: str, message: str) -> None:
