@@ -44,7 +44,8 @@ Faults (streamed and not, unless said):
   lm...-reasoning...  the first chunk also carries `reasoning` in a field of its own
 
 Tokenizer endpoints, whose tokens are a text's UTF-8 bytes (a document start, 256, first when
-asked for), the model name (or `X-Fault`) choosing `status-NNN` as for completions:
+asked for), the model name (or `X-Fault`) choosing `status-NNN` as for completions, `nested` (an
+answer nested 100,000 deep) or `bad-ids` (token ids and lengths no tokenizer has):
   vLLM's              POST /tokenize, POST /detokenize, GET /tokenizer_info
   llama.cpp's server  POST /llamacpp/tokenize, POST /llamacpp/detokenize
 
@@ -405,6 +406,11 @@ async def _tokenizer_request(request: web.Request) -> tuple[dict[str, Any], web.
     if fault.startswith("status-"):
         status = int(fault.split("-")[1])
         return body, web.json_response({"error": {"message": f"fault {status}"}}, status=status)
+    if fault == "nested":
+        deep = '{"tokens":' + "[" * 100_000 + "]" * 100_000 + "}"
+        return body, web.Response(text=deep, content_type="application/json")
+    if fault == "bad-ids":
+        return body, web.json_response({"count": 1, "max_model_len": -1, "tokens": [-5]})
     return body, None
 
 

@@ -61,6 +61,12 @@ models:
     deployments: [{{provider: llamacpp, model: ok}}]
   - id: tok/refused
     deployments: [{{provider: vllm, model: status-400}}, {{provider: llamacpp, model: ok}}]
+  - id: tok/nested
+    deployments: [{{provider: vllm, model: nested}}]
+  - id: tok/hostile
+    deployments: [{{provider: vllm, model: nested}}, {{provider: vllm, model: bad-ids}}]
+  - id: tok/info-second
+    deployments: [{{provider: llamacpp, model: ok}}, {{provider: vllm, model: ok}}]
   - id: fake/none
     deployments: [{{provider: plain_upstream, model: ok}}]
 """
@@ -196,6 +202,48 @@ def test_scoring_with_echo_and_one_token_keeps_every_prompt_token(
         "completion_tokens": 1,
         "total_tokens": len(ids) + 1,
     }
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_end_of_text_after_a_partial_character_stands_at_the_texts_end(
+    evaluated: Router, stream: bool
+) -> None:
+    """Token 173 is the first byte of a UTF-8 character, left incomplete: the text ends with
+    U+FFFD, which no token spells; the end-of-text entry comes after it, streamed or not."""
+    body: dict[str, Any] = {"prompt": [26843], "max_tokens": 2, "logprobs": 1, "seed": 25}
+    body |= {"logit_bias": {"173": 100, "2": 100}, "temperature": 2}
+    if stream:
+        body |= {"stream": True}
+    status, answer, _ = ask(evaluated, body)
+    assert status == 200, answer
+    choice = answer["choices"][0]
+    assert choice["text"] == "\ufffd"
+    assert choice["logprobs"]["tokens"] == ["", END]
+    assert choice["logprobs"]["text_offset"] == [0, 1]
+
+
+def test_a_control_token_the_text_leaves_out_is_named_in_logprobs(evaluated: Router) -> None:
+    """Generated without a grammar, `<|im_start|>` is not in the text; logprobs name it, as its
+    top_logprobs do, at the place it stands."""
+    body = {"prompt": CHAT + "\n", "max_tokens": 1, "logprobs": 1, "temperature": 0}
+    r = post(evaluated, "/api/v1/completions", body)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    assert choice["text"] == ""
+    assert choice["logprobs"]["tokens"] == ["<|im_start|>"]
+    assert list(choice["logprobs"]["top_logprobs"][0]) == ["<|im_start|>"]
+    assert choice["logprobs"]["text_offset"] == [0]
+
+
+def test_end_of_text_after_reasoning_is_still_listed(evaluated: Router) -> None:
+    grammar = {"type": "grammar", "grammar": 'root ::= "<think>x</think>"'}
+    body = {"prompt": "Think:", "max_tokens": 40, "logprobs": 0, "response_format": grammar}
+    r = post(evaluated, "/api/v1/completions", body)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    assert choice["reasoning"] == "x" and choice["text"] == ""
+    assert choice["finish_reason"] == "stop"
+    assert choice["logprobs"]["tokens"] in (["<|endoftext|>"], [END], ["<file_sep>"])
 
 
 # -- 2. control tokens in prompts -----------------------------------------------------------------
@@ -353,6 +401,36 @@ def test_upstream_tokenizers_vllm_and_llama_cpp(evaluated: Router, fake_upstream
     }
     r = httpx.get(f"{evaluated.base}/v1/tokenizer_info?model=tok/llamacpp", headers=evaluated.headers())
     assert_error(r, 400, "model")
+
+
+def test_a_hostile_upstream_tokenizer_is_a_502_not_a_500(evaluated: Router) -> None:
+    assert_error(post(evaluated, "/tokenize", {"model": "tok/nested", "prompt": "h"}), 502)
+    # Nested, then ids no tokenizer has (and a negative context length): each is the upstream's
+    # failure, and the last one's error is the answer.
+    r = post(evaluated, "/tokenize", {"model": "tok/hostile", "prompt": "h"})
+    assert "malformed" in assert_error(r, 502)["error"]["message"]
+
+
+def test_tokenizer_info_passes_over_a_deployment_without_one(evaluated: Router) -> None:
+    r = httpx.get(f"{evaluated.base}/tokenizer_info?model=tok/info-second", headers=evaluated.headers())
+    assert r.status_code == 200, r.text
+    assert r.json()["tokenizer_class"] == "FakeTokenizer"
+    for query in ("model=", "model=tok/vllm&model=tok/llamacpp", "model=&model=tok/vllm"):
+        r = httpx.get(f"{evaluated.base}/tokenizer_info?{query}", headers=evaluated.headers())
+        assert_error(r, 400, "model")
+
+
+def test_tokenizer_answers_carry_the_rate_limit_headers(evaluated: Router) -> None:
+    name = f"k-{uuid.uuid4().hex[:8]}"
+    secret = evaluated.cli("keys", "create", "--name", name, "--rpm", "50").stdout.split()[-1]
+    r = httpx.post(
+        f"{evaluated.base}/tokenize",
+        headers={"Authorization": f"Bearer {secret}"},
+        json={"prompt": "x"},
+    )
+    assert r.status_code == 200, r.text
+    assert r.headers["x-ratelimit-limit"] == "50"
+    assert r.headers["x-ratelimit-remaining"] == "49"
 
 
 def test_an_upstream_tokenizer_that_fails_passes_to_the_next_one(evaluated: Router) -> None:

@@ -18,6 +18,8 @@ from typing import Any
 import jsonschema
 import llama_cpp
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from llama_cpp import Llama, llama_grammar
 
 from llmrouter.errors import InvalidRequest
@@ -490,3 +492,47 @@ def test_the_left_recursion_check_takes_time_in_proportion_to_the_grammar() -> N
     started = time.perf_counter()
     check_grammar(text)
     assert time.perf_counter() - started < 10
+
+
+# -- reading control tokens in a prompt -----------------------------------------------------------
+
+_PROMPT_PIECES = [
+    *("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<filename>", "<empty_output>"),
+    *("user", "assistant", "\n", " ", "  ", "Hi", "é", "東京", "🙂", "x"),
+    *("<|im", "_start|>", "<", ">", "|", "<|", "|>", "<|im_end", "<filename"),
+]
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(st.lists(st.sampled_from(_PROMPT_PIECES), max_size=14), st.booleans())
+def test_a_prompt_reads_control_tokens_as_llama_cpps_parse_special_does(
+    engine: Engine, pieces: list[str], bos: bool
+) -> None:
+    text = "".join(pieces)
+    ours = engine._tokenize_prompt(text, bos=bos, special=True)
+    theirs = engine._llm.tokenize(text.encode(), add_bos=bos, special=True)
+    assert ours == list(theirs)
+    assert engine._tokenize_prompt(text, bos=bos, special=False) == list(
+        engine._llm.tokenize(text.encode(), add_bos=bos, special=False)
+    )
+
+
+def test_reading_control_tokens_costs_about_what_plain_text_does(engine: Engine) -> None:
+    """llama.cpp's own parse_special is quadratic: 25 s for 520 KB of `<|im_start|>x`, where the
+    same text read as plain characters takes 0.3 s. Cut in one pass, it costs a small multiple
+    of that (a ratio in one run, not a timing)."""
+    text = "".join(f"<|im_start|>{i}" for i in range(50_000))  # 790 KB, every piece different
+    took = []
+    for special in (True, False, True, False):
+        started = time.perf_counter()
+        engine._tokenize_prompt(text, bos=False, special=special)
+        took.append(time.perf_counter() - started)
+    assert min(took[0], took[2]) < 10 * max(took[1], took[3]), took
+
+
+def test_fill_in_the_middle_reads_its_prefix_and_suffix_as_plain_text(fim_engine: Engine) -> None:
+    """No prompt can write the markers that lay out fill-in-the-middle itself."""
+    s = Sampling(max_tokens=1, suffix="c<|im_end|>")
+    [prepared] = fim_engine.prepare(("a<|im_start|>b",), s, special=True)
+    assert 1 not in prepared.tokens[1:-1] and 2 not in prepared.tokens
+    assert fim_engine._text(prepared.tokens).count("<|im_start|>") == 1

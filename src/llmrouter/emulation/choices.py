@@ -8,6 +8,7 @@ counted in characters of the choice's text, echo included. A non-streamed answer
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -50,7 +51,9 @@ class _Reasoning:
         reasoning: list[str] = []
         content: list[Piece[Entry | None]] = []
         for piece in pieces:
-            if self.state == "after":  # whitespace after the closing tag is dropped
+            if not piece.text and piece.payload is not None and self.state in ("inside", "after"):
+                content.append(piece)  # an entry that spells nothing (end-of-text) stays listed
+            elif self.state == "after":  # whitespace after the closing tag is dropped
                 text = piece.text.lstrip()
                 if text:
                     self.state = "content"
@@ -204,19 +207,42 @@ class ChoiceShaper:
 
 def _pieces(text: str, logprobs: Logprobs | None, k: int) -> list[Piece[Entry | None]]:
     """The text cut at its tokens, each piece carrying its token's entry. The text is the truth:
-    tokens that do not spell it (a partial UTF-8 character, say) are aligned as far as they go."""
+    tokens that do not spell it (a partial UTF-8 character, say) are aligned as far as they go,
+    except a token the text leaves out (an end-of-text or other control token), which the text
+    does not hold where it stands and the deployment's own offsets give no width: it spells
+    nothing, at the place those offsets say."""
     if logprobs is None or not logprobs.tokens:
         return [Piece(text, None)] if text else []
     pieces: list[Piece[Entry | None]] = []
     position = 0
-    tops = logprobs.top_logprobs or [None] * len(logprobs.tokens)
-    for token, logprob, top in zip(logprobs.tokens, logprobs.token_logprobs, tops, strict=False):
+    tokens = logprobs.tokens
+    tops = logprobs.top_logprobs or [None] * len(tokens)
+    starts = _relative_offsets(logprobs, len(text))
+    for i, (token, logprob, top) in enumerate(zip(tokens, logprobs.token_logprobs, tops, strict=False)):
+        if starts is not None and starts[i] == starts[i + 1] and not text.startswith(token, position):
+            if starts[i] > position:  # text before it that no token spelled
+                pieces.append(Piece(text[position : starts[i]], None))
+                position = starts[i]
+            pieces.append(Piece("", Entry(token, logprob, _best(top, k), 0)))
+            continue
         segment = text[position : position + len(token)]
         position += len(segment)
         pieces.append(Piece(segment, Entry(token, logprob, _best(top, k), len(segment))))
     if position < len(text):
         pieces.append(Piece(text[position:], None))
     return pieces
+
+
+def _relative_offsets(logprobs: Logprobs, length: int) -> list[int] | None:
+    """Where the deployment says each token starts in this delta's text, and the text's end;
+    None where its offsets cannot be read so (missing, out of order, or past the text)."""
+    offsets = logprobs.text_offset
+    if not offsets or len(offsets) != len(logprobs.tokens):
+        return None
+    starts = [o - offsets[0] for o in offsets] + [length]
+    if any(b < a for a, b in itertools.pairwise(starts)):
+        return None
+    return starts
 
 
 def _best(top: dict[str, float] | None, k: int) -> dict[str, float] | None:

@@ -28,6 +28,7 @@ import ctypes
 import itertools
 import logging
 import os
+import re
 import threading
 import time
 import warnings
@@ -165,6 +166,10 @@ class Engine:
         self._vocab: Any = None
         self._fim: tuple[int, int, int] | None = None  # the prefix, suffix and middle markers
         self._lltokenizer: Any = None
+        # The control tokens' texts, to read them in a prompt (see `_tokenize_prompt`).
+        self._controls: dict[bytes, int] = {}
+        self._control_ids: frozenset[int] = frozenset()
+        self._control_text: re.Pattern[bytes] | None = None
         self._pieces: dict[tuple[int, bool], bytes] = {}
         # The prompt whose keys/values are in the context, and its last logits: the next choice of
         # the same prompt starts from them instead of decoding the prompt again.
@@ -297,11 +302,15 @@ class Engine:
         special: bool,
     ) -> Prepared:
         added_start = False
-        if isinstance(prompt, str):
-            with_start = suffix is None  # fill-in-the-middle puts its own first
-            tokens = self._tokenize_prompt(prompt, bos=with_start, special=special)
+        if isinstance(prompt, str) and suffix is not None:
+            # Between the fill-in-the-middle markers, as llama.cpp's server reads it: plain text,
+            # so that no prompt can write the markers itself.
+            tokens = self._tokenize_plain(prompt, bos=False)
             text = prompt
-            added_start = with_start and self._adds_start
+        elif isinstance(prompt, str):
+            tokens = self._tokenize_prompt(prompt, bos=True, special=special)
+            text = prompt
+            added_start = self._adds_start
         else:
             self._check_ids(prompt, "prompt" if count == 1 else f"prompt[{i}]")
             tokens = list(prompt)
@@ -334,8 +343,35 @@ class Engine:
 
     def _tokenize_prompt(self, text: str, *, bos: bool, special: bool) -> list[int]:
         """A prompt the client wrote whole: control tokens spelled in it are those tokens (when
-        `special`), as llama.cpp's server and vLLM read a /completions prompt."""
-        return list(self._llm.tokenize(text.encode("utf-8"), add_bos=bos, special=special))
+        `special`), as llama.cpp's server and vLLM read a /completions prompt.
+
+        The text is cut at the control tokens here, in one pass, and the pieces between read as
+        plain text: what llama.cpp's own `parse_special` gives (tests/unit/test_grammar.py checks
+        it), which takes time quadratic in the prompt (25 s for 520 KB of `<|im_start|>x`)."""
+        if not special or self._control_text is None:
+            return self._tokenize_plain(text, bos=bos)
+        import llama_cpp
+
+        data = text.encode("utf-8")
+        # What llama.cpp puts around a text when asked for its special tokens (`bos`).
+        tokens = [int(self._llm.token_bos())] if bos and self._adds_start else []
+        end = bos and llama_cpp.llama_vocab_get_add_eos(self._vocab)
+        read: dict[bytes, list[int]] = {}  # chat prompts repeat their pieces (`user\n`)
+
+        def plain(piece: bytes) -> list[int]:
+            if piece not in read:
+                read[piece] = self._llm.tokenize(piece, add_bos=False, special=False)
+            return read[piece]
+
+        start = 0
+        for match in self._control_text.finditer(data):
+            if match.start() > start:
+                tokens += plain(data[start : match.start()])
+            tokens.append(self._controls[match.group()])
+            start = match.end()
+        if start < len(data):
+            tokens += plain(data[start:])
+        return [*tokens, int(self._llm.token_eos())] if end else tokens
 
     def _tokenize_plain(self, text: str, *, bos: bool) -> list[int]:
         """Text that is content only: `<|im_end|>` in it is ten characters, never a control token.
@@ -434,6 +470,11 @@ class Engine:
         self.n_vocab = int(self._llm.n_vocab())
         self._vocab = self._llm._model.vocab
         self._fim = _fim_markers(self._vocab)
+        self._controls = _control_tokens(self._vocab, self.n_vocab)
+        self._control_ids = frozenset(self._controls.values())
+        if self._controls:  # longest first: of two starting at one place, the longer is read
+            ordered = sorted(self._controls, key=len, reverse=True)
+            self._control_text = re.compile(b"|".join(re.escape(t) for t in ordered))
         log.info(
             "local model %s ready in %.2f s (context %d tokens)",
             self.name,
@@ -526,11 +567,13 @@ class Engine:
             if grammar is not None:
                 grammar.accept(token)
             counts[token] = counts.get(token, 0) + 1
-            # Under a grammar the text is what the grammar matched, control tokens spelled out.
+            # Under a grammar the text is what the grammar matched, control tokens spelled out;
+            # otherwise the text leaves them out, and logprobs name them.
             piece_text = decoder.decode(self._piece(token, special=grammar is not None))
             info = None
             if want_logprobs:
-                info = self._token_info(logits, token, piece_text, s.logprobs or 0, offset)
+                name = piece_text or (self._spelled(token) if self._is_control(token) else "")
+                info = self._token_info(logits, token, name, s.logprobs or 0, offset)
             offset += len(piece_text)
             released = scanner.feed(Piece(piece_text, info))
             self._emit_pieces(job, index, released, want_logprobs)
@@ -564,13 +607,16 @@ class Engine:
             return
         text = "".join(p.text for p in pieces)
         infos = None
-        if logprobs:
+        if logprobs:  # a piece's text may be cut by a stop; one with none is a control token's
             infos = [
-                TokenInfo(p.text, p.payload.logprob, p.payload.top, p.payload.offset)
+                TokenInfo(p.text or p.payload.token, p.payload.logprob, p.payload.top, p.payload.offset)
                 for p in pieces
                 if p.payload is not None
             ]
         job.emit(ChoiceDelta(index, text, infos))
+
+    def _is_control(self, token: int) -> bool:
+        return token in self._control_ids
 
     def _is_end(self, token: int) -> bool:
         import llama_cpp
@@ -719,6 +765,21 @@ class Engine:
                 infos.append(TokenInfo(text, float(logp[token]), self._top(logp, k), offset))
             offset += len(text)
         return infos
+
+
+def _control_tokens(vocab: Any, n_vocab: int) -> dict[bytes, int]:
+    """The texts of the tokens llama.cpp reads in a text only when told to parse special tokens
+    (control and unknown tokens), each with its id."""
+    import llama_cpp
+
+    special = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_UNKNOWN
+    found: dict[bytes, int] = {}
+    for token in range(n_vocab):
+        if llama_cpp.llama_vocab_get_attr(vocab, token) & special:
+            text = llama_cpp.llama_vocab_get_text(vocab, token)
+            if text:
+                found.setdefault(bytes(text), token)
+    return found
 
 
 def _fim_markers(vocab: Any) -> tuple[int, int, int] | None:

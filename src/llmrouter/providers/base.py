@@ -103,6 +103,9 @@ class Tokenizer(Protocol):
 
     async def detokenize(self, tokens: list[int]) -> str: ...
 
+    # Whether `info` answers (llama.cpp's server has no /tokenizer_info).
+    has_info: bool
+
     async def info(self) -> dict[str, Any]:
         """What lm-eval's remote tokenizer reads: `bos_token`, `eos_token`, `chat_template`..."""
 

@@ -211,6 +211,8 @@ class LlamaCppAdapter:
 class _LocalTokenizer:
     """The local model's tokenizer, reading text exactly as its /completions prompts are read."""
 
+    has_info = True
+
     def __init__(self, engine: Engine, special: bool) -> None:
         self._engine = engine
         self._special = special

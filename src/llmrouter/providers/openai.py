@@ -12,15 +12,14 @@ import email.utils
 import math
 import time
 from collections.abc import AsyncIterator
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import aiohttp
 import msgspec
-from msgspec import UNSET, Struct
+from msgspec import UNSET, Meta, Struct
 
 from llmrouter.errors import (
     ContextLengthExceeded,
-    InvalidRequest,
     LlmrouterError,
     ProviderError,
     UpstreamAuthFailed,
@@ -298,9 +297,9 @@ class OpenAIAdapter:
             resp.release()
         try:
             return msgspec.json.decode(raw)
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, RecursionError):
             raise UpstreamUnavailable(
-                f"Provider {self.name} sent a {path} answer that is not JSON."
+                f"Provider {self.name} sent a {path} answer that is not JSON llmrouter reads."
             ) from None
 
     async def _events(
@@ -434,6 +433,7 @@ class _UpstreamTokenizer:
         self._adapter = adapter
         self._model = model
         self._kind = adapter._settings.tokenizer
+        self.has_info = self._kind == "vllm"
 
     async def tokenize(self, text: str, *, add_special: bool, strings: bool) -> Tokenized:
         if self._kind == "vllm":
@@ -441,6 +441,11 @@ class _UpstreamTokenizer:
             if strings:
                 fields["return_token_strs"] = True
             answer = _convert(await self._adapter.fetch("POST", "/tokenize", fields), _VllmTokens)
+            if answer.token_strs is not None and len(answer.token_strs) != len(answer.tokens):
+                raise UpstreamUnavailable(
+                    f"Provider {self._adapter.name} sent {len(answer.token_strs)} token strings "
+                    f"for {len(answer.tokens)} tokens."
+                )
             return Tokenized(answer.tokens, answer.token_strs, answer.max_model_len)
         fields = {"content": text, "add_special": add_special, "parse_special": True}
         if strings:
@@ -459,22 +464,22 @@ class _UpstreamTokenizer:
         return _convert(raw, _LlamaText).content
 
     async def info(self) -> dict[str, Any]:
-        if self._kind != "vllm":
-            raise InvalidRequest(
-                f"Provider {self._adapter.name} (llama.cpp's server) has no /tokenizer_info.",
-                param="model",
-            )
+        assert self.has_info, "llama.cpp's server has no /tokenizer_info"
         answer = await self._adapter.fetch("GET", "/tokenizer_info", None)
         if not isinstance(answer, dict):
             raise UpstreamUnavailable(f"Provider {self._adapter.name} sent a malformed /tokenizer_info.")
         return answer
 
 
-# The tokenizer endpoints' answers, read as leniently as completions are.
+# The tokenizer endpoints' answers: extra fields are ignored, but what is passed on must be a
+# token id (a llama.cpp token is an int32) and a context length.
+_Id = Annotated[int, Meta(ge=0, lt=2**31)]
+
+
 class _VllmTokens(Struct):
-    tokens: list[int]
+    tokens: list[_Id]
     token_strs: list[str] | None = None
-    max_model_len: int | None = None
+    max_model_len: Annotated[int, Meta(ge=1, lt=2**31)] | None = None
 
 
 class _VllmText(Struct):
@@ -482,12 +487,12 @@ class _VllmText(Struct):
 
 
 class _LlamaTokens(Struct):
-    tokens: list[int]
+    tokens: list[_Id]
 
 
 class _LlamaPiece(Struct):
-    id: int
-    piece: str | list[int]  # bytes, where the piece is not valid UTF-8 alone
+    id: _Id
+    piece: str | list[Annotated[int, Meta(ge=0, le=255)]]  # bytes, where not UTF-8 alone
 
 
 class _LlamaPieces(Struct):

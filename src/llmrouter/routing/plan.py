@@ -19,6 +19,7 @@ from llmrouter.errors import (
     InvalidRequest,
     ModelNotFound,
     PermissionDenied,
+    ServiceUnavailable,
     UnsupportedParameter,
     quoted,
 )
@@ -193,10 +194,11 @@ class Catalog:
             )
 
     def tokenizers(
-        self, name: str | None, allowed: frozenset[str] | None
+        self, name: str | None, allowed: frozenset[str] | None, *, info: bool = False
     ) -> list[tuple[Target, Tokenizer]]:
         """The deployments of the model called `name` (None: the default model) whose tokenizer
-        the router reaches, in the model's order, ejected ones last."""
+        the router reaches (and, with `info`, can describe), in the model's order, ejected ones
+        last."""
         name = self.default_model if name is None else name
         if name not in self.models:
             raise ModelNotFound(
@@ -208,18 +210,28 @@ class Catalog:
         found = [
             (t, tokenizer)
             for t in self.targets[name]
-            if t.provider.usable(t.deployment)
-            and (tokenizer := t.provider.tokenizer(t.deployment)) is not None
+            if (tokenizer := t.provider.tokenizer(t.deployment)) is not None
+            and (tokenizer.has_info or not info)
         ]
         if not found:
+            what = "/tokenizer_info serves local models and vLLM upstreams (`tokenizer: vllm`)"
+            if not info:
+                what = (
+                    "/tokenize serves local models, and upstreams whose provider declares one "
+                    "(`tokenizer: vllm` or `llama.cpp`)"
+                )
             raise InvalidRequest(
-                f"The model {quoted(name)} has no tokenizer llmrouter can reach: /tokenize serves "
-                "local models, and upstreams whose provider declares one (`tokenizer: vllm` or "
-                "`llama.cpp`).",
+                f"The model {quoted(name)} has no tokenizer llmrouter can reach: {what}.",
                 param="model",
             )
-        found.sort(key=lambda tt: not self.health.available(tt[0].label))
-        return found
+        usable = [(t, tokenizer) for t, tokenizer in found if t.provider.usable(t.deployment)]
+        if not usable:
+            raise ServiceUnavailable(
+                f"No deployment of the model {quoted(name)} with a tokenizer is usable now.",
+                retry_after=1,
+            )
+        usable.sort(key=lambda tt: not self.health.available(tt[0].label))
+        return usable
 
     def _check_provider_names(self, prefs: ProviderPreferences) -> None:
         for field in ("order", "only", "ignore"):
