@@ -13,6 +13,7 @@ from llmrouter.accounts.keys import ApiKey, KeyError_, KeyNameTaken
 from llmrouter.api.http import Request, send_bytes
 from llmrouter.errors import Conflict, InvalidRequest, NotFound, quoted
 from llmrouter.settings import Amount, Count, Policy, Reset
+from llmrouter.wire.decode import decode
 
 if TYPE_CHECKING:
     from llmrouter.app import Context
@@ -46,6 +47,9 @@ class KeySpec(Struct, forbid_unknown_fields=True):
             reset=self.reset,
             models=None if self.models is None else frozenset(self.models),
         )
+
+
+_key_spec = msgspec.json.Decoder(KeySpec)
 
 
 def _limits(policy: Policy) -> dict[str, Any]:
@@ -141,7 +145,7 @@ async def key_collection(req: Request, ctx: Context) -> None:
         return
     req.require_json()
     try:
-        spec = msgspec.json.decode(await req.body(_BODY_LIMIT), type=KeySpec)
+        spec = decode(_key_spec, await req.body(_BODY_LIMIT))
     except msgspec.ValidationError as exc:
         message, _, where = str(exc).partition(" - at `$")
         raise InvalidRequest(message + ".", param=where.rstrip("`").lstrip(".")) from None

@@ -13,6 +13,7 @@ import msgspec
 
 from llmrouter.errors import QUOTED_CHARS, InvalidRequest, clipped, quoted
 from llmrouter.wire.completions import CompletionCreateParams, request_decoder
+from llmrouter.wire.decode import decode
 
 __all__ = ["Prompts", "decode_completion_request"]
 
@@ -36,7 +37,7 @@ def _param_of(path: str) -> str:
 
 def decode_completion_request(body: bytes) -> tuple[CompletionCreateParams, Prompts]:
     try:
-        params = request_decoder.decode(body)
+        params = decode(request_decoder, body)
     except msgspec.ValidationError as exc:
         raise _translate(str(exc)) from None
     except msgspec.DecodeError as exc:
