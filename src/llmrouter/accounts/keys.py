@@ -31,7 +31,7 @@ from llmrouter.accounts.store import Database, IntegrityError
 from llmrouter.errors import AuthenticationFailed
 from llmrouter.settings import Policy
 
-__all__ = ["KEY_PATTERN", "ApiKey", "KeyError_", "KeyNameTaken", "Keys", "check_label"]
+__all__ = ["KEY_PATTERN", "MAX_LABEL", "ApiKey", "KeyError_", "KeyNameTaken", "Keys", "check_label"]
 
 _ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 _ID_CHARS, _SECRET_CHARS, _CHECK_CHARS = 12, 32, 6
