@@ -7,7 +7,7 @@ from typing import Any
 
 from llmrouter.accounts.keys import MAX_LABEL
 from llmrouter.api.accounts import KeySpec
-from llmrouter.openapi._schema import constrain, error, json_response, ref
+from llmrouter.openapi._schema import RETRY_AFTER_HEADER, constrain, error, json_response, ref
 
 __all__ = ["add_accounts", "label_pattern"]
 
@@ -167,7 +167,7 @@ def add_accounts(spec: Schema) -> None:
     common = {
         "400": error("The Authorization header sent more than once"),
         "401": error("Unauthorized - invalid API key or token"),
-        "503": error("The database cannot be reached"),
+        "503": error("The database cannot be reached", RETRY_AFTER_HEADER),
     }
     admin = {**common, "403": error("Not an admin key")}
     key_id = [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}]

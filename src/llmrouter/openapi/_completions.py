@@ -5,7 +5,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from llmrouter.openapi._schema import constrain, error, json_response, ref, wire_bounds
+from llmrouter.openapi._schema import (
+    RETRY_AFTER_HEADER,
+    constrain,
+    error,
+    json_response,
+    ref,
+    wire_bounds,
+)
 from llmrouter.wire.completions import (
     MAX_MODEL_CHARS,
     CompletionCreateParams,
@@ -37,7 +44,7 @@ _CLOSED_OBJECTS = (
     "ProviderPreferences",
 )
 
-RATE_LIMIT_HEADERS: Schema = {
+_RATE_LIMIT_HEADERS: Schema = {
     "X-RateLimit-Limit": {
         "schema": {"type": "integer"},
         "description": "The requests-per-minute limit (else tokens per minute) of the caller.",
@@ -50,9 +57,6 @@ RATE_LIMIT_HEADERS: Schema = {
         "schema": {"type": "integer"},
         "description": "Seconds until the window frees capacity.",
     },
-}
-_RETRY_AFTER: Schema = {
-    "Retry-After": {"schema": {"type": "integer"}, "description": "Seconds to wait."}
 }
 
 
@@ -261,7 +265,7 @@ def _answer_in_both_media_types(ok: Schema) -> None:
                 "(e.g. `n, stop`); absent when the deployment honoured all of them."
             ),
         },
-        **RATE_LIMIT_HEADERS,
+        **_RATE_LIMIT_HEADERS,
     }
 
 
@@ -274,7 +278,7 @@ def _add_statuses(responses: Schema) -> None:
         "Retry-After and X-RateLimit-*); or its credit is held by requests in flight (`code: "
         "credit_held`, retry after one finishes); or (code `upstream_rate_limited`) every "
         "deployment's upstream rate-limited the request",
-        {**_RETRY_AFTER, **RATE_LIMIT_HEADERS},
+        {**RETRY_AFTER_HEADER, **_RATE_LIMIT_HEADERS},
     )
     responses["500"] = error(responses["500"]["description"])
     responses["402"] = error(
@@ -296,7 +300,7 @@ def _add_statuses(responses: Schema) -> None:
         "No capable deployment can take the request now (see Retry-After): all are ejected, "
         "inside an upstream's Retry-After, or their queue is full; or the usage ledger or the "
         "database cannot keep up",
-        _RETRY_AFTER,
+        RETRY_AFTER_HEADER,
     )
     responses["504"] = error("The provider did not answer in time")
 
@@ -332,7 +336,7 @@ def add_models(spec: Schema) -> None:
                 "200": json_response("The models", ref("ModelList")),
                 "400": error("The Authorization header sent more than once"),
                 "401": error("Unauthorized - invalid API key"),
-                "503": error("The database cannot be reached", _RETRY_AFTER),
+                "503": error("The database cannot be reached", RETRY_AFTER_HEADER),
             },
         }
     }

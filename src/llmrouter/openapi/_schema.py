@@ -11,6 +11,7 @@ import msgspec
 
 __all__ = [
     "REQUEST_ID_HEADER",
+    "RETRY_AFTER_HEADER",
     "as_openapi_3_2",
     "constrain",
     "error",
@@ -30,6 +31,10 @@ REQUEST_ID_HEADER: Schema = {
         "schema": {"type": "string"},
         "description": "The request's id (a completion's id); the log line and the ledger have it.",
     }
+}
+
+RETRY_AFTER_HEADER: Schema = {
+    "Retry-After": {"schema": {"type": "integer"}, "description": "Seconds to wait."}
 }
 
 
