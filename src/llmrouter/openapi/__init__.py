@@ -24,7 +24,7 @@ from typing import Any
 
 from llmrouter.openapi._accounts import add_accounts
 from llmrouter.openapi._completions import add_completions, add_models
-from llmrouter.openapi._schema import REQUEST_ID_HEADER, as_openapi_3_2, error, shared_spec
+from llmrouter.openapi._schema import as_openapi_3_2, error, shared_spec
 
 __all__ = ["build_openapi", "shared_spec"]
 
@@ -63,6 +63,8 @@ def build_openapi() -> dict[str, Any]:
 
 
 def _add_edge_responses(spec: dict[str, Any]) -> None:
+    """Answers that do not belong to one operation: the connection's refusals (on every
+    operation) and the 405 of a method no operation has (a named response only)."""
     responses = spec["components"].setdefault("responses", {})
     responses["MethodNotAllowed"] = error(
         "The path has no such method",
@@ -71,8 +73,7 @@ def _add_edge_responses(spec: dict[str, Any]) -> None:
                 "required": True,
                 "schema": {"type": "string"},
                 "description": "The methods the path has, e.g. `GET, DELETE`.",
-            },
-            **REQUEST_ID_HEADER,
+            }
         },
     )
     for name, description in _EDGE_RESPONSES.values():
