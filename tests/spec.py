@@ -1,5 +1,6 @@
 """Validate bodies against the shared spec's schemas (OpenAPI 3.0 `nullable` turned into JSON
-Schema), so a response that drifts from the contract fails a test."""
+Schema) or the served document's (OpenAPI 3.2: JSON Schema 2020-12 already), so a response that
+drifts from the contract fails a test."""
 
 from __future__ import annotations
 
@@ -30,16 +31,16 @@ def _convert(node: Any) -> Any:
 def _root(served: bool) -> dict[str, Any]:
     from llmrouter.openapi import shared_spec
 
-    spec = build_openapi() if served else shared_spec()
-    return {"components": {"schemas": _convert(spec["components"]["schemas"])}}
+    if served:
+        return {"components": {"schemas": build_openapi()["components"]["schemas"]}}
+    return {"components": {"schemas": _convert(shared_spec()["components"]["schemas"])}}
 
 
 def validate(body: Any, schema: str, *, served: bool = False) -> None:
     """Raise if `body` does not match components/schemas/`schema` of the shared (or served) spec."""
     root = _root(served)
-    jsonschema.validate(
-        body, {"$ref": f"#/components/schemas/{schema}", **root}, cls=jsonschema.Draft7Validator
-    )
+    validator = jsonschema.Draft202012Validator if served else jsonschema.Draft7Validator
+    jsonschema.validate(body, {"$ref": f"#/components/schemas/{schema}", **root}, cls=validator)
 
 
 def assert_error(response: Any, status: int, param: str | None = None) -> dict[str, Any]:

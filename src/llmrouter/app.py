@@ -92,9 +92,9 @@ _ROUTES: dict[str, dict[str, Handler]] = {
     "/health": {"GET": health},
     "/ready": {"GET": ready},
 }
-# Paths with an id in them: the handler reads the rest of the path.
-_PREFIX_ROUTES: dict[str, dict[str, Handler]] = {
-    "/api/v1/keys/": {"GET": key_item, "DELETE": key_item, "POST": key_item},
+# Paths with an id in them: the prefix, the id, then one of the tails (the handler reads the id).
+_ID_ROUTES: dict[str, dict[str, dict[str, Handler]]] = {
+    "/api/v1/keys/": {"": {"GET": key_item, "DELETE": key_item}, "/rotate": {"POST": key_item}},
 }
 # Handlers that may run long; a client that leaves cancels them.
 _WATCH_DISCONNECT = frozenset({create_completion})
@@ -207,12 +207,14 @@ class App:
 
         req = Request(scope, receive, send_and_watch, f"cmpl-{uuid.uuid4().hex}")
         try:
-            methods = _ROUTES.get(req.path) or _prefix_route(req.path)
+            methods = _ROUTES.get(req.path) or _id_route(req.path)
             if methods is None:
                 raise NotFound(f"No route {quoted(req.path)}.")
             handler = methods.get(req.method)
             if handler is None:
-                raise MethodNotAllowed(f"{quoted(req.path)} accepts {', '.join(methods)}.")
+                raise MethodNotAllowed(
+                    f"{quoted(req.path)} accepts {', '.join(methods)}.", allow=methods
+                )
             if handler in _WATCH_DISCONNECT:
                 req.watch_disconnect = True
             try:
@@ -300,10 +302,11 @@ def _as_llmrouter_error(exc: Exception, request_id: str) -> LlmrouterError:
     return LlmrouterError(f"Internal error; the request id {request_id} finds it in the log.")
 
 
-def _prefix_route(path: str) -> dict[str, Handler] | None:
-    for prefix, methods in _PREFIX_ROUTES.items():
+def _id_route(path: str) -> dict[str, Handler] | None:
+    for prefix, tails in _ID_ROUTES.items():
         if path.startswith(prefix):
-            return methods
+            item, slash, tail = path.removeprefix(prefix).partition("/")
+            return tails.get(slash + tail) if item else None
     return None
 
 

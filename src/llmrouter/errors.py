@@ -9,8 +9,9 @@
     ├── PermissionDenied                403 permission_error      (admin API, a model not allowed)
     ├── ModelNotFound                   404 not_found_error
     ├── NotFound                        404 not_found_error
-    ├── MethodNotAllowed                405 invalid_request_error
+    ├── MethodNotAllowed                405 invalid_request_error (with `Allow`: the path's methods)
     ├── RequestTimeout                  408 invalid_request_error (the client was too slow sending)
+    ├── Conflict                        409 invalid_request_error (a live key has this name already)
     ├── PayloadTooLarge                 413 invalid_request_error
     ├── UriTooLong                      414 invalid_request_error
     ├── HeadersTooLarge                 431 invalid_request_error
@@ -34,6 +35,7 @@ executor may try another deployment is `retryable`; what the client sees is `sta
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import Any, ClassVar
 
 import msgspec
@@ -41,6 +43,7 @@ import msgspec
 __all__ = [
     "QUOTED_CHARS",
     "AuthenticationFailed",
+    "Conflict",
     "ContextLengthExceeded",
     "CreditExhausted",
     "DeadlineExceeded",
@@ -187,15 +190,31 @@ class NotFound(LlmrouterError):
 
 
 class MethodNotAllowed(LlmrouterError):
+    """A path that exists, asked with a method it does not have; `Allow` lists the methods it has,
+    as RFC 9110 requires of a 405."""
+
     status = 405
     type = "invalid_request_error"
     default_code = "method_not_allowed"
+
+    def __init__(self, message: str, *, allow: Iterable[str]) -> None:
+        super().__init__(message)
+        self.extra_headers.append((b"allow", ", ".join(allow).encode()))
 
 
 class RequestTimeout(LlmrouterError):
     status = 408
     type = "invalid_request_error"
     default_code = "request_timeout"
+
+
+class Conflict(LlmrouterError):
+    """A valid request that clashes with what exists: HTTP's 409, not a 400, since the same
+    request succeeds once the other thing is gone."""
+
+    status = 409
+    type = "invalid_request_error"
+    default_code = "conflict"
 
 
 class PayloadTooLarge(LlmrouterError):

@@ -175,8 +175,31 @@ def test_admin_api_manages_keys(router: Router, admin: str) -> None:
     assert gone.json()["data"]["status"] == "revoked"
     r = complete(router, new_secret)
     assert r.status_code == 401 and error_of(r)["code"] == "revoked_api_key"
+    # Gone from its URL, as after any DELETE (schemathesis' use_after_free); listed with all=true.
+    after = httpx.get(f"{router.api}/keys/{created['id']}", headers=auth(admin), timeout=10)
+    assert after.status_code == 404 and error_of(after)["param"] == "id"
+    everything = httpx.get(f"{router.api}/keys?all=true", headers=auth(admin), timeout=10).json()
+    assert next(k for k in everything["data"] if k["id"] == created["id"])["status"] == "revoked"
     missing = httpx.get(f"{router.api}/keys/nope", headers=auth(admin), timeout=10)
     assert missing.status_code == 404 and error_of(missing)["type"] == "not_found_error"
+
+
+def test_a_taken_key_name_is_409_until_its_key_is_revoked(router: Router, admin: str) -> None:
+    name = {"name": f"twice-{uuid.uuid4().hex[:6]}"}
+    first = httpx.post(f"{router.api}/keys", headers=auth(admin), json=name, timeout=10)
+    assert first.status_code == 201, first.text
+    again = httpx.post(f"{router.api}/keys", headers=auth(admin), json=name, timeout=10)
+    assert again.status_code == 409, again.text
+    assert error_of(again) == {
+        "code": "conflict",
+        "message": error_of(again)["message"],
+        "param": "name",
+        "type": "invalid_request_error",
+    }
+    assert name["name"] in error_of(again)["message"]
+    key_id = first.json()["data"]["id"]
+    assert httpx.delete(f"{router.api}/keys/{key_id}", headers=auth(admin)).status_code == 200
+    assert httpx.post(f"{router.api}/keys", headers=auth(admin), json=name).status_code == 201
 
 
 @pytest.mark.parametrize(

@@ -158,6 +158,27 @@ def test_unknown_route_and_wrong_method(router: Router) -> None:
     assert_error(httpx.get(f"{router.api}/completions", headers=router.headers()), 405)
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "allow"),
+    [
+        ("GET", "/api/v1/completions", "POST"),
+        ("TRACE", "/v1/models", "GET"),
+        ("DELETE", "/api/v1/keys", "GET, POST"),
+        ("POST", "/api/v1/keys/some-id", "GET, DELETE"),
+        ("GET", "/api/v1/keys/some-id/rotate", "POST"),
+        ("DELETE", "/api/v1/keys/some-id/rotate", "POST"),
+        ("PUT", "/health", "GET"),
+    ],
+)
+def test_a_wrong_method_is_405_allowing_exactly_the_paths_methods(
+    router: Router, method: str, path: str, allow: str
+) -> None:
+    """RFC 9110: a 405 carries `Allow`; each path lists its own methods, before any auth."""
+    r = httpx.request(method, f"{router.base}{path}")
+    assert_error(r, 405)
+    assert r.headers["allow"] == allow
+
+
 def test_keys_never_reach_the_log(router: Router) -> None:
     r = httpx.post(
         f"{router.api}/completions", headers=router.headers(), json={"prompt": "x"}, timeout=30

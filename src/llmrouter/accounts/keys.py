@@ -31,7 +31,7 @@ from llmrouter.accounts.store import Database, IntegrityError
 from llmrouter.errors import AuthenticationFailed
 from llmrouter.settings import Policy
 
-__all__ = ["KEY_PATTERN", "ApiKey", "KeyError_", "Keys", "check_label"]
+__all__ = ["KEY_PATTERN", "MAX_LABEL", "ApiKey", "KeyError_", "KeyNameTaken", "Keys", "check_label"]
 
 _ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 _ID_CHARS, _SECRET_CHARS, _CHECK_CHARS = 12, 32, 6
@@ -47,6 +47,10 @@ _policy_decoder = msgspec.json.Decoder(Policy)
 
 class KeyError_(Exception):
     """A key operation that cannot be done (no such key, name taken, bad value); one line."""
+
+
+class KeyNameTaken(KeyError_):
+    """A live key has this name already: the name is free again once that key is revoked."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,7 +206,7 @@ class Keys:
                 _hash(secret),
             )
         except IntegrityError:
-            raise KeyError_("a live key with this name exists already") from None
+            raise KeyNameTaken("a live key with this name exists already") from None
         return key, secret
 
     async def list(self, *, include_revoked: bool = False) -> list[ApiKey]:

@@ -9,10 +9,11 @@ from urllib.parse import parse_qs
 import msgspec
 from msgspec import Meta, Struct
 
-from llmrouter.accounts.keys import ApiKey, KeyError_
+from llmrouter.accounts.keys import ApiKey, KeyError_, KeyNameTaken
 from llmrouter.api.http import Request, send_bytes
-from llmrouter.errors import InvalidRequest, MethodNotAllowed, NotFound, quoted
+from llmrouter.errors import Conflict, InvalidRequest, NotFound, quoted
 from llmrouter.settings import Amount, Count, Policy, Reset
+from llmrouter.wire.decode import decode
 
 if TYPE_CHECKING:
     from llmrouter.app import Context
@@ -46,6 +47,9 @@ class KeySpec(Struct, forbid_unknown_fields=True):
             reset=self.reset,
             models=None if self.models is None else frozenset(self.models),
         )
+
+
+_key_spec = msgspec.json.Decoder(KeySpec)
 
 
 def _limits(policy: Policy) -> dict[str, Any]:
@@ -141,7 +145,7 @@ async def key_collection(req: Request, ctx: Context) -> None:
         return
     req.require_json()
     try:
-        spec = msgspec.json.decode(await req.body(_BODY_LIMIT), type=KeySpec)
+        spec = decode(_key_spec, await req.body(_BODY_LIMIT))
     except msgspec.ValidationError as exc:
         message, _, where = str(exc).partition(" - at `$")
         raise InvalidRequest(message + ".", param=where.rstrip("`").lstrip(".")) from None
@@ -156,6 +160,12 @@ async def key_collection(req: Request, ctx: Context) -> None:
             expires_at=spec.expires_at,
             admin=spec.admin,
         )
+    except KeyNameTaken:
+        raise Conflict(
+            f"A live key named {quoted(spec.name)} exists already; revoke it first, or choose "
+            "another name.",
+            param="name",
+        ) from None
     except KeyError_ as exc:
         message = str(exc)
         param = "owner" if "owner" in message else "expires_at" if "expiry" in message else "name"
@@ -164,20 +174,16 @@ async def key_collection(req: Request, ctx: Context) -> None:
 
 
 async def key_item(req: Request, ctx: Context) -> None:
-    """GET /api/v1/keys/{id}, DELETE /api/v1/keys/{id} (revoke), POST /api/v1/keys/{id}/rotate."""
+    """GET /api/v1/keys/{id}, DELETE /api/v1/keys/{id} (revoke), POST /api/v1/keys/{id}/rotate
+    (the app routes only these methods here). A revoked key is gone from its URL, as after any
+    DELETE; `GET /api/v1/keys?all=true` still lists it."""
     await ctx.auth.admin(req.header(b"authorization"))
-    rest = req.path.removeprefix("/api/v1/keys/")
-    key_id, _, action = rest.partition("/")
-    allowed = {"": ("GET", "DELETE"), "rotate": ("POST",)}.get(action)
-    if not key_id or allowed is None:
-        raise NotFound(f"No route {req.path}.")
+    key_id = req.path.removeprefix("/api/v1/keys/").partition("/")[0]
     if "\x00" in key_id:
         raise NotFound("No live key with this id.", param="id")
-    if req.method not in allowed:
-        raise MethodNotAllowed(f"{req.path} accepts {', '.join(allowed)}.")
     try:
         if req.method == "GET":
-            await _json(req, 200, {"data": key_view(await ctx.keys.get(key_id, live=False))})
+            await _json(req, 200, {"data": key_view(await ctx.keys.get(key_id))})
         elif req.method == "DELETE":
             await _json(req, 200, {"data": key_view(await ctx.keys.revoke(key_id))})
         else:

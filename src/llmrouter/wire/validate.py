@@ -13,8 +13,18 @@ import msgspec
 
 from llmrouter.errors import QUOTED_CHARS, InvalidRequest, clipped, quoted
 from llmrouter.wire.completions import CompletionCreateParams, request_decoder
+from llmrouter.wire.decode import decode
 
-__all__ = ["Prompts", "decode_body", "decode_completion_request"]
+__all__ = [
+    "MAX_BIAS",
+    "METADATA_KEY_CHARS",
+    "METADATA_PAIRS",
+    "METADATA_VALUE_CHARS",
+    "TOKEN_ID",
+    "Prompts",
+    "decode_body",
+    "decode_completion_request",
+]
 
 T = TypeVar("T")
 
@@ -25,10 +35,12 @@ _PATH = re.compile(r" - at `\$(?P<path>[^`]*)`$")
 _UNKNOWN = re.compile(r"^Object contains unknown field `(?P<field>[^`]*)`")
 # A value msgspec quotes back ("Invalid enum value 'ZZZ...'"), long enough to need cutting.
 _QUOTE_IN_MESSAGE = re.compile(rf"'([^']{{{QUOTED_CHARS + 1},}})'")
-_TOKEN_ID = re.compile(r"[0-9]{1,10}")  # ASCII digits only: str.isdigit() accepts "²" and "١"
-_METADATA_PAIRS = 16
-_METADATA_KEY_CHARS = 64
-_METADATA_VALUE_CHARS = 512
+# The bounds below are public because the served OpenAPI document states them (openapi/).
+TOKEN_ID = re.compile(r"[0-9]{1,10}")  # ASCII digits only: str.isdigit() accepts "²" and "١"
+MAX_BIAS = 100  # a logit_bias value is from -MAX_BIAS to MAX_BIAS
+METADATA_PAIRS = 16
+METADATA_KEY_CHARS = 64
+METADATA_VALUE_CHARS = 512
 
 
 def _param_of(path: str) -> str:
@@ -46,7 +58,7 @@ def decode_completion_request(body: bytes) -> tuple[CompletionCreateParams, Prom
 def decode_body(decoder: msgspec.json.Decoder[T], body: bytes) -> T:
     """A request body decoded into its type, or a 400 naming the field that is wrong."""
     try:
-        return decoder.decode(body)
+        return decode(decoder, body)
     except msgspec.ValidationError as exc:
         raise _translate(str(exc)) from None
     except msgspec.DecodeError as exc:
@@ -133,14 +145,19 @@ def _check_cross_field(params: CompletionCreateParams) -> None:
             where = "stop" if isinstance(params.stop, str) else f"stop[{i}]"
             raise InvalidRequest("A stop sequence must not be empty.", param=where)
     for key, bias in (params.logit_bias or {}).items():
-        if not _TOKEN_ID.fullmatch(key):
+        if not TOKEN_ID.fullmatch(key):
             raise InvalidRequest(
                 f"`logit_bias` keys must be token ids (non-negative integers); got {quoted(key)}.",
                 param=f"logit_bias.{clipped(key)}",
             )
-        if isinstance(bias, bool) or not isinstance(bias, int | float) or not -100 <= bias <= 100:
+        if (
+            isinstance(bias, bool)
+            or not isinstance(bias, int | float)
+            or not -MAX_BIAS <= bias <= MAX_BIAS
+        ):
             raise InvalidRequest(
-                f"`logit_bias` values must be numbers from -100 to 100; got {quoted(repr(bias))}.",
+                f"`logit_bias` values must be numbers from -{MAX_BIAS} to {MAX_BIAS}; "
+                f"got {quoted(repr(bias))}.",
                 param=f"logit_bias.{key}",
             )
     if params.metadata is not None:
@@ -154,21 +171,21 @@ def _check_cross_field(params: CompletionCreateParams) -> None:
 
 
 def _check_metadata(metadata: dict[str, object]) -> None:
-    if len(metadata) > _METADATA_PAIRS:
+    if len(metadata) > METADATA_PAIRS:
         raise InvalidRequest(
-            f"`metadata` holds at most {_METADATA_PAIRS} pairs; got {len(metadata)}.",
+            f"`metadata` holds at most {METADATA_PAIRS} pairs; got {len(metadata)}.",
             param="metadata",
         )
     for key, value in metadata.items():
         if not isinstance(value, str):
             raise InvalidRequest("`metadata` values must be strings.", param=f"metadata.{clipped(key)}")
-        if len(key) > _METADATA_KEY_CHARS:
+        if len(key) > METADATA_KEY_CHARS:
             raise InvalidRequest(
-                f"`metadata` keys are at most {_METADATA_KEY_CHARS} characters.",
+                f"`metadata` keys are at most {METADATA_KEY_CHARS} characters.",
                 param=f"metadata.{clipped(key)}",
             )
-        if len(value) > _METADATA_VALUE_CHARS:
+        if len(value) > METADATA_VALUE_CHARS:
             raise InvalidRequest(
-                f"`metadata` values are at most {_METADATA_VALUE_CHARS} characters.",
+                f"`metadata` values are at most {METADATA_VALUE_CHARS} characters.",
                 param=f"metadata.{key}",
             )
