@@ -97,7 +97,7 @@ _ID_ROUTES: dict[str, dict[str, dict[str, Handler]]] = {
     "/api/v1/keys/": {"": {"GET": key_item, "DELETE": key_item}, "/rotate": {"POST": key_item}},
 }
 # Handlers that may run long; a client that leaves cancels them.
-_WATCH_DISCONNECT = frozenset({create_completion})
+_WATCH_DISCONNECT = frozenset({create_completion, tokenize, detokenize, tokenizer_info})
 
 
 @dataclass(slots=True)

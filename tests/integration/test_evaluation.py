@@ -222,6 +222,61 @@ def test_end_of_text_after_a_partial_character_stands_at_the_texts_end(
     assert choice["logprobs"]["text_offset"] == [0, 1]
 
 
+# Answers where an unfinished UTF-8 character (token 173 is a first byte), control tokens the text
+# leaves out (1 <|im_start|>, 5 <file_sep>) and stops meet, pushed there by logit_bias.
+UNFINISHED = {
+    "before a control token, a stop on U+FFFD": {
+        "prompt": "Hi",
+        "max_tokens": 6,
+        "seed": 0,
+        "temperature": 2,
+        "logit_bias": {"173": 90, "5": 100, "2": 95},
+        "stop": ["\ufffd"],
+    },
+    "held by a stop that never comes": {
+        "prompt": "Hi",
+        "max_tokens": 3,
+        "seed": 59,
+        "temperature": 2,
+        "logit_bias": {"81": 84, "173": 90, "1": 100},
+        "stop": ["ab"],
+    },
+    "at the end, a stop on U+FFFD": {
+        "prompt": [26843],
+        "echo": True,
+        "max_tokens": 1,
+        "temperature": 0,
+        "logit_bias": {"173": 100},
+        "stop": ["\ufffd"],
+    },
+}
+
+
+@pytest.mark.parametrize("case", list(UNFINISHED))
+def test_unfinished_characters_and_hidden_tokens_agree_streamed_or_not(
+    evaluated: Router, case: str
+) -> None:
+    body = {**UNFINISHED[case], "logprobs": 1}
+    _, whole, _ = ask(evaluated, body)
+    _, streamed, _ = ask(evaluated, {**body, "stream": True})
+    got = [
+        {k: a["choices"][0].get(k) for k in ("text", "finish_reason", "logprobs")}
+        for a in (whole, streamed)
+    ]
+    for g in got:
+        g["logprobs"] = {k: g["logprobs"][k] for k in ("tokens", "text_offset")}
+    assert got[0] == got[1]
+    choice = got[0]
+    lp = choice["logprobs"]
+    for token, at in zip(lp["tokens"], lp["text_offset"], strict=True):
+        assert at <= len(choice["text"])
+        assert choice["text"][at:].startswith(token) or token in ("<|im_start|>", "<file_sep>", END)
+    if "stop on" in case:
+        assert "\ufffd" not in choice["text"] and choice["finish_reason"] == "stop"
+    if case == "held by a stop that never comes":
+        assert lp["tokens"][-1] == "<|im_start|>"
+
+
 def test_a_control_token_the_text_leaves_out_is_named_in_logprobs(evaluated: Router) -> None:
     """Generated without a grammar, `<|im_start|>` is not in the text; logprobs name it, as its
     top_logprobs do, at the place it stands."""

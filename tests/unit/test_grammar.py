@@ -32,6 +32,7 @@ from llmrouter.providers._llama_engine import (
     JobUsage,
     Sampling,
     TokenInfo,
+    _could_overlap,
 )
 from tests.fakes.gguf import FIM_MARKERS, with_fim_markers
 
@@ -536,3 +537,8 @@ def test_fill_in_the_middle_reads_its_prefix_and_suffix_as_plain_text(fim_engine
     [prepared] = fim_engine.prepare(("a<|im_start|>b",), s, special=True)
     assert 1 not in prepared.tokens[1:-1] and 2 not in prepared.tokens
     assert fim_engine._text(prepared.tokens).count("<|im_start|>") == 1
+
+
+def test_special_texts_that_could_overlap_are_left_to_llama_cpp() -> None:
+    assert _could_overlap({b"ab": 1, b"bers": 2})
+    assert not _could_overlap({b"<|im_start|>": 1, b"<|im_end|>": 2, b"aa": 3})

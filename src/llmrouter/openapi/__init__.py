@@ -14,7 +14,8 @@ say what the router enforces: each event of a stream (`itemSchema`), which keys 
 - Extensions: the `provider` routing preferences, the models endpoint, the statuses llmrouter
   answers besides the spec's (every operation: 408, 414 and 431 from the connection; a 405 for a
   method a path does not have, with `Allow`), the rate-limit and request-id headers, the stream's
-  events, and the accounts endpoints (the caller's key, a past generation, key administration).
+  events, the tokenizer endpoints, and the accounts endpoints (the caller's key, a past generation,
+  key administration).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any
 from llmrouter.openapi._accounts import add_accounts
 from llmrouter.openapi._completions import add_completions, add_models
 from llmrouter.openapi._schema import as_openapi_3_2, error, shared_spec
+from llmrouter.openapi._tokenize import add_tokenizer
 
 __all__ = ["build_openapi", "shared_spec"]
 
@@ -54,9 +56,15 @@ def build_openapi() -> dict[str, Any]:
         ),
     }
     spec["servers"] = [{"url": "/api/v1", "description": "this llmrouter"}]
-    spec["tags"] = [{"name": "completions"}, {"name": "models"}, {"name": "accounts"}]
+    spec["tags"] = [
+        {"name": "completions"},
+        {"name": "models"},
+        {"name": "tokenizer"},
+        {"name": "accounts"},
+    ]
     add_completions(spec)
     add_models(spec)
+    add_tokenizer(spec)
     add_accounts(spec)
     _add_edge_responses(spec)
     return as_openapi_3_2(spec)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from llmrouter.openapi._schema import (
+    RATE_LIMIT_HEADERS,
     RETRY_AFTER_HEADER,
     constrain,
     error,
@@ -43,21 +44,6 @@ _CLOSED_OBJECTS = (
     "CompletionCreateParamsResponseFormat4",
     "ProviderPreferences",
 )
-
-_RATE_LIMIT_HEADERS: Schema = {
-    "X-RateLimit-Limit": {
-        "schema": {"type": "integer"},
-        "description": "The requests-per-minute limit (else tokens per minute) of the caller.",
-    },
-    "X-RateLimit-Remaining": {
-        "schema": {"type": "integer"},
-        "description": "What is left of it in the sliding minute.",
-    },
-    "X-RateLimit-Reset": {
-        "schema": {"type": "integer"},
-        "description": "Seconds until the window frees capacity.",
-    },
-}
 
 
 def add_completions(spec: Schema) -> None:
@@ -265,7 +251,7 @@ def _answer_in_both_media_types(ok: Schema) -> None:
                 "(e.g. `n, stop`); absent when the deployment honoured all of them."
             ),
         },
-        **_RATE_LIMIT_HEADERS,
+        **RATE_LIMIT_HEADERS,
     }
 
 
@@ -278,7 +264,7 @@ def _add_statuses(responses: Schema) -> None:
         "Retry-After and X-RateLimit-*); or its credit is held by requests in flight (`code: "
         "credit_held`, retry after one finishes); or (code `upstream_rate_limited`) every "
         "deployment's upstream rate-limited the request",
-        {**RETRY_AFTER_HEADER, **_RATE_LIMIT_HEADERS},
+        {**RETRY_AFTER_HEADER, **RATE_LIMIT_HEADERS},
     )
     responses["500"] = error(responses["500"]["description"])
     responses["402"] = error(

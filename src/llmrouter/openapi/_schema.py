@@ -10,6 +10,7 @@ from typing import Any
 import msgspec
 
 __all__ = [
+    "RATE_LIMIT_HEADERS",
     "REQUEST_ID_HEADER",
     "RETRY_AFTER_HEADER",
     "as_openapi_3_2",
@@ -31,6 +32,21 @@ REQUEST_ID_HEADER: Schema = {
         "schema": {"type": "string"},
         "description": "The request's id (a completion's id); the log line and the ledger have it.",
     }
+}
+
+RATE_LIMIT_HEADERS: Schema = {
+    "X-RateLimit-Limit": {
+        "schema": {"type": "integer"},
+        "description": "The requests-per-minute limit (else tokens per minute) of the caller.",
+    },
+    "X-RateLimit-Remaining": {
+        "schema": {"type": "integer"},
+        "description": "What is left of it in the sliding minute.",
+    },
+    "X-RateLimit-Reset": {
+        "schema": {"type": "integer"},
+        "description": "Seconds until the window frees capacity.",
+    },
 }
 
 RETRY_AFTER_HEADER: Schema = {

@@ -166,10 +166,10 @@ class Engine:
         self._vocab: Any = None
         self._fim: tuple[int, int, int] | None = None  # the prefix, suffix and middle markers
         self._lltokenizer: Any = None
-        # The control tokens' texts, to read them in a prompt (see `_tokenize_prompt`).
-        self._controls: dict[bytes, int] = {}
+        # What `_tokenize_prompt` cuts a prompt at (None: llama.cpp does it), and the control
+        # tokens, which the text of an answer leaves out.
+        self._special: _SpecialTexts | None = None
         self._control_ids: frozenset[int] = frozenset()
-        self._control_text: re.Pattern[bytes] | None = None
         self._pieces: dict[tuple[int, bool], bytes] = {}
         # The prompt whose keys/values are in the context, and its last logits: the next choice of
         # the same prompt starts from them instead of decoding the prompt again.
@@ -348,8 +348,11 @@ class Engine:
         The text is cut at the control tokens here, in one pass, and the pieces between read as
         plain text: what llama.cpp's own `parse_special` gives (tests/unit/test_grammar.py checks
         it), which takes time quadratic in the prompt (25 s for 520 KB of `<|im_start|>x`)."""
-        if not special or self._control_text is None:
+        if not special:
             return self._tokenize_plain(text, bos=bos)
+        cuts = self._special
+        if cuts is None:  # texts that overlap: only llama.cpp's own reading is sure
+            return list(self._llm.tokenize(text.encode("utf-8"), add_bos=bos, special=True))
         import llama_cpp
 
         data = text.encode("utf-8")
@@ -364,11 +367,18 @@ class Engine:
             return read[piece]
 
         start = 0
-        for match in self._control_text.finditer(data):
-            if match.start() > start:
-                tokens += plain(data[start : match.start()])
-            tokens.append(self._controls[match.group()])
+        for match in cuts.pattern.finditer(data):
+            token = cuts.ids[match.group()]
+            before = data[start : match.start()]
+            if token in cuts.lstrip:  # the token takes the whitespace before it
+                before = before.rstrip(_SPACE)
+            if before:
+                tokens += plain(before)
+            tokens.append(token)
             start = match.end()
+            if token in cuts.rstrip:  # ... or after it
+                while start < len(data) and data[start] in _SPACE:
+                    start += 1
         if start < len(data):
             tokens += plain(data[start:])
         return [*tokens, int(self._llm.token_eos())] if end else tokens
@@ -470,11 +480,7 @@ class Engine:
         self.n_vocab = int(self._llm.n_vocab())
         self._vocab = self._llm._model.vocab
         self._fim = _fim_markers(self._vocab)
-        self._controls = _control_tokens(self._vocab, self.n_vocab)
-        self._control_ids = frozenset(self._controls.values())
-        if self._controls:  # longest first: of two starting at one place, the longer is read
-            ordered = sorted(self._controls, key=len, reverse=True)
-            self._control_text = re.compile(b"|".join(re.escape(t) for t in ordered))
+        self._special, self._control_ids = _special_texts(self._vocab, self.n_vocab)
         log.info(
             "local model %s ready in %.2f s (context %d tokens)",
             self.name,
@@ -550,6 +556,21 @@ class Engine:
         elif s.grammar is not None:
             grammar = _Grammar(self._vocab, s.grammar, self.n_vocab)
         scanner: StopScanner[TokenInfo | None] = StopScanner(s.stop)
+
+        def feed(text: str, info: TokenInfo | None) -> bool:
+            """One piece of text to the stop scanner, and on; True when a stop ended the choice."""
+            nonlocal offset
+            offset += len(text)
+            self._emit_pieces(job, index, scanner.feed(Piece(text, info)), want_logprobs)
+            return scanner.stopped
+
+        def unfinished() -> bool:
+            """A character left incomplete, by a control token the text leaves out or by the end,
+            is U+FFFD: text no token spells, fed before what comes next."""
+            tail = decoder.decode(b"", final=True)
+            decoder.reset()
+            return bool(tail) and feed(tail, None)
+
         counts: dict[int, int] = {}
         generated = 0
         finish = "length"
@@ -569,33 +590,28 @@ class Engine:
             counts[token] = counts.get(token, 0) + 1
             # Under a grammar the text is what the grammar matched, control tokens spelled out;
             # otherwise the text leaves them out, and logprobs name them.
+            hidden = grammar is None and self._is_control(token)
+            if hidden and unfinished():
+                finish = "stop"
+                break
             piece_text = decoder.decode(self._piece(token, special=grammar is not None))
             info = None
             if want_logprobs:
-                name = piece_text or (self._spelled(token) if self._is_control(token) else "")
+                name = self._spelled(token) if hidden else piece_text
                 info = self._token_info(logits, token, name, s.logprobs or 0, offset)
-            offset += len(piece_text)
-            released = scanner.feed(Piece(piece_text, info))
-            self._emit_pieces(job, index, released, want_logprobs)
-            if scanner.stopped:
+            if feed(piece_text, info):
                 finish = "stop"
                 break
             if generated < limit:
                 logits = self._decode_one(token, position)
                 position += 1
+        if not scanner.stopped and unfinished():
+            finish = "stop"
         if not scanner.stopped:
-            tail = decoder.decode(b"", final=True)
-            pieces = scanner.flush()
-            if tail and pieces:
-                pieces[-1] = Piece(pieces[-1].text + tail, pieces[-1].payload)
-            elif tail:
-                pieces = [Piece(tail, None)]
-            self._emit_pieces(job, index, pieces, want_logprobs)
+            self._emit_pieces(job, index, scanner.flush(), want_logprobs)
             if end is not None and want_logprobs:  # counted in usage, so listed; not in the text
                 end_logits, token = end
-                info = self._token_info(
-                    end_logits, token, self._spelled(token), s.logprobs or 0, offset + len(tail)
-                )
+                info = self._token_info(end_logits, token, self._spelled(token), s.logprobs or 0, offset)
                 job.emit(ChoiceDelta(index, "", [info]))
         job.emit(ChoiceEnd(index, finish))
         return generated
@@ -767,19 +783,60 @@ class Engine:
         return infos
 
 
-def _control_tokens(vocab: Any, n_vocab: int) -> dict[bytes, int]:
-    """The texts of the tokens llama.cpp reads in a text only when told to parse special tokens
-    (control and unknown tokens), each with its id."""
+_SPACE = b" \t\n\v\f\r"  # C's isspace, as llama.cpp strips around a token
+
+
+@dataclass(frozen=True, slots=True)
+class _SpecialTexts:
+    """The texts llama.cpp reads as one token each when it parses special tokens (control,
+    unknown and user-defined tokens), and which of them take the whitespace beside them."""
+
+    ids: dict[bytes, int]
+    pattern: re.Pattern[bytes]  # longest first: of two starting at one place, the longer is read
+    lstrip: frozenset[int]
+    rstrip: frozenset[int]
+
+
+def _special_texts(vocab: Any, n_vocab: int) -> tuple[_SpecialTexts | None, frozenset[int]]:
+    """The special texts of a vocabulary, and its control tokens. None for the texts when two
+    could overlap in a prompt (one's end the other's start): llama.cpp reads the longest first
+    over the whole text, which one left-to-right pass does not give."""
     import llama_cpp
 
-    special = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_UNKNOWN
-    found: dict[bytes, int] = {}
+    kinds = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_UNKNOWN
+    kinds |= llama_cpp.LLAMA_TOKEN_ATTR_USER_DEFINED
+    ids: dict[bytes, int] = {}
+    controls: set[int] = set()
+    lstrip: set[int] = set()
+    rstrip: set[int] = set()
     for token in range(n_vocab):
-        if llama_cpp.llama_vocab_get_attr(vocab, token) & special:
-            text = llama_cpp.llama_vocab_get_text(vocab, token)
-            if text:
-                found.setdefault(bytes(text), token)
-    return found
+        attr = llama_cpp.llama_vocab_get_attr(vocab, token)
+        if not attr & kinds:
+            continue
+        if attr & llama_cpp.LLAMA_TOKEN_ATTR_CONTROL:
+            controls.add(token)
+        text = llama_cpp.llama_vocab_get_text(vocab, token)
+        if text:
+            ids.setdefault(bytes(text), token)
+            if attr & llama_cpp.LLAMA_TOKEN_ATTR_LSTRIP:
+                lstrip.add(token)
+            if attr & llama_cpp.LLAMA_TOKEN_ATTR_RSTRIP:
+                rstrip.add(token)
+    if not ids or _could_overlap(ids):
+        return None, frozenset(controls)
+    ordered = sorted(ids, key=len, reverse=True)
+    pattern = re.compile(b"|".join(re.escape(t) for t in ordered))
+    return _SpecialTexts(ids, pattern, frozenset(lstrip), frozenset(rstrip)), frozenset(controls)
+
+
+def _could_overlap(texts: dict[bytes, int]) -> bool:
+    """Whether some text's proper end is another's proper start (`ab`, `bers`: `abers`). A text
+    overlapping itself (`aa`) is read alike both ways."""
+    starts: dict[bytes, set[bytes]] = {}
+    for t in texts:
+        for k in range(1, len(t)):
+            starts.setdefault(t[:k], set()).add(t)
+    return any(starts.get(t[k:], set()) - {t} for t in texts for k in range(1, len(t)))
 
 
 def _fim_markers(vocab: Any) -> tuple[int, int, int] | None:
