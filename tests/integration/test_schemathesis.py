@@ -36,6 +36,7 @@ providers:
     timeouts: {{connect: 1, first_token: 5, idle: 5, total: 10}}
     unsupported_parameters: [n, prompt_batch]
     max_logprobs: 5
+    tokenizer: vllm  # the fake's /tokenize and /detokenize, for the tokenizer endpoints
     response_formats: [text, json_object, json_schema, grammar]
 models:
   - {{id: fake/ok, deployments: [{{provider: fake, model: ok}}]}}
