@@ -345,9 +345,10 @@ class Engine:
         """A prompt the client wrote whole: control tokens spelled in it are those tokens (when
         `special`), as llama.cpp's server and vLLM read a /completions prompt.
 
-        The text is cut at the control tokens here, in one pass, and the pieces between read as
-        plain text: what llama.cpp's own `parse_special` gives (tests/unit/test_grammar.py checks
-        it), which takes time quadratic in the prompt (25 s for 520 KB of `<|im_start|>x`)."""
+        The text is cut at the special texts here (`_SpecialTexts`), in one pass, and the pieces
+        between read as plain text: what llama.cpp's own `parse_special` gives
+        (tests/unit/test_grammar.py checks it), which takes time quadratic in the prompt (25 s for
+        520 KB of `<|im_start|>x`)."""
         if not special:
             return self._tokenize_plain(text, bos=bos)
         cuts = self._special
