@@ -205,17 +205,7 @@ class OpenAIAdapter:
     async def complete(self, call: Call) -> Completion:
         assert self._session is not None, "start() opens the session"
         body = await self._encoded(call, stream=False)
-        resp = await self._post(body, call.timeouts)
-        try:
-            raw = await resp.read()
-            if resp.status != 200:
-                raise self._status_error(resp, raw)
-        except LlmrouterError:
-            raise
-        except Exception as exc:
-            raise self._transport_error(exc) from None
-        finally:
-            resp.release()
+        raw = await self._whole(await self._post(body, call.timeouts))
         parsed = self._decode(raw)
         choices = [
             CompletionChoice(
@@ -278,23 +268,27 @@ class OpenAIAdapter:
         except Exception as exc:
             raise self._transport_error(exc) from None
 
-    async def fetch(self, method: str, path: str, fields: dict[str, Any] | None) -> Any:
-        """One whole JSON exchange with the upstream's tokenizer endpoints (`path` under
-        `tokenizer_url`); its errors translated as a completion's are."""
-        base = self._settings.tokenizer_url or _server_root(self._settings.base_url)
-        body = None if fields is None else encoder.encode(fields)
-        resp = await self._send(method, base.rstrip("/") + path, body, self.timeouts)
+    async def _whole(self, resp: aiohttp.ClientResponse) -> bytes:
+        """A response's whole body (within the session's `total`), an error status or a
+        transport failure translated."""
         try:
-            async with asyncio.timeout(self.timeouts.total):
-                raw = await resp.read()
+            raw = await resp.read()
             if resp.status != 200:
                 raise self._status_error(resp, raw)
+            return raw
         except LlmrouterError:
             raise
         except Exception as exc:
             raise self._transport_error(exc) from None
         finally:
             resp.release()
+
+    async def fetch(self, method: str, path: str, fields: dict[str, Any] | None) -> Any:
+        """One whole JSON exchange with the upstream's tokenizer endpoints (`path` under
+        `tokenizer_url`); its errors translated as a completion's are."""
+        base = self._settings.tokenizer_url or _server_root(self._settings.base_url)
+        body = None if fields is None else encoder.encode(fields)
+        raw = await self._whole(await self._send(method, base.rstrip("/") + path, body, self.timeouts))
         try:
             return msgspec.json.decode(raw)
         except (msgspec.DecodeError, RecursionError):
