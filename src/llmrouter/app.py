@@ -39,13 +39,12 @@ from llmrouter.errors import (
 )
 from llmrouter.obs.logging import access_log, configure_logging
 from llmrouter.openapi import build_openapi
+from llmrouter.providers import build_provider
 from llmrouter.providers.base import Provider
 from llmrouter.routing.executor import Executor
 from llmrouter.routing.health import HealthBook, LocalHealth
 from llmrouter.routing.plan import Catalog
 from llmrouter.settings import (
-    LlamaCppProvider,
-    OpenAIProvider,
     Settings,
     embedded_default,
     llmrouter_home,
@@ -171,18 +170,15 @@ def build_health(settings: Settings) -> HealthBook:
 
 
 def build_providers(settings: Settings) -> dict[str, Provider]:
-    providers: dict[str, Provider] = {}
-    for name, provider_settings in settings.providers.items():
-        deployments = [d for m in settings.models for d in m.deployments if d.provider == name]
-        if isinstance(provider_settings, OpenAIProvider):
-            from llmrouter.providers.openai import OpenAIAdapter
-
-            providers[name] = OpenAIAdapter(name, provider_settings, deployments, settings.checks)
-        elif isinstance(provider_settings, LlamaCppProvider):
-            from llmrouter.providers.llamacpp import LlamaCppAdapter
-
-            providers[name] = LlamaCppAdapter(name, provider_settings, deployments, settings.checks)
-    return providers
+    return {
+        name: build_provider(
+            name,
+            provider_settings,
+            [d for m in settings.models for d in m.deployments if d.provider == name],
+            settings.checks,
+        )
+        for name, provider_settings in settings.providers.items()
+    }
 
 
 class App:

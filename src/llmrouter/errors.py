@@ -28,12 +28,15 @@
         └── UpstreamTimeout             504 timeout               (retryable)
             └── DeadlineExceeded        504 timeout               (the request's deadline)
 
-Status, type and retryability are properties of the class, never inferred from messages. Whether the
-executor may try another deployment is `retryable`; what the client sees is `status` and `to_body()`.
+Status, type and policy are properties of the class, never inferred from messages. What the client
+sees is `status` and `to_body()`. What the executor does next is `next` (`Next`), and whether the
+failure counts against the deployment's health is `blames_deployment`; `retryable` says whether
+anything may be tried after it at all. tests/unit/test_errors.py holds the tree to that.
 """
 
 from __future__ import annotations
 
+import enum
 import math
 from collections.abc import Iterable
 from typing import Any, ClassVar
@@ -55,6 +58,7 @@ __all__ = [
     "LlmrouterError",
     "MethodNotAllowed",
     "ModelNotFound",
+    "Next",
     "NotFound",
     "PayloadTooLarge",
     "PermissionDenied",
@@ -107,11 +111,29 @@ class ErrorBody(msgspec.Struct):
     error: ErrorObject
 
 
+class Next(enum.Enum):
+    """What a request's attempts do after a failure of this kind."""
+
+    STOP = "stop"  # nothing: any other attempt would fail the same way, or there is no time
+    ANY = "any"  # the next deployment of the plan (and this one again on a later pass)
+    OTHER_DEPLOYMENT = "other_deployment"  # the next, never this deployment again for the request
+    OTHER_MODEL = "other_model"  # the request's other models: none of this model's deployments fit
+    SAME_AGAIN = "same_again"  # this deployment again (a sampled answer may differ), then the next
+
+
 class LlmrouterError(Exception):
     status: ClassVar[int] = 500
     type: ClassVar[str] = "server_error"
     default_code: ClassVar[str] = "internal_error"
-    retryable: ClassVar[bool] = False
+    next: ClassVar[Next] = Next.STOP
+    # Whether the failure says the deployment is unwell (its health counts it): not a failure
+    # of the request itself, nor load (a rate limit), nor the content of one answer.
+    blames_deployment: ClassVar[bool] = False
+
+    @property
+    def retryable(self) -> bool:
+        """Whether anything may be tried after this failure."""
+        return self.next is not Next.STOP
 
     def __init__(
         self,
@@ -155,6 +177,7 @@ class ContextLengthExceeded(InvalidRequest):
     """Too long for this model: the executor moves on to the request's other models, if any."""
 
     default_code = "context_length_exceeded"
+    next = Next.OTHER_MODEL
 
 
 class AuthenticationFailed(LlmrouterError):
@@ -253,7 +276,7 @@ class ServiceUnavailable(LlmrouterError):
     status = 503
     type = "service_unavailable"
     default_code = "service_unavailable"
-    retryable = True
+    next = Next.ANY
 
 
 class ProviderError(LlmrouterError):
@@ -265,11 +288,14 @@ class ProviderError(LlmrouterError):
 
 
 class UpstreamRejected(ProviderError):
-    """The upstream called the request invalid: it would fail on every deployment, so no retry."""
+    """The upstream called the request invalid. The router checked the request before sending it,
+    so what the upstream refused is most often a limit of its own that the config does not
+    declare (a temperature range, a schema feature): another deployment may take it."""
 
     status = 400
     type = "invalid_request_error"
     default_code = "upstream_rejected"
+    next = Next.OTHER_DEPLOYMENT
 
 
 class UpstreamAuthFailed(ProviderError):
@@ -277,7 +303,8 @@ class UpstreamAuthFailed(ProviderError):
     client's fault, so another deployment may still answer."""
 
     default_code = "upstream_auth_failed"
-    retryable = True
+    next = Next.ANY
+    blames_deployment = True
 
 
 class UpstreamRefused(ProviderError):
@@ -286,19 +313,20 @@ class UpstreamRefused(ProviderError):
     status = 400
     type = "invalid_request_error"
     default_code = "content_filter"
-    retryable = True
+    next = Next.OTHER_DEPLOYMENT
 
 
 class UpstreamRateLimited(ProviderError):
     status = 429
     type = "rate_limit_error"
     default_code = "upstream_rate_limited"
-    retryable = True
+    next = Next.ANY  # (and the deployment is skipped for its Retry-After: load, not sickness)
 
 
 class UpstreamUnavailable(ProviderError):
     default_code = "upstream_unavailable"
-    retryable = True
+    next = Next.ANY
+    blames_deployment = True
 
 
 class InvalidOutput(ProviderError):
@@ -306,18 +334,20 @@ class InvalidOutput(ProviderError):
 
     type = "invalid_output"
     default_code = "invalid_output"
-    retryable = True
+    next = Next.SAME_AGAIN
 
 
 class UpstreamTimeout(ProviderError):
     status = 504
     type = "timeout"
     default_code = "upstream_timeout"
-    retryable = True
+    next = Next.ANY
+    blames_deployment = True
 
 
 class DeadlineExceeded(UpstreamTimeout):
     """The request's own deadline passed: nothing to retry, and no fault of the deployment."""
 
     default_code = "deadline_exceeded"
-    retryable = False
+    next = Next.STOP
+    blames_deployment = False

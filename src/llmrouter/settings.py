@@ -21,17 +21,23 @@ from msgspec import Meta, Struct
 __all__ = [
     "AccountSettings",
     "AffinitySettings",
+    "AnthropicProvider",
     "CheckSettings",
     "ClientTimeouts",
     "ConfigError",
     "DeploymentSettings",
+    "GeminiProvider",
     "HealthSettings",
+    "HttpProvider",
     "JwtIssuer",
     "LlamaCppProvider",
     "ModelSettings",
+    "OpenAIChatProvider",
     "OpenAIProvider",
     "Policy",
     "Pricing",
+    "ProviderSettings",
+    "Range",
     "RetryBudgetSettings",
     "RoutingSettings",
     "ServerSettings",
@@ -92,21 +98,45 @@ class Pricing(Struct, frozen=True, forbid_unknown_fields=True):
     completion: Annotated[float, Meta(ge=0)] = 0.0
 
 
-class OpenAIProvider(Struct, frozen=True, forbid_unknown_fields=True, tag="openai", tag_field="kind"):
-    """Any OpenAI-compatible upstream, reached at `{base_url}/completions`."""
+RangedParameter = Literal["temperature", "top_p", "frequency_penalty", "presence_penalty"]
+
+
+class Range(Struct, frozen=True, forbid_unknown_fields=True):
+    """The values a deployment takes for a parameter, both ends included."""
+
+    min: float | None = None
+    max: float | None = None
+
+
+class HttpProvider(Struct, frozen=True, forbid_unknown_fields=True, tag_field="kind"):
+    """What every upstream reached over HTTP has: where, with which credentials, and how long
+    each phase may take. Each kind below adds its own."""
 
     base_url: Annotated[str, Meta(pattern=r"^https?://")]
     api_key: str | None = None
-    headers: dict[str, str] = {}
+    headers: dict[str, str] = {}  # sent with every request (and never shown: they may be secret)
     timeouts: Timeouts = Timeouts()
     max_connections: Annotated[int, Meta(ge=1)] = 256
-    max_logprobs: Annotated[int, Meta(ge=0)] = 5
     # Request fields that stay with llmrouter unless listed here (they may identify end users).
     forward: frozenset[Literal["user", "metadata"]] = frozenset()
     # What this upstream does not honour (Ollama ignores echo, logprobs...): llmrouter does it
     # itself where it can do it exactly (n, best_of, stop, echo, stream), and otherwise the
     # request goes elsewhere or gets a 400 -- never a silently different answer.
     unsupported_parameters: frozenset[UpstreamParameter] = frozenset()
+    # The values it takes, where it takes fewer than the API allows (a temperature at most 1): a
+    # request outside them goes elsewhere or gets a 400 naming the parameter, before sending.
+    ranges: dict[RangedParameter, Range] = {}
+    # Fields sent with every request unless the request sets them, in the upstream's own terms:
+    # to make an upstream's sampling mean what the Completions API says (llama.cpp's servers add
+    # top_k 40, min_p 0.05 and a repeat penalty unless told `{top_k: 0, min_p: 0,
+    # repeat_penalty: 1}`), or a `max_tokens` for requests that set none.
+    defaults: dict[str, Any] = {}
+
+
+class OpenAIProvider(HttpProvider, frozen=True, tag="openai"):
+    """Any OpenAI-compatible upstream, reached at `{base_url}/completions`."""
+
+    max_logprobs: Annotated[int, Meta(ge=0)] = 5
     # The `response_format` kinds it constrains its decoding to. The others are still honoured:
     # llmrouter checks each answer and asks again (json_object, json_schema, python).
     response_formats: frozenset[Literal["text", "json_object", "json_schema", "grammar"]] = frozenset(
@@ -115,15 +145,58 @@ class OpenAIProvider(Struct, frozen=True, forbid_unknown_fields=True, tag="opena
     # How a constrained format is sent: as `response_format` (vLLM, OpenRouter), or as a GBNF
     # `grammar` field (llama.cpp's server, llama-cpp-python's), JSON formats converted by llmrouter.
     structured_output_field: Literal["response_format", "grammar"] = "response_format"
-    # Fields sent with every request unless the request sets them: to make an upstream's sampling
-    # mean what the Completions API says (llama.cpp's servers add top_k 40, min_p 0.05 and a
-    # repeat penalty unless told `{top_k: 0, min_p: 0, repeat_penalty: 1}`).
-    defaults: dict[str, Any] = {}
     # The upstream's own tokenizer endpoints, which /tokenize and /detokenize pass on to: vLLM's
     # (`/tokenize`, `/detokenize`, `/tokenizer_info`) or llama.cpp's server's (`/tokenize`,
     # `/detokenize`), at `tokenizer_url` (default: base_url without its trailing `/v1`).
     tokenizer: Literal["vllm", "llama.cpp"] | None = None
     tokenizer_url: Annotated[str, Meta(pattern=r"^https?://")] | None = None
+
+
+class OpenAIChatProvider(HttpProvider, frozen=True, tag="openai_chat"):
+    """Any OpenAI-compatible chat upstream (OpenAI, Groq, DeepSeek, Mistral, Together, Fireworks,
+    OpenRouter, vLLM...), reached at `{base_url}/chat/completions`: a prompt is one user message."""
+
+    base_url: Annotated[str, Meta(pattern=r"^https?://")] = "https://api.openai.com/v1"
+    max_logprobs: Annotated[int, Meta(ge=0, le=20)] = 20  # top_logprobs
+    # The output cap's field: OpenAI's current one, or the older `max_tokens` some servers take.
+    max_tokens_field: Literal["max_completion_tokens", "max_tokens"] = "max_completion_tokens"
+    response_formats: frozenset[Literal["text", "json_object", "json_schema"]] = frozenset(
+        {"text", "json_object", "json_schema"}
+    )
+    max_stops: Annotated[int, Meta(ge=0)] = 4  # stop sequences it takes; more are llmrouter's
+
+
+class AnthropicProvider(HttpProvider, frozen=True, tag="anthropic"):
+    """Anthropic's Messages API, at `{base_url}/v1/messages`: a prompt is one user message."""
+
+    base_url: Annotated[str, Meta(pattern=r"^https?://")] = "https://api.anthropic.com"
+    anthropic_version: NonEmpty = "2023-06-01"  # the `anthropic-version` header, pinned
+    # The Messages API always needs `max_tokens`: a request with none gets the Completions API's
+    # 16 (or `defaults.max_tokens`); `max_tokens: null` (no limit) gets this, the most the
+    # configured models write.
+    max_output_tokens: Annotated[int, Meta(ge=1)] = 4096
+    ranges: dict[RangedParameter, Range] = msgspec.field(
+        default_factory=lambda: {"temperature": Range(0, 1), "top_p": Range(0, 1)}
+    )
+    # Extended thinking, sent as `thinking: {type: enabled, budget_tokens: N}` when set; the
+    # thinking comes back in `choices[].reasoning`. (The API then takes no temperature.)
+    thinking_budget: Annotated[int, Meta(ge=1024)] | None = None
+
+
+class GeminiProvider(HttpProvider, frozen=True, tag="gemini"):
+    """Google's Gemini API, at `{base_url}/{api_version}/models/{model}:generateContent` (and
+    `:streamGenerateContent?alt=sse`), the key in `x-goog-api-key`: a prompt is one user turn."""
+
+    base_url: Annotated[str, Meta(pattern=r"^https?://")] = "https://generativelanguage.googleapis.com"
+    api_version: Annotated[str, Meta(pattern=r"^v[0-9a-z]+$")] = "v1beta"
+    max_logprobs: Annotated[int, Meta(ge=0, le=20)] = 20
+    ranges: dict[RangedParameter, Range] = msgspec.field(
+        default_factory=lambda: {"temperature": Range(0, 2)}
+    )
+    # Thinking models: the thinking budget sent (`thinkingConfig.thinkingBudget`), and whether
+    # its summary comes back (in `choices[].reasoning`).
+    thinking_budget: Annotated[int, Meta(ge=-1)] | None = None
+    include_thoughts: bool = False
 
 
 class LlamaCppProvider(
@@ -137,7 +210,9 @@ class LlamaCppProvider(
     max_logprobs: Annotated[int, Meta(ge=0)] = 20
 
 
-ProviderSettings = OpenAIProvider | LlamaCppProvider
+ProviderSettings = (
+    OpenAIProvider | OpenAIChatProvider | AnthropicProvider | GeminiProvider | LlamaCppProvider
+)
 
 
 class DeploymentSettings(Struct, frozen=True, forbid_unknown_fields=True):
@@ -151,6 +226,11 @@ class DeploymentSettings(Struct, frozen=True, forbid_unknown_fields=True):
     # `<|im_start|>`: as those tokens ("parse", as llama.cpp's server and vLLM do), or as plain
     # characters ("plain"). Other kinds read prompts as their upstream does.
     special_tokens: Literal["parse", "plain"] = "parse"
+    # This model's own limits at its provider, beside the provider's (`unsupported_parameters`
+    # adds to the provider's; `ranges` replaces it per parameter): a model that takes no
+    # temperature, or a narrower range.
+    unsupported_parameters: frozenset[UpstreamParameter] = frozenset()
+    ranges: dict[RangedParameter, Range] = {}
 
 
 Strategy = Literal[

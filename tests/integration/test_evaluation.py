@@ -60,7 +60,10 @@ models:
   - id: tok/llamacpp
     deployments: [{{provider: llamacpp, model: ok}}]
   - id: tok/refused
+    strategy: ordered
     deployments: [{{provider: vllm, model: status-400}}, {{provider: llamacpp, model: ok}}]
+  - id: tok/refused-only
+    deployments: [{{provider: vllm, model: status-400}}]
   - id: tok/nested
     deployments: [{{provider: vllm, model: nested}}]
   - id: tok/hostile
@@ -490,9 +493,10 @@ def test_tokenizer_answers_carry_the_rate_limit_headers(evaluated: Router) -> No
 
 def test_an_upstream_tokenizer_that_fails_passes_to_the_next_one(evaluated: Router) -> None:
     assert tokenize(evaluated, "h", model="tok/fallback")["tokens"] == [256, 104]
-    # An upstream that calls the request bad is not asked again elsewhere.
-    r = post(evaluated, "/tokenize", {"model": "tok/refused", "prompt": "h"})
-    assert_error(r, 400)
+    # An upstream's 400 may be a limit of its own: the next one is asked, as for completions.
+    assert tokenize(evaluated, "h", model="tok/refused")["tokens"] == [256, 104]
+    r = post(evaluated, "/tokenize", {"model": "tok/refused-only", "prompt": "h"})
+    assert assert_error(r, 400)["error"]["code"] == "upstream_rejected"
 
 
 # -- lm-evaluation-harness, offline, against the router -------------------------------------------

@@ -168,11 +168,20 @@ def test_when_every_attempt_fails_the_error_says_what_was_tried(router: Router) 
     ]
 
 
-def test_a_client_error_is_not_retried_elsewhere(router: Router, fake_upstream: str) -> None:
+def test_an_upstream_400_moves_on_to_the_next_deployment_never_back(
+    router: Router, fake_upstream: str
+) -> None:
+    """The router checked the request before sending it, so an upstream's 400 is most often a
+    limit of that upstream the config does not declare: another deployment may take it."""
     httpx.post(f"{fake_upstream}/_reset")
     r = post(router, "fake/status-400", models=["fake/ok"])
-    assert_error(r, 400)
-    assert httpx.get(f"{fake_upstream}/_stats").json()["requests"] == 1
+    assert r.status_code == 200, r.text
+    attempts = [a.split()[:2] for a in r.headers["x-llmrouter-attempts"].split(", ")]
+    assert attempts == [["fake/status-400", "upstream_rejected"], ["fake/ok", "ok"]]
+    assert httpx.get(f"{fake_upstream}/_stats").json()["hits"] == {"status-400": 1, "ok": 1}
+    r = post(router, "fake/status-400")  # alone: the upstream's 400 is the answer, asked once
+    assert assert_error(r, 400)["error"]["code"] == "upstream_rejected"
+    assert len(r.headers["x-llmrouter-attempts"].split(", ")) == 1
 
 
 @pytest.mark.parametrize(

@@ -1,14 +1,11 @@
 from __future__ import annotations
 
-import time
-from email.utils import formatdate
 from pathlib import Path
 
 import msgspec
 import pytest
 
 from llmrouter.providers._grammar import MAX_DEPTH, MAX_RULES
-from llmrouter.providers.openai import parse_retry_after
 from llmrouter.settings import CheckSettings, ConfigError, load_settings
 
 
@@ -93,13 +90,3 @@ def test_the_checks_maxima_are_the_most_the_grammar_check_takes() -> None:
     fields = {f.name: f.type for f in info.fields}
     assert getattr(fields["grammar_depth"], "le", None) == MAX_DEPTH
     assert getattr(fields["grammar_rules"], "le", None) == MAX_RULES
-
-
-def test_retry_after_seconds_and_http_date() -> None:
-    assert parse_retry_after("7") == 7.0
-    later = parse_retry_after(formatdate(time.time() + 30, usegmt=True))
-    assert later is not None and 28 <= later <= 31
-    assert parse_retry_after("soon") is None and parse_retry_after(None) is None
-    assert parse_retry_after("inf") is None and parse_retry_after("1e400") is None
-    assert parse_retry_after("nan") is None
-    assert parse_retry_after("999999") == 3600  # capped at an hour

@@ -517,6 +517,10 @@ def shape_for(
             continue
         elif name not in native:
             return name, f"cannot honour `{name}`"
+    for name, (low, high) in caps.ranges.items():
+        value = getattr(params, name, None)
+        if value is not None and not _within(value, low, high):
+            return name, f"takes `{name}` {_range_text(low, high)} only"
     if params.max_tokens == 0 and not caps.max_tokens_zero:
         return "max_tokens", "would take `max_tokens: 0` as no limit at all"
     if asks_logprobs and (params.logprobs or 0) > caps.max_logprobs:
@@ -566,11 +570,18 @@ def shape_for(
     # With a format to check, stops are the router's: a choice a stop cut short is returned as it
     # is (as one cut by max_tokens), which the router knows only if it did the cutting.
     router_stops = bool(params.stop) and ("stop" not in native or checker is not None)
+    stops = _stops(params)
     if router_stops:
         changes["stop"] = None
+    elif caps.max_stops is not None and len(stops) > caps.max_stops:
+        changes["stop"] = list(stops[: caps.max_stops])  # the first natively, all by the router
+        router_stops = True
     if params.stream and "stream" not in native:
         stream_native = False
     format_native = kind == "text" or kind in caps.response_formats
+    if format_native and kind == "json_schema" and caps.schema_support is not None:
+        config = params.response_format.json_schema  # type: ignore[union-attr]
+        format_native = caps.schema_support(config.schema or {}, bool(config.strict)) is None
     if not format_native:
         if kind not in EMULATED_FORMATS:
             return "response_format", f"cannot honour response_format {kind!r}"
@@ -587,7 +598,7 @@ def shape_for(
     emulated = [
         name
         for name, done_here in (
-            ("prompt", split_prompts),
+            ("prompt", split_prompts or caps.prompt_as_message),
             ("n", fan_out > 1 and n > 1),
             ("best_of", choose_best),
             ("echo", echo),
@@ -621,7 +632,7 @@ def shape_for(
         logprobs=params.logprobs,
         echo=echo,
         native_echo=native_echo,
-        stops=_stops(params),
+        stops=stops,
         reasoning_tags=model.reasoning_tags,
         checker=checker,
         buffered=buffered,
@@ -629,6 +640,18 @@ def shape_for(
         drain=bool(usage),
         plain=plain,
     )
+
+
+def _within(value: float, low: float | None, high: float | None) -> bool:
+    return (low is None or value >= low) and (high is None or value <= high)
+
+
+def _range_text(low: float | None, high: float | None) -> str:
+    if low is None:
+        return f"at most {high:g}"
+    if high is None:
+        return f"at least {low:g}"
+    return f"from {low:g} to {high:g}"
 
 
 def _stops(params: CompletionCreateParams) -> tuple[str, ...]:

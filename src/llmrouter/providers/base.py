@@ -6,7 +6,7 @@ It raises only errors from `llmrouter.errors`: foreign exceptions are translated
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, get_args
 
@@ -58,6 +58,15 @@ class Capabilities:
     # The output cap a request without `max_tokens` gets here (the API's 16, or a `defaults`;
     # None: up to the context).
     default_max_tokens: int | None = 16
+    # The values it takes, where fewer than the API allows: {parameter: (min, max)}, both ends
+    # included, None for no bound. A request outside them is not sent here.
+    ranges: Mapping[str, tuple[float | None, float | None]] = field(default_factory=dict, hash=False)
+    max_stops: int | None = None  # stop sequences it takes natively; beyond these, the router's
+    # For a native `json_schema`: (schema, strict) -> None when it takes the schema, else why
+    # not (then the router checks the answers instead). Unset: it takes every schema.
+    schema_support: Callable[[dict[str, Any], bool], str | None] | None = None
+    # A chat API: the prompt is sent as one user message (the router says so: `prompt` emulated).
+    prompt_as_message: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -124,8 +124,10 @@ class LlamaCppAdapter:
 
     def capabilities(self, deployment: DeploymentSettings) -> Capabilities:
         fim = self._engines[deployment.model].has_fim
+        parameters = _CAPABILITIES_PARAMETERS | {"suffix"} if fim else _CAPABILITIES_PARAMETERS
         return Capabilities(
-            parameters=_CAPABILITIES_PARAMETERS | {"suffix"} if fim else _CAPABILITIES_PARAMETERS,
+            parameters=parameters - deployment.unsupported_parameters,
+            ranges={name: (r.min, r.max) for name, r in deployment.ranges.items()},
             response_formats=frozenset({"text", "json_object", "json_schema", "grammar"}),
             max_logprobs=self._settings.max_logprobs,
             token_prompts=True,

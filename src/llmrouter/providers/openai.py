@@ -1,37 +1,28 @@
 """The `openai` provider: any OpenAI-compatible upstream, through its `/completions` endpoint.
 
-One pooled aiohttp session per provider keeps connections alive across requests. aiohttp's
-exceptions and the upstream's error statuses are translated into `llmrouter.errors` here and
-nowhere else.
+A translation on the shared transport (`_http`): the request's fields as the upstream takes them,
+its answers and stream chunks read back, its error bodies classified.
 """
 
 from __future__ import annotations
 
 import asyncio
-import email.utils
-import math
-import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Annotated, Any, TypeVar
 
-import aiohttp
 import msgspec
 from msgspec import UNSET, Meta, Struct
 
 from llmrouter.errors import (
     ContextLengthExceeded,
     LlmrouterError,
-    ProviderError,
-    UpstreamAuthFailed,
-    UpstreamRateLimited,
     UpstreamRefused,
-    UpstreamRejected,
-    UpstreamTimeout,
     UpstreamUnavailable,
 )
 from llmrouter.obs.redact import Redactor
+from llmrouter.providers import _http
+from llmrouter.providers._common import HttpAdapter, default_cap
 from llmrouter.providers.base import (
-    ALL_PARAMETERS,
     Call,
     Capabilities,
     Completion,
@@ -45,7 +36,6 @@ from llmrouter.settings import (
     ConfigError,
     DeploymentSettings,
     OpenAIProvider,
-    Timeouts,
 )
 from llmrouter.structured import format_kind, gbnf_for
 from llmrouter.wire.completions import (
@@ -57,12 +47,9 @@ from llmrouter.wire.completions import (
 )
 from llmrouter.wire.validate import Prompts
 
-__all__ = ["OpenAIAdapter", "parse_retry_after"]
+__all__ = ["OpenAIAdapter", "openai_error"]
 
 _ROUTER_FIELDS = ("model", "models", "provider", "user", "metadata", "stream_options")
-_MAX_ERROR_TEXT = 500
-_MAX_SSE_LINE = 64 * 1024 * 1024
-_MAX_RETRY_AFTER = 3600.0
 _REFUSAL_CODES = frozenset({"content_filter", "content_policy_violation"})
 
 
@@ -97,25 +84,22 @@ class _Body(Struct):
 _body_decoder = msgspec.json.Decoder(_Body)
 
 
-class OpenAIAdapter:
+class OpenAIAdapter(HttpAdapter):
+    settings: OpenAIProvider
+
     def __init__(
         self,
         name: str,
         settings: OpenAIProvider,
         deployments: list[DeploymentSettings],
         checks: CheckSettings,
+        transport: _http.Transport | None = None,
     ) -> None:
-        self.name = name
-        self._settings = settings
-        self._checks = checks  # the limits a grammar made from a schema is held to
-        self.timeouts = settings.timeouts
+        super().__init__(name, settings, deployments, checks, transport)
         self._url = settings.base_url.rstrip("/") + "/completions"
-        self._headers = {"content-type": "application/json", **settings.headers}
-        if settings.api_key:
-            self._headers["authorization"] = f"Bearer {settings.api_key}"
-        # What this provider sends that must never come back out in what it (or a proxy) says.
-        self._redact = Redactor([settings.api_key, *settings.headers.values()])
-        self._session: aiohttp.ClientSession | None = None
+        self._headers = self.headers(
+            {"authorization": f"Bearer {settings.api_key}"} if settings.api_key else None
+        )
         self._stream_usage = "stream_usage" not in settings.unsupported_parameters
         if settings.structured_output_field == "grammar" and "json_schema" in settings.response_formats:
             try:  # JSON Schema becomes GBNF with llama-cpp-python's converter
@@ -126,64 +110,40 @@ class OpenAIAdapter:
                     "(pip install 'llmrouter[local]')"
                 ) from None
 
-    async def start(self) -> None:
-        t = self._settings.timeouts
-        connector = aiohttp.TCPConnector(
-            limit=self._settings.max_connections, keepalive_timeout=60, ttl_dns_cache=300
-        )
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            timeout=aiohttp.ClientTimeout(total=t.total, sock_connect=t.connect),
-            auto_decompress=True,
-            skip_auto_headers=("User-Agent",),
-        )
-
-    async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-
     def capabilities(self, deployment: DeploymentSettings) -> Capabilities:
-        unsupported = self._settings.unsupported_parameters
+        unsupported = self.settings.unsupported_parameters | deployment.unsupported_parameters
         return Capabilities(
-            parameters=ALL_PARAMETERS - unsupported,
-            response_formats=self._settings.response_formats,
-            max_logprobs=self._settings.max_logprobs,
+            parameters=self.parameters(deployment),
+            ranges=self.ranges(deployment),
+            response_formats=self.settings.response_formats,
+            max_logprobs=self.settings.max_logprobs,
             token_prompts="prompt_token_ids" not in unsupported,
             prompt_batch="prompt_batch" not in unsupported,
             max_tokens_zero="max_tokens_zero" not in unsupported,
             best_of_above_n="best_of" not in unsupported,
             stream_usage="stream_usage" not in unsupported,
-            default_max_tokens=_default_max_tokens(self._settings.defaults),
+            default_max_tokens=default_cap(self.settings.defaults),
         )
 
-    def usable(self, deployment: DeploymentSettings) -> bool:
-        return self._session is not None
-
-    def ready(self, deployment: DeploymentSettings) -> bool:
-        return self.usable(deployment)
-
-    def context_length(self, deployment: DeploymentSettings) -> int | None:
-        return None
-
     def tokenizer(self, deployment: DeploymentSettings) -> Tokenizer | None:
-        if self._settings.tokenizer is None:
+        if self.settings.tokenizer is None:
             return None
         return _UpstreamTokenizer(self, deployment.model)
 
     # -- requests -----------------------------------------------------------------------------
 
     def _body(self, call: Call, *, stream: bool) -> bytes:
-        fields: dict[str, Any] = {**self._settings.defaults, **msgspec.to_builtins(call.params)}
+        fields: dict[str, Any] = {**self.settings.defaults, **msgspec.to_builtins(call.params)}
         for name in _ROUTER_FIELDS:
             fields.pop(name, None)
         fields["prompt"] = _wire_prompt(call.prompts)
         response_format = call.params.response_format
         if format_kind(response_format) == "text":
             fields.pop("response_format", None)  # the default: legacy upstreams do not know it
-        elif self._settings.structured_output_field == "grammar":
+        elif self.settings.structured_output_field == "grammar":
             fields.pop("response_format")
-            fields["grammar"] = gbnf_for(response_format, self._checks)
-        for name in self._settings.forward:
+            fields["grammar"] = gbnf_for(response_format, self.checks)
+        for name in self.settings.forward:
             value = getattr(call.params, name)
             if value is not UNSET and value is not None:
                 fields[name] = value
@@ -196,17 +156,15 @@ class OpenAIAdapter:
 
     async def _encoded(self, call: Call, *, stream: bool) -> bytes:
         kind = format_kind(call.params.response_format)
-        if kind == "json_schema" and self._settings.structured_output_field == "grammar":
+        if kind == "json_schema" and self.settings.structured_output_field == "grammar":
             # A schema becomes GBNF by llama-cpp-python's converter, and the result is checked:
             # time that grows with the schema (cached after), so not on the event loop.
             return await asyncio.to_thread(self._body, call, stream=stream)
         return self._body(call, stream=stream)
 
     async def complete(self, call: Call) -> Completion:
-        assert self._session is not None, "start() opens the session"
         body = await self._encoded(call, stream=False)
-        raw = await self._whole(await self._post(body, call.timeouts))
-        parsed = self._decode(raw)
+        parsed = self._decode(await self.post(self._url, body, call.timeouts, self._headers))
         choices = [
             CompletionChoice(
                 text=c.text,
@@ -226,116 +184,38 @@ class OpenAIAdapter:
         )
 
     async def stream(self, call: Call) -> AsyncIterator[StreamPart]:
-        assert self._session is not None, "start() opens the session"
-        t = call.timeouts
         body = await self._encoded(call, stream=True)
-        resp = await self._post(body, t)
-        try:
-            if resp.status != 200:
-                raise self._status_error(resp, await self._read_safely(resp))
-            usage_seen = False
-            text_chunks = 0
-            async for data in self._events(resp, first=t.first_token, idle=t.idle):
-                part = self._part(self._decode(data))
-                usage_seen = usage_seen or part.usage is not None
-                text_chunks += sum(1 for c in part.choices if c.text)
-                yield part
-            if not usage_seen:
-                # Some upstreams (llama.cpp's server among them) ignore stream_options and send
-                # no usage. They send one token a chunk, so the chunks are the completion count;
-                # the prompt's count is not known. The part says it is an estimate.
-                yield StreamPart([], usage=Usage(0, text_chunks, text_chunks), usage_estimated=True)
-        finally:
-            resp.release()
-
-    async def _post(
-        self, body: bytes, timeouts: Timeouts, url: str | None = None
-    ) -> aiohttp.ClientResponse:
-        """POST a request (to /completions, or `url`) and wait for the response's headers, for at
-        most `first_token`, streamed or not. Redirects are not followed: a 3xx would send the
-        prompt wherever it points, so it is a failure of this deployment (`_status_error`)."""
-        return await self._send("POST", url or self._url, body, timeouts)
-
-    async def _send(
-        self, method: str, url: str, body: bytes | None, timeouts: Timeouts
-    ) -> aiohttp.ClientResponse:
-        assert self._session is not None, "start() opens the session"
-        try:
-            async with asyncio.timeout(timeouts.first_token):
-                return await self._session.request(
-                    method, url, data=body, headers=self._headers, allow_redirects=False
-                )
-        except Exception as exc:
-            raise self._transport_error(exc) from None
-
-    async def _whole(self, resp: aiohttp.ClientResponse) -> bytes:
-        """A response's whole body (within the session's `total`), an error status or a
-        transport failure translated."""
-        try:
-            raw = await resp.read()
-            if resp.status != 200:
-                raise self._status_error(resp, raw)
-            return raw
-        except LlmrouterError:
-            raise
-        except Exception as exc:
-            raise self._transport_error(exc) from None
-        finally:
-            resp.release()
+        usage_seen = False
+        text_chunks = 0
+        async for event in self.post_stream(self._url, body, call.timeouts, self._headers):
+            if event.data == b"[DONE]":
+                break
+            part = self._part(self._decode(event.data))
+            usage_seen = usage_seen or part.usage is not None
+            text_chunks += sum(1 for c in part.choices if c.text)
+            yield part
+        else:
+            raise self.ended_early()
+        if not usage_seen:
+            # Some upstreams (llama.cpp's server among them) ignore stream_options and send
+            # no usage. They send one token a chunk, so the chunks are the completion count;
+            # the prompt's count is not known. The part says it is an estimate.
+            yield StreamPart([], usage=Usage(0, text_chunks, text_chunks), usage_estimated=True)
 
     async def fetch(self, method: str, path: str, fields: dict[str, Any] | None) -> Any:
         """One whole JSON exchange with the upstream's tokenizer endpoints (`path` under
         `tokenizer_url`); its errors translated as a completion's are."""
-        base = self._settings.tokenizer_url or _server_root(self._settings.base_url)
+        base = self.settings.tokenizer_url or _server_root(self.settings.base_url)
         body = None if fields is None else encoder.encode(fields)
-        raw = await self._whole(await self._send(method, base.rstrip("/") + path, body, self.timeouts))
+        request = _http.Request(method, base.rstrip("/") + path, body, self._headers)
+        response = await self.transport.send(request, self.timeouts)
+        raw = await _http.read_whole(response, self._error)
         try:
             return msgspec.json.decode(raw)
         except (msgspec.DecodeError, RecursionError):
             raise UpstreamUnavailable(
                 f"Provider {self.name} sent a {path} answer that is not JSON llmrouter reads."
             ) from None
-
-    async def _events(
-        self, resp: aiohttp.ClientResponse, *, first: float, idle: float
-    ) -> AsyncIterator[bytes]:
-        """The `data:` payloads of an SSE stream, up to `[DONE]`; a stream that stops before it
-        is a failure. Lines are split here rather than by aiohttp's readline, which refuses lines
-        over its buffer size (a long completion in one chunk is a long line)."""
-        buffer = bytearray()
-        scanned = 0  # bytes of `buffer` known to hold no newline
-        data: list[bytes] = []
-        wait = first
-        while True:
-            try:
-                async with asyncio.timeout(wait):
-                    chunk = await resp.content.readany()
-            except Exception as exc:
-                raise self._transport_error(exc) from None
-            if not chunk:
-                raise UpstreamUnavailable(
-                    f"Provider {self.name} ended the stream before it was complete."
-                )
-            buffer += chunk
-            start = 0
-            while (newline := buffer.find(b"\n", scanned)) >= 0:
-                line = bytes(buffer[start:newline]).rstrip(b"\r")
-                start = scanned = newline + 1
-                if line.startswith(b"data:"):
-                    data.append(line[5:].lstrip(b" "))
-                elif not line and data:
-                    payload = b"\n".join(data)
-                    data = []
-                    if payload == b"[DONE]":
-                        return
-                    wait = idle
-                    yield payload
-            del buffer[:start]
-            scanned = len(buffer)
-            if scanned > _MAX_SSE_LINE:
-                raise UpstreamUnavailable(
-                    f"Provider {self.name} sent a stream line over {_MAX_SSE_LINE} bytes."
-                )
 
     def _part(self, parsed: _Body) -> StreamPart:
         choices = [
@@ -370,54 +250,38 @@ class OpenAIAdapter:
                 f"Provider {self.name} sent a response that is not a valid completion."
             ) from None
         if parsed.error is not None:
-            message = parsed.error if isinstance(parsed.error, str) else parsed.error.message
-            said = self._redact(message)[:_MAX_ERROR_TEXT]
-            raise UpstreamUnavailable(f"Provider {self.name} reported an error: {said}")
+            raise openai_error(self.name, self.redact, 200, {}, raw, in_band=True)
         return parsed
 
-    @staticmethod
-    async def _read_safely(resp: aiohttp.ClientResponse) -> bytes:
-        try:
-            return await resp.content.read(64 * 1024)
-        except Exception:
-            return b""
+    def error(self, status: int, headers: Mapping[str, str], body: bytes) -> LlmrouterError:
+        return openai_error(self.name, self.redact, status, headers, body)
 
-    def _status_error(self, resp: aiohttp.ClientResponse, raw: bytes) -> LlmrouterError:
-        status = resp.status
-        if 300 <= status < 400:
-            return UpstreamUnavailable(
-                f"Provider {self.name} answered {status}, a redirect, which llmrouter does not "
-                "follow: set its base_url to where it points."
-            )
-        detail, code = _error_detail(raw)
-        detail = self._redact(detail)[:_MAX_ERROR_TEXT]
-        said = f"Provider {self.name} answered {status}" + (f": {detail}" if detail else ".")
-        if status in (400, 413, 422):
-            lowered = detail.lower()
-            if code == "context_length_exceeded" or "maximum context length" in lowered:
-                return ContextLengthExceeded(said)
-            if code in _REFUSAL_CODES or "content management policy" in lowered:
-                return UpstreamRefused(said)
-        if status in (401, 403):
-            return UpstreamAuthFailed(
-                f"Provider {self.name} refused llmrouter's credentials ({status})."
-            )
-        if status == 429:
-            return UpstreamRateLimited(
-                said, retry_after=parse_retry_after(resp.headers.get("retry-after"))
-            )
-        if status in (400, 422):
-            return UpstreamRejected(said)
-        if status == 408:
-            return UpstreamTimeout(said)
-        return UpstreamUnavailable(said, retry_after=parse_retry_after(resp.headers.get("retry-after")))
 
-    def _transport_error(self, exc: BaseException) -> ProviderError:
-        if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):
-            return UpstreamTimeout(f"Provider {self.name} did not answer in time.")
-        if isinstance(exc, aiohttp.ClientConnectionError | OSError):
-            return UpstreamUnavailable(f"Provider {self.name} is unreachable: {type(exc).__name__}.")
-        return UpstreamUnavailable(f"Provider {self.name} failed: {type(exc).__name__}.")
+def openai_error(
+    provider: str,
+    redact: Redactor,
+    status: int,
+    headers: Mapping[str, str],
+    body: bytes,
+    *,
+    in_band: bool = False,
+) -> LlmrouterError:
+    """An OpenAI-shaped error body (`{"error": {"message", "code"}}`), as the error tree has it;
+    `in_band`: one sent inside a 200 answer or stream."""
+    detail, code = _error_detail(body)
+    detail = redact(detail)
+    if in_band:
+        return UpstreamUnavailable(
+            f"Provider {provider} reported an error: {detail[: _http.MAX_ERROR_TEXT]}"
+        )
+    recognised: type[LlmrouterError] | None = None
+    if status in (400, 413, 422):
+        lowered = detail.lower()
+        if code == "context_length_exceeded" or "maximum context length" in lowered:
+            recognised = ContextLengthExceeded
+        elif code in _REFUSAL_CODES or "content management policy" in lowered:
+            recognised = UpstreamRefused
+    return _http.status_error(provider, status, headers, detail, recognised=recognised)
 
 
 class _UpstreamTokenizer:
@@ -426,7 +290,7 @@ class _UpstreamTokenizer:
     def __init__(self, adapter: OpenAIAdapter, model: str) -> None:
         self._adapter = adapter
         self._model = model
-        self._kind = adapter._settings.tokenizer
+        self._kind = adapter.settings.tokenizer
         self.has_info = self._kind == "vllm"
 
     async def tokenize(self, text: str, *, add_special: bool, strings: bool) -> Tokenized:
@@ -517,17 +381,6 @@ def _server_root(base_url: str) -> str:
     return base[: -len("/v1")] if base.endswith("/v1") else base
 
 
-def _default_max_tokens(defaults: dict[str, Any]) -> int | None:
-    """What a request without `max_tokens` gets: the `defaults` (null, or llama.cpp's -1: no
-    limit), else the Completions API's 16, which llmrouter sends where it must know it."""
-    if "max_tokens" not in defaults:
-        return 16
-    value = defaults["max_tokens"]
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
-    return None
-
-
 def _wire_prompt(prompts: Prompts) -> str | list[Any]:
     """The prompt of one call as the upstream takes it: one prompt alone, several as a list."""
     if len(prompts) == 1:
@@ -548,20 +401,3 @@ def _error_detail(raw: bytes) -> tuple[str, str | None]:
         code = parsed.error.code
         return parsed.error.message, None if code is None else str(code)
     return "", None
-
-
-def parse_retry_after(value: str | None) -> float | None:
-    """Retry-After as seconds from now: either delta-seconds or an HTTP date; at most an hour,
-    and nothing for a value that is not a finite time."""
-    if not value:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
-        except (TypeError, ValueError, OverflowError):
-            return None
-    if not math.isfinite(seconds):
-        return None
-    return min(max(0.0, seconds), _MAX_RETRY_AFTER)

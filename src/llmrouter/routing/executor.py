@@ -4,9 +4,10 @@ Walk the plan's targets in order, skipping deployments that are ejected or insid
 Retry-After, wherever they are in the plan. Only when nothing in the whole plan is in rotation does
 a request try one anyway, once: the ejected deployment whose cooldown ends first (Envoy's panic
 mode; its attempt is marked `panic`, and if it answers it is back in rotation at once). A retryable
-failure moves on to the next target at once (a prompt too long for a model moves on to the
-request's other models; a content refusal never goes back to the same deployment); when a whole
-pass over the plan has failed, the next pass waits a backoff with full jitter first.
+failure moves on to the next target at once, as its class says (`errors.Next`: a prompt too long
+for a model moves on to the request's other models; a content refusal or an upstream's 400 never
+goes back to the same deployment); when a whole pass over the plan has failed, the next pass waits a
+backoff with full jitter first.
 
 The first attempt at each model the request names (its `model`, then each of `models`) is the
 client's own instruction and costs nothing; every other attempt (another deployment of the same
@@ -38,17 +39,15 @@ import msgspec
 
 from llmrouter.emulation.shape import Shape
 from llmrouter.errors import (
-    ContextLengthExceeded,
     DeadlineExceeded,
-    InvalidOutput,
     LlmrouterError,
+    Next,
     ServiceUnavailable,
     UpstreamRateLimited,
-    UpstreamRefused,
 )
 from llmrouter.providers.base import Call, Completion, StreamPart
 from llmrouter.routing.budget import RetryBudget
-from llmrouter.routing.health import HealthBook, is_sick
+from llmrouter.routing.health import HealthBook
 from llmrouter.routing.plan import Plan, Target
 from llmrouter.routing.resume import Splice, first_limit, resumable
 from llmrouter.routing.streams import (
@@ -472,14 +471,14 @@ class Executor:
 
     def _judge(self, run: _Run[T], target: Target, exc: LlmrouterError) -> None:
         """What a failure says about the deployment (its health) and about the rest of the
-        request's way (what not to try again; whether to stop)."""
+        request's way: the error's class says both (`blames_deployment`, `next`)."""
         wait = exc.retry_after
         if not wait and isinstance(exc, UpstreamRateLimited):  # "later", without saying when
             wait = self._routing.health.rate_limit_skip_seconds
         if exc.retryable and wait:  # the upstream said when to come back
             self._health.skip_for(target.label, wait)
             run.release(target)
-        elif is_sick(exc):
+        elif exc.blames_deployment:
             if target.label != run.panic:  # (it is out already; a probe's outcome decides)
                 self._health.record(target.label, False)
         else:  # about the request, not the deployment
@@ -487,17 +486,18 @@ class Executor:
         # Without its traceback: that holds the attempt's frame, which holds `run`, which would
         # hold the error, in a cycle only the cyclic collector frees (with the request's prompt).
         run.last_error = exc.with_traceback(None)
-        if isinstance(exc, ContextLengthExceeded):
+        next_ = exc.next
+        if next_ is Next.OTHER_MODEL:
             run.too_small.add(target.model.id)  # the request's other models may fit it
-        elif isinstance(exc, UpstreamRefused):
-            run.refused.add(target.label)  # asking it again would be refused again
-        elif isinstance(exc, InvalidOutput):
+        elif next_ is Next.OTHER_DEPLOYMENT:
+            run.refused.add(target.label)  # asking it again would get the same answer
+        elif next_ is Next.SAME_AGAIN:
             count = run.invalid[target.label] = run.invalid.get(target.label, 0) + 1
             if count <= self._routing.invalid_output_retries and not _deterministic(run.params):
                 run.again = target
             else:  # asked again, it would say the same: on to the next deployment
                 run.refused.add(target.label)
-        elif not exc.retryable:
+        elif next_ is Next.STOP:
             run.stop = True
 
     # -- choosing -----------------------------------------------------------------------------

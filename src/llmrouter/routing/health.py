@@ -17,16 +17,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from llmrouter.errors import (
-    InvalidOutput,
-    LlmrouterError,
-    ProviderError,
-    UpstreamRateLimited,
-    UpstreamRefused,
-)
 from llmrouter.settings import HealthSettings
 
-__all__ = ["HealthBook", "LocalHealth", "is_sick"]
+__all__ = ["HealthBook", "LocalHealth"]
 
 _PROBE_LOST_AFTER = 60.0  # seconds
 
@@ -241,12 +234,3 @@ class LocalHealth:
 
 def _ewma(old: float | None, new: float, alpha: float) -> float:
     return new if old is None else alpha * new + (1 - alpha) * old
-
-
-def is_sick(exc: LlmrouterError) -> bool:
-    """Failures that say something about the deployment (not about the request, not load)."""
-    return (
-        isinstance(exc, ProviderError)
-        and exc.retryable
-        and not isinstance(exc, UpstreamRateLimited | UpstreamRefused | InvalidOutput)
-    )

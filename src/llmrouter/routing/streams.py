@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from llmrouter.errors import DeadlineExceeded, LlmrouterError, UpstreamTimeout, UpstreamUnavailable
 from llmrouter.providers.base import Call, StreamPart
-from llmrouter.routing.health import HealthBook, is_sick
+from llmrouter.routing.health import HealthBook
 from llmrouter.wire.completions import ChunkChoice
 
 if TYPE_CHECKING:
@@ -121,7 +121,7 @@ class CommittedStream:
 
     def _failed(self, exc: LlmrouterError) -> LlmrouterError:
         judged = self._splice is not None and self._splice.judged is exc  # when it broke off
-        if is_sick(exc) and not judged:
+        if exc.blames_deployment and not judged:
             self._health.record(self.target.label, False)
         return exc
 

@@ -1,0 +1,169 @@
+"""What every adapter of an upstream reached over HTTP shares, whatever its wire format: the
+transport, the redaction of what it sends, the limits its config declares, and the small pieces
+of translation that are the same for every chat API (a prompt as one user message, logprobs in
+the Completions shape).
+
+A kind's own file subclasses `HttpAdapter` and writes the translation: build the request body,
+read an answer, read a stream event, read an error body.
+"""
+
+from __future__ import annotations
+
+import codecs
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Any, ClassVar
+
+from msgspec import UNSET
+
+from llmrouter.errors import LlmrouterError, UpstreamUnavailable
+from llmrouter.obs.redact import Redactor
+from llmrouter.providers import _http
+from llmrouter.providers.base import ALL_PARAMETERS, Call, Tokenizer
+from llmrouter.settings import CheckSettings, DeploymentSettings, HttpProvider, Timeouts
+from llmrouter.wire.completions import Logprobs
+
+__all__ = ["HttpAdapter", "LogprobsBuilder", "default_cap", "max_tokens_for", "only_prompt"]
+
+
+class HttpAdapter:
+    """The shared half of an HTTP adapter. Subclasses set `native` (the request fields their wire
+    format has) and implement `complete`, `stream` and `error`."""
+
+    native: ClassVar[frozenset[str]] = ALL_PARAMETERS
+
+    def __init__(
+        self,
+        name: str,
+        settings: HttpProvider,
+        deployments: list[DeploymentSettings],
+        checks: CheckSettings,
+        transport: _http.Transport | None = None,
+    ) -> None:
+        self.name = name
+        self.settings = settings
+        self.checks = checks
+        self.timeouts = settings.timeouts
+        self.transport = transport or _http.AiohttpTransport(
+            name, timeouts=settings.timeouts, max_connections=settings.max_connections
+        )
+        # What this provider sends that must never come back out in what it (or a proxy) says.
+        self.redact = Redactor([settings.api_key, *settings.headers.values()])
+
+    async def start(self) -> None:
+        await self.transport.start()
+
+    async def aclose(self) -> None:
+        await self.transport.aclose()
+
+    def usable(self, deployment: DeploymentSettings) -> bool:
+        return self.transport.started
+
+    def ready(self, deployment: DeploymentSettings) -> bool:
+        return self.usable(deployment)
+
+    def context_length(self, deployment: DeploymentSettings) -> int | None:
+        return None
+
+    def tokenizer(self, deployment: DeploymentSettings) -> Tokenizer | None:
+        return None
+
+    # -- what the config declares ---------------------------------------------------------------
+
+    def parameters(self, deployment: DeploymentSettings) -> frozenset[str]:
+        """The request fields this deployment takes natively."""
+        lacking = self.settings.unsupported_parameters | deployment.unsupported_parameters
+        return self.native - lacking
+
+    def ranges(self, deployment: DeploymentSettings) -> dict[str, tuple[float | None, float | None]]:
+        merged = {**self.settings.ranges, **deployment.ranges}
+        return {name: (r.min, r.max) for name, r in merged.items()}
+
+    # -- sending ----------------------------------------------------------------------------------
+
+    def headers(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+        """The configured headers with the kind's own (credentials, version) and `extra`."""
+        return {"content-type": "application/json", **self.settings.headers, **(extra or {})}
+
+    async def post(self, url: str, body: bytes, timeouts: Timeouts, headers: Mapping[str, str]) -> bytes:
+        """One whole exchange: the body of a 200, or the error the response is."""
+        response = await self.transport.send(_http.Request("POST", url, body, headers), timeouts)
+        return await _http.read_whole(response, self._error)
+
+    async def post_stream(
+        self, url: str, body: bytes, timeouts: Timeouts, headers: Mapping[str, str]
+    ) -> AsyncIterator[_http.Event]:
+        """The events of a streamed answer (an error status raised before any)."""
+        response = await self.transport.send(_http.Request("POST", url, body, headers), timeouts)
+        async for event in _http.events(
+            response,
+            first=timeouts.first_token,
+            idle=timeouts.idle,
+            provider=self.name,
+            on_error=self._error,
+        ):
+            yield event
+
+    def _error(self, response: _http.Response, body: bytes) -> LlmrouterError:
+        return self.error(response.status, response.headers, body)
+
+    def error(self, status: int, headers: Mapping[str, str], body: bytes) -> LlmrouterError:
+        """An error response, read in the kind's own terms (see `_http.status_error`)."""
+        detail = self.redact(body.decode("utf-8", errors="replace").strip())
+        return _http.status_error(self.name, status, headers, detail)
+
+    def ended_early(self) -> LlmrouterError:
+        """A stream that ended without its terminal event: a failure (before the commit point it
+        falls back, after it the client gets the error event)."""
+        return UpstreamUnavailable(f"Provider {self.name} ended the stream before it was complete.")
+
+
+def only_prompt(call: Call) -> str:
+    """The one string prompt a chat call carries (its capabilities say so: the plan splits
+    batches and refuses token ids before a call is made)."""
+    (prompt,) = call.prompts
+    assert isinstance(prompt, str), "chat kinds take no token-id prompts"
+    return prompt
+
+
+def max_tokens_for(value: Any, defaults: Mapping[str, Any], unbounded: int | None) -> int | None:
+    """The output cap to send for a request's `max_tokens`: its own, else `defaults.max_tokens`,
+    else the Completions API's 16; null (no limit) is `unbounded` (None: send none)."""
+    if value is UNSET:
+        value = defaults.get("max_tokens", 16)
+    return unbounded if value is None else int(value)
+
+
+def default_cap(defaults: Mapping[str, Any]) -> int | None:
+    """What a request without `max_tokens` gets (`Capabilities.default_max_tokens`): the
+    `defaults` (null, or llama.cpp's -1: no limit), else the Completions API's 16."""
+    value = defaults.get("max_tokens", 16)
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    return None
+
+
+class LogprobsBuilder:
+    """One choice's logprobs in the Completions shape, from a chat API's per-token entries:
+    `text_offset` is counted here, in characters of the text so far (across a stream's chunks).
+    A token's bytes, where the API gives them, count once the character they end is complete."""
+
+    __slots__ = ("_decoder", "_offset")
+
+    def __init__(self) -> None:
+        self._offset = 0
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def build(self, entries: Sequence[tuple[str, bytes | None, float, dict[str, float] | None]]) -> Logprobs:
+        """`entries`: (token, its bytes if known, logprob, top logprobs), in order."""
+        tokens: list[str] = []
+        logprobs: list[float | None] = []
+        tops: list[dict[str, float] | None] = []
+        offsets: list[int] = []
+        for token, raw, logprob, top in entries:
+            tokens.append(token)
+            logprobs.append(logprob)
+            tops.append(top)
+            offsets.append(self._offset)
+            self._offset += len(token) if raw is None else len(self._decoder.decode(raw))
+        no_tops = all(top is None for top in tops)  # (`logprobs: 0`)
+        return Logprobs(tokens, logprobs, None if no_tops else tops, offsets)

@@ -1,0 +1,398 @@
+"""The one HTTP transport every HTTP provider adapter shares, and what it knows about failures.
+
+An adapter is a translation: it builds a `Request`, and reads a `Response` (whole, or as SSE
+`Event`s) into our types. The transport owns everything else: one pooled aiohttp session per
+provider, the connect / first-token / idle timeouts, SSE framing (`data:`-only streams and named
+`event:` ones alike), and the ONE place where aiohttp's and the OS's exceptions become the error
+tree (`translate`). Adapters never see aiohttp, so each can be tested in process against a
+`MockTransport` whose handler plays the upstream.
+
+Redirects are not followed: a 3xx would send the prompt wherever it points, so it is a failure of
+the deployment (`status_error`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import math
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import aiohttp
+
+from llmrouter.errors import (
+    LlmrouterError,
+    ProviderError,
+    UpstreamAuthFailed,
+    UpstreamRateLimited,
+    UpstreamRejected,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from llmrouter.settings import Timeouts
+
+__all__ = [
+    "MAX_ERROR_TEXT",
+    "AiohttpTransport",
+    "Event",
+    "MockResponse",
+    "MockTransport",
+    "Request",
+    "Response",
+    "Transport",
+    "events",
+    "parse_retry_after",
+    "read_whole",
+    "status_error",
+    "translate",
+]
+
+MAX_ERROR_TEXT = 500  # of an upstream's error message, relayed
+MAX_ERROR_BODY = 64 * 1024  # read of an error response's body
+MAX_SSE_LINE = 64 * 1024 * 1024  # one line of a stream (a long completion in one chunk is long)
+_MAX_RETRY_AFTER = 3600.0
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    method: str
+    url: str
+    body: bytes | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+class Response(Protocol):
+    """An upstream's response, its headers in: the body is read with `read` or `chunk`."""
+
+    status: int
+    headers: Mapping[str, str]  # case-insensitive
+
+    async def read(self, limit: int | None = None) -> bytes:
+        """The body (at most `limit` bytes), within the attempt's total time."""
+
+    async def chunk(self, wait: float) -> bytes:
+        """The next piece of the body, waiting at most `wait` seconds; b"" at its end."""
+
+    def release(self) -> None:
+        """Give the connection back (or drop it, if the body was not read)."""
+
+
+class Transport(Protocol):
+    name: str  # the provider's, for messages
+
+    async def start(self) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+    @property
+    def started(self) -> bool: ...
+
+    async def send(self, request: Request, timeouts: Timeouts) -> Response:
+        """Send `request` and wait (at most `timeouts.first_token`) for the response's headers."""
+
+
+# -- translating failures ---------------------------------------------------------------------
+
+
+def translate(exc: BaseException, provider: str) -> ProviderError:
+    """Any exception the network stack raises, as the error tree has it. The message names the
+    provider and the exception's class, never its text (which may quote a URL, or a header)."""
+    if isinstance(exc, ProviderError):
+        return exc
+    if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):
+        return UpstreamTimeout(f"Provider {provider} did not answer in time.")
+    if isinstance(exc, aiohttp.ClientConnectionError | aiohttp.ClientPayloadError | OSError):
+        return UpstreamUnavailable(f"Provider {provider} is unreachable: {type(exc).__name__}.")
+    return UpstreamUnavailable(f"Provider {provider} failed: {type(exc).__name__}.")
+
+
+def status_error(
+    provider: str,
+    status: int,
+    headers: Mapping[str, str],
+    detail: str,
+    *,
+    recognised: type[LlmrouterError] | None = None,
+    retry_after: float | None = None,
+) -> LlmrouterError:
+    """An error status, as the error tree has it. `detail` is the upstream's message (already
+    redacted); `recognised` is the class the adapter read the body as (a prompt too long, a
+    content refusal), `retry_after` a delay the body gave where the header gives none."""
+    detail = detail[:MAX_ERROR_TEXT]
+    said = f"Provider {provider} answered {status}" + (f": {detail}" if detail else ".")
+    if 300 <= status < 400:
+        return UpstreamUnavailable(
+            f"Provider {provider} answered {status}, a redirect, which llmrouter does not "
+            "follow: set its base_url to where it points."
+        )
+    wait = parse_retry_after(headers.get("retry-after"))
+    wait = retry_after if wait is None else wait
+    if recognised is not None:
+        return recognised(said, retry_after=wait)
+    if status in (401, 403):
+        return UpstreamAuthFailed(f"Provider {provider} refused llmrouter's credentials ({status}).")
+    if status == 429:
+        return UpstreamRateLimited(said, retry_after=wait)
+    if status in (400, 422):
+        return UpstreamRejected(said)
+    if status == 408:
+        return UpstreamTimeout(said)
+    return UpstreamUnavailable(said, retry_after=wait)
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Retry-After as seconds from now: either delta-seconds or an HTTP date; at most an hour,
+    and nothing for a value that is not a finite time."""
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError, OverflowError):
+            return None
+    if not math.isfinite(seconds):
+        return None
+    return min(max(0.0, seconds), _MAX_RETRY_AFTER)
+
+
+# -- reading ------------------------------------------------------------------------------------
+
+# A whole answer's body, or the error the response's status is: adapters give their own reading
+# of an error body.
+ErrorReader = Callable[[Response, bytes], LlmrouterError]
+
+
+async def read_whole(response: Response, on_error: ErrorReader) -> bytes:
+    """The whole body of a 200, or the error its status says (read by `on_error`)."""
+    try:
+        if response.status != 200:
+            raise on_error(response, await _error_body(response))
+        return await response.read()
+    finally:
+        response.release()
+
+
+async def _error_body(response: Response) -> bytes:
+    try:
+        return await response.read(MAX_ERROR_BODY)
+    except ProviderError:
+        return b""
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One server-sent event: its `event:` name ("message" where it has none) and `data:`."""
+
+    name: str
+    data: bytes
+
+
+async def events(
+    response: Response, *, first: float, idle: float, provider: str, on_error: ErrorReader
+) -> AsyncIterator[Event]:
+    """The events of an SSE body until it ends (the adapter knows whether that was early: by
+    its own terminal event). The first may take `first` seconds, each next one `idle`. An error
+    status is raised (read by `on_error`) before any event. Lines are split here rather than by
+    aiohttp's readline, which refuses lines over its buffer size."""
+    try:
+        if response.status != 200:
+            raise on_error(response, await _error_body(response))
+        buffer = bytearray()
+        scanned = 0  # bytes of `buffer` known to hold no newline
+        name = ""
+        data: list[bytes] = []
+        wait = first
+        while chunk := await response.chunk(wait):
+            buffer += chunk
+            start = 0
+            while (newline := buffer.find(b"\n", scanned)) >= 0:
+                line = bytes(buffer[start:newline]).rstrip(b"\r")
+                start = scanned = newline + 1
+                if not line:  # the end of an event
+                    if data:
+                        wait = idle
+                        yield Event(name or "message", b"\n".join(data))
+                    name, data = "", []
+                elif line.startswith(b"data:"):
+                    value = line[5:]
+                    data.append(value[1:] if value.startswith(b" ") else value)
+                elif line.startswith(b"event:"):
+                    name = line[6:].strip().decode("utf-8", errors="replace")
+                # (comments `:`, `id:` and `retry:` lines say nothing an adapter reads)
+            del buffer[:start]
+            scanned = len(buffer)
+            if scanned > MAX_SSE_LINE:
+                raise UpstreamUnavailable(
+                    f"Provider {provider} sent a stream line over {MAX_SSE_LINE} bytes."
+                )
+    finally:
+        response.release()
+
+
+# -- the real one -------------------------------------------------------------------------------
+
+
+class _AiohttpResponse:
+    __slots__ = ("_provider", "_response", "headers", "status")
+
+    def __init__(self, response: aiohttp.ClientResponse, provider: str) -> None:
+        self._response = response
+        self._provider = provider
+        self.status = response.status
+        self.headers: Mapping[str, str] = response.headers
+
+    async def read(self, limit: int | None = None) -> bytes:
+        try:
+            if limit is None:
+                return await self._response.read()
+            return await self._response.content.read(limit)
+        except Exception as exc:
+            raise translate(exc, self._provider) from None
+
+    async def chunk(self, wait: float) -> bytes:
+        try:
+            async with asyncio.timeout(wait):
+                return await self._response.content.readany()
+        except Exception as exc:
+            raise translate(exc, self._provider) from None
+
+    def release(self) -> None:
+        self._response.release()
+
+
+class AiohttpTransport:
+    """One pooled aiohttp session: connections kept alive across requests, up to
+    `max_connections`; `timeouts.total` bounds an attempt, `timeouts.connect` its connect."""
+
+    def __init__(self, name: str, *, timeouts: Timeouts, max_connections: int) -> None:
+        self.name = name
+        self._timeouts = timeouts
+        self._max_connections = max_connections
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def started(self) -> bool:
+        return self._session is not None
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(
+            limit=self._max_connections, keepalive_timeout=60, ttl_dns_cache=300
+        )
+        t = self._timeouts
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(total=t.total, sock_connect=t.connect),
+            auto_decompress=True,
+            skip_auto_headers=("User-Agent",),
+        )
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def send(self, request: Request, timeouts: Timeouts) -> Response:
+        assert self._session is not None, "start() opens the session"
+        try:
+            async with asyncio.timeout(timeouts.first_token):
+                response = await self._session.request(
+                    request.method,
+                    request.url,
+                    data=request.body,
+                    headers=dict(request.headers),
+                    allow_redirects=False,
+                )
+        except Exception as exc:
+            raise translate(exc, self.name) from None
+        return _AiohttpResponse(response, self.name)
+
+
+# -- the one for tests --------------------------------------------------------------------------
+
+
+class MockResponse:
+    """A response played by a test: a status, headers, and the body as pieces; a piece that is an
+    exception is raised where it would arrive (translated, as the real transport does), and a
+    piece that is a float is a pause of that many seconds."""
+
+    def __init__(
+        self,
+        status: int = 200,
+        body: bytes | Iterable[bytes | float | BaseException] = b"",
+        headers: Mapping[str, str] | None = None,
+        *,
+        provider: str = "mock",
+    ) -> None:
+        self.status = status
+        self.headers: Mapping[str, str] = _Headers(headers or {})
+        self._pieces = [body] if isinstance(body, bytes) else list(body)
+        self._provider = provider
+        self.released = False
+
+    async def read(self, limit: int | None = None) -> bytes:
+        body = b""
+        while piece := await self.chunk(math.inf):
+            body += piece
+        return body if limit is None else body[:limit]
+
+    async def chunk(self, wait: float) -> bytes:
+        while self._pieces:
+            piece = self._pieces.pop(0)
+            if isinstance(piece, float):
+                if piece > wait:
+                    await asyncio.sleep(wait)
+                    raise translate(TimeoutError(), self._provider)
+                await asyncio.sleep(piece)
+                continue
+            if isinstance(piece, BaseException):
+                raise translate(piece, self._provider)
+            return piece
+        return b""
+
+    def release(self) -> None:
+        self.released = True
+
+
+class MockTransport:
+    """A transport whose upstream is `handler`: it gets each `Request` and returns the
+    `MockResponse` (or raises what the network would, translated here as the real one does)."""
+
+    def __init__(
+        self, handler: Callable[[Request], Awaitable[MockResponse]], name: str = "mock"
+    ) -> None:
+        self.name = name
+        self._handler = handler
+        self.requests: list[Request] = []
+        self._started = False
+
+    @property
+    def started(self) -> bool:
+        return self._started
+
+    async def start(self) -> None:
+        self._started = True
+
+    async def aclose(self) -> None:
+        self._started = False
+
+    async def send(self, request: Request, timeouts: Timeouts) -> Response:
+        self.requests.append(request)
+        try:
+            async with asyncio.timeout(timeouts.first_token):
+                return await self._handler(request)
+        except Exception as exc:
+            raise translate(exc, self.name) from None
+
+
+class _Headers(dict[str, str]):
+    """Headers looked up in any letter case, as aiohttp's are."""
+
+    def __init__(self, headers: Mapping[str, str]) -> None:
+        super().__init__({k.lower(): v for k, v in headers.items()})
+
+    def get(self, key: str, default: str | None = None) -> str | None:  # type: ignore[override]
+        return super().get(key.lower(), default)

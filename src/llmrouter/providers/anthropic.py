@@ -1,0 +1,241 @@
+"""The `anthropic` provider: Anthropic's Messages API (`POST {base_url}/v1/messages`).
+
+The prompt is one user message. `max_tokens` is always sent (the API requires it): the request's,
+else the Completions API's 16, and for `max_tokens: null` the provider's `max_output_tokens`.
+Thinking blocks come back in `choices[].reasoning`. Usage: prompt tokens are input + cache
+creation + cache read; a stream's `message_delta` usage is cumulative (it replaces, never adds).
+A stream is complete at `message_stop`, and an `error` event inside it is a failure.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import msgspec
+from msgspec import UNSET, Struct
+
+from llmrouter.errors import (
+    ContextLengthExceeded,
+    LlmrouterError,
+    UpstreamRateLimited,
+    UpstreamUnavailable,
+)
+from llmrouter.providers import _http
+from llmrouter.providers._common import HttpAdapter, default_cap, max_tokens_for, only_prompt
+from llmrouter.providers.base import Call, Capabilities, Completion, StreamPart
+from llmrouter.settings import AnthropicProvider, CheckSettings, DeploymentSettings
+from llmrouter.wire.completions import ChunkChoice, CompletionChoice, Usage, encoder
+
+__all__ = ["AnthropicAdapter"]
+
+# stop_reason -> finish_reason, deliberately (`native_finish_reason` keeps the raw value).
+_FINISH = {
+    "end_turn": "stop",
+    "stop_sequence": "stop",
+    "max_tokens": "length",
+    "model_context_window_exceeded": "length",
+    "refusal": "content_filter",
+    "pause_turn": "stop",
+    "tool_use": "stop",
+}
+
+
+class _Block(Struct):
+    type: str
+    text: str | None = None
+    thinking: str | None = None
+
+
+class _Usage(Struct):
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    cache_creation_input_tokens: int | None = None
+    cache_read_input_tokens: int | None = None
+
+
+class _Message(Struct):
+    content: list[_Block] = []
+    stop_reason: str | None = None
+    usage: _Usage | None = None
+
+
+class _Delta(Struct):
+    type: str | None = None
+    text: str | None = None
+    thinking: str | None = None
+    stop_reason: str | None = None
+
+
+class _Error(Struct):
+    type: str = ""
+    message: str = ""
+
+
+class _Event(Struct):
+    type: str
+    message: _Message | None = None
+    delta: _Delta | None = None
+    usage: _Usage | None = None
+    error: _Error | None = None
+
+
+class _ErrorBody(Struct):
+    error: _Error | None = None
+
+
+_message = msgspec.json.Decoder(_Message)
+_event = msgspec.json.Decoder(_Event)
+_error_body = msgspec.json.Decoder(_ErrorBody)
+
+
+class AnthropicAdapter(HttpAdapter):
+    settings: AnthropicProvider
+    native = frozenset({"temperature", "top_p", "stop", "stream", "max_tokens"})
+
+    def __init__(
+        self,
+        name: str,
+        settings: AnthropicProvider,
+        deployments: list[DeploymentSettings],
+        checks: CheckSettings,
+        transport: _http.Transport | None = None,
+    ) -> None:
+        super().__init__(name, settings, deployments, checks, transport)
+        self._url = settings.base_url.rstrip("/") + "/v1/messages"
+        credentials = {"anthropic-version": settings.anthropic_version}
+        if settings.api_key:
+            credentials["x-api-key"] = settings.api_key
+        self._headers = self.headers(credentials)
+
+    def capabilities(self, deployment: DeploymentSettings) -> Capabilities:
+        ranges = self.ranges(deployment)
+        if self.settings.thinking_budget is not None:  # what the API takes while thinking
+            ranges.update(temperature=(1, 1), top_p=(0.95, 1))
+        return Capabilities(
+            parameters=self.parameters(deployment),
+            ranges=ranges,
+            max_logprobs=0,
+            token_prompts=False,
+            prompt_batch=False,
+            max_tokens_zero=False,
+            default_max_tokens=default_cap(self.settings.defaults),
+            prompt_as_message=True,
+        )
+
+    def _body(self, call: Call, *, stream: bool) -> bytes:
+        p = call.params
+        fields: dict[str, Any] = {k: v for k, v in self.settings.defaults.items() if k != "max_tokens"}
+        fields["model"] = call.deployment.model
+        fields["messages"] = [{"role": "user", "content": only_prompt(call)}]
+        fields["max_tokens"] = max_tokens_for(
+            p.max_tokens, self.settings.defaults, self.settings.max_output_tokens
+        )
+        if p.temperature is not None:
+            fields["temperature"] = p.temperature
+        if p.top_p is not None:
+            fields["top_p"] = p.top_p
+        if p.stop:
+            fields["stop_sequences"] = [p.stop] if isinstance(p.stop, str) else p.stop
+        if "user" in self.settings.forward and p.user:
+            fields["metadata"] = {"user_id": p.user}
+        if (budget := self.settings.thinking_budget) is not None:
+            fields["thinking"] = {"type": "enabled", "budget_tokens": budget}
+            fields["max_tokens"] += budget  # the budget is spent out of max_tokens
+        if stream:
+            fields["stream"] = True
+        return encoder.encode(fields)
+
+    async def complete(self, call: Call) -> Completion:
+        raw = await self.post(self._url, self._body(call, stream=False), call.timeouts, self._headers)
+        try:
+            message = _message.decode(raw)
+        except msgspec.DecodeError:
+            raise UpstreamUnavailable(
+                f"Provider {self.name} sent a message llmrouter cannot read."
+            ) from None
+        text = "".join(b.text or "" for b in message.content if b.type == "text")
+        thinking = "".join(b.thinking or "" for b in message.content if b.type == "thinking")
+        native = message.stop_reason
+        choice = CompletionChoice(
+            text=text,
+            index=0,
+            logprobs=None,
+            finish_reason=_FINISH.get(native or "", "stop"),  # type: ignore[arg-type]
+            native_finish_reason=native if native is not None else UNSET,
+            reasoning=thinking or None,
+        )
+        return Completion([choice], _usage(message.usage or _Usage()))
+
+    async def stream(self, call: Call) -> AsyncIterator[StreamPart]:
+        usage = _Usage()
+        native: str | None = None
+        body = self._body(call, stream=True)
+        async for sse in self.post_stream(self._url, body, call.timeouts, self._headers):
+            try:
+                event = _event.decode(sse.data)
+            except msgspec.DecodeError:
+                raise UpstreamUnavailable(
+                    f"Provider {self.name} sent a stream event llmrouter cannot read."
+                ) from None
+            kind = event.type
+            if kind == "content_block_delta" and event.delta is not None:
+                delta = event.delta
+                if delta.type == "text_delta" and delta.text:
+                    yield StreamPart([ChunkChoice(delta.text, 0)])
+                elif delta.type == "thinking_delta" and delta.thinking:
+                    yield StreamPart([ChunkChoice("", 0, reasoning=delta.thinking)])
+            elif kind == "message_start" and event.message is not None:
+                usage = _merged(usage, event.message.usage)
+            elif kind == "message_delta":
+                usage = _merged(usage, event.usage)  # cumulative: the counts so far, replaced
+                if event.delta is not None and event.delta.stop_reason is not None:
+                    native = event.delta.stop_reason
+            elif kind == "message_stop":
+                finish = _FINISH.get(native or "", "stop")
+                end = ChunkChoice("", 0, None, finish, native if native is not None else UNSET)  # type: ignore[arg-type]
+                yield StreamPart([end], usage=_usage(usage))
+                return
+            elif kind == "error":
+                raise self._in_band(event.error or _Error())
+        raise self.ended_early()
+
+    def _in_band(self, error: _Error) -> LlmrouterError:
+        detail = self.redact(error.message)[: _http.MAX_ERROR_TEXT]
+        said = f"Provider {self.name} reported an error: {detail}"
+        if error.type in ("overloaded_error", "rate_limit_error"):
+            return UpstreamRateLimited(said)
+        return UpstreamUnavailable(said)
+
+    def error(self, status: int, headers: Mapping[str, str], body: bytes) -> LlmrouterError:
+        try:
+            error = _error_body.decode(body).error or _Error()
+        except msgspec.DecodeError:
+            error = _Error(message=body.decode("utf-8", errors="replace").strip())
+        detail = self.redact(f"{error.type}: {error.message}" if error.type else error.message)
+        recognised: type[LlmrouterError] | None = None
+        if status == 400 and "prompt is too long" in error.message.lower():
+            recognised = ContextLengthExceeded
+        elif status == 529 or error.type == "overloaded_error":  # load, not sickness: skipped
+            recognised = UpstreamRateLimited
+        return _http.status_error(self.name, status, headers, detail, recognised=recognised)
+
+
+def _merged(old: _Usage, new: _Usage | None) -> _Usage:
+    """Counts of `new` where it has them, else `old`'s: each event's figures are totals so far."""
+    if new is None:
+        return old
+    return _Usage(
+        *(
+            n if n is not None else o
+            for o, n in zip(msgspec.structs.astuple(old), msgspec.structs.astuple(new), strict=True)
+        )
+    )
+
+
+def _usage(u: _Usage) -> Usage:
+    prompt = (
+        (u.input_tokens or 0) + (u.cache_creation_input_tokens or 0) + (u.cache_read_input_tokens or 0)
+    )
+    completion = u.output_tokens or 0
+    return Usage(prompt, completion, prompt + completion)

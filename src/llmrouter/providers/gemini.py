@@ -1,0 +1,342 @@
+"""The `gemini` provider: Google's Gemini API, `models/{model}:generateContent` and
+`:streamGenerateContent?alt=sse`, the key in the `x-goog-api-key` header (never in the URL).
+
+The prompt is one user turn. Thought parts come back in `choices[].reasoning`; completion tokens
+include the thoughts, and a stream's usage is a running total (it replaces, never adds). A prompt
+blocked by `promptFeedback.blockReason` is a refusal (another deployment may answer), a candidate
+ended for safety is `finish_reason: content_filter`. A stream is complete when every candidate
+has its finish reason; `RESOURCE_EXHAUSTED` with `RetryInfo.retryDelay` is a Retry-After.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import msgspec
+from msgspec import UNSET, Struct
+
+from llmrouter.errors import (
+    ContextLengthExceeded,
+    LlmrouterError,
+    UpstreamRefused,
+    UpstreamUnavailable,
+)
+from llmrouter.providers import _http
+from llmrouter.providers._common import (
+    HttpAdapter,
+    LogprobsBuilder,
+    default_cap,
+    max_tokens_for,
+    only_prompt,
+)
+from llmrouter.providers.base import Call, Capabilities, Completion, StreamPart
+from llmrouter.settings import CheckSettings, DeploymentSettings, GeminiProvider
+from llmrouter.structured import format_kind
+from llmrouter.wire.completions import ChunkChoice, CompletionChoice, Logprobs, Usage, encoder
+
+__all__ = ["GeminiAdapter", "schema_problem"]
+
+_FINISH = {"STOP": "stop", "MAX_TOKENS": "length"}  # the safety family and the rest: below
+_FILTERED = frozenset(
+    {"SAFETY", "RECITATION", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII", "IMAGE_SAFETY", "LANGUAGE"}
+)
+# The request fields in generationConfig, by their Completions names.
+_CONFIG = {
+    "temperature": "temperature",
+    "top_p": "topP",
+    "seed": "seed",
+    "presence_penalty": "presencePenalty",
+    "frequency_penalty": "frequencyPenalty",
+    "n": "candidateCount",
+}
+
+
+class _Part(Struct):
+    text: str | None = None
+    thought: bool = False
+
+
+class _Content(Struct):
+    parts: list[_Part] = []
+
+
+class _Choice(Struct, rename="camel"):
+    token: str = ""
+    log_probability: float = 0.0
+
+
+class _Top(Struct):
+    candidates: list[_Choice] = []
+
+
+class _LogprobsResult(Struct, rename="camel"):
+    top_candidates: list[_Top] = []
+    chosen_candidates: list[_Choice] = []
+
+
+class _Candidate(Struct, rename="camel"):
+    content: _Content | None = None
+    finish_reason: str | None = None
+    index: int = 0
+    logprobs_result: _LogprobsResult | None = None
+
+
+class _UsageMetadata(Struct, rename="camel"):
+    prompt_token_count: int = 0
+    candidates_token_count: int = 0
+    thoughts_token_count: int = 0
+
+
+class _Feedback(Struct, rename="camel"):
+    block_reason: str | None = None
+
+
+class _Response(Struct, rename="camel"):
+    candidates: list[_Candidate] = []
+    usage_metadata: _UsageMetadata | None = None
+    prompt_feedback: _Feedback | None = None
+    model_version: str | None = None
+    error: Any = None
+
+
+class _Detail(Struct, rename={"type": "@type", "retry_delay": "retryDelay"}):
+    type: str = ""
+    retry_delay: str | None = None
+
+
+class _Error(Struct):
+    code: int = 0
+    message: str = ""
+    status: str = ""
+    details: list[_Detail] = []
+
+
+class _ErrorBody(Struct):
+    error: _Error | None = None
+
+
+_response = msgspec.json.Decoder(_Response)
+_error_body = msgspec.json.Decoder(_ErrorBody)
+
+
+class GeminiAdapter(HttpAdapter):
+    settings: GeminiProvider
+    native = frozenset(
+        {"temperature", "top_p", "seed", "presence_penalty", "frequency_penalty", "n", "stop",
+         "stream", "max_tokens", "logprobs", "response_format"}
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        name: str,
+        settings: GeminiProvider,
+        deployments: list[DeploymentSettings],
+        checks: CheckSettings,
+        transport: _http.Transport | None = None,
+    ) -> None:
+        super().__init__(name, settings, deployments, checks, transport)
+        self._base = f"{settings.base_url.rstrip('/')}/{settings.api_version}/models/"
+        self._headers = self.headers({"x-goog-api-key": settings.api_key} if settings.api_key else None)
+
+    def capabilities(self, deployment: DeploymentSettings) -> Capabilities:
+        return Capabilities(
+            parameters=self.parameters(deployment),
+            ranges=self.ranges(deployment),
+            response_formats=frozenset({"text", "json_object", "json_schema"}),
+            max_logprobs=self.settings.max_logprobs,
+            token_prompts=False,
+            prompt_batch=False,
+            max_tokens_zero=False,
+            default_max_tokens=default_cap(self.settings.defaults),
+            max_stops=5,
+            schema_support=schema_problem,
+            prompt_as_message=True,
+        )
+
+    def _body(self, call: Call) -> bytes:
+        p = call.params
+        config: dict[str, Any] = {k: v for k, v in self.settings.defaults.items() if k != "max_tokens"}
+        for name, wire in _CONFIG.items():
+            if (value := getattr(p, name)) is not None:
+                config[wire] = value
+        if p.stop:
+            config["stopSequences"] = [p.stop] if isinstance(p.stop, str) else p.stop
+        if (cap := max_tokens_for(p.max_tokens, self.settings.defaults, None)) is not None:
+            config["maxOutputTokens"] = cap
+        if p.logprobs is not None:
+            config["responseLogprobs"] = True
+            if p.logprobs:
+                config["logprobs"] = p.logprobs
+        kind = format_kind(p.response_format)
+        if kind in ("json_object", "json_schema"):
+            config["responseMimeType"] = "application/json"
+        if kind == "json_schema":
+            config["responseJsonSchema"] = p.response_format.json_schema.schema or {}  # type: ignore[union-attr]
+        if (budget := self.settings.thinking_budget) is not None or self.settings.include_thoughts:
+            thinking: dict[str, Any] = {"includeThoughts": self.settings.include_thoughts}
+            if budget is not None:
+                thinking["thinkingBudget"] = budget
+            config["thinkingConfig"] = thinking
+        fields = {"contents": [{"role": "user", "parts": [{"text": only_prompt(call)}]}]}
+        return encoder.encode({**fields, "generationConfig": config})
+
+    def _url(self, call: Call, method: str) -> str:
+        return self._base + call.deployment.model + method
+
+    async def complete(self, call: Call) -> Completion:
+        url = self._url(call, ":generateContent")
+        response = self._decode(await self.post(url, self._body(call), call.timeouts, self._headers))
+        k = call.params.logprobs
+        choices = []
+        for c in response.candidates:
+            text, thought = _texts(c)
+            native = c.finish_reason
+            choices.append(
+                CompletionChoice(
+                    text=text,
+                    index=c.index,
+                    logprobs=_logprobs(LogprobsBuilder(), c, k),
+                    finish_reason=_finish(native),  # type: ignore[arg-type]
+                    native_finish_reason=native if native is not None else UNSET,
+                    reasoning=thought or None,
+                )
+            )
+        return Completion(choices, _usage(response.usage_metadata))
+
+    async def stream(self, call: Call) -> AsyncIterator[StreamPart]:
+        url = self._url(call, ":streamGenerateContent?alt=sse")
+        k = call.params.logprobs
+        expected = call.params.n or 1
+        builders: dict[int, LogprobsBuilder] = {}
+        finished: set[int] = set()
+        usage: _UsageMetadata | None = None
+        async for event in self.post_stream(url, self._body(call), call.timeouts, self._headers):
+            response = self._decode(event.data)
+            usage = response.usage_metadata or usage  # a running total: the last one counts
+            out = []
+            for c in response.candidates:
+                text, thought = _texts(c)
+                native = c.finish_reason
+                if native is not None:
+                    finished.add(c.index)
+                builder = builders.setdefault(c.index, LogprobsBuilder())
+                out.append(
+                    ChunkChoice(
+                        text,
+                        c.index,
+                        _logprobs(builder, c, k),
+                        _finish(native) if native is not None else None,  # type: ignore[arg-type]
+                        native if native is not None else UNSET,
+                        thought or None,
+                    )
+                )
+            done = len(finished) >= expected
+            yield StreamPart(out, _usage(usage) if done else None)
+            if done:
+                return
+        raise self.ended_early()
+
+    def _decode(self, raw: bytes) -> _Response:
+        try:
+            response = _response.decode(raw)
+        except msgspec.DecodeError:
+            raise UpstreamUnavailable(
+                f"Provider {self.name} sent an answer llmrouter cannot read."
+            ) from None
+        if response.error is not None:
+            raise self.error(500, {}, raw, in_band=True)
+        feedback = response.prompt_feedback
+        if feedback is not None and feedback.block_reason and not response.candidates:
+            raise UpstreamRefused(
+                f"Provider {self.name} blocked the prompt: {self.redact(feedback.block_reason)[:64]}."
+            )
+        return response
+
+    def error(
+        self, status: int, headers: Mapping[str, str], body: bytes, *, in_band: bool = False
+    ) -> LlmrouterError:
+        try:
+            error = _error_body.decode(body).error or _Error()
+        except msgspec.DecodeError:
+            error = _Error(message=body.decode("utf-8", errors="replace").strip())
+        detail = self.redact(f"{error.status}: {error.message}" if error.status else error.message)
+        if in_band:
+            return UpstreamUnavailable(f"Provider {self.name} reported an error: {detail[:500]}")
+        delay = next((_seconds(d.retry_delay) for d in error.details if d.retry_delay), None)
+        recognised: type[LlmrouterError] | None = None
+        if status == 400 and "exceeds the maximum number of tokens" in error.message:
+            recognised = ContextLengthExceeded
+        return _http.status_error(
+            self.name, status, headers, detail, recognised=recognised, retry_after=delay
+        )
+
+
+def _texts(candidate: _Candidate) -> tuple[str, str]:
+    parts = candidate.content.parts if candidate.content is not None else []
+    text = "".join(p.text or "" for p in parts if not p.thought)
+    return text, "".join(p.text or "" for p in parts if p.thought)
+
+
+def _finish(native: str | None) -> str:
+    if native in _FILTERED:
+        return "content_filter"
+    return _FINISH.get(native or "", "stop")
+
+
+def _usage(u: _UsageMetadata | None) -> Usage:
+    u = u or _UsageMetadata()
+    completion = u.candidates_token_count + u.thoughts_token_count
+    return Usage(u.prompt_token_count, completion, u.prompt_token_count + completion)
+
+
+def _logprobs(builder: LogprobsBuilder, candidate: _Candidate, k: int | None) -> Logprobs | None:
+    result = candidate.logprobs_result
+    if k is None or result is None:
+        return None
+    tops = result.top_candidates
+    entries = []
+    for i, chosen in enumerate(result.chosen_candidates):
+        top = None
+        if k and i < len(tops):
+            top = {c.token: c.log_probability for c in tops[i].candidates[:k]}
+        entries.append((chosen.token, None, chosen.log_probability, top))
+    return builder.build(entries)
+
+
+def _seconds(delay: str | None) -> float | None:
+    """A protobuf Duration in JSON ("7s", "1.5s") as seconds."""
+    if not delay or not delay.endswith("s"):
+        return None
+    try:
+        return float(delay[:-1])
+    except ValueError:
+        return None
+
+
+# The JSON Schema keywords Gemini's `responseJsonSchema` takes; a schema with any other is
+# checked by llmrouter instead of constraining the decoding.
+_GEMINI_KEYWORDS = frozenset(
+    {"$id", "$defs", "$ref", "$anchor", "type", "format", "title", "description", "enum", "items",
+     "prefixItems", "minItems", "maxItems", "minimum", "maximum", "anyOf", "oneOf", "properties",
+     "additionalProperties", "required", "propertyOrdering", "nullable"}
+)  # fmt: skip
+
+
+def schema_problem(schema: dict[str, Any], strict: bool) -> str | None:
+    """Why Gemini would not take `schema` as it is, or None."""
+    stack: list[Any] = [schema]
+    while stack:
+        node = stack.pop()
+        if not isinstance(node, dict):
+            continue
+        if unknown := node.keys() - _GEMINI_KEYWORDS:
+            return f"Gemini's schemas have no `{min(unknown)}`"
+        for key in ("properties", "$defs"):
+            if isinstance(node.get(key), dict):
+                stack.extend(node[key].values())
+        for key in ("anyOf", "oneOf", "prefixItems"):
+            if isinstance(node.get(key), list):
+                stack.extend(node[key])
+        stack.extend([node.get("items"), node.get("additionalProperties")])
+    return None

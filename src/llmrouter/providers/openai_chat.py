@@ -1,0 +1,294 @@
+"""The `openai_chat` provider: any OpenAI-compatible `/chat/completions` (OpenAI, Groq, DeepSeek,
+Mistral, Together, Fireworks, OpenRouter, vLLM...). The prompt is one user message; the message
+comes back as the choice's text, its per-token logprobs in the Completions shape (with
+`text_offset` counted here), `reasoning` / `reasoning_content` as `choices[].reasoning`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import msgspec
+from msgspec import UNSET, Struct
+
+from llmrouter.errors import LlmrouterError, UpstreamUnavailable
+from llmrouter.providers import _http
+from llmrouter.providers._common import (
+    HttpAdapter,
+    LogprobsBuilder,
+    default_cap,
+    max_tokens_for,
+    only_prompt,
+)
+from llmrouter.providers.base import (
+    ALL_PARAMETERS,
+    Call,
+    Capabilities,
+    Completion,
+    StreamPart,
+    normalise_finish_reason,
+)
+from llmrouter.providers.openai import openai_error
+from llmrouter.settings import CheckSettings, DeploymentSettings, OpenAIChatProvider
+from llmrouter.structured import format_kind
+from llmrouter.wire.completions import ChunkChoice, CompletionChoice, Logprobs, Usage, encoder
+
+__all__ = ["OpenAIChatAdapter", "strict_schema_problem"]
+
+# Passed on as they are (Completions and Chat Completions mean the same by them).
+_SAMPLING = ("temperature", "top_p", "seed", "frequency_penalty", "presence_penalty", "logit_bias", "n")
+
+
+class _Message(Struct):  # a whole message, or a stream's delta
+    content: str | None = None
+    refusal: str | None = None
+    reasoning: str | None = None
+    reasoning_content: str | None = None
+
+
+class _Top(Struct):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class _Token(_Top):
+    top_logprobs: list[_Top] = []
+
+
+class _Logprobs(Struct):
+    content: list[_Token] | None = None
+    refusal: list[_Token] | None = None
+
+
+class _Choice(Struct):
+    index: int = 0
+    message: _Message | None = None
+    delta: _Message | None = None
+    finish_reason: str | None = None
+    logprobs: _Logprobs | None = None
+
+
+class _Usage(Struct):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class _Body(Struct):
+    choices: list[_Choice] = []
+    usage: _Usage | None = None
+    system_fingerprint: str | None = None
+    error: Any = None
+
+
+_decoder = msgspec.json.Decoder(_Body)
+
+
+class OpenAIChatAdapter(HttpAdapter):
+    settings: OpenAIChatProvider
+    native = ALL_PARAMETERS - {"echo", "suffix", "best_of"}
+
+    def __init__(
+        self,
+        name: str,
+        settings: OpenAIChatProvider,
+        deployments: list[DeploymentSettings],
+        checks: CheckSettings,
+        transport: _http.Transport | None = None,
+    ) -> None:
+        super().__init__(name, settings, deployments, checks, transport)
+        self._url = settings.base_url.rstrip("/") + "/chat/completions"
+        self._headers = self.headers(
+            {"authorization": f"Bearer {settings.api_key}"} if settings.api_key else None
+        )
+
+    def capabilities(self, deployment: DeploymentSettings) -> Capabilities:
+        lacking = self.settings.unsupported_parameters | deployment.unsupported_parameters
+        return Capabilities(
+            parameters=self.parameters(deployment),
+            ranges=self.ranges(deployment),
+            response_formats=self.settings.response_formats,
+            max_logprobs=self.settings.max_logprobs,
+            token_prompts=False,
+            prompt_batch=False,
+            max_tokens_zero=False,
+            stream_usage="stream_usage" not in lacking,
+            default_max_tokens=default_cap(self.settings.defaults),
+            max_stops=self.settings.max_stops,
+            schema_support=strict_schema_problem,
+            prompt_as_message=True,
+        )
+
+    # -- the request --------------------------------------------------------------------------
+
+    def _body(self, call: Call, *, stream: bool) -> bytes:
+        p = call.params
+        fields: dict[str, Any] = {k: v for k, v in self.settings.defaults.items() if k != "max_tokens"}
+        fields["model"] = call.deployment.model
+        fields["messages"] = [{"role": "user", "content": only_prompt(call)}]
+        for name in _SAMPLING:
+            if (value := getattr(p, name)) is not None:
+                fields[name] = value
+        if p.stop:
+            fields["stop"] = [p.stop] if isinstance(p.stop, str) else p.stop
+        cap = max_tokens_for(p.max_tokens, self.settings.defaults, None)
+        if cap is not None:
+            fields[self.settings.max_tokens_field] = cap
+        if p.logprobs is not None:
+            fields["logprobs"] = True
+            fields["top_logprobs"] = p.logprobs
+        kind = format_kind(p.response_format)
+        if kind != "text":
+            fields["response_format"] = msgspec.to_builtins(p.response_format)
+        for name in self.settings.forward:
+            if (value := getattr(p, name)) not in (UNSET, None):
+                fields[name] = value
+        if stream:
+            fields["stream"] = True
+            if "stream_usage" not in self.settings.unsupported_parameters:
+                fields["stream_options"] = {"include_usage": True}
+        return encoder.encode(fields)
+
+    # -- the answer -----------------------------------------------------------------------------
+
+    async def complete(self, call: Call) -> Completion:
+        raw = await self.post(self._url, self._body(call, stream=False), call.timeouts, self._headers)
+        body = self._decode(raw)
+        k = call.params.logprobs
+        choices = []
+        for c in body.choices:
+            message = c.message or _Message()
+            refused = message.content is None and message.refusal is not None
+            native = c.finish_reason
+            choices.append(
+                CompletionChoice(
+                    text=(message.refusal if refused else message.content) or "",
+                    index=c.index,
+                    logprobs=_logprobs(LogprobsBuilder(), c.logprobs, k),
+                    finish_reason="content_filter" if refused else normalise_finish_reason(native),  # type: ignore[arg-type]
+                    native_finish_reason=native if native is not None else UNSET,
+                    reasoning=message.reasoning or message.reasoning_content,
+                )
+            )
+        return Completion(choices, _usage(body.usage), body.system_fingerprint or UNSET)
+
+    async def stream(self, call: Call) -> AsyncIterator[StreamPart]:
+        k = call.params.logprobs
+        builders: dict[int, LogprobsBuilder] = {}
+        refused: set[int] = set()
+        usage_seen = False
+        chunks = 0
+        body = self._body(call, stream=True)
+        async for event in self.post_stream(self._url, body, call.timeouts, self._headers):
+            if event.data == b"[DONE]":
+                break
+            parsed = self._decode(event.data)
+            out = []
+            for c in parsed.choices:
+                delta = c.delta or _Message()
+                if delta.content is None and delta.refusal is not None:
+                    refused.add(c.index)
+                text = delta.content or delta.refusal or ""
+                chunks += bool(text)
+                builder = builders.setdefault(c.index, LogprobsBuilder())
+                finish: str | None = None
+                if c.finish_reason is not None:
+                    finish = (
+                        "content_filter"
+                        if c.index in refused
+                        else normalise_finish_reason(c.finish_reason)
+                    )
+                out.append(
+                    ChunkChoice(
+                        text,
+                        c.index,
+                        _logprobs(builder, c.logprobs, k),
+                        finish,  # type: ignore[arg-type]
+                        c.finish_reason if c.finish_reason is not None else UNSET,
+                        delta.reasoning or delta.reasoning_content,
+                    )
+                )
+            usage_seen = usage_seen or parsed.usage is not None
+            usage = _usage(parsed.usage) if parsed.usage is not None else None
+            yield StreamPart(out, usage, parsed.system_fingerprint or UNSET)
+        else:
+            raise self.ended_early()
+        if not usage_seen:  # an upstream that ignores stream_options: a chunk is about a token
+            yield StreamPart([], usage=Usage(0, chunks, chunks), usage_estimated=True)
+
+    def _decode(self, raw: bytes) -> _Body:
+        try:
+            body = _decoder.decode(raw)
+        except msgspec.DecodeError:
+            raise UpstreamUnavailable(
+                f"Provider {self.name} sent a response that is not a valid chat completion."
+            ) from None
+        if body.error is not None:
+            raise openai_error(self.name, self.redact, 200, {}, raw, in_band=True)
+        return body
+
+    def error(self, status: int, headers: Mapping[str, str], body: bytes) -> LlmrouterError:
+        return openai_error(self.name, self.redact, status, headers, body)
+
+
+def _usage(u: _Usage | None) -> Usage:
+    u = u or _Usage()
+    return Usage(
+        u.prompt_tokens, u.completion_tokens, u.total_tokens or u.prompt_tokens + u.completion_tokens
+    )
+
+
+def _logprobs(builder: LogprobsBuilder, logprobs: _Logprobs | None, k: int | None) -> Logprobs | None:
+    if k is None or logprobs is None:
+        return None
+    tokens = logprobs.content if logprobs.content is not None else logprobs.refusal or []
+    return builder.build(
+        [
+            (
+                t.token,
+                None if t.bytes is None else bytes(t.bytes),
+                t.logprob,
+                {top.token: top.logprob for top in t.top_logprobs[:k]} if k else None,
+            )
+            for t in tokens
+        ]
+    )
+
+
+# OpenAI's strict structured outputs take a subset of JSON Schema: every object closed
+# (`additionalProperties: false`) with every property required, and none of these keywords.
+_NOT_IN_STRICT = frozenset(
+    {"patternProperties", "unevaluatedProperties", "propertyNames", "minProperties", "maxProperties",
+     "unevaluatedItems", "contains", "minContains", "maxContains", "uniqueItems", "if", "then",
+     "else", "dependentRequired", "dependentSchemas", "not"}
+)  # fmt: skip
+_SUBSCHEMA_MAPS = ("properties", "$defs", "definitions")
+_SUBSCHEMA_LISTS = ("anyOf", "allOf", "oneOf", "prefixItems")
+
+
+def strict_schema_problem(schema: dict[str, Any], strict: bool) -> str | None:
+    """Why OpenAI's strict mode would refuse `schema`, or None. (A schema sent without
+    `strict: true` is taken as it is, so only strict ones are held to the subset.)"""
+    stack: list[Any] = [schema] if strict else []
+    while stack:
+        node = stack.pop()
+        if not isinstance(node, dict):
+            continue
+        if found := _NOT_IN_STRICT & node.keys():
+            return f"strict mode has no `{min(found)}`"
+        if node.get("type") == "object" or "properties" in node:
+            if node.get("additionalProperties") is not False:
+                return "strict mode needs `additionalProperties: false` on every object"
+            if set(node.get("required", ())) != set(node.get("properties", {})):
+                return "strict mode needs every property required"
+        for key in _SUBSCHEMA_MAPS:
+            if isinstance(node.get(key), dict):
+                stack.extend(node[key].values())
+        for key in _SUBSCHEMA_LISTS:
+            if isinstance(node.get(key), list):
+                stack.extend(node[key])
+        items = node.get("items")
+        stack.extend(items if isinstance(items, list) else [items])
+    return None

@@ -1,0 +1,263 @@
+"""The shared HTTP transport (`providers/_http.py`): the one exception map, SSE framing, statuses."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import itertools
+import time
+from email.utils import formatdate
+from typing import Any
+
+import aiohttp
+import pytest
+import yarl
+from hypothesis import given
+from hypothesis import strategies as st
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from llmrouter.errors import (
+    ContextLengthExceeded,
+    ProviderError,
+    UpstreamAuthFailed,
+    UpstreamRateLimited,
+    UpstreamRejected,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from llmrouter.providers import _http
+from llmrouter.providers._http import (
+    Event,
+    MockResponse,
+    events,
+    parse_retry_after,
+    status_error,
+    translate,
+)
+from llmrouter.settings import Timeouts
+
+SECRET = "sk-canary-0123456789abcdef"
+
+
+def _subclasses(cls: type) -> list[type]:
+    found = []
+    for sub in cls.__subclasses__():
+        found.append(sub)
+        found.extend(_subclasses(sub))
+    return found
+
+
+def _instance(cls: type[BaseException]) -> BaseException:
+    """An instance of an aiohttp exception class, its constructor's parameters filled by name;
+    its text quotes a secret, which no translated message may repeat."""
+    url = yarl.URL(f"http://127.0.0.1/?key={SECRET}")
+    request_info = aiohttp.RequestInfo(url, "POST", CIMultiDictProxy(CIMultiDict()), url)
+    key = aiohttp.client_reqrep.ConnectionKey(  # type: ignore[attr-defined]
+        "127.0.0.1", 9, False, True, None, None, None
+    )
+    by_name: dict[str, Any] = {
+        "request_info": request_info,
+        "history": (),
+        "connection_key": key,
+        "os_error": OSError(111, SECRET),
+        "certificate_error": ValueError(SECRET),
+        "url": url,
+        "host": "127.0.0.1",
+        "port": 9,
+        "expected": b"a",
+        "got": b"b",
+        "message": SECRET,
+        "status": 500,
+        "headers": None,
+        "description": SECRET,
+        "invalid_url": url,
+        "exc": ValueError(SECRET),
+    }
+    try:
+        signature = inspect.signature(cls)
+    except ValueError:  # a builtin's (OSError's) constructor: a message will do
+        return cls(SECRET)
+    params = [
+        p for p in signature.parameters.values() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    ]
+    kwargs = {p.name: by_name.get(p.name, SECRET) for p in params if p.default is p.empty}
+    kwargs.update(
+        {p.name: by_name[p.name] for p in params if p.default is not p.empty and p.name in by_name}
+    )
+    try:
+        return cls(**kwargs)
+    except TypeError:
+        return cls(SECRET)
+
+
+ALL_AIOHTTP = sorted(
+    {c for c in _subclasses(aiohttp.ClientError) if issubclass(c, BaseException)},
+    key=lambda c: c.__name__,
+)
+
+
+def test_the_walk_finds_aiohttp_s_exception_tree() -> None:
+    names = {c.__name__ for c in ALL_AIOHTTP}
+    assert {"ClientConnectorError", "ServerDisconnectedError", "ClientPayloadError"} <= names
+    assert {"ServerTimeoutError", "ClientResponseError", "InvalidURL", "ClientOSError"} <= names
+    assert len(ALL_AIOHTTP) >= 20
+
+
+@pytest.mark.parametrize("cls", ALL_AIOHTTP, ids=lambda c: c.__name__)
+def test_every_aiohttp_exception_becomes_a_provider_error_without_its_text(cls: type) -> None:
+    exc = _instance(cls)
+    error = translate(exc, "upstream-a")
+    assert isinstance(error, ProviderError)
+    assert error.retryable  # a network failure is the deployment's, never the end of the request
+    assert "upstream-a" in error.message and SECRET not in error.message
+    if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):
+        assert isinstance(error, UpstreamTimeout)
+    else:
+        assert isinstance(error, UpstreamUnavailable)
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [TimeoutError(SECRET), TimeoutError(), ConnectionResetError(104, SECRET), OSError(SECRET),
+     ValueError(SECRET), RuntimeError(SECRET)],
+    ids=lambda e: type(e).__name__,
+)  # fmt: skip
+def test_other_exceptions_are_translated_too(exc: BaseException) -> None:
+    error = translate(exc, "p")
+    assert isinstance(error, UpstreamTimeout if isinstance(exc, TimeoutError) else UpstreamUnavailable)
+    assert SECRET not in error.message
+
+
+@pytest.mark.parametrize(
+    ("status", "headers", "kind", "retry_after"),
+    [
+        (301, {}, UpstreamUnavailable, None),
+        (400, {}, UpstreamRejected, None),
+        (422, {}, UpstreamRejected, None),
+        (401, {}, UpstreamAuthFailed, None),
+        (403, {}, UpstreamAuthFailed, None),
+        (408, {}, UpstreamTimeout, None),
+        (429, {"Retry-After": "7"}, UpstreamRateLimited, 7.0),
+        (429, {}, UpstreamRateLimited, None),
+        (500, {}, UpstreamUnavailable, None),
+        (503, {"retry-after": "3"}, UpstreamUnavailable, 3.0),
+    ],
+)
+def test_statuses_map_onto_the_error_tree(
+    status: int, headers: dict[str, str], kind: type, retry_after: float | None
+) -> None:
+    error = status_error("p", status, _http._Headers(headers), "said")
+    assert type(error) is kind and error.retry_after == retry_after
+
+
+def test_a_recognised_body_and_a_body_delay_win() -> None:
+    error = status_error("p", 400, _http._Headers({}), "too long", recognised=ContextLengthExceeded)
+    assert isinstance(error, ContextLengthExceeded)
+    error = status_error("p", 429, _http._Headers({}), "", retry_after=4.5)
+    assert error.retry_after == 4.5
+    error = status_error("p", 429, _http._Headers({"retry-after": "2"}), "", retry_after=4.5)
+    assert error.retry_after == 2.0  # the header is the protocol's own word
+
+
+def test_retry_after_is_seconds_or_a_date_within_an_hour() -> None:
+    assert parse_retry_after("7") == 7.0
+    later = parse_retry_after(formatdate(time.time() + 30, usegmt=True))
+    assert later is not None and 25 < later <= 30
+    assert parse_retry_after("soon") is None and parse_retry_after(None) is None
+    assert parse_retry_after("inf") is None and parse_retry_after("1e400") is None
+    assert parse_retry_after("nan") is None
+    assert parse_retry_after("999999") == 3600  # capped at an hour
+
+
+# -- SSE framing ----------------------------------------------------------------------------------
+
+
+def _never(response: Any, body: bytes) -> ProviderError:
+    raise AssertionError("not an error status")
+
+
+async def _events(
+    pieces: list[bytes | float | BaseException], first: float = 5, idle: float = 5
+) -> list[Event]:
+    response = MockResponse(200, pieces)
+    out = [e async for e in events(response, first=first, idle=idle, provider="p", on_error=_never)]
+    assert response.released
+    return out
+
+
+OPENAI_STREAM = b'data: {"a":1}\n\ndata: {"b":2}\n\n: a comment\n\ndata: [DONE]\n\n'
+ANTHROPIC_STREAM = (
+    b'event: message_start\r\ndata: {"type":"message_start"}\r\n\r\n'
+    b'event: ping\r\ndata: {"type": "ping"}\r\n\r\n'
+    b'event: content_block_delta\r\ndata: {"x":\r\ndata: 1}\r\nid: 4\r\n\r\n'
+)
+
+
+def test_data_only_and_named_event_streams_are_framed() -> None:
+    got = asyncio.run(_events([OPENAI_STREAM]))
+    assert got == [
+        Event("message", b'{"a":1}'),
+        Event("message", b'{"b":2}'),
+        Event("message", b"[DONE]"),
+    ]
+    got = asyncio.run(_events([ANTHROPIC_STREAM]))
+    assert [e.name for e in got] == ["message_start", "ping", "content_block_delta"]
+    assert got[2].data == b'{"x":\n1}'  # data lines joined by newlines, as SSE says
+
+
+@given(st.lists(st.integers(min_value=0, max_value=len(ANTHROPIC_STREAM)), max_size=8))
+def test_framing_does_not_depend_on_where_the_network_cuts(cuts: list[int]) -> None:
+    points = sorted({0, *cuts, len(ANTHROPIC_STREAM)})
+    pieces: list[bytes | float | BaseException] = [
+        ANTHROPIC_STREAM[a:b] for a, b in itertools.pairwise(points) if b > a
+    ]
+    assert asyncio.run(_events(pieces)) == asyncio.run(_events([ANTHROPIC_STREAM]))
+
+
+def test_an_unfinished_last_event_is_not_an_event() -> None:
+    assert asyncio.run(_events([b'data: {"a":1}\n\ndata: {"cut'])) == [Event("message", b'{"a":1}')]
+
+
+def test_first_and_idle_waits_are_separate() -> None:
+    with pytest.raises(UpstreamTimeout):
+        asyncio.run(_events([0.2, b"data: x\n\n"], first=0.05))
+    assert len(asyncio.run(_events([0.2, b"data: x\n\n"], first=1, idle=0.05))) == 1
+    with pytest.raises(UpstreamTimeout):
+        asyncio.run(_events([b"data: x\n\n", 0.2, b"data: y\n\n"], first=1, idle=0.05))
+
+
+def test_a_reset_mid_stream_is_translated_and_a_huge_line_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with pytest.raises(UpstreamUnavailable, match="unreachable: ServerDisconnectedError"):
+        asyncio.run(_events([b"data: x\n\n", aiohttp.ServerDisconnectedError()]))
+    monkeypatch.setattr(_http, "MAX_SSE_LINE", 100)
+    with pytest.raises(UpstreamUnavailable, match="over 100 bytes"):
+        asyncio.run(_events([b"data: " + b"x" * 200]))
+
+
+def test_an_error_status_is_read_by_the_adapter_before_any_event() -> None:
+    def read(response: Any, body: bytes) -> ProviderError:
+        return UpstreamRateLimited(body.decode())
+
+    async def run() -> None:
+        response = MockResponse(429, [b"slow down"])
+        with pytest.raises(UpstreamRateLimited, match="slow down"):
+            async for _ in events(response, first=1, idle=1, provider="p", on_error=read):
+                pass
+        assert response.released
+
+    asyncio.run(run())
+
+
+def test_the_mock_transport_times_out_headers_like_the_real_one() -> None:
+    async def hang(request: _http.Request) -> MockResponse:
+        await asyncio.sleep(10)
+        return MockResponse()
+
+    async def run() -> None:
+        transport = _http.MockTransport(hang)
+        with pytest.raises(UpstreamTimeout):
+            await transport.send(_http.Request("POST", "http://x"), Timeouts(first_token=0.05))
+
+    asyncio.run(run())
