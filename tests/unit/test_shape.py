@@ -131,3 +131,50 @@ def test_what_cannot_be_emulated_is_refused_by_name(name: str) -> None:
 
 def test_logprobs_over_the_deployments_maximum() -> None:
     assert shape(FULL, logprobs=6)[0] == "logprobs"
+
+
+# -- what a capability can say beyond yes or no ---------------------------------------------------
+
+
+def test_a_value_outside_a_declared_range_is_not_sent_there() -> None:
+    caps = Capabilities(parameters=ALL_PARAMETERS, ranges={"temperature": (0, 1)})
+    assert shape(caps, temperature=1.5) == ("temperature", "takes `temperature` from 0 to 1 only")
+    assert ok(caps, temperature=1).params.temperature == 1  # the ends are included
+    caps = Capabilities(
+        parameters=ALL_PARAMETERS, ranges={"top_p": (None, 0.5), "temperature": (1, None)}
+    )
+    assert shape(caps, top_p=0.9) == ("top_p", "takes `top_p` at most 0.5 only")
+    assert shape(caps, temperature=0.5) == ("temperature", "takes `temperature` at least 1 only")
+    assert ok(caps).params.temperature is None  # a field the request leaves out asks nothing
+
+
+def test_stops_beyond_the_native_limit_are_the_routers_and_the_first_are_still_sent() -> None:
+    caps = Capabilities(parameters=ALL_PARAMETERS, max_stops=2)
+    s = ok(caps, stop=["a", "b", "c"])
+    assert s.params.stop == ["a", "b"] and s.stops == ("a", "b", "c") and s.emulated == ("stop",)
+    s = ok(caps, stop=["a", "b"])
+    assert s.params.stop == ["a", "b"] and s.emulated == ()
+
+
+def test_a_schema_the_deployment_cannot_constrain_to_is_checked_instead() -> None:
+    def support(schema: dict[str, Any], strict: bool) -> str | None:
+        return "no `not`" if "not" in schema else None
+
+    caps = Capabilities(
+        parameters=ALL_PARAMETERS,
+        response_formats=frozenset({"text", "json_schema"}),
+        schema_support=support,
+    )
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}
+    s = ok(caps, response_format=fmt)
+    assert s.emulated == () and s.params.response_format is not None
+    fmt["json_schema"]["schema"] = {"not": {"type": "string"}}  # type: ignore[index]
+    s = ok(caps, response_format=fmt)
+    assert s.emulated == ("response_format",) and s.params.response_format is None
+    assert s.checker is not None
+
+
+def test_a_chat_api_says_the_prompt_became_a_message() -> None:
+    caps = Capabilities(parameters=ALL_PARAMETERS, prompt_as_message=True, prompt_batch=False)
+    assert ok(caps).emulated == ("prompt",)
+    assert ok(caps, prompt=["a", "b"]).emulated == ("prompt",)

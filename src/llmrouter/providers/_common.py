@@ -153,7 +153,9 @@ class LogprobsBuilder:
         self._offset = 0
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
-    def build(self, entries: Sequence[tuple[str, bytes | None, float, dict[str, float] | None]]) -> Logprobs:
+    def build(
+        self, entries: Sequence[tuple[str, bytes | None, float, dict[str, float] | None]]
+    ) -> Logprobs:
         """`entries`: (token, its bytes if known, logprob, top logprobs), in order."""
         tokens: list[str] = []
         logprobs: list[float | None] = []

@@ -141,7 +141,10 @@ class OpenAIChatAdapter(HttpAdapter):
             fields["top_logprobs"] = p.logprobs
         kind = format_kind(p.response_format)
         if kind != "text":
-            fields["response_format"] = msgspec.to_builtins(p.response_format)
+            wire = msgspec.to_builtins(p.response_format)
+            if kind == "json_schema":  # (its unset fields left out, not sent as null)
+                wire["json_schema"] = {k: v for k, v in wire["json_schema"].items() if v is not None}
+            fields["response_format"] = wire
         for name in self.settings.forward:
             if (value := getattr(p, name)) not in (UNSET, None):
                 fields[name] = value

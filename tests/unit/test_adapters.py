@@ -1,0 +1,517 @@
+"""Each HTTP adapter as a translation, in process, against a `MockTransport` playing its upstream:
+what it sends, and how it reads answers, streams and errors. (The fakes in tests/fakes, checked
+by each provider's official SDK, carry the same wire formats over real sockets.)"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import msgspec
+import pytest
+
+from llmrouter.errors import (
+    ContextLengthExceeded,
+    LlmrouterError,
+    UpstreamRateLimited,
+    UpstreamRefused,
+    UpstreamUnavailable,
+)
+from llmrouter.providers import _http
+from llmrouter.providers.anthropic import AnthropicAdapter
+from llmrouter.providers.base import Call, Completion, StreamPart
+from llmrouter.providers.gemini import GeminiAdapter
+from llmrouter.providers.openai_chat import OpenAIChatAdapter, strict_schema_problem
+from llmrouter.settings import (
+    AnthropicProvider,
+    CheckSettings,
+    DeploymentSettings,
+    GeminiProvider,
+    OpenAIChatProvider,
+    Timeouts,
+)
+from llmrouter.wire.validate import decode_completion_request
+
+KEY = "sk-test-key-0123456789"
+Reply = _http.MockResponse | Callable[[_http.Request], _http.MockResponse]
+
+
+def adapter(kind: type[Any], settings: Any, *replies: Reply) -> tuple[Any, _http.MockTransport]:
+    queue = list(replies)
+
+    async def handler(request: _http.Request) -> _http.MockResponse:
+        reply = queue.pop(0)
+        return reply(request) if callable(reply) else reply
+
+    transport = _http.MockTransport(handler, name="p")
+    made = kind("p", settings, [], CheckSettings(), transport)
+    asyncio.run(made.start())
+    return made, transport
+
+
+def call(model: str = "m", **body: Any) -> Call:
+    params, prompts = decode_completion_request(msgspec.json.encode({"prompt": "Hi", **body}))
+    return Call(
+        DeploymentSettings(provider="p", model=model), params, prompts, Timeouts(first_token=2, idle=2)
+    )
+
+
+def sent(transport: _http.MockTransport, i: int = -1) -> dict[str, Any]:
+    body = transport.requests[i].body
+    assert body is not None
+    result: dict[str, Any] = json.loads(body)
+    return result
+
+
+def complete(a: Any, c: Call) -> Completion:
+    result: Completion = asyncio.run(a.complete(c))
+    return result
+
+
+def stream(a: Any, c: Call) -> list[StreamPart]:
+    async def run() -> list[StreamPart]:
+        parts: AsyncIterator[StreamPart] = a.stream(c)
+        return [p async for p in parts]
+
+    return asyncio.run(run())
+
+
+def sse(*events: dict[str, Any] | str, named: bool = False, done: bool = False) -> bytes:
+    out = b""
+    for e in events:
+        data = e if isinstance(e, str) else json.dumps(e)
+        if named:
+            assert isinstance(e, dict)
+            out += f"event: {e['type']}\n".encode()
+        out += f"data: {data}\n\n".encode()
+    return out + (b"data: [DONE]\n\n" if done else b"")
+
+
+def ok(body: dict[str, Any] | bytes, status: int = 200, **headers: str) -> _http.MockResponse:
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return _http.MockResponse(status, [raw], headers)
+
+
+# -- openai_chat ----------------------------------------------------------------------------------
+
+CHAT = OpenAIChatProvider(base_url="http://up/v1", api_key=KEY)
+
+
+def chat_answer(**message: Any) -> dict[str, Any]:
+    choice = {"index": 0, "message": {"role": "assistant", **message}, "finish_reason": "stop"}
+    return {
+        "choices": [choice],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5},
+    }
+
+
+def test_openai_chat_sends_the_prompt_as_one_user_message_with_every_parameter() -> None:
+    a, t = adapter(OpenAIChatAdapter, CHAT, ok(chat_answer(content="yo")))
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}
+    body = {"n": 2, "seed": 7, "temperature": 0.5, "top_p": 0.9, "logit_bias": {"11": -100}}
+    body |= {"stop": "\n", "logprobs": 3, "frequency_penalty": 1, "presence_penalty": -1}
+    complete(a, call("gpt-x", **body, response_format=fmt, user="u1"))
+    req = t.requests[0]
+    assert req.url == "http://up/v1/chat/completions" and req.headers["authorization"] == f"Bearer {KEY}"
+    assert sent(t) == {
+        "model": "gpt-x",
+        "messages": [{"role": "user", "content": "Hi"}],
+        "n": 2,
+        "seed": 7,
+        "temperature": 0.5,
+        "top_p": 0.9,
+        "logit_bias": {"11": -100},
+        "frequency_penalty": 1,
+        "presence_penalty": -1,
+        "stop": ["\n"],
+        "max_completion_tokens": 16,  # the Completions API's default, sent
+        "logprobs": True,
+        "top_logprobs": 3,
+        "response_format": fmt,
+    }  # `user` stays with the router unless `forward` says
+
+
+def test_openai_chat_output_cap_field_null_and_forwarded_user() -> None:
+    settings = msgspec.structs.replace(CHAT, max_tokens_field="max_tokens", forward=frozenset({"user"}))
+    a, t = adapter(OpenAIChatAdapter, settings, ok(chat_answer(content="")), ok(chat_answer(content="")))
+    complete(a, call(max_tokens=5, user="u1"))
+    assert sent(t)["max_tokens"] == 5 and sent(t)["user"] == "u1"
+    complete(a, call(max_tokens=None))
+    assert "max_tokens" not in sent(t) and "max_completion_tokens" not in sent(t)  # no limit
+
+
+def test_openai_chat_logprobs_become_the_completions_shape_with_character_offsets() -> None:
+    tokens = [
+        {
+            "token": "H",
+            "logprob": -0.1,
+            "bytes": [72],
+            "top_logprobs": [{"token": "H", "logprob": -0.1}],
+        },
+        {"token": "\\xc3", "logprob": -0.2, "bytes": [195], "top_logprobs": []},
+        {"token": "\\xa9", "logprob": -0.3, "bytes": [169], "top_logprobs": []},
+        {"token": "!", "logprob": -0.4, "bytes": [33], "top_logprobs": []},
+    ]
+    answer = chat_answer(content="Hé!", reasoning_content="hmm")
+    answer["choices"][0]["logprobs"] = {"content": tokens}
+    a, _ = adapter(OpenAIChatAdapter, CHAT, ok(answer))
+    choice = complete(a, call(logprobs=1)).choices[0]
+    assert choice.text == "Hé!" and choice.reasoning == "hmm"
+    assert choice.logprobs is not None
+    assert choice.logprobs.tokens == ["H", "\\xc3", "\\xa9", "!"]
+    assert choice.logprobs.text_offset == [0, 1, 1, 2]
+    assert choice.logprobs.token_logprobs == [-0.1, -0.2, -0.3, -0.4]
+    assert choice.logprobs.top_logprobs == [{"H": -0.1}, {}, {}, {}]
+
+
+def test_openai_chat_streams_deltas_then_usage_and_fails_without_done() -> None:
+    chunks = [
+        {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]},
+        {"choices": [{"index": 0, "delta": {"reasoning": "think"}}]},
+        {"choices": [{"index": 0, "delta": {"content": "Hel"}}]},
+        {"choices": [{"index": 0, "delta": {"content": "lo"}, "finish_reason": "length"}]},
+        {"choices": [], "usage": {"prompt_tokens": 4, "completion_tokens": 2, "total_tokens": 6}},
+    ]
+    a, t = adapter(OpenAIChatAdapter, CHAT, ok(sse(*chunks, done=True)), ok(sse(*chunks)))
+    parts = stream(a, call(stream=True))
+    assert sent(t)["stream"] is True and sent(t)["stream_options"] == {"include_usage": True}
+    assert "".join(c.text for p in parts for c in p.choices) == "Hello"
+    assert [c.reasoning for p in parts for c in p.choices if c.reasoning] == ["think"]
+    last = [c for p in parts for c in p.choices][-1]
+    assert (last.finish_reason, last.native_finish_reason) == ("length", "length")
+    assert parts[-1].usage is not None and parts[-1].usage.prompt_tokens == 4
+    with pytest.raises(UpstreamUnavailable, match="ended the stream"):
+        stream(a, call(stream=True))
+
+
+def test_openai_chat_in_band_errors_refusals_and_statuses() -> None:
+    error = {"error": {"message": f"boom {KEY}", "type": "server_error"}}
+    refusal = chat_answer(content=None, refusal="I can't help with that.")
+    too_long = {"error": {"message": "too long", "code": "context_length_exceeded"}}
+    a, _ = adapter(
+        OpenAIChatAdapter,
+        CHAT,
+        ok(sse({"choices": []}, error)),
+        ok(refusal),
+        ok(too_long, 400),
+        ok({"error": {"message": "slow"}}, 429, **{"Retry-After": "3"}),
+    )
+    with pytest.raises(UpstreamUnavailable, match="reported an error: boom") as caught:
+        stream(a, call(stream=True))
+    assert KEY not in caught.value.message
+    choice = complete(a, call()).choices[0]
+    assert (choice.text, choice.finish_reason, choice.native_finish_reason) == (
+        "I can't help with that.", "content_filter", "stop"
+    )  # fmt: skip
+    with pytest.raises(ContextLengthExceeded):
+        complete(a, call())
+    with pytest.raises(UpstreamRateLimited) as limited:
+        complete(a, call())
+    assert limited.value.retry_after == 3
+
+
+def test_openai_strict_schemas_are_held_to_its_subset() -> None:
+    closed = {"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]}
+    closed["additionalProperties"] = False
+    assert strict_schema_problem(closed, True) is None
+    assert (
+        strict_schema_problem({**closed, "required": []}, True)
+        == "strict mode needs every property required"
+    )
+    assert "additionalProperties" in (
+        strict_schema_problem({"type": "object", "properties": {}}, True) or ""
+    )
+    nested = {**closed, "properties": {"a": {"type": "array", "items": {"type": "string", "not": {}}}}}
+    assert strict_schema_problem(nested, True) == "strict mode has no `not`"
+    assert strict_schema_problem({"type": "object"}, False) is None  # not strict: taken as it is
+    named_not = {**closed, "properties": {"not": {"type": "string"}}, "required": ["not"]}
+    assert strict_schema_problem(named_not, True) is None  # a property called `not` is no keyword
+
+
+# -- anthropic ------------------------------------------------------------------------------------
+
+CLAUDE = AnthropicProvider(base_url="http://up", api_key=KEY, max_output_tokens=1000)
+
+
+def message(*blocks: dict[str, Any], stop: str = "end_turn", **usage: int) -> dict[str, Any]:
+    return {
+        "id": "msg_1",
+        "type": "message",
+        "role": "assistant",
+        "model": "claude",
+        "content": list(blocks),
+        "stop_reason": stop,
+        "stop_sequence": None,
+        "usage": {"input_tokens": 5, "output_tokens": 3, **usage},
+    }
+
+
+def test_anthropic_always_sends_max_tokens_and_its_version_and_key_headers() -> None:
+    text = {"type": "text", "text": "yo"}
+    a, t = adapter(AnthropicAdapter, CLAUDE, *(ok(message(text)) for _ in range(3)))
+    complete(a, call("claude", temperature=0.5, top_p=0.9, stop=["\n", "END"], user="u1"))
+    req = t.requests[0]
+    assert req.url == "http://up/v1/messages"
+    assert req.headers["x-api-key"] == KEY and req.headers["anthropic-version"] == "2023-06-01"
+    assert "authorization" not in req.headers
+    assert sent(t) == {
+        "model": "claude",
+        "messages": [{"role": "user", "content": "Hi"}],
+        "max_tokens": 16,
+        "temperature": 0.5,
+        "top_p": 0.9,
+        "stop_sequences": ["\n", "END"],
+    }
+    complete(a, call(max_tokens=None))
+    assert sent(t)["max_tokens"] == 1000  # null: the configured cap
+    forwarding = msgspec.structs.replace(CLAUDE, forward=frozenset({"user"}))
+    b, u = adapter(AnthropicAdapter, forwarding, ok(message(text)))
+    complete(b, call(max_tokens=7, user="u1"))
+    assert sent(u)["metadata"] == {"user_id": "u1"} and sent(u)["max_tokens"] == 7
+
+
+def test_anthropic_answers_thinking_usage_and_stop_reasons() -> None:
+    thinking = {"type": "thinking", "thinking": "let me see", "signature": "sig"}
+    answer = message(thinking, {"type": "text", "text": "yes"}, stop="max_tokens",
+                     cache_creation_input_tokens=10, cache_read_input_tokens=20)  # fmt: skip
+    a, _ = adapter(AnthropicAdapter, CLAUDE, ok(answer), ok(message(stop="refusal")))
+    result = complete(a, call())
+    choice = result.choices[0]
+    assert (choice.text, choice.reasoning) == ("yes", "let me see")
+    assert (choice.finish_reason, choice.native_finish_reason) == ("length", "max_tokens")
+    assert (result.usage.prompt_tokens, result.usage.completion_tokens) == (35, 3)  # 5 + 10 + 20
+    choice = complete(a, call()).choices[0]
+    assert (choice.text, choice.finish_reason, choice.native_finish_reason) == (
+        "",
+        "content_filter",
+        "refusal",
+    )
+
+
+def anthropic_stream(*, end: bool = True, error: bool = False) -> bytes:
+    start = message(usage={"input_tokens": 9, "output_tokens": 1})
+    start["content"], start["stop_reason"], start["usage"] = (
+        [],
+        None,
+        {"input_tokens": 9, "output_tokens": 1},
+    )
+    events: list[dict[str, Any]] = [
+        {"type": "message_start", "message": start},
+        {"type": "content_block_start", "index": 0,
+         "content_block": {"type": "thinking", "thinking": ""}},
+        {"type": "content_block_delta", "index": 0,
+         "delta": {"type": "thinking_delta", "thinking": "hm"}},
+        {"type": "content_block_delta", "index": 0,
+         "delta": {"type": "signature_delta", "signature": "s"}},
+        {"type": "content_block_stop", "index": 0},
+        {"type": "ping"},
+        {"type": "content_block_start", "index": 1, "content_block": {"type": "text", "text": ""}},
+        {"type": "content_block_delta", "index": 1, "delta": {"type": "text_delta", "text": "Hel"}},
+        {"type": "message_delta", "delta": {"stop_reason": None}, "usage": {"output_tokens": 4}},
+        {"type": "content_block_delta", "index": 1, "delta": {"type": "text_delta", "text": "lo"}},
+        {"type": "content_block_stop", "index": 1},
+        {"type": "message_delta", "delta": {"stop_reason": "stop_sequence", "stop_sequence": "\n"},
+         "usage": {"output_tokens": 6}},
+    ]  # fmt: skip
+    if error:
+        events.insert(
+            8, {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
+        )
+    if end:
+        events.append({"type": "message_stop"})
+    return sse(*events, named=True)
+
+
+def test_anthropic_streams_usage_as_totals_and_needs_message_stop() -> None:
+    a, t = adapter(
+        AnthropicAdapter,
+        CLAUDE,
+        ok(anthropic_stream()),
+        ok(anthropic_stream(end=False)),
+        ok(anthropic_stream(error=True)),
+    )
+    parts = stream(a, call(stream=True))
+    assert sent(t)["stream"] is True
+    choices = [c for p in parts for c in p.choices]
+    assert "".join(c.text for c in choices) == "Hello"
+    assert "".join(c.reasoning or "" for c in choices) == "hm"
+    assert (choices[-1].finish_reason, choices[-1].native_finish_reason) == ("stop", "stop_sequence")
+    usage = parts[-1].usage
+    assert usage is not None and (usage.prompt_tokens, usage.completion_tokens) == (
+        9,
+        6,
+    )  # not 1 + 4 + 6
+    with pytest.raises(UpstreamUnavailable, match="ended the stream"):
+        stream(a, call(stream=True))
+    with pytest.raises(UpstreamRateLimited, match="Overloaded"):
+        stream(a, call(stream=True))
+
+
+def test_anthropic_errors() -> None:
+    def error(kind: str, text: str) -> dict[str, Any]:
+        return {"type": "error", "error": {"type": kind, "message": text}}
+
+    a, _ = adapter(
+        AnthropicAdapter,
+        CLAUDE,
+        ok(error("overloaded_error", "Overloaded"), 529),
+        ok(error("rate_limit_error", "slow"), 429, **{"retry-after": "12"}),
+        ok(error("invalid_request_error", "prompt is too long: 250000 tokens > 200000 maximum"), 400),
+        ok(error("invalid_request_error", "temperature: range"), 400),
+        ok(error("authentication_error", f"bad key {KEY}"), 401),
+    )
+    with pytest.raises(UpstreamRateLimited, match="529: overloaded_error: Overloaded"):
+        complete(a, call())
+    with pytest.raises(UpstreamRateLimited) as limited:
+        complete(a, call())
+    assert limited.value.retry_after == 12
+    with pytest.raises(ContextLengthExceeded):
+        complete(a, call())
+    with pytest.raises(LlmrouterError) as rejected:
+        complete(a, call())
+    assert rejected.value.code == "upstream_rejected"
+    with pytest.raises(LlmrouterError) as auth:
+        complete(a, call())
+    assert auth.value.code == "upstream_auth_failed" and KEY not in auth.value.message
+
+
+def test_anthropic_capabilities_declare_its_limits() -> None:
+    a, _ = adapter(AnthropicAdapter, CLAUDE)
+    caps = a.capabilities(DeploymentSettings(provider="p", model="claude"))
+    assert caps.ranges == {"temperature": (0, 1), "top_p": (0, 1)}
+    assert {"seed", "logprobs", "n", "logit_bias", "echo", "suffix"}.isdisjoint(caps.parameters)
+    thinking = msgspec.structs.replace(CLAUDE, thinking_budget=2048)
+    b, u = adapter(AnthropicAdapter, thinking, ok(message({"type": "text", "text": "x"})))
+    assert b.capabilities(DeploymentSettings(provider="p", model="c")).ranges["temperature"] == (1, 1)
+    complete(b, call(max_tokens=10))
+    assert sent(u)["thinking"] == {"type": "enabled", "budget_tokens": 2048}
+    assert sent(u)["max_tokens"] == 2058
+    pinned = DeploymentSettings(
+        provider="p", model="c", unsupported_parameters=frozenset({"temperature"})
+    )
+    assert "temperature" not in a.capabilities(pinned).parameters
+
+
+# -- gemini ---------------------------------------------------------------------------------------
+
+GEMINI = GeminiProvider(base_url="http://up", api_key=KEY)
+
+
+def candidate(*parts: dict[str, Any], finish: str | None = "STOP", index: int = 0) -> dict[str, Any]:
+    c: dict[str, Any] = {"content": {"role": "model", "parts": list(parts)}, "index": index}
+    if finish:
+        c["finishReason"] = finish
+    return c
+
+
+def gemini(
+    *candidates: dict[str, Any], prompt: int = 4, out: int = 2, thoughts: int = 0
+) -> dict[str, Any]:
+    usage = {"promptTokenCount": prompt, "candidatesTokenCount": out, "totalTokenCount": prompt + out}
+    if thoughts:
+        usage["thoughtsTokenCount"] = thoughts
+    return {"candidates": list(candidates), "usageMetadata": usage, "modelVersion": "gemini-x"}
+
+
+def test_gemini_sends_the_key_in_a_header_and_the_config_in_its_terms() -> None:
+    a, t = adapter(GeminiAdapter, GEMINI, ok(gemini(candidate({"text": "yo"}))))
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}
+    body = {"n": 2, "seed": 3, "temperature": 0.5, "top_p": 0.9, "stop": ["a", "b"], "logprobs": 2}
+    body |= {"presence_penalty": 0.5, "frequency_penalty": 0.1, "response_format": fmt}
+    complete(a, call("gemini-2.5-flash", **body))
+    req = t.requests[0]
+    assert req.url == "http://up/v1beta/models/gemini-2.5-flash:generateContent"
+    assert KEY not in req.url and req.headers["x-goog-api-key"] == KEY
+    assert sent(t) == {
+        "contents": [{"role": "user", "parts": [{"text": "Hi"}]}],
+        "generationConfig": {
+            "temperature": 0.5,
+            "topP": 0.9,
+            "seed": 3,
+            "presencePenalty": 0.5,
+            "frequencyPenalty": 0.1,
+            "candidateCount": 2,
+            "stopSequences": ["a", "b"],
+            "maxOutputTokens": 16,
+            "responseLogprobs": True,
+            "logprobs": 2,
+            "responseMimeType": "application/json",
+            "responseJsonSchema": {"type": "object"},
+        },
+    }
+
+
+def test_gemini_answers_thoughts_usage_safety_and_logprobs() -> None:
+    logprobs = {
+        "chosenCandidates": [
+            {"token": "y", "logProbability": -0.5},
+            {"token": "é", "logProbability": -0.25},
+        ],
+        "topCandidates": [
+            {
+                "candidates": [
+                    {"token": "y", "logProbability": -0.5},
+                    {"token": "n", "logProbability": -1},
+                ]
+            },
+            {"candidates": [{"token": "é", "logProbability": -0.25}]},
+        ],
+    }
+    first = candidate({"text": "why", "thought": True}, {"text": "yé"})
+    first["logprobsResult"] = logprobs
+    a, _ = adapter(
+        GeminiAdapter,
+        GEMINI,
+        ok(gemini(first, candidate({"text": "no"}, finish="SAFETY", index=1), thoughts=7)),
+        ok({"promptFeedback": {"blockReason": "SAFETY"}, "usageMetadata": {"promptTokenCount": 3}}),
+    )
+    result = complete(a, call(n=2, logprobs=2))
+    one, two = result.choices
+    assert (one.text, one.reasoning, one.finish_reason) == ("yé", "why", "stop")
+    assert one.logprobs is not None and one.logprobs.tokens == ["y", "é"]
+    assert one.logprobs.text_offset == [0, 1] and one.logprobs.top_logprobs == [
+        {"y": -0.5, "n": -1},
+        {"é": -0.25},
+    ]
+    assert (two.finish_reason, two.native_finish_reason) == ("content_filter", "SAFETY")
+    assert (result.usage.prompt_tokens, result.usage.completion_tokens) == (4, 9)  # thoughts count
+    with pytest.raises(UpstreamRefused, match="blocked the prompt: SAFETY"):
+        complete(a, call())
+
+
+def test_gemini_streams_running_totals_and_needs_every_finish() -> None:
+    chunks = [
+        gemini(candidate({"text": "He"}, finish=None), out=1),
+        gemini(candidate({"text": "llo"}, finish=None), out=2),
+        gemini(candidate({"text": "!"}, finish="MAX_TOKENS"), out=3),
+    ]
+    a, t = adapter(GeminiAdapter, GEMINI, ok(sse(*chunks)), ok(sse(*chunks[:2])))
+    parts = stream(a, call(stream=True))
+    assert t.requests[0].url.endswith(":streamGenerateContent?alt=sse")
+    assert "".join(c.text for p in parts for c in p.choices) == "Hello!"
+    assert parts[-1].choices[-1].finish_reason == "length"
+    assert [p.usage is not None for p in parts] == [False, False, True]
+    assert parts[-1].usage is not None and parts[-1].usage.completion_tokens == 3  # not 1 + 2 + 3
+    with pytest.raises(UpstreamUnavailable, match="ended the stream"):
+        stream(a, call(stream=True))
+
+
+def test_gemini_resource_exhausted_carries_its_retry_delay() -> None:
+    exhausted = {
+        "error": {
+            "code": 429,
+            "message": "Resource has been exhausted",
+            "status": "RESOURCE_EXHAUSTED",
+            "details": [{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "7s"}],
+        }
+    }
+    said = "The input token count (9999) exceeds the maximum number of tokens allowed (100)."
+    too_long = {"error": {"code": 400, "status": "INVALID_ARGUMENT", "message": said}}
+    a, _ = adapter(GeminiAdapter, GEMINI, ok(exhausted, 429), ok(too_long, 400))
+    with pytest.raises(UpstreamRateLimited) as limited:
+        complete(a, call())
+    assert limited.value.retry_after == 7 and "RESOURCE_EXHAUSTED" in limited.value.message
+    with pytest.raises(ContextLengthExceeded):
+        complete(a, call())
