@@ -1,5 +1,6 @@
-"""Real parts on loopback: llmrouter as a server process, a fault-injecting fake upstream, and
-llama-cpp-python's own OpenAI-compatible server as a real upstream on the same GGUF."""
+"""Real parts on loopback: llmrouter as a server process, fault-injecting fake upstreams (the
+Completions one, and one per chat wire format: OpenAI, Anthropic, Gemini), and llama-cpp-python's
+own OpenAI-compatible server as a real upstream on the same GGUF."""
 
 from __future__ import annotations
 
@@ -169,16 +170,39 @@ def gguf() -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def fake_upstream() -> Iterator[str]:
+def fake_server(script: str) -> Iterator[str]:
+    """`python tests/fakes/SCRIPT PORT` on a free port: its base URL, until the generator closes."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, str(ROOT / "tests/fakes/upstream.py"), str(port)])
+    proc = subprocess.Popen([sys.executable, str(ROOT / "tests/fakes" / script), str(port)])
     base = f"http://127.0.0.1:{port}"
     try:
         wait_http(f"{base}/_stats", proc)
         yield base
     finally:
         stop(proc)
+
+
+@pytest.fixture(scope="session")
+def fake_upstream() -> Iterator[str]:
+    yield from fake_server("upstream.py")
+
+
+@pytest.fixture(scope="session")
+def fake_openai_chat() -> Iterator[str]:
+    """The fake OpenAI Chat Completions upstream; its API is at `{base}/v1`."""
+    yield from fake_server("openai_chat.py")
+
+
+@pytest.fixture(scope="session")
+def fake_anthropic() -> Iterator[str]:
+    """The fake Anthropic Messages upstream; its API is at `{base}/v1/messages`."""
+    yield from fake_server("anthropic.py")
+
+
+@pytest.fixture(scope="session")
+def fake_gemini() -> Iterator[str]:
+    """The fake Gemini API upstream; its API is at `{base}/v1beta/models/...`."""
+    yield from fake_server("gemini.py")
 
 
 @pytest.fixture(scope="session")

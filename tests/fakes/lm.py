@@ -72,6 +72,16 @@ def _prompt_tokens(text: str) -> list[str]:
     return re.findall(r"\s*\S+", text) or [text]
 
 
+def prompt_length(text: str) -> int:
+    """The prompt's length in tokens, as `usage.prompt_tokens` counts it."""
+    return len(_prompt_tokens(text))
+
+
+def check(model: str, body: dict[str, Any]) -> None:
+    """Raises Rejected if the variant lacks a parameter `body` sets (complete() checks it first)."""
+    _lacks(model, body)
+
+
 def _value_for(schema: dict[str, Any]) -> Any:
     kind = schema.get("type")
     if "enum" in schema:
