@@ -41,6 +41,93 @@ FAKE_MODELS = (
     "slow-stream",
     "lm",
 )
+# The chat kinds, each against its fake (tests/fakes): the config's provider names, and the
+# faults their models are named after (`oc/hang`, `claude/lm-truncated`...), besides `lm`.
+CHAT_KINDS = ("oc", "claude", "gem")
+CHAT_FAULTS = (
+    "ok",
+    "status-400",
+    "status-401",
+    "status-429",
+    "status-500",
+    "context-400",
+    "hang",
+    "reset-before",
+    "lm-reset-after-3",
+    "lm-hang-after-3",
+    "lm-truncated",
+    "lm-stream-error",
+    "lm-malformed",
+)
+UPSTREAM_KEYS = {
+    "fake": "upstream-secret",
+    "oc": "oc-upstream-secret-0123456789",
+    "claude": "claude-upstream-secret-0123456789",
+    "gem": "gem-upstream-secret-0123456789",
+}
+
+
+@dataclass(frozen=True)
+class ChatFakes:
+    """Where the fake of each chat wire format listens."""
+
+    openai_chat: str
+    anthropic: str
+    gemini: str
+
+
+def chat_config(fakes: ChatFakes) -> tuple[str, str]:
+    """The providers and models of the chat kinds against their fakes, for `router_config`."""
+    timeouts = "timeouts: {connect: 1, first_token: 3, idle: 1, total: 4}"
+    providers = f"""  oc:
+    kind: openai_chat
+    base_url: {fakes.openai_chat}/v1
+    api_key: {UPSTREAM_KEYS["oc"]}
+    {timeouts}
+  claude:
+    kind: anthropic
+    base_url: {fakes.anthropic}
+    api_key: {UPSTREAM_KEYS["claude"]}
+    response_formats: [text, json_schema]
+    {timeouts}
+  claude_think:
+    kind: anthropic
+    base_url: {fakes.anthropic}
+    api_key: {UPSTREAM_KEYS["claude"]}
+    thinking_budget: 1024
+    {timeouts}
+  gem:
+    kind: gemini
+    base_url: {fakes.gemini}
+    api_key: {UPSTREAM_KEYS["gem"]}
+    {timeouts}
+  gem_think:
+    kind: gemini
+    base_url: {fakes.gemini}
+    api_key: {UPSTREAM_KEYS["gem"]}
+    include_thoughts: true
+    {timeouts}
+"""
+    models = [(f"{kind}/{fault}", kind, fault) for kind in CHAT_KINDS for fault in ("lm", *CHAT_FAULTS)]
+    models += [
+        ("oc/think", "oc", "lm-think"),
+        ("claude/think", "claude_think", "lm-think"),
+        ("gem/think", "gem_think", "lm-think"),
+        ("claude/overloaded", "claude", "overloaded"),
+        ("claude/refuse", "claude", "lm-refuse"),
+        ("claude/cache", "claude", "lm-cache"),
+        ("gem/resource-exhausted", "gem", "resource-exhausted"),
+        ("gem/refuse", "gem", "refuse"),
+        ("gem/safety", "gem", "lm-safety-finish"),
+        ("oc/refuse", "oc", "refuse"),
+    ]
+    listed = "".join(
+        f"  - id: {name}\n    deployments: [{{provider: {provider}, model: {model}}}]\n"
+        for name, provider, model in models
+    )
+    return providers, listed
+
+
 # Parameters an `lm-no-X` fake variant lacks, with how the router's config says so.
 LM_LACKING = {
     "n": "unsupported_parameters: [n]",
@@ -315,7 +402,12 @@ def run_cli(home: Path, *args: str, check: bool = True) -> subprocess.CompletedP
 
 
 def router_config(
-    fake: str, llama: str | None, *, keepalive: float = 0.5, fim_gguf: Path | None = None
+    fake: str,
+    llama: str | None,
+    *,
+    keepalive: float = 0.5,
+    fim_gguf: Path | None = None,
+    chat: ChatFakes | None = None,
 ) -> str:
     fake_models = "\n".join(
         f"  - id: fake/{m}\n    deployments: [{{provider: fake, model: {m}}}]" for m in FAKE_MODELS
@@ -366,6 +458,7 @@ def router_config(
         if llama
         else ""
     )
+    chat_providers, chat_models = chat_config(chat) if chat is not None else ("", "")
     return f"""default_model: local/smollm2-135m-instruct
 routing:
   retry_budget: {{min_per_second: 1000}}  # tests share one router; the budget has tests of its own
@@ -387,7 +480,7 @@ providers:
     base_url: {fake}/v1
     unsupported_parameters: [echo, logprobs, prompt_token_ids, stream_usage]
     response_formats: [text]
-{llama_part}{lm_providers}models:
+{llama_part}{lm_providers}{chat_providers}models:
   - id: local/smollm2-135m-instruct
     aliases: [smollm2]
     deployments: [{{provider: local, model: smollm2-135m-instruct}}]
@@ -407,7 +500,7 @@ providers:
     deployments: [{{provider: lm_no_response_format, model: lm-json-second}}]
   - id: lm/never-json
     deployments: [{{provider: lm_no_response_format, model: lm-never-json}}]
-{lm_models}"""
+{lm_models}{chat_models}"""
 
 
 @contextlib.contextmanager
@@ -465,10 +558,17 @@ def _limit_files(nofile: tuple[int, int]) -> None:
 
 @pytest.fixture(scope="session")
 def router(
-    tmp_path_factory: pytest.TempPathFactory, fake_upstream: str, llama_server: str, fim_gguf: Path
+    tmp_path_factory: pytest.TempPathFactory,
+    fake_upstream: str,
+    llama_server: str,
+    fim_gguf: Path,
+    fake_openai_chat: str,
+    fake_anthropic: str,
+    fake_gemini: str,
 ) -> Iterator[Router]:
     tmp = tmp_path_factory.mktemp("router")
-    r = start_router(tmp, router_config(fake_upstream, llama_server, fim_gguf=fim_gguf))
+    chat = ChatFakes(fake_openai_chat, fake_anthropic, fake_gemini)
+    r = start_router(tmp, router_config(fake_upstream, llama_server, fim_gguf=fim_gguf, chat=chat))
     try:
         yield r
     finally:

@@ -181,6 +181,10 @@ class AnthropicProvider(HttpProvider, frozen=True, tag="anthropic"):
     # Extended thinking, sent as `thinking: {type: enabled, budget_tokens: N}` when set; the
     # thinking comes back in `choices[].reasoning`. (The API then takes no temperature.)
     thinking_budget: Annotated[int, Meta(ge=1024)] | None = None
+    # `json_schema` here: sent as `output_config.format` (structured outputs; its schemas must
+    # close every object with `additionalProperties: false`, others are checked instead).
+    # Otherwise JSON formats are checked by llmrouter and asked for again.
+    response_formats: frozenset[Literal["text", "json_schema"]] = frozenset({"text"})
 
 
 class GeminiProvider(HttpProvider, frozen=True, tag="gemini"):

@@ -24,7 +24,15 @@ from tests.conftest import Router, ask
 
 Check = Callable[[dict[str, Any], dict[str, Any]], None]  # (answer, request body)
 
-COLUMNS = ("llamacpp", "openai", "openai lacking it", "llama-cpp-python server")
+COLUMNS = (
+    "llamacpp",
+    "openai",
+    "openai lacking it",
+    "llama-cpp-python server",
+    "openai_chat",
+    "anthropic",
+    "gemini",
+)
 N, E, R, L, NA = "native", "emulated", "rejected", "llmrouter", "—"
 
 
@@ -33,10 +41,15 @@ class Row:
     name: str  # as in the docs table
     param: str  # the request field it is about (what a 400 names, what X-Llmrouter-Emulated says)
     body: dict[str, Any]
-    cells: tuple[str, str, str, str]  # one per column
+    cells: tuple[str, ...]  # one per column
     check: Check = lambda answer, body: None
     lacking: str = ""  # the lm-no-X variant for column (c); default: `param`
     models: dict[str, str] = field(default_factory=dict)  # per-column model, when not the default
+    # Fields of the request left out for a column (one the kind lacks, so that the cell is about
+    # `param`), and the parameter a column's 400 names where the kind lacks another of the row's
+    # (Anthropic has no logprobs, so `echo` with logprobs is refused for `logprobs`).
+    drop: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    refused_for: dict[str, str] = field(default_factory=dict)
 
 
 def _choices(count: int) -> Check:
@@ -146,30 +159,50 @@ ASK_JSON = '{"country": "Germany", "city": "Berlin"}\n{"country": "Italy", "city
 LONG = "hello " * 2030  # nearly fills a 2,048-token context
 
 ROWS = [
-    Row("prompt: a string", "prompt", {}, (N, N, NA, N), _choices(1)),
-    Row("prompt: a batch of strings", "prompt", {"prompt": ["One", "Two"]}, (N, N, E, E), _choices(2)),
-    Row("prompt: token ids", "prompt", {"prompt": [[504, 3458], [28]]}, (N, N, R, R), _choices(2)),
-    Row("model, models", "models", {"models": ["lm/full"]}, (L, L, NA, L), _choices(1)),
-    Row("provider", "provider", {"provider": {"allow_fallbacks": False}}, (L, L, NA, L)),
+    Row("prompt: a string", "prompt", {}, (N, N, NA, N, E, E, E), _choices(1)),
+    Row(
+        "prompt: a batch of strings",
+        "prompt",
+        {"prompt": ["One", "Two"]},
+        (N, N, E, E, E, E, E),
+        _choices(2),
+    ),
+    Row(
+        "prompt: token ids",
+        "prompt",
+        {"prompt": [[504, 3458], [28]]},
+        (N, N, R, R, R, R, R),
+        _choices(2),
+    ),
+    Row("model, models", "models", {"models": ["lm/full"]}, (L, L, NA, L, L, L, L), _choices(1)),
+    Row("provider", "provider", {"provider": {"allow_fallbacks": False}}, (L, L, NA, L, L, L, L)),
     Row(
         "best_of",
         "best_of",
         {"best_of": 3, "n": 2, "temperature": 1.0, "seed": 4},
-        (E, N, E, E),
+        (E, N, E, E, E, R, E),
         _choices(2),
+        drop={"anthropic": ("seed",)},
     ),
-    Row("echo", "echo", {"echo": True}, (E, E, E, E), _echoes),
-    Row("echo with logprobs", "echo", {"echo": True, "logprobs": 1}, (N, N, R, R), _echoes_scored),
-    Row("frequency_penalty", "frequency_penalty", {"frequency_penalty": 1.0}, (N, N, R, N)),
-    Row("presence_penalty", "presence_penalty", {"presence_penalty": 1.0}, (N, N, R, N)),
-    Row("logit_bias", "logit_bias", {"logit_bias": {"11": -100}}, (N, N, R, N)),
-    Row("logprobs", "logprobs", {"logprobs": 2}, (N, N, R, N), _logprobs(2)),
-    Row("max_tokens", "max_tokens", {"max_tokens": 3}, (N, N, NA, N), _at_most(3)),
+    Row("echo", "echo", {"echo": True}, (E, E, E, E, E, E, E), _echoes),
+    Row(
+        "echo with logprobs",
+        "echo",
+        {"echo": True, "logprobs": 1},
+        (N, N, R, R, R, R, R),
+        _echoes_scored,
+        refused_for={"anthropic": "logprobs"},
+    ),
+    Row("frequency_penalty", "frequency_penalty", {"frequency_penalty": 1.0}, (N, N, R, N, N, R, N)),
+    Row("presence_penalty", "presence_penalty", {"presence_penalty": 1.0}, (N, N, R, N, N, R, N)),
+    Row("logit_bias", "logit_bias", {"logit_bias": {"11": -100}}, (N, N, R, N, N, R, R)),
+    Row("logprobs", "logprobs", {"logprobs": 2}, (N, N, R, N, N, R, N), _logprobs(2)),
+    Row("max_tokens", "max_tokens", {"max_tokens": 3}, (N, N, NA, N, N, N, N), _at_most(3)),
     Row(
         "max_tokens: 0 (with echo)",
         "max_tokens",
         {"max_tokens": 0, "echo": True},
-        (N, N, R, R),
+        (N, N, R, R, R, R, R),
         _echo_only,
         lacking="max_tokens_zero",
     ),
@@ -177,43 +210,50 @@ ROWS = [
         "max_tokens: null",
         "max_tokens",
         {"prompt": LONG, "max_tokens": None},
-        (N, N, NA, N),
+        (N, N, NA, N, N, N, N),
         _cut_by_length,
     ),
-    Row("n", "n", {"n": 2, "temperature": 1.0, "seed": 3}, (N, N, E, E), _choices(2)),
-    Row("seed", "seed", {"seed": 5, "temperature": 1.0}, (N, N, R, N)),
-    Row("stop", "stop", {"stop": ["e", "a"], "max_tokens": 8}, (N, N, E, N), _no_stops),
-    Row("stream", "stream", {"stream": True}, (N, N, E, N), _finished),
+    Row(
+        "n",
+        "n",
+        {"n": 2, "temperature": 1.0, "seed": 3},
+        (N, N, E, E, N, E, N),
+        _choices(2),
+        drop={"anthropic": ("seed",)},
+    ),
+    Row("seed", "seed", {"seed": 5, "temperature": 1.0}, (N, N, R, N, N, R, N)),
+    Row("stop", "stop", {"stop": ["e", "a"], "max_tokens": 8}, (N, N, E, N, N, N, N), _no_stops),
+    Row("stream", "stream", {"stream": True}, (N, N, E, N, N, N, N), _finished),
     Row(
         "stream_options: include_usage",
         "stream_options",
         {"stream": True, "stream_options": {"include_usage": True}},
-        (N, N, E, E),
+        (N, N, E, E, N, N, N),
         _has_usage,
     ),
     Row(
         "suffix (the embedded model: no FIM tokens)",
         "suffix",
         {"suffix": " and that is all."},
-        (R, N, R, R),
+        (R, N, R, R, R, R, R),
     ),
     Row(
         "suffix (a model with FIM tokens)",
         "suffix",
         {"suffix": " and that is all."},
-        (N, N, R, R),
+        (N, N, R, R, R, R, R),
         _finished,
         models={"llamacpp": "local/smollm2-fim"},
     ),
-    Row("temperature", "temperature", {"temperature": 0.7}, (N, N, R, N)),
-    Row("top_p", "top_p", {"top_p": 0.5, "temperature": 1.0}, (N, N, R, N), lacking="top_p"),
-    Row("user", "user", {"user": "end-user-7"}, (L, L, NA, L)),
-    Row("metadata", "metadata", {"metadata": {"team": "search"}}, (L, L, NA, L)),
+    Row("temperature", "temperature", {"temperature": 0.7}, (N, N, R, N, N, N, N)),
+    Row("top_p", "top_p", {"top_p": 0.5, "temperature": 1.0}, (N, N, R, N, N, N, N), lacking="top_p"),
+    Row("user", "user", {"user": "end-user-7"}, (L, L, NA, L, L, L, L)),
+    Row("metadata", "metadata", {"metadata": {"team": "search"}}, (L, L, NA, L, L, L, L)),
     Row(
         "response_format: json_object",
         "response_format",
         {"response_format": {"type": "json_object"}, "prompt": ASK_JSON, "max_tokens": 200},
-        (N, N, E, N),
+        (N, N, E, N, N, E, N),
         _json_object,
     ),
     Row(
@@ -227,14 +267,14 @@ ROWS = [
             "prompt": ASK_JSON,
             "max_tokens": 200,
         },
-        (N, N, E, N),
+        (N, N, E, N, N, N, E),
         _json_schema,
     ),
     Row(
         "response_format: grammar",
         "response_format",
         {"response_format": {"type": "grammar", "grammar": 'root ::= "yes" | "no"'}},
-        (N, N, R, N),
+        (N, N, R, N, R, R, R),
         _yes_or_no,
     ),
     Row(
@@ -246,16 +286,22 @@ ROWS = [
             "stop": ["\n"],
             "max_tokens": 30,
         },
-        (E, E, E, E),
+        (E, E, E, E, E, E, E),
         _python,
     ),
     Row(
         "reasoning (in the answer)",
         "reasoning",
         {"prompt": "Question: 2+2?\n<think>", "max_tokens": 6},
-        (L, L, NA, L),
+        (L, L, NA, L, L, L, L),
         _reasoning,
-        models={"openai": "lm/think"},
+        models={
+            "openai": "lm/think",
+            "openai_chat": "oc/think",
+            "anthropic": "claude/think",
+            "gemini": "gem/think",
+        },
+        drop={"anthropic": ("temperature",)},  # thinking takes no temperature but 1
     ),
 ]
 
@@ -263,7 +309,29 @@ DEFAULT_MODEL = {
     "llamacpp": "local/smollm2-135m-instruct",
     "openai": "lm/full",
     "llama-cpp-python server": "upstream/smollm2",
+    "openai_chat": "oc/lm",
+    "anthropic": "claude/lm",
+    "gemini": "gem/lm",
 }
+# For the chat kinds, where each fake finds a native parameter in what it was sent, in the kind's
+# own terms (a path into the request body).
+WIRE = {
+    "openai_chat": {"max_tokens": "max_completion_tokens", "logprobs": "top_logprobs"},
+    "anthropic": {"stop": "stop_sequences", "response_format": "output_config.format"},
+    "gemini": {
+        "frequency_penalty": "generationConfig.frequencyPenalty",
+        "presence_penalty": "generationConfig.presencePenalty",
+        "logprobs": "generationConfig.logprobs",
+        "max_tokens": "generationConfig.maxOutputTokens",
+        "n": "generationConfig.candidateCount",
+        "seed": "generationConfig.seed",
+        "stop": "generationConfig.stopSequences",
+        "temperature": "generationConfig.temperature",
+        "top_p": "generationConfig.topP",
+        "response_format": "generationConfig.responseMimeType",
+    },
+}
+FAKE_OF = {"openai_chat": "fake_openai_chat", "anthropic": "fake_anthropic", "gemini": "fake_gemini"}
 
 
 def _model(row: Row, column: str) -> str:
@@ -283,7 +351,8 @@ CELLS = [
 
 
 @pytest.mark.parametrize(("row", "column"), CELLS)
-def test_cell(router: Router, fake_upstream: str, row: Row, column: str) -> None:
+def test_cell(router: Router, request: pytest.FixtureRequest, row: Row, column: str) -> None:
+    fake_upstream: str = request.getfixturevalue(FAKE_OF.get(column, "fake_upstream"))
     cell = row.cells[COLUMNS.index(column)]
     body = {
         "prompt": PROMPT,
@@ -292,11 +361,13 @@ def test_cell(router: Router, fake_upstream: str, row: Row, column: str) -> None
         **row.body,
         "model": _model(row, column),
     }
+    for name in row.drop.get(column, ()):
+        del body[name]
     httpx.post(f"{fake_upstream}/_reset")
     status, answer, headers = ask(router, body)
     if cell == R:
         assert status == 400, answer
-        assert answer["error"]["param"] == row.param
+        assert answer["error"]["param"] == row.refused_for.get(column, row.param)
         assert answer["error"]["code"] == "unsupported_parameter"
         return
     assert status == 200, answer
@@ -309,8 +380,17 @@ def test_cell(router: Router, fake_upstream: str, row: Row, column: str) -> None
     sent = httpx.get(f"{fake_upstream}/_stats").json()["last_body"]
     if column == "openai" and cell == N:
         assert row.param in sent, sent  # passed on as it is
-    if column == "openai" and cell == L:
+    if column in ("openai", *WIRE) and cell == L:
         assert row.param not in sent, sent  # the router's own
+    asked = row.body.get(row.param, True) is not None  # (null asks for no limit: nothing is sent)
+    if column in WIRE and cell == N and asked and row.param not in ("stream", "stream_options"):
+        assert _at(sent, WIRE[column].get(row.param, row.param)) is not None, sent  # in its terms
+
+
+def _at(body: dict[str, Any], path: str) -> Any:
+    for step in path.split("."):
+        body = body.get(step) if isinstance(body, dict) else None  # type: ignore[assignment]
+    return body
 
 
 def test_seed_gives_the_same_text_again(router: Router) -> None:

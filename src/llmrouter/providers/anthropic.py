@@ -25,9 +25,10 @@ from llmrouter.providers import _http
 from llmrouter.providers._common import HttpAdapter, default_cap, max_tokens_for, only_prompt
 from llmrouter.providers.base import Call, Capabilities, Completion, StreamPart
 from llmrouter.settings import AnthropicProvider, CheckSettings, DeploymentSettings
+from llmrouter.structured import format_kind
 from llmrouter.wire.completions import ChunkChoice, CompletionChoice, Usage, encoder
 
-__all__ = ["AnthropicAdapter"]
+__all__ = ["AnthropicAdapter", "closed_objects_problem"]
 
 # stop_reason -> finish_reason, deliberately (`native_finish_reason` keeps the raw value).
 _FINISH = {
@@ -54,10 +55,17 @@ class _Usage(Struct):
     cache_read_input_tokens: int | None = None
 
 
+class _Error(Struct):
+    type: str = ""
+    message: str = ""
+
+
 class _Message(Struct):
+    type: str = "message"
     content: list[_Block] = []
     stop_reason: str | None = None
     usage: _Usage | None = None
+    error: _Error | None = None  # a 200 whose body is an error
 
 
 class _Delta(Struct):
@@ -65,11 +73,6 @@ class _Delta(Struct):
     text: str | None = None
     thinking: str | None = None
     stop_reason: str | None = None
-
-
-class _Error(Struct):
-    type: str = ""
-    message: str = ""
 
 
 class _Event(Struct):
@@ -91,7 +94,7 @@ _error_body = msgspec.json.Decoder(_ErrorBody)
 
 class AnthropicAdapter(HttpAdapter):
     settings: AnthropicProvider
-    native = frozenset({"temperature", "top_p", "stop", "stream", "max_tokens"})
+    native = frozenset({"temperature", "top_p", "stop", "stream", "max_tokens", "response_format"})
 
     def __init__(
         self,
@@ -115,6 +118,8 @@ class AnthropicAdapter(HttpAdapter):
         return Capabilities(
             parameters=self.parameters(deployment),
             ranges=ranges,
+            response_formats=self.settings.response_formats,
+            schema_support=closed_objects_problem,
             max_logprobs=0,
             token_prompts=False,
             prompt_batch=False,
@@ -139,6 +144,9 @@ class AnthropicAdapter(HttpAdapter):
             fields["stop_sequences"] = [p.stop] if isinstance(p.stop, str) else p.stop
         if "user" in self.settings.forward and p.user:
             fields["metadata"] = {"user_id": p.user}
+        if format_kind(p.response_format) == "json_schema":
+            schema = p.response_format.json_schema.schema or {}  # type: ignore[union-attr]
+            fields["output_config"] = {"format": {"type": "json_schema", "schema": schema}}
         if (budget := self.settings.thinking_budget) is not None:
             fields["thinking"] = {"type": "enabled", "budget_tokens": budget}
             fields["max_tokens"] += budget  # the budget is spent out of max_tokens
@@ -154,6 +162,8 @@ class AnthropicAdapter(HttpAdapter):
             raise UpstreamUnavailable(
                 f"Provider {self.name} sent a message llmrouter cannot read."
             ) from None
+        if message.type == "error":
+            raise self._in_band(message.error or _Error())
         text = "".join(b.text or "" for b in message.content if b.type == "text")
         thinking = "".join(b.thinking or "" for b in message.content if b.type == "thinking")
         native = message.stop_reason
@@ -239,3 +249,25 @@ def _usage(u: _Usage) -> Usage:
     )
     completion = u.output_tokens or 0
     return Usage(prompt, completion, prompt + completion)
+
+
+def closed_objects_problem(schema: dict[str, Any], strict: bool) -> str | None:
+    """Why structured outputs would refuse `schema` (an object not closed), or None."""
+    stack: list[Any] = [schema]
+    while stack:
+        node = stack.pop()
+        if not isinstance(node, dict):
+            continue
+        if (node.get("type") == "object" or "properties" in node) and node.get(
+            "additionalProperties"
+        ) is not False:
+            return "structured outputs need `additionalProperties: false` on every object"
+        for key in ("properties", "$defs", "definitions"):
+            if isinstance(node.get(key), dict):
+                stack.extend(node[key].values())
+        for key in ("anyOf", "allOf", "oneOf", "prefixItems"):
+            if isinstance(node.get(key), list):
+                stack.extend(node[key])
+        items = node.get("items")
+        stack.extend(items if isinstance(items, list) else [items])
+    return None
