@@ -269,6 +269,21 @@ def fake_server(script: str) -> Iterator[str]:
         stop(proc)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def no_upstream_key_anywhere(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """After the whole suite: no router of it wrote an upstream key it was given (UPSTREAM_KEYS,
+    sent to the fakes by every router the suite starts) into any file the suite can read: its
+    log, its ledger and key store, what a test saved. Only the configs hold them."""
+    yield
+    leaks = []
+    for path in tmp_path_factory.getbasetemp().rglob("*"):
+        if not path.is_file() or path.suffix in (".yaml", ".gguf") or path.stat().st_size > 1 << 28:
+            continue
+        data = path.read_bytes()
+        leaks += [f"{path}: {key}" for key in UPSTREAM_KEYS.values() if key.encode() in data]
+    assert not leaks, leaks
+
+
 @pytest.fixture(scope="session")
 def fake_upstream() -> Iterator[str]:
     yield from fake_server("upstream.py")
@@ -472,7 +487,7 @@ providers:
   fake:
     kind: openai
     base_url: {fake}/v1
-    api_key: upstream-secret
+    api_key: {UPSTREAM_KEYS["fake"]}
     timeouts: {{connect: 1, first_token: 3, idle: 1, total: 4}}
     response_formats: [text, json_object, json_schema, grammar]
   basic:

@@ -11,6 +11,8 @@ Faults of every chat fake (streamed and not, unless said), each answering with i
   reset-before        closes the connection without answering
   slow-ok-MS          waits MS milliseconds, then answers as `ok`
   wait-close          holds the request until the client goes, and notes when (time.time())
+  echo-NNN            NNN with the provider's error body, its message quoting the request line and
+                      every request header, as a proxy in between might (credentials included)
 An answering name (`ok`, `lm`, `lm-*`, or a provider's variant such as `think`) may end in a cut:
   ...-reset-after-N   stream: N events, then the connection closes; not streamed: half the body,
                       then the connection closes
@@ -137,6 +139,9 @@ class Wire:
 
 async def early(request: web.Request, fault: str, wire: Wire) -> web.StreamResponse | None:
     """The answer to a fault that answers no text, or None to go on to the answer."""
+    if fault.startswith("echo-"):
+        seen = "; ".join(f"{k}: {v}" for k, v in request.headers.items())
+        return wire.error(int(fault[5:]), f"proxy saw {request.method} {request.path_qs} {seen}", {})
     if fault.startswith("retry-after-"):
         return wire.error(429, "fake rate limit", {"Retry-After": fault.removeprefix("retry-after-")})
     if fault.startswith("status-"):

@@ -10,7 +10,7 @@ read an answer, read a stream event, read an error body.
 from __future__ import annotations
 
 import codecs
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import Any, ClassVar
 
 from msgspec import UNSET
@@ -22,7 +22,14 @@ from llmrouter.providers.base import ALL_PARAMETERS, Call, Tokenizer
 from llmrouter.settings import CheckSettings, DeploymentSettings, HttpProvider, Timeouts
 from llmrouter.wire.completions import Logprobs
 
-__all__ = ["HttpAdapter", "LogprobsBuilder", "default_cap", "max_tokens_for", "only_prompt"]
+__all__ = [
+    "HttpAdapter",
+    "LogprobsBuilder",
+    "default_cap",
+    "max_tokens_for",
+    "only_prompt",
+    "subschemas",
+]
 
 
 class HttpAdapter:
@@ -169,3 +176,28 @@ class LogprobsBuilder:
             self._offset += len(token) if raw is None else len(self._decoder.decode(raw))
         no_tops = all(top is None for top in tops)  # (`logprobs: 0`)
         return Logprobs(tokens, logprobs, None if no_tops else tops, offsets)
+
+
+_SUBSCHEMA_MAPS = ("properties", "$defs", "definitions", "patternProperties", "dependentSchemas")
+_SUBSCHEMA_LISTS = ("anyOf", "allOf", "oneOf", "prefixItems")
+_SUBSCHEMAS = ("items", "additionalProperties", "not", "if", "then", "else", "contains")
+
+
+def subschemas(schema: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Every schema inside a JSON Schema, itself first: what a provider's limits on schemas are
+    checked against (a property named `not` is a name, not the keyword)."""
+    stack: list[Any] = [schema]
+    while stack:
+        node = stack.pop()
+        if not isinstance(node, dict):
+            continue
+        yield node
+        for key in _SUBSCHEMA_MAPS:
+            if isinstance(node.get(key), dict):
+                stack.extend(node[key].values())
+        for key in _SUBSCHEMA_LISTS:
+            if isinstance(node.get(key), list):
+                stack.extend(node[key])
+        for key in _SUBSCHEMAS:
+            value = node.get(key)
+            stack.extend(value if isinstance(value, list) else [value])

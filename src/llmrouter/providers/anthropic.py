@@ -22,7 +22,13 @@ from llmrouter.errors import (
     UpstreamUnavailable,
 )
 from llmrouter.providers import _http
-from llmrouter.providers._common import HttpAdapter, default_cap, max_tokens_for, only_prompt
+from llmrouter.providers._common import (
+    HttpAdapter,
+    default_cap,
+    max_tokens_for,
+    only_prompt,
+    subschemas,
+)
 from llmrouter.providers.base import Call, Capabilities, Completion, StreamPart
 from llmrouter.settings import AnthropicProvider, CheckSettings, DeploymentSettings
 from llmrouter.structured import format_kind
@@ -253,21 +259,8 @@ def _usage(u: _Usage) -> Usage:
 
 def closed_objects_problem(schema: dict[str, Any], strict: bool) -> str | None:
     """Why structured outputs would refuse `schema` (an object not closed), or None."""
-    stack: list[Any] = [schema]
-    while stack:
-        node = stack.pop()
-        if not isinstance(node, dict):
-            continue
-        if (node.get("type") == "object" or "properties" in node) and node.get(
-            "additionalProperties"
-        ) is not False:
+    for node in subschemas(schema):
+        closed = node.get("additionalProperties") is False
+        if (node.get("type") == "object" or "properties" in node) and not closed:
             return "structured outputs need `additionalProperties: false` on every object"
-        for key in ("properties", "$defs", "definitions"):
-            if isinstance(node.get(key), dict):
-                stack.extend(node[key].values())
-        for key in ("anyOf", "allOf", "oneOf", "prefixItems"):
-            if isinstance(node.get(key), list):
-                stack.extend(node[key])
-        items = node.get("items")
-        stack.extend(items if isinstance(items, list) else [items])
     return None

@@ -29,6 +29,7 @@ from llmrouter.providers._common import (
     default_cap,
     max_tokens_for,
     only_prompt,
+    subschemas,
 )
 from llmrouter.providers.base import Call, Capabilities, Completion, StreamPart
 from llmrouter.settings import CheckSettings, DeploymentSettings, GeminiProvider
@@ -325,18 +326,7 @@ _GEMINI_KEYWORDS = frozenset(
 
 def schema_problem(schema: dict[str, Any], strict: bool) -> str | None:
     """Why Gemini would not take `schema` as it is, or None."""
-    stack: list[Any] = [schema]
-    while stack:
-        node = stack.pop()
-        if not isinstance(node, dict):
-            continue
+    for node in subschemas(schema):
         if unknown := node.keys() - _GEMINI_KEYWORDS:
             return f"Gemini's schemas have no `{min(unknown)}`"
-        for key in ("properties", "$defs"):
-            if isinstance(node.get(key), dict):
-                stack.extend(node[key].values())
-        for key in ("anyOf", "oneOf", "prefixItems"):
-            if isinstance(node.get(key), list):
-                stack.extend(node[key])
-        stack.extend([node.get("items"), node.get("additionalProperties")])
     return None

@@ -20,6 +20,7 @@ from llmrouter.providers._common import (
     default_cap,
     max_tokens_for,
     only_prompt,
+    subschemas,
 )
 from llmrouter.providers.base import (
     ALL_PARAMETERS,
@@ -267,18 +268,14 @@ _NOT_IN_STRICT = frozenset(
      "unevaluatedItems", "contains", "minContains", "maxContains", "uniqueItems", "if", "then",
      "else", "dependentRequired", "dependentSchemas", "not"}
 )  # fmt: skip
-_SUBSCHEMA_MAPS = ("properties", "$defs", "definitions")
-_SUBSCHEMA_LISTS = ("anyOf", "allOf", "oneOf", "prefixItems")
 
 
 def strict_schema_problem(schema: dict[str, Any], strict: bool) -> str | None:
     """Why OpenAI's strict mode would refuse `schema`, or None. (A schema sent without
     `strict: true` is taken as it is, so only strict ones are held to the subset.)"""
-    stack: list[Any] = [schema] if strict else []
-    while stack:
-        node = stack.pop()
-        if not isinstance(node, dict):
-            continue
+    if not strict:
+        return None
+    for node in subschemas(schema):
         if found := _NOT_IN_STRICT & node.keys():
             return f"strict mode has no `{min(found)}`"
         if node.get("type") == "object" or "properties" in node:
@@ -286,12 +283,4 @@ def strict_schema_problem(schema: dict[str, Any], strict: bool) -> str | None:
                 return "strict mode needs `additionalProperties: false` on every object"
             if set(node.get("required", ())) != set(node.get("properties", {})):
                 return "strict mode needs every property required"
-        for key in _SUBSCHEMA_MAPS:
-            if isinstance(node.get(key), dict):
-                stack.extend(node[key].values())
-        for key in _SUBSCHEMA_LISTS:
-            if isinstance(node.get(key), list):
-                stack.extend(node[key])
-        items = node.get("items")
-        stack.extend(items if isinstance(items, list) else [items])
     return None
