@@ -3,7 +3,10 @@
     python bench/mock_upstream.py PORT [--host 127.0.0.1] [--max-seconds N]
 
 `POST /v1/completions` answers a fixed small completion; with `"stream": true` in the JSON body it
-answers an SSE stream of five text chunks, a usage chunk and `data: [DONE]`. `GET /health` and
+answers an SSE stream of five text chunks, a usage chunk and `data: [DONE]`. The chat wire formats
+answer the same text in their own shapes, whole or streamed: OpenAI's `POST /v1/chat/completions`,
+Anthropic's `POST /v1/messages` (named events) and Gemini's
+`POST /v1beta/models/M:generateContent` (`:streamGenerateContent?alt=sse`). `GET /health` and
 `GET /v1/models` answer too; anything else is a 404.
 
 It is a raw `asyncio.Protocol` HTTP/1.1 server on uvloop, not a framework: keep-alive, pipelining
@@ -100,17 +103,77 @@ def _build() -> dict[str, bytes]:
         b"\r\n"
     )
     stream_body = b"".join(_chunk(e) for e in events) + b"0\r\n\r\n"
+    chat, messages, gemini = _chat_kinds(created)
     models = _json({"object": "list", "data": [{"id": MODEL, "object": "model", "owned_by": "mock"}]})
     return {
         "completion": _response(b"200 OK", b"application/json", completion),
         "stream": stream_head + stream_body,
         "models": _response(b"200 OK", b"application/json", models),
+        "chat": _response(b"200 OK", b"application/json", chat[0]),
+        "chat_stream": stream_head + b"".join(_chunk(e) for e in chat[1]) + b"0\r\n\r\n",
+        "messages": _response(b"200 OK", b"application/json", messages[0]),
+        "messages_stream": stream_head + b"".join(_chunk(e) for e in messages[1]) + b"0\r\n\r\n",
+        "gemini": _response(b"200 OK", b"application/json", gemini[0]),
+        "gemini_stream": stream_head + b"".join(_chunk(e) for e in gemini[1]) + b"0\r\n\r\n",
         "health": _response(b"200 OK", b"text/plain", b"ok"),
         "not_found": _response(
             b"404 Not Found", b"application/json", _json({"error": {"message": "not found"}})
         ),
         "bad_request": _response(b"400 Bad Request", b"text/plain", b"bad request", close=True),
     }
+
+
+def _chat_kinds(created: int) -> list[tuple[bytes, list[bytes]]]:
+    """The whole answer and the stream's events of OpenAI chat, Anthropic and Gemini."""
+    text = "".join(TEXT_PARTS)
+    base = {"id": "chatcmpl-mock", "created": created, "model": MODEL}
+    usage = {"prompt_tokens": 3, "completion_tokens": 8, "total_tokens": 11}
+    message = {"role": "assistant", "content": text}
+    chat = _json({**base, "object": "chat.completion", "usage": usage,
+                  "choices": [{"index": 0, "message": message, "finish_reason": "stop"}]})  # fmt: skip
+    chunks = [
+        {**base, "object": "chat.completion.chunk",
+         "choices": [{"index": 0, "delta": {"content": t},
+                      "finish_reason": "stop" if i == len(TEXT_PARTS) - 1 else None}]}
+        for i, t in enumerate(TEXT_PARTS)
+    ]  # fmt: skip
+    chunks.append({**base, "object": "chat.completion.chunk", "choices": [], "usage": usage})
+    chat_events = [b"data: " + _json(c) + b"\n\n" for c in chunks] + [b"data: [DONE]\n\n"]
+
+    claude_usage = {"input_tokens": 3, "output_tokens": 8}
+    msg = {"id": "msg_mock", "type": "message", "role": "assistant", "model": MODEL,
+           "content": [{"type": "text", "text": text}], "stop_reason": "end_turn",
+           "stop_sequence": None, "usage": claude_usage}  # fmt: skip
+    start = {**msg, "content": [], "stop_reason": None, "usage": {"input_tokens": 3, "output_tokens": 1}}
+    named = [
+        ("message_start", {"type": "message_start", "message": start}),
+        ("content_block_start", {"type": "content_block_start", "index": 0,
+                                 "content_block": {"type": "text", "text": ""}}),
+        *(("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                   "delta": {"type": "text_delta", "text": t}}) for t in TEXT_PARTS),
+        ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+        ("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn",
+                           "stop_sequence": None}, "usage": {"output_tokens": 8}}),
+        ("message_stop", {"type": "message_stop"}),
+    ]  # fmt: skip
+    claude_events = [b"event: " + n.encode() + b"\ndata: " + _json(d) + b"\n\n" for n, d in named]
+
+    def candidate(t: str, finish: str | None) -> dict[str, object]:
+        c: dict[str, object] = {"content": {"role": "model", "parts": [{"text": t}]}, "index": 0}
+        if finish:
+            c["finishReason"] = finish
+        return c
+
+    meta = {"promptTokenCount": 3, "candidatesTokenCount": 8, "totalTokenCount": 11}
+    gemini = _json(
+        {"candidates": [candidate(text, "STOP")], "usageMetadata": meta, "modelVersion": MODEL}
+    )
+    gemini_events = [
+        b"data: " + _json({"candidates": [candidate(t, "STOP" if i == len(TEXT_PARTS) - 1 else None)],
+                           "usageMetadata": meta, "modelVersion": MODEL}) + b"\r\n\r\n"
+        for i, t in enumerate(TEXT_PARTS)
+    ]  # fmt: skip
+    return [(chat, chat_events), (_json(msg), claude_events), (gemini, gemini_events)]
 
 
 RESPONSES = _build()
@@ -241,6 +304,14 @@ class HttpProtocol(asyncio.Protocol):
         path = path.split(b"?", 1)[0]
         if method == b"POST" and path in (b"/v1/completions", b"/completions"):
             key = "stream" if _wants_stream(body) else "completion"
+        elif method == b"POST" and path == b"/v1/chat/completions":
+            key = "chat_stream" if _wants_stream(body) else "chat"
+        elif method == b"POST" and path == b"/v1/messages":
+            key = "messages_stream" if _wants_stream(body) else "messages"
+        elif method == b"POST" and path.endswith(b":streamGenerateContent"):
+            key = "gemini_stream"
+        elif method == b"POST" and path.endswith(b":generateContent"):
+            key = "gemini"
         elif method == b"GET" and path == b"/health":
             key = "health"
         elif method == b"GET" and path in (b"/v1/models", b"/models"):

@@ -242,8 +242,9 @@ def wrk(
     auth: str,
     threads: int,
     watch: dict[str, int] | None = None,
+    body: str = BODY,
 ) -> WrkResult:
-    env = {**os.environ, "BENCH_BODY": BODY, "BENCH_AUTH": auth}
+    env = {**os.environ, "BENCH_BODY": body, "BENCH_AUTH": auth}
     cmd = [
         "wrk",
         f"-t{min(threads, connections)}",

@@ -21,7 +21,14 @@ models: [{id: local/smollm2-135m-instruct, deployments: [{provider: local, model
 
 @pytest.mark.parametrize("block", BLOCKS, ids=[f"readme-{i}" for i in range(len(BLOCKS))])
 def test_readme_configs_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, block: str) -> None:
-    for name in ("OPENAI_API_KEY", "AZURE_URL", "AZURE_KEY", "PGPASSWORD"):
+    for name in (
+        "OPENAI_API_KEY",
+        "ANTHROPIC_API_KEY",
+        "GEMINI_API_KEY",
+        "AZURE_URL",
+        "AZURE_KEY",
+        "PGPASSWORD",
+    ):
         monkeypatch.setenv(name, "http://example.invalid/v1" if name.endswith("URL") else "k")
     block = textwrap.dedent(block)  # blocks inside list items are indented
     if not re.search(r"^models:", block, re.M):  # a fragment: checked inside a minimal config
@@ -34,7 +41,9 @@ def test_readme_configs_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bl
 def test_example_config_loads(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OPENAI_API_KEY", "k")
     settings = load_settings(ROOT / "config" / "example.yaml")
-    assert {"openai", "vllm", "ollama", "local"} <= set(settings.providers)
+    assert {"openai", "openai_chat", "anthropic", "gemini", "vllm", "ollama", "local"} <= set(
+        settings.providers
+    )
 
 
 def test_deploy_config_loads(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -71,15 +80,15 @@ def test_the_parameter_docs_provider_configs_load() -> None:
     import msgspec
     import yaml
 
-    from llmrouter.settings import OpenAIProvider
+    from llmrouter.settings import ProviderSettings
 
     blocks = re.findall(r"```yaml\n(.*?)```", PARAMETERS_DOC, re.S)
-    assert len(blocks) == 2
+    assert len(blocks) == 3
     for block in blocks:
         loaded = yaml.safe_load(block)
         providers = loaded.get("providers", loaded)
         for body in providers.values():
-            msgspec.convert({k: v for k, v in body.items() if k != "kind"}, OpenAIProvider)
+            msgspec.convert(body, ProviderSettings)  # type: ignore[arg-type]
 
 
 def test_every_request_field_of_the_spec_has_a_row() -> None:
