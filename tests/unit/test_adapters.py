@@ -19,6 +19,7 @@ from llmrouter.errors import (
     UpstreamRefused,
     UpstreamUnavailable,
 )
+from llmrouter.generation import from_completions
 from llmrouter.providers import _http
 from llmrouter.providers.anthropic import AnthropicAdapter
 from llmrouter.providers.base import Call, Completion, StreamPart
@@ -52,10 +53,10 @@ def adapter(kind: type[Any], settings: Any, *replies: Reply) -> tuple[Any, _http
 
 
 def call(model: str = "m", **body: Any) -> Call:
-    params, prompts = decode_completion_request(msgspec.json.encode({"prompt": "Hi", **body}))
-    return Call(
-        DeploymentSettings(provider="p", model=model), params, prompts, Timeouts(first_token=2, idle=2)
+    _, request = from_completions(
+        *decode_completion_request(msgspec.json.encode({"prompt": "Hi", **body}))
     )
+    return Call(DeploymentSettings(provider="p", model=model), request, Timeouts(first_token=2, idle=2))
 
 
 def sent(transport: _http.MockTransport, i: int = -1) -> dict[str, Any]:

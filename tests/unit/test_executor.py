@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 
 from llmrouter.errors import UpstreamUnavailable
+from llmrouter.generation import from_completions
 from llmrouter.providers.base import ALL_PARAMETERS, Call, Capabilities, Completion, StreamPart
 from llmrouter.routing.executor import Executor
 from llmrouter.routing.health import LocalHealth
@@ -100,18 +101,18 @@ def test_a_panic_attempt_beside_the_probe_does_not_spoil_the_probe() -> None:
         raise UpstreamUnavailable("the panic attempt fails")
 
     executor, catalog, health, provider = setup(answer, clock)
-    params, prompts = decode_completion_request(b'{"model": "m", "prompt": "Hi"}')
+    route, request = from_completions(*decode_completion_request(b'{"model": "m", "prompt": "Hi"}'))
     health.record("p/x", False)  # ejected for 5 s
     clock.now += 5  # the cooldown is over: the next attempt is the probe
 
     async def run() -> None:
         probe = asyncio.ensure_future(
-            executor.complete(catalog.plan(params, prompts, None), params, prompts, "a")
+            executor.complete(catalog.plan(route, request, None), request, "a")
         )
         await asyncio.sleep(0)
         assert not health.available("p/x")  # the probe is out
         with pytest.raises(UpstreamUnavailable) as failed:
-            await executor.complete(catalog.plan(params, prompts, None), params, prompts, "b")
+            await executor.complete(catalog.plan(route, request, None), request, "b")
         assert [(a.target, a.note) for a in failed.value.attempts] == [("p/x", "panic")]
         assert health.ejection("p/x")[1] == 0  # not ejected again by it
         probe_may_answer.set()
@@ -134,13 +135,13 @@ def test_after_its_panic_attempt_a_request_s_next_attempt_there_is_a_probe() -> 
         raise UpstreamUnavailable("dead")
 
     executor, catalog, health, provider = setup(answer, clock)
-    params, prompts = decode_completion_request(b'{"model": "m", "prompt": "Hi"}')
+    route, request = from_completions(*decode_completion_request(b'{"model": "m", "prompt": "Hi"}'))
     health.record("p/x", False)  # ejected for 5 s
     clock.now += 4.5  # half a second of the cooldown left: the first attempt is a panic one
 
     async def run() -> list[str]:
         with pytest.raises(UpstreamUnavailable) as failed:
-            await executor.complete(catalog.plan(params, prompts, None), params, prompts, "a")
+            await executor.complete(catalog.plan(route, request, None), request, "a")
         return [a.note for a in failed.value.attempts]
 
     assert asyncio.run(run()) == ["panic", ""]  # the panic attempt, then the probe

@@ -8,6 +8,7 @@ import msgspec
 import pytest
 
 from llmrouter.emulation.shape import Shape, requested_parameters, shape_for
+from llmrouter.generation import from_completions
 from llmrouter.providers.base import ALL_PARAMETERS, Capabilities
 from llmrouter.settings import DeploymentSettings, ModelSettings
 from llmrouter.structured import checker_for
@@ -24,9 +25,11 @@ def lacking(*names: str, **more: Any) -> Capabilities:
 
 
 def shape(caps: Capabilities, **body: Any) -> Shape | tuple[str, str]:
-    params, prompts = decode_completion_request(msgspec.json.encode({"prompt": "Hi", **body}))
-    wanted = requested_parameters(params, prompts)
-    return shape_for(caps, MODEL, params, prompts, wanted, checker_for(params.response_format))
+    _, request = from_completions(
+        *decode_completion_request(msgspec.json.encode({"prompt": "Hi", **body}))
+    )
+    wanted = requested_parameters(request)
+    return shape_for(caps, MODEL, request, wanted, checker_for(request.response_format))
 
 
 def ok(caps: Capabilities, **body: Any) -> Shape:
@@ -38,30 +41,30 @@ def ok(caps: Capabilities, **body: Any) -> Shape:
 def test_everything_native_is_passed_on_untouched() -> None:
     s = ok(FULL, n=2, best_of=3, stop=["x"], echo=True, logprobs=1)
     assert s.emulated == ()
-    assert (s.params.n, s.params.best_of, s.params.stop, s.params.echo) == (2, 3, ["x"], True)
-    assert ok(FULL, stream=True).params.stream is False  # the adapter decides how it calls
+    assert (s.request.n, s.request.best_of, s.request.stop, s.request.echo) == (2, 3, ["x"], True)
+    assert ok(FULL, stream=True).request.stream is False  # the adapter decides how it calls
     assert (s.fan_out, s.candidates, s.buffered) == (1, 2, False)
 
 
 def test_n_is_fanned_out_with_nothing_sent_about_it() -> None:
     s = ok(lacking("n"), n=3, seed=1)
     assert (s.fan_out, s.candidates, s.emulated) == (3, 3, ("n",))
-    assert s.params.n is None
+    assert s.request.n is None
 
 
 def test_a_neutral_value_of_a_lacking_field_is_not_sent() -> None:
     s = ok(lacking("n", "logit_bias", "presence_penalty"), n=1, logit_bias={}, presence_penalty=0)
-    assert (s.params.n, s.params.logit_bias, s.params.presence_penalty) == (None, None, None)
+    assert (s.request.n, s.request.logit_bias, s.request.presence_penalty) == (None, None, None)
     assert s.emulated == ()
 
 
 def test_best_of_is_chosen_by_the_router_from_logprobs() -> None:
     s = ok(lacking("best_of"), n=2, best_of=5)
     assert (s.choose_best, s.candidates, s.fan_out) == (True, 5, 1)
-    assert (s.params.n, s.params.best_of, s.params.logprobs) == (5, None, 0)
+    assert (s.request.n, s.request.best_of, s.request.logprobs) == (5, None, 0)
     assert s.logprobs is None  # asked for ranking only: not returned
     fanned = ok(lacking("best_of", "n"), n=2, best_of=5, logprobs=2)
-    assert (fanned.fan_out, fanned.params.n, fanned.params.logprobs) == (5, None, 2)
+    assert (fanned.fan_out, fanned.request.n, fanned.request.logprobs) == (5, None, 2)
     assert fanned.emulated == ("n", "best_of")
     assert shape(lacking("best_of", "logprobs"), best_of=2) [0] == "best_of"  # fmt: skip
     assert shape(lacking("best_of"), best_of=2, echo=True, logprobs=1)[0] == "best_of"
@@ -69,9 +72,9 @@ def test_best_of_is_chosen_by_the_router_from_logprobs() -> None:
 
 def test_echo_is_the_routers_unless_the_prompt_must_be_scored() -> None:
     s = ok(FULL, echo=True)
-    assert (s.echo, s.native_echo, s.params.echo) == (True, False, None)
+    assert (s.echo, s.native_echo, s.request.echo) == (True, False, None)
     scored = ok(FULL, echo=True, logprobs=1)
-    assert (scored.echo, scored.native_echo, scored.params.echo) == (False, True, True)
+    assert (scored.echo, scored.native_echo, scored.request.echo) == (False, True, True)
     assert shape(lacking("echo"), echo=True, logprobs=1) == (
         "echo",
         "cannot score the prompt, which `echo` with `logprobs` needs",
@@ -81,10 +84,10 @@ def test_echo_is_the_routers_unless_the_prompt_must_be_scored() -> None:
 
 def test_stop_and_stream_are_emulated() -> None:
     s = ok(lacking("stop", "stream"), stop="x", stream=True)
-    assert s.params.stop is None and s.stops == ("x",)
+    assert s.request.stop is None and s.stops == ("x",)
     assert s.buffered and s.emulated == ("stop", "stream")
     native = ok(FULL, stop="x")
-    assert native.params.stop == "x" and native.stops == ("x",)  # and enforced again
+    assert native.request.stop == "x" and native.stops == ("x",)  # and enforced again
 
 
 def test_stream_usage_comes_from_a_complete_answer_where_streams_count_none() -> None:
@@ -115,7 +118,7 @@ def test_response_formats(kind: str, outcome: str | None) -> None:
         return
     assert isinstance(result, Shape)
     assert result.checker is not None  # checked either way
-    assert (result.params.response_format is None) == (outcome == "emulated")
+    assert (result.request.response_format is None) == (outcome == "emulated")
     assert ("response_format" in result.emulated) == (outcome == "emulated")
     streamed = ok(FULL, response_format=fmt, stream=True)
     assert streamed.buffered == (outcome == "emulated")
@@ -139,21 +142,21 @@ def test_logprobs_over_the_deployments_maximum() -> None:
 def test_a_value_outside_a_declared_range_is_not_sent_there() -> None:
     caps = Capabilities(parameters=ALL_PARAMETERS, ranges={"temperature": (0, 1)})
     assert shape(caps, temperature=1.5) == ("temperature", "takes `temperature` from 0 to 1 only")
-    assert ok(caps, temperature=1).params.temperature == 1  # the ends are included
+    assert ok(caps, temperature=1).request.temperature == 1  # the ends are included
     caps = Capabilities(
         parameters=ALL_PARAMETERS, ranges={"top_p": (None, 0.5), "temperature": (1, None)}
     )
     assert shape(caps, top_p=0.9) == ("top_p", "takes `top_p` at most 0.5 only")
     assert shape(caps, temperature=0.5) == ("temperature", "takes `temperature` at least 1 only")
-    assert ok(caps).params.temperature is None  # a field the request leaves out asks nothing
+    assert ok(caps).request.temperature is None  # a field the request leaves out asks nothing
 
 
 def test_stops_beyond_the_native_limit_are_the_routers_and_the_first_are_still_sent() -> None:
     caps = Capabilities(parameters=ALL_PARAMETERS, max_stops=2)
     s = ok(caps, stop=["a", "b", "c"])
-    assert s.params.stop == ["a", "b"] and s.stops == ("a", "b", "c") and s.emulated == ("stop",)
+    assert s.request.stop == ["a", "b"] and s.stops == ("a", "b", "c") and s.emulated == ("stop",)
     s = ok(caps, stop=["a", "b"])
-    assert s.params.stop == ["a", "b"] and s.emulated == ()
+    assert s.request.stop == ["a", "b"] and s.emulated == ()
 
 
 def test_a_schema_the_deployment_cannot_constrain_to_is_checked_instead() -> None:
@@ -167,10 +170,10 @@ def test_a_schema_the_deployment_cannot_constrain_to_is_checked_instead() -> Non
     )
     fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}
     s = ok(caps, response_format=fmt)
-    assert s.emulated == () and s.params.response_format is not None
+    assert s.emulated == () and s.request.response_format is not None
     fmt["json_schema"]["schema"] = {"not": {"type": "string"}}  # type: ignore[index]
     s = ok(caps, response_format=fmt)
-    assert s.emulated == ("response_format",) and s.params.response_format is None
+    assert s.emulated == ("response_format",) and s.request.response_format is None
     assert s.checker is not None
 
 

@@ -19,12 +19,12 @@ from llmrouter.accounts.principal import Principal
 from llmrouter.api.http import Request
 from llmrouter.api.sse import DONE, KEEPALIVE, event, start_stream
 from llmrouter.errors import LlmrouterError, ServiceUnavailable
+from llmrouter.generation import Generation, Route, from_completions
 from llmrouter.routing.plan import Catalog, Plan, Target
 from llmrouter.routing.resume import Splice
 from llmrouter.routing.streams import Attempt, OpenStream
 from llmrouter.wire.completions import (
     CompletionChunk,
-    CompletionCreateParams,
     CompletionResponse,
     Usage,
     encoder,
@@ -106,14 +106,14 @@ def prompt_tokens_bound(prompts: Prompts) -> int:
     return sum(len(p.encode()) + 1 if isinstance(p, str) else len(p) for p in prompts)
 
 
-def answer_tokens(params: CompletionCreateParams, catalog: Catalog) -> int:
+def answer_tokens(request: Generation, route: Route, catalog: Catalog) -> int:
     """The most tokens one answer may hold: `max_tokens`, 16 when it is not set, and when it is
     null the longest context of the models named (looked up only then)."""
-    if isinstance(params.max_tokens, int):
-        return params.max_tokens
-    if params.max_tokens is UNSET:
+    if isinstance(request.max_tokens, int):
+        return request.max_tokens
+    if request.max_tokens is UNSET:
         return _DEFAULT_MAX_TOKENS
-    return catalog.longest_context(params) or _UNKNOWN_CONTEXT
+    return catalog.longest_context(route) or _UNKNOWN_CONTEXT
 
 
 async def create_completion(req: Request, ctx: Context) -> None:
@@ -126,40 +126,41 @@ async def create_completion(req: Request, ctx: Context) -> None:
         req.require_json()
         body = await req.body(ctx.settings.server.max_body_bytes)
         params, prompts = decode_completion_request(body)
+        route, request = from_completions(params, prompts)
     except LlmrouterError:
         # A request that does not parse is recorded too, so it counts against the rate limit
         # (a 429 then, rather than its 400).
         await ctx.limiter.settle(await ctx.limiter.admit(principal, req.request_id, 0), 0, 0.0)
         raise
-    model = _first_model(params, ctx.catalog.default_model)
+    model = _first_model(route, ctx.catalog.default_model)
     acc.model_requested = model[:_MODEL_NAME_KEPT]  # a name that matched nothing may be long
-    acc.stream = bool(params.stream)
+    acc.stream = request.stream
     acc.prompt_estimate = prompt_tokens_estimate(prompts)
     # Kept with the request's record (never sent upstream unless the provider forwards them).
-    if params.user is not UNSET:
-        acc.user = req.log["user"] = params.user
-    if params.metadata:
-        acc.metadata = req.log["metadata"] = params.metadata
+    if request.user is not UNSET:
+        acc.user = req.log["user"] = request.user
+    if request.metadata:
+        acc.metadata = req.log["metadata"] = request.metadata
     # Every request that gets this far counts against the limits, valid or not. Tokens per minute
     # reserve the prompts and the most the answers may hold.
-    per_prompt = max(params.n or 1, params.best_of or 1)
-    answers = len(prompts) * per_prompt * answer_tokens(params, ctx.catalog)
+    per_prompt = max(request.n or 1, request.best_of or 1)
+    answers = len(prompts) * per_prompt * answer_tokens(request, route, ctx.catalog)
     cost = 0.0
     if principal.limits.credit_limit is not None:
         # Credit is held for about the most it could cost until its real cost is known: every
         # prompt token bound, once per answer (a deployment without `n` is asked once per
         # answer), and every answer token, at the dearest deployment of its models.
         bound = prompt_tokens_bound(prompts) * per_prompt
-        cost = ctx.catalog.dearest_cost(params, bound, answers)
+        cost = ctx.catalog.dearest_cost(route, bound, answers)
     admission = await ctx.limiter.admit(principal, req.request_id, acc.prompt_estimate + answers, cost)
     try:
-        checker = await ctx.catalog.checks.admit(params.response_format)
-        ctx.catalog.check_allowed(params, principal.limits.models)
-        plan = ctx.catalog.plan(params, prompts, checker)
-        if params.stream:
-            await _stream(req, ctx, plan, params, prompts, admission.headers)
+        checker = await ctx.catalog.checks.admit(request.response_format)
+        ctx.catalog.check_allowed(route, principal.limits.models)
+        plan = ctx.catalog.plan(route, request, checker)
+        if request.stream:
+            await _stream(req, ctx, plan, route, request, admission.headers)
         else:
-            await _complete(req, ctx, plan, params, prompts, admission.headers)
+            await _complete(req, ctx, plan, request, admission.headers)
     finally:
         if admission.counted:
             usage = acc.usage
@@ -167,21 +168,20 @@ async def create_completion(req: Request, ctx: Context) -> None:
             await asyncio.shield(ctx.limiter.settle(admission, tokens, acc.cost))
 
 
-def _first_model(params: CompletionCreateParams, default: str) -> str:
-    if isinstance(params.model, str):
-        return params.model
-    return params.models[0] if params.models else default
+def _first_model(route: Route, default: str) -> str:
+    if route.model is not None:
+        return route.model
+    return route.models[0] if route.models else default
 
 
 async def _complete(
     req: Request,
     ctx: Context,
     plan: Plan,
-    params: CompletionCreateParams,
-    prompts: Prompts,
+    request: Generation,
     limit_headers: list[tuple[bytes, bytes]],
 ) -> None:
-    target, result, attempts = await ctx.executor.complete(plan, params, prompts, req.request_id)
+    target, result, attempts = await ctx.executor.complete(plan, request, req.request_id)
     _note(req, target, attempts, result.usage)
     if result.choices:
         _accounting(req).finish_reason = result.choices[0].finish_reason
@@ -228,14 +228,16 @@ async def _stream(
     req: Request,
     ctx: Context,
     plan: Plan,
-    params: CompletionCreateParams,
-    prompts: Prompts,
+    route: Route,
+    request: Generation,
     limit_headers: list[tuple[bytes, bytes]],
 ) -> None:
     send = req.send
-    include_usage = bool(params.stream_options and params.stream_options.include_usage)
+    include_usage = request.include_usage
     headers = [(b"x-request-id", req.request_id.encode()), *limit_headers]
-    opening = asyncio.ensure_future(ctx.executor.open_stream(plan, params, prompts, req.request_id))
+    opening = asyncio.ensure_future(
+        ctx.executor.open_stream(plan, request, req.request_id, resume=route.resume)
+    )
     started = False
     try:
         # Until the first token, errors are plain HTTP errors. If it is slow to come, commit to

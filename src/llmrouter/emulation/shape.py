@@ -29,15 +29,11 @@ import msgspec
 
 from llmrouter.emulation.choices import ChoiceShaper, Shaped
 from llmrouter.errors import InvalidOutput, LlmrouterError, UpstreamUnavailable
+from llmrouter.generation import Generation
 from llmrouter.providers.base import ALL_PARAMETERS, Call, Capabilities, Completion, StreamPart, Upstream
 from llmrouter.settings import ModelSettings
 from llmrouter.structured import Checker, format_kind
-from llmrouter.wire.completions import (
-    ChunkChoice,
-    CompletionChoice,
-    CompletionCreateParams,
-    Usage,
-)
+from llmrouter.wire.completions import ChunkChoice, CompletionChoice, Usage
 from llmrouter.wire.validate import Prompts
 
 __all__ = ["Shape", "honoured_parameters", "requested_parameters", "shape_for"]
@@ -65,8 +61,7 @@ _WHOLE = _Sub(0, 0)
 
 @dataclass(frozen=True, slots=True)
 class Shape:
-    params: CompletionCreateParams  # what each call to the deployment asks (never `stream`)
-    prompts: Prompts
+    request: Generation  # what each call to the deployment asks (never `stream`), all prompts
     n: int  # choices per prompt for the client
     candidates: int  # choices generated per prompt (best_of when the router chooses)
     fan_out: int  # calls per prompt group; each asks for one choice per prompt when > 1
@@ -82,6 +77,10 @@ class Shape:
     emulated: tuple[str, ...] = ()  # the request fields the router honours for the deployment
     drain: bool = False  # read a stream to its end after every choice ended: usage is wanted
     plain: bool = False  # nothing to do but watch for reasoning: answers pass through as they are
+
+    @property
+    def prompts(self) -> Prompts:
+        return self.request.prompts
 
     # -- one attempt ----------------------------------------------------------------------------
 
@@ -168,20 +167,21 @@ class Shape:
 
     def _calls(self, call: Call) -> list[tuple[Call, _Sub]]:
         """The calls one attempt makes: one, or one per prompt and/or per candidate. (`call`
-        already asks `self.params`: the executor builds it so.)"""
+        already asks `self.request`: the executor builds it so.)"""
         if self.fan_out == 1 and not self.split_prompts:
             return [(call, _WHOLE)]
         groups = [(p, self.prompts[p : p + 1]) for p in range(len(self.prompts))]
         if not self.split_prompts:
             groups = [(0, self.prompts)]
-        seed = self.params.seed
+        seed = call.request.seed
         calls: list[tuple[Call, _Sub]] = []
         for first, prompts in groups:
             for j in range(self.fan_out):
-                params = self.params
+                changes: dict[str, object] = {"prompts": prompts}
                 if self.fan_out > 1 and seed is not None:
-                    params = msgspec.structs.replace(params, seed=_derived_seed(seed, j))
-                calls.append((replace(call, params=params, prompts=prompts), _Sub(first, j)))
+                    changes["seed"] = _derived_seed(seed, j)
+                request = msgspec.structs.replace(call.request, **changes)
+                calls.append((replace(call, request=request), _Sub(first, j)))
         return calls
 
     def _index(self, index: int, sub: _Sub) -> int:
@@ -452,11 +452,11 @@ def honoured_parameters(caps: Capabilities) -> set[str]:
     return honoured
 
 
-def requested_parameters(params: CompletionCreateParams, prompts: Prompts) -> list[str]:
+def requested_parameters(request: Generation) -> list[str]:
     """The parameters this request actually asks something of (neutral values ask nothing)."""
-    p = params
+    p = request
     wanted: list[str] = []
-    if prompts and not isinstance(prompts[0], str):
+    if p.prompts and not isinstance(p.prompts[0], str):
         wanted.append("prompt")
     if p.n is not None and p.n > 1:
         wanted.append("n")
@@ -474,7 +474,7 @@ def requested_parameters(params: CompletionCreateParams, prompts: Prompts) -> li
             wanted.append(name)
     if p.stream:
         wanted.append("stream")
-        if p.stream_options is not None and p.stream_options.include_usage:
+        if p.include_usage:
             wanted.append("stream_options")
     if format_kind(p.response_format) != "text":
         wanted.append("response_format")
@@ -484,8 +484,7 @@ def requested_parameters(params: CompletionCreateParams, prompts: Prompts) -> li
 def shape_for(
     caps: Capabilities,
     model: ModelSettings,
-    params: CompletionCreateParams,
-    prompts: Prompts,
+    params: Generation,
     wanted: list[str],
     checker: Checker | None,
 ) -> Shape | tuple[str, str]:
@@ -493,6 +492,7 @@ def shape_for(
     `wanted` (`requested_parameters`) and `checker` (`checker_for` the request's format) are the
     request's own, worked out once for all its deployments."""
     native = caps.parameters
+    prompts = params.prompts
     n = params.n or 1
     best_of = params.best_of or n
     token_prompts = bool(prompts) and not isinstance(prompts[0], str)
@@ -501,7 +501,7 @@ def shape_for(
     # What the deployment lacks is not sent at all, not even a neutral value (`n: 1`): an
     # upstream may refuse the field itself. Non-neutral values were emulated or refused above.
     changes: dict[str, object] = {name: None for name in _LACKABLE - native}
-    changes.update(stream=False, stream_options=None)
+    changes.update(stream=False, include_usage=False)
     fan_out = 1
     choose_best = False
     echo = native_echo = False
@@ -589,7 +589,7 @@ def shape_for(
     # Served from a complete answer: a stream the deployment cannot make, an answer to check
     # before any of it is sent, or usage the deployment does not count in streams (exact, where
     # the stream's own count would be a guess).
-    usage = params.stream_options is not None and params.stream_options.include_usage
+    usage = params.include_usage
     buffered = params.stream and (
         not stream_native or not format_native or (bool(usage) and not caps.stream_usage)
     )
@@ -622,8 +622,7 @@ def shape_for(
     )
     changed = {name: value for name, value in changes.items() if getattr(params, name) != value}
     return Shape(
-        params=msgspec.structs.replace(params, **changed) if changed else params,
-        prompts=prompts,
+        request=msgspec.structs.replace(params, **changed) if changed else params,
         n=n,
         candidates=candidates,
         fan_out=fan_out,
@@ -654,7 +653,7 @@ def _range_text(low: float | None, high: float | None) -> str:
     return f"from {low:g} to {high:g}"
 
 
-def _stops(params: CompletionCreateParams) -> tuple[str, ...]:
+def _stops(params: Generation) -> tuple[str, ...]:
     if isinstance(params.stop, str):
         return (params.stop,)
     return tuple(params.stop or ())

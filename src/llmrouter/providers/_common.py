@@ -127,7 +127,7 @@ class HttpAdapter:
 def only_prompt(call: Call) -> str:
     """The one string prompt a chat call carries (its capabilities say so: the plan splits
     batches and refuses token ids before a call is made)."""
-    (prompt,) = call.prompts
+    (prompt,) = call.request.prompts
     assert isinstance(prompt, str), "chat kinds take no token-id prompts"
     return prompt
 

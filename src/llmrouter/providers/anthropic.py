@@ -135,7 +135,7 @@ class AnthropicAdapter(HttpAdapter):
         )
 
     def _body(self, call: Call, *, stream: bool) -> bytes:
-        p = call.params
+        p = call.request
         fields: dict[str, Any] = {k: v for k, v in self.settings.defaults.items() if k != "max_tokens"}
         fields["model"] = call.deployment.model
         fields["messages"] = [{"role": "user", "content": only_prompt(call)}]

@@ -1,6 +1,7 @@
 """The one small protocol every provider adapter implements, and the values that cross it.
 
-An adapter turns a `Call` into one provider request and the provider's answer into our wire types.
+An adapter turns a `Call` (one attempt's `Generation`, the neutral request) into one provider
+request, and the provider's answer into the choices and usage the router returns.
 It raises only errors from `llmrouter.errors`: foreign exceptions are translated at its boundary.
 """
 
@@ -12,14 +13,9 @@ from typing import Any, Protocol, get_args
 
 from msgspec import UNSET, Struct, UnsetType
 
+from llmrouter.generation import Generation
 from llmrouter.settings import DeploymentSettings, Timeouts, UpstreamParameter
-from llmrouter.wire.completions import (
-    ChunkChoice,
-    CompletionChoice,
-    CompletionCreateParams,
-    Usage,
-)
-from llmrouter.wire.validate import Prompts
+from llmrouter.wire.completions import ChunkChoice, CompletionChoice, Usage
 
 __all__ = [
     "ALL_PARAMETERS",
@@ -74,8 +70,7 @@ class Call:
     """One attempt at one deployment, as the adapter sees it."""
 
     deployment: DeploymentSettings
-    params: CompletionCreateParams
-    prompts: Prompts
+    request: Generation  # what this call asks (its prompts: those of this call only)
     timeouts: Timeouts
     request_id: str = ""
     extra_headers: dict[str, str] = field(default_factory=dict)

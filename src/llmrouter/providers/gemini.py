@@ -156,7 +156,7 @@ class GeminiAdapter(HttpAdapter):
         )
 
     def _body(self, call: Call) -> bytes:
-        p = call.params
+        p = call.request
         config: dict[str, Any] = {k: v for k, v in self.settings.defaults.items() if k != "max_tokens"}
         for name, wire in _CONFIG.items():
             if (value := getattr(p, name)) is not None:
@@ -188,7 +188,7 @@ class GeminiAdapter(HttpAdapter):
     async def complete(self, call: Call) -> Completion:
         url = self._url(call, ":generateContent")
         response = self._decode(await self.post(url, self._body(call), call.timeouts, self._headers))
-        k = call.params.logprobs
+        k = call.request.logprobs
         choices = []
         for c in response.candidates:
             text, thought = _texts(c)
@@ -207,8 +207,8 @@ class GeminiAdapter(HttpAdapter):
 
     async def stream(self, call: Call) -> AsyncIterator[StreamPart]:
         url = self._url(call, ":streamGenerateContent?alt=sse")
-        k = call.params.logprobs
-        expected = call.params.n or 1
+        k = call.request.logprobs
+        expected = call.request.n or 1
         builders: dict[int, LogprobsBuilder] = {}
         finished: set[int] = set()
         usage: _UsageMetadata | None = None

@@ -162,7 +162,7 @@ class LlamaCppAdapter:
                 finishes[event.index] = event.finish_reason
             elif isinstance(event, JobUsage):
                 usage = _usage(event)
-        want_logprobs = call.params.logprobs is not None
+        want_logprobs = call.request.logprobs is not None
         choices = [
             CompletionChoice(
                 text="".join(texts.get(i, ())),
@@ -197,7 +197,7 @@ class LlamaCppAdapter:
         sampling, prompts = await asyncio.to_thread(_prepare, engine, call, self._checks)
         events: asyncio.Queue[Event] = asyncio.Queue()
         emit = bind_loop(asyncio.get_running_loop(), events)
-        job = Job(prompts, call.params.n or 1, sampling, emit)
+        job = Job(prompts, call.request.n or 1, sampling, emit)
         engine.submit(job)
         try:
             while (event := await events.get()) is not None:
@@ -237,11 +237,11 @@ class _LocalTokenizer:
 def _prepare(engine: Engine, call: Call, checks: CheckSettings) -> tuple[Sampling, list[Prepared]]:
     sampling = _sampling(call, checks)
     special = call.deployment.special_tokens == "parse"
-    return sampling, engine.prepare(call.prompts, sampling, special=special)
+    return sampling, engine.prepare(call.request.prompts, sampling, special=special)
 
 
 def _sampling(call: Call, checks: CheckSettings) -> Sampling:
-    p = call.params
+    p = call.request
     stop = (p.stop,) if isinstance(p.stop, str) else tuple(p.stop or ())
     max_tokens = _DEFAULT_MAX_TOKENS if p.max_tokens is UNSET else p.max_tokens
     guidance = guidance_for(p.response_format)

@@ -49,7 +49,9 @@ from llmrouter.wire.validate import Prompts
 
 __all__ = ["OpenAIAdapter", "openai_error"]
 
-_ROUTER_FIELDS = ("model", "models", "provider", "user", "metadata", "stream_options")
+# What a Generation holds that is not a /completions field, or is the router's own unless
+# `forward` says.
+_NOT_SENT = ("prompts", "messages", "stream", "include_usage", "user", "metadata")
 _REFUSAL_CODES = frozenset({"content_filter", "content_policy_violation"})
 
 
@@ -133,18 +135,18 @@ class OpenAIAdapter(HttpAdapter):
     # -- requests -----------------------------------------------------------------------------
 
     def _body(self, call: Call, *, stream: bool) -> bytes:
-        fields: dict[str, Any] = {**self.settings.defaults, **msgspec.to_builtins(call.params)}
-        for name in _ROUTER_FIELDS:
+        fields: dict[str, Any] = {**self.settings.defaults, **msgspec.to_builtins(call.request)}
+        for name in _NOT_SENT:
             fields.pop(name, None)
-        fields["prompt"] = _wire_prompt(call.prompts)
-        response_format = call.params.response_format
+        fields["prompt"] = _wire_prompt(call.request.prompts)
+        response_format = call.request.response_format
         if format_kind(response_format) == "text":
             fields.pop("response_format", None)  # the default: legacy upstreams do not know it
         elif self.settings.structured_output_field == "grammar":
             fields.pop("response_format")
             fields["grammar"] = gbnf_for(response_format, self.checks)
         for name in self.settings.forward:
-            value = getattr(call.params, name)
+            value = getattr(call.request, name)
             if value is not UNSET and value is not None:
                 fields[name] = value
         fields["model"] = call.deployment.model
@@ -155,7 +157,7 @@ class OpenAIAdapter(HttpAdapter):
         return encoder.encode(fields)
 
     async def _encoded(self, call: Call, *, stream: bool) -> bytes:
-        kind = format_kind(call.params.response_format)
+        kind = format_kind(call.request.response_format)
         if kind == "json_schema" and self.settings.structured_output_field == "grammar":
             # A schema becomes GBNF by llama-cpp-python's converter, and the result is checked:
             # time that grows with the schema (cached after), so not on the event loop.

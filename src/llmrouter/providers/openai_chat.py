@@ -125,7 +125,7 @@ class OpenAIChatAdapter(HttpAdapter):
     # -- the request --------------------------------------------------------------------------
 
     def _body(self, call: Call, *, stream: bool) -> bytes:
-        p = call.params
+        p = call.request
         fields: dict[str, Any] = {k: v for k, v in self.settings.defaults.items() if k != "max_tokens"}
         fields["model"] = call.deployment.model
         fields["messages"] = [{"role": "user", "content": only_prompt(call)}]
@@ -160,7 +160,7 @@ class OpenAIChatAdapter(HttpAdapter):
     async def complete(self, call: Call) -> Completion:
         raw = await self.post(self._url, self._body(call, stream=False), call.timeouts, self._headers)
         body = self._decode(raw)
-        k = call.params.logprobs
+        k = call.request.logprobs
         choices = []
         for c in body.choices:
             message = c.message or _Message()
@@ -179,7 +179,7 @@ class OpenAIChatAdapter(HttpAdapter):
         return Completion(choices, _usage(body.usage), body.system_fingerprint or UNSET)
 
     async def stream(self, call: Call) -> AsyncIterator[StreamPart]:
-        k = call.params.logprobs
+        k = call.request.logprobs
         builders: dict[int, LogprobsBuilder] = {}
         refused: set[int] = set()
         usage_seen = False

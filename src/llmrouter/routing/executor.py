@@ -45,6 +45,7 @@ from llmrouter.errors import (
     ServiceUnavailable,
     UpstreamRateLimited,
 )
+from llmrouter.generation import Generation
 from llmrouter.providers.base import Call, Completion, StreamPart
 from llmrouter.routing.budget import RetryBudget
 from llmrouter.routing.health import HealthBook
@@ -61,8 +62,6 @@ from llmrouter.routing.streams import (
     until_produced,
 )
 from llmrouter.settings import RoutingSettings
-from llmrouter.wire.completions import CompletionCreateParams
-from llmrouter.wire.validate import Prompts
 
 __all__ = ["Executor"]
 
@@ -86,18 +85,18 @@ class _Run(Generic[T]):
     def __init__(
         self,
         plan: Plan,
-        params: CompletionCreateParams,
-        prompts: Prompts,
+        request: Generation,
         request_id: str,
         attempt: AttemptFn[T],
         discard: Callable[[Target, T], Awaitable[None]] | None,
         deadline: float,
         health: HealthBook,
+        resume: bool | None = None,
     ) -> None:
         self.health = health
         self.plan = plan
-        self.params = params
-        self.prompts = prompts
+        self.request = request
+        self.resume = resume  # the request's own word on continuing a cut stream (None: the model's)
         self.request_id = request_id
         self.attempt = attempt
         self.discard = discard
@@ -129,13 +128,7 @@ class _Run(Generic[T]):
 
     def start(self, target: Target) -> Awaitable[T]:
         self.begin(target)
-        call = Call(
-            target.deployment,
-            _shape(target).params,
-            self.prompts,
-            target.provider.timeouts,
-            self.request_id,
-        )
+        call = Call(target.deployment, _shape(target).request, target.provider.timeouts, self.request_id)
         return self.attempt(target, call, self.deadline)
 
     def launch(self, target: Target) -> None:
@@ -205,7 +198,7 @@ class Executor:
     # -- the two kinds of request -------------------------------------------------------------
 
     async def complete(
-        self, plan: Plan, params: CompletionCreateParams, prompts: Prompts, request_id: str
+        self, plan: Plan, request: Generation, request_id: str
     ) -> tuple[Target, Completion, list[Attempt]]:
         health = self._health
 
@@ -227,15 +220,16 @@ class Executor:
                 health.observe_throughput(label, result.usage.completion_tokens / elapsed)
             return result
 
-        run = self._new_run(plan, params, prompts, request_id, attempt)
+        run = self._new_run(plan, request, request_id, attempt)
         target, result = await self._run(run)
         return target, result, run.attempts
 
     async def open_stream(
-        self, plan: Plan, params: CompletionCreateParams, prompts: Prompts, request_id: str
+        self, plan: Plan, request: Generation, request_id: str, *, resume: bool | None = None
     ) -> OpenStream:
+        """`resume`: the request's own word on continuing a cut stream (None: the model's)."""
         health = self._health
-        resume = resumable(params, prompts)
+        can_resume = resumable(request)
         run: _Run[Opened]
 
         async def attempt(target: Target, call: Call, deadline: float) -> Opened:
@@ -243,10 +237,10 @@ class Executor:
             health.started(target.label)
             shape = _shape(target)
             splice = None
-            if resume and not shape.buffered and _resumes(run, target):
-                cap = first_limit(params, target.capabilities.default_max_tokens)
-                if cap is not None and call.params.max_tokens != cap:  # what the seam counts from
-                    call = replace(call, params=msgspec.structs.replace(call.params, max_tokens=cap))
+            if can_resume and not shape.buffered and _resumes(run, target):
+                cap = first_limit(request, target.capabilities.default_max_tokens)
+                if cap is not None and call.request.max_tokens != cap:  # what the seam counts from
+                    call = replace(call, request=msgspec.structs.replace(call.request, max_tokens=cap))
                 resume_at = functools.partial(self._continue, run)
                 splice = Splice(target, cap, resume_at, functools.partial(self._broke_off, run))
             parts = aiter(shape.stream(splice or target.provider, call))
@@ -264,7 +258,7 @@ class Executor:
             health.finished(target.label)
             await close(opened[1])
 
-        run = self._new_run(plan, params, prompts, request_id, attempt, discard)
+        run = self._new_run(plan, request, request_id, attempt, discard, resume)
         target, (first, parts, splice) = await self._run(run)
         if splice is not None:
             splice.committed = True
@@ -276,17 +270,17 @@ class Executor:
     def _new_run(
         self,
         plan: Plan,
-        params: CompletionCreateParams,
-        prompts: Prompts,
+        request: Generation,
         request_id: str,
         attempt: AttemptFn[T],
         discard: Callable[[Target, T], Awaitable[None]] | None = None,
+        resume: bool | None = None,
     ) -> _Run[T]:
         """A request's way through `plan`, with its deadline (loop time) from now; `discard`
         releases a result that came in too late (a hedge that also produced)."""
         self._budget.deposit()
         deadline = asyncio.get_running_loop().time() + self._routing.deadline_seconds
-        return _Run(plan, params, prompts, request_id, attempt, discard, deadline, self._health)
+        return _Run(plan, request, request_id, attempt, discard, deadline, self._health, resume)
 
     async def _run(self, run: _Run[T]) -> tuple[Target, T]:
         """Attempts until one succeeds, or the request's deadline."""
@@ -411,13 +405,13 @@ class Executor:
         self._broke_off(run, failed, exc, began)
         if not exc.retryable or run.stop or not _resumes(run, failed):
             raise exc
-        prompt = run.prompts[0]
+        prompt = run.request.prompts[0]
         assert isinstance(prompt, str), "only a string prompt is resumed"
         prompt += text
         while (target := await self._next(run)) is not None:
             shape = _shape(target)
-            params = msgspec.structs.replace(shape.params, prompt=prompt, max_tokens=limit)
-            call = Call(target.deployment, params, (prompt,), target.provider.timeouts, run.request_id)
+            request = msgspec.structs.replace(shape.request, prompts=(prompt,), max_tokens=limit)
+            call = Call(target.deployment, request, target.provider.timeouts, run.request_id)
             run.begin(target)
             health.started(target.label)
             started = time.perf_counter()
@@ -493,7 +487,7 @@ class Executor:
             run.refused.add(target.label)  # asking it again would get the same answer
         elif next_ is Next.SAME_AGAIN:
             count = run.invalid[target.label] = run.invalid.get(target.label, 0) + 1
-            if count <= self._routing.invalid_output_retries and not _deterministic(run.params):
+            if count <= self._routing.invalid_output_retries and not _deterministic(run.request):
                 run.again = target
             else:  # asked again, it would say the same: on to the next deployment
                 run.refused.add(target.label)
@@ -550,9 +544,8 @@ class Executor:
 def _resumes(run: _Run[T], target: Target) -> bool:
     """Whether a stream of `target` that fails mid-way is continued: the request says, or else
     the model's `resume_streams`."""
-    prefs = run.params.provider
-    if prefs is not None and prefs.resume is not None:
-        return prefs.resume
+    if run.resume is not None:
+        return run.resume
     return target.model.resume_streams
 
 
@@ -561,9 +554,9 @@ def _shape(target: Target) -> Shape:
     return target.shape
 
 
-def _deterministic(params: CompletionCreateParams) -> bool:
+def _deterministic(request: Generation) -> bool:
     """Whether asking the same deployment again gives the same answer (greedy, or seeded)."""
-    return params.temperature == 0 or params.seed is not None
+    return request.temperature == 0 or request.seed is not None
 
 
 def _context_rank(target: Target, run: _Run[T]) -> int:

@@ -12,8 +12,6 @@ import random
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
-from msgspec import UNSET
-
 from llmrouter.emulation.shape import Shape, requested_parameters, shape_for
 from llmrouter.errors import (
     InvalidRequest,
@@ -23,13 +21,13 @@ from llmrouter.errors import (
     UnsupportedParameter,
     quoted,
 )
+from llmrouter.generation import Generation, Route
 from llmrouter.providers.base import Capabilities, Provider, Tokenizer
 from llmrouter.routing.health import HealthBook
 from llmrouter.routing.strategies import order_targets
 from llmrouter.settings import DeploymentSettings, ModelSettings, Pricing, Settings
 from llmrouter.structured import Checker, Checks
-from llmrouter.wire.completions import CompletionCreateParams, ProviderPreferences
-from llmrouter.wire.validate import Prompts
+from llmrouter.wire.completions import ProviderPreferences
 
 __all__ = ["Catalog", "Plan", "Target"]
 
@@ -105,28 +103,25 @@ class Catalog:
         ]
         return min(lengths) if lengths else None
 
-    def _named(self, params: CompletionCreateParams) -> list[str]:
-        names = [params.model] if isinstance(params.model, str) else []
-        names += params.models if isinstance(params.models, list) else []
-        return names or [self.default_model]
+    def _named(self, route: Route) -> list[str]:
+        names = [route.model] if route.model is not None else []
+        return [*names, *route.models] or [self.default_model]
 
-    def dearest_cost(
-        self, params: CompletionCreateParams, prompt_tokens: int, completion_tokens: int
-    ) -> float:
+    def dearest_cost(self, route: Route, prompt_tokens: int, completion_tokens: int) -> float:
         """The most a request of this size could cost at any deployment of the models it names
         (names that match no model cost nothing: the request will be refused)."""
         return max(
             (
                 target.cost(prompt_tokens, completion_tokens)
-                for name in self._named(params)
+                for name in self._named(route)
                 for target in self.targets.get(name, ())
             ),
             default=0.0,
         )
 
-    def longest_context(self, params: CompletionCreateParams) -> int | None:
+    def longest_context(self, route: Route) -> int | None:
         """The longest known context of the models a request names, if any is known."""
-        lengths = [n for name in self._named(params) if (n := self.context_length_of(name))]
+        lengths = [n for name in self._named(route) if (n := self.context_length_of(name))]
         return max(lengths, default=None)
 
     def context_length_of(self, name: str) -> int | None:
@@ -134,18 +129,18 @@ class Catalog:
         model = self.models.get(name)
         return None if model is None else self.context_length(model)
 
-    def plan(self, params: CompletionCreateParams, prompts: Prompts, checker: Checker | None) -> Plan:
+    def plan(self, route: Route, request: Generation, checker: Checker | None) -> Plan:
         """`checker` is the check of the request's `response_format` (`self.checks.admit`)."""
-        names = self._requested_models(params)
-        wanted = requested_parameters(params, prompts)
-        prefs = params.provider or ProviderPreferences()
+        names = self._requested_models(route)
+        wanted = requested_parameters(request)
+        prefs = route.provider or ProviderPreferences()
         self._check_provider_names(prefs)
         targets: list[Target] = []
         refusal: UnsupportedParameter | None = None
         for name, _param in names:
             capable: list[Target] = []
             for target in self._allowed(self.targets[name], prefs):
-                shape = shape_for(target.capabilities, target.model, params, prompts, wanted, checker)
+                shape = shape_for(target.capabilities, target.model, request, wanted, checker)
                 if isinstance(shape, Shape):
                     capable.append(replace(target, shape=shape))
                 elif refusal is None:
@@ -157,7 +152,7 @@ class Catalog:
                     )
             model = self.models[name]
             strategy = prefs.sort or model.strategy
-            ordered = order_targets(strategy, capable, self.health, self._rng, prompts)
+            ordered = order_targets(strategy, capable, self.health, self._rng, request.prompts)
             targets.extend(_apply_order(ordered, prefs))
         if not targets:
             if refusal is None:
@@ -177,9 +172,9 @@ class Catalog:
             and (prefs.ignore is None or t.deployment.provider not in prefs.ignore)
         ]
 
-    def check_allowed(self, params: CompletionCreateParams, allowed: frozenset[str] | None) -> None:
+    def check_allowed(self, route: Route, allowed: frozenset[str] | None) -> None:
         """A principal limited to some models (ids or aliases) may ask for those only."""
-        for name, param in self._requested_models(params):
+        for name, param in self._requested_models(route):
             self._check_permitted(name, param, allowed)
 
     def _check_permitted(self, name: str, param: str, allowed: frozenset[str] | None) -> None:
@@ -243,12 +238,11 @@ class Catalog:
                         param=f"provider.{field}[{i}]",
                     )
 
-    def _requested_models(self, params: CompletionCreateParams) -> list[tuple[str, str]]:
+    def _requested_models(self, route: Route) -> list[tuple[str, str]]:
         names: list[tuple[str, str]] = []
-        if params.model is not UNSET:
-            names.append((params.model, "model"))
-        if params.models is not UNSET:
-            names.extend((m, f"models[{i}]") for i, m in enumerate(params.models))
+        if route.model is not None:
+            names.append((route.model, "model"))
+        names.extend((m, f"models[{i}]") for i, m in enumerate(route.models))
         if not names:
             names.append((self.default_model, "model"))
         seen: set[str] = set()

@@ -34,11 +34,11 @@ from typing import TYPE_CHECKING
 from msgspec import UNSET
 
 from llmrouter.errors import LlmrouterError, UpstreamUnavailable
+from llmrouter.generation import Generation
 from llmrouter.providers.base import Call, Completion, StreamPart
 from llmrouter.routing.streams import close
 from llmrouter.structured import format_kind
-from llmrouter.wire.completions import ChunkChoice, CompletionCreateParams, Usage
-from llmrouter.wire.validate import Prompts
+from llmrouter.wire.completions import ChunkChoice, Usage
 
 if TYPE_CHECKING:
     from llmrouter.routing.plan import Target
@@ -56,9 +56,10 @@ Resume = Callable[
 BrokeOff = Callable[["Target", LlmrouterError, float], None]
 
 
-def resumable(params: CompletionCreateParams, prompts: Prompts) -> bool:
+def resumable(params: Generation) -> bool:
     """Whether the prompt and the text so far, sent elsewhere, ask for the rest of the same
     answer."""
+    prompts = params.prompts
     return (
         len(prompts) == 1
         and isinstance(prompts[0], str)
@@ -71,7 +72,7 @@ def resumable(params: CompletionCreateParams, prompts: Prompts) -> bool:
     )
 
 
-def first_limit(params: CompletionCreateParams, default: int | None) -> int | None:
+def first_limit(params: Generation, default: int | None) -> int | None:
     """The whole answer's `max_tokens`: the request's, else the deployment's `default` (None: up
     to the context)."""
     if params.max_tokens is UNSET:

@@ -1,0 +1,108 @@
+"""What a request asks of a model, apart from the wire it came in on.
+
+The edge decodes its wire format (the Completions API's `CompletionCreateParams`; the chat
+endpoint's, next) and splits it in two: the `Route` (which models, which providers: what the plan
+and the executor read) and the `Generation` (the input, sampling, stops, format, output cap: what
+the emulation layer shapes and each adapter translates into its own wire format). Nothing past the
+edge sees a wire type of the client's, so a second API is a second decoder and encoder on the same
+road, not a second road.
+
+A `Generation`'s field names are the Completions API's where it has one (`max_tokens`, `stop`,
+`logprobs`...), so that a capability and the 400 that names a parameter mean the same field
+whichever endpoint it came in on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+from msgspec import UNSET, Struct, UnsetType
+
+from llmrouter.wire.completions import ProviderPreferences, ResponseFormat
+from llmrouter.wire.validate import Prompts
+
+if TYPE_CHECKING:
+    from llmrouter.wire.completions import CompletionCreateParams
+
+__all__ = ["Generation", "Message", "Route", "from_completions"]
+
+
+class Message(Struct, frozen=True):
+    """One turn of a conversation (the chat endpoint's input)."""
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str
+
+
+class Generation(Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """One request's ask of a model: a prompt (or several) or a conversation, and how to answer."""
+
+    prompts: Prompts = ()
+    messages: tuple[Message, ...] = ()
+    # Omitted: the Completions API's 16; None: up to the model's context.
+    max_tokens: int | UnsetType | None = UNSET
+    n: int | None = None
+    best_of: int | None = None
+    echo: bool | None = None
+    suffix: str | None = None
+    logprobs: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    logit_bias: dict[str, Any] | None = None
+    stop: str | list[str] | None = None
+    response_format: ResponseFormat | None = None
+    user: str | UnsetType = UNSET
+    metadata: dict[str, Any] | None = None
+    stream: bool = False
+    include_usage: bool = False  # usage at the end of a stream
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Where a request may go: the models it names (`model`, then `models`, OpenRouter's
+    fallback list) and its provider preferences."""
+
+    model: str | None = None
+    models: tuple[str, ...] = ()
+    provider: ProviderPreferences | None = None
+
+    @property
+    def resume(self) -> bool | None:
+        """The request's own word on continuing a cut stream elsewhere (None: the model's)."""
+        return None if self.provider is None else self.provider.resume
+
+
+def from_completions(params: CompletionCreateParams, prompts: Prompts) -> tuple[Route, Generation]:
+    """A decoded /completions request, split."""
+    route = Route(
+        params.model if isinstance(params.model, str) else None,
+        tuple(params.models) if isinstance(params.models, list) else (),
+        params.provider,
+    )
+    usage = params.stream_options is not None and bool(params.stream_options.include_usage)
+    generation = Generation(
+        prompts=prompts,
+        max_tokens=params.max_tokens,
+        n=params.n,
+        best_of=params.best_of,
+        echo=params.echo,
+        suffix=params.suffix,
+        logprobs=params.logprobs,
+        temperature=params.temperature,
+        top_p=params.top_p,
+        seed=params.seed,
+        frequency_penalty=params.frequency_penalty,
+        presence_penalty=params.presence_penalty,
+        logit_bias=params.logit_bias,
+        stop=params.stop,
+        response_format=params.response_format,
+        user=params.user,
+        metadata=params.metadata,
+        stream=params.stream,
+        include_usage=usage,
+    )
+    return route, generation
