@@ -157,7 +157,7 @@ class LlmrouterError(Exception):
         return ErrorBody(ErrorObject(self.code, self.message, self.param or "", self.type))
 
     def headers(self) -> list[tuple[bytes, bytes]]:
-        if self.retry_after is None:
+        if self.retry_after is None or not math.isfinite(self.retry_after):
             return self.extra_headers
         retry_after = str(max(0, math.ceil(self.retry_after))).encode()
         return [(b"retry-after", retry_after), *self.extra_headers]

@@ -164,6 +164,9 @@ class OpenAIChatProvider(HttpProvider, frozen=True, tag="openai_chat"):
         {"text", "json_object", "json_schema"}
     )
     max_stops: Annotated[int, Meta(ge=0)] = 4  # stop sequences it takes; more are llmrouter's
+    # Reasoning models (o-series, DeepSeek R1...) count their reasoning in the output cap: this
+    # many tokens are added to it, so that `max_tokens` is what the answer's text may take.
+    reasoning_budget: Annotated[int, Meta(ge=0)] = 0
 
 
 class AnthropicProvider(HttpProvider, frozen=True, tag="anthropic"):
@@ -194,11 +197,17 @@ class GeminiProvider(HttpProvider, frozen=True, tag="gemini"):
     base_url: Annotated[str, Meta(pattern=r"^https?://")] = "https://generativelanguage.googleapis.com"
     api_version: Annotated[str, Meta(pattern=r"^v[0-9a-z]+$")] = "v1beta"
     max_logprobs: Annotated[int, Meta(ge=0, le=20)] = 20
+    # json_object as responseMimeType, json_schema as responseJsonSchema (for the schemas it takes);
+    # `[text]` for models without JSON mode (others are then checked by llmrouter).
+    response_formats: frozenset[Literal["text", "json_object", "json_schema"]] = frozenset(
+        {"text", "json_object", "json_schema"}
+    )
     ranges: dict[RangedParameter, Range] = msgspec.field(
         default_factory=lambda: {"temperature": Range(0, 2)}
     )
-    # Thinking models: the thinking budget sent (`thinkingConfig.thinkingBudget`), and whether
-    # its summary comes back (in `choices[].reasoning`).
+    # Thinking models: the thinking budget sent (`thinkingConfig.thinkingBudget`; 0 turns
+    # thinking off where the model allows, -1 lets it choose), added to `maxOutputTokens`, which
+    # thoughts count against; and whether their summary comes back (in `choices[].reasoning`).
     thinking_budget: Annotated[int, Meta(ge=-1)] | None = None
     include_thoughts: bool = False
 

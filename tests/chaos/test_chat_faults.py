@@ -50,7 +50,7 @@ SPECIFIC = [
 ]
 
 
-def chaos_config(fakes: ChatFakes) -> str:
+def chaos_config(fakes: ChatFakes, legacy: str) -> str:
     urls = {"oc": fakes.openai_chat + "/v1", "claude": fakes.anthropic, "gem": fakes.gemini}
     timeouts = "{connect: 1, first_token: 1, idle: 1, total: 2}"
     providers = "".join(
@@ -72,6 +72,11 @@ def chaos_config(fakes: ChatFakes) -> str:
         for kind in KINDS
         for fault in ("context-400", "lm-refuse", "refuse", "lm-safety-finish")
     )
+    resume = (
+        "  - id: resume/onto-chat\n    strategy: ordered\n    resume_streams: true\n"
+        "    deployments: [{provider: legacy, model: lm-chain-reset-after-2}, "
+        "{provider: oc_stream, model: lm}]\n"
+    )
     return f"""default_model: oc_whole/lm-truncated
 routing:
   max_attempts: 3
@@ -81,19 +86,21 @@ routing:
   retry_budget: {{min_per_second: 100000}}
   health: {{consecutive_failures: 1000000, min_attempts: 1000000, rate_limit_skip_seconds: 0}}
 providers:
+  legacy: {{kind: openai, base_url: {legacy}/v1, timeouts: {timeouts}}}
 {providers}models:
-{models}{singles}"""
+{models}{singles}{resume}"""
 
 
 @pytest.fixture(scope="module")
 def chaos(
     tmp_path_factory: pytest.TempPathFactory,
+    fake_upstream: str,
     fake_openai_chat: str,
     fake_anthropic: str,
     fake_gemini: str,
 ) -> Iterator[Router]:
     fakes = ChatFakes(fake_openai_chat, fake_anthropic, fake_gemini)
-    with serving(tmp_path_factory.mktemp("chat-chaos"), chaos_config(fakes)) as r:
+    with serving(tmp_path_factory.mktemp("chat-chaos"), chaos_config(fakes, fake_upstream)) as r:
         yield r
 
 
@@ -178,3 +185,14 @@ def test_refusals_are_content_filter(chaos: Router, stream: bool) -> None:
     for model in ("gem/refuse", "oc/refuse"):  # the prompt refused: another may take it; none here
         r = post(chaos, model, stream)
         assert assert_error(r, 400)["error"]["code"] == "content_filter"
+
+
+def test_a_cut_stream_is_never_continued_on_a_chat_api(chaos: Router, fake_openai_chat: str) -> None:
+    """A chat API sent the text so far would answer it as a message, not go on with it: a cut
+    stream is continued elsewhere (here: its own deployment again, on the next pass), never
+    there."""
+    httpx.post(f"{fake_openai_chat}/_reset")
+    r = post(chaos, "resume/onto-chat", stream=True)
+    got = events(r)
+    assert {e.get("provider") for e in got if "choices" in e} == {"legacy"}, r.text
+    assert httpx.get(f"{fake_openai_chat}/_stats").json()["requests"] == 0

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from typing import Any
 
 import msgspec
@@ -21,21 +22,25 @@ from llmrouter.errors import (
 )
 from llmrouter.generation import from_completions
 from llmrouter.providers import _http
+from llmrouter.providers._schemas import anthropic_problem, gemini_problem, openai_strict_problem
 from llmrouter.providers.anthropic import AnthropicAdapter
 from llmrouter.providers.base import Call, Completion, StreamPart
 from llmrouter.providers.gemini import GeminiAdapter
-from llmrouter.providers.openai_chat import OpenAIChatAdapter, strict_schema_problem
+from llmrouter.providers.openai_chat import OpenAIChatAdapter
 from llmrouter.settings import (
     AnthropicProvider,
     CheckSettings,
+    ConfigError,
     DeploymentSettings,
     GeminiProvider,
+    ModelSettings,
     OpenAIChatProvider,
     Timeouts,
 )
 from llmrouter.wire.validate import decode_completion_request
 
 KEY = "sk-test-key-0123456789"
+MODEL = ModelSettings(id="m", deployments=[DeploymentSettings(provider="p", model="m")])
 Reply = _http.MockResponse | Callable[[_http.Request], _http.MockResponse]
 
 
@@ -109,7 +114,7 @@ def chat_answer(**message: Any) -> dict[str, Any]:
 
 
 def test_openai_chat_sends_the_prompt_as_one_user_message_with_every_parameter() -> None:
-    a, t = adapter(OpenAIChatAdapter, CHAT, ok(chat_answer(content="yo")))
+    a, t = adapter(OpenAIChatAdapter, CHAT, ok(chat_answer(content="")))  # (what it sends)
     fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}
     body = {"n": 2, "seed": 7, "temperature": 0.5, "top_p": 0.9, "logit_bias": {"11": -100}}
     body |= {"stop": "\n", "logprobs": 3, "frequency_penalty": 1, "presence_penalty": -1}
@@ -161,7 +166,9 @@ def test_openai_chat_logprobs_become_the_completions_shape_with_character_offset
     choice = complete(a, call(logprobs=1)).choices[0]
     assert choice.text == "Hé!" and choice.reasoning == "hmm"
     assert choice.logprobs is not None
-    assert choice.logprobs.tokens == ["H", "\\xc3", "\\xa9", "!"]
+    # a token ending inside a character spells nothing; the one that ends it spells all of it
+    assert choice.logprobs.tokens == ["H", "", "é", "!"]
+    assert "".join(choice.logprobs.tokens) == choice.text
     assert choice.logprobs.text_offset == [0, 1, 1, 2]
     assert choice.logprobs.token_logprobs == [-0.1, -0.2, -0.3, -0.4]
     assert choice.logprobs.top_logprobs == [{"H": -0.1}, {}, {}, {}]
@@ -216,19 +223,19 @@ def test_openai_chat_in_band_errors_refusals_and_statuses() -> None:
 def test_openai_strict_schemas_are_held_to_its_subset() -> None:
     closed = {"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]}
     closed["additionalProperties"] = False
-    assert strict_schema_problem(closed, True) is None
+    assert openai_strict_problem(closed, True) is None
     assert (
-        strict_schema_problem({**closed, "required": []}, True)
+        openai_strict_problem({**closed, "required": []}, True)
         == "strict mode needs every property required"
     )
     assert "additionalProperties" in (
-        strict_schema_problem({"type": "object", "properties": {}}, True) or ""
+        openai_strict_problem({"type": "object", "properties": {}}, True) or ""
     )
     nested = {**closed, "properties": {"a": {"type": "array", "items": {"type": "string", "not": {}}}}}
-    assert strict_schema_problem(nested, True) == "strict mode has no `not`"
-    assert strict_schema_problem({"type": "object"}, False) is None  # not strict: taken as it is
+    assert openai_strict_problem(nested, True) == "strict mode has no `not`"
+    assert openai_strict_problem({"type": "object"}, False) is None  # not strict: taken as it is
     named_not = {**closed, "properties": {"not": {"type": "string"}}, "required": ["not"]}
-    assert strict_schema_problem(named_not, True) is None  # a property called `not` is no keyword
+    assert openai_strict_problem(named_not, True) is None  # a property called `not` is no keyword
 
 
 # -- anthropic ------------------------------------------------------------------------------------
@@ -383,12 +390,21 @@ def test_anthropic_capabilities_declare_its_limits() -> None:
     caps = a.capabilities(DeploymentSettings(provider="p", model="claude"))
     assert caps.ranges == {"temperature": (0, 1), "top_p": (0, 1)}
     assert {"seed", "logprobs", "n", "logit_bias", "echo", "suffix"}.isdisjoint(caps.parameters)
-    thinking = msgspec.structs.replace(CLAUDE, thinking_budget=2048)
-    b, u = adapter(AnthropicAdapter, thinking, ok(message({"type": "text", "text": "x"})))
+    thinking = msgspec.structs.replace(CLAUDE, thinking_budget=2048, max_output_tokens=8000)
+    answers = [ok(message({"type": "text", "text": "x"})) for _ in range(3)]
+    b, u = adapter(AnthropicAdapter, thinking, *answers)
     assert b.capabilities(DeploymentSettings(provider="p", model="c")).ranges["temperature"] == (1, 1)
     complete(b, call(max_tokens=10))
     assert sent(u)["thinking"] == {"type": "enabled", "budget_tokens": 2048}
-    assert sent(u)["max_tokens"] == 2058
+    assert sent(u)["max_tokens"] == 2058  # the budget on top of the text's
+    complete(b, call(max_tokens=7000))
+    assert sent(u)["max_tokens"] == 8000  # never past the most the model writes
+    complete(b, call(max_tokens=None))
+    assert sent(u)["max_tokens"] == 8000
+    with pytest.raises(ConfigError, match="more than thinking_budget"):
+        adapter(AnthropicAdapter, msgspec.structs.replace(CLAUDE, thinking_budget=2048))
+    with pytest.raises(ConfigError, match="no place for `metadata`"):
+        adapter(AnthropicAdapter, msgspec.structs.replace(CLAUDE, forward=frozenset({"metadata"})))
     pinned = DeploymentSettings(
         provider="p", model="c", unsupported_parameters=frozenset({"temperature"})
     )
@@ -417,7 +433,7 @@ def gemini(
 
 
 def test_gemini_sends_the_key_in_a_header_and_the_config_in_its_terms() -> None:
-    a, t = adapter(GeminiAdapter, GEMINI, ok(gemini(candidate({"text": "yo"}))))
+    a, t = adapter(GeminiAdapter, GEMINI, ok(gemini(candidate({"text": ""}))))  # (what it sends)
     fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}
     body = {"n": 2, "seed": 3, "temperature": 0.5, "top_p": 0.9, "stop": ["a", "b"], "logprobs": 2}
     body |= {"presence_penalty": 0.5, "frequency_penalty": 0.1, "response_format": fmt}
@@ -465,7 +481,7 @@ def test_gemini_answers_thoughts_usage_safety_and_logprobs() -> None:
     a, _ = adapter(
         GeminiAdapter,
         GEMINI,
-        ok(gemini(first, candidate({"text": "no"}, finish="SAFETY", index=1), thoughts=7)),
+        ok(gemini(first, candidate({"text": ""}, finish="SAFETY", index=1), thoughts=7)),
         ok({"promptFeedback": {"blockReason": "SAFETY"}, "usageMetadata": {"promptTokenCount": 3}}),
     )
     result = complete(a, call(n=2, logprobs=2))
@@ -516,3 +532,136 @@ def test_gemini_resource_exhausted_carries_its_retry_delay() -> None:
     assert limited.value.retry_after == 7 and "RESOURCE_EXHAUSTED" in limited.value.message
     with pytest.raises(ContextLengthExceeded):
         complete(a, call())
+
+
+# -- what the review found ------------------------------------------------------------------------
+
+
+def test_logprobs_asked_for_and_not_returned_are_a_failure_not_an_empty_list() -> None:
+    a, _ = adapter(OpenAIChatAdapter, CHAT, ok(chat_answer(content="hello")))
+    with pytest.raises(UpstreamUnavailable, match="without the logprobs"):
+        complete(a, call(logprobs=2))
+    chunk = {"choices": [{"index": 0, "delta": {"content": "hi"}, "finish_reason": "stop"}]}
+    a, _ = adapter(OpenAIChatAdapter, CHAT, ok(sse(chunk, done=True)))
+    with pytest.raises(UpstreamUnavailable, match="without the logprobs"):
+        stream(a, call(logprobs=0, stream=True))
+    g, _ = adapter(GeminiAdapter, GEMINI, ok(gemini(candidate({"text": "yo"}))))
+    with pytest.raises(UpstreamUnavailable, match="without the logprobs"):
+        complete(g, call(logprobs=1))
+
+
+def test_hostile_bodies_are_the_deployments_failure_never_a_foreign_exception() -> None:
+    deep = b'{"error": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    for kind, settings in (
+        (OpenAIChatAdapter, CHAT),
+        (GeminiAdapter, GEMINI),
+        (AnthropicAdapter, CLAUDE),
+    ):
+        a, _ = adapter(kind, settings, ok(deep), ok(deep))
+        with pytest.raises(UpstreamUnavailable):
+            complete(a, call())
+        with pytest.raises(UpstreamUnavailable):
+            stream(a, call(stream=True))
+    bad = chat_answer(content="x")
+    bad["choices"][0]["logprobs"] = {"content": [{"token": "x", "logprob": -1, "bytes": [999]}]}
+    a, _ = adapter(OpenAIChatAdapter, CHAT, ok(bad))
+    with pytest.raises(UpstreamUnavailable):
+        complete(a, call(logprobs=1))
+
+
+def test_retry_delays_from_a_body_are_held_to_an_hour_and_finite() -> None:
+    def exhausted(delay: str) -> _http.MockResponse:
+        detail = {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": delay}
+        body = {
+            "error": {"code": 429, "message": "x", "status": "RESOURCE_EXHAUSTED", "details": [detail]}
+        }
+        return ok(body, 429)
+
+    a, _ = adapter(GeminiAdapter, GEMINI, exhausted("86400s"), exhausted("1e400s"), exhausted("nans"))
+    for expected in (3600, None, None):
+        with pytest.raises(UpstreamRateLimited) as limited:
+            complete(a, call())
+        assert limited.value.retry_after == expected
+        limited.value.headers()  # (an infinite delay once raised OverflowError here)
+    error = UpstreamRateLimited("x", retry_after=float("inf"))
+    assert error.headers() == []
+
+
+def test_a_bad_gemini_key_is_the_deployments_fault_not_the_clients() -> None:
+    info = {"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "API_KEY_INVALID"}
+    body = {"error": {"code": 400, "message": "API key not valid.", "status": "INVALID_ARGUMENT",
+                      "details": [info]}}  # fmt: skip
+    a, _ = adapter(GeminiAdapter, GEMINI, ok(body, 400))
+    with pytest.raises(LlmrouterError) as caught:
+        complete(a, call())
+    assert caught.value.code == "upstream_auth_failed" and caught.value.blames_deployment
+
+
+def test_gemini_model_names_thinking_and_forward() -> None:
+    thinking = msgspec.structs.replace(GEMINI, thinking_budget=512)
+    a, t = adapter(GeminiAdapter, thinking, ok(gemini(candidate({"text": "x"}))))
+    complete(a, call("models/gemini-2.5-flash", max_tokens=10))
+    assert t.requests[0].url == "http://up/v1beta/models/gemini-2.5-flash:generateContent"
+    assert sent(t)["generationConfig"]["maxOutputTokens"] == 522  # thoughts count against it
+    with pytest.raises(ConfigError, match="no place for"):
+        adapter(GeminiAdapter, msgspec.structs.replace(GEMINI, forward=frozenset({"user"})))
+
+
+def test_openai_chat_reasoning_budget_and_a_deployments_own_stream_usage() -> None:
+    settings = msgspec.structs.replace(CHAT, reasoning_budget=1000)
+    chunks = sse(
+        {"choices": [{"index": 0, "delta": {"content": "x"}, "finish_reason": "stop"}]}, done=True
+    )
+    a, t = adapter(OpenAIChatAdapter, settings, ok(chat_answer(content="x")), ok(chunks))
+    complete(a, call(max_tokens=20))
+    assert sent(t)["max_completion_tokens"] == 1020
+    lacking = DeploymentSettings(
+        provider="p", model="m", unsupported_parameters=frozenset({"stream_usage"})
+    )
+    assert not a.capabilities(lacking).stream_usage
+    c = call(stream=True)
+    parts = stream(a, replace(c, deployment=lacking))
+    assert "stream_options" not in sent(t) and parts[-1].usage_estimated
+
+
+def test_anthropic_takes_no_whitespace_stop_natively_and_knows_its_context_error() -> None:
+    said = "input length and `max_tokens` exceed context limit: 199000 + 4096 > 200000"
+    error = {"type": "error", "error": {"type": "invalid_request_error", "message": said}}
+    a, _ = adapter(AnthropicAdapter, CLAUDE, ok(error, 400))
+    with pytest.raises(ContextLengthExceeded):
+        complete(a, call())
+    caps = a.capabilities(DeploymentSettings(provider="p", model="c"))
+    _, request = from_completions(*decode_completion_request(b'{"prompt": "x", "stop": ["\\n", "END"]}'))
+    from llmrouter.emulation.shape import Shape, requested_parameters, shape_for
+
+    shaped = shape_for(caps, MODEL, request, requested_parameters(request), None)
+    assert isinstance(shaped, Shape)
+    assert shaped.request.stop == ["END"] and shaped.stops == ("\n", "END") and "stop" in shaped.emulated
+    _, only = from_completions(*decode_completion_request(b'{"prompt": "x", "stop": "\\n"}'))
+    shaped = shape_for(caps, MODEL, only, requested_parameters(only), None)
+    assert isinstance(shaped, Shape) and shaped.request.stop is None  # never an empty list
+
+
+def test_schema_subsets() -> None:
+    closed = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"],
+              "additionalProperties": False}  # fmt: skip
+    assert anthropic_problem(closed, False) is None
+    ranged = {**closed, "properties": {"a": {"type": "integer", "minimum": 1}}}
+    assert anthropic_problem(ranged, False) == "structured outputs have no `minimum`"
+    kids = {"kids": {"type": "array", "items": {"$ref": "#/$defs/node"}}}
+    node = {"type": "object", "additionalProperties": False, "properties": kids}
+    tree = {"$defs": {"node": node}, "$ref": "#/$defs/node"}
+    assert anthropic_problem(tree, False) == "structured outputs take no recursive schema"
+    assert (
+        anthropic_problem({"type": "array", "minItems": 2}, False)
+        == "structured outputs take `minItems` 0 or 1 only"
+    )
+    assert openai_strict_problem({"anyOf": [closed]}, True) == "strict mode needs an object at the root"
+    assert openai_strict_problem(
+        {**closed, "properties": {"a": {"oneOf": [{"type": "integer"}]}}}, True
+    ) == ("strict mode has no `oneOf`")
+    assert gemini_problem(closed, False) is None
+    assert (
+        gemini_problem({"type": "string", "pattern": "a+"}, False)
+        == "Gemini's schemas have no `pattern`"
+    )

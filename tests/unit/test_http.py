@@ -28,8 +28,8 @@ from llmrouter.errors import (
 from llmrouter.providers import _http
 from llmrouter.providers._http import (
     Event,
+    EventStream,
     MockResponse,
-    events,
     parse_retry_after,
     status_error,
     translate,
@@ -172,17 +172,16 @@ def test_retry_after_is_seconds_or_a_date_within_an_hour() -> None:
 # -- SSE framing ----------------------------------------------------------------------------------
 
 
-def _never(response: Any, body: bytes) -> ProviderError:
-    raise AssertionError("not an error status")
-
-
 async def _events(
     pieces: list[bytes | float | BaseException], first: float = 5, idle: float = 5
 ) -> list[Event]:
     response = MockResponse(200, pieces)
-    out = [e async for e in events(response, first=first, idle=idle, provider="p", on_error=_never)]
-    assert response.released
-    return out
+    stream = EventStream(response, first=first, idle=idle, provider="p")
+    try:
+        return [e async for e in stream]
+    finally:
+        stream.release()
+        assert response.released
 
 
 OPENAI_STREAM = b'data: {"a":1}\n\ndata: {"b":2}\n\n: a comment\n\ndata: [DONE]\n\n'
@@ -237,15 +236,22 @@ def test_a_reset_mid_stream_is_translated_and_a_huge_line_refused(
 
 
 def test_an_error_status_is_read_by_the_adapter_before_any_event() -> None:
-    def read(response: Any, body: bytes) -> ProviderError:
-        return UpstreamRateLimited(body.decode())
+    from llmrouter.providers.openai_chat import OpenAIChatAdapter
+    from llmrouter.settings import CheckSettings, OpenAIChatProvider
+
+    response = MockResponse(429, [b'{"error": {"message": "slow down"}}'], {"retry-after": "2"})
+
+    async def handler(request: _http.Request) -> MockResponse:
+        return response
 
     async def run() -> None:
-        response = MockResponse(429, [b"slow down"])
-        with pytest.raises(UpstreamRateLimited, match="slow down"):
-            async for _ in events(response, first=1, idle=1, provider="p", on_error=read):
-                pass
-        assert response.released
+        adapter = OpenAIChatAdapter(
+            "p", OpenAIChatProvider(), [], CheckSettings(), _http.MockTransport(handler)
+        )
+        with pytest.raises(UpstreamRateLimited, match="slow down") as caught:
+            async with adapter.events("http://x", b"{}", Timeouts(), {}):
+                raise AssertionError("no events")
+        assert caught.value.retry_after == 2 and response.released
 
     asyncio.run(run())
 
@@ -261,3 +267,87 @@ def test_the_mock_transport_times_out_headers_like_the_real_one() -> None:
             await transport.send(_http.Request("POST", "http://x"), Timeouts(first_token=0.05))
 
     asyncio.run(run())
+
+
+# -- the real transport, against a real server in process -----------------------------------------
+
+
+async def _serving(handler: Any) -> tuple[Any, str, set[Any]]:
+    from aiohttp import web
+
+    peers: set[Any] = set()
+
+    async def counted(request: web.Request) -> web.StreamResponse:
+        peers.add(request.transport.get_extra_info("peername") if request.transport else None)
+        response: web.StreamResponse = await handler(request)
+        return response
+
+    app = web.Application()
+    app.router.add_post("/x", counted)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    return runner, f"http://127.0.0.1:{port}/x", peers
+
+
+def test_an_error_body_in_two_pieces_is_read_whole() -> None:
+    from aiohttp import web
+
+    body = (
+        b'{"type": "error", "error": {"type": "invalid_request_error", "message": "prompt is too long"}}'
+    )
+
+    async def split(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(status=400, headers={"Content-Type": "application/json"})
+        response.content_length = len(body)
+        await response.prepare(request)
+        await response.write(body[:20])
+        await asyncio.sleep(0.05)
+        await response.write(body[20:])
+        return response
+
+    async def run() -> None:
+        runner, url, _ = await _serving(split)
+        transport = _http.AiohttpTransport("p", timeouts=Timeouts(), max_connections=4)
+        await transport.start()
+        try:
+            response = await transport.send(_http.Request("POST", url, b"{}"), Timeouts())
+            assert await _http.error_body(response) == body
+        finally:
+            await transport.aclose()
+            await runner.cleanup()
+
+    asyncio.run(run())
+
+
+def test_a_finished_stream_gives_its_connection_back() -> None:
+    from aiohttp import web
+
+    async def sse(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b"data: one\n\ndata: [DONE]\n\n")
+        await asyncio.sleep(0.05)  # the body's end comes a moment after its last event
+        await response.write_eof()
+        return response
+
+    async def run() -> set[Any]:
+        runner, url, peers = await _serving(sse)
+        transport = _http.AiohttpTransport("p", timeouts=Timeouts(), max_connections=4)
+        await transport.start()
+        try:
+            for _ in range(5):
+                response = await transport.send(_http.Request("POST", url, b"{}"), Timeouts())
+                stream = _http.EventStream(response, first=1, idle=1, provider="p")
+                async for event in stream:
+                    if event.data == b"[DONE]":
+                        await stream.finish()
+                        break
+        finally:
+            await transport.aclose()
+            await runner.cleanup()
+        return peers
+
+    assert len(asyncio.run(run())) == 1  # five streams, one connection

@@ -34,3 +34,14 @@ def test_what_is_not_a_secret_is_left_alone() -> None:
     redact = Redactor([KEY, "1", "json", None, ""])  # values under 8 characters are not secrets
     assert redact("model gpt-1 answered 1 json error") == "model gpt-1 answered 1 json error"
     assert Redactor([])("anything") == "anything"
+
+
+def test_a_secret_quoted_as_json_or_in_a_url_is_redacted() -> None:
+    secret = "Zm9vYmFy/Ojk5OTk5+OTk5OTk5OTk5OTk5"  # base64 holds `/` and `+`
+    redact = Redactor([f"Basic {secret}"])
+    for said in (
+        '{"error": "refused credential Zm9vYmFy\\/Ojk5OTk5+OTk5OTk5OTk5OTk5"}',  # JSON's `\/`
+        "GET /x?auth=Zm9vYmFy%2FOjk5OTk5%2BOTk5OTk5OTk5OTk5",  # percent-encoded
+    ):
+        out = redact(said)
+        assert "[redacted]" in out and "Ojk5OTk5" not in out, out

@@ -573,9 +573,12 @@ def shape_for(
     stops = _stops(params)
     if router_stops:
         changes["stop"] = None
-    elif caps.max_stops is not None and len(stops) > caps.max_stops:
-        changes["stop"] = list(stops[: caps.max_stops])  # the first natively, all by the router
-        router_stops = True
+    else:  # the stops it takes natively (the first, of those it can), all by the router
+        native_stops = [s for s in stops if caps.stop_ok is None or caps.stop_ok(s)]
+        native_stops = native_stops[: caps.max_stops]
+        if len(native_stops) < len(stops):
+            changes["stop"] = native_stops or None
+            router_stops = True
     if params.stream and "stream" not in native:
         stream_native = False
     format_native = kind == "text" or kind in caps.response_formats

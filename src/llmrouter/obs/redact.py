@@ -1,4 +1,4 @@
-"""Secrets out of text that came from elsewhere.
+r"""Secrets out of text that came from elsewhere.
 
 An upstream's error message is relayed to the client, and a proxy between llmrouter and the
 upstream may quote the request it received, `Authorization` included. Each adapter passes what an
@@ -7,14 +7,17 @@ relayed, logged or stored), so the secrets it sends (its key, its configured hea
 come back out.
 
 What counts as a secret's appearance: the value itself in any letter case; the credential of a
-value written `Scheme credential` (`Bearer sk-...`, `Basic dXNl...`) on its own; and any word that
-begins with a secret's first 12 characters, since a quote may be cut short.
+value written `Scheme credential` (`Bearer sk-...`, `Basic dXNl...`) on its own; either as a JSON
+string writes it (`\/` for `/`) or a URL quotes it (`%2F`); and any word that begins with the first
+12 characters of one of those, since a quote may be cut short.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable
+from urllib.parse import quote
 
 __all__ = ["REDACTED", "Redactor"]
 
@@ -36,10 +39,14 @@ class Redactor:
         for secret in secrets:
             if not secret:
                 continue
-            values.add(secret)
+            found = {secret}
             scheme, _, credential = secret.strip().partition(" ")
             if credential and scheme.isalpha():
-                values.add(credential.strip())
+                found.add(credential.strip())
+            for value in found:  # as written, and as a JSON string or a URL would quote it
+                values.update(
+                    (value, json.dumps(value)[1:-1].replace("/", "\\/"), quote(value, safe=""))
+                )
         alternatives = []
         for value in sorted((v for v in values if len(v) >= SHORTEST_SECRET), key=len, reverse=True):
             if len(value) > PREFIX:  # the value, or a word beginning with its first characters

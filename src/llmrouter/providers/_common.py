@@ -10,7 +10,8 @@ read an answer, read a stream event, read an error body.
 from __future__ import annotations
 
 import codecs
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+import contextlib
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any, ClassVar
 
 from msgspec import UNSET
@@ -27,8 +28,8 @@ __all__ = [
     "LogprobsBuilder",
     "default_cap",
     "max_tokens_for",
+    "missing_logprobs",
     "only_prompt",
-    "subschemas",
 ]
 
 
@@ -76,10 +77,13 @@ class HttpAdapter:
 
     # -- what the config declares ---------------------------------------------------------------
 
+    def _lacking(self, deployment: DeploymentSettings) -> frozenset[str]:
+        """What the config says this deployment lacks: its provider's and its own."""
+        return self.settings.unsupported_parameters | deployment.unsupported_parameters
+
     def parameters(self, deployment: DeploymentSettings) -> frozenset[str]:
         """The request fields this deployment takes natively."""
-        lacking = self.settings.unsupported_parameters | deployment.unsupported_parameters
-        return self.native - lacking
+        return self.native - self._lacking(deployment)
 
     def ranges(self, deployment: DeploymentSettings) -> dict[str, tuple[float | None, float | None]]:
         merged = {**self.settings.ranges, **deployment.ranges}
@@ -96,19 +100,25 @@ class HttpAdapter:
         response = await self.transport.send(_http.Request("POST", url, body, headers), timeouts)
         return await _http.read_whole(response, self._error)
 
-    async def post_stream(
+    @contextlib.asynccontextmanager
+    async def events(
         self, url: str, body: bytes, timeouts: Timeouts, headers: Mapping[str, str]
-    ) -> AsyncIterator[_http.Event]:
-        """The events of a streamed answer (an error status raised before any)."""
+    ) -> AsyncIterator[_http.EventStream]:
+        """A streamed answer's events (an error status raised before any). The adapter calls
+        `finish()` after its stream's last event, which gives the connection back to the pool."""
         response = await self.transport.send(_http.Request("POST", url, body, headers), timeouts)
-        async for event in _http.events(
-            response,
-            first=timeouts.first_token,
-            idle=timeouts.idle,
-            provider=self.name,
-            on_error=self._error,
-        ):
-            yield event
+        if response.status != 200:
+            try:
+                raise self._error(response, await _http.error_body(response))
+            finally:
+                response.release()
+        stream = _http.EventStream(
+            response, first=timeouts.first_token, idle=timeouts.idle, provider=self.name
+        )
+        try:
+            yield stream
+        finally:
+            stream.release()
 
     def _error(self, response: _http.Response, body: bytes) -> LlmrouterError:
         return self.error(response.status, response.headers, body)
@@ -122,6 +132,11 @@ class HttpAdapter:
         """A stream that ended without its terminal event: a failure (before the commit point it
         falls back, after it the client gets the error event)."""
         return UpstreamUnavailable(f"Provider {self.name} ended the stream before it was complete.")
+
+
+def missing_logprobs(provider: str) -> LlmrouterError:
+    """An answer without the logprobs the call asked for: never passed on without them."""
+    return UpstreamUnavailable(f"Provider {provider} answered without the logprobs it was asked for.")
 
 
 def only_prompt(call: Call) -> str:
@@ -152,7 +167,9 @@ def default_cap(defaults: Mapping[str, Any]) -> int | None:
 class LogprobsBuilder:
     """One choice's logprobs in the Completions shape, from a chat API's per-token entries:
     `text_offset` is counted here, in characters of the text so far (across a stream's chunks).
-    A token's bytes, where the API gives them, count once the character they end is complete."""
+    Where the API gives a token's bytes, the token is spelled as the text it completes: a token
+    that ends inside a character is "" (OpenAI writes it `bytes:\\xc3`), and the one that ends
+    the character spells all of it, so that the tokens joined are the text."""
 
     __slots__ = ("_decoder", "_offset")
 
@@ -169,35 +186,11 @@ class LogprobsBuilder:
         tops: list[dict[str, float] | None] = []
         offsets: list[int] = []
         for token, raw, logprob, top in entries:
-            tokens.append(token)
+            spelled = token if raw is None else self._decoder.decode(raw)
+            tokens.append(spelled)
             logprobs.append(logprob)
             tops.append(top)
             offsets.append(self._offset)
-            self._offset += len(token) if raw is None else len(self._decoder.decode(raw))
+            self._offset += len(spelled)
         no_tops = all(top is None for top in tops)  # (`logprobs: 0`)
         return Logprobs(tokens, logprobs, None if no_tops else tops, offsets)
-
-
-_SUBSCHEMA_MAPS = ("properties", "$defs", "definitions", "patternProperties", "dependentSchemas")
-_SUBSCHEMA_LISTS = ("anyOf", "allOf", "oneOf", "prefixItems")
-_SUBSCHEMAS = ("items", "additionalProperties", "not", "if", "then", "else", "contains")
-
-
-def subschemas(schema: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    """Every schema inside a JSON Schema, itself first: what a provider's limits on schemas are
-    checked against (a property named `not` is a name, not the keyword)."""
-    stack: list[Any] = [schema]
-    while stack:
-        node = stack.pop()
-        if not isinstance(node, dict):
-            continue
-        yield node
-        for key in _SUBSCHEMA_MAPS:
-            if isinstance(node.get(key), dict):
-                stack.extend(node[key].values())
-        for key in _SUBSCHEMA_LISTS:
-            if isinstance(node.get(key), list):
-                stack.extend(node[key])
-        for key in _SUBSCHEMAS:
-            value = node.get(key)
-            stack.extend(value if isinstance(value, list) else [value])

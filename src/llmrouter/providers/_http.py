@@ -17,7 +17,7 @@ import asyncio
 import email.utils
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -38,12 +38,13 @@ __all__ = [
     "MAX_ERROR_TEXT",
     "AiohttpTransport",
     "Event",
+    "EventStream",
     "MockResponse",
     "MockTransport",
     "Request",
     "Response",
     "Transport",
-    "events",
+    "bounded_delay",
     "parse_retry_after",
     "read_whole",
     "status_error",
@@ -129,7 +130,7 @@ def status_error(
             "follow: set its base_url to where it points."
         )
     wait = parse_retry_after(headers.get("retry-after"))
-    wait = retry_after if wait is None else wait
+    wait = bounded_delay(retry_after) if wait is None else wait
     if recognised is not None:
         return recognised(said, retry_after=wait)
     if status in (401, 403):
@@ -155,7 +156,12 @@ def parse_retry_after(value: str | None) -> float | None:
             seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
         except (TypeError, ValueError, OverflowError):
             return None
-    if not math.isfinite(seconds):
+    return bounded_delay(seconds)
+
+
+def bounded_delay(seconds: float | None) -> float | None:
+    """A delay an upstream asked for, as seconds within [0, an hour]; nothing if not finite."""
+    if seconds is None or not math.isfinite(seconds):
         return None
     return min(max(0.0, seconds), _MAX_RETRY_AFTER)
 
@@ -171,13 +177,13 @@ async def read_whole(response: Response, on_error: ErrorReader) -> bytes:
     """The whole body of a 200, or the error its status says (read by `on_error`)."""
     try:
         if response.status != 200:
-            raise on_error(response, await _error_body(response))
+            raise on_error(response, await error_body(response))
         return await response.read()
     finally:
         response.release()
 
 
-async def _error_body(response: Response) -> bytes:
+async def error_body(response: Response) -> bytes:
     try:
         return await response.read(MAX_ERROR_BODY)
     except ProviderError:
@@ -192,46 +198,79 @@ class Event:
     data: bytes
 
 
-async def events(
-    response: Response, *, first: float, idle: float, provider: str, on_error: ErrorReader
-) -> AsyncIterator[Event]:
-    """The events of an SSE body until it ends (the adapter knows whether that was early: by
-    its own terminal event). The first may take `first` seconds, each next one `idle`. An error
-    status is raised (read by `on_error`) before any event. Lines are split here rather than by
-    aiohttp's readline, which refuses lines over its buffer size."""
-    try:
-        if response.status != 200:
-            raise on_error(response, await _error_body(response))
-        buffer = bytearray()
-        scanned = 0  # bytes of `buffer` known to hold no newline
-        name = ""
-        data: list[bytes] = []
-        wait = first
-        while chunk := await response.chunk(wait):
-            buffer += chunk
-            start = 0
-            while (newline := buffer.find(b"\n", scanned)) >= 0:
-                line = bytes(buffer[start:newline]).rstrip(b"\r")
-                start = scanned = newline + 1
-                if not line:  # the end of an event
-                    if data:
-                        wait = idle
-                        yield Event(name or "message", b"\n".join(data))
-                    name, data = "", []
-                elif line.startswith(b"data:"):
-                    value = line[5:]
-                    data.append(value[1:] if value.startswith(b" ") else value)
-                elif line.startswith(b"event:"):
-                    name = line[6:].strip().decode("utf-8", errors="replace")
-                # (comments `:`, `id:` and `retry:` lines say nothing an adapter reads)
-            del buffer[:start]
-            scanned = len(buffer)
-            if scanned > MAX_SSE_LINE:
-                raise UpstreamUnavailable(
-                    f"Provider {provider} sent a stream line over {MAX_SSE_LINE} bytes."
-                )
-    finally:
-        response.release()
+class EventStream:
+    """The events of an SSE body (`data:`-only streams and named `event:` ones alike), read as they
+    come: the first within `first` seconds, each next one within `idle`. The adapter knows which
+    event is its stream's last: it calls `finish()` there, which reads the rest of the body (a
+    short wait) so that the connection goes back to the pool. Leaving without `finish()` (an
+    error, an early end) drops the connection. Lines are split here rather than by aiohttp's
+    readline, which refuses lines over its buffer size (a long completion in one chunk)."""
+
+    def __init__(self, response: Response, *, first: float, idle: float, provider: str) -> None:
+        self._response = response
+        self._wait = first
+        self._idle = idle
+        self._provider = provider
+        self._buffer = bytearray()
+        self._scanned = 0  # bytes of `_buffer` known to hold no newline
+        self._name = ""
+        self._data: list[bytes] = []
+        self._ready: list[Event] = []
+
+    def __aiter__(self) -> EventStream:
+        return self
+
+    async def __anext__(self) -> Event:
+        while not self._ready:
+            chunk = await self._response.chunk(self._wait)
+            if not chunk:
+                raise StopAsyncIteration  # the body ended (the adapter says whether too early)
+            self._frame(chunk)
+        self._wait = self._idle
+        return self._ready.pop(0)
+
+    def _frame(self, chunk: bytes) -> None:
+        buffer = self._buffer
+        buffer += chunk
+        start = 0
+        while (newline := buffer.find(b"\n", self._scanned)) >= 0:
+            line = bytes(buffer[start:newline]).rstrip(b"\r")
+            start = self._scanned = newline + 1
+            if not line:  # the end of an event
+                if self._data:
+                    self._ready.append(Event(self._name or "message", b"\n".join(self._data)))
+                self._name, self._data = "", []
+            elif line.startswith(b"data:"):
+                value = line[5:]
+                self._data.append(value[1:] if value.startswith(b" ") else value)
+            elif line.startswith(b"event:"):
+                self._name = line[6:].strip().decode("utf-8", errors="replace")
+            # (comments `:`, `id:` and `retry:` lines say nothing an adapter reads)
+        del buffer[:start]
+        self._scanned = len(buffer)
+        if self._scanned > MAX_SSE_LINE:
+            raise UpstreamUnavailable(
+                f"Provider {self._provider} sent a stream line over {MAX_SSE_LINE} bytes."
+            )
+
+    async def finish(self) -> None:
+        """After the stream's last event: read what is left of the body (its end, usually
+        already on its way), for at most `_FINISH_WAIT`, then release the connection."""
+        try:
+            loop = asyncio.get_running_loop()
+            until = loop.time() + _FINISH_WAIT
+            while (left := until - loop.time()) > 0 and await self._response.chunk(left):
+                pass
+        except ProviderError:
+            pass  # what came after the last event does not matter; the connection is dropped
+        finally:
+            self._response.release()
+
+    def release(self) -> None:
+        self._response.release()
+
+
+_FINISH_WAIT = 1.0  # seconds for a body to end after its stream's last event
 
 
 # -- the real one -------------------------------------------------------------------------------
@@ -250,7 +289,10 @@ class _AiohttpResponse:
         try:
             if limit is None:
                 return await self._response.read()
-            return await self._response.content.read(limit)
+            body = b""  # (content.read(n) gives what has arrived, up to n: not the whole body)
+            while len(body) < limit and (piece := await self._response.content.read(limit - len(body))):
+                body += piece
+            return body
         except Exception as exc:
             raise translate(exc, self._provider) from None
 

@@ -21,20 +21,19 @@ from llmrouter.errors import (
     UpstreamRateLimited,
     UpstreamUnavailable,
 )
-from llmrouter.providers import _http
+from llmrouter.providers import _http, _schemas
 from llmrouter.providers._common import (
     HttpAdapter,
     default_cap,
     max_tokens_for,
     only_prompt,
-    subschemas,
 )
 from llmrouter.providers.base import Call, Capabilities, Completion, StreamPart
-from llmrouter.settings import AnthropicProvider, CheckSettings, DeploymentSettings
+from llmrouter.settings import AnthropicProvider, CheckSettings, ConfigError, DeploymentSettings
 from llmrouter.structured import format_kind
 from llmrouter.wire.completions import ChunkChoice, CompletionChoice, Usage, encoder
 
-__all__ = ["AnthropicAdapter", "closed_objects_problem"]
+__all__ = ["AnthropicAdapter"]
 
 # stop_reason -> finish_reason, deliberately (`native_finish_reason` keeps the raw value).
 _FINISH = {
@@ -93,6 +92,17 @@ class _ErrorBody(Struct):
     error: _Error | None = None
 
 
+class _Stream:
+    """What a stream has said so far: its usage (totals), its stop reason, whether it ended."""
+
+    __slots__ = ("native", "stopped", "usage")
+
+    def __init__(self) -> None:
+        self.usage = _Usage()
+        self.native: str | None = None
+        self.stopped = False
+
+
 _message = msgspec.json.Decoder(_Message)
 _event = msgspec.json.Decoder(_Event)
 _error_body = msgspec.json.Decoder(_ErrorBody)
@@ -111,6 +121,14 @@ class AnthropicAdapter(HttpAdapter):
         transport: _http.Transport | None = None,
     ) -> None:
         super().__init__(name, settings, deployments, checks, transport)
+        budget = settings.thinking_budget
+        if budget is not None and settings.max_output_tokens <= budget:
+            raise ConfigError(
+                f"provider {name!r}: max_output_tokens ({settings.max_output_tokens}) must be "
+                f"more than thinking_budget ({budget}), which is spent out of it"
+            )
+        if "metadata" in settings.forward:
+            raise ConfigError(f"provider {name!r}: the Messages API has no place for `metadata`")
         self._url = settings.base_url.rstrip("/") + "/v1/messages"
         credentials = {"anthropic-version": settings.anthropic_version}
         if settings.api_key:
@@ -125,13 +143,14 @@ class AnthropicAdapter(HttpAdapter):
             parameters=self.parameters(deployment),
             ranges=ranges,
             response_formats=self.settings.response_formats,
-            schema_support=closed_objects_problem,
+            schema_support=_schemas.anthropic_problem,
             max_logprobs=0,
             token_prompts=False,
             prompt_batch=False,
             max_tokens_zero=False,
             default_max_tokens=default_cap(self.settings.defaults),
             prompt_as_message=True,
+            stop_ok=_has_text,  # (the API refuses a stop sequence of whitespace only: "\n")
         )
 
     def _body(self, call: Call, *, stream: bool) -> bytes:
@@ -155,7 +174,12 @@ class AnthropicAdapter(HttpAdapter):
             fields["output_config"] = {"format": {"type": "json_schema", "schema": schema}}
         if (budget := self.settings.thinking_budget) is not None:
             fields["thinking"] = {"type": "enabled", "budget_tokens": budget}
-            fields["max_tokens"] += budget  # the budget is spent out of max_tokens
+            # The budget is spent out of max_tokens: on top of the text's, within the most the
+            # model writes (`null` asks for that most).
+            if p.max_tokens is not None:
+                fields["max_tokens"] = min(
+                    fields["max_tokens"] + budget, self.settings.max_output_tokens
+                )
         if stream:
             fields["stream"] = True
         return encoder.encode(fields)
@@ -164,7 +188,7 @@ class AnthropicAdapter(HttpAdapter):
         raw = await self.post(self._url, self._body(call, stream=False), call.timeouts, self._headers)
         try:
             message = _message.decode(raw)
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, RecursionError):
             raise UpstreamUnavailable(
                 f"Provider {self.name} sent a message llmrouter cannot read."
             ) from None
@@ -184,37 +208,47 @@ class AnthropicAdapter(HttpAdapter):
         return Completion([choice], _usage(message.usage or _Usage()))
 
     async def stream(self, call: Call) -> AsyncIterator[StreamPart]:
-        usage = _Usage()
-        native: str | None = None
+        state = _Stream()
         body = self._body(call, stream=True)
-        async for sse in self.post_stream(self._url, body, call.timeouts, self._headers):
-            try:
-                event = _event.decode(sse.data)
-            except msgspec.DecodeError:
-                raise UpstreamUnavailable(
-                    f"Provider {self.name} sent a stream event llmrouter cannot read."
-                ) from None
-            kind = event.type
-            if kind == "content_block_delta" and event.delta is not None:
-                delta = event.delta
-                if delta.type == "text_delta" and delta.text:
-                    yield StreamPart([ChunkChoice(delta.text, 0)])
-                elif delta.type == "thinking_delta" and delta.thinking:
-                    yield StreamPart([ChunkChoice("", 0, reasoning=delta.thinking)])
-            elif kind == "message_start" and event.message is not None:
-                usage = _merged(usage, event.message.usage)
-            elif kind == "message_delta":
-                usage = _merged(usage, event.usage)  # cumulative: the counts so far, replaced
-                if event.delta is not None and event.delta.stop_reason is not None:
-                    native = event.delta.stop_reason
-            elif kind == "message_stop":
-                finish = _FINISH.get(native or "", "stop")
-                end = ChunkChoice("", 0, None, finish, native if native is not None else UNSET)  # type: ignore[arg-type]
-                yield StreamPart([end], usage=_usage(usage))
-                return
-            elif kind == "error":
-                raise self._in_band(event.error or _Error())
+        async with self.events(self._url, body, call.timeouts, self._headers) as events:
+            async for sse in events:
+                part = self._read(sse.data, state)
+                if part is not None:
+                    yield part
+                if state.stopped:
+                    await events.finish()
+                    return
         raise self.ended_early()
+
+    def _read(self, data: bytes, state: _Stream) -> StreamPart | None:
+        """One stream event: what it adds to the answer, if anything."""
+        try:
+            event = _event.decode(data)
+        except (msgspec.DecodeError, RecursionError):
+            raise UpstreamUnavailable(
+                f"Provider {self.name} sent a stream event llmrouter cannot read."
+            ) from None
+        kind, delta = event.type, event.delta
+        if kind == "content_block_delta" and delta is not None:
+            if delta.type == "text_delta" and delta.text:
+                return StreamPart([ChunkChoice(delta.text, 0)])
+            if delta.type == "thinking_delta" and delta.thinking:
+                return StreamPart([ChunkChoice("", 0, reasoning=delta.thinking)])
+        elif kind == "message_start" and event.message is not None:
+            state.usage = _merged(state.usage, event.message.usage)
+        elif kind == "message_delta":
+            state.usage = _merged(state.usage, event.usage)  # totals so far: replaced, not added
+            if delta is not None and delta.stop_reason is not None:
+                state.native = delta.stop_reason
+        elif kind == "message_stop":
+            state.stopped = True
+            native = state.native
+            finish = _FINISH.get(native or "", "stop")
+            end = ChunkChoice("", 0, None, finish, native if native is not None else UNSET)  # type: ignore[arg-type]
+            return StreamPart([end], usage=_usage(state.usage))
+        elif kind == "error":
+            raise self._in_band(event.error or _Error())
+        return None
 
     def _in_band(self, error: _Error) -> LlmrouterError:
         detail = self.redact(error.message)[: _http.MAX_ERROR_TEXT]
@@ -226,15 +260,20 @@ class AnthropicAdapter(HttpAdapter):
     def error(self, status: int, headers: Mapping[str, str], body: bytes) -> LlmrouterError:
         try:
             error = _error_body.decode(body).error or _Error()
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, RecursionError):
             error = _Error(message=body.decode("utf-8", errors="replace").strip())
         detail = self.redact(f"{error.type}: {error.message}" if error.type else error.message)
         recognised: type[LlmrouterError] | None = None
-        if status == 400 and "prompt is too long" in error.message.lower():
+        lowered = error.message.lower()
+        if status == 400 and ("prompt is too long" in lowered or "exceed context limit" in lowered):
             recognised = ContextLengthExceeded
         elif status == 529 or error.type == "overloaded_error":  # load, not sickness: skipped
             recognised = UpstreamRateLimited
         return _http.status_error(self.name, status, headers, detail, recognised=recognised)
+
+
+def _has_text(stop: str) -> bool:
+    return bool(stop.strip())
 
 
 def _merged(old: _Usage, new: _Usage | None) -> _Usage:
@@ -255,12 +294,3 @@ def _usage(u: _Usage) -> Usage:
     )
     completion = u.output_tokens or 0
     return Usage(prompt, completion, prompt + completion)
-
-
-def closed_objects_problem(schema: dict[str, Any], strict: bool) -> str | None:
-    """Why structured outputs would refuse `schema` (an object not closed), or None."""
-    for node in subschemas(schema):
-        closed = node.get("additionalProperties") is False
-        if (node.get("type") == "object" or "properties" in node) and not closed:
-            return "structured outputs need `additionalProperties: false` on every object"
-    return None

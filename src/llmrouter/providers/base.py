@@ -58,6 +58,7 @@ class Capabilities:
     # included, None for no bound. A request outside them is not sent here.
     ranges: Mapping[str, tuple[float | None, float | None]] = field(default_factory=dict, hash=False)
     max_stops: int | None = None  # stop sequences it takes natively; beyond these, the router's
+    stop_ok: Callable[[str], bool] | None = None  # one it takes natively (else: the router's)
     # For a native `json_schema`: (schema, strict) -> None when it takes the schema, else why
     # not (then the router checks the answers instead). Unset: it takes every schema.
     schema_support: Callable[[dict[str, Any], bool], str | None] | None = None

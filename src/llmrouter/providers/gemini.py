@@ -19,29 +19,31 @@ from msgspec import UNSET, Struct
 from llmrouter.errors import (
     ContextLengthExceeded,
     LlmrouterError,
+    UpstreamAuthFailed,
     UpstreamRefused,
     UpstreamUnavailable,
 )
-from llmrouter.providers import _http
+from llmrouter.providers import _http, _schemas
 from llmrouter.providers._common import (
     HttpAdapter,
     LogprobsBuilder,
     default_cap,
     max_tokens_for,
+    missing_logprobs,
     only_prompt,
-    subschemas,
 )
 from llmrouter.providers.base import Call, Capabilities, Completion, StreamPart
-from llmrouter.settings import CheckSettings, DeploymentSettings, GeminiProvider
+from llmrouter.settings import CheckSettings, ConfigError, DeploymentSettings, GeminiProvider
 from llmrouter.structured import format_kind
 from llmrouter.wire.completions import ChunkChoice, CompletionChoice, Logprobs, Usage, encoder
 
-__all__ = ["GeminiAdapter", "schema_problem"]
+__all__ = ["GeminiAdapter"]
 
 _FINISH = {"STOP": "stop", "MAX_TOKENS": "length"}  # the safety family and the rest: below
 _FILTERED = frozenset(
     {"SAFETY", "RECITATION", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII", "IMAGE_SAFETY", "LANGUAGE"}
 )
+_BAD_KEY = frozenset({"API_KEY_INVALID", "API_KEY_EXPIRED", "API_KEY_SERVICE_BLOCKED"})
 # The request fields in generationConfig, by their Completions names.
 _CONFIG = {
     "temperature": "temperature",
@@ -98,12 +100,13 @@ class _Response(Struct, rename="camel"):
     usage_metadata: _UsageMetadata | None = None
     prompt_feedback: _Feedback | None = None
     model_version: str | None = None
-    error: Any = None
+    error: msgspec.Raw = msgspec.Raw()  # (not decoded here: it may be anything)
 
 
 class _Detail(Struct, rename={"type": "@type", "retry_delay": "retryDelay"}):
     type: str = ""
-    retry_delay: str | None = None
+    retry_delay: str | None = None  # RetryInfo
+    reason: str | None = None  # ErrorInfo
 
 
 class _Error(Struct):
@@ -137,6 +140,8 @@ class GeminiAdapter(HttpAdapter):
         transport: _http.Transport | None = None,
     ) -> None:
         super().__init__(name, settings, deployments, checks, transport)
+        if settings.forward:
+            raise ConfigError(f"provider {name!r}: the Gemini API has no place for `user` or `metadata`")
         self._base = f"{settings.base_url.rstrip('/')}/{settings.api_version}/models/"
         self._headers = self.headers({"x-goog-api-key": settings.api_key} if settings.api_key else None)
 
@@ -144,14 +149,14 @@ class GeminiAdapter(HttpAdapter):
         return Capabilities(
             parameters=self.parameters(deployment),
             ranges=self.ranges(deployment),
-            response_formats=frozenset({"text", "json_object", "json_schema"}),
+            response_formats=self.settings.response_formats,
             max_logprobs=self.settings.max_logprobs,
             token_prompts=False,
             prompt_batch=False,
             max_tokens_zero=False,
             default_max_tokens=default_cap(self.settings.defaults),
             max_stops=5,
-            schema_support=schema_problem,
+            schema_support=_schemas.gemini_problem,
             prompt_as_message=True,
         )
 
@@ -163,8 +168,10 @@ class GeminiAdapter(HttpAdapter):
                 config[wire] = value
         if p.stop:
             config["stopSequences"] = [p.stop] if isinstance(p.stop, str) else p.stop
+        budget = self.settings.thinking_budget
         if (cap := max_tokens_for(p.max_tokens, self.settings.defaults, None)) is not None:
-            config["maxOutputTokens"] = cap
+            # Thoughts count against maxOutputTokens: a budget for them comes on top of the text's.
+            config["maxOutputTokens"] = cap + (budget if budget and budget > 0 else 0)
         if p.logprobs is not None:
             config["responseLogprobs"] = True
             if p.logprobs:
@@ -174,7 +181,7 @@ class GeminiAdapter(HttpAdapter):
             config["responseMimeType"] = "application/json"
         if kind == "json_schema":
             config["responseJsonSchema"] = p.response_format.json_schema.schema or {}  # type: ignore[union-attr]
-        if (budget := self.settings.thinking_budget) is not None or self.settings.include_thoughts:
+        if budget is not None or self.settings.include_thoughts:
             thinking: dict[str, Any] = {"includeThoughts": self.settings.include_thoughts}
             if budget is not None:
                 thinking["thinkingBudget"] = budget
@@ -183,7 +190,8 @@ class GeminiAdapter(HttpAdapter):
         return encoder.encode({**fields, "generationConfig": config})
 
     def _url(self, call: Call, method: str) -> str:
-        return self._base + call.deployment.model + method
+        model = call.deployment.model.removeprefix("models/")  # (the API's own name for it)
+        return self._base + model + method
 
     async def complete(self, call: Call) -> Completion:
         url = self._url(call, ":generateContent")
@@ -197,7 +205,7 @@ class GeminiAdapter(HttpAdapter):
                 CompletionChoice(
                     text=text,
                     index=c.index,
-                    logprobs=_logprobs(LogprobsBuilder(), c, k),
+                    logprobs=_logprobs(LogprobsBuilder(), c, k, self.name),
                     finish_reason=_finish(native),  # type: ignore[arg-type]
                     native_finish_reason=native if native is not None else UNSET,
                     reasoning=thought or None,
@@ -212,40 +220,30 @@ class GeminiAdapter(HttpAdapter):
         builders: dict[int, LogprobsBuilder] = {}
         finished: set[int] = set()
         usage: _UsageMetadata | None = None
-        async for event in self.post_stream(url, self._body(call), call.timeouts, self._headers):
-            response = self._decode(event.data)
-            usage = response.usage_metadata or usage  # a running total: the last one counts
-            out = []
-            for c in response.candidates:
-                text, thought = _texts(c)
-                native = c.finish_reason
-                if native is not None:
-                    finished.add(c.index)
-                builder = builders.setdefault(c.index, LogprobsBuilder())
-                out.append(
-                    ChunkChoice(
-                        text,
-                        c.index,
-                        _logprobs(builder, c, k),
-                        _finish(native) if native is not None else None,  # type: ignore[arg-type]
-                        native if native is not None else UNSET,
-                        thought or None,
-                    )
-                )
-            done = len(finished) >= expected
-            yield StreamPart(out, _usage(usage) if done else None)
-            if done:
-                return
+        async with self.events(url, self._body(call), call.timeouts, self._headers) as events:
+            async for event in events:
+                response = self._decode(event.data)
+                usage = response.usage_metadata or usage  # a running total: the last one counts
+                out = []
+                for c in response.candidates:
+                    if c.finish_reason is not None:
+                        finished.add(c.index)
+                    out.append(_chunk(c, builders.setdefault(c.index, LogprobsBuilder()), k, self.name))
+                done = len(finished) >= expected
+                yield StreamPart(out, _usage(usage) if done else None)
+                if done:
+                    await events.finish()
+                    return
         raise self.ended_early()
 
     def _decode(self, raw: bytes) -> _Response:
         try:
             response = _response.decode(raw)
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, RecursionError):
             raise UpstreamUnavailable(
                 f"Provider {self.name} sent an answer llmrouter cannot read."
             ) from None
-        if response.error is not None:
+        if response.error and bytes(response.error) != b"null":
             raise self.error(500, {}, raw, in_band=True)
         feedback = response.prompt_feedback
         if feedback is not None and feedback.block_reason and not response.candidates:
@@ -259,7 +257,7 @@ class GeminiAdapter(HttpAdapter):
     ) -> LlmrouterError:
         try:
             error = _error_body.decode(body).error or _Error()
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, RecursionError):
             error = _Error(message=body.decode("utf-8", errors="replace").strip())
         detail = self.redact(f"{error.status}: {error.message}" if error.status else error.message)
         if in_band:
@@ -268,9 +266,24 @@ class GeminiAdapter(HttpAdapter):
         recognised: type[LlmrouterError] | None = None
         if status == 400 and "exceeds the maximum number of tokens" in error.message:
             recognised = ContextLengthExceeded
+        elif any(d.reason in _BAD_KEY for d in error.details):  # a 400, for our key: not the client's
+            recognised = UpstreamAuthFailed
         return _http.status_error(
             self.name, status, headers, detail, recognised=recognised, retry_after=delay
         )
+
+
+def _chunk(c: _Candidate, builder: LogprobsBuilder, k: int | None, provider: str) -> ChunkChoice:
+    text, thought = _texts(c)
+    native = c.finish_reason
+    return ChunkChoice(
+        text,
+        c.index,
+        _logprobs(builder, c, k, provider),
+        _finish(native) if native is not None else None,  # type: ignore[arg-type]
+        native if native is not None else UNSET,
+        thought or None,
+    )
 
 
 def _texts(candidate: _Candidate) -> tuple[str, str]:
@@ -291,9 +304,15 @@ def _usage(u: _UsageMetadata | None) -> Usage:
     return Usage(u.prompt_token_count, completion, u.prompt_token_count + completion)
 
 
-def _logprobs(builder: LogprobsBuilder, candidate: _Candidate, k: int | None) -> Logprobs | None:
+def _logprobs(
+    builder: LogprobsBuilder, candidate: _Candidate, k: int | None, provider: str
+) -> Logprobs | None:
     result = candidate.logprobs_result
-    if k is None or result is None:
+    if k is None:
+        return None
+    if result is None:
+        if _texts(candidate)[0]:
+            raise missing_logprobs(provider)
         return None
     tops = result.top_candidates
     entries = []
@@ -313,20 +332,3 @@ def _seconds(delay: str | None) -> float | None:
         return float(delay[:-1])
     except ValueError:
         return None
-
-
-# The JSON Schema keywords Gemini's `responseJsonSchema` takes; a schema with any other is
-# checked by llmrouter instead of constraining the decoding.
-_GEMINI_KEYWORDS = frozenset(
-    {"$id", "$defs", "$ref", "$anchor", "type", "format", "title", "description", "enum", "items",
-     "prefixItems", "minItems", "maxItems", "minimum", "maximum", "anyOf", "oneOf", "properties",
-     "additionalProperties", "required", "propertyOrdering", "nullable"}
-)  # fmt: skip
-
-
-def schema_problem(schema: dict[str, Any], strict: bool) -> str | None:
-    """Why Gemini would not take `schema` as it is, or None."""
-    for node in subschemas(schema):
-        if unknown := node.keys() - _GEMINI_KEYWORDS:
-            return f"Gemini's schemas have no `{min(unknown)}`"
-    return None

@@ -102,7 +102,6 @@ class OpenAIAdapter(HttpAdapter):
         self._headers = self.headers(
             {"authorization": f"Bearer {settings.api_key}"} if settings.api_key else None
         )
-        self._stream_usage = "stream_usage" not in settings.unsupported_parameters
         if settings.structured_output_field == "grammar" and "json_schema" in settings.response_formats:
             try:  # JSON Schema becomes GBNF with llama-cpp-python's converter
                 import llama_cpp.llama_grammar  # noqa: F401
@@ -113,7 +112,7 @@ class OpenAIAdapter(HttpAdapter):
                 ) from None
 
     def capabilities(self, deployment: DeploymentSettings) -> Capabilities:
-        unsupported = self.settings.unsupported_parameters | deployment.unsupported_parameters
+        unsupported = self._lacking(deployment)
         return Capabilities(
             parameters=self.parameters(deployment),
             ranges=self.ranges(deployment),
@@ -152,7 +151,7 @@ class OpenAIAdapter(HttpAdapter):
         fields["model"] = call.deployment.model
         if stream:
             fields["stream"] = True
-            if self._stream_usage:
+            if "stream_usage" not in self._lacking(call.deployment):
                 fields["stream_options"] = {"include_usage": True}
         return encoder.encode(fields)
 
@@ -189,15 +188,17 @@ class OpenAIAdapter(HttpAdapter):
         body = await self._encoded(call, stream=True)
         usage_seen = False
         text_chunks = 0
-        async for event in self.post_stream(self._url, body, call.timeouts, self._headers):
-            if event.data == b"[DONE]":
-                break
-            part = self._part(self._decode(event.data))
-            usage_seen = usage_seen or part.usage is not None
-            text_chunks += sum(1 for c in part.choices if c.text)
-            yield part
-        else:
-            raise self.ended_early()
+        async with self.events(self._url, body, call.timeouts, self._headers) as events:
+            async for event in events:
+                if event.data == b"[DONE]":
+                    await events.finish()
+                    break
+                part = self._part(self._decode(event.data))
+                usage_seen = usage_seen or part.usage is not None
+                text_chunks += sum(1 for c in part.choices if c.text)
+                yield part
+            else:
+                raise self.ended_early()
         if not usage_seen:
             # Some upstreams (llama.cpp's server among them) ignore stream_options and send
             # no usage. They send one token a chunk, so the chunks are the completion count;
@@ -247,7 +248,7 @@ class OpenAIAdapter(HttpAdapter):
     def _decode(self, raw: bytes) -> _Body:
         try:
             parsed = _body_decoder.decode(raw)
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, RecursionError):
             raise UpstreamUnavailable(
                 f"Provider {self.name} sent a response that is not a valid completion."
             ) from None
@@ -395,7 +396,7 @@ def _error_detail(raw: bytes) -> tuple[str, str | None]:
     """The upstream error's message and code, as far as the body says."""
     try:
         parsed = _body_decoder.decode(raw)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):
         return raw.decode("utf-8", errors="replace").strip(), None
     if isinstance(parsed.error, str):
         return parsed.error, None

@@ -7,20 +7,20 @@ comes back as the choice's text, its per-token logprobs in the Completions shape
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
-from msgspec import UNSET, Struct
+from msgspec import UNSET, Meta, Struct
 
 from llmrouter.errors import LlmrouterError, UpstreamUnavailable
-from llmrouter.providers import _http
+from llmrouter.providers import _http, _schemas
 from llmrouter.providers._common import (
     HttpAdapter,
     LogprobsBuilder,
     default_cap,
     max_tokens_for,
+    missing_logprobs,
     only_prompt,
-    subschemas,
 )
 from llmrouter.providers.base import (
     ALL_PARAMETERS,
@@ -35,7 +35,7 @@ from llmrouter.settings import CheckSettings, DeploymentSettings, OpenAIChatProv
 from llmrouter.structured import format_kind
 from llmrouter.wire.completions import ChunkChoice, CompletionChoice, Logprobs, Usage, encoder
 
-__all__ = ["OpenAIChatAdapter", "strict_schema_problem"]
+__all__ = ["OpenAIChatAdapter"]
 
 # Passed on as they are (Completions and Chat Completions mean the same by them).
 _SAMPLING = ("temperature", "top_p", "seed", "frequency_penalty", "presence_penalty", "logit_bias", "n")
@@ -51,7 +51,7 @@ class _Message(Struct):  # a whole message, or a stream's delta
 class _Top(Struct):
     token: str
     logprob: float
-    bytes: list[int] | None = None
+    bytes: list[Annotated[int, Meta(ge=0, le=255)]] | None = None
 
 
 class _Token(_Top):
@@ -81,7 +81,7 @@ class _Body(Struct):
     choices: list[_Choice] = []
     usage: _Usage | None = None
     system_fingerprint: str | None = None
-    error: Any = None
+    error: msgspec.Raw = msgspec.Raw()  # (not decoded here: it may be anything)
 
 
 _decoder = msgspec.json.Decoder(_Body)
@@ -106,7 +106,7 @@ class OpenAIChatAdapter(HttpAdapter):
         )
 
     def capabilities(self, deployment: DeploymentSettings) -> Capabilities:
-        lacking = self.settings.unsupported_parameters | deployment.unsupported_parameters
+        lacking = self._lacking(deployment)
         return Capabilities(
             parameters=self.parameters(deployment),
             ranges=self.ranges(deployment),
@@ -118,7 +118,7 @@ class OpenAIChatAdapter(HttpAdapter):
             stream_usage="stream_usage" not in lacking,
             default_max_tokens=default_cap(self.settings.defaults),
             max_stops=self.settings.max_stops,
-            schema_support=strict_schema_problem,
+            schema_support=_schemas.openai_strict_problem,
             prompt_as_message=True,
         )
 
@@ -136,7 +136,7 @@ class OpenAIChatAdapter(HttpAdapter):
             fields["stop"] = [p.stop] if isinstance(p.stop, str) else p.stop
         cap = max_tokens_for(p.max_tokens, self.settings.defaults, None)
         if cap is not None:
-            fields[self.settings.max_tokens_field] = cap
+            fields[self.settings.max_tokens_field] = cap + self.settings.reasoning_budget
         if p.logprobs is not None:
             fields["logprobs"] = True
             fields["top_logprobs"] = p.logprobs
@@ -151,7 +151,7 @@ class OpenAIChatAdapter(HttpAdapter):
                 fields[name] = value
         if stream:
             fields["stream"] = True
-            if "stream_usage" not in self.settings.unsupported_parameters:
+            if "stream_usage" not in self._lacking(call.deployment):
                 fields["stream_options"] = {"include_usage": True}
         return encoder.encode(fields)
 
@@ -166,11 +166,12 @@ class OpenAIChatAdapter(HttpAdapter):
             message = c.message or _Message()
             refused = message.content is None and message.refusal is not None
             native = c.finish_reason
+            text = (message.refusal if refused else message.content) or ""
             choices.append(
                 CompletionChoice(
-                    text=(message.refusal if refused else message.content) or "",
+                    text=text,
                     index=c.index,
-                    logprobs=_logprobs(LogprobsBuilder(), c.logprobs, k),
+                    logprobs=_logprobs(LogprobsBuilder(), c.logprobs, k, text, self.name),
                     finish_reason="content_filter" if refused else normalise_finish_reason(native),  # type: ignore[arg-type]
                     native_finish_reason=native if native is not None else UNSET,
                     reasoning=message.reasoning or message.reasoning_content,
@@ -181,55 +182,55 @@ class OpenAIChatAdapter(HttpAdapter):
     async def stream(self, call: Call) -> AsyncIterator[StreamPart]:
         k = call.request.logprobs
         builders: dict[int, LogprobsBuilder] = {}
-        refused: set[int] = set()
+        refused: set[int] = set()  # choices whose text is a refusal
         usage_seen = False
         chunks = 0
         body = self._body(call, stream=True)
-        async for event in self.post_stream(self._url, body, call.timeouts, self._headers):
-            if event.data == b"[DONE]":
-                break
-            parsed = self._decode(event.data)
-            out = []
-            for c in parsed.choices:
-                delta = c.delta or _Message()
-                if delta.content is None and delta.refusal is not None:
-                    refused.add(c.index)
-                text = delta.content or delta.refusal or ""
-                chunks += bool(text)
-                builder = builders.setdefault(c.index, LogprobsBuilder())
-                finish: str | None = None
-                if c.finish_reason is not None:
-                    finish = (
-                        "content_filter"
-                        if c.index in refused
-                        else normalise_finish_reason(c.finish_reason)
-                    )
-                out.append(
-                    ChunkChoice(
-                        text,
-                        c.index,
-                        _logprobs(builder, c.logprobs, k),
-                        finish,  # type: ignore[arg-type]
-                        c.finish_reason if c.finish_reason is not None else UNSET,
-                        delta.reasoning or delta.reasoning_content,
-                    )
-                )
-            usage_seen = usage_seen or parsed.usage is not None
-            usage = _usage(parsed.usage) if parsed.usage is not None else None
-            yield StreamPart(out, usage, parsed.system_fingerprint or UNSET)
-        else:
-            raise self.ended_early()
+        async with self.events(self._url, body, call.timeouts, self._headers) as events:
+            async for event in events:
+                if event.data == b"[DONE]":
+                    await events.finish()
+                    break
+                parsed = self._decode(event.data)
+                out = [self._delta(c, builders, refused, k) for c in parsed.choices]
+                chunks += sum(1 for c in out if c.text)
+                usage_seen = usage_seen or parsed.usage is not None
+                usage = _usage(parsed.usage) if parsed.usage is not None else None
+                yield StreamPart(out, usage, parsed.system_fingerprint or UNSET)
+            else:
+                raise self.ended_early()
         if not usage_seen:  # an upstream that ignores stream_options: a chunk is about a token
             yield StreamPart([], usage=Usage(0, chunks, chunks), usage_estimated=True)
+
+    def _delta(
+        self, c: _Choice, builders: dict[int, LogprobsBuilder], refused: set[int], k: int | None
+    ) -> ChunkChoice:
+        delta = c.delta or _Message()
+        if delta.content is None and delta.refusal is not None:
+            refused.add(c.index)
+        text = delta.content or delta.refusal or ""
+        native = c.finish_reason
+        finish = None
+        if native is not None:
+            finish = "content_filter" if c.index in refused else normalise_finish_reason(native)
+        builder = builders.setdefault(c.index, LogprobsBuilder())
+        return ChunkChoice(
+            text,
+            c.index,
+            _logprobs(builder, c.logprobs, k, text, self.name),
+            finish,  # type: ignore[arg-type]
+            native if native is not None else UNSET,
+            delta.reasoning or delta.reasoning_content,
+        )
 
     def _decode(self, raw: bytes) -> _Body:
         try:
             body = _decoder.decode(raw)
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, RecursionError):
             raise UpstreamUnavailable(
                 f"Provider {self.name} sent a response that is not a valid chat completion."
             ) from None
-        if body.error is not None:
+        if body.error and bytes(body.error) != b"null":
             raise openai_error(self.name, self.redact, 200, {}, raw, in_band=True)
         return body
 
@@ -244,8 +245,14 @@ def _usage(u: _Usage | None) -> Usage:
     )
 
 
-def _logprobs(builder: LogprobsBuilder, logprobs: _Logprobs | None, k: int | None) -> Logprobs | None:
-    if k is None or logprobs is None:
+def _logprobs(
+    builder: LogprobsBuilder, logprobs: _Logprobs | None, k: int | None, text: str, provider: str
+) -> Logprobs | None:
+    if k is None:
+        return None
+    if logprobs is None:
+        if text:
+            raise missing_logprobs(provider)
         return None
     tokens = logprobs.content if logprobs.content is not None else logprobs.refusal or []
     return builder.build(
@@ -259,28 +266,3 @@ def _logprobs(builder: LogprobsBuilder, logprobs: _Logprobs | None, k: int | Non
             for t in tokens
         ]
     )
-
-
-# OpenAI's strict structured outputs take a subset of JSON Schema: every object closed
-# (`additionalProperties: false`) with every property required, and none of these keywords.
-_NOT_IN_STRICT = frozenset(
-    {"patternProperties", "unevaluatedProperties", "propertyNames", "minProperties", "maxProperties",
-     "unevaluatedItems", "contains", "minContains", "maxContains", "uniqueItems", "if", "then",
-     "else", "dependentRequired", "dependentSchemas", "not"}
-)  # fmt: skip
-
-
-def strict_schema_problem(schema: dict[str, Any], strict: bool) -> str | None:
-    """Why OpenAI's strict mode would refuse `schema`, or None. (A schema sent without
-    `strict: true` is taken as it is, so only strict ones are held to the subset.)"""
-    if not strict:
-        return None
-    for node in subschemas(schema):
-        if found := _NOT_IN_STRICT & node.keys():
-            return f"strict mode has no `{min(found)}`"
-        if node.get("type") == "object" or "properties" in node:
-            if node.get("additionalProperties") is not False:
-                return "strict mode needs `additionalProperties: false` on every object"
-            if set(node.get("required", ())) != set(node.get("properties", {})):
-                return "strict mode needs every property required"
-    return None
