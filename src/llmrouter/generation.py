@@ -29,16 +29,17 @@ __all__ = ["Generation", "Message", "Route", "from_completions"]
 
 
 class Message(Struct, frozen=True):
-    """One turn of a conversation (the chat endpoint's input)."""
+    """One turn of a conversation (the chat endpoint's input). `system` and `developer` are
+    instructions; each chat kind puts them where its API takes them."""
 
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+    role: Literal["system", "developer", "user", "assistant"]
     content: str
 
 
 class Generation(Struct, frozen=True, kw_only=True, omit_defaults=True):
     """One request's ask of a model: a prompt (or several) or a conversation, and how to answer."""
 
-    prompts: Prompts = ()
+    prompts: Prompts = ()  # or:
     messages: tuple[Message, ...] = ()
     # Omitted: the Completions API's 16; None: up to the model's context.
     max_tokens: int | UnsetType | None = UNSET

@@ -20,7 +20,7 @@ from llmrouter.errors import (
     UpstreamRefused,
     UpstreamUnavailable,
 )
-from llmrouter.generation import from_completions
+from llmrouter.generation import Generation, Message, from_completions
 from llmrouter.providers import _http
 from llmrouter.providers._schemas import anthropic_problem, gemini_problem, openai_strict_problem
 from llmrouter.providers.anthropic import AnthropicAdapter
@@ -665,3 +665,41 @@ def test_schema_subsets() -> None:
         gemini_problem({"type": "string", "pattern": "a+"}, False)
         == "Gemini's schemas have no `pattern`"
     )
+
+
+# -- a conversation, as the chat endpoint will send one -------------------------------------------
+
+CONVERSATION = (
+    Message("system", "Be brief."),
+    Message("user", "Hi"),
+    Message("assistant", "Hello."),
+    Message("developer", "Answer in French."),
+    Message("user", "Again?"),
+)
+
+
+def conversation_call(**fields: Any) -> Call:
+    request = Generation(messages=CONVERSATION, max_tokens=5, **fields)
+    return Call(DeploymentSettings(provider="p", model="m"), request, Timeouts(first_token=2, idle=2))
+
+
+def test_each_chat_kind_sends_a_conversation_in_its_own_terms() -> None:
+    a, t = adapter(OpenAIChatAdapter, CHAT, ok(chat_answer(content="")))
+    complete(a, conversation_call())
+    assert sent(t)["messages"] == [{"role": m.role, "content": m.content} for m in CONVERSATION]
+    a, t = adapter(AnthropicAdapter, CLAUDE, ok(message()))
+    complete(a, conversation_call())
+    assert sent(t)["system"] == "Be brief.\n\nAnswer in French."
+    assert sent(t)["messages"] == [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "Again?"},
+    ]
+    a, t = adapter(GeminiAdapter, GEMINI, ok(gemini(candidate({"text": ""}))))
+    complete(a, conversation_call())
+    assert sent(t)["systemInstruction"] == {"parts": [{"text": "Be brief.\n\nAnswer in French."}]}
+    assert sent(t)["contents"] == [
+        {"role": "user", "parts": [{"text": "Hi"}]},
+        {"role": "model", "parts": [{"text": "Hello."}]},
+        {"role": "user", "parts": [{"text": "Again?"}]},
+    ]

@@ -178,6 +178,21 @@ def test_a_schema_the_deployment_cannot_constrain_to_is_checked_instead() -> Non
 
 
 def test_a_chat_api_says_the_prompt_became_a_message() -> None:
-    caps = Capabilities(parameters=ALL_PARAMETERS, prompt_as_message=True, prompt_batch=False)
+    caps = Capabilities(parameters=ALL_PARAMETERS, chat=True, prompt_batch=False)
     assert ok(caps).emulated == ("prompt",)
     assert ok(caps, prompt=["a", "b"]).emulated == ("prompt",)
+
+
+def test_a_conversation_goes_only_to_a_chat_api_and_is_one_input() -> None:
+    from llmrouter.generation import Generation, Message
+
+    request = Generation(messages=(Message("user", "Hi"),), n=2)
+    wanted = requested_parameters(request)
+    assert shape_for(FULL, MODEL, request, wanted, None) == (
+        "messages",
+        "takes a prompt, not a conversation",
+    )
+    chat = Capabilities(parameters=ALL_PARAMETERS, chat=True, prompt_batch=False)
+    shaped = shape_for(chat, MODEL, request, wanted, None)
+    assert isinstance(shaped, Shape)
+    assert shaped.inputs == 1 and shaped.emulated == ()  # nothing became a message: it is one

@@ -82,13 +82,18 @@ class Shape:
     def prompts(self) -> Prompts:
         return self.request.prompts
 
+    @property
+    def inputs(self) -> int:
+        """What the choices are answers to: each prompt, or the one conversation."""
+        return len(self.request.prompts) or 1
+
     # -- one attempt ----------------------------------------------------------------------------
 
     async def complete(self, provider: Upstream, call: Call) -> Completion:
         calls = self._calls(call)
         if len(calls) == 1:
             results = [await provider.complete(calls[0][0])]
-            if self.plain and _untouched(results[0], self.n * len(self.prompts), self.reasoning_tags):
+            if self.plain and _untouched(results[0], self.n * self.inputs, self.reasoning_tags):
                 return results[0]  # the common case: nothing for the router to do
         else:
             results = await _all([provider.complete(c) for c, _ in calls])
@@ -96,7 +101,7 @@ class Shape:
         for (_, sub), result in zip(calls, results, strict=True):
             for choice in result.choices:
                 choices.append((self._index(choice.index, sub), choice))
-        expected = len(self.prompts) * self.candidates
+        expected = self.inputs * self.candidates
         if len({i for i, _ in choices}) != expected:
             raise UpstreamUnavailable(
                 f"{call.deployment.provider}/{call.deployment.model} returned {len(choices)} "
@@ -187,7 +192,7 @@ class Shape:
     def _index(self, index: int, sub: _Sub) -> int:
         """A choice's place among all candidates: prompt p's k-th is p * candidates + k."""
         per_call = 1 if self.fan_out > 1 else self.candidates
-        prompts = 1 if self.split_prompts else len(self.prompts)
+        prompts = 1 if self.split_prompts else self.inputs
         if not 0 <= index < prompts * per_call:
             raise UpstreamUnavailable(
                 f"The deployment answered with a choice {index} it was not asked for."
@@ -197,7 +202,7 @@ class Shape:
         return prompt * self.candidates + k
 
     def _shaper(self, index: int) -> ChoiceShaper:
-        prompt = self.prompts[index // self.n]
+        prompt = self.prompts[index // self.n] if self.prompts else None  # (a conversation)
         text = prompt if isinstance(prompt, str) else None
         tags = self.reasoning_tags
         return ChoiceShaper(
@@ -269,7 +274,7 @@ class Shape:
     def _best(self, choices: list[tuple[int, CompletionChoice]]) -> list[tuple[int, CompletionChoice]]:
         """Per prompt, the n candidates with the highest mean token logprob, best first."""
         chosen: list[tuple[int, CompletionChoice]] = []
-        for p in range(len(self.prompts)):
+        for p in range(self.inputs):
             group = [c for i, c in choices if i // self.candidates == p]
             group.sort(key=_mean_logprob, reverse=True)
             chosen.extend((p * self.n + k, c) for k, c in enumerate(group[: self.n]))
@@ -283,7 +288,7 @@ class _Streaming:
     def __init__(self, shape: Shape, subs: list[_Sub]) -> None:
         self.shape = shape
         self.subs = subs
-        self.expected = len(shape.prompts) * shape.n
+        self.expected = shape.inputs * shape.n
         self.shapers: dict[int, ChoiceShaper] = {}
         self.settled: set[int] = set()
         self.ended: set[int] = set()
@@ -507,6 +512,8 @@ def shape_for(
     echo = native_echo = False
     stream_native = True
 
+    if params.messages and not caps.chat:
+        return "messages", "takes a prompt, not a conversation"
     for name in wanted:
         if name in ("n", "best_of", "echo", "stop", "stream", "response_format"):
             continue  # below, together
@@ -601,7 +608,7 @@ def shape_for(
     emulated = [
         name
         for name, done_here in (
-            ("prompt", split_prompts or caps.prompt_as_message),
+            ("prompt", split_prompts or (caps.chat and bool(prompts))),
             ("n", fan_out > 1 and n > 1),
             ("best_of", choose_best),
             ("echo", echo),

@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 from msgspec import UNSET
 
 from llmrouter.errors import LlmrouterError, UpstreamUnavailable
+from llmrouter.generation import Message
 from llmrouter.obs.redact import Redactor
 from llmrouter.providers import _http
 from llmrouter.providers.base import ALL_PARAMETERS, Call, Tokenizer
@@ -26,10 +27,11 @@ from llmrouter.wire.completions import Logprobs
 __all__ = [
     "HttpAdapter",
     "LogprobsBuilder",
+    "conversation",
     "default_cap",
+    "instructions_apart",
     "max_tokens_for",
     "missing_logprobs",
-    "only_prompt",
 ]
 
 
@@ -139,12 +141,23 @@ def missing_logprobs(provider: str) -> LlmrouterError:
     return UpstreamUnavailable(f"Provider {provider} answered without the logprobs it was asked for.")
 
 
-def only_prompt(call: Call) -> str:
-    """The one string prompt a chat call carries (its capabilities say so: the plan splits
-    batches and refuses token ids before a call is made)."""
-    (prompt,) = call.request.prompts
+def conversation(call: Call) -> tuple[Message, ...]:
+    """What a chat API is sent: the call's conversation, or its one string prompt as one user
+    message (the plan splits prompt batches and refuses token ids before a call is made)."""
+    request = call.request
+    if request.messages:
+        return request.messages
+    (prompt,) = request.prompts
     assert isinstance(prompt, str), "chat kinds take no token-id prompts"
-    return prompt
+    return (Message("user", prompt),)
+
+
+def instructions_apart(messages: tuple[Message, ...]) -> tuple[str | None, list[Message]]:
+    """The system and developer messages joined (for APIs that take them apart from the turns),
+    and the turns."""
+    said = [m.content for m in messages if m.role in ("system", "developer")]
+    turns = [m for m in messages if m.role not in ("system", "developer")]
+    return ("\n\n".join(said) if said else None), turns
 
 
 def max_tokens_for(value: Any, defaults: Mapping[str, Any], unbounded: int | None) -> int | None:

@@ -24,9 +24,10 @@ from llmrouter.errors import (
 from llmrouter.providers import _http, _schemas
 from llmrouter.providers._common import (
     HttpAdapter,
+    conversation,
     default_cap,
+    instructions_apart,
     max_tokens_for,
-    only_prompt,
 )
 from llmrouter.providers.base import Call, Capabilities, Completion, StreamPart
 from llmrouter.settings import AnthropicProvider, CheckSettings, ConfigError, DeploymentSettings
@@ -149,7 +150,7 @@ class AnthropicAdapter(HttpAdapter):
             prompt_batch=False,
             max_tokens_zero=False,
             default_max_tokens=default_cap(self.settings.defaults),
-            prompt_as_message=True,
+            chat=True,
             stop_ok=_has_text,  # (the API refuses a stop sequence of whitespace only: "\n")
         )
 
@@ -157,7 +158,10 @@ class AnthropicAdapter(HttpAdapter):
         p = call.request
         fields: dict[str, Any] = {k: v for k, v in self.settings.defaults.items() if k != "max_tokens"}
         fields["model"] = call.deployment.model
-        fields["messages"] = [{"role": "user", "content": only_prompt(call)}]
+        system, turns = instructions_apart(conversation(call))
+        if system is not None:
+            fields["system"] = system
+        fields["messages"] = [{"role": m.role, "content": m.content} for m in turns]
         fields["max_tokens"] = max_tokens_for(
             p.max_tokens, self.settings.defaults, self.settings.max_output_tokens
         )

@@ -62,8 +62,9 @@ class Capabilities:
     # For a native `json_schema`: (schema, strict) -> None when it takes the schema, else why
     # not (then the router checks the answers instead). Unset: it takes every schema.
     schema_support: Callable[[dict[str, Any], bool], str | None] | None = None
-    # A chat API: the prompt is sent as one user message (the router says so: `prompt` emulated).
-    prompt_as_message: bool = False
+    # A chat API: it takes a conversation (`Generation.messages`) as it is, and a prompt as one
+    # user message (the router says so: `prompt` emulated). Other kinds take prompts only.
+    chat: bool = False
 
 
 @dataclass(frozen=True, slots=True)

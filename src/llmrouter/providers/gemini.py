@@ -27,10 +27,11 @@ from llmrouter.providers import _http, _schemas
 from llmrouter.providers._common import (
     HttpAdapter,
     LogprobsBuilder,
+    conversation,
     default_cap,
+    instructions_apart,
     max_tokens_for,
     missing_logprobs,
-    only_prompt,
 )
 from llmrouter.providers.base import Call, Capabilities, Completion, StreamPart
 from llmrouter.settings import CheckSettings, ConfigError, DeploymentSettings, GeminiProvider
@@ -157,7 +158,7 @@ class GeminiAdapter(HttpAdapter):
             default_max_tokens=default_cap(self.settings.defaults),
             max_stops=5,
             schema_support=_schemas.gemini_problem,
-            prompt_as_message=True,
+            chat=True,
         )
 
     def _body(self, call: Call) -> bytes:
@@ -186,7 +187,15 @@ class GeminiAdapter(HttpAdapter):
             if budget is not None:
                 thinking["thinkingBudget"] = budget
             config["thinkingConfig"] = thinking
-        fields = {"contents": [{"role": "user", "parts": [{"text": only_prompt(call)}]}]}
+        system, turns = instructions_apart(conversation(call))
+        fields: dict[str, Any] = {
+            "contents": [
+                {"role": "model" if m.role == "assistant" else "user", "parts": [{"text": m.content}]}
+                for m in turns
+            ]
+        }
+        if system is not None:
+            fields["systemInstruction"] = {"parts": [{"text": system}]}
         return encoder.encode({**fields, "generationConfig": config})
 
     def _url(self, call: Call, method: str) -> str:

@@ -17,10 +17,10 @@ from llmrouter.providers import _http, _schemas
 from llmrouter.providers._common import (
     HttpAdapter,
     LogprobsBuilder,
+    conversation,
     default_cap,
     max_tokens_for,
     missing_logprobs,
-    only_prompt,
 )
 from llmrouter.providers.base import (
     ALL_PARAMETERS,
@@ -119,7 +119,7 @@ class OpenAIChatAdapter(HttpAdapter):
             default_max_tokens=default_cap(self.settings.defaults),
             max_stops=self.settings.max_stops,
             schema_support=_schemas.openai_strict_problem,
-            prompt_as_message=True,
+            chat=True,
         )
 
     # -- the request --------------------------------------------------------------------------
@@ -128,7 +128,7 @@ class OpenAIChatAdapter(HttpAdapter):
         p = call.request
         fields: dict[str, Any] = {k: v for k, v in self.settings.defaults.items() if k != "max_tokens"}
         fields["model"] = call.deployment.model
-        fields["messages"] = [{"role": "user", "content": only_prompt(call)}]
+        fields["messages"] = [{"role": m.role, "content": m.content} for m in conversation(call)]
         for name in _SAMPLING:
             if (value := getattr(p, name)) is not None:
                 fields[name] = value

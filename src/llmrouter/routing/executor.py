@@ -409,7 +409,7 @@ class Executor:
         assert isinstance(prompt, str), "only a string prompt is resumed"
         prompt += text
         while (target := await self._next(run)) is not None:
-            if target.capabilities.prompt_as_message:  # it would answer the text, not go on
+            if target.capabilities.chat:  # it would answer the text, not go on
                 run.tried.add(target.label)
                 continue
             shape = _shape(target)
@@ -548,7 +548,7 @@ def _resumes(run: _Run[T], target: Target) -> bool:
     """Whether a stream of `target` that fails mid-way is continued: the request says, or else
     the model's `resume_streams`. Never to or from a chat API, which would answer the text so far
     as a message rather than go on with it."""
-    if target.capabilities.prompt_as_message:
+    if target.capabilities.chat:
         return False
     if run.resume is not None:
         return run.resume
