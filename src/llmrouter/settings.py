@@ -167,6 +167,7 @@ class OpenAIChatProvider(HttpProvider, frozen=True, tag="openai_chat"):
     # Reasoning models (o-series, DeepSeek R1...) count their reasoning in the output cap: this
     # many tokens are added to it, so that `max_tokens` is what the answer's text may take.
     reasoning_budget: Annotated[int, Meta(ge=0)] = 0
+    max_output_tokens: Annotated[int, Meta(ge=1)] | None = None  # the most, budget included
 
 
 class AnthropicProvider(HttpProvider, frozen=True, tag="anthropic"):
@@ -210,6 +211,7 @@ class GeminiProvider(HttpProvider, frozen=True, tag="gemini"):
     # thoughts count against; and whether their summary comes back (in `choices[].reasoning`).
     thinking_budget: Annotated[int, Meta(ge=-1)] | None = None
     include_thoughts: bool = False
+    max_output_tokens: Annotated[int, Meta(ge=1)] | None = None  # the most, budget included
 
 
 class LlamaCppProvider(

@@ -267,7 +267,7 @@ ROWS = [
             "prompt": ASK_JSON,
             "max_tokens": 200,
         },
-        (N, N, E, N, N, N, E),
+        (N, N, E, N, N, E, E),
         _json_schema,
     ),
     Row(
@@ -517,3 +517,33 @@ def test_the_local_engine_constrains_a_schema_llama_cpps_converter_would_ignore(
     assert status == 200, answer
     jsonschema.validate(json.loads(answer["choices"][0]["text"]), schema)
     assert "x-llmrouter-emulated" not in headers  # constrained by the engine, right first time
+
+
+def test_anthropic_and_gemini_constrain_to_a_schema_they_take(
+    router: Router, fake_anthropic: str, fake_gemini: str
+) -> None:
+    """The matrix's schema bounds a string's length, which neither takes natively (so there it
+    is checked); one they do take is sent as their own structured output."""
+    import jsonschema
+
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string"}},
+        "required": ["city"],
+        "additionalProperties": False,
+    }
+    fmt = {"type": "json_schema", "json_schema": {"name": "city", "schema": schema}}
+    for model, fake, where in (
+        ("claude/lm", fake_anthropic, ("output_config", "format")),
+        ("gem/lm", fake_gemini, ("generationConfig", "responseJsonSchema")),
+    ):
+        body = {"model": model, "prompt": ASK_JSON, "max_tokens": 200, "response_format": fmt}
+        status, answer, headers = ask(router, body)
+        assert status == 200, answer
+        jsonschema.validate(json.loads(answer["choices"][0]["text"]), schema)
+        assert (
+            "x-llmrouter-emulated" not in headers
+            or "response_format" not in headers["x-llmrouter-emulated"]
+        )
+        sent = httpx.get(f"{fake}/_stats").json()["last_body"]
+        assert sent[where[0]][where[1]], sent

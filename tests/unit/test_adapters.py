@@ -703,3 +703,42 @@ def test_each_chat_kind_sends_a_conversation_in_its_own_terms() -> None:
         {"role": "model", "parts": [{"text": "Hello."}]},
         {"role": "user", "parts": [{"text": "Again?"}]},
     ]
+
+
+def test_budgets_are_held_to_the_most_the_model_writes() -> None:
+    chat = msgspec.structs.replace(CHAT, reasoning_budget=25_000, max_output_tokens=100_000)
+    a, t = adapter(OpenAIChatAdapter, chat, ok(chat_answer(content="")))
+    complete(a, call(max_tokens=90_000))
+    assert sent(t)["max_completion_tokens"] == 100_000
+    thinking = msgspec.structs.replace(GEMINI, thinking_budget=8192, max_output_tokens=65_536)
+    g, u = adapter(GeminiAdapter, thinking, ok(gemini(candidate({"text": ""}))))
+    complete(g, call(max_tokens=65_000))
+    assert sent(u)["generationConfig"]["maxOutputTokens"] == 65_536
+
+
+def test_the_completions_adapter_too_fails_an_answer_without_the_logprobs_asked_for() -> None:
+    from llmrouter.providers.openai import OpenAIAdapter
+    from llmrouter.settings import OpenAIProvider
+
+    answer = {"choices": [{"text": "ok", "index": 0, "logprobs": None, "finish_reason": "stop"}]}
+    a, _ = adapter(OpenAIAdapter, OpenAIProvider(base_url="http://up/v1"), ok(answer), ok(answer))
+    with pytest.raises(UpstreamUnavailable, match="without the logprobs"):
+        complete(a, call(logprobs=2))
+    assert complete(a, call()).choices[0].text == "ok"  # not asked for: none needed
+
+
+def test_schema_subsets_find_cycles_open_type_lists_and_what_strict_mode_lacks() -> None:
+    a = {"type": "object", "additionalProperties": False, "properties": {"b": {"$ref": "#/$defs/b"}}}
+    b = {"type": "object", "additionalProperties": False, "properties": {"a": {"$ref": "#/$defs/a"}}}
+    mutual = {"$defs": {"a": a, "b": b}, "$ref": "#/$defs/a"}
+    assert anthropic_problem(mutual, False) == "structured outputs take no recursive schema"
+    chain = {"$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"type": "string"}}, "$ref": "#/$defs/a"}
+    assert anthropic_problem(chain, False) is None  # a chain, not a cycle
+    nullable = {"type": ["object", "null"]}
+    assert "additionalProperties" in (anthropic_problem(nullable, False) or "")
+    closed = {"type": "object", "properties": {"a": {"type": "string", "default": "x"}},
+              "required": ["a"], "additionalProperties": False}  # fmt: skip
+    assert openai_strict_problem(closed, True) == "strict mode has no `default`"
+    assert anthropic_problem(
+        {**closed, "properties": {"a": {"type": "string", "format": "int64"}}}, False
+    )

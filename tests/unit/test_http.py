@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import itertools
+import json
 import time
 from email.utils import formatdate
 from typing import Any
@@ -343,11 +344,58 @@ def test_a_finished_stream_gives_its_connection_back() -> None:
                 stream = _http.EventStream(response, first=1, idle=1, provider="p")
                 async for event in stream:
                     if event.data == b"[DONE]":
-                        await stream.finish()
+                        stream.finish()  # the rest is read in the background:
                         break
+                await asyncio.gather(*_http._DRAINING)  # (done before the next call here)
         finally:
             await transport.aclose()
             await runner.cleanup()
         return peers
 
     assert len(asyncio.run(run())) == 1  # five streams, one connection
+
+
+def test_the_answer_does_not_wait_for_the_body_to_end_after_its_last_event() -> None:
+    """An upstream that keeps the body open after its stream's last event: the stream is over
+    for the router at that event, not when the body ends (which is read in the background)."""
+    from aiohttp import web
+
+    from llmrouter.providers.openai_chat import OpenAIChatAdapter
+    from llmrouter.settings import CheckSettings, OpenAIChatProvider
+
+    order: list[str] = []
+    released = asyncio.Event()
+
+    async def lingering(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        chunk = {"choices": [{"index": 0, "delta": {"content": "hi"}, "finish_reason": "stop"}]}
+        usage = {"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+        for event in (chunk, usage):
+            await response.write(b"data: " + json.dumps(event).encode() + b"\n\n")
+        await response.write(b"data: [DONE]\n\n")
+        await asyncio.wait_for(released.wait(), 5)  # held open until the test has its answer
+        order.append("body ended")
+        await response.write_eof()
+        return response
+
+    async def run() -> None:
+        runner, url, _ = await _serving(lingering)
+        settings = OpenAIChatProvider(base_url=url.removesuffix("/x"))
+        adapter = OpenAIChatAdapter("p", settings, [], CheckSettings())
+        adapter._url = url  # (the test server's one path)
+        await adapter.start()
+        try:
+            from tests.unit.test_adapters import call
+
+            parts = [p async for p in adapter.stream(call(stream=True))]
+            order.append("answer complete")
+            assert parts[-1].usage is not None and parts[-1].usage.total_tokens == 2
+            released.set()
+            await asyncio.gather(*_http._DRAINING)
+        finally:
+            await adapter.aclose()
+            await runner.cleanup()
+
+    asyncio.run(run())
+    assert order == ["answer complete", "body ended"]

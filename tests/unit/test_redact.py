@@ -45,3 +45,11 @@ def test_a_secret_quoted_as_json_or_in_a_url_is_redacted() -> None:
     ):
         out = redact(said)
         assert "[redacted]" in out and "Ojk5OTk5" not in out, out
+
+
+def test_the_quoted_forms_keep_the_rules_of_the_plain_one() -> None:
+    redact = Redactor(["https://myapp.example.com", "a/b c"])  # a referer; a value too short
+    other = "redirect to https%3A%2F%2Fdocs.other.org%2Fpath failed"
+    assert redact(other) == other  # only a quote of the secret's own start is one
+    assert redact("value a/b c and a%2Fb%20c") == "value a/b c and a%2Fb%20c"
+    assert redact("to https%3A%2F%2Fmyapp.example.com/x") == "to [redacted]"

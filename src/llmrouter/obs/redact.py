@@ -39,21 +39,32 @@ class Redactor:
         for secret in secrets:
             if not secret:
                 continue
-            found = {secret}
+            values.add(secret)
             scheme, _, credential = secret.strip().partition(" ")
             if credential and scheme.isalpha():
-                found.add(credential.strip())
-            for value in found:  # as written, and as a JSON string or a URL would quote it
-                values.update(
-                    (value, json.dumps(value)[1:-1].replace("/", "\\/"), quote(value, safe=""))
-                )
-        alternatives = []
-        for value in sorted((v for v in values if len(v) >= SHORTEST_SECRET), key=len, reverse=True):
-            if len(value) > PREFIX:  # the value, or a word beginning with its first characters
-                alternatives.append(re.escape(value[:PREFIX]) + r"\S*")
-            else:
-                alternatives.append(re.escape(value))
-        self._pattern = re.compile("|".join(alternatives), re.IGNORECASE) if alternatives else None
+                values.add(credential.strip())
+        alternatives: set[str] = set()
+        for value in (v for v in values if len(v) >= SHORTEST_SECRET):
+            # the value, or a word beginning with its first characters; each as written, as a
+            # JSON string writes it and as a URL quotes it
+            cut = len(value) > PREFIX
+            for form in (_as_written, _as_json, _as_url):
+                written = form(value[:PREFIX] if cut else value)
+                alternatives.add(re.escape(written) + (r"\S*" if cut else ""))
+        ordered = sorted(alternatives, key=len, reverse=True)
+        self._pattern = re.compile("|".join(ordered), re.IGNORECASE) if ordered else None
 
     def __call__(self, text: str) -> str:
         return text if self._pattern is None else self._pattern.sub(REDACTED, text)
+
+
+def _as_written(value: str) -> str:
+    return value
+
+
+def _as_json(value: str) -> str:
+    return json.dumps(value)[1:-1].replace("/", "\\/")
+
+
+def _as_url(value: str) -> str:
+    return quote(value, safe="")

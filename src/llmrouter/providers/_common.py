@@ -32,6 +32,7 @@ __all__ = [
     "instructions_apart",
     "max_tokens_for",
     "missing_logprobs",
+    "with_budget",
 ]
 
 
@@ -166,6 +167,13 @@ def max_tokens_for(value: Any, defaults: Mapping[str, Any], unbounded: int | Non
     if value is UNSET:
         value = defaults.get("max_tokens", 16)
     return unbounded if value is None else int(value)
+
+
+def with_budget(cap: int, budget: int, ceiling: int | None) -> int:
+    """An output cap with a reasoning budget on top (reasoning counts against the cap), held to
+    the most the model writes, where the config says it."""
+    total = cap + budget
+    return total if ceiling is None else min(total, ceiling)
 
 
 def default_cap(defaults: Mapping[str, Any]) -> int | None:

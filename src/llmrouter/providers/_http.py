@@ -216,6 +216,7 @@ class EventStream:
         self._name = ""
         self._data: list[bytes] = []
         self._ready: list[Event] = []
+        self._finished = False
 
     def __aiter__(self) -> EventStream:
         return self
@@ -253,9 +254,18 @@ class EventStream:
                 f"Provider {self._provider} sent a stream line over {MAX_SSE_LINE} bytes."
             )
 
-    async def finish(self) -> None:
-        """After the stream's last event: read what is left of the body (its end, usually
-        already on its way), for at most `_FINISH_WAIT`, then release the connection."""
+    def finish(self) -> None:
+        """After the stream's last event: the rest of the body (its end, usually on its way
+        already) is read in the background, for at most `_FINISH_WAIT`, and then the connection
+        goes back to the pool; the answer does not wait for it."""
+        if self._finished:
+            return
+        self._finished = True
+        task = asyncio.ensure_future(self._drain())
+        _DRAINING.add(task)
+        task.add_done_callback(_DRAINING.discard)
+
+    async def _drain(self) -> None:
         try:
             loop = asyncio.get_running_loop()
             until = loop.time() + _FINISH_WAIT
@@ -267,9 +277,12 @@ class EventStream:
             self._response.release()
 
     def release(self) -> None:
-        self._response.release()
+        """Drop the connection (unless `finish` has it)."""
+        if not self._finished:
+            self._response.release()
 
 
+_DRAINING: set[asyncio.Future[None]] = set()  # (a task is kept only as long as it is referenced)
 _FINISH_WAIT = 1.0  # seconds for a body to end after its stream's last event
 
 

@@ -37,16 +37,23 @@ def subschemas(schema: dict[str, Any]) -> Iterator[dict[str, Any]]:
 
 
 def _open_object(node: dict[str, Any]) -> bool:
-    is_object = node.get("type") == "object" or "properties" in node
+    kinds = node.get("type")
+    is_object = kinds == "object" or (isinstance(kinds, list) and "object" in kinds)
+    is_object = is_object or "properties" in node
     return is_object and node.get("additionalProperties") is not False
 
 
-# OpenAI's strict mode: an object at the root, every object closed with every property required,
-# and none of these keywords. (Without `strict: true` a schema is taken as it is.)
-_NOT_IN_STRICT = frozenset(
-    {"oneOf", "allOf", "not", "if", "then", "else", "patternProperties", "unevaluatedProperties",
-     "propertyNames", "minProperties", "maxProperties", "unevaluatedItems", "contains",
-     "minContains", "maxContains", "uniqueItems", "dependentRequired", "dependentSchemas"}
+def _unknown(node: dict[str, Any], keywords: frozenset[str]) -> str | None:
+    unknown = node.keys() - keywords
+    return min(unknown) if unknown else None
+
+
+# OpenAI's strict mode takes these keywords only, an object at the root, and every object closed
+# with every property required. (Without `strict: true` a schema is taken as it is.)
+_STRICT_KEYWORDS = frozenset(
+    {"type", "properties", "required", "additionalProperties", "items", "enum", "const", "anyOf",
+     "$ref", "$defs", "definitions", "description", "title", "pattern", "format", "minimum",
+     "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf", "minItems", "maxItems"}
 )  # fmt: skip
 
 
@@ -56,8 +63,8 @@ def openai_strict_problem(schema: dict[str, Any], strict: bool) -> str | None:
     if schema.get("type") != "object":
         return "strict mode needs an object at the root"
     for node in subschemas(schema):
-        if found := _NOT_IN_STRICT & node.keys():
-            return f"strict mode has no `{min(found)}`"
+        if found := _unknown(node, _STRICT_KEYWORDS):
+            return f"strict mode has no `{found}`"
         if _open_object(node):
             return "strict mode needs `additionalProperties: false` on every object"
         if "properties" in node and set(node.get("required", ())) != set(node["properties"]):
@@ -65,21 +72,26 @@ def openai_strict_problem(schema: dict[str, Any], strict: bool) -> str | None:
     return None
 
 
-# Anthropic's structured outputs: every object closed, `minItems` 0 or 1 only, no recursion, and
-# none of these keywords.
-_NOT_IN_ANTHROPIC = frozenset(
-    {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf", "minLength",
-     "maxLength", "maxItems", "uniqueItems", "minProperties", "maxProperties", "not",
-     "patternProperties", "if", "then", "else"}
+# Anthropic's structured outputs take these keywords only (its documented features), every object
+# closed, `minItems` 0 or 1, string formats of its list, and no recursion.
+_ANTHROPIC_KEYWORDS = frozenset(
+    {"type", "properties", "required", "additionalProperties", "items", "enum", "const", "anyOf",
+     "allOf", "$ref", "$defs", "definitions", "description", "title", "default", "format",
+     "minItems", "pattern"}
 )  # fmt: skip
+_ANTHROPIC_FORMATS = frozenset(
+    {"date-time", "time", "date", "duration", "email", "hostname", "uri", "ipv4", "ipv6", "uuid"}
+)
 
 
 def anthropic_problem(schema: dict[str, Any], strict: bool) -> str | None:
     for node in subschemas(schema):
-        if found := _NOT_IN_ANTHROPIC & node.keys():
-            return f"structured outputs have no `{min(found)}`"
+        if found := _unknown(node, _ANTHROPIC_KEYWORDS):
+            return f"structured outputs have no `{found}`"
         if node.get("minItems", 0) not in (0, 1):
             return "structured outputs take `minItems` 0 or 1 only"
+        if "format" in node and node["format"] not in _ANTHROPIC_FORMATS:
+            return f"structured outputs have no format {node['format']!r}"
         if _open_object(node):
             return "structured outputs need `additionalProperties: false` on every object"
     if _recursive(schema):
@@ -88,16 +100,35 @@ def anthropic_problem(schema: dict[str, Any], strict: bool) -> str | None:
 
 
 def _recursive(schema: dict[str, Any]) -> bool:
-    """Whether a `$ref` points at the root, or at a definition from inside it."""
+    """Whether the schema's `$ref`s make a cycle: to the root, or among its definitions."""
     if any(node.get("$ref") == "#" for node in subschemas(schema)):
         return True
     defs = {**schema.get("definitions", {}), **schema.get("$defs", {})}
+    refers: dict[str, set[str]] = {}
     for name, definition in defs.items():
-        targets = (f"#/$defs/{name}", f"#/definitions/{name}")
-        if isinstance(definition, dict) and any(
-            node.get("$ref") in targets for node in subschemas(definition)
-        ):
-            return True
+        if isinstance(definition, dict):
+            refers[name] = {
+                ref.rsplit("/", 1)[-1]
+                for node in subschemas(definition)
+                if isinstance(ref := node.get("$ref"), str)
+                and ref.startswith(("#/$defs/", "#/definitions/"))
+            }
+    done: set[str] = set()
+    for start in refers:  # a walk from each definition: a cycle comes back to one on the path
+        path, stack = set(), [(start, iter(sorted(refers[start])))]
+        path.add(start)
+        while stack:
+            name, nexts = stack[-1]
+            step = next(nexts, None)
+            if step is None:
+                stack.pop()
+                path.discard(name)
+                done.add(name)
+            elif step in path:
+                return True
+            elif step in refers and step not in done:
+                path.add(step)
+                stack.append((step, iter(sorted(refers[step]))))
     return False
 
 
@@ -111,6 +142,6 @@ _GEMINI_KEYWORDS = frozenset(
 
 def gemini_problem(schema: dict[str, Any], strict: bool) -> str | None:
     for node in subschemas(schema):
-        if unknown := node.keys() - _GEMINI_KEYWORDS:
-            return f"Gemini's schemas have no `{min(unknown)}`"
+        if found := _unknown(node, _GEMINI_KEYWORDS):
+            return f"Gemini's schemas have no `{found}`"
     return None

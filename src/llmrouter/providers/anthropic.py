@@ -28,6 +28,7 @@ from llmrouter.providers._common import (
     default_cap,
     instructions_apart,
     max_tokens_for,
+    with_budget,
 )
 from llmrouter.providers.base import Call, Capabilities, Completion, StreamPart
 from llmrouter.settings import AnthropicProvider, CheckSettings, ConfigError, DeploymentSettings
@@ -181,8 +182,8 @@ class AnthropicAdapter(HttpAdapter):
             # The budget is spent out of max_tokens: on top of the text's, within the most the
             # model writes (`null` asks for that most).
             if p.max_tokens is not None:
-                fields["max_tokens"] = min(
-                    fields["max_tokens"] + budget, self.settings.max_output_tokens
+                fields["max_tokens"] = with_budget(
+                    fields["max_tokens"], budget, self.settings.max_output_tokens
                 )
         if stream:
             fields["stream"] = True
@@ -220,7 +221,7 @@ class AnthropicAdapter(HttpAdapter):
                 if part is not None:
                     yield part
                 if state.stopped:
-                    await events.finish()
+                    events.finish()
                     return
         raise self.ended_early()
 

@@ -32,6 +32,7 @@ from llmrouter.providers._common import (
     instructions_apart,
     max_tokens_for,
     missing_logprobs,
+    with_budget,
 )
 from llmrouter.providers.base import Call, Capabilities, Completion, StreamPart
 from llmrouter.settings import CheckSettings, ConfigError, DeploymentSettings, GeminiProvider
@@ -172,7 +173,8 @@ class GeminiAdapter(HttpAdapter):
         budget = self.settings.thinking_budget
         if (cap := max_tokens_for(p.max_tokens, self.settings.defaults, None)) is not None:
             # Thoughts count against maxOutputTokens: a budget for them comes on top of the text's.
-            config["maxOutputTokens"] = cap + (budget if budget and budget > 0 else 0)
+            extra = budget if budget and budget > 0 else 0
+            config["maxOutputTokens"] = with_budget(cap, extra, self.settings.max_output_tokens)
         if p.logprobs is not None:
             config["responseLogprobs"] = True
             if p.logprobs:
@@ -241,7 +243,7 @@ class GeminiAdapter(HttpAdapter):
                 done = len(finished) >= expected
                 yield StreamPart(out, _usage(usage) if done else None)
                 if done:
-                    await events.finish()
+                    events.finish()
                     return
         raise self.ended_early()
 

@@ -21,7 +21,7 @@ from llmrouter.errors import (
 )
 from llmrouter.obs.redact import Redactor
 from llmrouter.providers import _http
-from llmrouter.providers._common import HttpAdapter, default_cap
+from llmrouter.providers._common import HttpAdapter, default_cap, missing_logprobs
 from llmrouter.providers.base import (
     Call,
     Capabilities,
@@ -166,6 +166,7 @@ class OpenAIAdapter(HttpAdapter):
     async def complete(self, call: Call) -> Completion:
         body = await self._encoded(call, stream=False)
         parsed = self._decode(await self.post(self._url, body, call.timeouts, self._headers))
+        self._check_logprobs(call, parsed)
         choices = [
             CompletionChoice(
                 text=c.text,
@@ -191,9 +192,11 @@ class OpenAIAdapter(HttpAdapter):
         async with self.events(self._url, body, call.timeouts, self._headers) as events:
             async for event in events:
                 if event.data == b"[DONE]":
-                    await events.finish()
+                    events.finish()
                     break
-                part = self._part(self._decode(event.data))
+                parsed = self._decode(event.data)
+                self._check_logprobs(call, parsed)
+                part = self._part(parsed)
                 usage_seen = usage_seen or part.usage is not None
                 text_chunks += sum(1 for c in part.choices if c.text)
                 yield part
@@ -219,6 +222,13 @@ class OpenAIAdapter(HttpAdapter):
             raise UpstreamUnavailable(
                 f"Provider {self.name} sent a {path} answer that is not JSON llmrouter reads."
             ) from None
+
+    def _check_logprobs(self, call: Call, parsed: _Body) -> None:
+        """Logprobs asked for come with every choice's text, or the answer is a failure."""
+        if call.request.logprobs is not None and any(
+            c.text and c.logprobs is None for c in parsed.choices
+        ):
+            raise missing_logprobs(self.name)
 
     def _part(self, parsed: _Body) -> StreamPart:
         choices = [

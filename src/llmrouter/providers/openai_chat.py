@@ -21,6 +21,7 @@ from llmrouter.providers._common import (
     default_cap,
     max_tokens_for,
     missing_logprobs,
+    with_budget,
 )
 from llmrouter.providers.base import (
     ALL_PARAMETERS,
@@ -136,7 +137,10 @@ class OpenAIChatAdapter(HttpAdapter):
             fields["stop"] = [p.stop] if isinstance(p.stop, str) else p.stop
         cap = max_tokens_for(p.max_tokens, self.settings.defaults, None)
         if cap is not None:
-            fields[self.settings.max_tokens_field] = cap + self.settings.reasoning_budget
+            settings = self.settings
+            fields[settings.max_tokens_field] = with_budget(
+                cap, settings.reasoning_budget, settings.max_output_tokens
+            )
         if p.logprobs is not None:
             fields["logprobs"] = True
             fields["top_logprobs"] = p.logprobs
@@ -189,7 +193,7 @@ class OpenAIChatAdapter(HttpAdapter):
         async with self.events(self._url, body, call.timeouts, self._headers) as events:
             async for event in events:
                 if event.data == b"[DONE]":
-                    await events.finish()
+                    events.finish()
                     break
                 parsed = self._decode(event.data)
                 out = [self._delta(c, builders, refused, k) for c in parsed.choices]

@@ -408,10 +408,10 @@ class Executor:
         prompt = run.request.prompts[0]
         assert isinstance(prompt, str), "only a string prompt is resumed"
         prompt += text
+        # A chat API sent the text so far would answer it as a message, not go on with it: none
+        # is a place to continue (nor costs the budget, nor comes back on a later pass).
+        run.refused.update(t.label for t in run.plan.targets if t.capabilities.chat)
         while (target := await self._next(run)) is not None:
-            if target.capabilities.chat:  # it would answer the text, not go on
-                run.tried.add(target.label)
-                continue
             shape = _shape(target)
             request = msgspec.structs.replace(shape.request, prompts=(prompt,), max_tokens=limit)
             call = Call(target.deployment, request, target.provider.timeouts, run.request_id)
