@@ -147,3 +147,71 @@ def test_after_its_panic_attempt_a_request_s_next_attempt_there_is_a_probe() -> 
     assert asyncio.run(run()) == ["panic", ""]  # the panic attempt, then the probe
     assert health.ejection("p/x") == (2, pytest.approx(10))  # the probe's failure counted
     assert provider.calls == 2
+
+
+def test_a_cut_stream_with_only_a_chat_api_left_ends_at_once() -> None:
+    """The continuation of a cut stream never goes to a chat API; when nothing else is left it
+    ends then, not after spinning through passes until the deadline (a review found 19.6 s)."""
+    import json
+
+    from llmrouter.providers import _http
+    from llmrouter.providers.openai import OpenAIAdapter
+    from llmrouter.providers.openai_chat import OpenAIChatAdapter
+    from llmrouter.settings import CheckSettings, OpenAIChatProvider
+
+    calls = {"a": 0, "b": 0}
+    chunk = {"choices": [{"text": "Hel", "index": 0, "logprobs": None, "finish_reason": None}]}
+
+    async def cut(request: _http.Request) -> _http.MockResponse:
+        calls["a"] += 1
+        return _http.MockResponse(
+            200, [b"data: " + json.dumps(chunk).encode() + b"\n\n", ConnectionResetError()]
+        )
+
+    async def chat(request: _http.Request) -> _http.MockResponse:
+        calls["b"] += 1
+        raise AssertionError("a chat API is never sent the text so far")
+
+    pa, pb = OpenAIProvider(base_url="http://a/v1"), OpenAIChatProvider(api_key="k")
+    settings = Settings(
+        providers={"a": pa, "b": pb},
+        models=[
+            ModelSettings(
+                id="m",
+                resume_streams=True,
+                strategy="ordered",
+                deployments=[
+                    DeploymentSettings(provider="a", model="x"),
+                    DeploymentSettings(provider="b", model="y"),
+                ],
+            )
+        ],
+        routing=RoutingSettings(
+            deadline_seconds=20,
+            health=HealthSettings(consecutive_failures=1, cooldown_seconds=60, max_cooldown_seconds=600),
+        ),
+    )
+
+    async def run() -> tuple[list[str], float]:
+        a = OpenAIAdapter("a", pa, [], CheckSettings(), _http.MockTransport(cut, name="a"))
+        b = OpenAIChatAdapter("b", pb, [], CheckSettings(), _http.MockTransport(chat, name="b"))
+        await a.start()
+        await b.start()
+        health = LocalHealth(settings.routing.health)
+        catalog = Catalog(settings, {"a": a, "b": b}, health)
+        executor = Executor(settings.routing, health)
+        body = b'{"prompt": "Say hello", "stream": true, "max_tokens": 10}'
+        route, request = from_completions(*decode_completion_request(body))
+        opened = await executor.open_stream(
+            catalog.plan(route, request, None), request, "r", resume=True
+        )
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(UpstreamUnavailable):
+            async for _ in opened.rest:
+                pass
+        return [str(x) for x in opened.attempts], loop.time() - started
+
+    attempts, took = asyncio.run(run())
+    assert calls["b"] == 0 and took < 5  # (20 s of passes, before; 0.02 s here)
+    assert all(a.startswith("a/x") for a in attempts), attempts
