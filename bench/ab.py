@@ -84,26 +84,42 @@ def main() -> None:
                     )  # fmt: skip
                 wait_healthy(port, proc)
                 routers[rev] = (proc, port, key)
-            results: dict[tuple[str, int], list[tuple[float, float, float]]] = {}
+            results: dict[tuple[str, int], list[tuple[float, float, float, float]]] = {}
             for _ in range(args.rounds):
-                for rev, (_, port, key) in routers.items():
+                for rev, (proc, port, key) in routers.items():
                     for c in loads:
-                        r = wrk(port, "/api/v1/completions", c, args.seconds, key, 1)
+                        r = wrk(
+                            port, "/api/v1/completions", c, args.seconds, key, 1, {"router": proc.pid}
+                        )
                         if r.errors:
                             sys.exit(f"{rev}: {r.errors} errors at c{c}")
-                        results.setdefault((rev, c), []).append((r.rps, r.p50_ms, r.p99_ms))
+                        cpu_ms = r.cpu["router"] / 100 * r.seconds / r.requests * 1000
+                        results.setdefault((rev, c), []).append((r.rps, r.p50_ms, r.p99_ms, cpu_ms))
         finally:
             for proc, _, _ in routers.values():
                 stop(proc)
-    print("| revision | load | req/s, each round | median | p50 ms (median) | p99 ms (median) |")
-    print("|---|---|---|---:|---:|---:|")
+    med = statistics.median
+    print(
+        "| revision | load | req/s, each round | median | p50 ms (median) | p99 ms (median) "
+        "| router CPU ms/request (median) |"
+    )
+    print("|---|---|---|---:|---:|---:|---:|")
     for (rev, c), rows in results.items():
         rps = ", ".join(f"{x[0]:,.0f}" for x in rows)
-        med = statistics.median
+        p50, p99, cpu = (med(x[i] for x in rows) for i in (1, 2, 3))
         print(
             f"| {rev} | c{c} | {rps} | {med(x[0] for x in rows):,.0f} | "
-            f"{med(x[1] for x in rows):.3f} | {med(x[2] for x in rows):.3f} |"
+            f"{p50:.3f} | {p99:.3f} | {cpu:.3f} |"
         )
+    first = args.revs[0]
+    for rev in args.revs[1:]:  # each round's ratio: the machine's drift falls on both alike
+        for c in loads:
+            ratios = [b[0] / a[0] for a, b in zip(results[(first, c)], results[(rev, c)], strict=True)]
+            cpu = [b[3] / a[3] for a, b in zip(results[(first, c)], results[(rev, c)], strict=True)]
+            print(
+                f"{rev} / {first}, c{c}: req/s {med(ratios):.3f} (round by round, median), "
+                f"CPU per request {med(cpu):.3f}"
+            )
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 __all__ = ["Generation", "Message", "Route", "from_completions"]
 
 
-class Message(Struct, frozen=True):
+class Message(Struct, frozen=True, gc=False):
     """One turn of a conversation (the chat endpoint's input). `system` and `developer` are
     instructions; each chat kind puts them where its API takes them."""
 
@@ -36,8 +36,9 @@ class Message(Struct, frozen=True):
     content: str
 
 
-class Generation(Struct, frozen=True, kw_only=True, omit_defaults=True):
-    """One request's ask of a model: a prompt (or several) or a conversation, and how to answer."""
+class Generation(Struct, frozen=True, kw_only=True, omit_defaults=True, gc=False):
+    """One request's ask of a model: a prompt (or several) or a conversation, and how to answer.
+    (Not tracked by the cyclic GC: it holds the client's data, which never refers back to it.)"""
 
     prompts: Prompts = ()  # or:
     messages: tuple[Message, ...] = ()

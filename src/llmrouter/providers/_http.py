@@ -358,7 +358,7 @@ class AiohttpTransport:
                     request.method,
                     request.url,
                     data=request.body,
-                    headers=dict(request.headers),
+                    headers=request.headers,
                     allow_redirects=False,
                 )
         except Exception as exc:
