@@ -4,7 +4,8 @@
     python tests/fakes/upstream.py PORT
 
 Faults (streamed and not, unless said):
-  ok                  answers; the text echoes the request body it received
+  ok                  answers; the text echoes the request body it received (asked for logprobs,
+                      it sends them: the text as one token, as every answering fault here does)
   status-NNN          answers NNN with an OpenAI-style error body; 429 carries `Retry-After: 7`
   status-429-date     429 with Retry-After as an HTTP date 3 s ahead
   status-429-bare     429 without Retry-After
@@ -92,25 +93,34 @@ def reset() -> None:
 reset()
 
 
-def _completion(model: str, text: str, finish: str = "stop") -> dict[str, Any]:
+def _logprobs(text: str, k: int | None) -> dict[str, Any] | None:
+    """What an upstream asked for `logprobs: k` sends: here the text as one token."""
+    if k is None or not text:
+        return None
+    top = [{text: -0.5}] if k else None
+    return {"tokens": [text], "token_logprobs": [-0.5], "top_logprobs": top, "text_offset": [0]}
+
+
+def _completion(model: str, text: str, finish: str = "stop", k: int | None = None) -> dict[str, Any]:
+    choice = {"text": text, "index": 0, "logprobs": _logprobs(text, k), "finish_reason": finish}
     return {
         "id": "cmpl-fake",
         "object": "text_completion",
         "created": 1,
         "model": model,
         "system_fingerprint": "fp_fake",
-        "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}],
+        "choices": [choice],
         "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5},
     }
 
 
-def _chunk(model: str, text: str, finish: str | None = None) -> bytes:
+def _chunk(model: str, text: str, finish: str | None = None, k: int | None = None) -> bytes:
     body = {
         "id": "cmpl-fake",
         "object": "text_completion",
         "created": 1,
         "model": model,
-        "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}],
+        "choices": [{"text": text, "index": 0, "logprobs": _logprobs(text, k), "finish_reason": finish}],
     }
     return b"data: " + json.dumps(body).encode() + b"\n\n"
 
@@ -198,6 +208,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     if fault == "say-prompt":
         return await _say_prompt(request, model, body, stream)
     text = "x" * 5_000_000 if fault == "big" else None
+    k = body.get("logprobs")  # honoured: an upstream asked for logprobs sends them
 
     if not stream:
         if fault == "stream-error":
@@ -209,39 +220,39 @@ async def completions(request: web.Request) -> web.StreamResponse:
             await response.write(b'{"choices": [')
             _close(request)
             return response
-        return web.json_response(_completion(model, text or json.dumps(body, sort_keys=True)))
+        return web.json_response(_completion(model, text or json.dumps(body, sort_keys=True), k=k))
 
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
     await response.prepare(request)
     try:
         if fault == "slow-stream":
             for i in range(100):
-                await response.write(_chunk(model, f"t{i} "))
+                await response.write(_chunk(model, f"t{i} ", k=k))
                 await asyncio.sleep(0.2)
         elif fault in ("stream-truncated", "reset-after-2", "hang-after-2"):
-            await response.write(_chunk(model, "one "))
-            await response.write(_chunk(model, "two "))
+            await response.write(_chunk(model, "one ", k=k))
+            await response.write(_chunk(model, "two ", k=k))
             if fault == "hang-after-2":
                 await _wait_for_close(request, limit=3600)
             _close(request)
             return response
         elif fault == "stream-error":
-            await response.write(_chunk(model, "one "))
+            await response.write(_chunk(model, "one ", k=k))
             await response.write(b'data: {"error": {"message": "fake mid-stream failure"}}\n\n')
             return response
         elif fault == "empty-stream":
             await response.write(b"data: [DONE]\n\n")
             return response
         elif fault == "no-finish":
-            await response.write(_chunk(model, "one "))
+            await response.write(_chunk(model, "one ", k=k))
             await response.write(b"data: [DONE]\n\n")
             return response
         elif text is not None:
             for _ in range(5):
-                await response.write(_chunk(model, text[:1_000_000]))
+                await response.write(_chunk(model, text[:1_000_000], k=k))
         else:
             for word in ("Hello", " from", " fake"):
-                await response.write(_chunk(model, word))
+                await response.write(_chunk(model, word, k=k))
         await response.write(_chunk(model, "", "stop"))
         await response.write(_usage_chunk(model))
         await response.write(b"data: [DONE]\n\n")
@@ -276,10 +287,10 @@ async def _say_prompt(
     if isinstance(limit, int) and len(text) > limit:
         text, finish = text[:limit], "length"
     if not stream:
-        return web.json_response(_completion(model, text, finish))
+        return web.json_response(_completion(model, text, finish, k=body.get("logprobs")))
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
     await response.prepare(request)
-    await response.write(_chunk(model, text))
+    await response.write(_chunk(model, text, k=body.get("logprobs")))
     await response.write(_chunk(model, "", finish))
     await response.write(_usage_chunk(model))
     await response.write(b"data: [DONE]\n\n")
