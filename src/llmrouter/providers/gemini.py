@@ -101,18 +101,15 @@ class _Response(Struct, rename="camel"):
     candidates: list[_Candidate] = []
     usage_metadata: _UsageMetadata | None = None
     prompt_feedback: _Feedback | None = None
-    model_version: str | None = None
     error: msgspec.Raw = msgspec.Raw()  # (not decoded here: it may be anything)
 
 
-class _Detail(Struct, rename={"type": "@type", "retry_delay": "retryDelay"}):
-    type: str = ""
+class _Detail(Struct, rename={"retry_delay": "retryDelay"}):
     retry_delay: str | None = None  # RetryInfo
     reason: str | None = None  # ErrorInfo
 
 
 class _Error(Struct):
-    code: int = 0
     message: str = ""
     status: str = ""
     details: list[_Detail] = []
@@ -208,20 +205,18 @@ class GeminiAdapter(HttpAdapter):
         url = self._url(call, ":generateContent")
         response = self._decode(await self.post(url, self._body(call), call.timeouts, self._headers))
         k = call.request.logprobs
-        choices = []
-        for c in response.candidates:
-            text, thought = _texts(c)
-            native = c.finish_reason
-            choices.append(
-                CompletionChoice(
-                    text=text,
-                    index=c.index,
-                    logprobs=_logprobs(LogprobsBuilder(), c, k, self.name),
-                    finish_reason=_finish(native),  # type: ignore[arg-type]
-                    native_finish_reason=native if native is not None else UNSET,
-                    reasoning=thought or None,
-                )
+        chunks = [_chunk(c, LogprobsBuilder(), k, self.name) for c in response.candidates]
+        choices = [
+            CompletionChoice(
+                c.text,
+                c.index,
+                c.logprobs,
+                c.finish_reason or "stop",
+                c.native_finish_reason,
+                c.reasoning,
             )
+            for c in chunks
+        ]  # (a whole answer is its one chunk; one without a finish reason stopped)
         return Completion(choices, _usage(response.usage_metadata))
 
     async def stream(self, call: Call) -> AsyncIterator[StreamPart]:
