@@ -23,9 +23,10 @@ from llmrouter.wire.completions import ProviderPreferences, ResponseFormat
 from llmrouter.wire.validate import Prompts
 
 if TYPE_CHECKING:
+    from llmrouter.wire.chat import ChatCompletionCreateParams
     from llmrouter.wire.completions import CompletionCreateParams
 
-__all__ = ["Generation", "Message", "Route", "from_completions"]
+__all__ = ["Generation", "Message", "Route", "from_chat", "from_completions"]
 
 
 class Message(Struct, frozen=True, gc=False):
@@ -94,6 +95,58 @@ def from_completions(params: CompletionCreateParams, prompts: Prompts) -> tuple[
         echo=params.echo,
         suffix=params.suffix,
         logprobs=params.logprobs,
+        temperature=params.temperature,
+        top_p=params.top_p,
+        seed=params.seed,
+        frequency_penalty=params.frequency_penalty,
+        presence_penalty=params.presence_penalty,
+        logit_bias=params.logit_bias,
+        stop=params.stop,
+        response_format=params.response_format,
+        user=params.user,
+        metadata=params.metadata,
+        stream=params.stream,
+        include_usage=usage,
+    )
+    return route, generation
+
+
+def from_chat(params: ChatCompletionCreateParams) -> tuple[Route, Generation]:
+    """A decoded chat request, split. What a `Generation` cannot carry yet (images, tools, the
+    `reasoning` request) is refused by name, never dropped."""
+    from llmrouter.errors import UnsupportedParameter
+    from llmrouter.wire.chat import AssistantMessage, ImagePart, ToolMessage
+
+    if params.tools:
+        raise UnsupportedParameter("Tools are not carried to deployments yet.", param="tools")
+    if params.reasoning is not None:
+        raise UnsupportedParameter("`reasoning` is not carried to deployments yet.", param="reasoning")
+    messages: list[Message] = []
+    for i, m in enumerate(params.messages):
+        if isinstance(m, ToolMessage) or (isinstance(m, AssistantMessage) and m.tool_calls):
+            raise UnsupportedParameter("Tool calls are not carried yet.", param=f"messages[{i}]")
+        content = m.content
+        if isinstance(content, list):
+            for j, part in enumerate(content):
+                if isinstance(part, ImagePart):
+                    raise UnsupportedParameter(
+                        "Images are not carried to deployments yet.", param=f"messages[{i}].content[{j}]"
+                    )
+            content = "\n".join(part.text for part in content if not isinstance(part, ImagePart))
+        role = type(m).__struct_config__.tag  # (the tagged union's `role`)
+        messages.append(Message(role, content or ""))  # type: ignore[arg-type]
+    route = Route(
+        params.model if isinstance(params.model, str) else None,
+        tuple(params.models) if isinstance(params.models, list) else (),
+        params.provider,
+    )
+    cap = params.max_completion_tokens if params.max_completion_tokens is not None else params.max_tokens
+    usage = params.stream_options is not None and bool(params.stream_options.include_usage)
+    generation = Generation(
+        messages=tuple(messages),
+        max_tokens=cap,  # none: up to the model's context, as OpenAI's chat API means it
+        n=params.n,
+        logprobs=(params.top_logprobs or 0) if params.logprobs else None,
         temperature=params.temperature,
         top_p=params.top_p,
         seed=params.seed,

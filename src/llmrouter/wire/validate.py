@@ -7,11 +7,17 @@ the error's `param` (`prompt[2]`). The rules that span several fields follow.
 from __future__ import annotations
 
 import re
-from typing import TypeVar, cast
+from typing import Any, Protocol, TypeVar, cast
 
 import msgspec
 
 from llmrouter.errors import QUOTED_CHARS, InvalidRequest, clipped, quoted
+from llmrouter.wire.chat import (
+    AssistantMessage,
+    ChatCompletionCreateParams,
+    ToolMessage,
+    chat_request_decoder,
+)
 from llmrouter.wire.completions import CompletionCreateParams, request_decoder
 from llmrouter.wire.decode import decode
 
@@ -22,7 +28,9 @@ __all__ = [
     "METADATA_VALUE_CHARS",
     "TOKEN_ID",
     "Prompts",
+    "check_shared",
     "decode_body",
+    "decode_chat_request",
     "decode_completion_request",
 ]
 
@@ -53,6 +61,34 @@ def decode_completion_request(body: bytes) -> tuple[CompletionCreateParams, Prom
     prompts = _check_prompt(params.prompt)
     _check_cross_field(params)
     return params, prompts
+
+
+def decode_chat_request(body: bytes) -> ChatCompletionCreateParams:
+    """A chat request decoded and held to the rules that span its fields (OpenAI's)."""
+    params = decode_body(chat_request_decoder, body)
+    check_shared(params)
+    if params.top_logprobs is not None and not params.logprobs:
+        raise InvalidRequest("`top_logprobs` needs `logprobs: true`.", param="top_logprobs")
+    if params.max_tokens is not None and params.max_completion_tokens is not None:
+        raise InvalidRequest(
+            "Set `max_completion_tokens` or `max_tokens` (its older name), not both.",
+            param="max_tokens",
+        )
+    if not params.tools:
+        for name in ("tool_choice", "parallel_tool_calls"):
+            if getattr(params, name) is not None:
+                raise InvalidRequest(f"`{name}` is only allowed with `tools`.", param=name)
+    called: set[str] = set()
+    for i, message in enumerate(params.messages):
+        if isinstance(message, AssistantMessage) and message.tool_calls:
+            called.update(call.id for call in message.tool_calls)
+        elif isinstance(message, ToolMessage) and message.tool_call_id not in called:
+            raise InvalidRequest(
+                f"A `tool` message must answer a tool call of an earlier assistant message; "
+                f"{quoted(message.tool_call_id)} is none.",
+                param=f"messages[{i}].tool_call_id",
+            )
+    return params
 
 
 def decode_body(decoder: msgspec.json.Decoder[T], body: bytes) -> T:
@@ -135,6 +171,37 @@ def _check_cross_field(params: CompletionCreateParams) -> None:
             "`best_of` greater than `n` cannot be streamed: the best choices are known only at the end.",
             param="best_of",
         )
+    check_shared(params)
+
+
+class _Shared(Protocol):
+    """The fields every generation API of the router has, checked alike."""
+
+    @property
+    def stream(self) -> bool: ...
+
+    @property
+    def stream_options(self) -> object | None: ...
+
+    @property
+    def stop(self) -> str | list[str] | None: ...
+
+    @property
+    def logit_bias(self) -> dict[str, Any] | None: ...
+
+    @property
+    def metadata(self) -> dict[str, Any] | None: ...
+
+    @property
+    def model(self) -> str | msgspec.UnsetType: ...
+
+    @property
+    def models(self) -> list[str] | msgspec.UnsetType: ...
+
+
+def check_shared(params: _Shared) -> None:
+    """The rules that span fields of every generation request (/completions and the chat
+    endpoint alike): stream options, stop sequences, logit_bias, metadata, model names."""
     if params.stream_options is not None and not params.stream:
         raise InvalidRequest(
             "`stream_options` is only allowed when `stream` is true.", param="stream_options"

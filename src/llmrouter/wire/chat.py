@@ -1,0 +1,158 @@
+"""The Chat Completions API on the wire (OpenAI's format), beside the Completions API: the request.
+
+As in `wire/completions.py`, types state nullability and ranges field by field, so that a wrong
+value is a 400 naming it; the rules that span fields are `validate.decode_chat_request`'s. The
+router's own extensions are the same as on /completions: `models` (a fallback list), `provider`,
+and OpenRouter's `reasoning` request object.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import UNSET, Meta, Struct, UnsetType
+
+from llmrouter.wire.completions import (
+    MAX_USER_CHARS,
+    ModelName,
+    Penalty,
+    ProviderPreferences,
+    ResponseFormat,
+    StreamOptions,
+)
+
+__all__ = [
+    "AssistantMessage",
+    "ChatCompletionCreateParams",
+    "ChatMessage",
+    "DeveloperMessage",
+    "ImagePart",
+    "ReasoningRequest",
+    "SystemMessage",
+    "TextPart",
+    "Tool",
+    "ToolMessage",
+    "UserMessage",
+    "chat_request_decoder",
+]
+
+
+class TextPart(Struct, tag_field="type", tag="text", forbid_unknown_fields=True):
+    text: str
+
+
+class ImageURL(Struct, forbid_unknown_fields=True):
+    url: Annotated[str, Meta(min_length=1)]
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+class ImagePart(Struct, tag_field="type", tag="image_url", forbid_unknown_fields=True):
+    image_url: ImageURL
+
+
+ToolName = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+
+
+class FunctionCall(Struct, forbid_unknown_fields=True):
+    name: ToolName
+    arguments: str  # JSON text, as the model wrote it
+
+
+class ToolCall(Struct, forbid_unknown_fields=True):
+    id: Annotated[str, Meta(min_length=1)]
+    function: FunctionCall
+    type: Literal["function"] = "function"
+
+
+class SystemMessage(Struct, tag_field="role", tag="system", forbid_unknown_fields=True):
+    content: str | list[TextPart]
+    name: str | UnsetType = UNSET
+
+
+class DeveloperMessage(Struct, tag_field="role", tag="developer", forbid_unknown_fields=True):
+    content: str | list[TextPart]
+    name: str | UnsetType = UNSET
+
+
+class UserMessage(Struct, tag_field="role", tag="user", forbid_unknown_fields=True):
+    content: str | list[TextPart | ImagePart]
+    name: str | UnsetType = UNSET
+
+
+class AssistantMessage(Struct, tag_field="role", tag="assistant", forbid_unknown_fields=True):
+    content: str | list[TextPart] | None = None
+    tool_calls: list[ToolCall] | UnsetType = UNSET
+    refusal: str | None = None
+    name: str | UnsetType = UNSET
+    reasoning: str | None = None  # (OpenRouter's: an earlier turn's reasoning, sent back)
+
+
+class ToolMessage(Struct, tag_field="role", tag="tool", forbid_unknown_fields=True):
+    content: str | list[TextPart]
+    tool_call_id: Annotated[str, Meta(min_length=1)]
+
+
+ChatMessage = SystemMessage | DeveloperMessage | UserMessage | AssistantMessage | ToolMessage
+
+
+class FunctionDefinition(Struct, forbid_unknown_fields=True):
+    name: ToolName
+    description: str | UnsetType = UNSET
+    parameters: dict[str, Any] | UnsetType = UNSET  # JSON Schema
+    strict: bool | None = None
+
+
+class Tool(Struct, forbid_unknown_fields=True):
+    function: FunctionDefinition
+    type: Literal["function"] = "function"
+
+
+class NamedFunction(Struct, forbid_unknown_fields=True):
+    name: ToolName
+
+
+class NamedToolChoice(Struct, forbid_unknown_fields=True):
+    function: NamedFunction
+    type: Literal["function"] = "function"
+
+
+class ReasoningRequest(Struct, forbid_unknown_fields=True):
+    """OpenRouter's `reasoning` object: how much the model may think, and whether the answer
+    carries its thinking."""
+
+    effort: Literal["minimal", "low", "medium", "high"] | None = None
+    max_tokens: Annotated[int, Meta(ge=0)] | None = None
+    exclude: bool | None = None
+    enabled: bool | None = None
+
+
+class ChatCompletionCreateParams(Struct, forbid_unknown_fields=True, omit_defaults=True):
+    messages: Annotated[list[ChatMessage], Meta(min_length=1)]
+    model: ModelName | UnsetType = UNSET
+    models: list[ModelName] | UnsetType = UNSET
+    frequency_penalty: Penalty | None = None
+    presence_penalty: Penalty | None = None
+    logit_bias: dict[str, Any] | None = None
+    logprobs: bool | None = None
+    top_logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None
+    max_tokens: Annotated[int, Meta(ge=0)] | None = None
+    max_completion_tokens: Annotated[int, Meta(ge=0)] | None = None
+    n: Annotated[int, Meta(ge=1, le=128)] | None = None
+    seed: int | None = None
+    stop: str | Annotated[list[str], Meta(max_length=4)] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: Annotated[float, Meta(ge=0.0, le=2.0)] | None = None
+    top_p: Annotated[float, Meta(ge=0.0, le=1.0)] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: ResponseFormat | None = None
+    user: Annotated[str, Meta(max_length=MAX_USER_CHARS)] | UnsetType = UNSET
+    metadata: dict[str, Any] | None = None
+    reasoning: ReasoningRequest | None = None
+    provider: ProviderPreferences | None = None
+
+
+chat_request_decoder = msgspec.json.Decoder(ChatCompletionCreateParams)

@@ -1,0 +1,127 @@
+"""The chat request on the wire (issue 14's first piece): decoded with OpenAI's rules, every bad
+value a 400 naming it, and split into the same `Route` and `Generation` as /completions."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from llmrouter.errors import InvalidRequest, UnsupportedParameter
+from llmrouter.generation import Message, from_chat
+from llmrouter.wire.validate import decode_chat_request
+
+USER = {"role": "user", "content": "x"}
+ANSWER = {"role": "tool", "content": "4", "tool_call_id": "c1"}  # (to no call)
+
+
+def decode(**body: Any) -> Any:
+    return decode_chat_request(
+        json.dumps({"messages": [{"role": "user", "content": "Hi"}], **body}).encode()
+    )
+
+
+def refused(param: str, **body: Any) -> InvalidRequest:
+    with pytest.raises(InvalidRequest) as caught:
+        decode(**body)
+    assert caught.value.param == param, caught.value.message
+    return caught.value
+
+
+def test_a_conversation_becomes_the_neutral_request() -> None:
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {
+            "role": "developer",
+            "content": [{"type": "text", "text": "One"}, {"type": "text", "text": "Two"}],
+        },
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": None},
+    ]
+    body = {
+        "model": "m",
+        "models": ["f"],
+        "max_completion_tokens": 9,
+        "logprobs": True,
+        "top_logprobs": 3,
+    }
+    body |= {"stop": ["x"], "seed": 4, "n": 2, "stream": True, "stream_options": {"include_usage": True}}
+    route, request = from_chat(decode(**{**body, "messages": messages}))
+    assert (route.model, route.models) == ("m", ("f",))
+    assert request.messages == (
+        Message("system", "Be brief."),
+        Message("developer", "One\nTwo"),
+        Message("user", "Hi"),
+        Message("assistant", ""),
+    )
+    assert request.prompts == ()
+    assert (request.max_tokens, request.logprobs, request.stop, request.seed, request.n) == (
+        9,
+        3,
+        ["x"],
+        4,
+        2,
+    )
+    assert request.stream and request.include_usage
+
+
+def test_output_cap_and_logprobs_as_openai_means_them() -> None:
+    assert from_chat(decode())[1].max_tokens is None  # none: up to the context, not 16
+    assert from_chat(decode(max_tokens=5))[1].max_tokens == 5  # the older name
+    assert from_chat(decode(logprobs=True))[1].logprobs == 0  # the chosen token's, no alternatives
+    assert from_chat(decode(logprobs=False))[1].logprobs is None
+
+
+@pytest.mark.parametrize(
+    ("param", "body"),
+    [
+        ("messages", {"messages": []}),
+        ("messages[0].content", {"messages": [{"role": "user"}]}),
+        ("messages[0].role", {"messages": [{"role": "robot", "content": "x"}]}),
+        ("top_logprobs", {"top_logprobs": 2}),
+        ("top_logprobs", {"logprobs": True, "top_logprobs": 21}),
+        ("max_tokens", {"max_tokens": 5, "max_completion_tokens": 5}),
+        ("tool_choice", {"tool_choice": "auto"}),
+        ("parallel_tool_calls", {"parallel_tool_calls": False}),
+        ("stream_options", {"stream_options": {"include_usage": True}}),
+        ("stop[1]", {"stop": ["a", ""]}),
+        ("logit_bias.x", {"logit_bias": {"x": 1}}),
+        ("temperature", {"temperature": 3}),
+        ("messages[1].tool_call_id", {"messages": [USER, ANSWER]}),
+        ("gibberish", {"gibberish": 1}),
+    ],
+)  # fmt: skip
+def test_bad_input_is_a_400_naming_the_field(param: str, body: dict[str, Any]) -> None:
+    refused(param, **body)
+
+
+def test_a_tool_result_answers_an_earlier_call() -> None:
+    call = {"id": "c1", "type": "function", "function": {"name": "add", "arguments": "{}"}}
+    messages = [
+        {"role": "user", "content": "x"},
+        {"role": "assistant", "tool_calls": [call]},
+        {"role": "tool", "content": "42", "tool_call_id": "c1"},
+    ]
+    params = decode(messages=messages)
+    with pytest.raises(UnsupportedParameter) as caught:  # decoded; not carried yet, never dropped
+        from_chat(params)
+    assert caught.value.param == "messages[1]"
+
+
+@pytest.mark.parametrize(
+    ("param", "body"),
+    [
+        ("tools", {"tools": [{"type": "function", "function": {"name": "add"}}]}),
+        ("reasoning", {"reasoning": {"effort": "low"}}),
+        ("messages[0].content[1]", {"messages": [{"role": "user", "content": [
+            {"type": "text", "text": "what is this?"},
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]}),
+    ],
+)  # fmt: skip
+def test_what_the_neutral_request_cannot_carry_yet_is_refused_by_name(
+    param: str, body: dict[str, Any]
+) -> None:
+    with pytest.raises(UnsupportedParameter) as caught:
+        from_chat(decode(**body))
+    assert caught.value.param == param
