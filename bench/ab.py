@@ -21,15 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run import (
-    LLMROUTER,
-    ROOT,
-    free_port,
-    mock_upstream,
-    stop,
-    wait_healthy,
-    wrk,
-)
+from run import ROOT, free_port, mock_upstream, serve_keyed, stop, wrk
 
 CONFIG = """\
 default_model: mock/model
@@ -71,19 +63,8 @@ def main() -> None:
                 config = tmp / f"config-{len(routers)}.yaml"
                 config.write_text(CONFIG.format(mock_port=mock_port))
                 env = {**os.environ, "PYTHONPATH": str(src), "LLMROUTER_HOME": str(home)}
-                env.pop("LLMROUTER_CONFIG", None)
-                key = subprocess.run(
-                    [LLMROUTER, "--config", str(config), "keys", "create", "--name", "ab"],
-                    env=env, capture_output=True, text=True, check=True,
-                ).stdout.strip().splitlines()[-1]  # fmt: skip
-                port = free_port()
-                with open(tmp / f"router-{len(routers)}.log", "wb") as log:
-                    proc = subprocess.Popen(
-                        [LLMROUTER, "serve", "--config", str(config), "--port", str(port)],
-                        env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                    )  # fmt: skip
-                wait_healthy(port, proc)
-                routers[rev] = (proc, port, key)
+                log = tmp / f"router-{len(routers)}.log"
+                routers[rev] = serve_keyed(config, env, log, "ab")
             results: dict[tuple[str, int], list[tuple[float, float, float, float]]] = {}
             for _ in range(args.rounds):
                 for rev, (proc, port, key) in routers.items():

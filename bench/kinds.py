@@ -15,14 +15,13 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run import LLMROUTER, free_port, mock_upstream, stop, wait_healthy, wrk
+from run import free_port, mock_upstream, serve_keyed, stop, wrk
 
 CONFIG = """\
 default_model: mock/openai
@@ -74,19 +73,8 @@ def main() -> None:
         config = tmp / "config.yaml"
         config.write_text(CONFIG.format(port=port))
         env = {**os.environ, "LLMROUTER_HOME": str(tmp / "home")}
-        env.pop("LLMROUTER_CONFIG", None)
-        key = subprocess.run(
-            [LLMROUTER, "--config", str(config), "keys", "create", "--name", "kinds"],
-            env=env, capture_output=True, text=True, check=True,
-        ).stdout.strip().splitlines()[-1]  # fmt: skip
-        router_port = free_port()
-        with open(tmp / "router.log", "wb") as log:
-            proc = subprocess.Popen(
-                [LLMROUTER, "serve", "--config", str(config), "--port", str(router_port)],
-                env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-            )  # fmt: skip
+        proc, router_port, key = serve_keyed(config, env, tmp / "router.log", "kinds")
         try:
-            wait_healthy(router_port, proc)
             for _ in range(args.rounds):
                 for kind, (path, body) in DIRECT.items():
                     routed = json.dumps({"model": f"mock/{kind}", "prompt": PROMPT, "max_tokens": 16})

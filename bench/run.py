@@ -216,6 +216,31 @@ def start_router(
     return Router(proc, port, time.perf_counter() - started, log_path)
 
 
+def serve_keyed(
+    config: Path, env: dict[str, str], log_path: Path, name: str
+) -> tuple[subprocess.Popen[bytes], int, str]:
+    """A key made with `config`, then `llmrouter serve` on a free port, healthy: for the scripts
+    that run several routers side by side (ab.py, kinds.py). `env` picks the code and home."""
+    env = {**env}
+    env.pop("LLMROUTER_CONFIG", None)
+    key = subprocess.run(
+        [LLMROUTER, "--config", str(config), "keys", "create", "--name", name],
+        env=env, capture_output=True, text=True, check=True,
+    ).stdout.strip().splitlines()[-1]  # fmt: skip
+    port = free_port()
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [LLMROUTER, "serve", "--config", str(config), "--port", str(port)],
+            env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log, preexec_fn=_die_with_parent,
+        )  # fmt: skip
+    try:
+        wait_healthy(port, proc)
+    except BaseException:
+        stop(proc)
+        raise
+    return proc, port, key
+
+
 # -- load -----------------------------------------------------------------------------------------
 
 

@@ -81,12 +81,6 @@ class Route:
 
 def from_completions(params: CompletionCreateParams, prompts: Prompts) -> tuple[Route, Generation]:
     """A decoded /completions request, split."""
-    route = Route(
-        params.model if isinstance(params.model, str) else None,
-        tuple(params.models) if isinstance(params.models, list) else (),
-        params.provider,
-    )
-    usage = params.stream_options is not None and bool(params.stream_options.include_usage)
     generation = Generation(
         prompts=prompts,
         max_tokens=params.max_tokens,
@@ -95,20 +89,9 @@ def from_completions(params: CompletionCreateParams, prompts: Prompts) -> tuple[
         echo=params.echo,
         suffix=params.suffix,
         logprobs=params.logprobs,
-        temperature=params.temperature,
-        top_p=params.top_p,
-        seed=params.seed,
-        frequency_penalty=params.frequency_penalty,
-        presence_penalty=params.presence_penalty,
-        logit_bias=params.logit_bias,
-        stop=params.stop,
-        response_format=params.response_format,
-        user=params.user,
-        metadata=params.metadata,
-        stream=params.stream,
-        include_usage=usage,
+        **_shared(params),
     )
-    return route, generation
+    return _route(params), generation
 
 
 def from_chat(params: ChatCompletionCreateParams) -> tuple[Route, Generation]:
@@ -135,29 +118,38 @@ def from_chat(params: ChatCompletionCreateParams) -> tuple[Route, Generation]:
             content = "\n".join(part.text for part in content if not isinstance(part, ImagePart))
         role = type(m).__struct_config__.tag  # (the tagged union's `role`)
         messages.append(Message(role, content or ""))  # type: ignore[arg-type]
-    route = Route(
-        params.model if isinstance(params.model, str) else None,
-        tuple(params.models) if isinstance(params.models, list) else (),
-        params.provider,
-    )
     cap = params.max_completion_tokens if params.max_completion_tokens is not None else params.max_tokens
-    usage = params.stream_options is not None and bool(params.stream_options.include_usage)
     generation = Generation(
         messages=tuple(messages),
         max_tokens=cap,  # none: up to the model's context, as OpenAI's chat API means it
         n=params.n,
         logprobs=(params.top_logprobs or 0) if params.logprobs else None,
-        temperature=params.temperature,
-        top_p=params.top_p,
-        seed=params.seed,
-        frequency_penalty=params.frequency_penalty,
-        presence_penalty=params.presence_penalty,
-        logit_bias=params.logit_bias,
-        stop=params.stop,
-        response_format=params.response_format,
-        user=params.user,
-        metadata=params.metadata,
-        stream=params.stream,
-        include_usage=usage,
+        **_shared(params),
     )
-    return route, generation
+    return _route(params), generation
+
+
+def _route(params: CompletionCreateParams | ChatCompletionCreateParams) -> Route:
+    return Route(
+        params.model if isinstance(params.model, str) else None,
+        tuple(params.models) if isinstance(params.models, list) else (),
+        params.provider,
+    )
+
+
+def _shared(params: CompletionCreateParams | ChatCompletionCreateParams) -> dict[str, Any]:
+    """The fields both APIs have, with the same meaning."""
+    return {
+        "temperature": params.temperature,
+        "top_p": params.top_p,
+        "seed": params.seed,
+        "frequency_penalty": params.frequency_penalty,
+        "presence_penalty": params.presence_penalty,
+        "logit_bias": params.logit_bias,
+        "stop": params.stop,
+        "response_format": params.response_format,
+        "user": params.user,
+        "metadata": params.metadata,
+        "stream": params.stream,
+        "include_usage": params.stream_options is not None and bool(params.stream_options.include_usage),
+    }

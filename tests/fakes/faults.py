@@ -168,12 +168,16 @@ def close(request: web.Request) -> None:
         request.transport.close()
 
 
-async def wait_for_close(request: web.Request, limit: float = 30.0) -> None:
+async def wait_for_close(
+    request: web.Request, limit: float = 30.0, noted: list[float] | None = None
+) -> None:
+    """Until the client closes the connection (at most `limit` s); when, noted in `noted` (by
+    default this module's stats)."""
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
         transport = request.transport
         if transport is None or transport.is_closing():
-            stats["closed_at"].append(time.time())
+            (stats["closed_at"] if noted is None else noted).append(time.time())
             return
         await asyncio.sleep(0.02)
 

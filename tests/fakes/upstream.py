@@ -68,8 +68,9 @@ from typing import Any
 from aiohttp import web
 
 try:
-    from tests.fakes import lm
+    from tests.fakes import faults, lm
 except ImportError:  # run as a script: python tests/fakes/upstream.py PORT
+    import faults  # type: ignore[no-redef]
     import lm  # type: ignore[no-redef]
 
 stats: dict[str, Any] = {}
@@ -137,19 +138,11 @@ def _usage_chunk(model: str) -> bytes:
     return b"data: " + json.dumps(usage).encode() + b"\n\n"
 
 
-def _close(request: web.Request) -> None:
-    if request.transport is not None:
-        request.transport.close()
+_close = faults.close
 
 
 async def _wait_for_close(request: web.Request, limit: float = 30.0) -> None:
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        transport = request.transport
-        if transport is None or transport.is_closing():
-            stats["closed_at"].append(time.time())
-            return
-        await asyncio.sleep(0.02)
+    await faults.wait_for_close(request, limit, stats["closed_at"])
 
 
 async def completions(request: web.Request) -> web.StreamResponse:

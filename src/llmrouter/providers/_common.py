@@ -12,15 +12,16 @@ from __future__ import annotations
 import codecs
 import contextlib
 from collections.abc import AsyncIterator, Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
+import msgspec
 from msgspec import UNSET
 
 from llmrouter.errors import LlmrouterError, UpstreamUnavailable
 from llmrouter.generation import Message
 from llmrouter.obs.redact import Redactor
 from llmrouter.providers import _http
-from llmrouter.providers.base import ALL_PARAMETERS, Call, Tokenizer
+from llmrouter.providers.base import ALL_PARAMETERS, Call, Capabilities, Tokenizer
 from llmrouter.settings import CheckSettings, DeploymentSettings, HttpProvider, Timeouts
 from llmrouter.wire.completions import Logprobs
 
@@ -34,6 +35,9 @@ __all__ = [
     "missing_logprobs",
     "with_budget",
 ]
+
+
+T = TypeVar("T")
 
 
 class HttpAdapter:
@@ -84,9 +88,37 @@ class HttpAdapter:
         """What the config says this deployment lacks: its provider's and its own."""
         return self.settings.unsupported_parameters | deployment.unsupported_parameters
 
+    def _lacks(self, deployment: DeploymentSettings, name: str) -> bool:
+        """`name in self._lacking(deployment)`, without building the set (a call's question)."""
+        return name in self.settings.unsupported_parameters or name in deployment.unsupported_parameters
+
     def parameters(self, deployment: DeploymentSettings) -> frozenset[str]:
         """The request fields this deployment takes natively."""
         return self.native - self._lacking(deployment)
+
+    def chat_capabilities(self, deployment: DeploymentSettings, **own: Any) -> Capabilities:
+        """What every chat API is: a conversation or one string prompt a call, no token ids, no
+        `max_tokens: 0`; the rest is the config's and the kind's own (`own`)."""
+        return Capabilities(
+            parameters=self.parameters(deployment),
+            ranges=self.ranges(deployment),
+            token_prompts=False,
+            prompt_batch=False,
+            max_tokens_zero=False,
+            default_max_tokens=default_cap(self.settings.defaults),
+            chat=True,
+            **own,
+        )
+
+    def decoded(self, decoder: msgspec.json.Decoder[T], raw: bytes, what: str) -> T:
+        """An upstream's JSON in its type, or the deployment's failure: not JSON, not the shape,
+        or nested past what a decoder follows."""
+        try:
+            return decoder.decode(raw)
+        except (msgspec.DecodeError, RecursionError):
+            raise UpstreamUnavailable(
+                f"Provider {self.name} sent {what} llmrouter cannot read."
+            ) from None
 
     def ranges(self, deployment: DeploymentSettings) -> dict[str, tuple[float | None, float | None]]:
         merged = {**self.settings.ranges, **deployment.ranges}

@@ -25,7 +25,6 @@ from llmrouter.providers import _http, _schemas
 from llmrouter.providers._common import (
     HttpAdapter,
     conversation,
-    default_cap,
     instructions_apart,
     max_tokens_for,
     with_budget,
@@ -138,22 +137,19 @@ class AnthropicAdapter(HttpAdapter):
         self._headers = self.headers(credentials)
 
     def capabilities(self, deployment: DeploymentSettings) -> Capabilities:
-        ranges = self.ranges(deployment)
-        if self.settings.thinking_budget is not None:  # what the API takes while thinking
-            ranges.update(temperature=(1, 1), top_p=(0.95, 1))
-        return Capabilities(
-            parameters=self.parameters(deployment),
-            ranges=ranges,
+        return self.chat_capabilities(
+            deployment,
             response_formats=self.settings.response_formats,
             schema_support=_schemas.anthropic_problem,
             max_logprobs=0,
-            token_prompts=False,
-            prompt_batch=False,
-            max_tokens_zero=False,
-            default_max_tokens=default_cap(self.settings.defaults),
-            chat=True,
             stop_ok=_has_text,  # (the API refuses a stop sequence of whitespace only: "\n")
         )
+
+    def ranges(self, deployment: DeploymentSettings) -> dict[str, tuple[float | None, float | None]]:
+        ranges = super().ranges(deployment)
+        if self.settings.thinking_budget is not None:  # what the API takes while thinking
+            ranges.update(temperature=(1, 1), top_p=(0.95, 1))
+        return ranges
 
     def _body(self, call: Call, *, stream: bool) -> bytes:
         p = call.request
@@ -191,12 +187,7 @@ class AnthropicAdapter(HttpAdapter):
 
     async def complete(self, call: Call) -> Completion:
         raw = await self.post(self._url, self._body(call, stream=False), call.timeouts, self._headers)
-        try:
-            message = _message.decode(raw)
-        except (msgspec.DecodeError, RecursionError):
-            raise UpstreamUnavailable(
-                f"Provider {self.name} sent a message llmrouter cannot read."
-            ) from None
+        message = self.decoded(_message, raw, "a message")
         if message.type == "error":
             raise self._in_band(message.error or _Error())
         text = "".join(b.text or "" for b in message.content if b.type == "text")
@@ -227,12 +218,7 @@ class AnthropicAdapter(HttpAdapter):
 
     def _read(self, data: bytes, state: _Stream) -> StreamPart | None:
         """One stream event: what it adds to the answer, if anything."""
-        try:
-            event = _event.decode(data)
-        except (msgspec.DecodeError, RecursionError):
-            raise UpstreamUnavailable(
-                f"Provider {self.name} sent a stream event llmrouter cannot read."
-            ) from None
+        event = self.decoded(_event, data, "a stream event")
         kind, delta = event.type, event.delta
         if kind == "content_block_delta" and delta is not None:
             if delta.type == "text_delta" and delta.text:

@@ -28,7 +28,6 @@ from llmrouter.providers._common import (
     HttpAdapter,
     LogprobsBuilder,
     conversation,
-    default_cap,
     instructions_apart,
     max_tokens_for,
     missing_logprobs,
@@ -145,18 +144,12 @@ class GeminiAdapter(HttpAdapter):
         self._headers = self.headers({"x-goog-api-key": settings.api_key} if settings.api_key else None)
 
     def capabilities(self, deployment: DeploymentSettings) -> Capabilities:
-        return Capabilities(
-            parameters=self.parameters(deployment),
-            ranges=self.ranges(deployment),
+        return self.chat_capabilities(
+            deployment,
             response_formats=self.settings.response_formats,
             max_logprobs=self.settings.max_logprobs,
-            token_prompts=False,
-            prompt_batch=False,
-            max_tokens_zero=False,
-            default_max_tokens=default_cap(self.settings.defaults),
             max_stops=5,
             schema_support=_schemas.gemini_problem,
-            chat=True,
         )
 
     def _body(self, call: Call) -> bytes:
@@ -243,12 +236,7 @@ class GeminiAdapter(HttpAdapter):
         raise self.ended_early()
 
     def _decode(self, raw: bytes) -> _Response:
-        try:
-            response = _response.decode(raw)
-        except (msgspec.DecodeError, RecursionError):
-            raise UpstreamUnavailable(
-                f"Provider {self.name} sent an answer llmrouter cannot read."
-            ) from None
+        response = self.decoded(_response, raw, "an answer")
         if response.error and bytes(response.error) != b"null":
             raise self.error(500, {}, raw, in_band=True)
         feedback = response.prompt_feedback

@@ -151,7 +151,7 @@ class OpenAIAdapter(HttpAdapter):
         fields["model"] = call.deployment.model
         if stream:
             fields["stream"] = True
-            if "stream_usage" not in self._lacking(call.deployment):
+            if not self._lacks(call.deployment, "stream_usage"):
                 fields["stream_options"] = {"include_usage": True}
         return encoder.encode(fields)
 
@@ -256,12 +256,7 @@ class OpenAIAdapter(HttpAdapter):
     # -- translating failures -----------------------------------------------------------------
 
     def _decode(self, raw: bytes) -> _Body:
-        try:
-            parsed = _body_decoder.decode(raw)
-        except (msgspec.DecodeError, RecursionError):
-            raise UpstreamUnavailable(
-                f"Provider {self.name} sent a response that is not a valid completion."
-            ) from None
+        parsed = self.decoded(_body_decoder, raw, "a completion")
         if parsed.error is not None:
             raise openai_error(self.name, self.redact, 200, {}, raw, in_band=True)
         return parsed

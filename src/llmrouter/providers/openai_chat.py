@@ -12,13 +12,12 @@ from typing import Annotated, Any
 import msgspec
 from msgspec import UNSET, Meta, Struct
 
-from llmrouter.errors import LlmrouterError, UpstreamUnavailable
+from llmrouter.errors import LlmrouterError
 from llmrouter.providers import _http, _schemas
 from llmrouter.providers._common import (
     HttpAdapter,
     LogprobsBuilder,
     conversation,
-    default_cap,
     max_tokens_for,
     missing_logprobs,
     with_budget,
@@ -107,20 +106,13 @@ class OpenAIChatAdapter(HttpAdapter):
         )
 
     def capabilities(self, deployment: DeploymentSettings) -> Capabilities:
-        lacking = self._lacking(deployment)
-        return Capabilities(
-            parameters=self.parameters(deployment),
-            ranges=self.ranges(deployment),
+        return self.chat_capabilities(
+            deployment,
             response_formats=self.settings.response_formats,
             max_logprobs=self.settings.max_logprobs,
-            token_prompts=False,
-            prompt_batch=False,
-            max_tokens_zero=False,
-            stream_usage="stream_usage" not in lacking,
-            default_max_tokens=default_cap(self.settings.defaults),
+            stream_usage="stream_usage" not in self._lacking(deployment),
             max_stops=self.settings.max_stops,
             schema_support=_schemas.openai_strict_problem,
-            chat=True,
         )
 
     # -- the request --------------------------------------------------------------------------
@@ -155,7 +147,7 @@ class OpenAIChatAdapter(HttpAdapter):
                 fields[name] = value
         if stream:
             fields["stream"] = True
-            if "stream_usage" not in self._lacking(call.deployment):
+            if not self._lacks(call.deployment, "stream_usage"):
                 fields["stream_options"] = {"include_usage": True}
         return encoder.encode(fields)
 
@@ -228,12 +220,7 @@ class OpenAIChatAdapter(HttpAdapter):
         )
 
     def _decode(self, raw: bytes) -> _Body:
-        try:
-            body = _decoder.decode(raw)
-        except (msgspec.DecodeError, RecursionError):
-            raise UpstreamUnavailable(
-                f"Provider {self.name} sent a response that is not a valid chat completion."
-            ) from None
+        body = self.decoded(_decoder, raw, "a chat completion")
         if body.error and bytes(body.error) != b"null":
             raise openai_error(self.name, self.redact, 200, {}, raw, in_band=True)
         return body
