@@ -59,6 +59,13 @@ CHAT_FAULTS = (
     "lm-stream-error",
     "lm-malformed",
 )
+SMOLLM2_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging "
+    "Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + "
+    "message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 UPSTREAM_KEYS = {
     "fake": "upstream-secret",
     "oc": "oc-upstream-secret-0123456789",
@@ -466,9 +473,12 @@ def router_config(
 """
         for param in LM_LACKING
     )
+    # The embedded model's own chat template (its GGUF's), in the config of the same model
+    # behind llama-cpp-python's server: chat requests to both must give the same answers.
     llama_model = (
-        """  - id: upstream/smollm2
-    deployments: [{provider: llamaserver, model: smollm2}]
+        f"""  - id: upstream/smollm2
+    deployments:
+      - {{provider: llamaserver, model: smollm2, chat_template: {json.dumps(SMOLLM2_TEMPLATE)}}}
 """
         if llama
         else ""

@@ -25,6 +25,7 @@ from llmrouter.accounts.ledger import Ledger
 from llmrouter.accounts.limits import Limiter, create_limiter
 from llmrouter.accounts.store import Database, StoreError, open_database
 from llmrouter.api.accounts import generation, key_collection, key_item, whoami
+from llmrouter.api.chat import create_chat_completion
 from llmrouter.api.completions import create_completion
 from llmrouter.api.http import Receive, Request, Scope, Send, send_bytes
 from llmrouter.api.meta import health, openapi, ready
@@ -72,6 +73,8 @@ Handler = Callable[[Request, "Context"], Awaitable[None]]
 _ROUTES: dict[str, dict[str, Handler]] = {
     "/api/v1/completions": {"POST": create_completion},
     "/v1/completions": {"POST": create_completion},
+    "/api/v1/chat/completions": {"POST": create_chat_completion},
+    "/v1/chat/completions": {"POST": create_chat_completion},
     "/api/v1/models": {"GET": list_models},
     "/v1/models": {"GET": list_models},
     "/api/v1/openapi.json": {"GET": openapi},
@@ -96,7 +99,11 @@ _ID_ROUTES: dict[str, dict[str, dict[str, Handler]]] = {
     "/api/v1/keys/": {"": {"GET": key_item, "DELETE": key_item}, "/rotate": {"POST": key_item}},
 }
 # Handlers that may run long; a client that leaves cancels them.
-_WATCH_DISCONNECT = frozenset({create_completion, tokenize, detokenize, tokenizer_info})
+_WATCH_DISCONNECT = frozenset(
+    {create_completion, create_chat_completion, tokenize, detokenize, tokenizer_info}
+)
+# Request ids are OpenAI's: `chatcmpl-...` for chat, `cmpl-...` for everything else.
+_CHAT_PATHS = frozenset({"/api/v1/chat/completions", "/v1/chat/completions"})
 
 
 @dataclass(slots=True)
@@ -201,7 +208,8 @@ class App:
                 status = message["status"]
             await send(message)
 
-        req = Request(scope, receive, send_and_watch, f"cmpl-{uuid.uuid4().hex}")
+        prefix = "chatcmpl-" if scope["path"] in _CHAT_PATHS else "cmpl-"
+        req = Request(scope, receive, send_and_watch, prefix + uuid.uuid4().hex)
         try:
             methods = _ROUTES.get(req.path) or _id_route(req.path)
             if methods is None:

@@ -241,6 +241,13 @@ class DeploymentSettings(Struct, frozen=True, forbid_unknown_fields=True):
     # `<|im_start|>`: as those tokens ("parse", as llama.cpp's server and vLLM do), or as plain
     # characters ("plain"). Other kinds read prompts as their upstream does.
     special_tokens: Literal["parse", "plain"] = "parse"
+    # Completions kinds: the Jinja chat template that turns a chat request's messages into this
+    # model's prompt (Hugging Face's convention). llamacpp: default, the GGUF's own
+    # `tokenizer.chat_template`. Without one, chat requests pass this deployment over.
+    chat_template: str | None = None
+    # ... and the text its `bos_token` and `eos_token` print (llamacpp: the GGUF's).
+    bos_token: str = ""
+    eos_token: str = ""
     # This model's own limits at its provider, beside the provider's (`unsupported_parameters`
     # adds to the provider's; `ranges` replaces it per parameter): a model that takes no
     # temperature, or a narrower range.

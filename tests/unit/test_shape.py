@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import msgspec
@@ -183,16 +184,21 @@ def test_a_chat_api_says_the_prompt_became_a_message() -> None:
     assert ok(caps, prompt=["a", "b"]).emulated == ("prompt",)
 
 
-def test_a_conversation_goes_only_to_a_chat_api_and_is_one_input() -> None:
+def test_a_conversation_goes_to_a_chat_api_or_a_chat_template_and_is_one_input() -> None:
     from llmrouter.generation import Generation, Message
+    from llmrouter.providers._chat_template import ChatTemplate
 
     request = Generation(messages=(Message("user", "Hi"),), n=2)
     wanted = requested_parameters(request)
     assert shape_for(FULL, MODEL, request, wanted, None) == (
         "messages",
-        "takes a prompt, not a conversation",
+        "takes a prompt, and has no chat template for a conversation",
     )
     chat = Capabilities(parameters=ALL_PARAMETERS, chat=True, prompt_batch=False)
-    shaped = shape_for(chat, MODEL, request, wanted, None)
-    assert isinstance(shaped, Shape)
-    assert shaped.inputs == 1 and shaped.emulated == ()  # nothing became a message: it is one
+    template = ChatTemplate("{% for m in messages %}{{ m.content }}{% endfor %}")
+    templated = dataclasses.replace(FULL, chat_template=template)
+    for caps in (chat, templated):
+        shaped = shape_for(caps, MODEL, request, wanted, None)
+        assert isinstance(shaped, Shape)
+        assert shaped.inputs == 1 and shaped.emulated == ()  # nothing became a message: it is one
+        assert shaped.request.messages == request.messages  # (the adapter renders the template)

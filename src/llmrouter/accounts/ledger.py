@@ -46,6 +46,7 @@ _COLUMNS = (
     "stream",
     "created_at",
     "finished_at",
+    "route",
 )
 _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM ledger"  # noqa: S608
 _encode = msgspec.json.encode
@@ -71,6 +72,7 @@ class Record(msgspec.Struct, kw_only=True, omit_defaults=False):
     stream: bool = False
     created_at: float
     finished_at: float
+    route: str = "completions"  # the API it came in on: "completions", "chat.completions"
 
     def row(self) -> tuple[Any, ...]:
         """The record as the ledger's columns. `user` and `metadata` are JSON, so that any
@@ -96,6 +98,7 @@ class Record(msgspec.Struct, kw_only=True, omit_defaults=False):
             self.stream,
             self.created_at,
             self.finished_at,
+            self.route,
         )
 
     @classmethod

@@ -82,6 +82,7 @@ _LEDGER = """CREATE TABLE ledger (
     created_at        DOUBLE PRECISION NOT NULL,  -- unix seconds
     finished_at       DOUBLE PRECISION NOT NULL
 )"""
+_LEDGER_ROUTE = "ALTER TABLE ledger ADD COLUMN route TEXT NOT NULL DEFAULT 'completions'"
 _LEDGER_INDEXES = (
     "CREATE INDEX ledger_principal_time ON ledger (principal, created_at)",
     "CREATE INDEX ledger_time ON ledger (created_at)",
@@ -116,6 +117,8 @@ MIGRATIONS: tuple[Migration, ...] = (
         sqlite=(*_KEYS_V2, _LEDGER, *_LEDGER_INDEXES),
         postgres=(*_KEYS_V2, _LEDGER, *_LEDGER_INDEXES, *_KEY_CHANGED),
     ),
+    # The API a request came in on (the records before it: all /completions).
+    Migration(sqlite=(_LEDGER_ROUTE,), postgres=(_LEDGER_ROUTE,)),
 )
 
 

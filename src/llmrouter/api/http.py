@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from llmrouter.errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType, quoted
 
 if TYPE_CHECKING:
-    from llmrouter.api.completions import Accounting
+    from llmrouter.api.pipeline import Accounting
 
 __all__ = ["REFUSED_BY_EDGE", "Receive", "Request", "Scope", "Send", "send_bytes"]
 

@@ -512,8 +512,8 @@ def shape_for(
     echo = native_echo = False
     stream_native = True
 
-    if params.messages and not caps.chat:
-        return "messages", "takes a prompt, not a conversation"
+    if params.messages and not caps.chat and caps.chat_template is None:
+        return "messages", "takes a prompt, and has no chat template for a conversation"
     for name in wanted:
         if name in ("n", "best_of", "echo", "stop", "stream", "response_format"):
             continue  # below, together

@@ -24,6 +24,7 @@ import copy
 from typing import Any
 
 from llmrouter.openapi._accounts import add_accounts
+from llmrouter.openapi._chat import add_chat
 from llmrouter.openapi._completions import add_completions, add_models
 from llmrouter.openapi._schema import as_openapi_3_2, error, shared_spec
 from llmrouter.openapi._tokenize import add_tokenizer
@@ -44,7 +45,7 @@ _EDGE_RESPONSES = {
 def build_openapi() -> dict[str, Any]:
     spec = copy.deepcopy(shared_spec())
     spec["info"] = {
-        "title": "llmrouter Completions API",
+        "title": "llmrouter Completions API (and Chat Completions)",
         "version": "1.0.0",
         "description": (
             "The Completions API as llmrouter serves it. `param` in an error names the field at "
@@ -58,11 +59,13 @@ def build_openapi() -> dict[str, Any]:
     spec["servers"] = [{"url": "/api/v1", "description": "this llmrouter"}]
     spec["tags"] = [
         {"name": "completions"},
+        {"name": "chat"},
         {"name": "models"},
         {"name": "tokenizer"},
         {"name": "accounts"},
     ]
     add_completions(spec)
+    add_chat(spec)
     add_models(spec)
     add_tokenizer(spec)
     add_accounts(spec)

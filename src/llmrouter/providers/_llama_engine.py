@@ -34,7 +34,7 @@ import time
 import warnings
 import weakref
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +48,7 @@ from llmrouter.errors import (
     LlmrouterError,
     ServiceUnavailable,
 )
+from llmrouter.providers._chat_template import Segment
 from llmrouter.providers._grammar import check_grammar
 from llmrouter.stops import Piece, StopScanner
 from llmrouter.wire.validate import Prompts
@@ -165,6 +166,10 @@ class Engine:
         self._llm: Any = None
         self._vocab: Any = None
         self._fim: tuple[int, int, int] | None = None  # the prefix, suffix and middle markers
+        # The GGUF's `tokenizer.chat_template`, and the text of its start and end tokens (what a
+        # template prints as `bos_token` and `eos_token`): known after `probe`.
+        self.chat_template: str | None = None
+        self.bos_text = self.eos_text = ""
         self._lltokenizer: Any = None
         # What `_tokenize_prompt` cuts a prompt at (None: llama.cpp does it), and the control
         # tokens, which the text of an answer leaves out.
@@ -197,7 +202,11 @@ class Engine:
         if not model:
             return  # loading the model proper will say what is wrong
         try:
-            self._fim = _fim_markers(llama_cpp.llama_model_get_vocab(model))
+            vocab = llama_cpp.llama_model_get_vocab(model)
+            self._fim = _fim_markers(vocab)
+            self.chat_template = _metadata(model, b"tokenizer.chat_template")
+            self.bos_text = _spelled(vocab, llama_cpp.llama_vocab_bos(vocab))
+            self.eos_text = _spelled(vocab, llama_cpp.llama_vocab_eos(vocab))
         finally:
             llama_cpp.llama_model_free(model)
 
@@ -244,6 +253,22 @@ class Engine:
         tokenizer puts first, if it does); in a helper thread."""
         self._wait_loaded()
         return self._tokenize_prompt(text, bos=add_special, special=special)
+
+    def conversation_tokens(self, segments: Sequence[Segment]) -> tuple[int, ...]:
+        """A rendered chat template's prompt: its own text with control tokens read as tokens,
+        the messages' as plain text; the document-start token first where the tokenizer puts one
+        and the template did not. In a helper thread."""
+        self._wait_loaded()
+        tokens: list[int] = []
+        for segment in segments:
+            if segment.template:
+                tokens += self._tokenize_prompt(segment.text, bos=False, special=True)
+            else:
+                tokens += self._tokenize_plain(segment.text, bos=False)
+        bos = int(self._llm.token_bos())
+        if self._adds_start and bos >= 0 and tokens[:1] != [bos]:
+            tokens.insert(0, bos)
+        return tuple(tokens)
 
     def detokenize(self, tokens: list[int], param: str = "tokens") -> str:
         """The text of `tokens`, control tokens spelled out; in a helper thread."""
@@ -838,6 +863,32 @@ def _could_overlap(texts: dict[bytes, int]) -> bool:
         for k in range(1, len(t)):
             starts.setdefault(t[:k], set()).add(t)
     return any(starts.get(t[k:], set()) - {t} for t in texts for k in range(1, len(t)))
+
+
+def _metadata(model: Any, key: bytes) -> str | None:
+    """A GGUF metadata value, as text (None: the file has no such key)."""
+    import llama_cpp
+
+    size = 1 << 16
+    while True:
+        buf = ctypes.create_string_buffer(size)
+        n = llama_cpp.llama_model_meta_val_str(model, key, buf, size)
+        if n < 0:
+            return None
+        if n < size:
+            return buf.value.decode("utf-8", "replace")
+        size = n + 1
+
+
+def _spelled(vocab: Any, token: int) -> str:
+    """A control token's text ("" for none)."""
+    import llama_cpp
+
+    if token < 0:
+        return ""
+    buf = ctypes.create_string_buffer(256)
+    n = llama_cpp.llama_token_to_piece(vocab, token, buf, len(buf), 0, True)
+    return buf.raw[: max(n, 0)].decode("utf-8", "replace")
 
 
 def _fim_markers(vocab: Any) -> tuple[int, int, int] | None:

@@ -14,6 +14,7 @@ from typing import Any, Protocol, get_args
 from msgspec import UNSET, Struct, UnsetType
 
 from llmrouter.generation import Generation
+from llmrouter.providers._chat_template import ChatTemplate
 from llmrouter.settings import DeploymentSettings, Timeouts, UpstreamParameter
 from llmrouter.wire.completions import ChunkChoice, CompletionChoice, Usage
 
@@ -63,8 +64,10 @@ class Capabilities:
     # not (then the router checks the answers instead). Unset: it takes every schema.
     schema_support: Callable[[dict[str, Any], bool], str | None] | None = None
     # A chat API: it takes a conversation (`Generation.messages`) as it is, and a prompt as one
-    # user message (the router says so: `prompt` emulated). Other kinds take prompts only.
+    # user message (the router says so: `prompt` emulated). Other kinds take prompts, and a
+    # conversation through the model's chat template, when it has one (the adapter renders it).
     chat: bool = False
+    chat_template: ChatTemplate | None = field(default=None, hash=False)
 
 
 @dataclass(frozen=True, slots=True)

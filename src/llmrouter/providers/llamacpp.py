@@ -10,6 +10,7 @@ from typing import Any
 from msgspec import UNSET
 
 from llmrouter.errors import LlmrouterError, ServiceUnavailable
+from llmrouter.providers._chat_template import ChatTemplate, chat_template, template_key
 from llmrouter.providers._llama_engine import (
     ChoiceDelta,
     ChoiceEnd,
@@ -103,6 +104,7 @@ class LlamaCppAdapter:
         self._checks = checks  # the limits a grammar made from a schema is held to
         self.timeouts = Timeouts()
         self._engines: dict[str, Engine] = {}
+        self._templates: dict[tuple[str, str | None, str, str], ChatTemplate | None] = {}
         for deployment in deployments:
             if deployment.model not in self._engines:
                 self._engines[deployment.model] = Engine(
@@ -113,6 +115,13 @@ class LlamaCppAdapter:
                     max_queue=settings.max_queue,
                 )
                 self._engines[deployment.model].probe()
+            engine = self._engines[deployment.model]
+            self._templates[template_key(deployment)] = chat_template(
+                deployment,
+                default=engine.chat_template,
+                bos_token=engine.bos_text,
+                eos_token=engine.eos_text,
+            )
 
     async def start(self) -> None:
         for engine in self._engines.values():
@@ -131,6 +140,7 @@ class LlamaCppAdapter:
             response_formats=frozenset({"text", "json_object", "json_schema", "grammar"}),
             max_logprobs=self._settings.max_logprobs,
             token_prompts=True,
+            chat_template=self._templates.get(template_key(deployment)),
         )
 
     def usable(self, deployment: DeploymentSettings) -> bool:
@@ -194,7 +204,8 @@ class LlamaCppAdapter:
             raise ServiceUnavailable(f"No local model {call.deployment.model!r} is configured.")
         # Tokenizing, the grammar and the context checks run beside the event loop, before the
         # queue: a request that cannot fit is refused at once, not after waiting its turn.
-        sampling, prompts = await asyncio.to_thread(_prepare, engine, call, self._checks)
+        template = self._templates.get(template_key(call.deployment))
+        sampling, prompts = await asyncio.to_thread(_prepare, engine, call, self._checks, template)
         events: asyncio.Queue[Event] = asyncio.Queue()
         emit = bind_loop(asyncio.get_running_loop(), events)
         job = Job(prompts, call.request.n or 1, sampling, emit)
@@ -234,10 +245,16 @@ class _LocalTokenizer:
         return await asyncio.to_thread(self._engine.tokenizer_info)
 
 
-def _prepare(engine: Engine, call: Call, checks: CheckSettings) -> tuple[Sampling, list[Prepared]]:
+def _prepare(
+    engine: Engine, call: Call, checks: CheckSettings, template: ChatTemplate | None
+) -> tuple[Sampling, list[Prepared]]:
     sampling = _sampling(call, checks)
     special = call.deployment.special_tokens == "parse"
-    return sampling, engine.prepare(call.request.prompts, sampling, special=special)
+    prompts = call.request.prompts
+    if call.request.messages:  # (the plan sends a conversation only where there is a template)
+        assert template is not None
+        prompts = (engine.conversation_tokens(template.segments(call.request.messages)),)
+    return sampling, engine.prepare(prompts, sampling, special=special)
 
 
 def _sampling(call: Call, checks: CheckSettings) -> Sampling:

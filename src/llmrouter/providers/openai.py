@@ -21,6 +21,7 @@ from llmrouter.errors import (
 )
 from llmrouter.obs.redact import Redactor
 from llmrouter.providers import _http
+from llmrouter.providers._chat_template import chat_template, template_key
 from llmrouter.providers._common import HttpAdapter, default_cap, missing_logprobs
 from llmrouter.providers.base import (
     Call,
@@ -98,6 +99,9 @@ class OpenAIAdapter(HttpAdapter):
         transport: _http.Transport | None = None,
     ) -> None:
         super().__init__(name, settings, deployments, checks, transport)
+        # A chat request's conversation becomes a prompt through the deployment's template (its
+        # config's): the upstream reads it as it reads any prompt.
+        self._templates = {template_key(d): chat_template(d) for d in deployments}
         self._url = settings.base_url.rstrip("/") + "/completions"
         self._headers = self.headers(
             {"authorization": f"Bearer {settings.api_key}"} if settings.api_key else None
@@ -124,6 +128,7 @@ class OpenAIAdapter(HttpAdapter):
             best_of_above_n="best_of" not in unsupported,
             stream_usage="stream_usage" not in unsupported,
             default_max_tokens=default_cap(self.settings.defaults),
+            chat_template=self._templates.get(template_key(deployment)),
         )
 
     def tokenizer(self, deployment: DeploymentSettings) -> Tokenizer | None:
@@ -137,7 +142,12 @@ class OpenAIAdapter(HttpAdapter):
         fields: dict[str, Any] = {**self.settings.defaults, **msgspec.to_builtins(call.request)}
         for name in _NOT_SENT:
             fields.pop(name, None)
-        fields["prompt"] = _wire_prompt(call.request.prompts)
+        if call.request.messages:  # (sent only where there is a template)
+            template = self._templates[template_key(call.deployment)]
+            assert template is not None
+            fields["prompt"] = template.render(call.request.messages)
+        else:
+            fields["prompt"] = _wire_prompt(call.request.prompts)
         response_format = call.request.response_format
         if format_kind(response_format) == "text":
             fields.pop("response_format", None)  # the default: legacy upstreams do not know it

@@ -20,19 +20,29 @@ from llmrouter.wire.completions import (
     ProviderPreferences,
     ResponseFormat,
     StreamOptions,
+    Usage,
 )
 
 __all__ = [
     "AssistantMessage",
+    "ChatChoice",
+    "ChatChunkChoice",
+    "ChatCompletion",
+    "ChatCompletionChunk",
     "ChatCompletionCreateParams",
+    "ChatLogprobs",
     "ChatMessage",
+    "Delta",
     "DeveloperMessage",
     "ImagePart",
     "ReasoningRequest",
+    "Reply",
     "SystemMessage",
     "TextPart",
+    "TokenLogprob",
     "Tool",
     "ToolMessage",
+    "TopLogprob",
     "UserMessage",
     "chat_request_decoder",
 ]
@@ -156,3 +166,97 @@ class ChatCompletionCreateParams(Struct, forbid_unknown_fields=True, omit_defaul
 
 
 chat_request_decoder = msgspec.json.Decoder(ChatCompletionCreateParams)
+
+
+# ---------------------------------------------------------------------------------------------
+# Response
+
+
+class TopLogprob(Struct):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(Struct):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(Struct):
+    content: list[TokenLogprob] | None
+    refusal: list[TokenLogprob] | None = None
+
+
+class Reply(Struct, kw_only=True):
+    """The assistant's message. `content` and `refusal` are always present (null when empty),
+    as in OpenAI's answers; `reasoning` (OpenRouter's) only when the model thought aloud."""
+
+    role: Literal["assistant"] = "assistant"
+    content: str | None
+    refusal: str | None = None
+    reasoning: str | UnsetType = UNSET
+    tool_calls: list[ToolCall] | UnsetType = UNSET
+
+
+ChatFinishReason = Literal["stop", "length", "content_filter", "tool_calls"]
+
+
+class ChatChoice(Struct):
+    index: int
+    message: Reply
+    logprobs: ChatLogprobs | None
+    finish_reason: ChatFinishReason
+    native_finish_reason: str | UnsetType = UNSET
+
+
+class ChatCompletion(Struct, kw_only=True):  # kw_only: fields in OpenAI's order
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    provider: str
+    system_fingerprint: str | UnsetType = UNSET
+    choices: list[ChatChoice]
+    usage: Usage | UnsetType = UNSET
+
+
+class Delta(Struct, omit_defaults=True):
+    role: Literal["assistant"] | UnsetType = UNSET
+    content: str | UnsetType = UNSET
+    reasoning: str | UnsetType = UNSET
+    tool_calls: list[ToolCallDelta] | UnsetType = UNSET
+
+
+class FunctionDelta(Struct):
+    name: str | UnsetType = UNSET
+    arguments: str = ""
+
+
+class ToolCallDelta(Struct, omit_defaults=True):
+    index: int
+    id: str | UnsetType = UNSET
+    type: Literal["function"] | UnsetType = UNSET
+    function: FunctionDelta | UnsetType = UNSET
+
+
+class ChatChunkChoice(Struct):
+    index: int
+    delta: Delta
+    logprobs: ChatLogprobs | None = None
+    finish_reason: ChatFinishReason | None = None
+    native_finish_reason: str | UnsetType = UNSET
+
+
+class ChatCompletionChunk(Struct, kw_only=True):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    provider: str
+    system_fingerprint: str | UnsetType = UNSET
+    choices: list[ChatChunkChoice]
+    # Present (null until the last chunk) only when stream_options.include_usage is set.
+    usage: Usage | UnsetType | None = UNSET

@@ -1,0 +1,169 @@
+"""POST /api/v1/chat/completions (and /v1/chat/completions): the Chat Completions API's side of
+the road (`api/pipeline.py`), in OpenAI's format: its decoder and its encoders.
+
+The answer's choices come from the executor as they do for /completions (text, reasoning,
+per-token logprobs in the Completions shape); here they become OpenAI's assistant messages and
+`chat.completion.chunk` deltas, and the logprobs its `content` list.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from msgspec import UNSET
+
+from llmrouter.api.http import Request
+from llmrouter.api.pipeline import Decoded, generate
+from llmrouter.api.sse import event
+from llmrouter.generation import Message, from_chat
+from llmrouter.providers.base import Completion, StreamPart
+from llmrouter.routing.plan import Target
+from llmrouter.wire.chat import (
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatLogprobs,
+    Delta,
+    Reply,
+    TokenLogprob,
+    TopLogprob,
+)
+from llmrouter.wire.completions import ChunkChoice, CompletionChoice, Logprobs, Usage, encoder
+from llmrouter.wire.validate import decode_chat_request
+
+if TYPE_CHECKING:
+    from llmrouter.app import Context
+
+__all__ = ["CHAT", "chat_logprobs", "create_chat_completion", "messages_tokens_estimate"]
+
+# What a chat template may add, in tokens, about: per message (its role's markers) and once (a
+# default system prompt, the generation prompt). The credit hold's bound counts these too.
+_PER_MESSAGE = 8
+_PER_CONVERSATION = 64
+
+
+def messages_tokens_estimate(messages: tuple[Message, ...]) -> int:
+    """About four characters a token, and a few for each message's markers."""
+    return sum(len(m.content) // 4 + 1 + _PER_MESSAGE // 2 for m in messages)
+
+
+def messages_tokens_bound(messages: tuple[Message, ...]) -> int:
+    """At most a token a UTF-8 byte (byte-level tokenizers), and what a template adds."""
+    return _PER_CONVERSATION + sum(len(m.content.encode()) + _PER_MESSAGE for m in messages)
+
+
+class ChatWire:
+    route = "chat.completions"
+
+    def decode(self, body: bytes) -> Decoded:
+        route, request = from_chat(decode_chat_request(body))
+        messages = request.messages
+        return Decoded(
+            route, request, 1, messages_tokens_estimate(messages), messages_tokens_bound(messages)
+        )
+
+    def answer(self, request_id: str, target: Target, result: Completion) -> bytes:
+        return encoder.encode(
+            ChatCompletion(
+                id=request_id,
+                created=int(time.time()),
+                model=target.model.id,
+                provider=target.deployment.provider,
+                system_fingerprint=result.system_fingerprint,
+                choices=[_choice(c) for c in result.choices],
+                usage=result.usage,
+            )
+        )
+
+    def chunks(self, request_id: str, target: Target, include_usage: bool) -> _Chunks:
+        return _Chunks(request_id, target, include_usage)
+
+
+def _choice(c: CompletionChoice) -> ChatChoice:
+    return ChatChoice(
+        index=c.index,
+        message=Reply(content=c.text, reasoning=UNSET if c.reasoning is None else c.reasoning),
+        logprobs=chat_logprobs(c.logprobs),
+        finish_reason=c.finish_reason,
+        native_finish_reason=c.native_finish_reason,
+    )
+
+
+class _Chunks:
+    """The stream's chunks: each choice's first delta carries the assistant's role, its last the
+    finish reason (with an empty delta when no text comes with it), as OpenAI's do."""
+
+    __slots__ = ("_chunk", "_include_usage", "_started")
+
+    def __init__(self, request_id: str, target: Target, include_usage: bool) -> None:
+        self._include_usage = include_usage
+        self._started: set[int] = set()  # choices whose role was sent
+        self._chunk = ChatCompletionChunk(
+            id=request_id,
+            created=int(time.time()),
+            model=target.model.id,
+            provider=target.deployment.provider,
+            choices=[],
+            usage=None if include_usage else UNSET,
+        )
+
+    def retarget(self, target: Target) -> None:
+        self._chunk.model, self._chunk.provider = target.model.id, target.deployment.provider
+
+    def part(self, part: StreamPart) -> bytes:
+        chunk = self._chunk
+        chunk.choices = [self._delta(c) for c in part.choices]
+        chunk.system_fingerprint = part.system_fingerprint
+        return event(encoder.encode(chunk))
+
+    def _delta(self, c: ChunkChoice) -> ChatChunkChoice:
+        delta = Delta()
+        if c.index not in self._started:
+            self._started.add(c.index)
+            delta.role = "assistant"
+            delta.content = c.text
+        elif c.text:
+            delta.content = c.text
+        if c.reasoning:
+            delta.reasoning = c.reasoning
+        return ChatChunkChoice(
+            c.index, delta, chat_logprobs(c.logprobs), c.finish_reason, c.native_finish_reason
+        )
+
+    def usage(self, usage: Usage) -> bytes:
+        if not self._include_usage:
+            return b""
+        chunk = self._chunk
+        chunk.choices = []
+        chunk.usage = usage
+        return event(encoder.encode(chunk))
+
+
+def chat_logprobs(logprobs: Logprobs | None) -> ChatLogprobs | None:
+    """Per-token logprobs in Chat Completions' shape: each token with its UTF-8 bytes and its
+    alternatives, most likely first."""
+    if logprobs is None:
+        return None
+    tops = logprobs.top_logprobs or [None] * len(logprobs.tokens)
+    content = [
+        TokenLogprob(
+            token,
+            logprob if logprob is not None else 0.0,
+            list(token.encode()),
+            [
+                TopLogprob(alt, alt_logprob, list(alt.encode()))
+                for alt, alt_logprob in sorted((top or {}).items(), key=lambda kv: -kv[1])
+            ],
+        )
+        for token, logprob, top in zip(logprobs.tokens, logprobs.token_logprobs, tops, strict=True)
+    ]
+    return ChatLogprobs(content)
+
+
+CHAT = ChatWire()
+
+
+async def create_chat_completion(req: Request, ctx: Context) -> None:
+    await generate(req, ctx, CHAT)

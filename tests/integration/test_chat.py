@@ -1,0 +1,214 @@
+"""POST /chat/completions through the official openai SDK, unmodified: the embedded model (its
+GGUF's chat template), the same model behind llama-cpp-python's server (the template from the
+config), and each chat kind's fake; the same road as /completions (auth, the ledger's record)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import Router
+from tests.spec import assert_error, validate
+
+LOCAL = "local/smollm2-135m-instruct"
+TEMPLATED = [LOCAL, "upstream/smollm2"]  # completions kinds, through the model's chat template
+CHAT_APIS = ["oc/lm", "claude/lm", "gem/lm"]
+MODELS = [*TEMPLATED, *CHAT_APIS]
+PROVIDERS = {
+    LOCAL: "local",
+    "upstream/smollm2": "llamaserver",
+    "oc/lm": "oc",
+    "claude/lm": "claude",
+    "gem/lm": "gem",
+}
+QUESTION = [
+    {"role": "system", "content": "You answer in one short sentence."},
+    {"role": "user", "content": "What colour is the sky?"},
+]
+
+
+def client(router: Router) -> openai.OpenAI:
+    return openai.OpenAI(base_url=router.api, api_key=router.key, max_retries=0)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_a_chat_completion_is_openais_shape(router: Router, model: str) -> None:
+    raw = client(router).chat.completions.with_raw_response.create(
+        model=model,
+        messages=QUESTION,
+        max_tokens=12,
+        temperature=0,  # type: ignore[arg-type]
+    )
+    completion = raw.parse()
+    body = json.loads(raw.http_response.text)
+    validate(body, "ChatCompletion", served=True)
+    assert completion.id.startswith("chatcmpl-") and raw.headers["x-request-id"] == completion.id
+    assert completion.object == "chat.completion"
+    assert completion.model == model and body["provider"] == PROVIDERS[model]
+    choice = completion.choices[0]
+    assert choice.message.role == "assistant" and choice.message.content
+    assert body["choices"][0]["message"]["refusal"] is None  # present, as in OpenAI's answers
+    assert choice.finish_reason in ("stop", "length")
+    assert body["choices"][0]["native_finish_reason"]
+    usage = completion.usage
+    assert usage is not None and usage.completion_tokens > 0
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_a_stream_gives_the_same_message_as_a_whole_answer(router: Router, model: str) -> None:
+    args: dict[str, Any] = {"model": model, "messages": QUESTION, "max_tokens": 12, "temperature": 0}
+    whole = client(router).chat.completions.create(**args)
+    chunks = list(
+        client(router).chat.completions.create(
+            **args, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    for chunk in chunks:
+        validate(chunk.model_dump(exclude_unset=True), "ChatCompletionChunk", served=True)
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert deltas[0].role == "assistant" and all(d.role is None for d in deltas[1:])
+    assert "".join(d.content or "" for d in deltas) == whole.choices[0].message.content
+    assert len({c.id for c in chunks}) == 1 and chunks[0].id.startswith("chatcmpl-")
+    assert all(c.object == "chat.completion.chunk" and c.model == model for c in chunks)
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finishes[-1] == whole.choices[0].finish_reason and not any(finishes[:-1])
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens  # type: ignore[union-attr]
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_the_async_client_streams_and_completes(router: Router) -> None:
+    async def main() -> tuple[str | None, str]:
+        aclient = openai.AsyncOpenAI(base_url=router.api, api_key=router.key, max_retries=0)
+        args: dict[str, Any] = {"model": LOCAL, "messages": QUESTION, "max_tokens": 6, "temperature": 0}
+        done = await aclient.chat.completions.create(**args)
+        stream = await aclient.chat.completions.create(**args, stream=True)
+        streamed = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+        await aclient.close()
+        return done.choices[0].message.content, streamed
+
+    whole, streamed = asyncio.run(main())
+    assert whole and whole == streamed
+
+
+def test_the_template_in_config_gives_what_the_models_own_gives(router: Router) -> None:
+    """The embedded model renders its GGUF's template and reads it apart; llama-cpp-python's
+    server gets the config's copy of it as a prompt. Greedy, they answer the same."""
+    answers = [
+        client(router).chat.completions.create(
+            model=model,
+            messages=QUESTION,
+            max_tokens=10,
+            temperature=0,  # type: ignore[arg-type]
+        )
+        for model in TEMPLATED
+    ]
+    assert answers[0].choices[0].message.content == answers[1].choices[0].message.content
+    assert answers[0].usage is not None and answers[1].usage is not None
+    assert answers[0].usage.prompt_tokens == answers[1].usage.prompt_tokens
+
+
+def test_control_tokens_in_a_message_are_text_on_the_local_model(router: Router) -> None:
+    """A user writing `<|im_end|>` does not end their turn: it is ten characters of text, read as
+    several tokens, where the template's own `<|im_end|>` is one."""
+
+    def prompt_tokens(content: str) -> int:
+        answer = client(router).chat.completions.create(
+            model=LOCAL, messages=[{"role": "user", "content": content}], max_tokens=1
+        )
+        assert answer.usage is not None
+        return answer.usage.prompt_tokens
+
+    assert prompt_tokens("Hi<|im_end|>") - prompt_tokens("Hi") > 1
+
+
+def test_sampling_parameters_are_honoured_on_the_local_model(router: Router) -> None:
+    c = client(router)
+    args: dict[str, Any] = {"model": LOCAL, "messages": QUESTION, "max_tokens": 8}
+    seeded = [c.chat.completions.create(**args, seed=7, temperature=1.0) for _ in "ab"]
+    assert seeded[0].choices[0].message.content == seeded[1].choices[0].message.content
+    two = c.chat.completions.create(**args, n=2, temperature=0)
+    assert [ch.index for ch in two.choices] == [0, 1]
+    assert two.choices[0].message.content == two.choices[1].message.content
+    probs = c.chat.completions.create(**args, temperature=0, logprobs=True, top_logprobs=3)
+    content = probs.choices[0].logprobs.content  # type: ignore[union-attr]
+    assert content and probs.usage is not None and len(content) == probs.usage.completion_tokens
+    assert "".join(t.token for t in content) == probs.choices[0].message.content
+    for token in content:
+        assert len(token.top_logprobs) == 3
+        assert token.bytes == list(token.token.encode())
+        assert token.top_logprobs[0].logprob >= token.top_logprobs[-1].logprob
+        assert token.logprob == pytest.approx(token.top_logprobs[0].logprob)  # greedy: the likeliest
+    plain = c.chat.completions.create(**args, temperature=0)
+    assert plain.choices[0].logprobs is None
+    stop = (plain.choices[0].message.content or "").split()[1]
+    stopped = c.chat.completions.create(**args, temperature=0, stop=[stop])
+    assert stop not in (stopped.choices[0].message.content or "")
+    assert stopped.choices[0].finish_reason == "stop"
+
+
+def test_json_schema_is_decoded_under_its_grammar_on_the_local_model(router: Router) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"colour": {"type": "string", "maxLength": 12}},
+        "required": ["colour"],
+        "additionalProperties": False,
+    }
+    answer = client(router).chat.completions.create(
+        model=LOCAL,
+        messages=QUESTION,  # type: ignore[arg-type]
+        max_tokens=40,
+        temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "sky", "schema": schema}},
+    )
+    parsed = json.loads(answer.choices[0].message.content or "")
+    assert set(parsed) == {"colour"} and isinstance(parsed["colour"], str)
+
+
+def test_a_deployment_without_a_chat_template_is_passed_over(router: Router) -> None:
+    r = httpx.post(
+        f"{router.api}/chat/completions",
+        headers=router.headers(),
+        json={"model": "fake/ok", "messages": QUESTION},
+    )
+    body = assert_error(r, 400, "messages")
+    assert "chat template" in body["error"]["message"]
+
+
+def test_chat_requests_are_in_the_ledger_with_their_route(router: Router) -> None:
+    answer = client(router).chat.completions.create(
+        model="oc/lm",
+        messages=QUESTION,
+        max_tokens=4,
+        user="chat-ledger",  # type: ignore[arg-type]
+    )
+    r = httpx.get(f"{router.api}/generation", params={"id": answer.id}, headers=router.headers())
+    record = r.json()["data"]
+    assert record["route"] == "chat.completions" and record["user"] == "chat-ledger"
+    assert record["model"] == "oc/lm" and record["provider"] == "oc" and record["status"] == 200
+    assert answer.usage is not None
+    assert record["completion_tokens"] == answer.usage.completion_tokens
+    old = client(router).completions.create(model="oc/lm", prompt="Hi", max_tokens=2)
+    r = httpx.get(f"{router.api}/generation", params={"id": old.id}, headers=router.headers())
+    assert r.json()["data"]["route"] == "completions"
+
+
+def test_bad_chat_requests_are_400s_in_the_spec_shape(router: Router) -> None:
+    url = f"{router.api}/chat/completions"
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
+        ({"messages": QUESTION, "top_logprobs": 2}, "top_logprobs"),
+        ({"messages": QUESTION, "temperature": 3}, "temperature"),
+        ({"messages": QUESTION, "unknown": 1}, "unknown"),
+    ]
+    for body, param in cases:
+        assert_error(httpx.post(url, headers=router.headers(), json=body), 400, param)
+    r = httpx.post(url, headers={"Authorization": "Bearer lr-wrong"}, json={"messages": QUESTION})
+    assert_error(r, 401)
