@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from msgspec import UNSET, Struct, UnsetType
 
 from llmrouter.wire.completions import ProviderPreferences, ResponseFormat
+from llmrouter.wire.tools import FunctionDefinition, ToolCall, ToolChoice
 from llmrouter.wire.validate import Prompts
 
 if TYPE_CHECKING:
@@ -31,10 +32,15 @@ __all__ = ["Generation", "Message", "Route", "from_chat", "from_completions"]
 
 class Message(Struct, frozen=True, gc=False):
     """One turn of a conversation (the chat endpoint's input). `system` and `developer` are
-    instructions; each chat kind puts them where its API takes them."""
+    instructions; each chat kind puts them where its API takes them. An assistant turn may call
+    tools (`tool_calls`); a `tool` turn is one call's result (`tool_call_id`, and the function's
+    `name`, which some APIs want beside the id)."""
 
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str | None = None
+    name: str | None = None  # a tool result's function
 
 
 class Generation(Struct, frozen=True, kw_only=True, omit_defaults=True, gc=False):
@@ -62,6 +68,11 @@ class Generation(Struct, frozen=True, kw_only=True, omit_defaults=True, gc=False
     metadata: dict[str, Any] | None = None
     stream: bool = False
     include_usage: bool = False  # usage at the end of a stream
+    # The functions the model may call (chat only), and how it may: `tool_choice` as OpenAI's
+    # (a name forces that function), `parallel_tool_calls` false for at most one call.
+    tools: tuple[FunctionDefinition, ...] = ()
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,19 +106,16 @@ def from_completions(params: CompletionCreateParams, prompts: Prompts) -> tuple[
 
 
 def from_chat(params: ChatCompletionCreateParams) -> tuple[Route, Generation]:
-    """A decoded chat request, split. What a `Generation` cannot carry yet (images, tools, the
+    """A decoded chat request, split. What a `Generation` cannot carry yet (images, the
     `reasoning` request) is refused by name, never dropped."""
     from llmrouter.errors import UnsupportedParameter
     from llmrouter.wire.chat import AssistantMessage, ImagePart, ToolMessage
 
-    if params.tools:
-        raise UnsupportedParameter("Tools are not carried to deployments yet.", param="tools")
     if params.reasoning is not None:
         raise UnsupportedParameter("`reasoning` is not carried to deployments yet.", param="reasoning")
     messages: list[Message] = []
+    names: dict[str, str] = {}  # tool call id -> its function
     for i, m in enumerate(params.messages):
-        if isinstance(m, ToolMessage) or (isinstance(m, AssistantMessage) and m.tool_calls):
-            raise UnsupportedParameter("Tool calls are not carried yet.", param=f"messages[{i}]")
         content = m.content
         if isinstance(content, list):
             for j, part in enumerate(content):
@@ -117,13 +125,23 @@ def from_chat(params: ChatCompletionCreateParams) -> tuple[Route, Generation]:
                     )
             content = "\n".join(part.text for part in content if not isinstance(part, ImagePart))
         role = type(m).__struct_config__.tag  # (the tagged union's `role`)
-        messages.append(Message(role, content or ""))  # type: ignore[arg-type]
+        if isinstance(m, AssistantMessage) and m.tool_calls:
+            names.update((call.id, call.function.name) for call in m.tool_calls)
+            messages.append(Message("assistant", content or "", tuple(m.tool_calls)))
+        elif isinstance(m, ToolMessage):
+            tool = names.get(m.tool_call_id)
+            messages.append(Message("tool", content or "", tool_call_id=m.tool_call_id, name=tool))
+        else:
+            messages.append(Message(role, content or ""))  # type: ignore[arg-type]
     cap = params.max_completion_tokens if params.max_completion_tokens is not None else params.max_tokens
     generation = Generation(
         messages=tuple(messages),
         max_tokens=cap,  # none: up to the model's context, as OpenAI's chat API means it
         n=params.n,
         logprobs=(params.top_logprobs or 0) if params.logprobs else None,
+        tools=tuple(t.function for t in params.tools or ()),
+        tool_choice=params.tool_choice,
+        parallel_tool_calls=params.parallel_tool_calls,
         **_shared(params),
     )
     return _route(params), generation

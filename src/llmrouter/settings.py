@@ -75,6 +75,9 @@ UpstreamParameter = Literal[
     "prompt_batch",  # several prompts in one request
     "max_tokens_zero",  # max_tokens: 0 generates nothing (llama.cpp's servers take it as no limit)
     "stream_usage",  # usage in streams (stream_options.include_usage)
+    "tools",  # function calling (chat)
+    "tool_choice",
+    "parallel_tool_calls",
 ]
 
 

@@ -131,3 +131,60 @@ def _cut(
         length += len(token)
     kept = [t for t in kept if t]
     return Candidate(kept, values[: len(kept)], tops[: len(kept)], "stop_sequence", stop)
+
+
+# -- tools ----------------------------------------------------------------------------------------
+# With tools declared, the fakes call them until the conversation holds their results: each tool
+# once (only the first, or the one named, when at most one call is allowed), arguments made from
+# its parameters' schema; with the results in, they answer in words that quote them.
+
+TOOL_ARGUMENTS = {"string": "Paris", "integer": 3, "number": 2.5, "boolean": True}
+
+
+@dataclass(frozen=True)
+class Declared:
+    name: str
+    parameters: dict[str, Any]  # JSON Schema
+
+
+@dataclass(frozen=True)
+class Calls:
+    """Which tools to call now: (name, arguments) each."""
+
+    calls: list[tuple[str, dict[str, Any]]]
+
+
+def tool_turn(
+    tools: list[Declared], *, choice: str | None, parallel: bool, answered: bool
+) -> Calls | None:
+    """The calls this turn makes, or None to answer in words. `choice` is "none", "auto",
+    "required" or a tool's name; `answered`: the last turn holds tool results."""
+    if not tools or choice == "none" or (answered and choice in (None, "auto")):
+        return None
+    named = [t for t in tools if t.name == choice]
+    chosen = named or (tools if parallel else tools[:1])
+    return Calls([(t.name, arguments_for(t.parameters)) for t in chosen])
+
+
+def arguments_for(schema: dict[str, Any]) -> dict[str, Any]:
+    properties = schema.get("properties") or {}
+    return {
+        name: TOOL_ARGUMENTS.get(str(prop.get("type")), "x")
+        for name, prop in properties.items()
+        if name in (schema.get("required") or list(properties))
+    }
+
+
+def results_text(results: list[str]) -> str:
+    """The words that follow tool results: they quote them."""
+    return "The tools said: " + "; ".join(results)
+
+
+def spoken(text: str, prompt_tokens: int) -> Answer:
+    """An answer of fixed words (after tool results), as one candidate that stopped."""
+    tokens = [w if i == 0 else " " + w for i, w in enumerate(text.split(" "))]
+    return Answer([Candidate(tokens, [-0.5] * len(tokens), [[]] * len(tokens), "stop")], prompt_tokens)
+
+
+def call_id(prefix: str, turn: int, k: int) -> str:
+    return f"{prefix}{turn:04d}{k:02d}"

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 from typing import Any
 
 from aiohttp import web
@@ -102,9 +103,55 @@ def _prompt(body: dict[str, Any]) -> str:
     return "\n".join(line for line in lines if line)
 
 
+_TOOL_ID = re.compile(r"^[a-zA-Z0-9_-]+$")
+
+
+def _blocks(message: dict[str, Any]) -> list[dict[str, Any]]:
+    content = message.get("content")
+    return content if isinstance(content, list) else []
+
+
+def _tool_problem(body: dict[str, Any]) -> str | None:
+    """The API's rules for tool use in a conversation: every tool_use answered by a tool_result
+    in the next (user) turn, ids of its pattern, and with thinking on, an assistant turn that
+    calls tools keeps its (signed) thinking block first."""
+    messages = body["messages"]
+    thinking = (body.get("thinking") or {}).get("type") in ("enabled", "adaptive")
+    for i, message in enumerate(messages):
+        blocks = _blocks(message)
+        used = [b["id"] for b in blocks if b.get("type") == "tool_use"]
+        for b in blocks:
+            for key in ("id", "tool_use_id"):
+                if b.get("type") in ("tool_use", "tool_result") and not _TOOL_ID.match(
+                    str(b.get(key, "x"))
+                ):
+                    return f"messages.{i}.content: String should match pattern '^[a-zA-Z0-9_-]+$'"
+        if not used:
+            continue
+        if thinking and i == len(messages) - 2 and blocks[0].get("type") != "thinking":
+            return (
+                f"messages.{i}.content.0.type: Expected `thinking` or `redacted_thinking`, but "
+                "found `tool_use`. When `thinking` is enabled, a final `assistant` message must "
+                "start with a thinking block."
+            )
+        if thinking and blocks[0].get("type") == "thinking" and blocks[0].get("signature") != SIGNATURE:
+            return f"messages.{i}.content.0: Invalid `signature` in `thinking` block"
+        after = _blocks(messages[i + 1]) if i + 1 < len(messages) else []
+        answered = {b.get("tool_use_id") for b in after if b.get("type") == "tool_result"}
+        if set(used) - answered:
+            return (
+                f"messages.{i + 1}: `tool_use` ids were found without `tool_result` blocks "
+                f"immediately after: {', '.join(sorted(set(used) - answered))}. Each `tool_use` "
+                "block must have a corresponding `tool_result` block in the next message."
+            )
+    return None
+
+
 def _invalid(body: dict[str, Any]) -> str | None:
     if not isinstance(body.get("messages"), list) or not body["messages"]:
         return "messages: Field required"
+    if (problem := _tool_problem(body)) is not None:
+        return problem
     if not isinstance(body.get("max_tokens"), int):
         return "max_tokens: Field required"
     thinking = body.get("thinking") or {}
@@ -203,6 +250,103 @@ def _events(
     return events
 
 
+def _tool_results(messages: list[dict[str, Any]]) -> list[str]:
+    """The results in the last (user) turn's tool_result blocks."""
+    return [_text(b.get("content")) for b in _blocks(messages[-1]) if b.get("type") == "tool_result"]
+
+
+def _tool_turn(body: dict[str, Any], *, answered: bool) -> list[tuple[str, dict[str, Any]]] | None:
+    tools = [answers.Declared(t["name"], t.get("input_schema") or {}) for t in body.get("tools") or []]
+    choice = body.get("tool_choice") or {}
+    named = {"auto": "auto", "any": "required", "none": "none"}.get(choice.get("type", "auto"))
+    turn = answers.tool_turn(
+        tools,
+        choice=choice.get("name") if choice.get("type") == "tool" else named,
+        parallel=not choice.get("disable_parallel_tool_use"),
+        answered=answered,
+    )
+    return None if turn is None else turn.calls
+
+
+def _thinking_block(answer: answers.Answer, omitted: bool) -> list[dict[str, Any]]:
+    if not answer.reasoning:
+        return []
+    thought = "" if omitted else "".join(answer.reasoning)
+    return [{"type": "thinking", "thinking": thought, "signature": SIGNATURE}]
+
+
+def _uses(head: dict[str, Any], calls: list[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+    turn = int(head["id"].removeprefix("msg_fake"))
+    return [
+        {"type": "tool_use", "id": answers.call_id("toolu_fake", turn, k), "name": name, "input": args}
+        for k, (name, args) in enumerate(calls)
+    ]
+
+
+def _calls_message(
+    head: dict[str, Any],
+    answer: answers.Answer,
+    calls: list[tuple[str, dict[str, Any]]],
+    fault: faults.Fault,
+    omitted: bool,
+) -> dict[str, Any]:
+    used = len(answer.reasoning) + 5 * len(calls)
+    return {
+        **head,
+        "content": _thinking_block(answer, omitted) + _uses(head, calls),
+        "stop_reason": "tool_use",
+        "stop_sequence": None,
+        "usage": {**_input_usage(answer, fault), "output_tokens": used, "service_tier": "standard"},
+    }
+
+
+def _call_events(
+    head: dict[str, Any],
+    answer: answers.Answer,
+    calls: list[tuple[str, dict[str, Any]]],
+    fault: faults.Fault,
+    omitted: bool,
+) -> list[faults.Event]:
+    """A tool-using turn streamed: each tool_use block starts with its id, name and empty input,
+    and its input's JSON follows as input_json_delta pieces."""
+
+    def event(name: str, data: dict[str, Any], text: bool = False) -> faults.Event:
+        return faults.Event(faults.sse(data, name, separators=(",", ":")), text)
+
+    whole = _calls_message(head, answer, calls, fault, omitted)
+    usage = {**_input_usage(answer, fault), "output_tokens": 1, "service_tier": "standard"}
+    start = {**head, "content": [], "stop_reason": None, "stop_sequence": None, "usage": usage}
+    events = [event("message_start", {"type": "message_start", "message": start})]
+    for index, block in enumerate(whole["content"]):
+        if block["type"] == "thinking":
+            opened = {"type": "thinking", "thinking": "", "signature": ""}
+            deltas = [{"type": "thinking_delta", "thinking": block["thinking"]}]
+            deltas.append({"type": "signature_delta", "signature": block["signature"]})
+        else:
+            opened = {**block, "input": {}}
+            text = json.dumps(block["input"])
+            half = len(text) // 2
+            deltas = [
+                {"type": "input_json_delta", "partial_json": piece}
+                for piece in (text[:half], text[half:])
+            ]
+        events.append(
+            event(
+                "content_block_start",
+                {"type": "content_block_start", "index": index, "content_block": opened},
+            )
+        )
+        for delta in deltas:
+            data = {"type": "content_block_delta", "index": index, "delta": delta}
+            events.append(event("content_block_delta", data, text=True))
+        events.append(event("content_block_stop", {"type": "content_block_stop", "index": index}))
+    ending = {"stop_reason": "tool_use", "stop_sequence": None}
+    total = {"output_tokens": whole["usage"]["output_tokens"]}
+    events.append(event("message_delta", {"type": "message_delta", "delta": ending, "usage": total}))
+    events.append(event("message_stop", {"type": "message_stop"}))
+    return events
+
+
 async def messages(request: web.Request) -> web.StreamResponse:
     try:
         body = await request.json()
@@ -242,11 +386,22 @@ async def messages(request: web.Request) -> web.StreamResponse:
     except lm.Rejected as exc:
         return _error(400, str(exc))
     omitted = thinks and thinking.get("display") == "omitted"
+    head = {"id": f"msg_fake{next(_ids):020d}", "type": "message", "role": "assistant", "model": model}
+    headers = {"request-id": f"req_fake{next(_ids)}"}
+    results = _tool_results(body["messages"])
+    calls = _tool_turn(body, answered=bool(results))
+    if calls is not None:
+        answer = answers.Answer([], answer.prompt_tokens, answer.reasoning)
+        if body.get("stream"):
+            events = _call_events(head, answer, calls, read, omitted)
+            return await faults.play(request, events, read, WIRE, headers)
+        whole = _calls_message(head, answer, calls, read, omitted)
+        return await faults.whole(request, _compact(whole), read, WIRE, headers)
+    if results:
+        answer = answers.spoken(answers.results_text(results), answer.prompt_tokens)
     if "refuse" in read.flags:
         c = answer.candidates[0]
         del c.tokens[1:], c.logprobs[1:], c.tops[1:]
-    head = {"id": f"msg_fake{next(_ids):020d}", "type": "message", "role": "assistant", "model": model}
-    headers = {"request-id": f"req_fake{next(_ids)}"}
     if body.get("stream"):
         return await faults.play(request, _events(head, answer, read, omitted), read, WIRE, headers)
     return await faults.whole(

@@ -31,6 +31,7 @@ The in-band error of `stream-error` is a `data: {"error": {...}}` chunk (503 UNA
 
 from __future__ import annotations
 
+import base64
 import itertools
 import json
 from typing import Any
@@ -46,6 +47,7 @@ except ImportError:  # run as a script: python tests/fakes/gemini.py PORT
 
 FLAGS = ("refuse", "safety-finish", "recitation", "think", "cache")
 CACHED = 64
+SIGNATURE = "CiQBcsjafFakeThoughtSignature0123456789+/w=="
 CRLF2 = b"\r\n\r\n"
 _ids = itertools.count(1)
 
@@ -304,10 +306,95 @@ def _chunks(
     return out
 
 
+def _tool_problem(contents: list[dict[str, Any]], thinking: bool) -> str | None:
+    """The API's rules for function calling in a conversation: a thinking model's calls come back
+    with their thought signatures, and each functionResponse names a function called before."""
+    called: set[str] = set()
+    for i, turn in enumerate(contents):
+        parts = turn.get("parts", [])
+        calls = [p for p in parts if "functionCall" in p]
+        if thinking and calls and not _signed(_field(calls[0], "thoughtSignature")):
+            return (
+                "Function call is missing a thought_signature in functionCall parts. This is "
+                "required for tools to work correctly, and missing thought_signature may lead to "
+                f"degraded model performance. Additional data, function call "
+                f"`default_api:{calls[0]['functionCall'].get('name')}` , position {i + 1}."
+            )
+        called.update(p["functionCall"].get("name") for p in calls)
+        for part in parts:
+            if "functionResponse" in part and part["functionResponse"].get("name") not in called:
+                return (
+                    f"* GenerateContentRequest.contents[{i}].parts: a functionResponse names "
+                    f"{part['functionResponse'].get('name')!r}, which no earlier functionCall did\n"
+                )
+    return None
+
+
+def _signed(signature: Any) -> bool:
+    """The part carries the fake's signature (bytes in proto JSON: either base64 alphabet)."""
+    if not isinstance(signature, str):
+        return False
+    try:
+        return base64.b64decode(signature.replace("-", "+").replace("_", "/")) == base64.b64decode(
+            SIGNATURE
+        )
+    except ValueError:
+        return False
+
+
+def _tool_results(contents: list[dict[str, Any]]) -> list[str]:
+    responses = [p["functionResponse"] for p in contents[-1].get("parts", []) if "functionResponse" in p]
+    return [
+        str(r["response"]["result"])
+        if set(r.get("response") or {}) == {"result"}
+        else json.dumps(r.get("response"))
+        for r in responses
+    ]
+
+
+def _tool_turn(body: dict[str, Any], *, answered: bool) -> list[tuple[str, dict[str, Any]]] | None:
+    declared = [
+        answers.Declared(  # (proto JSON: either spelling; google-genai sends snake_case here)
+            d["name"],
+            _field(d, "parametersJsonSchema") or d.get("parameters") or {},
+        )
+        for tool in body.get("tools") or []
+        for d in tool.get("functionDeclarations") or tool.get("function_declarations") or []
+    ]
+    config = (body.get("toolConfig") or {}).get("functionCallingConfig") or {}
+    mode = config.get("mode", "AUTO")
+    allowed = config.get("allowedFunctionNames") or []
+    choice = {"AUTO": "auto", "ANY": "required", "NONE": "none"}.get(mode, "auto")
+    if mode == "ANY" and len(allowed) == 1:
+        choice = allowed[0]
+    turn = answers.tool_turn(declared, choice=choice, parallel=True, answered=answered)
+    return None if turn is None else turn.calls
+
+
+def _calls_response(
+    head: dict[str, Any],
+    answer: answers.Answer,
+    calls: list[tuple[str, dict[str, Any]]],
+    fault: faults.Fault,
+) -> dict[str, Any]:
+    """A turn of function calls (whole, also as a stream's one chunk): finishReason STOP, a
+    thinking model's first call signed."""
+    parts: list[dict[str, Any]] = []
+    for name, args in calls:
+        part: dict[str, Any] = {"functionCall": {"name": name, "args": args}}
+        if "think" in fault.flags and not parts:
+            part["thoughtSignature"] = SIGNATURE
+        parts.append(part)
+    candidate = {"content": {"parts": parts, "role": "model"}, "finishReason": "STOP", "index": 0}
+    used = 5 * len(calls)
+    usage = _usage(answers.Answer([], answer.prompt_tokens, answer.reasoning), fault, used)
+    return {"candidates": [candidate], "usageMetadata": usage, **head}
+
+
 def _says(chunk: dict[str, Any]) -> bool:
     """The chunk carries answer text (not only a thought)."""
     parts = [p for c in chunk.get("candidates", []) for p in c.get("content", {}).get("parts", [])]
-    return any(p.get("text") and not p.get("thought") for p in parts)
+    return any((p.get("text") and not p.get("thought")) or "functionCall" in p for p in parts)
 
 
 async def models(request: web.Request) -> web.StreamResponse:
@@ -347,10 +434,21 @@ async def models(request: web.Request) -> web.StreamResponse:
             del c.tokens[1:], c.logprobs[1:], c.tops[1:]
     head = {"modelVersion": model, "responseId": f"fAkE{next(_ids):08d}"}
     json_type = {"Content-Type": "application/json; charset=UTF-8"}
+    problem = _tool_problem(body["contents"], "think" in read.flags)
+    if problem is not None:
+        return _error(400, problem)
+    results = _tool_results(body["contents"])
+    calls = _tool_turn(body, answered=bool(results))
+    if calls is not None:
+        chunks = [_calls_response(head, answer, calls, read)]
+    elif results:
+        answer = answers.spoken(answers.results_text(results), answer.prompt_tokens)
     if method == "generateContent":
-        body_text = json.dumps(_response(head, answer, read, config), indent=2).encode()
+        whole = chunks[0] if calls is not None else _response(head, answer, read, config)
+        body_text = json.dumps(whole, indent=2).encode()
         return await faults.whole(request, body_text, read, WIRE, json_type)
-    chunks = _chunks(head, answer, read, config)
+    if calls is None:
+        chunks = _chunks(head, answer, read, config)
     if request.query.get("alt") != "sse":  # a JSON array, streamed as it grows
         array = ("[" + ",\r\n".join(json.dumps(c, indent=2) for c in chunks) + "]").encode()
         return await faults.whole(request, array, read, WIRE, json_type)

@@ -244,6 +244,94 @@ def _events(
     return events
 
 
+def _tool_results(messages: list[dict[str, Any]]) -> list[str]:
+    """The contents of the tool messages that end the conversation."""
+    results: list[str] = []
+    for message in reversed(messages):
+        if message.get("role") != "tool":
+            break
+        results.insert(0, str(message.get("content")))
+    return results
+
+
+def _tool_turn(body: dict[str, Any], *, answered: bool) -> list[tuple[str, dict[str, Any]]] | None:
+    tools = [
+        answers.Declared(t["function"]["name"], t["function"].get("parameters") or {})
+        for t in body.get("tools") or []
+    ]
+    choice = body.get("tool_choice")
+    if isinstance(choice, dict):
+        choice = choice["function"]["name"]
+    turn = answers.tool_turn(
+        tools, choice=choice, parallel=body.get("parallel_tool_calls") is not False, answered=answered
+    )
+    return None if turn is None else turn.calls
+
+
+def _calls_completion(
+    head: dict[str, Any], calls: list[tuple[str, dict[str, Any]]], prompt_tokens: int
+) -> dict[str, Any]:
+    tool_calls = [
+        {
+            "id": answers.call_id("call_", int(head["id"].removeprefix("chatcmpl-fake")), k),
+            "type": "function",
+            "function": {"name": name, "arguments": json.dumps(args)},
+        }
+        for k, (name, args) in enumerate(calls)
+    ]
+    message = {"role": "assistant", "content": None, "refusal": None, "tool_calls": tool_calls}
+    message["annotations"] = []
+    used = 5 * len(calls)
+    return {
+        **head,
+        "object": "chat.completion",
+        "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": "tool_calls"}],
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": used,
+            "total_tokens": prompt_tokens + used,
+        },
+        "service_tier": "default",
+        "system_fingerprint": "fp_fake",
+    }
+
+
+def _call_events(
+    head: dict[str, Any],
+    calls: list[tuple[str, dict[str, Any]]],
+    prompt_tokens: int,
+    body: dict[str, Any],
+) -> list[faults.Event]:
+    """A tool-calling turn streamed as OpenAI does: each call's first delta has its id, type and
+    name with empty arguments, then the arguments' JSON in pieces, keyed by the call's index."""
+    whole = _calls_completion(head, calls, prompt_tokens)
+    include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> faults.Event:
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        out = {**head, "object": "chat.completion.chunk", "system_fingerprint": "fp_fake"}
+        out["choices"] = [choice]
+        if include_usage:
+            out["usage"] = None
+        return faults.Event(faults.sse(out, separators=(",", ":")), text=bool(delta.get("tool_calls")))
+
+    events = [chunk({"role": "assistant", "content": None, "refusal": None})]
+    for k, call in enumerate(whole["choices"][0]["message"]["tool_calls"]):
+        first = {"index": k, "id": call["id"], "type": "function"}
+        first["function"] = {"name": call["function"]["name"], "arguments": ""}
+        events.append(chunk({"tool_calls": [first]}))
+        arguments = call["function"]["arguments"]
+        half = len(arguments) // 2
+        for piece in (arguments[:half], arguments[half:]):
+            events.append(chunk({"tool_calls": [{"index": k, "function": {"arguments": piece}}]}))
+    events.append(chunk({}, "tool_calls"))
+    if include_usage:
+        last = {**head, "object": "chat.completion.chunk", "choices": [], "usage": whole["usage"]}
+        events.append(faults.Event(faults.sse(last, separators=(",", ":"))))
+    events.append(faults.Event(b"data: [DONE]\n\n"))
+    return events
+
+
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     try:
         body = await request.json()
@@ -275,20 +363,32 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     if early is not None:
         return early
     read = faults.read(fault, FLAGS)
+    head = {"id": f"chatcmpl-fake{next(_ids)}", "created": int(time.time()), "model": model}
+    headers = {"x-request-id": f"req_fake{next(_ids)}"}
+    prompt = _prompt(body["messages"])
+    results = _tool_results(body["messages"])
+    turn = _tool_turn(body, answered=bool(results))
+    if turn is not None:
+        if body.get("stream"):
+            events = _call_events(head, turn, lm.prompt_length(prompt), body)
+            return await faults.play(request, events, read, WIRE, headers)
+        text = json.dumps(_calls_completion(head, turn, lm.prompt_length(prompt)), indent=2)
+        return await faults.whole(request, text.encode(), read, WIRE, headers)
     try:
-        answer = answers.answer(
-            read.model,
-            _prompt(body["messages"]),
-            _sampling(body),
-            reasoning=bool(read.flags & {"think", "reasoning"}),
-        )
+        if results:
+            answer = answers.spoken(answers.results_text(results), lm.prompt_length(prompt))
+        else:
+            answer = answers.answer(
+                read.model,
+                prompt,
+                _sampling(body),
+                reasoning=bool(read.flags & {"think", "reasoning"}),
+            )
     except lm.Rejected as exc:
         return _error(400, str(exc))
     if "content-filter" in read.flags:
         for c in answer.candidates:
             del c.tokens[1:], c.logprobs[1:], c.tops[1:]
-    head = {"id": f"chatcmpl-fake{next(_ids)}", "created": int(time.time()), "model": model}
-    headers = {"x-request-id": f"req_fake{next(_ids)}"}
     if body.get("stream"):
         return await faults.play(request, _events(head, answer, read, body), read, WIRE, headers)
     text = json.dumps(_completion(head, answer, read, bool(body.get("logprobs"))), indent=2)

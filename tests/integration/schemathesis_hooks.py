@@ -20,6 +20,7 @@ Three things schemathesis cannot know from a document, and what is done about ea
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import Callable
 from typing import Any
@@ -106,6 +107,46 @@ def _echo_refused(body: dict[str, Any], param: str) -> bool:
     return token_ids and response_format.get("type") in CHECKED_FORMATS
 
 
+def _tools_refused(body: dict[str, Any], param: str) -> bool:
+    """The fake is a completions upstream: no tools, nor a conversation that holds calls."""
+    messages = body.get("messages") or []
+    return bool(body.get("tools")) or any(
+        m.get("role") == "tool" or m.get("tool_calls") for m in messages
+    )
+
+
+def _unanswered_call(body: dict[str, Any], param: str) -> bool:
+    """A tool message must answer a call of an earlier assistant message."""
+    i = _index(param.split(".")[0])
+    earlier = {
+        call["id"]
+        for m in body["messages"][:i]
+        if m.get("role") == "assistant"
+        for call in m.get("tool_calls") or []
+    }
+    return body["messages"][i]["tool_call_id"] not in earlier
+
+
+def _image(body: dict[str, Any], param: str) -> bool:
+    """Images go only to deployments that take them; the fake takes none."""
+    i, j = (int(n) for n in re.findall(r"\[([0-9]+)\]", param)[:2])
+    return bool(body["messages"][i]["content"][j].get("type") == "image_url")
+
+
+def _message_refused(body: dict[str, Any], param: str) -> bool:
+    if param.endswith(".tool_call_id"):
+        return _unanswered_call(body, param)
+    return ".content[" in param and _image(body, param)
+
+
+def _reasoning(body: dict[str, Any], param: str) -> bool:
+    return body.get("reasoning") is not None  # (the fake has no reasoning knob)
+
+
+def _too_many_top_logprobs(body: dict[str, Any], param: str) -> bool:
+    return bool(body["top_logprobs"] > MAX_LOGPROBS)
+
+
 # (operationId, the refused field) -> whether the request broke the rule that field has.
 _RULES: dict[tuple[str, str], Callable[[dict[str, Any], str], bool]] = {
     ("create-key", "expires_at"): _expired,
@@ -117,4 +158,12 @@ _RULES: dict[tuple[str, str], Callable[[dict[str, Any], str], bool]] = {
     ("create-completions", "best_of"): _best_of_refused,
     ("create-completions", "logprobs"): _too_many_logprobs,
     ("create-completions", "echo"): _echo_refused,
+    ("create-chat-completion", "provider.order"): _unknown_provider,
+    ("create-chat-completion", "provider.only"): _unknown_provider,
+    ("create-chat-completion", "provider.ignore"): _unknown_provider,
+    ("create-chat-completion", "provider"): _no_provider_left,
+    ("create-chat-completion", "tools"): _tools_refused,
+    ("create-chat-completion", "messages"): _message_refused,
+    ("create-chat-completion", "reasoning"): _reasoning,
+    ("create-chat-completion", "top_logprobs"): _too_many_top_logprobs,
 }

@@ -212,3 +212,130 @@ def test_bad_chat_requests_are_400s_in_the_spec_shape(router: Router) -> None:
         assert_error(httpx.post(url, headers=router.headers(), json=body), 400, param)
     r = httpx.post(url, headers={"Authorization": "Bearer lr-wrong"}, json={"messages": QUESTION})
     assert_error(r, 401)
+
+
+@pytest.mark.parametrize("model", [LOCAL, "claude/lm"])
+def test_langchains_chat_openai_invokes_and_streams(router: Router, model: str) -> None:
+    from langchain_core.messages import AIMessageChunk, HumanMessage, SystemMessage
+    from langchain_openai import ChatOpenAI
+
+    chat = ChatOpenAI(
+        model=model,
+        base_url=router.api,
+        api_key=router.key,  # type: ignore[arg-type]
+        max_retries=0,
+        temperature=0,
+        max_completion_tokens=10,
+        stream_usage=True,
+    )
+    messages = [SystemMessage(QUESTION[0]["content"]), HumanMessage(QUESTION[1]["content"])]
+    whole = chat.invoke(messages)
+    assert isinstance(whole.content, str) and whole.content
+    assert whole.response_metadata["model_name"] == model
+    assert whole.usage_metadata is not None and whole.usage_metadata["output_tokens"] > 0
+    streamed: AIMessageChunk | None = None
+    for piece in chat.stream(messages):
+        streamed = piece if streamed is None else streamed + piece
+    assert streamed is not None and streamed.content == whole.content
+    assert streamed.usage_metadata == whole.usage_metadata
+
+
+# -- tools --------------------------------------------------------------------------------------
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "weather",
+        "description": "The weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+            "required": ["city"],
+        },
+    },
+}
+CLOCK = {"type": "function", "function": {"name": "clock", "parameters": {"type": "object"}}}
+# A chat kind each, and the thinking providers whose calls must come back with their thinking
+# (Anthropic's signed blocks, Gemini's thought signatures).
+TOOL_MODELS = [*CHAT_APIS, "claude/think", "gem/think"]
+
+
+def _round_trip(router: Router, model: str, *, stream: bool) -> tuple[Any, Any]:
+    """Ask with tools, answer each call, ask again: the calls and the final answer."""
+    c = client(router)
+    question: list[Any] = [{"role": "user", "content": "What is the weather in Paris?"}]
+    args: dict[str, Any] = {"model": model, "tools": [WEATHER], "max_tokens": 2000}
+    if stream:
+        with c.chat.completions.stream(messages=question, **args) as s:
+            for _ in s:
+                pass
+            first = s.get_final_completion()
+    else:
+        first = c.chat.completions.create(messages=question, **args)
+    message = first.choices[0].message
+    results = [
+        {"role": "tool", "tool_call_id": call.id, "content": "22C and sunny"}
+        for call in message.tool_calls or []
+    ]
+    history = [*question, message.model_dump(exclude_none=True), *results]
+    return first, c.chat.completions.create(messages=history, **args)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+@pytest.mark.parametrize("model", TOOL_MODELS)
+def test_a_tool_round_trip_on_each_chat_kind(router: Router, model: str, stream: bool) -> None:
+    first, final = _round_trip(router, model, stream=stream)
+    choice = first.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.function.name == "weather" and call.id
+    assert json.loads(call.function.arguments) == {"city": "Paris"}
+    assert final.choices[0].message.content == "The tools said: 22C and sunny"
+    assert final.choices[0].finish_reason == "stop"
+
+
+def test_streamed_calls_are_index_keyed_deltas(router: Router) -> None:
+    chunks = list(
+        client(router).chat.completions.create(
+            model="oc/lm",
+            messages=QUESTION,  # type: ignore[arg-type]
+            tools=[WEATHER, CLOCK],  # type: ignore[list-item]
+            stream=True,
+        )
+    )
+    for chunk in chunks:
+        validate(chunk.model_dump(exclude_unset=True), "ChatCompletionChunk", served=True)
+    deltas = [d for c in chunks if c.choices for d in c.choices[0].delta.tool_calls or []]
+    firsts = [d for d in deltas if d.id is not None]
+    assert [(d.index, d.function.name, d.function.arguments) for d in firsts] == [  # type: ignore[union-attr]
+        (0, "weather", ""),
+        (1, "clock", ""),
+    ]
+    joined = {k: "".join(d.function.arguments or "" for d in deltas if d.index == k) for k in (0, 1)}  # type: ignore[union-attr]
+    assert json.loads(joined[0]) == {"city": "Paris"} and json.loads(joined[1]) == {}
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+
+
+@pytest.mark.parametrize("model", ["oc/lm", "claude/lm"])
+def test_tool_choice_and_parallel_tool_calls_are_honoured(router: Router, model: str) -> None:
+    c = client(router)
+    args: dict[str, Any] = {"model": model, "messages": QUESTION, "tools": [WEATHER, CLOCK]}
+    both = c.chat.completions.create(**args)
+    assert [t.function.name for t in both.choices[0].message.tool_calls or []] == ["weather", "clock"]
+    one = c.chat.completions.create(**args, parallel_tool_calls=False)
+    assert [t.function.name for t in one.choices[0].message.tool_calls or []] == ["weather"]
+    named = c.chat.completions.create(
+        **args, tool_choice={"type": "function", "function": {"name": "clock"}}
+    )
+    assert [t.function.name for t in named.choices[0].message.tool_calls or []] == ["clock"]
+    none = c.chat.completions.create(**args, tool_choice="none", max_tokens=3)
+    assert none.choices[0].message.tool_calls is None and none.choices[0].message.content
+
+
+def test_tools_where_no_deployment_takes_them_are_a_400_naming_them(router: Router) -> None:
+    url = f"{router.api}/chat/completions"
+    for model, param in [(LOCAL, "tools"), ("gem/lm", "parallel_tool_calls")]:
+        body = {"model": model, "messages": QUESTION, "tools": [WEATHER]}
+        if param == "parallel_tool_calls":
+            body["parallel_tool_calls"] = False
+        assert_error(httpx.post(url, headers=router.headers(), json=body), 400, param)

@@ -556,3 +556,112 @@ def test_gemini_cut_streams(fake_gemini: str) -> None:
         list(client.models.generate_content_stream(model="reset-after-1", contents="x"))
     with pytest.raises(genai_errors.UnknownApiResponseError):
         list(client.models.generate_content_stream(model="malformed", contents="x"))
+
+
+# --- Tools, on each fake ---------------------------------------------------------------------
+
+WEATHER_SCHEMA = {
+    "type": "object",
+    "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+    "required": ["city"],
+}
+
+
+def test_openai_tool_calls_round_trip(fake_openai_chat: str) -> None:
+    client = oa(fake_openai_chat)
+    tools = [
+        {"type": "function", "function": {"name": "weather", "parameters": WEATHER_SCHEMA}},
+        {"type": "function", "function": {"name": "time", "parameters": {"type": "object"}}},
+    ]
+    done = client.chat.completions.create(model="lm", messages=USER, tools=tools)
+    message = done.choices[0].message
+    assert done.choices[0].finish_reason == "tool_calls" and message.content is None
+    assert [c.function.name for c in message.tool_calls] == ["weather", "time"]
+    assert json.loads(message.tool_calls[0].function.arguments) == {"city": "Paris"}
+    one = client.chat.completions.create(
+        model="lm", messages=USER, tools=tools, parallel_tool_calls=False
+    )
+    assert [c.function.name for c in one.choices[0].message.tool_calls] == ["weather"]
+    named = client.chat.completions.create(
+        model="lm",
+        messages=USER,
+        tools=tools,
+        tool_choice={"type": "function", "function": {"name": "time"}},
+    )
+    assert [c.function.name for c in named.choices[0].message.tool_calls] == ["time"]
+    with client.chat.completions.stream(model="lm", messages=USER, tools=tools) as stream:
+        for _ in stream:
+            pass
+        final = stream.get_final_completion()
+    streamed = final.choices[0].message.tool_calls
+    assert [(c.id, c.function.name, c.function.arguments) for c in streamed] == [
+        (c.id.replace(c.id[-6:-2], c.id[-6:-2]), c.function.name, c.function.arguments) for c in streamed
+    ]
+    assert [c.function.arguments for c in streamed] == [c.function.arguments for c in message.tool_calls]
+    assert final.choices[0].finish_reason == "tool_calls"
+    history = [
+        *USER,
+        message.model_dump(exclude_none=True),
+        *(
+            {"role": "tool", "tool_call_id": c.id, "content": f"result {k}"}
+            for k, c in enumerate(message.tool_calls)
+        ),
+    ]
+    answer = client.chat.completions.create(model="lm", messages=history, tools=tools)
+    assert answer.choices[0].message.content == "The tools said: result 0; result 1"
+
+
+def test_anthropic_tool_use_round_trip_with_thinking(fake_anthropic: str) -> None:
+    client = an(fake_anthropic)
+    tools = [{"name": "weather", "input_schema": WEATHER_SCHEMA}]
+    args = {"model": "lm-think", "max_tokens": 2048, "tools": tools, "thinking": THINK}
+    message = client.messages.create(**args, messages=USER)
+    assert message.stop_reason == "tool_use"
+    thinking, use = message.content
+    assert thinking.type == "thinking" and thinking.signature == SIGNATURE
+    assert use.type == "tool_use" and use.name == "weather" and use.input == {"city": "Paris"}
+    with client.messages.stream(**args, messages=USER) as stream:
+        final = stream.get_final_message()
+    assert [b.type for b in final.content] == ["thinking", "tool_use"]
+    assert final.content[1].input == {"city": "Paris"}
+    result = {
+        "role": "user",
+        "content": [{"type": "tool_result", "tool_use_id": use.id, "content": "22C"}],
+    }
+    turn = {"role": "assistant", "content": [b.model_dump() for b in message.content]}
+    answer = client.messages.create(**args, messages=[*USER, turn, result])
+    assert answer.content[-1].text == "The tools said: 22C" and answer.stop_reason == "end_turn"
+    without = {"role": "assistant", "content": [use.model_dump()]}  # its thinking dropped
+    with pytest.raises(anthropic.BadRequestError, match="thinking"):
+        client.messages.create(**args, messages=[*USER, without, result])
+    unanswered = [*USER, turn, {"role": "user", "content": "and?"}]
+    with pytest.raises(anthropic.BadRequestError, match="tool_result"):
+        client.messages.create(**args, messages=unanswered)
+
+
+def test_gemini_function_calls_round_trip_with_signatures(fake_gemini: str) -> None:
+    client = gm(fake_gemini)
+    weather = types.FunctionDeclaration(name="weather", parameters_json_schema=WEATHER_SCHEMA)
+    config = types.GenerateContentConfig(tools=[types.Tool(function_declarations=[weather])])
+    answer = client.models.generate_content(model="lm-think", contents="Say something", config=config)
+    (part,) = answer.candidates[0].content.parts
+    assert part.function_call.name == "weather" and part.function_call.args == {"city": "Paris"}
+    assert part.thought_signature and answer.candidates[0].finish_reason == types.FinishReason.STOP
+    chunks = list(
+        client.models.generate_content_stream(model="lm-think", contents="Say something", config=config)
+    )
+    assert chunks[-1].candidates[0].content.parts[0].function_call.name == "weather"
+    user = types.Content(role="user", parts=[types.Part(text="Say something")])
+    result = types.Content(
+        role="user",
+        parts=[types.Part.from_function_response(name="weather", response={"result": "22C"})],
+    )
+    spoken = client.models.generate_content(
+        model="lm-think", contents=[user, answer.candidates[0].content, result], config=config
+    )
+    assert spoken.text == "The tools said: 22C"
+    unsigned = types.Content(role="model", parts=[types.Part(function_call=part.function_call)])
+    with pytest.raises(genai_errors.ClientError, match="thought_signature"):
+        client.models.generate_content(
+            model="lm-think", contents=[user, unsigned, result], config=config
+        )

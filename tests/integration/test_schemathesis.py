@@ -10,6 +10,7 @@ upstream and schemathesis talk on 127.0.0.1 only.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from collections.abc import Iterator
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import BIN, ROOT, Router, start_router, stop
+from tests.conftest import BIN, ROOT, SMOLLM2_TEMPLATE, Router, start_router, stop
 
 EXAMPLES = 25  # per operation and phase
 SEED = 20260
@@ -27,7 +28,8 @@ OWN_KEY_NAME = "schemathesis"
 
 def config(fake: str) -> str:
     # `ok` answers at once with one choice, whatever was asked: the router fans `n` and batches
-    # of prompts out to it, as to any upstream that lacks them.
+    # of prompts out to it, as to any upstream that lacks them. A chat request reaches it through
+    # a chat template; it has no tools.
     return f"""default_model: fake/ok
 providers:
   fake:
@@ -39,7 +41,9 @@ providers:
     tokenizer: vllm  # the fake's /tokenize and /detokenize, for the tokenizer endpoints
     response_formats: [text, json_object, json_schema, grammar]
 models:
-  - {{id: fake/ok, deployments: [{{provider: fake, model: ok}}]}}
+  - id: fake/ok
+    deployments:
+      - {{provider: fake, model: ok, chat_template: {json.dumps(SMOLLM2_TEMPLATE)}}}
 """
 
 

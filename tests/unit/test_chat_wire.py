@@ -103,16 +103,25 @@ def test_a_tool_result_answers_an_earlier_call() -> None:
         {"role": "assistant", "tool_calls": [call]},
         {"role": "tool", "content": "42", "tool_call_id": "c1"},
     ]
-    params = decode(messages=messages)
-    with pytest.raises(UnsupportedParameter) as caught:  # decoded; not carried yet, never dropped
-        from_chat(params)
-    assert caught.value.param == "messages[1]"
+    _, request = from_chat(decode(messages=messages))
+    _, assistant, result = request.messages
+    assert assistant.role == "assistant" and [c.function.name for c in assistant.tool_calls] == ["add"]
+    assert result.role == "tool" and result.tool_call_id == "c1" and result.content == "42"
+    assert result.name == "add"  # (the function it answers: some APIs want it beside the id)
+
+
+def test_tools_and_how_to_call_them_are_carried() -> None:
+    tool = {"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}
+    _, request = from_chat(decode(tools=[tool], tool_choice="required", parallel_tool_calls=False))
+    assert [t.name for t in request.tools] == ["add"] and request.tools[0].parameters == {
+        "type": "object"
+    }
+    assert request.tool_choice == "required" and request.parallel_tool_calls is False
 
 
 @pytest.mark.parametrize(
     ("param", "body"),
     [
-        ("tools", {"tools": [{"type": "function", "function": {"name": "add"}}]}),
         ("reasoning", {"reasoning": {"effort": "low"}}),
         ("messages[0].content[1]", {"messages": [{"role": "user", "content": [
             {"type": "text", "text": "what is this?"},

@@ -16,7 +16,7 @@ from msgspec import UNSET
 from llmrouter.api.http import Request
 from llmrouter.api.pipeline import Decoded, generate
 from llmrouter.api.sse import event
-from llmrouter.generation import Message, from_chat
+from llmrouter.generation import Generation, Message, from_chat
 from llmrouter.providers.base import Completion, StreamPart
 from llmrouter.routing.plan import Target
 from llmrouter.wire.chat import (
@@ -40,6 +40,8 @@ __all__ = ["CHAT", "chat_logprobs", "create_chat_completion", "messages_tokens_e
 
 # What a chat template may add, in tokens, about: per message (its role's markers) and once (a
 # default system prompt, the generation prompt). The credit hold's bound counts these too.
+# A Generation's field -> the chat request's (the others have the same name in both).
+_FIELDS = {"max_tokens": "max_completion_tokens", "prompt": "messages"}
 _PER_MESSAGE = 8
 _PER_CONVERSATION = 64
 
@@ -64,6 +66,11 @@ class ChatWire:
             route, request, 1, messages_tokens_estimate(messages), messages_tokens_bound(messages)
         )
 
+    def field(self, name: str, request: Generation) -> str:
+        if name == "logprobs" and request.logprobs:
+            return "top_logprobs"  # (how many is what a deployment could not give)
+        return _FIELDS.get(name, name)
+
     def answer(self, request_id: str, target: Target, result: Completion) -> bytes:
         return encoder.encode(
             ChatCompletion(
@@ -84,7 +91,12 @@ class ChatWire:
 def _choice(c: CompletionChoice) -> ChatChoice:
     return ChatChoice(
         index=c.index,
-        message=Reply(content=c.text, reasoning=UNSET if c.reasoning is None else c.reasoning),
+        message=Reply(
+            # With calls and nothing said, `content` is null, as in OpenAI's answers.
+            content=None if c.tool_calls and not c.text else c.text,
+            reasoning=UNSET if c.reasoning is None else c.reasoning,
+            tool_calls=c.tool_calls,
+        ),
         logprobs=chat_logprobs(c.logprobs),
         finish_reason=c.finish_reason,
         native_finish_reason=c.native_finish_reason,
@@ -123,11 +135,14 @@ class _Chunks:
         if c.index not in self._started:
             self._started.add(c.index)
             delta.role = "assistant"
-            delta.content = c.text
+            if c.text or not c.tool_calls:
+                delta.content = c.text
         elif c.text:
             delta.content = c.text
         if c.reasoning:
             delta.reasoning = c.reasoning
+        if c.tool_calls:
+            delta.tool_calls = c.tool_calls
         return ChatChunkChoice(
             c.index, delta, chat_logprobs(c.logprobs), c.finish_reason, c.native_finish_reason
         )

@@ -11,7 +11,7 @@ from msgspec import UNSET
 from llmrouter.api.http import Request
 from llmrouter.api.pipeline import Decoded, generate
 from llmrouter.api.sse import event
-from llmrouter.generation import from_completions
+from llmrouter.generation import Generation, from_completions
 from llmrouter.providers.base import Completion, StreamPart
 from llmrouter.routing.plan import Target
 from llmrouter.wire.completions import CompletionChunk, CompletionResponse, Usage, encoder
@@ -42,6 +42,9 @@ class CompletionsWire:
         return Decoded(
             route, request, len(prompts), prompt_tokens_estimate(prompts), prompt_tokens_bound(prompts)
         )
+
+    def field(self, name: str, request: Generation) -> str:
+        return name  # (a Generation's fields are this API's)
 
     def answer(self, request_id: str, target: Target, result: Completion) -> bytes:
         return encoder.encode(

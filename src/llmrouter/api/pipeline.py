@@ -22,7 +22,7 @@ from llmrouter.accounts.ledger import Record
 from llmrouter.accounts.principal import Principal
 from llmrouter.api.http import Request
 from llmrouter.api.sse import DONE, KEEPALIVE, event, start_stream
-from llmrouter.errors import LlmrouterError, ServiceUnavailable
+from llmrouter.errors import LlmrouterError, ServiceUnavailable, UnsupportedParameter
 from llmrouter.generation import Generation, Route
 from llmrouter.providers.base import Completion, StreamPart
 from llmrouter.routing.plan import Catalog, Plan, Target
@@ -70,6 +70,9 @@ class Wire(Protocol):
     route: str  # its name in the ledger and the log: "completions", "chat.completions"
 
     def decode(self, body: bytes) -> Decoded: ...
+
+    def field(self, name: str, request: Generation) -> str:
+        """The request field a `Generation` field came from (a refusal names it)."""
 
     def answer(self, request_id: str, target: Target, result: Completion) -> bytes:
         """The whole answer's body."""
@@ -183,7 +186,11 @@ async def generate(req: Request, ctx: Context, wire: Wire) -> None:
     try:
         checker = await ctx.catalog.checks.admit(request.response_format)
         ctx.catalog.check_allowed(route, principal.limits.models)
-        plan = ctx.catalog.plan(route, request, checker)
+        try:
+            plan = ctx.catalog.plan(route, request, checker)
+        except UnsupportedParameter as exc:  # named as the client wrote it
+            exc.param = wire.field(exc.param or "", request)
+            raise
         if request.stream:
             await _stream(req, ctx, wire, plan, route, request, admission.headers)
         else:
@@ -316,7 +323,7 @@ async def _relay(req: Request, ctx: Context, stream: OpenStream, chunks: Chunks)
                 if acc.ttft_ms is None:
                     acc.ttft_ms = round((time.perf_counter() - acc.started) * 1000, 3)
                 for choice in part.choices:
-                    deltas += bool(choice.text or choice.reasoning)
+                    deltas += bool(choice.text or choice.reasoning or choice.tool_calls)
                     if choice.index == 0 and choice.finish_reason is not None:
                         acc.finish_reason = choice.finish_reason
                 body = chunks.part(part)

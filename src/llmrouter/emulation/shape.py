@@ -30,10 +30,19 @@ import msgspec
 from llmrouter.emulation.choices import ChoiceShaper, Shaped
 from llmrouter.errors import InvalidOutput, LlmrouterError, UpstreamUnavailable
 from llmrouter.generation import Generation
-from llmrouter.providers.base import ALL_PARAMETERS, Call, Capabilities, Completion, StreamPart, Upstream
+from llmrouter.providers.base import (
+    ALL_PARAMETERS,
+    TOOL_PARAMETERS,
+    Call,
+    Capabilities,
+    Completion,
+    StreamPart,
+    Upstream,
+)
 from llmrouter.settings import ModelSettings
 from llmrouter.structured import Checker, format_kind
 from llmrouter.wire.completions import ChunkChoice, CompletionChoice, Usage
+from llmrouter.wire.tools import FunctionDelta, ToolCallDelta
 from llmrouter.wire.validate import Prompts
 
 __all__ = ["Shape", "honoured_parameters", "requested_parameters", "shape_for"]
@@ -41,7 +50,8 @@ __all__ = ["Shape", "honoured_parameters", "requested_parameters", "shape_for"]
 T = TypeVar("T")
 
 # Request fields a deployment may lack, that have a neutral value to leave out.
-_LACKABLE = ALL_PARAMETERS - {"max_tokens", "response_format", "stream"}
+# (Tools are never lacked this way: a request with them goes only where they are native.)
+_LACKABLE = ALL_PARAMETERS - {"max_tokens", "response_format", "stream"} - TOOL_PARAMETERS
 
 # response_format kinds the router can honour on any deployment by checking (and asking again).
 EMULATED_FORMATS = frozenset({"json_object", "json_schema", "python"})
@@ -127,7 +137,7 @@ class Shape:
             result = await self.complete(provider, call)
             yield StreamPart(
                 [
-                    ChunkChoice(c.text, c.index, c.logprobs, None, msgspec.UNSET, c.reasoning)
+                    ChunkChoice(c.text, c.index, c.logprobs, None, msgspec.UNSET, c.reasoning, deltas(c))
                     for c in result.choices
                 ],
                 system_fingerprint=result.system_fingerprint,
@@ -235,7 +245,9 @@ class Shape:
             if (text := self._to_check(shaper, finish)) is not None:
                 unchecked.append(text)
         reasoning = "".join(filter(None, (choice.reasoning, shaped.reasoning))) or None
-        return ChunkChoice(shaped.text, index, shaped.logprobs, finish, native, reasoning)
+        return ChunkChoice(
+            shaped.text, index, shaped.logprobs, finish, native, reasoning, choice.tool_calls
+        )
 
     def _finish_choice(
         self, index: int, choice: CompletionChoice
@@ -256,6 +268,7 @@ class Shape:
             finish_reason=finish,
             native_finish_reason=native,
             reasoning=reasoning,
+            tool_calls=choice.tool_calls,
         )
         return result, self._to_check(shaper, finish)
 
@@ -483,6 +496,12 @@ def requested_parameters(request: Generation) -> list[str]:
             wanted.append("stream_options")
     if format_kind(p.response_format) != "text":
         wanted.append("response_format")
+    if p.tools or any(m.tool_calls or m.role == "tool" for m in p.messages):
+        wanted.append("tools")  # (a conversation with calls in it needs them understood too)
+    if p.tool_choice is not None and p.tool_choice != "auto":
+        wanted.append("tool_choice")
+    if p.parallel_tool_calls is False:
+        wanted.append("parallel_tool_calls")
     return wanted
 
 
@@ -649,6 +668,16 @@ def shape_for(
         drain=bool(usage),
         plain=plain,
     )
+
+
+def deltas(choice: CompletionChoice) -> list[ToolCallDelta] | msgspec.UnsetType:
+    """A whole answer's tool calls as one stream delta each (for a stream made of an answer)."""
+    if not choice.tool_calls:
+        return msgspec.UNSET
+    return [
+        ToolCallDelta(k, call.id, "function", FunctionDelta(call.function.name, call.function.arguments))
+        for k, call in enumerate(choice.tool_calls)
+    ]
 
 
 def _within(value: float, low: float | None, high: float | None) -> bool:

@@ -59,6 +59,7 @@ def add_chat(spec: Schema) -> None:
         schema = schemas[name]
         present = [k for k, v in schema["properties"].items() if "default" in v]
         schema["required"] = [*schema.get("required", []), *present]
+    _bound(schemas)
     _describe(schemas)
     completions = spec["paths"]["/completions"]["post"]
     responses = copy.deepcopy(completions["responses"])
@@ -108,6 +109,50 @@ def _renamed(node: Any, names: dict[str, str]) -> Any:
     if "mapping" in out and isinstance(out["mapping"], dict):
         out["mapping"] = {k: _PREFIX + names[v.removeprefix(_PREFIX)] for k, v in out["mapping"].items()}
     return out
+
+
+def _bound(schemas: Schema) -> None:
+    """What the router refuses with a 400 and msgspec's schema cannot say (wire/validate.py's
+    rules), as on /completions: the same components and keywords where the field is the same."""
+    request = schemas["ChatCompletionCreateParams"]
+    params = request["properties"]
+    completions = schemas["CompletionCreateParams"]["properties"]
+    params["model"] = ref("ModelName")
+    params["models"]["items"] = ref("ModelName")
+    for name in ("logit_bias", "metadata", "user"):
+        params[name] = copy.deepcopy(completions[name])
+    for branch in params["stop"]["anyOf"]:
+        if branch.get("type") == "string":
+            branch["minLength"] = 1
+        elif branch.get("type") == "array":
+            branch["items"]["minLength"] = 1
+    present = {"not": {"type": "null"}}
+    request["allOf"] = [
+        {  # stream_options only with stream
+            "if": {"required": ["stream_options"], "properties": {"stream_options": present}},
+            "then": {"required": ["stream"], "properties": {"stream": {"const": True}}},
+        },
+        {  # top_logprobs only with logprobs
+            "if": {"required": ["top_logprobs"], "properties": {"top_logprobs": present}},
+            "then": {"required": ["logprobs"], "properties": {"logprobs": {"const": True}}},
+        },
+        {  # one name of the output cap
+            "not": {
+                "required": ["max_tokens", "max_completion_tokens"],
+                "properties": {"max_tokens": present, "max_completion_tokens": present},
+            }
+        },
+        *(
+            {  # only with tools
+                "if": {"required": [name], "properties": {name: present}},
+                "then": {
+                    "required": ["tools"],
+                    "properties": {"tools": {"type": "array", "minItems": 1}},
+                },
+            }
+            for name in ("tool_choice", "parallel_tool_calls")
+        ),
+    ]
 
 
 def _describe(schemas: Schema) -> None:

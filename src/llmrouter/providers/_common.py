@@ -17,19 +17,22 @@ from typing import Any, ClassVar, TypeVar
 import msgspec
 from msgspec import UNSET
 
-from llmrouter.errors import LlmrouterError, UpstreamUnavailable
+from llmrouter.errors import InvalidRequest, LlmrouterError, UpstreamUnavailable
 from llmrouter.generation import Message
 from llmrouter.obs.redact import Redactor
 from llmrouter.providers import _http
 from llmrouter.providers.base import ALL_PARAMETERS, Call, Capabilities, Tokenizer
 from llmrouter.settings import CheckSettings, DeploymentSettings, HttpProvider, Timeouts
 from llmrouter.wire.completions import Logprobs
+from llmrouter.wire.tools import FunctionDefinition
 
 __all__ = [
     "HttpAdapter",
     "LogprobsBuilder",
+    "call_arguments",
     "conversation",
     "default_cap",
+    "function_fields",
     "instructions_apart",
     "max_tokens_for",
     "missing_logprobs",
@@ -191,6 +194,29 @@ def instructions_apart(messages: tuple[Message, ...]) -> tuple[str | None, list[
     said = [m.content for m in messages if m.role in ("system", "developer")]
     turns = [m for m in messages if m.role not in ("system", "developer")]
     return ("\n\n".join(said) if said else None), turns
+
+
+def call_arguments(text: str) -> Any:
+    """A call's arguments (JSON text, as the model wrote them) as the JSON value an API that
+    takes them parsed wants; the client sent back text that is not JSON: a 400."""
+    try:
+        return msgspec.json.decode(text) if text.strip() else {}
+    except msgspec.DecodeError:
+        raise InvalidRequest(
+            "A tool call's `arguments` must be JSON for this model's API.", param="messages"
+        ) from None
+
+
+def function_fields(tool: FunctionDefinition) -> dict[str, Any]:
+    """A declared function's fields that are set (OpenAI's names; the other kinds rename them)."""
+    fields: dict[str, Any] = {"name": tool.name}
+    if tool.description is not UNSET:
+        fields["description"] = tool.description
+    if tool.parameters is not UNSET:
+        fields["parameters"] = tool.parameters
+    if tool.strict is not None:
+        fields["strict"] = tool.strict
+    return fields
 
 
 def max_tokens_for(value: Any, defaults: Mapping[str, Any], unbounded: int | None) -> int | None:

@@ -9,6 +9,9 @@ A stream is complete at `message_stop`, and an `error` event inside it is a fail
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import re
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -21,9 +24,11 @@ from llmrouter.errors import (
     UpstreamRateLimited,
     UpstreamUnavailable,
 )
+from llmrouter.generation import Message
 from llmrouter.providers import _http, _schemas
 from llmrouter.providers._common import (
     HttpAdapter,
+    call_arguments,
     conversation,
     instructions_apart,
     max_tokens_for,
@@ -33,6 +38,14 @@ from llmrouter.providers.base import Call, Capabilities, Completion, StreamPart
 from llmrouter.settings import AnthropicProvider, CheckSettings, ConfigError, DeploymentSettings
 from llmrouter.structured import format_kind
 from llmrouter.wire.completions import ChunkChoice, CompletionChoice, Usage, encoder
+from llmrouter.wire.tools import (
+    FunctionCall,
+    FunctionDefinition,
+    FunctionDelta,
+    NamedToolChoice,
+    ToolCall,
+    ToolCallDelta,
+)
 
 __all__ = ["AnthropicAdapter"]
 
@@ -44,14 +57,21 @@ _FINISH = {
     "model_context_window_exceeded": "length",
     "refusal": "content_filter",
     "pause_turn": "stop",
-    "tool_use": "stop",
+    "tool_use": "tool_calls",
 }
+_TOOL_ID = re.compile(r"[a-zA-Z0-9_-]{1,256}")  # what the API takes as a tool_use id
+_TOOL_CHOICE = {"auto": "auto", "required": "any", "none": "none"}
 
 
 class _Block(Struct):
     type: str
     text: str | None = None
     thinking: str | None = None
+    signature: str | None = None
+    data: str | None = None  # redacted_thinking
+    id: str | None = None  # tool_use
+    name: str | None = None
+    input: msgspec.Raw = msgspec.Raw()  # (its JSON as sent: a call's arguments)
 
 
 class _Usage(Struct):
@@ -78,6 +98,8 @@ class _Delta(Struct):
     type: str | None = None
     text: str | None = None
     thinking: str | None = None
+    signature: str | None = None
+    partial_json: str | None = None
     stop_reason: str | None = None
 
 
@@ -87,6 +109,8 @@ class _Event(Struct):
     delta: _Delta | None = None
     usage: _Usage | None = None
     error: _Error | None = None
+    index: int = 0
+    content_block: _Block | None = None
 
 
 class _ErrorBody(Struct):
@@ -94,14 +118,17 @@ class _ErrorBody(Struct):
 
 
 class _Stream:
-    """What a stream has said so far: its usage (totals), its stop reason, whether it ended."""
+    """What a stream has said so far: its usage (totals), its stop reason, whether it ended, and
+    its thinking blocks and tool calls (block index -> the call's place)."""
 
-    __slots__ = ("native", "stopped", "usage")
+    __slots__ = ("calls", "native", "stopped", "thinking", "usage")
 
     def __init__(self) -> None:
         self.usage = _Usage()
         self.native: str | None = None
         self.stopped = False
+        self.thinking: list[dict[str, Any]] = []
+        self.calls: dict[int, int] = {}
 
 
 _message = msgspec.json.Decoder(_Message)
@@ -111,7 +138,10 @@ _error_body = msgspec.json.Decoder(_ErrorBody)
 
 class AnthropicAdapter(HttpAdapter):
     settings: AnthropicProvider
-    native = frozenset({"temperature", "top_p", "stop", "stream", "max_tokens", "response_format"})
+    native = frozenset(
+        {"temperature", "top_p", "stop", "stream", "max_tokens", "response_format",
+         "tools", "tool_choice", "parallel_tool_calls"}
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -158,7 +188,17 @@ class AnthropicAdapter(HttpAdapter):
         system, turns = instructions_apart(conversation(call))
         if system is not None:
             fields["system"] = system
-        fields["messages"] = [{"role": m.role, "content": m.content} for m in turns]
+        fields["messages"] = _turns(turns)
+        if p.tools:
+            fields["tools"] = [_tool(t) for t in p.tools]
+            choice: dict[str, Any] = {"type": "auto"}
+            if isinstance(p.tool_choice, NamedToolChoice):
+                choice = {"type": "tool", "name": p.tool_choice.function.name}
+            elif p.tool_choice is not None:
+                choice = {"type": _TOOL_CHOICE[p.tool_choice]}
+            if p.parallel_tool_calls is False and choice["type"] != "none":
+                choice["disable_parallel_tool_use"] = True
+            fields["tool_choice"] = choice
         fields["max_tokens"] = max_tokens_for(
             p.max_tokens, self.settings.defaults, self.settings.max_output_tokens
         )
@@ -193,6 +233,14 @@ class AnthropicAdapter(HttpAdapter):
         text = "".join(b.text or "" for b in message.content if b.type == "text")
         thinking = "".join(b.thinking or "" for b in message.content if b.type == "thinking")
         native = message.stop_reason
+        kept = [_kept(b) for b in message.content if b.type in ("thinking", "redacted_thinking")]
+        calls = [
+            ToolCall(
+                id=_carried(b.id or "", kept if k == 0 else []),
+                function=FunctionCall(b.name or "", bytes(b.input).decode() or "{}"),
+            )
+            for k, b in enumerate(b for b in message.content if b.type == "tool_use")
+        ]
         choice = CompletionChoice(
             text=text,
             index=0,
@@ -200,6 +248,7 @@ class AnthropicAdapter(HttpAdapter):
             finish_reason=_FINISH.get(native or "", "stop"),  # type: ignore[arg-type]
             native_finish_reason=native if native is not None else UNSET,
             reasoning=thinking or None,
+            tool_calls=calls or UNSET,
         )
         return Completion([choice], _usage(message.usage or _Usage()))
 
@@ -224,7 +273,24 @@ class AnthropicAdapter(HttpAdapter):
             if delta.type == "text_delta" and delta.text:
                 return StreamPart([ChunkChoice(delta.text, 0)])
             if delta.type == "thinking_delta" and delta.thinking:
+                if state.thinking:
+                    state.thinking[-1]["thinking"] += delta.thinking
                 return StreamPart([ChunkChoice("", 0, reasoning=delta.thinking)])
+            if delta.type == "signature_delta" and delta.signature and state.thinking:
+                state.thinking[-1]["signature"] = delta.signature
+            if delta.type == "input_json_delta" and delta.partial_json and event.index in state.calls:
+                piece = ToolCallDelta(
+                    state.calls[event.index], function=FunctionDelta(arguments=delta.partial_json)
+                )
+                return StreamPart([ChunkChoice("", 0, tool_calls=[piece])])
+        elif kind == "content_block_start" and (block := event.content_block) is not None:
+            if block.type in ("thinking", "redacted_thinking"):
+                state.thinking.append(_kept(block))
+            elif block.type == "tool_use":
+                k = state.calls[event.index] = len(state.calls)
+                carried = _carried(block.id or "", state.thinking if k == 0 else [])
+                start = ToolCallDelta(k, carried, "function", FunctionDelta(block.name or "", ""))
+                return StreamPart([ChunkChoice("", 0, tool_calls=[start])])
         elif kind == "message_start" and event.message is not None:
             state.usage = _merged(state.usage, event.message.usage)
         elif kind == "message_delta":
@@ -261,6 +327,87 @@ class AnthropicAdapter(HttpAdapter):
         elif status == 529 or error.type == "overloaded_error":  # load, not sickness: skipped
             recognised = UpstreamRateLimited
         return _http.status_error(self.name, status, headers, detail, recognised=recognised)
+
+
+def _turns(turns: list[Message]) -> list[dict[str, Any]]:
+    """The conversation in the Messages API's terms: an assistant's calls as tool_use blocks (after
+    the thinking blocks they were made with, carried in the first call's id), the results that
+    answer them as tool_result blocks of one user turn."""
+    out: list[dict[str, Any]] = []
+    for m in turns:
+        if m.role == "tool":
+            result = {
+                "type": "tool_result",
+                "tool_use_id": _api_id(m.tool_call_id or ""),
+                "content": m.content,
+            }
+            if out and out[-1]["role"] == "user" and isinstance(out[-1]["content"], list):
+                out[-1]["content"].append(result)
+            else:
+                out.append({"role": "user", "content": [result]})
+        elif m.tool_calls:
+            _, kept = _uncarried(m.tool_calls[0].id)
+            blocks: list[dict[str, Any]] = list(kept)
+            if m.content:
+                blocks.append({"type": "text", "text": m.content})
+            blocks.extend(
+                {
+                    "type": "tool_use",
+                    "id": _api_id(c.id),
+                    "name": c.function.name,
+                    "input": call_arguments(c.function.arguments),
+                }
+                for c in m.tool_calls
+            )
+            out.append({"role": "assistant", "content": blocks})
+        else:
+            out.append({"role": m.role, "content": m.content})
+    return out
+
+
+def _tool(t: FunctionDefinition) -> dict[str, Any]:
+    tool: dict[str, Any] = {"name": t.name}
+    if t.description is not UNSET:
+        tool["description"] = t.description
+    tool["input_schema"] = t.parameters if t.parameters is not UNSET else {"type": "object"}
+    if t.strict:
+        tool["strict"] = True
+    return tool
+
+
+def _kept(block: _Block) -> dict[str, Any]:
+    """A thinking block as it must be sent back with the calls made after it."""
+    if block.type == "redacted_thinking":
+        return {"type": "redacted_thinking", "data": block.data or ""}
+    return {"type": "thinking", "thinking": block.thinking or "", "signature": block.signature or ""}
+
+
+def _carried(call_id: str, thinking: list[dict[str, Any]]) -> str:
+    """The id a client sees: the API's, and the thinking blocks to send back with it (the Chat
+    Completions format has no place of its own for them; a client returns the id as it is)."""
+    if not thinking:
+        return call_id
+    return call_id + "~" + base64.urlsafe_b64encode(encoder.encode(thinking)).decode().rstrip("=")
+
+
+def _uncarried(call_id: str) -> tuple[str, list[dict[str, Any]]]:
+    head, _, tail = call_id.partition("~")
+    if not tail:
+        return head, []
+    try:
+        blocks = msgspec.json.decode(base64.urlsafe_b64decode(tail + "=" * (-len(tail) % 4)))
+    except (ValueError, msgspec.DecodeError):
+        return head, []  # (not one of ours: the id is what it is)
+    return head, blocks if isinstance(blocks, list) else []
+
+
+def _api_id(call_id: str) -> str:
+    """The id as the API takes it: its own, or a stable stand-in for another's (the same for a
+    call and its result)."""
+    head = call_id.partition("~")[0]
+    if _TOOL_ID.fullmatch(head):
+        return head
+    return "toolu_" + hashlib.sha256(call_id.encode()).hexdigest()[:24]
 
 
 def _has_text(stop: str) -> bool:

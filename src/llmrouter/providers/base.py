@@ -20,6 +20,7 @@ from llmrouter.wire.completions import ChunkChoice, CompletionChoice, Usage
 
 __all__ = [
     "ALL_PARAMETERS",
+    "TOOL_PARAMETERS",
     "Call",
     "Capabilities",
     "Completion",
@@ -30,6 +31,9 @@ __all__ = [
     "Upstream",
     "normalise_finish_reason",
 ]
+
+# The chat API's function calling: chat kinds translate it; a completions kind has no place for it.
+TOOL_PARAMETERS = frozenset({"tools", "tool_choice", "parallel_tool_calls"})
 
 # Every request field a deployment may or may not honour, by its wire name. `model`, `models`,
 # `stream_options`, `user` and `metadata` are the router's own and are always honoured.
@@ -151,7 +155,9 @@ class Provider(Upstream, Protocol):
 
 
 def normalise_finish_reason(native: str | None) -> str:
-    """Map a provider's raw finish reason onto the spec's three."""
+    """Map a provider's raw finish reason onto the spec's three (and chat's `tool_calls`)."""
+    if native in ("tool_calls", "function_call"):
+        return "tool_calls"
     if native in ("length", "max_tokens", "MAX_TOKENS"):
         return "length"
     if native in ("content_filter", "SAFETY", "refusal", "RECITATION"):

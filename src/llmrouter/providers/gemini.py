@@ -10,11 +10,12 @@ has its finish reason; `RESOURCE_EXHAUSTED` with `RetryInfo.retryDelay` is a Ret
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import msgspec
-from msgspec import UNSET, Struct
+from msgspec import UNSET, Struct, UnsetType
 
 from llmrouter.errors import (
     ContextLengthExceeded,
@@ -23,10 +24,12 @@ from llmrouter.errors import (
     UpstreamRefused,
     UpstreamUnavailable,
 )
+from llmrouter.generation import Message
 from llmrouter.providers import _http, _schemas
 from llmrouter.providers._common import (
     HttpAdapter,
     LogprobsBuilder,
+    call_arguments,
     conversation,
     instructions_apart,
     max_tokens_for,
@@ -37,6 +40,15 @@ from llmrouter.providers.base import Call, Capabilities, Completion, StreamPart
 from llmrouter.settings import CheckSettings, ConfigError, DeploymentSettings, GeminiProvider
 from llmrouter.structured import format_kind
 from llmrouter.wire.completions import ChunkChoice, CompletionChoice, Logprobs, Usage, encoder
+from llmrouter.wire.tools import (
+    FunctionCall,
+    FunctionDefinition,
+    FunctionDelta,
+    NamedToolChoice,
+    ToolCall,
+    ToolCallDelta,
+    ToolChoice,
+)
 
 __all__ = ["GeminiAdapter"]
 
@@ -56,9 +68,16 @@ _CONFIG = {
 }
 
 
-class _Part(Struct):
+class _FunctionCall(Struct):
+    name: str = ""
+    args: msgspec.Raw = msgspec.Raw()  # (its JSON as sent: the call's arguments)
+
+
+class _Part(Struct, rename="camel"):
     text: str | None = None
     thought: bool = False
+    function_call: _FunctionCall | None = None
+    thought_signature: str | None = None
 
 
 class _Content(Struct):
@@ -126,7 +145,7 @@ class GeminiAdapter(HttpAdapter):
     settings: GeminiProvider
     native = frozenset(
         {"temperature", "top_p", "seed", "presence_penalty", "frequency_penalty", "n", "stop",
-         "stream", "max_tokens", "logprobs", "response_format"}
+         "stream", "max_tokens", "logprobs", "response_format", "tools", "tool_choice"}
     )  # fmt: skip
 
     def __init__(
@@ -180,14 +199,13 @@ class GeminiAdapter(HttpAdapter):
                 thinking["thinkingBudget"] = budget
             config["thinkingConfig"] = thinking
         system, turns = instructions_apart(conversation(call))
-        fields: dict[str, Any] = {
-            "contents": [
-                {"role": "model" if m.role == "assistant" else "user", "parts": [{"text": m.content}]}
-                for m in turns
-            ]
-        }
+        fields: dict[str, Any] = {"contents": _contents(turns)}
         if system is not None:
             fields["systemInstruction"] = {"parts": [{"text": system}]}
+        if p.tools:
+            fields["tools"] = [{"functionDeclarations": [_declaration(t) for t in p.tools]}]
+            if p.tool_choice is not None:
+                fields["toolConfig"] = {"functionCallingConfig": _calling(p.tool_choice)}
         return encoder.encode({**fields, "generationConfig": config})
 
     def _url(self, call: Call, method: str) -> str:
@@ -198,15 +216,16 @@ class GeminiAdapter(HttpAdapter):
         url = self._url(call, ":generateContent")
         response = self._decode(await self.post(url, self._body(call), call.timeouts, self._headers))
         k = call.request.logprobs
-        chunks = [_chunk(c, LogprobsBuilder(), k, self.name) for c in response.candidates]
+        chunks = [_chunk(c, LogprobsBuilder(), k, self.name, {}) for c in response.candidates]
         choices = [
             CompletionChoice(
                 c.text,
                 c.index,
                 c.logprobs,
-                c.finish_reason or "stop",
+                c.finish_reason or ("tool_calls" if c.tool_calls else "stop"),
                 c.native_finish_reason,
                 c.reasoning,
+                _whole_calls(c.tool_calls),
             )
             for c in chunks
         ]  # (a whole answer is its one chunk; one without a finish reason stopped)
@@ -217,6 +236,7 @@ class GeminiAdapter(HttpAdapter):
         k = call.request.logprobs
         expected = call.request.n or 1
         builders: dict[int, LogprobsBuilder] = {}
+        called: dict[int, int] = {}  # candidate -> the calls it made so far
         finished: set[int] = set()
         usage: _UsageMetadata | None = None
         async with self.events(url, self._body(call), call.timeouts, self._headers) as events:
@@ -227,7 +247,8 @@ class GeminiAdapter(HttpAdapter):
                 for c in response.candidates:
                     if c.finish_reason is not None:
                         finished.add(c.index)
-                    out.append(_chunk(c, builders.setdefault(c.index, LogprobsBuilder()), k, self.name))
+                    builder = builders.setdefault(c.index, LogprobsBuilder())
+                    out.append(_chunk(c, builder, k, self.name, called))
                 done = len(finished) >= expected
                 yield StreamPart(out, _usage(usage) if done else None)
                 if done:
@@ -267,17 +288,97 @@ class GeminiAdapter(HttpAdapter):
         )
 
 
-def _chunk(c: _Candidate, builder: LogprobsBuilder, k: int | None, provider: str) -> ChunkChoice:
+def _chunk(
+    c: _Candidate, builder: LogprobsBuilder, k: int | None, provider: str, called: dict[int, int]
+) -> ChunkChoice:
+    """A candidate's piece; `called` counts each candidate's calls so far (across a stream's
+    chunks), so that a call's index is its place in the whole message."""
     text, thought = _texts(c)
     native = c.finish_reason
+    calls = []
+    for part in c.content.parts if c.content is not None else []:
+        if part.function_call is not None:
+            at = called[c.index] = called.get(c.index, 0) + 1
+            call_id = f"call_{uuid.uuid4().hex[:24]}"
+            if part.thought_signature:  # the API wants it back with the call: carried in the id
+                call_id += "~" + part.thought_signature
+            arguments = bytes(part.function_call.args).decode() or "{}"
+            function = FunctionDelta(part.function_call.name, arguments)
+            calls.append(ToolCallDelta(at - 1, call_id, "function", function))
+    finish = _finish(native) if native is not None else None
+    if finish == "stop" and called.get(c.index):
+        finish = "tool_calls"  # (Gemini says STOP)
     return ChunkChoice(
         text,
         c.index,
         _logprobs(builder, c, k, provider),
-        _finish(native) if native is not None else None,  # type: ignore[arg-type]
+        finish,  # type: ignore[arg-type]
         native if native is not None else UNSET,
         thought or None,
+        calls or UNSET,
     )
+
+
+def _whole_calls(deltas: list[ToolCallDelta] | UnsetType) -> list[ToolCall] | UnsetType:
+    """A whole answer's calls (each came whole, as one delta)."""
+    if not deltas:
+        return UNSET
+    return [
+        ToolCall(id=str(d.id), function=FunctionCall(str(d.function.name), d.function.arguments))  # type: ignore[union-attr]
+        for d in deltas
+    ]
+
+
+def _contents(turns: list[Message]) -> list[dict[str, Any]]:
+    """The turns in Gemini's terms: the assistant's are `model`, its calls functionCall parts
+    (with the thought signature they came with), the results one user turn of functionResponse
+    parts (named: Gemini pairs a result with its call by the function's name)."""
+    out: list[dict[str, Any]] = []
+    for m in turns:
+        if m.role == "tool":
+            response = {"name": m.name or "", "response": _response_object(m.content)}
+            part = {"functionResponse": response}
+            if out and out[-1]["role"] == "user" and "functionResponse" in out[-1]["parts"][0]:
+                out[-1]["parts"].append(part)
+            else:
+                out.append({"role": "user", "parts": [part]})
+            continue
+        parts: list[dict[str, Any]] = [{"text": m.content}] if m.content or not m.tool_calls else []
+        for c in m.tool_calls:
+            call: dict[str, Any] = {
+                "functionCall": {"name": c.function.name, "args": call_arguments(c.function.arguments)}
+            }
+            signature = c.id.partition("~")[2]
+            if signature:
+                call["thoughtSignature"] = signature
+            parts.append(call)
+        out.append({"role": "model" if m.role == "assistant" else "user", "parts": parts})
+    return out
+
+
+def _response_object(content: str) -> dict[str, Any]:
+    """A tool's result as the object functionResponse takes: a JSON object as it is, else
+    `{"result": ...}`."""
+    try:
+        value = msgspec.json.decode(content)
+    except msgspec.DecodeError:
+        return {"result": content}
+    return value if isinstance(value, dict) else {"result": value}
+
+
+def _declaration(t: FunctionDefinition) -> dict[str, Any]:
+    declaration: dict[str, Any] = {"name": t.name}
+    if t.description is not UNSET:
+        declaration["description"] = t.description
+    if t.parameters is not UNSET:
+        declaration["parametersJsonSchema"] = t.parameters
+    return declaration
+
+
+def _calling(choice: ToolChoice) -> dict[str, Any]:
+    if isinstance(choice, NamedToolChoice):
+        return {"mode": "ANY", "allowedFunctionNames": [choice.function.name]}
+    return {"mode": {"auto": "AUTO", "required": "ANY", "none": "NONE"}[choice]}
 
 
 def _texts(candidate: _Candidate) -> tuple[str, str]:

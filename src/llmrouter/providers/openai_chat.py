@@ -10,14 +10,16 @@ from collections.abc import AsyncIterator, Mapping
 from typing import Annotated, Any
 
 import msgspec
-from msgspec import UNSET, Meta, Struct
+from msgspec import UNSET, Meta, Struct, UnsetType
 
-from llmrouter.errors import LlmrouterError
+from llmrouter.errors import LlmrouterError, UpstreamUnavailable
+from llmrouter.generation import Message
 from llmrouter.providers import _http, _schemas
 from llmrouter.providers._common import (
     HttpAdapter,
     LogprobsBuilder,
     conversation,
+    function_fields,
     max_tokens_for,
     missing_logprobs,
     with_budget,
@@ -34,6 +36,7 @@ from llmrouter.providers.openai import openai_error
 from llmrouter.settings import CheckSettings, DeploymentSettings, OpenAIChatProvider
 from llmrouter.structured import format_kind
 from llmrouter.wire.completions import ChunkChoice, CompletionChoice, Logprobs, Usage, encoder
+from llmrouter.wire.tools import FunctionCall, FunctionDelta, ToolCall, ToolCallDelta
 
 __all__ = ["OpenAIChatAdapter"]
 
@@ -41,11 +44,23 @@ __all__ = ["OpenAIChatAdapter"]
 _SAMPLING = ("temperature", "top_p", "seed", "frequency_penalty", "presence_penalty", "logit_bias", "n")
 
 
+class _Function(Struct):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class _ToolCall(Struct):  # a whole call, or a stream's piece of one
+    index: int = 0
+    id: str | None = None
+    function: _Function | None = None
+
+
 class _Message(Struct):  # a whole message, or a stream's delta
     content: str | None = None
     refusal: str | None = None
     reasoning: str | None = None
     reasoning_content: str | None = None
+    tool_calls: list[_ToolCall] | None = None
 
 
 class _Top(Struct):
@@ -121,7 +136,13 @@ class OpenAIChatAdapter(HttpAdapter):
         p = call.request
         fields: dict[str, Any] = {k: v for k, v in self.settings.defaults.items() if k != "max_tokens"}
         fields["model"] = call.deployment.model
-        fields["messages"] = [{"role": m.role, "content": m.content} for m in conversation(call)]
+        fields["messages"] = [_message(m) for m in conversation(call)]
+        if p.tools:
+            fields["tools"] = [{"type": "function", "function": function_fields(t)} for t in p.tools]
+            if p.tool_choice is not None:
+                fields["tool_choice"] = p.tool_choice
+            if p.parallel_tool_calls is not None:
+                fields["parallel_tool_calls"] = p.parallel_tool_calls
         for name in _SAMPLING:
             if (value := getattr(p, name)) is not None:
                 fields[name] = value
@@ -171,6 +192,7 @@ class OpenAIChatAdapter(HttpAdapter):
                     finish_reason="content_filter" if refused else normalise_finish_reason(native),  # type: ignore[arg-type]
                     native_finish_reason=native if native is not None else UNSET,
                     reasoning=message.reasoning or message.reasoning_content,
+                    tool_calls=self._calls(message.tool_calls),
                 )
             )
         return Completion(choices, _usage(body.usage), body.system_fingerprint or UNSET)
@@ -217,7 +239,20 @@ class OpenAIChatAdapter(HttpAdapter):
             finish,  # type: ignore[arg-type]
             native if native is not None else UNSET,
             delta.reasoning or delta.reasoning_content,
+            [_call_delta(t) for t in delta.tool_calls] if delta.tool_calls else UNSET,
         )
+
+    def _calls(self, calls: list[_ToolCall] | None) -> list[ToolCall] | UnsetType:
+        if not calls:
+            return UNSET
+        out = []
+        for t in calls:
+            if t.id is None or t.function is None or not t.function.name:
+                raise UpstreamUnavailable(f"Provider {self.name} sent a tool call without its name.")
+            out.append(
+                ToolCall(id=t.id, function=FunctionCall(t.function.name, t.function.arguments or ""))
+            )
+        return out
 
     def _decode(self, raw: bytes) -> _Body:
         body = self.decoded(_decoder, raw, "a chat completion")
@@ -227,6 +262,26 @@ class OpenAIChatAdapter(HttpAdapter):
 
     def error(self, status: int, headers: Mapping[str, str], body: bytes) -> LlmrouterError:
         return openai_error(self.name, self.redact, status, headers, body)
+
+
+def _message(m: Message) -> dict[str, Any]:
+    """A turn in OpenAI's own terms (the neutral message is OpenAI's, less its wire types)."""
+    if m.role == "tool":
+        return {"role": "tool", "tool_call_id": m.tool_call_id, "content": m.content}
+    if m.tool_calls:
+        calls = [{"id": c.id, "type": "function", "function": c.function} for c in m.tool_calls]
+        return {"role": "assistant", "content": m.content or None, "tool_calls": calls}
+    return {"role": m.role, "content": m.content}
+
+
+def _call_delta(t: _ToolCall) -> ToolCallDelta:
+    f = t.function or _Function()
+    return ToolCallDelta(
+        t.index,
+        t.id if t.id is not None else UNSET,
+        "function" if t.id is not None else UNSET,
+        FunctionDelta(f.name if f.name is not None else UNSET, f.arguments or ""),
+    )
 
 
 def _usage(u: _Usage | None) -> Usage:

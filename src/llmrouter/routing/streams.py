@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from llmrouter.emulation.shape import deltas
 from llmrouter.errors import DeadlineExceeded, LlmrouterError, UpstreamTimeout, UpstreamUnavailable
 from llmrouter.providers.base import Call, StreamPart
 from llmrouter.routing.health import HealthBook
@@ -160,7 +161,9 @@ async def open_continuation(target: Target, call: Call, deadline: float) -> Asyn
         except TimeoutError:
             raise timed_out(target.label, "did not finish in time", is_deadline) from None
         choices = [
-            ChunkChoice(c.text, c.index, None, c.finish_reason, c.native_finish_reason, c.reasoning)
+            ChunkChoice(
+                c.text, c.index, None, c.finish_reason, c.native_finish_reason, c.reasoning, deltas(c)
+            )
             for c in result.choices
         ]
         return _parts_of([StreamPart(choices, result.usage, result.system_fingerprint)])
@@ -223,9 +226,13 @@ def timed_out(label: str, what: str, is_deadline: bool) -> UpstreamTimeout:
 
 def produced(part: StreamPart) -> bool:
     """Whether a part has anything for the client: text, reasoning, a token (whose text may be
-    empty: part of a character), or the end of a choice."""
+    empty: part of a character), a piece of a tool call, or the end of a choice."""
     return any(
-        c.text or c.reasoning or c.finish_reason is not None or (c.logprobs and c.logprobs.tokens)
+        c.text
+        or c.reasoning
+        or c.tool_calls
+        or c.finish_reason is not None
+        or (c.logprobs and c.logprobs.tokens)
         for c in part.choices
     )
 

@@ -22,6 +22,7 @@ from llmrouter.wire.completions import (
     StreamOptions,
     Usage,
 )
+from llmrouter.wire.tools import Tool, ToolCall, ToolCallDelta, ToolChoice
 
 __all__ = [
     "AssistantMessage",
@@ -61,20 +62,6 @@ class ImagePart(Struct, tag_field="type", tag="image_url", forbid_unknown_fields
     image_url: ImageURL
 
 
-ToolName = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
-
-
-class FunctionCall(Struct, forbid_unknown_fields=True):
-    name: ToolName
-    arguments: str  # JSON text, as the model wrote it
-
-
-class ToolCall(Struct, forbid_unknown_fields=True):
-    id: Annotated[str, Meta(min_length=1)]
-    function: FunctionCall
-    type: Literal["function"] = "function"
-
-
 class SystemMessage(Struct, tag_field="role", tag="system", forbid_unknown_fields=True):
     content: str | list[TextPart]
     name: str | UnsetType = UNSET
@@ -106,27 +93,6 @@ class ToolMessage(Struct, tag_field="role", tag="tool", forbid_unknown_fields=Tr
 ChatMessage = SystemMessage | DeveloperMessage | UserMessage | AssistantMessage | ToolMessage
 
 
-class FunctionDefinition(Struct, forbid_unknown_fields=True):
-    name: ToolName
-    description: str | UnsetType = UNSET
-    parameters: dict[str, Any] | UnsetType = UNSET  # JSON Schema
-    strict: bool | None = None
-
-
-class Tool(Struct, forbid_unknown_fields=True):
-    function: FunctionDefinition
-    type: Literal["function"] = "function"
-
-
-class NamedFunction(Struct, forbid_unknown_fields=True):
-    name: ToolName
-
-
-class NamedToolChoice(Struct, forbid_unknown_fields=True):
-    function: NamedFunction
-    type: Literal["function"] = "function"
-
-
 class ReasoningRequest(Struct, forbid_unknown_fields=True):
     """OpenRouter's `reasoning` object: how much the model may think, and whether the answer
     carries its thinking."""
@@ -156,7 +122,7 @@ class ChatCompletionCreateParams(Struct, forbid_unknown_fields=True, omit_defaul
     temperature: Annotated[float, Meta(ge=0.0, le=2.0)] | None = None
     top_p: Annotated[float, Meta(ge=0.0, le=1.0)] | None = None
     tools: list[Tool] | None = None
-    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = None
     user: Annotated[str, Meta(max_length=MAX_USER_CHARS)] | UnsetType = UNSET
@@ -228,18 +194,6 @@ class Delta(Struct, omit_defaults=True):
     content: str | UnsetType = UNSET
     reasoning: str | UnsetType = UNSET
     tool_calls: list[ToolCallDelta] | UnsetType = UNSET
-
-
-class FunctionDelta(Struct):
-    name: str | UnsetType = UNSET
-    arguments: str = ""
-
-
-class ToolCallDelta(Struct, omit_defaults=True):
-    index: int
-    id: str | UnsetType = UNSET
-    type: Literal["function"] | UnsetType = UNSET
-    function: FunctionDelta | UnsetType = UNSET
 
 
 class ChatChunkChoice(Struct):

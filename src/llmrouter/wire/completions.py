@@ -12,6 +12,8 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType
 
+from llmrouter.wire.tools import ToolCall, ToolCallDelta
+
 __all__ = [
     "MAX_MODEL_CHARS",
     "MAX_USER_CHARS",
@@ -33,7 +35,8 @@ __all__ = [
     "Usage",
 ]
 
-FinishReason = Literal["stop", "length", "content_filter"]
+# `tool_calls` only on the chat endpoint (a /completions request has no tools).
+FinishReason = Literal["stop", "length", "content_filter", "tool_calls"]
 
 # ---------------------------------------------------------------------------------------------
 # Request
@@ -152,6 +155,7 @@ class CompletionChoice(Struct):
     finish_reason: FinishReason
     native_finish_reason: str | UnsetType = UNSET
     reasoning: str | None = None
+    tool_calls: list[ToolCall] | UnsetType = UNSET  # (chat only: the functions the model called)
 
 
 class Usage(Struct):
@@ -180,6 +184,7 @@ class ChunkChoice(Struct):
     finish_reason: FinishReason | None = None
     native_finish_reason: str | UnsetType = UNSET
     reasoning: str | None = None
+    tool_calls: list[ToolCallDelta] | UnsetType = UNSET  # (chat only)
 
 
 class CompletionChunk(Struct, kw_only=True):
