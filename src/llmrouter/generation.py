@@ -24,7 +24,7 @@ from llmrouter.wire.tools import FunctionDefinition, ToolCall, ToolChoice
 from llmrouter.wire.validate import Prompts
 
 if TYPE_CHECKING:
-    from llmrouter.wire.chat import ChatCompletionCreateParams
+    from llmrouter.wire.chat import ChatCompletionCreateParams, ReasoningRequest
     from llmrouter.wire.completions import CompletionCreateParams
 
 __all__ = ["Generation", "Message", "Route", "from_chat", "from_completions"]
@@ -73,6 +73,9 @@ class Generation(Struct, frozen=True, kw_only=True, omit_defaults=True, gc=False
     tools: tuple[FunctionDefinition, ...] = ()
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None
+    # How much the model may think (OpenRouter's object: effort, a budget, on or off), each kind
+    # its own knob; `exclude` leaves the thinking out of the answer (the router does it).
+    reasoning: ReasoningRequest | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,13 +109,11 @@ def from_completions(params: CompletionCreateParams, prompts: Prompts) -> tuple[
 
 
 def from_chat(params: ChatCompletionCreateParams) -> tuple[Route, Generation]:
-    """A decoded chat request, split. What a `Generation` cannot carry yet (images, the
-    `reasoning` request) is refused by name, never dropped."""
+    """A decoded chat request, split. What a `Generation` cannot carry yet (images) is refused
+    by name, never dropped."""
     from llmrouter.errors import UnsupportedParameter
     from llmrouter.wire.chat import AssistantMessage, ImagePart, ToolMessage
 
-    if params.reasoning is not None:
-        raise UnsupportedParameter("`reasoning` is not carried to deployments yet.", param="reasoning")
     messages: list[Message] = []
     names: dict[str, str] = {}  # tool call id -> its function
     for i, m in enumerate(params.messages):
@@ -142,6 +143,7 @@ def from_chat(params: ChatCompletionCreateParams) -> tuple[Route, Generation]:
         tools=tuple(t.function for t in params.tools or ()),
         tool_choice=params.tool_choice,
         parallel_tool_calls=params.parallel_tool_calls,
+        reasoning=params.reasoning,
         **_shared(params),
     )
     return _route(params), generation

@@ -78,6 +78,7 @@ UpstreamParameter = Literal[
     "tools",  # function calling (chat)
     "tool_choice",
     "parallel_tool_calls",
+    "reasoning",  # the `reasoning` request (effort, a budget, on or off)
 ]
 
 
@@ -171,6 +172,9 @@ class OpenAIChatProvider(HttpProvider, frozen=True, tag="openai_chat"):
     # many tokens are added to it, so that `max_tokens` is what the answer's text may take.
     reasoning_budget: Annotated[int, Meta(ge=0)] = 0
     max_output_tokens: Annotated[int, Meta(ge=1)] | None = None  # the most, budget included
+    # Where a request's `reasoning` goes: OpenAI's `reasoning_effort` (its effort only), or the
+    # whole object as `reasoning` (OpenRouter, and servers that take its format).
+    reasoning_field: Literal["reasoning_effort", "reasoning"] = "reasoning_effort"
 
 
 class AnthropicProvider(HttpProvider, frozen=True, tag="anthropic"):

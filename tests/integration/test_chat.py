@@ -339,3 +339,71 @@ def test_tools_where_no_deployment_takes_them_are_a_400_naming_them(router: Rout
         if param == "parallel_tool_calls":
             body["parallel_tool_calls"] = False
         assert_error(httpx.post(url, headers=router.headers(), json=body), 400, param)
+
+
+# -- reasoning ----------------------------------------------------------------------------------
+
+
+def _sent(fake: str) -> dict[str, Any]:
+    """What the fake upstream got last."""
+    return dict(httpx.get(f"{fake}/_stats").json()["last_body"])
+
+
+def _ask(router: Router, model: str, reasoning: dict[str, Any], **more: Any) -> httpx.Response:
+    body = {"model": model, "messages": QUESTION, "max_tokens": 8, "reasoning": reasoning, **more}
+    return httpx.post(f"{router.api}/chat/completions", headers=router.headers(), json=body)
+
+
+def test_reasoning_effort_is_openais_reasoning_effort(router: Router, fake_openai_chat: str) -> None:
+    r = _ask(router, "oc/think", {"effort": "low"})
+    assert r.status_code == 200, r.text
+    assert _sent(fake_openai_chat)["reasoning_effort"] == "low"
+    assert r.json()["choices"][0]["message"]["reasoning"] == "Pondering the question."
+    # OpenAI's knob is the effort only: a budget is refused, never dropped.
+    assert_error(_ask(router, "oc/think", {"max_tokens": 500}), 400, "reasoning.max_tokens")
+
+
+def test_reasoning_is_anthropics_thinking_budget(router: Router, fake_anthropic: str) -> None:
+    assert _ask(router, "claude/think", {"max_tokens": 2000}).status_code == 200
+    assert _sent(fake_anthropic)["thinking"] == {"type": "enabled", "budget_tokens": 2000}
+    assert _ask(router, "claude/think", {"effort": "high"}).status_code == 200
+    high = int(4096 * 0.8)  # 80% of the provider's max_output_tokens
+    assert _sent(fake_anthropic)["thinking"] == {"type": "enabled", "budget_tokens": high}
+    off = _ask(router, "claude/think", {"enabled": False})
+    assert "thinking" not in _sent(fake_anthropic)
+    assert "reasoning" not in off.json()["choices"][0]["message"]
+    on = _ask(router, "claude/lm", {"enabled": True})  # a provider without a budget of its own
+    assert on.status_code == 200 and _sent(fake_anthropic)["thinking"]["budget_tokens"] == 1024
+
+
+def test_reasoning_is_geminis_thinking_config(router: Router, fake_gemini: str) -> None:
+    r = _ask(router, "gem/think", {"effort": "low"})
+    assert r.status_code == 200, r.text
+    thinking = _sent(fake_gemini)["generationConfig"]["thinkingConfig"]
+    assert thinking == {"includeThoughts": True, "thinkingLevel": "low"}
+    assert _ask(router, "gem/lm", {"max_tokens": 300}).status_code == 200
+    config = _sent(fake_gemini)["generationConfig"]
+    assert config["thinkingConfig"]["thinkingBudget"] == 300
+    assert config["maxOutputTokens"] == 8 + 300  # thoughts count against it: on top of the text's
+    assert _ask(router, "gem/lm", {"enabled": False}).status_code == 200
+    assert _sent(fake_gemini)["generationConfig"]["thinkingConfig"]["thinkingBudget"] == 0
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_excluded_reasoning_is_left_out_of_the_answer(router: Router, stream: bool) -> None:
+    kept = client(router).chat.completions.create(
+        model="claude/think",
+        messages=QUESTION,
+        max_tokens=8,  # type: ignore[arg-type]
+    )
+    assert kept.choices[0].message.model_extra["reasoning"]  # type: ignore[index]
+    r = _ask(router, "claude/think", {"exclude": True}, stream=stream)
+    assert r.status_code == 200 and "reasoning" not in r.text
+    assert ("Pondering" in r.text) is False
+    if not stream:
+        assert r.json()["choices"][0]["message"]["content"] == kept.choices[0].message.content
+
+
+def test_reasoning_where_no_deployment_can_think_is_a_400(router: Router) -> None:
+    assert_error(_ask(router, LOCAL, {"effort": "high"}), 400, "reasoning")
+    assert _ask(router, LOCAL, {"exclude": True}).status_code == 200  # asks nothing of it

@@ -119,10 +119,15 @@ def test_tools_and_how_to_call_them_are_carried() -> None:
     assert request.tool_choice == "required" and request.parallel_tool_calls is False
 
 
+def test_the_reasoning_request_is_carried() -> None:
+    _, request = from_chat(decode(reasoning={"effort": "low", "exclude": True}))
+    assert request.reasoning is not None
+    assert (request.reasoning.effort, request.reasoning.exclude) == ("low", True)
+
+
 @pytest.mark.parametrize(
     ("param", "body"),
     [
-        ("reasoning", {"reasoning": {"effort": "low"}}),
         ("messages[0].content[1]", {"messages": [{"role": "user", "content": [
             {"type": "text", "text": "what is this?"},
             {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]}),

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
+import msgspec
 from msgspec import UNSET
 
 from llmrouter.accounts.ledger import Record
@@ -27,7 +28,7 @@ from llmrouter.generation import Generation, Route
 from llmrouter.providers.base import Completion, StreamPart
 from llmrouter.routing.plan import Catalog, Plan, Target
 from llmrouter.routing.resume import Splice
-from llmrouter.routing.streams import Attempt, OpenStream
+from llmrouter.routing.streams import Attempt, OpenStream, produced
 from llmrouter.wire.completions import Usage, encoder
 
 if TYPE_CHECKING:
@@ -217,6 +218,8 @@ async def _complete(
     limit_headers: list[tuple[bytes, bytes]],
 ) -> None:
     target, result, attempts = await ctx.executor.complete(plan, request, req.request_id)
+    if _excluded(request):
+        result.choices = [msgspec.structs.replace(c, reasoning=None) for c in result.choices]
     _note(req, target, attempts, result.usage)
     if result.choices:
         _accounting(req).finish_reason = result.choices[0].finish_reason
@@ -297,18 +300,22 @@ async def _stream(
             headers.append((b"x-llmrouter-attempts", _attempts_header(stream.attempts)))
             headers.extend(_emulated_header(stream.target))
             await start_stream(send, headers)
-        await _relay(req, ctx, stream, wire.chunks(req.request_id, stream.target, include_usage))
+        chunks = wire.chunks(req.request_id, stream.target, include_usage)
+        await _relay(req, ctx, stream, chunks, request)
     finally:
         await stream.aclose()  # idempotent; covers a client that left before the relay began
 
 
-async def _relay(req: Request, ctx: Context, stream: OpenStream, chunks: Chunks) -> None:
+async def _relay(
+    req: Request, ctx: Context, stream: OpenStream, chunks: Chunks, request: Generation
+) -> None:
     """Send the committed stream's parts as chunks; a failure now ends the stream."""
     target = stream.target
     usage: Usage | None = None
     acc = _accounting(req)
     acc.target, acc.attempts, acc.splice = target, stream.attempts, stream.rest.splice
     deltas = 0  # text parts sent: the completion tokens, if the stream is cut before its usage
+    excluded = _excluded(request)
     part = stream.first
     try:
         while True:
@@ -319,6 +326,9 @@ async def _relay(req: Request, ctx: Context, stream: OpenStream, chunks: Chunks)
                 usage = acc.usage = part.usage
                 if part.usage_estimated:
                     req.log["usage_estimated"] = True
+            if excluded and part.choices:  # (what was only thinking is not sent at all)
+                kept = [msgspec.structs.replace(c, reasoning=None) for c in part.choices]
+                part.choices = [c for c in kept if produced(StreamPart([c]))]
             if part.choices:
                 if acc.ttft_ms is None:
                     acc.ttft_ms = round((time.perf_counter() - acc.started) * 1000, 3)
@@ -346,6 +356,11 @@ async def _relay(req: Request, ctx: Context, stream: OpenStream, chunks: Chunks)
     tail = chunks.usage(usage or Usage(0, 0, 0))
     await _commit_record(req, ctx, 200)
     await req.send({"type": "http.response.body", "body": tail + DONE, "more_body": False})
+
+
+def _excluded(request: Generation) -> bool:
+    """The request's `reasoning.exclude`: the answer leaves the thinking out."""
+    return request.reasoning is not None and bool(request.reasoning.exclude)
 
 
 def _sent(req: Request, acc: Accounting, deltas: int) -> Usage | None:

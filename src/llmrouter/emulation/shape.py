@@ -32,7 +32,7 @@ from llmrouter.errors import InvalidOutput, LlmrouterError, UpstreamUnavailable
 from llmrouter.generation import Generation
 from llmrouter.providers.base import (
     ALL_PARAMETERS,
-    TOOL_PARAMETERS,
+    CHAT_PARAMETERS,
     Call,
     Capabilities,
     Completion,
@@ -41,6 +41,7 @@ from llmrouter.providers.base import (
 )
 from llmrouter.settings import ModelSettings
 from llmrouter.structured import Checker, format_kind
+from llmrouter.wire.chat import ReasoningRequest
 from llmrouter.wire.completions import ChunkChoice, CompletionChoice, Usage
 from llmrouter.wire.tools import FunctionDelta, ToolCallDelta
 from llmrouter.wire.validate import Prompts
@@ -51,7 +52,7 @@ T = TypeVar("T")
 
 # Request fields a deployment may lack, that have a neutral value to leave out.
 # (Tools are never lacked this way: a request with them goes only where they are native.)
-_LACKABLE = ALL_PARAMETERS - {"max_tokens", "response_format", "stream"} - TOOL_PARAMETERS
+_LACKABLE = ALL_PARAMETERS - {"max_tokens", "response_format", "stream"} - CHAT_PARAMETERS
 
 # response_format kinds the router can honour on any deployment by checking (and asking again).
 EMULATED_FORMATS = frozenset({"json_object", "json_schema", "python"})
@@ -502,7 +503,13 @@ def requested_parameters(request: Generation) -> list[str]:
         wanted.append("tool_choice")
     if p.parallel_tool_calls is False:
         wanted.append("parallel_tool_calls")
+    if p.reasoning is not None and _reasoning_asked(p.reasoning):
+        wanted.append("reasoning")  # (`exclude` alone asks nothing of a deployment)
     return wanted
+
+
+def _reasoning_asked(r: ReasoningRequest) -> bool:
+    return r.effort is not None or r.max_tokens is not None or r.enabled is not None
 
 
 def shape_for(
@@ -543,6 +550,10 @@ def shape_for(
             continue
         elif name not in native:
             return name, f"cannot honour `{name}`"
+    if params.reasoning is not None and "reasoning" in wanted:
+        for knob in ("effort", "max_tokens", "enabled"):
+            if getattr(params.reasoning, knob) is not None and knob not in caps.reasoning:
+                return f"reasoning.{knob}", f"cannot honour `reasoning.{knob}`"
     for name, (low, high) in caps.ranges.items():
         value = getattr(params, name, None)
         if value is not None and not _within(value, low, high):

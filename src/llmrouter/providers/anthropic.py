@@ -24,7 +24,7 @@ from llmrouter.errors import (
     UpstreamRateLimited,
     UpstreamUnavailable,
 )
-from llmrouter.generation import Message
+from llmrouter.generation import Generation, Message
 from llmrouter.providers import _http, _schemas
 from llmrouter.providers._common import (
     HttpAdapter,
@@ -61,6 +61,10 @@ _FINISH = {
 }
 _TOOL_ID = re.compile(r"[a-zA-Z0-9_-]{1,256}")  # what the API takes as a tool_use id
 _TOOL_CHOICE = {"auto": "auto", "required": "any", "none": "none"}
+# `reasoning.effort` as a share of the most the model writes (OpenRouter's), within the API's
+# least budget and a sensible most.
+_EFFORT_SHARE = {"minimal": 0.1, "low": 0.2, "medium": 0.5, "high": 0.8}
+_LEAST_BUDGET, _MOST_BUDGET = 1024, 32000
 
 
 class _Block(Struct):
@@ -140,7 +144,7 @@ class AnthropicAdapter(HttpAdapter):
     settings: AnthropicProvider
     native = frozenset(
         {"temperature", "top_p", "stop", "stream", "max_tokens", "response_format",
-         "tools", "tool_choice", "parallel_tool_calls"}
+         "tools", "tool_choice", "parallel_tool_calls", "reasoning"}
     )  # fmt: skip
 
     def __init__(
@@ -213,7 +217,7 @@ class AnthropicAdapter(HttpAdapter):
         if format_kind(p.response_format) == "json_schema":
             schema = p.response_format.json_schema.schema or {}  # type: ignore[union-attr]
             fields["output_config"] = {"format": {"type": "json_schema", "schema": schema}}
-        if (budget := self.settings.thinking_budget) is not None:
+        if (budget := self._thinking_budget(p)) is not None:
             fields["thinking"] = {"type": "enabled", "budget_tokens": budget}
             # The budget is spent out of max_tokens: on top of the text's, within the most the
             # model writes (`null` asks for that most).
@@ -224,6 +228,22 @@ class AnthropicAdapter(HttpAdapter):
         if stream:
             fields["stream"] = True
         return encoder.encode(fields)
+
+    def _thinking_budget(self, p: Generation) -> int | None:
+        """The thinking budget: the provider's, or what the request's `reasoning` asks (a budget,
+        at least the API's 1024; an effort, as a share of the most the model writes; off)."""
+        r, ceiling = p.reasoning, self.settings.max_output_tokens
+        if r is None or not (r.enabled is not None or r.max_tokens is not None or r.effort):
+            return self.settings.thinking_budget
+        if r.enabled is False:
+            return None
+        if r.max_tokens is not None:
+            budget = r.max_tokens
+        elif r.effort is not None:
+            budget = min(_MOST_BUDGET, int(ceiling * _EFFORT_SHARE[r.effort]))
+        else:
+            budget = self.settings.thinking_budget or _LEAST_BUDGET
+        return max(_LEAST_BUDGET, min(budget, ceiling - 1))  # (spent out of max_tokens)
 
     async def complete(self, call: Call) -> Completion:
         raw = await self.post(self._url, self._body(call, stream=False), call.timeouts, self._headers)

@@ -20,7 +20,7 @@ from llmrouter.wire.completions import ChunkChoice, CompletionChoice, Usage
 
 __all__ = [
     "ALL_PARAMETERS",
-    "TOOL_PARAMETERS",
+    "CHAT_PARAMETERS",
     "Call",
     "Capabilities",
     "Completion",
@@ -32,8 +32,9 @@ __all__ = [
     "normalise_finish_reason",
 ]
 
-# The chat API's function calling: chat kinds translate it; a completions kind has no place for it.
-TOOL_PARAMETERS = frozenset({"tools", "tool_choice", "parallel_tool_calls"})
+# The chat API's function calling and reasoning knobs: chat kinds translate them; a completions
+# kind has no place for them.
+CHAT_PARAMETERS = frozenset({"tools", "tool_choice", "parallel_tool_calls", "reasoning"})
 
 # Every request field a deployment may or may not honour, by its wire name. `model`, `models`,
 # `stream_options`, `user` and `metadata` are the router's own and are always honoured.
@@ -72,6 +73,8 @@ class Capabilities:
     # conversation through the model's chat template, when it has one (the adapter renders it).
     chat: bool = False
     chat_template: ChatTemplate | None = field(default=None, hash=False)
+    # Which of the `reasoning` request's knobs it has (where `reasoning` is native).
+    reasoning: frozenset[str] = frozenset({"effort", "max_tokens", "enabled"})
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,7 +24,7 @@ from llmrouter.errors import (
     UpstreamRefused,
     UpstreamUnavailable,
 )
-from llmrouter.generation import Message
+from llmrouter.generation import Generation, Message
 from llmrouter.providers import _http, _schemas
 from llmrouter.providers._common import (
     HttpAdapter,
@@ -145,7 +145,8 @@ class GeminiAdapter(HttpAdapter):
     settings: GeminiProvider
     native = frozenset(
         {"temperature", "top_p", "seed", "presence_penalty", "frequency_penalty", "n", "stop",
-         "stream", "max_tokens", "logprobs", "response_format", "tools", "tool_choice"}
+         "stream", "max_tokens", "logprobs", "response_format", "tools", "tool_choice",
+         "reasoning"}
     )  # fmt: skip
 
     def __init__(
@@ -179,7 +180,7 @@ class GeminiAdapter(HttpAdapter):
                 config[wire] = value
         if p.stop:
             config["stopSequences"] = [p.stop] if isinstance(p.stop, str) else p.stop
-        budget = self.settings.thinking_budget
+        budget, level, shown = self._thinking(p)
         if (cap := max_tokens_for(p.max_tokens, self.settings.defaults, None)) is not None:
             # Thoughts count against maxOutputTokens: a budget for them comes on top of the text's.
             extra = budget if budget and budget > 0 else 0
@@ -193,10 +194,12 @@ class GeminiAdapter(HttpAdapter):
             config["responseMimeType"] = "application/json"
         if kind == "json_schema":
             config["responseJsonSchema"] = p.response_format.json_schema.schema or {}  # type: ignore[union-attr]
-        if budget is not None or self.settings.include_thoughts:
-            thinking: dict[str, Any] = {"includeThoughts": self.settings.include_thoughts}
+        if budget is not None or level is not None or shown:
+            thinking: dict[str, Any] = {"includeThoughts": shown}
             if budget is not None:
                 thinking["thinkingBudget"] = budget
+            if level is not None:
+                thinking["thinkingLevel"] = level
             config["thinkingConfig"] = thinking
         system, turns = instructions_apart(conversation(call))
         fields: dict[str, Any] = {"contents": _contents(turns)}
@@ -207,6 +210,23 @@ class GeminiAdapter(HttpAdapter):
             if p.tool_choice is not None:
                 fields["toolConfig"] = {"functionCallingConfig": _calling(p.tool_choice)}
         return encoder.encode({**fields, "generationConfig": config})
+
+    def _thinking(self, p: Generation) -> tuple[int | None, str | None, bool]:
+        """The thinking budget, level and whether thoughts come back: the provider's, or what the
+        request's `reasoning` asks (a budget as thinkingBudget, an effort as thinkingLevel, off as
+        a budget of 0; asked for, the thoughts come back unless excluded)."""
+        budget, shown = self.settings.thinking_budget, self.settings.include_thoughts
+        r = p.reasoning
+        if r is None or not (r.enabled is not None or r.max_tokens is not None or r.effort):
+            return budget, None, shown
+        if r.enabled is False:
+            return 0, None, False
+        level = None
+        if r.max_tokens is not None:
+            budget = r.max_tokens
+        elif r.effort is not None:
+            budget, level = None, r.effort
+        return budget, level, not r.exclude
 
     def _url(self, call: Call, method: str) -> str:
         model = call.deployment.model.removeprefix("models/")  # (the API's own name for it)

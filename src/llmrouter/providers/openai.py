@@ -25,7 +25,7 @@ from llmrouter.providers._chat_template import chat_template, template_key
 from llmrouter.providers._common import HttpAdapter, default_cap, missing_logprobs
 from llmrouter.providers.base import (
     ALL_PARAMETERS,
-    TOOL_PARAMETERS,
+    CHAT_PARAMETERS,
     Call,
     Capabilities,
     Completion,
@@ -91,7 +91,7 @@ _body_decoder = msgspec.json.Decoder(_Body)
 
 class OpenAIAdapter(HttpAdapter):
     settings: OpenAIProvider
-    native = ALL_PARAMETERS - TOOL_PARAMETERS
+    native = ALL_PARAMETERS - CHAT_PARAMETERS
 
     def __init__(
         self,

@@ -41,6 +41,8 @@ from llmrouter.wire.tools import FunctionCall, FunctionDelta, ToolCall, ToolCall
 __all__ = ["OpenAIChatAdapter"]
 
 # Passed on as they are (Completions and Chat Completions mean the same by them).
+_EFFORT = frozenset({"effort"})  # OpenAI's `reasoning_effort`
+_ALL_KNOBS = frozenset({"effort", "max_tokens", "enabled"})
 _SAMPLING = ("temperature", "top_p", "seed", "frequency_penalty", "presence_penalty", "logit_bias", "n")
 
 
@@ -128,6 +130,7 @@ class OpenAIChatAdapter(HttpAdapter):
             stream_usage="stream_usage" not in self._lacking(deployment),
             max_stops=self.settings.max_stops,
             schema_support=_schemas.openai_strict_problem,
+            reasoning=_ALL_KNOBS if self.settings.reasoning_field == "reasoning" else _EFFORT,
         )
 
     # -- the request --------------------------------------------------------------------------
@@ -163,6 +166,13 @@ class OpenAIChatAdapter(HttpAdapter):
             if kind == "json_schema":  # (its unset fields left out, not sent as null)
                 wire["json_schema"] = {k: v for k, v in wire["json_schema"].items() if v is not None}
             fields["response_format"] = wire
+        if (r := p.reasoning) is not None:
+            if self.settings.reasoning_field == "reasoning":
+                fields["reasoning"] = {
+                    k: v for k, v in msgspec.structs.asdict(r).items() if v is not None
+                }
+            elif r.effort is not None:
+                fields["reasoning_effort"] = r.effort
         for name in self.settings.forward:
             if (value := getattr(p, name)) not in (UNSET, None):
                 fields[name] = value
