@@ -132,6 +132,10 @@ def chat_config(fakes: ChatFakes) -> tuple[str, str]:
         f"  - id: {name}\n    deployments: [{{provider: {provider}, model: {model}}}]\n"
         for name, provider, model in models
     )
+    listed += "".join(  # the same fakes, declared to take images
+        f"  - id: {kind}/vision\n    deployments: [{{provider: {kind}, model: lm, vision: true}}]\n"
+        for kind in CHAT_KINDS
+    )
     return providers, listed
 
 

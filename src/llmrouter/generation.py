@@ -14,6 +14,7 @@ whichever endpoint it came in on.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -24,10 +25,21 @@ from llmrouter.wire.tools import FunctionDefinition, ToolCall, ToolChoice
 from llmrouter.wire.validate import Prompts
 
 if TYPE_CHECKING:
-    from llmrouter.wire.chat import ChatCompletionCreateParams, ReasoningRequest
+    from llmrouter.wire.chat import ChatCompletionCreateParams, ImagePart, ReasoningRequest
     from llmrouter.wire.completions import CompletionCreateParams
 
-__all__ = ["Generation", "Message", "Route", "from_chat", "from_completions"]
+__all__ = ["Generation", "Image", "Message", "Route", "from_chat", "from_completions"]
+
+
+class Image(Struct, frozen=True, gc=False):
+    """An image in a message: a URL (https, or a `data:` URL with the image in it), where it
+    came in the request (a refusal names it), and its place among the message's text."""
+
+    url: str
+    detail: str | None
+    param: str  # `messages[0].content[1]`
+    media_type: str | None = None  # a data URL's (image/png), checked at the edge
+    data: str | None = None  # a data URL's base64
 
 
 class Message(Struct, frozen=True, gc=False):
@@ -41,6 +53,9 @@ class Message(Struct, frozen=True, gc=False):
     tool_calls: tuple[ToolCall, ...] = ()
     tool_call_id: str | None = None
     name: str | None = None  # a tool result's function
+    # A message with images: its parts in order (text as str), for the APIs that take them;
+    # `content` is its text alone.
+    parts: tuple[str | Image, ...] = ()
 
 
 class Generation(Struct, frozen=True, kw_only=True, omit_defaults=True, gc=False):
@@ -109,22 +124,26 @@ def from_completions(params: CompletionCreateParams, prompts: Prompts) -> tuple[
 
 
 def from_chat(params: ChatCompletionCreateParams) -> tuple[Route, Generation]:
-    """A decoded chat request, split. What a `Generation` cannot carry yet (images) is refused
-    by name, never dropped."""
-    from llmrouter.errors import UnsupportedParameter
+    """A decoded chat request, split."""
     from llmrouter.wire.chat import AssistantMessage, ImagePart, ToolMessage
 
     messages: list[Message] = []
     names: dict[str, str] = {}  # tool call id -> its function
     for i, m in enumerate(params.messages):
         content = m.content
+        parts: tuple[str | Image, ...] = ()
         if isinstance(content, list):
-            for j, part in enumerate(content):
-                if isinstance(part, ImagePart):
-                    raise UnsupportedParameter(
-                        "Images are not carried to deployments yet.", param=f"messages[{i}].content[{j}]"
-                    )
+            if any(isinstance(part, ImagePart) for part in content):
+                parts = tuple(
+                    _image(part, f"messages[{i}].content[{j}]")
+                    if isinstance(part, ImagePart)
+                    else part.text
+                    for j, part in enumerate(content)
+                )
             content = "\n".join(part.text for part in content if not isinstance(part, ImagePart))
+        if parts:
+            messages.append(Message("user", content or "", parts=parts))
+            continue
         role = type(m).__struct_config__.tag  # (the tagged union's `role`)
         if isinstance(m, AssistantMessage) and m.tool_calls:
             names.update((call.id, call.function.name) for call in m.tool_calls)
@@ -147,6 +166,28 @@ def from_chat(params: ChatCompletionCreateParams) -> tuple[Route, Generation]:
         **_shared(params),
     )
     return _route(params), generation
+
+
+_DATA_URL = re.compile(r"data:(image/[a-z0-9.+-]+);base64,", re.IGNORECASE)
+
+
+def _image(part: ImagePart, param: str) -> Image:
+    """An image part; a `data:` URL must hold a base64 image (the APIs that take images inline
+    want its type and data apart)."""
+    from llmrouter.errors import InvalidRequest
+
+    url = part.image_url.url
+    if not url.startswith("data:"):
+        if not url.startswith(("https://", "http://")):
+            raise InvalidRequest("An image's `url` is an http(s) URL or a data: URL.", param=param)
+        return Image(url, part.image_url.detail, param)
+    header = _DATA_URL.match(url)
+    if header is None:
+        raise InvalidRequest(
+            "An image's data: URL must be `data:image/<type>;base64,<data>`.", param=param
+        )
+    data = url[header.end() :]
+    return Image(url, part.image_url.detail, param, header.group(1).lower(), data)
 
 
 def _route(params: CompletionCreateParams | ChatCompletionCreateParams) -> Route:

@@ -248,6 +248,9 @@ class DeploymentSettings(Struct, frozen=True, forbid_unknown_fields=True):
     # `<|im_start|>`: as those tokens ("parse", as llama.cpp's server and vLLM do), or as plain
     # characters ("plain"). Other kinds read prompts as their upstream does.
     special_tokens: Literal["parse", "plain"] = "parse"
+    # Chat kinds: the model takes images (`image_url` parts); elsewhere a request with one
+    # passes the deployment over.
+    vision: bool = False
     # Completions kinds: the Jinja chat template that turns a chat request's messages into this
     # model's prompt (Hugging Face's convention). llamacpp: default, the GGUF's own
     # `tokenizer.chat_template`. Without one, chat requests pass this deployment over.

@@ -407,3 +407,58 @@ def test_excluded_reasoning_is_left_out_of_the_answer(router: Router, stream: bo
 def test_reasoning_where_no_deployment_can_think_is_a_400(router: Router) -> None:
     assert_error(_ask(router, LOCAL, {"effort": "high"}), 400, "reasoning")
     assert _ask(router, LOCAL, {"exclude": True}).status_code == 200  # asks nothing of it
+
+
+# -- images -------------------------------------------------------------------------------------
+
+PIXEL = (
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="
+)
+PHOTO = "https://example.com/photo.png"
+
+
+def _look(router: Router, model: str, url: str) -> httpx.Response:
+    content = [
+        {"type": "text", "text": "What is in this picture?"},
+        {"type": "image_url", "image_url": {"url": url, "detail": "low"}},
+    ]
+    body = {"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": 4}
+    return httpx.post(f"{router.api}/chat/completions", headers=router.headers(), json=body)
+
+
+def test_images_reach_each_chat_kind_in_its_own_terms(
+    router: Router, fake_openai_chat: str, fake_anthropic: str, fake_gemini: str
+) -> None:
+    inline = f"data:image/png;base64,{PIXEL}"
+    assert _look(router, "oc/vision", inline).status_code == 200
+    sent = _sent(fake_openai_chat)["messages"][0]["content"]
+    assert sent == [
+        {"type": "text", "text": "What is in this picture?"},
+        {"type": "image_url", "image_url": {"url": inline, "detail": "low"}},
+    ]
+    assert _look(router, "claude/vision", inline).status_code == 200
+    image = _sent(fake_anthropic)["messages"][0]["content"][1]
+    assert image == {
+        "type": "image",
+        "source": {"type": "base64", "media_type": "image/png", "data": PIXEL},
+    }
+    assert _look(router, "claude/vision", PHOTO).status_code == 200
+    assert _sent(fake_anthropic)["messages"][0]["content"][1]["source"] == {"type": "url", "url": PHOTO}
+    assert _look(router, "gem/vision", inline).status_code == 200
+    parts = _sent(fake_gemini)["contents"][0]["parts"]
+    assert parts == [
+        {"text": "What is in this picture?"},
+        {"inlineData": {"mimeType": "image/png", "data": PIXEL}},
+    ]
+    assert _look(router, "gem/vision", PHOTO).status_code == 200
+    file_data = _sent(fake_gemini)["contents"][0]["parts"][1]["fileData"]
+    assert file_data == {"mimeType": "image/png", "fileUri": PHOTO}
+
+
+def test_an_image_where_no_deployment_takes_images_is_a_400_naming_it(router: Router) -> None:
+    for model in ("oc/lm", LOCAL):
+        assert_error(_look(router, model, PHOTO), 400, "messages[0].content[1]")
+    assert_error(
+        _look(router, "oc/vision", "data:text/plain;base64,aGk="), 400, "messages[0].content[1]"
+    )
+    assert_error(_look(router, "oc/vision", "ftp://example.com/x.png"), 400, "messages[0].content[1]")

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from llmrouter.errors import InvalidRequest, UnsupportedParameter
-from llmrouter.generation import Message, from_chat
+from llmrouter.errors import InvalidRequest
+from llmrouter.generation import Image, Message, from_chat
 from llmrouter.wire.validate import decode_chat_request
 
 USER = {"role": "user", "content": "x"}
@@ -125,17 +125,29 @@ def test_the_reasoning_request_is_carried() -> None:
     assert (request.reasoning.effort, request.reasoning.exclude) == ("low", True)
 
 
+def test_images_are_carried_in_their_place_among_the_text() -> None:
+    content = [
+        {"type": "text", "text": "what is this?"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA", "detail": "low"}},
+        {"type": "text", "text": "and this?"},
+        {"type": "image_url", "image_url": {"url": "https://example.com/a.jpg"}},
+    ]
+    _, request = from_chat(decode(messages=[{"role": "user", "content": content}]))
+    (message,) = request.messages
+    first, inline, second, linked = message.parts
+    assert (first, second) == ("what is this?", "and this?")
+    assert message.content == "what is this?\nand this?"  # (the text alone, for text-only APIs)
+    assert isinstance(inline, Image) and isinstance(linked, Image)
+    assert (inline.media_type, inline.data, inline.detail) == ("image/png", "AAAA", "low")
+    assert inline.param == "messages[0].content[1]" and linked.param == "messages[0].content[3]"
+    assert linked.data is None and linked.url == "https://example.com/a.jpg"
+
+
 @pytest.mark.parametrize(
-    ("param", "body"),
-    [
-        ("messages[0].content[1]", {"messages": [{"role": "user", "content": [
-            {"type": "text", "text": "what is this?"},
-            {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]}),
-    ],
-)  # fmt: skip
-def test_what_the_neutral_request_cannot_carry_yet_is_refused_by_name(
-    param: str, body: dict[str, Any]
-) -> None:
-    with pytest.raises(UnsupportedParameter) as caught:
-        from_chat(decode(**body))
-    assert caught.value.param == param
+    "url", ["data:text/plain;base64,aGk=", "data:image/png,raw", "file:///etc/passwd"]
+)
+def test_an_image_url_that_is_not_one_is_a_400_naming_it(url: str) -> None:
+    content = [{"type": "image_url", "image_url": {"url": url}}]
+    with pytest.raises(InvalidRequest) as caught:
+        from_chat(decode(messages=[{"role": "user", "content": content}]))
+    assert caught.value.param == "messages[0].content[0]"

@@ -540,6 +540,11 @@ def shape_for(
 
     if params.messages and not caps.chat and caps.chat_template is None:
         return "messages", "takes a prompt, and has no chat template for a conversation"
+    if not caps.vision:
+        for m in params.messages:
+            for part in m.parts:
+                if not isinstance(part, str):
+                    return part.param, "takes no images (its config does not say `vision`)"
     for name in wanted:
         if name in ("n", "best_of", "echo", "stop", "stream", "response_format"):
             continue  # below, together

@@ -110,6 +110,7 @@ class HttpAdapter:
             max_tokens_zero=False,
             default_max_tokens=default_cap(self.settings.defaults),
             chat=True,
+            vision=deployment.vision,
             **own,
         )
 

@@ -24,7 +24,7 @@ from llmrouter.errors import (
     UpstreamRateLimited,
     UpstreamUnavailable,
 )
-from llmrouter.generation import Generation, Message
+from llmrouter.generation import Generation, Image, Message
 from llmrouter.providers import _http, _schemas
 from llmrouter.providers._common import (
     HttpAdapter,
@@ -380,9 +380,21 @@ def _turns(turns: list[Message]) -> list[dict[str, Any]]:
                 for c in m.tool_calls
             )
             out.append({"role": "assistant", "content": blocks})
+        elif m.parts:
+            out.append({"role": m.role, "content": [_block(p) for p in m.parts]})
         else:
             out.append({"role": m.role, "content": m.content})
     return out
+
+
+def _block(part: str | Image) -> dict[str, Any]:
+    if isinstance(part, str):
+        return {"type": "text", "text": part}
+    if part.data is not None:
+        source = {"type": "base64", "media_type": part.media_type, "data": part.data}
+    else:
+        source = {"type": "url", "url": part.url}
+    return {"type": "image", "source": source}
 
 
 def _tool(t: FunctionDefinition) -> dict[str, Any]:

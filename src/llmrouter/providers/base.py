@@ -73,6 +73,7 @@ class Capabilities:
     # conversation through the model's chat template, when it has one (the adapter renders it).
     chat: bool = False
     chat_template: ChatTemplate | None = field(default=None, hash=False)
+    vision: bool = False  # it takes images in messages
     # Which of the `reasoning` request's knobs it has (where `reasoning` is native).
     reasoning: frozenset[str] = frozenset({"effort", "max_tokens", "enabled"})
 

@@ -10,6 +10,7 @@ has its finish reason; `RESOURCE_EXHAUSTED` with `RetryInfo.retryDelay` is a Ret
 
 from __future__ import annotations
 
+import mimetypes
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
@@ -24,7 +25,7 @@ from llmrouter.errors import (
     UpstreamRefused,
     UpstreamUnavailable,
 )
-from llmrouter.generation import Generation, Message
+from llmrouter.generation import Generation, Image, Message
 from llmrouter.providers import _http, _schemas
 from llmrouter.providers._common import (
     HttpAdapter,
@@ -363,6 +364,9 @@ def _contents(turns: list[Message]) -> list[dict[str, Any]]:
             else:
                 out.append({"role": "user", "parts": [part]})
             continue
+        if m.parts:
+            out.append({"role": "user", "parts": [_part(p) for p in m.parts]})
+            continue
         parts: list[dict[str, Any]] = [{"text": m.content}] if m.content or not m.tool_calls else []
         for c in m.tool_calls:
             call: dict[str, Any] = {
@@ -374,6 +378,17 @@ def _contents(turns: list[Message]) -> list[dict[str, Any]]:
             parts.append(call)
         out.append({"role": "model" if m.role == "assistant" else "user", "parts": parts})
     return out
+
+
+def _part(part: str | Image) -> dict[str, Any]:
+    """A message's text or image: inline data for a data: URL, else the URL as file data (its
+    type guessed from its name)."""
+    if isinstance(part, str):
+        return {"text": part}
+    if part.data is not None:
+        return {"inlineData": {"mimeType": part.media_type, "data": part.data}}
+    guessed = mimetypes.guess_type(part.url.split("?", 1)[0])[0] or "image/jpeg"
+    return {"fileData": {"mimeType": guessed, "fileUri": part.url}}
 
 
 def _response_object(content: str) -> dict[str, Any]:

@@ -13,7 +13,7 @@ import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType
 
 from llmrouter.errors import LlmrouterError, UpstreamUnavailable
-from llmrouter.generation import Message
+from llmrouter.generation import Image, Message
 from llmrouter.providers import _http, _schemas
 from llmrouter.providers._common import (
     HttpAdapter,
@@ -281,7 +281,16 @@ def _message(m: Message) -> dict[str, Any]:
     if m.tool_calls:
         calls = [{"id": c.id, "type": "function", "function": c.function} for c in m.tool_calls]
         return {"role": "assistant", "content": m.content or None, "tool_calls": calls}
+    if m.parts:
+        return {"role": m.role, "content": [_part(p) for p in m.parts]}
     return {"role": m.role, "content": m.content}
+
+
+def _part(part: str | Image) -> dict[str, Any]:
+    if isinstance(part, str):
+        return {"type": "text", "text": part}
+    image = {"url": part.url} if part.detail is None else {"url": part.url, "detail": part.detail}
+    return {"type": "image_url", "image_url": image}
 
 
 def _call_delta(t: _ToolCall) -> ToolCallDelta:
