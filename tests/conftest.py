@@ -127,6 +127,7 @@ def chat_config(fakes: ChatFakes) -> tuple[str, str]:
         ("gem/refuse", "gem", "refuse"),
         ("gem/safety", "gem", "lm-safety-finish"),
         ("oc/refuse", "oc", "refuse"),
+        ("oc/cache", "oc", "lm-cache"),
     ]
     listed = "".join(
         f"  - id: {name}\n    deployments: [{{provider: {provider}, model: {model}}}]\n"

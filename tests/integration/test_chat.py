@@ -462,3 +462,27 @@ def test_an_image_where_no_deployment_takes_images_is_a_400_naming_it(router: Ro
         _look(router, "oc/vision", "data:text/plain;base64,aGk="), 400, "messages[0].content[1]"
     )
     assert_error(_look(router, "oc/vision", "ftp://example.com/x.png"), 400, "messages[0].content[1]")
+
+
+@pytest.mark.parametrize(
+    ("model", "cached", "reasoning"),
+    [("oc/cache", 64, 0), ("oc/think", 0, 4), ("claude/cache", 64, None), ("gem/think", None, 4)],
+)
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_usage_details_are_passed_on_where_the_provider_reports_them(
+    router: Router, model: str, cached: int | None, reasoning: int | None, stream: bool
+) -> None:
+    args: dict[str, Any] = {"model": model, "messages": QUESTION, "max_tokens": 6}
+    if stream:
+        chunks = list(
+            client(router).chat.completions.create(
+                **args, stream=True, stream_options={"include_usage": True}
+            )
+        )
+        usage = chunks[-1].usage
+    else:
+        usage = client(router).chat.completions.create(**args).usage
+    assert usage is not None
+    prompt, completion = usage.prompt_tokens_details, usage.completion_tokens_details
+    assert (prompt.cached_tokens if prompt else None) == cached
+    assert (completion.reasoning_tokens if completion else None) == reasoning

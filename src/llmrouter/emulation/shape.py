@@ -42,7 +42,13 @@ from llmrouter.providers.base import (
 from llmrouter.settings import ModelSettings
 from llmrouter.structured import Checker, format_kind
 from llmrouter.wire.chat import ReasoningRequest
-from llmrouter.wire.completions import ChunkChoice, CompletionChoice, Usage
+from llmrouter.wire.completions import (
+    ChunkChoice,
+    CompletionChoice,
+    CompletionTokensDetails,
+    PromptTokensDetails,
+    Usage,
+)
 from llmrouter.wire.tools import FunctionDelta, ToolCallDelta
 from llmrouter.wire.validate import Prompts
 
@@ -393,7 +399,20 @@ def _join(into: Shaped, more: Shaped) -> None:
 def _sum_usage(usages: list[Usage]) -> Usage:
     prompt = sum(u.prompt_tokens for u in usages)
     completion = sum(u.completion_tokens for u in usages)
-    return Usage(prompt, completion, prompt + completion)
+    return with_details(Usage(prompt, completion, prompt + completion), usages)
+
+
+def with_details(usage: Usage, parts: list[Usage]) -> Usage:
+    """`usage` with the details its parts report, summed (where any reports them)."""
+    cached = [u.prompt_tokens_details.cached_tokens for u in parts if u.prompt_tokens_details]
+    thought = [
+        u.completion_tokens_details.reasoning_tokens for u in parts if u.completion_tokens_details
+    ]
+    if cached:
+        usage.prompt_tokens_details = PromptTokensDetails(sum(cached))
+    if thought:
+        usage.completion_tokens_details = CompletionTokensDetails(sum(thought))
+    return usage
 
 
 def _derived_seed(seed: int, j: int) -> int:

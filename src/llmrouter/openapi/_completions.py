@@ -59,10 +59,22 @@ def add_completions(spec: Schema) -> None:
 
 
 def _correct(schemas: Schema) -> None:
-    """The first echoed token's logprob and top_logprobs are null, as OpenAI sends them."""
+    """The first echoed token's logprob and top_logprobs are null, as OpenAI sends them; usage
+    has OpenAI's details where the provider reports them."""
     logprobs = schemas["CompletionLogprobs"]["properties"]
     logprobs["token_logprobs"]["items"]["nullable"] = True
     logprobs["top_logprobs"]["items"]["nullable"] = True
+    usage = schemas["CompletionUsage"]["properties"]
+    for name, field, what in (
+        ("prompt_tokens_details", "cached_tokens", "Of the prompt tokens, those read from the cache."),
+        ("completion_tokens_details", "reasoning_tokens", "Of the completion tokens, the thinking."),
+    ):
+        usage[name] = {
+            "type": "object",
+            "description": "Where the provider reports it.",
+            "required": [field],
+            "properties": {field: {"type": "integer", "description": what}},
+        }
 
 
 def _add_provider_preferences(schemas: Schema) -> None:

@@ -37,7 +37,13 @@ from llmrouter.providers._common import (
 from llmrouter.providers.base import Call, Capabilities, Completion, StreamPart
 from llmrouter.settings import AnthropicProvider, CheckSettings, ConfigError, DeploymentSettings
 from llmrouter.structured import format_kind
-from llmrouter.wire.completions import ChunkChoice, CompletionChoice, Usage, encoder
+from llmrouter.wire.completions import (
+    ChunkChoice,
+    CompletionChoice,
+    PromptTokensDetails,
+    Usage,
+    encoder,
+)
 from llmrouter.wire.tools import (
     FunctionCall,
     FunctionDefinition,
@@ -463,4 +469,7 @@ def _usage(u: _Usage) -> Usage:
         (u.input_tokens or 0) + (u.cache_creation_input_tokens or 0) + (u.cache_read_input_tokens or 0)
     )
     completion = u.output_tokens or 0
-    return Usage(prompt, completion, prompt + completion)
+    usage = Usage(prompt, completion, prompt + completion)
+    if u.cache_read_input_tokens is not None:  # (thinking is in output_tokens, not apart)
+        usage.prompt_tokens_details = PromptTokensDetails(u.cache_read_input_tokens)
+    return usage

@@ -40,7 +40,15 @@ from llmrouter.providers._common import (
 from llmrouter.providers.base import Call, Capabilities, Completion, StreamPart
 from llmrouter.settings import CheckSettings, ConfigError, DeploymentSettings, GeminiProvider
 from llmrouter.structured import format_kind
-from llmrouter.wire.completions import ChunkChoice, CompletionChoice, Logprobs, Usage, encoder
+from llmrouter.wire.completions import (
+    ChunkChoice,
+    CompletionChoice,
+    CompletionTokensDetails,
+    Logprobs,
+    PromptTokensDetails,
+    Usage,
+    encoder,
+)
 from llmrouter.wire.tools import (
     FunctionCall,
     FunctionDefinition,
@@ -109,7 +117,8 @@ class _Candidate(Struct, rename="camel"):
 class _UsageMetadata(Struct, rename="camel"):
     prompt_token_count: int = 0
     candidates_token_count: int = 0
-    thoughts_token_count: int = 0
+    thoughts_token_count: int | None = None  # (absent: no thinking)
+    cached_content_token_count: int | None = None
 
 
 class _Feedback(Struct, rename="camel"):
@@ -430,8 +439,13 @@ def _finish(native: str | None) -> str:
 
 def _usage(u: _UsageMetadata | None) -> Usage:
     u = u or _UsageMetadata()
-    completion = u.candidates_token_count + u.thoughts_token_count
-    return Usage(u.prompt_token_count, completion, u.prompt_token_count + completion)
+    completion = u.candidates_token_count + (u.thoughts_token_count or 0)
+    usage = Usage(u.prompt_token_count, completion, u.prompt_token_count + completion)
+    if u.cached_content_token_count is not None:
+        usage.prompt_tokens_details = PromptTokensDetails(u.cached_content_token_count)
+    if u.thoughts_token_count is not None:
+        usage.completion_tokens_details = CompletionTokensDetails(u.thoughts_token_count)
+    return usage
 
 
 def _logprobs(

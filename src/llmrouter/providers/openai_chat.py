@@ -35,7 +35,15 @@ from llmrouter.providers.base import (
 from llmrouter.providers.openai import openai_error
 from llmrouter.settings import CheckSettings, DeploymentSettings, OpenAIChatProvider
 from llmrouter.structured import format_kind
-from llmrouter.wire.completions import ChunkChoice, CompletionChoice, Logprobs, Usage, encoder
+from llmrouter.wire.completions import (
+    ChunkChoice,
+    CompletionChoice,
+    CompletionTokensDetails,
+    Logprobs,
+    PromptTokensDetails,
+    Usage,
+    encoder,
+)
 from llmrouter.wire.tools import FunctionCall, FunctionDelta, ToolCall, ToolCallDelta
 
 __all__ = ["OpenAIChatAdapter"]
@@ -88,10 +96,20 @@ class _Choice(Struct):
     logprobs: _Logprobs | None = None
 
 
+class _PromptDetails(Struct):
+    cached_tokens: int | None = None
+
+
+class _CompletionDetails(Struct):
+    reasoning_tokens: int | None = None
+
+
 class _Usage(Struct):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    prompt_tokens_details: _PromptDetails | None = None
+    completion_tokens_details: _CompletionDetails | None = None
 
 
 class _Body(Struct):
@@ -305,9 +323,15 @@ def _call_delta(t: _ToolCall) -> ToolCallDelta:
 
 def _usage(u: _Usage | None) -> Usage:
     u = u or _Usage()
-    return Usage(
+    usage = Usage(
         u.prompt_tokens, u.completion_tokens, u.total_tokens or u.prompt_tokens + u.completion_tokens
     )
+    if u.prompt_tokens_details is not None and u.prompt_tokens_details.cached_tokens is not None:
+        usage.prompt_tokens_details = PromptTokensDetails(u.prompt_tokens_details.cached_tokens)
+    details = u.completion_tokens_details
+    if details is not None and details.reasoning_tokens is not None:
+        usage.completion_tokens_details = CompletionTokensDetails(details.reasoning_tokens)
+    return usage
 
 
 def _logprobs(

@@ -22,9 +22,11 @@ __all__ = [
     "CompletionChunk",
     "CompletionCreateParams",
     "CompletionResponse",
+    "CompletionTokensDetails",
     "Logprobs",
     "ModelCard",
     "ModelList",
+    "PromptTokensDetails",
     "ProviderPreferences",
     "ResponseFormat",
     "ResponseFormatGrammar",
@@ -158,10 +160,21 @@ class CompletionChoice(Struct):
     tool_calls: list[ToolCall] | UnsetType = UNSET  # (chat only: the functions the model called)
 
 
+class PromptTokensDetails(Struct):
+    cached_tokens: int  # of the prompt tokens, read from the provider's cache
+
+
+class CompletionTokensDetails(Struct):
+    reasoning_tokens: int  # of the completion tokens, the model's thinking
+
+
 class Usage(Struct):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    # Where the provider reports them (OpenAI's names).
+    prompt_tokens_details: PromptTokensDetails | UnsetType = UNSET
+    completion_tokens_details: CompletionTokensDetails | UnsetType = UNSET
 
 
 class CompletionResponse(Struct, kw_only=True):  # kw_only: fields in OpenAI's order
