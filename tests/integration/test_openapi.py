@@ -40,7 +40,12 @@ CORRECTED = {
     "CompletionCreateParamsPrompt.oneOf[2].items": {"type": "integer", "minimum": 0},
     "CompletionCreateParamsPrompt.oneOf[3].items.items": {"type": "integer", "minimum": 0},
 }
-ADDED = {"CompletionCreateParams.properties.provider"}
+ADDED = {
+    "CompletionCreateParams.properties.provider",
+    # OpenAI's usage details, where a provider reports them (chat kinds behind /completions)
+    "CompletionUsage.properties.prompt_tokens_details",
+    "CompletionUsage.properties.completion_tokens_details",
+}
 
 
 def assert_narrows(served: Any, shared: Any, where: str) -> None:
