@@ -1,5 +1,6 @@
 """The chat kinds under faults: for each kind (openai_chat, anthropic, gemini) and each fault of its
-fake, streamed and not, what the client sees and what the attempts say. Every fault falls back to
+fake, streamed and not, on /completions and on /chat/completions, what the client sees and what
+the attempts say. Every fault falls back to
 the next deployment before the client's first byte; after it, a stream ends with an error event
 and never stops short without one."""
 
@@ -50,6 +51,9 @@ SPECIFIC = [
 ]
 
 
+SIDES = ("_whole", "_stream", "_whole_chat", "_stream_chat")
+
+
 def chaos_config(fakes: ChatFakes, legacy: str) -> str:
     urls = {"oc": fakes.openai_chat + "/v1", "claude": fakes.anthropic, "gem": fakes.gemini}
     timeouts = "{connect: 1, first_token: 1, idle: 1, total: 2}"
@@ -57,14 +61,14 @@ def chaos_config(fakes: ChatFakes, legacy: str) -> str:
         f"  {kind}{side}: {{kind: {KINDS[kind][0]}, base_url: {urls[kind]}, "
         f"api_key: {UPSTREAM_KEYS[kind]}, timeouts: {timeouts}}}\n"
         for kind in KINDS
-        for side in ("_whole", "_stream")
+        for side in SIDES
     )
     models = "".join(
         f"  - id: {kind}{side}/{fault}\n    strategy: ordered\n"
         f"    deployments: [{{provider: {kind}{side}, model: {fault}}}, "
         f"{{provider: {kind}{side}, model: lm}}]\n"
         for kind in KINDS
-        for side in ("_whole", "_stream")
+        for side in SIDES
         for fault in [*FAULTS, *(f for k, f, _ in SPECIFIC if k == kind)]
     )
     singles = "".join(
@@ -104,10 +108,24 @@ def chaos(
         yield r
 
 
-def post(router: Router, model: str, stream: bool) -> httpx.Response:
-    body = {"model": model, "prompt": "Hi there", "max_tokens": 6, "temperature": 0, "stream": stream}
+# Both endpoints take the same road: a prompt, or the same words as a user message.
+ENDPOINTS = ["completions", "chat/completions"]
+
+
+def side(stream: bool, endpoint: str) -> str:
+    """The providers a test uses: apart per endpoint, so that one's Retry-After (a 429's) does not
+    make the next skip a deployment."""
+    return ("_stream" if stream else "_whole") + ("_chat" if endpoint != "completions" else "")
+
+
+def post(router: Router, model: str, stream: bool, endpoint: str = "completions") -> httpx.Response:
+    body: dict[str, Any] = {"model": model, "max_tokens": 6, "temperature": 0, "stream": stream}
+    if endpoint == "completions":
+        body["prompt"] = "Hi there"
+    else:
+        body["messages"] = [{"role": "user", "content": "Hi there"}]
     with httpx.stream(
-        "POST", f"{router.api}/completions", headers=router.headers(), json=body, timeout=30
+        "POST", f"{router.api}/{endpoint}", headers=router.headers(), json=body, timeout=30
     ) as r:
         r.read()
     return r
@@ -121,23 +139,27 @@ def attempts(r: httpx.Response) -> list[list[str]]:
     return [a.split()[:2] for a in r.headers["x-llmrouter-attempts"].split(", ")]
 
 
+@pytest.mark.parametrize("endpoint", ENDPOINTS)
 @pytest.mark.parametrize("kind", list(KINDS))
 @pytest.mark.parametrize("fault", FAULTS)
 def test_a_fault_unstreamed_falls_back_to_the_next_deployment(
-    chaos: Router, kind: str, fault: str
+    chaos: Router, kind: str, fault: str, endpoint: str
 ) -> None:
-    r = post(chaos, f"{kind}_whole/{fault}", stream=False)
+    at = f"{kind}{side(False, endpoint)}"
+    r = post(chaos, f"{at}/{fault}", stream=False, endpoint=endpoint)
     assert r.status_code == 200, r.text
-    assert attempts(r) == [[f"{kind}_whole/{fault}", code(kind, fault)], [f"{kind}_whole/lm", "ok"]]
+    assert attempts(r) == [[f"{at}/{fault}", code(kind, fault)], [f"{at}/lm", "ok"]]
     assert r.json()["choices"][0]["finish_reason"] == "length"
 
 
+@pytest.mark.parametrize("endpoint", ENDPOINTS)
 @pytest.mark.parametrize("kind", list(KINDS))
 @pytest.mark.parametrize("fault", FAULTS)
 def test_a_fault_streamed_falls_back_or_ends_with_an_error_event(
-    chaos: Router, kind: str, fault: str
+    chaos: Router, kind: str, fault: str, endpoint: str
 ) -> None:
-    r = post(chaos, f"{kind}_stream/{fault}", stream=True)
+    at = f"{kind}{side(True, endpoint)}"
+    r = post(chaos, f"{at}/{fault}", stream=True, endpoint=endpoint)
     assert r.status_code == 200, r.text
     got = events(r)
     errors = [e for e in got if "error" in e]
@@ -149,10 +171,7 @@ def test_a_fault_streamed_falls_back_or_ends_with_an_error_event(
         assert fault.startswith("lm-")  # only a fault after some text can come after the commit
     else:  # before it: the next deployment's whole answer
         assert finishes == ["length"] and r.text.rstrip().endswith("data: [DONE]")
-        assert attempts(r) == [
-            [f"{kind}_stream/{fault}", code(kind, fault)],
-            [f"{kind}_stream/lm", "ok"],
-        ]
+        assert attempts(r) == [[f"{at}/{fault}", code(kind, fault)], [f"{at}/lm", "ok"]]
 
 
 @pytest.mark.parametrize(("kind", "fault", "code"), SPECIFIC)
@@ -166,10 +185,13 @@ def test_overloaded_and_exhausted_are_load_and_fall_back(
     assert attempts(r)[0] == [f"{kind}{side}/{fault}", code]
 
 
+@pytest.mark.parametrize("endpoint", ENDPOINTS)
 @pytest.mark.parametrize("kind", list(KINDS))
 @pytest.mark.parametrize("stream", [False, True])
-def test_a_prompt_too_long_is_the_models_400(chaos: Router, kind: str, stream: bool) -> None:
-    r = post(chaos, f"{kind}/context-400", stream)
+def test_a_prompt_too_long_is_the_models_400(
+    chaos: Router, kind: str, stream: bool, endpoint: str
+) -> None:
+    r = post(chaos, f"{kind}/context-400", stream, endpoint)
     assert assert_error(r, 400)["error"]["code"] == "context_length_exceeded"
 
 
