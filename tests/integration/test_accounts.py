@@ -24,6 +24,7 @@ JWT_SECRET = "a-test-secret-of-at-least-32-bytes!!"
 ISSUER = "https://idp.test"
 # Each answer from the fake costs 3 * 0.1 + 2 * 0.2 = 0.7 (usage: 3 prompt, 2 completion tokens).
 PRICING = "{prompt: 100000, completion: 200000}"
+TEMPLATE = "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}assistant:"
 
 
 def config(fake: str, backend: str, schema: str | None, redis: str | None) -> str:
@@ -31,14 +32,18 @@ def config(fake: str, backend: str, schema: str | None, redis: str | None) -> st
         f"  database_url: {PG_URL}\n  database_schema: {schema}\n" if backend == "postgres" else ""
     )
     redis_line = f"  redis_url: {redis}\n  redis_namespace: {schema}\n" if redis else ""
+    # The fake takes chat requests through a chat template (the same answers, the same costs).
+    chat = f"chat_template: {json.dumps(TEMPLATE)}"
     return f"""providers:
   fake: {{kind: openai, base_url: {fake}/v1, timeouts: {{first_token: 5, total: 10}}}}
 models:
-  - {{id: fake/ok, pricing: {PRICING}, deployments: [{{provider: fake, model: ok}}]}}
-  - {{id: fake/other, deployments: [{{provider: fake, model: ok}}]}}
-  - {{id: fake/slow, deployments: [{{provider: fake, model: slow-ok-1500}}]}}
-  - {{id: fake/slow-priced, pricing: {PRICING}, deployments: [{{provider: fake, model: slow-ok-1500}}]}}
-  - {{id: fake/status-500, deployments: [{{provider: fake, model: status-500}}]}}
+  - {{id: fake/ok, pricing: {PRICING}, deployments: [{{provider: fake, model: ok, {chat}}}]}}
+  - {{id: fake/other, deployments: [{{provider: fake, model: ok, {chat}}}]}}
+  - {{id: fake/slow, deployments: [{{provider: fake, model: slow-ok-1500, {chat}}}]}}
+  - id: fake/slow-priced
+    pricing: {PRICING}
+    deployments: [{{provider: fake, model: slow-ok-1500, {chat}}}]
+  - {{id: fake/status-500, deployments: [{{provider: fake, model: status-500, {chat}}}]}}
   - {{id: fake/hang, deployments: [{{provider: fake, model: hang}}]}}
   - id: fake/truncated
     pricing: {PRICING}
@@ -99,6 +104,16 @@ def complete(router: Router, token: str, model: str = "fake/ok", **body: Any) ->
         f"{router.api}/completions",
         headers=auth(token),
         json={"model": model, "prompt": "hi", **body},
+        timeout=30,
+    )
+
+
+def chat(router: Router, token: str, model: str = "fake/ok", **body: Any) -> httpx.Response:
+    """The same request on the chat endpoint: the same road, the same limits and ledger."""
+    return httpx.post(
+        f"{router.api}/chat/completions",
+        headers=auth(token),
+        json={"model": model, "messages": [{"role": "user", "content": "hi"}], **body},
         timeout=30,
     )
 
@@ -533,3 +548,61 @@ def test_error_records_are_durable_before_the_error_is_sent(router: Router) -> N
         f"{router.api}/generation", params={"id": failed.headers["x-request-id"]}, headers=auth(secret)
     )
     assert r.status_code == 200 and r.json()["data"]["status"] == 502
+
+
+# -- the chat endpoint: the same limits and ledger ------------------------------------------------
+
+
+def test_both_endpoints_count_against_one_rate_limit(router: Router) -> None:
+    secret = new_key(router, "--rpm", "3")
+    assert [complete(router, secret).status_code, chat(router, secret).status_code] == [200, 200]
+    assert chat(router, secret).headers["x-ratelimit-remaining"] == "0"
+    refused = chat(router, secret)
+    assert refused.status_code == 429 and error_of(refused)["type"] == "rate_limit_error"
+    assert complete(router, secret).status_code == 429
+
+
+def test_chat_spends_and_holds_credit(router: Router) -> None:
+    secret = new_key(router, "--credit-limit", "1.0")
+    first = chat(router, secret)
+    assert first.status_code == 200, first.text
+    assert first.json()["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+    assert chat(router, secret).status_code == 200  # 1.4: over by its own cost
+    refused = chat(router, secret)
+    assert refused.status_code == 402 and error_of(refused)["code"] == "credit_limit_exceeded"
+    held = new_key(router, "--credit-limit", "1")
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(chat, router, held, "fake/slow-priced")
+        time.sleep(0.5)
+        second = chat(router, held)
+        assert slow.result().status_code == 200
+    assert second.status_code == 429 and error_of(second)["code"] == "credit_held"
+
+
+def test_chat_keeps_to_the_keys_models(router: Router) -> None:
+    secret = new_key(router, "--models", "fake/ok")
+    assert chat(router, secret).status_code == 200
+    refused = chat(router, secret, model="fake/other")
+    assert refused.status_code == 403 and error_of(refused)["param"] == "model"
+    fallback = chat(router, secret, models=["fake/other"])
+    assert fallback.status_code == 403 and error_of(fallback)["param"] == "models[0]"
+
+
+def test_chat_requests_are_recorded_with_their_route(router: Router) -> None:
+    secret = new_key(router)
+    ok = chat(router, secret, user="u-chat", metadata={"team": "a"})
+    assert ok.headers["x-request-id"] == ok.json()["id"] and ok.json()["id"].startswith("chatcmpl-")
+    streamed = chat(router, secret, stream=True)
+    failed = chat(router, secret, model="fake/status-500")
+    assert failed.status_code == 502
+    records = {}
+    for r in (ok, streamed, failed):
+        got = httpx.get(
+            f"{router.api}/generation", params={"id": r.headers["x-request-id"]}, headers=auth(secret)
+        )
+        records[r] = got.json()["data"]
+    assert {rec["route"] for rec in records.values()} == {"chat.completions"}
+    assert records[ok]["user"] == "u-chat" and records[ok]["metadata"] == {"team": "a"}
+    assert (records[ok]["prompt_tokens"], records[ok]["completion_tokens"]) == (3, 2)
+    assert records[streamed]["stream"] is True and records[streamed]["status"] == 200
+    assert records[failed]["status"] == 502 and records[failed]["error"]
