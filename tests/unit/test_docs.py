@@ -99,3 +99,30 @@ def test_every_request_field_of_the_spec_has_a_row() -> None:
     named = " ".join(row.name for row in ROWS)
     missing = [name for name in fields if not re.search(rf"\b{name}\b", named)]
     assert not missing
+
+
+CHAT_PARAMETERS_DOC = (ROOT / "docs" / "chat-parameters.md").read_text()
+
+
+def test_the_chat_parameter_table_is_the_chat_conformance_matrix() -> None:
+    from tests.integration.test_chat_conformance import COLUMNS, ROWS
+
+    section = CHAT_PARAMETERS_DOC.split("## The table", 1)[1].split("\n## ", 1)[0]
+    table = [
+        [cell.strip() for cell in line.strip().strip("|").split("|")]
+        for line in section.splitlines()
+        if line.startswith("| ")
+    ]
+    assert table[0] == ["parameter", *COLUMNS]
+    assert table[1:] == [[row.name, *row.cells] for row in ROWS]
+
+
+def test_every_chat_request_field_has_a_row() -> None:
+    from llmrouter.wire.chat import ChatCompletionCreateParams
+    from tests.integration.test_chat_conformance import ROWS
+
+    named = " ".join(row.name for row in ROWS)
+    missing = [
+        f for f in ChatCompletionCreateParams.__struct_fields__ if not re.search(rf"\b{f}\b", named)
+    ]
+    assert not missing
