@@ -66,6 +66,17 @@ SMOLLM2_TEMPLATE = (
     "message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
     "{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+# A template that writes the tools in and says its model calls them in Hermes's format; the prompt
+# is the last message, which `say-prompt` answers with: a test writes the model's answer.
+TOOLS_TEMPLATE = (
+    "{#- calls come back as <tool_call>{json}</tool_call> -#}"
+    "{%- if tools %}[tools:{% for t in tools %} {{ t.function.name }}{% endfor %}]\n{% endif -%}"
+    "{{ messages[-1]['content'] }}"
+)
+SHOUTING_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content | upper }}<|im_end|>\n"
+    "{% endfor %}<|im_start|>assistant\n"
+)
 UPSTREAM_KEYS = {
     "fake": "upstream-secret",
     "oc": "oc-upstream-secret-0123456789",
@@ -514,9 +525,15 @@ providers:
   - id: local/smollm2-135m-instruct
     aliases: [smollm2]
     deployments: [{{provider: local, model: smollm2-135m-instruct}}]
+  - id: local/shouting  # a template that rewrites its messages (they come out upper-case)
+    deployments:
+      - {{provider: local, model: smollm2-135m-instruct, chat_template: {json.dumps(SHOUTING_TEMPLATE)}}}
 {fim_model}{llama_model}{fake_models}
   - id: basic/ok
     deployments: [{{provider: basic, model: ok}}]
+  - id: fake/templated-tools
+    deployments:
+      - {{provider: fake, model: say-prompt, chat_template: {json.dumps(TOOLS_TEMPLATE)}}}
   - id: fake/fallback
     strategy: ordered
     deployments:

@@ -14,6 +14,7 @@ whichever endpoint it came in on.
 
 from __future__ import annotations
 
+import binascii
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -52,7 +53,7 @@ class Message(Struct, frozen=True, gc=False):
     content: str
     tool_calls: tuple[ToolCall, ...] = ()
     tool_call_id: str | None = None
-    name: str | None = None  # a tool result's function
+    name: str | None = None  # a tool result's function, or a participant's name
     # A message with images: its parts in order (text as str), for the APIs that take them;
     # `content` is its text alone.
     parts: tuple[str | Image, ...] = ()
@@ -141,18 +142,17 @@ def from_chat(params: ChatCompletionCreateParams) -> tuple[Route, Generation]:
                     for j, part in enumerate(content)
                 )
             content = "\n".join(part.text for part in content if not isinstance(part, ImagePart))
-        if parts:
-            messages.append(Message("user", content or "", parts=parts))
-            continue
         role = type(m).__struct_config__.tag  # (the tagged union's `role`)
-        if isinstance(m, AssistantMessage) and m.tool_calls:
-            names.update((call.id, call.function.name) for call in m.tool_calls)
-            messages.append(Message("assistant", content or "", tuple(m.tool_calls)))
-        elif isinstance(m, ToolMessage):
+        if isinstance(m, ToolMessage):
             tool = names.get(m.tool_call_id)
             messages.append(Message("tool", content or "", tool_call_id=m.tool_call_id, name=tool))
-        else:
-            messages.append(Message(role, content or ""))  # type: ignore[arg-type]
+            continue
+        name = m.name if isinstance(m.name, str) else None  # (a participant's name)
+        calls: tuple[ToolCall, ...] = ()
+        if isinstance(m, AssistantMessage) and m.tool_calls:
+            names.update((call.id, call.function.name) for call in m.tool_calls)
+            calls = tuple(m.tool_calls)
+        messages.append(Message(role, content or "", calls, name=name, parts=parts))  # type: ignore[arg-type]
     cap = params.max_completion_tokens if params.max_completion_tokens is not None else params.max_tokens
     generation = Generation(
         messages=tuple(messages),
@@ -168,7 +168,8 @@ def from_chat(params: ChatCompletionCreateParams) -> tuple[Route, Generation]:
     return _route(params), generation
 
 
-_DATA_URL = re.compile(r"data:(image/[a-z0-9.+-]+);base64,", re.IGNORECASE)
+# The image types every vision API takes (OpenAI's, Anthropic's and Gemini's common ground).
+_DATA_URL = re.compile(r"data:(image/(?:png|jpeg|gif|webp));base64,", re.IGNORECASE)
 
 
 def _image(part: ImagePart, param: str) -> Image:
@@ -184,9 +185,16 @@ def _image(part: ImagePart, param: str) -> Image:
     header = _DATA_URL.match(url)
     if header is None:
         raise InvalidRequest(
-            "An image's data: URL must be `data:image/<type>;base64,<data>`.", param=param
+            "An image's data: URL must be `data:image/<png|jpeg|gif|webp>;base64,<data>`.",
+            param=param,
         )
     data = url[header.end() :]
+    try:
+        binascii.a2b_base64(data, strict_mode=True)
+    except binascii.Error:
+        raise InvalidRequest(
+            "An image's data: URL holds data that is not base64.", param=param
+        ) from None
     return Image(url, part.image_url.detail, param, header.group(1).lower(), data)
 
 

@@ -79,6 +79,7 @@ UpstreamParameter = Literal[
     "tool_choice",
     "parallel_tool_calls",
     "reasoning",  # the `reasoning` request (effort, a budget, on or off)
+    "name",  # a chat message's participant name
 ]
 
 

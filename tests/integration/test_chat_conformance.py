@@ -242,7 +242,21 @@ ROWS = [
         (R, R, N, N, N),
         _quotes_the_result,
     ),
+    Row(
+        "messages: a participant's name",
+        "messages[0].name",
+        {"messages": [{"role": "user", "content": "Name a colour.", "name": "ann"}]},
+        (R, R, N, R, R),
+        _said,
+    ),
     Row("tools", "tools", {"tools": [TOOL]}, (R, R, N, N, N), _calls(["weather"])),
+    Row(
+        "tools: strict",
+        "tools",
+        {"tools": [{**TOOL, "function": {**TOOL["function"], "strict": True}}]},
+        (R, R, N, N, R),
+        _calls(["weather"]),
+    ),
     Row(
         "tool_choice",
         "tool_choice",

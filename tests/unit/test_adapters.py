@@ -37,6 +37,7 @@ from llmrouter.settings import (
     OpenAIChatProvider,
     Timeouts,
 )
+from llmrouter.wire.chat import ReasoningRequest
 from llmrouter.wire.validate import decode_completion_request
 
 KEY = "sk-test-key-0123456789"
@@ -393,7 +394,19 @@ def test_anthropic_capabilities_declare_its_limits() -> None:
     thinking = msgspec.structs.replace(CLAUDE, thinking_budget=2048, max_output_tokens=8000)
     answers = [ok(message({"type": "text", "text": "x"})) for _ in range(3)]
     b, u = adapter(AnthropicAdapter, thinking, *answers)
-    assert b.capabilities(DeploymentSettings(provider="p", model="c")).ranges["temperature"] == (1, 1)
+    refuses = b.capabilities(DeploymentSettings(provider="p", model="c")).refuses
+    assert refuses is not None  # while thinking: temperature 1 only, top_p from 0.95, no forced call
+    assert refuses(Generation(temperature=0.5))[0] == "temperature"  # type: ignore[index]
+    assert refuses(Generation(top_p=0.9))[0] == "top_p"  # type: ignore[index]
+    assert refuses(Generation(temperature=1, top_p=0.95)) is None
+    # A request that turns the thinking off takes what the API takes without it.
+    off = ReasoningRequest(enabled=False)
+    assert refuses(Generation(temperature=0.0, reasoning=off)) is None
+    # ... and one that turns it on, where the provider does not think, is held to it.
+    assert caps.refuses is not None
+    assert caps.refuses(Generation(temperature=0.0)) is None
+    on = ReasoningRequest(effort="low")
+    assert caps.refuses(Generation(temperature=0.0, reasoning=on))[0] == "temperature"  # type: ignore[index]
     complete(b, call(max_tokens=10))
     assert sent(u)["thinking"] == {"type": "enabled", "budget_tokens": 2048}
     assert sent(u)["max_tokens"] == 2058  # the budget on top of the text's

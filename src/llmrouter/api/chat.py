@@ -16,7 +16,7 @@ from msgspec import UNSET
 from llmrouter.api.http import Request
 from llmrouter.api.pipeline import Decoded, generate
 from llmrouter.api.sse import event
-from llmrouter.generation import Generation, Message, from_chat
+from llmrouter.generation import Generation, from_chat
 from llmrouter.providers.base import Completion, StreamPart
 from llmrouter.routing.plan import Target
 from llmrouter.wire.chat import (
@@ -38,22 +38,48 @@ if TYPE_CHECKING:
 
 __all__ = ["CHAT", "chat_logprobs", "create_chat_completion", "messages_tokens_estimate"]
 
-# What a chat template may add, in tokens, about: per message (its role's markers) and once (a
-# default system prompt, the generation prompt). The credit hold's bound counts these too.
 # A Generation's field -> the chat request's (the others have the same name in both).
 _FIELDS = {"max_tokens": "max_completion_tokens", "prompt": "messages"}
+# What a chat template may add, in tokens, about: per message (its role's markers) and once (a
+# default system prompt, the generation prompt). The credit hold's bound counts these too.
 _PER_MESSAGE = 8
 _PER_CONVERSATION = 64
+# An image, in tokens: about what the APIs charge for a large one (Anthropic's ~1,600 for
+# 1,092 x 1,092; OpenAI's high detail ~1,100; Gemini's 258).
+_PER_IMAGE = 1600
 
 
-def messages_tokens_estimate(messages: tuple[Message, ...]) -> int:
-    """About four characters a token, and a few for each message's markers."""
-    return sum(len(m.content) // 4 + 1 + _PER_MESSAGE // 2 for m in messages)
+def _texts(request: Generation) -> list[str]:
+    """Every text of the request a model reads: messages, their calls, the declared tools."""
+    texts = [m.content for m in request.messages]
+    texts += [c.function.name + c.function.arguments for m in request.messages for c in m.tool_calls]
+    if request.tools:
+        texts.append(encoder.encode(request.tools).decode())
+    return texts
 
 
-def messages_tokens_bound(messages: tuple[Message, ...]) -> int:
-    """At most a token a UTF-8 byte (byte-level tokenizers), and what a template adds."""
-    return _PER_CONVERSATION + sum(len(m.content.encode()) + _PER_MESSAGE for m in messages)
+def _images(request: Generation) -> int:
+    return sum(1 for m in request.messages for part in m.parts if not isinstance(part, str))
+
+
+def messages_tokens_estimate(request: Generation) -> int:
+    """About four characters a token, a few for each message's markers, and each image's."""
+    texts = _texts(request)
+    return (
+        sum(len(t) // 4 + 1 for t in texts)
+        + len(request.messages) * (_PER_MESSAGE // 2)
+        + _images(request) * _PER_IMAGE
+    )
+
+
+def messages_tokens_bound(request: Generation) -> int:
+    """At most a token a UTF-8 byte (byte-level tokenizers), what a template adds, each image."""
+    return (
+        _PER_CONVERSATION
+        + sum(len(t.encode()) for t in _texts(request))
+        + len(request.messages) * _PER_MESSAGE
+        + _images(request) * _PER_IMAGE
+    )
 
 
 class ChatWire:
@@ -61,9 +87,14 @@ class ChatWire:
 
     def decode(self, body: bytes) -> Decoded:
         route, request = from_chat(decode_chat_request(body))
-        messages = request.messages
+        thinking = request.reasoning.max_tokens if request.reasoning is not None else None
         return Decoded(
-            route, request, 1, messages_tokens_estimate(messages), messages_tokens_bound(messages)
+            route,
+            request,
+            1,
+            messages_tokens_estimate(request),
+            messages_tokens_bound(request),
+            thinking or 0,  # a thinking budget is spent on top of the answer
         )
 
     def field(self, name: str, request: Generation) -> str:

@@ -50,6 +50,7 @@ class Decoded:
     inputs: int  # prompts (a conversation is one): each gets `n` answers
     prompt_estimate: int  # its tokens, about (the limits' first guess)
     prompt_bound: int  # at most this many (the credit hold's)
+    thinking: int = 0  # tokens an answer may think besides its own (a reasoning budget)
 
 
 class Chunks(Protocol):
@@ -175,7 +176,8 @@ async def generate(req: Request, ctx: Context, wire: Wire) -> None:
     # Every request that gets this far counts against the limits, valid or not. Tokens per minute
     # reserve the prompts and the most the answers may hold.
     per_prompt = max(request.n or 1, request.best_of or 1)
-    answers = decoded.inputs * per_prompt * answer_tokens(request, route, ctx.catalog)
+    per_answer = answer_tokens(request, route, ctx.catalog) + decoded.thinking
+    answers = decoded.inputs * per_prompt * per_answer
     cost = 0.0
     if principal.limits.credit_limit is not None:
         # Credit is held for about the most it could cost until its real cost is known: every

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import TypeVar
@@ -30,6 +31,7 @@ import msgspec
 from llmrouter.emulation.choices import ChoiceShaper, Shaped
 from llmrouter.errors import InvalidOutput, LlmrouterError, UpstreamUnavailable
 from llmrouter.generation import Generation
+from llmrouter.providers._chat_template import read_calls
 from llmrouter.providers.base import (
     ALL_PARAMETERS,
     CHAT_PARAMETERS,
@@ -49,7 +51,7 @@ from llmrouter.wire.completions import (
     PromptTokensDetails,
     Usage,
 )
-from llmrouter.wire.tools import FunctionDelta, ToolCallDelta
+from llmrouter.wire.tools import FunctionCall, FunctionDelta, ToolCall, ToolCallDelta
 from llmrouter.wire.validate import Prompts
 
 __all__ = ["Shape", "honoured_parameters", "requested_parameters", "shape_for"]
@@ -94,6 +96,10 @@ class Shape:
     emulated: tuple[str, ...] = ()  # the request fields the router honours for the deployment
     drain: bool = False  # read a stream to its end after every choice ended: usage is wanted
     plain: bool = False  # nothing to do but watch for reasoning: answers pass through as they are
+    # Tools through a chat template: the router reads the calls out of the answer's text (at
+    # most one with `parallel_tool_calls: false`).
+    read_calls: bool = False
+    one_call: bool = False
 
     @property
     def prompts(self) -> Prompts:
@@ -268,14 +274,23 @@ class Shape:
         if shaper.stopped:  # by a stop sequence, maybe in what the end released
             finish, native = "stop", "stop"
         reasoning = "".join(filter(None, (choice.reasoning, shaped.reasoning))) or None
+        text, calls = shaped.text, choice.tool_calls
+        if self.read_calls:
+            text, read = read_calls(text)
+            if read:
+                calls = [
+                    ToolCall(id=f"call_{uuid.uuid4().hex[:24]}", function=FunctionCall(name, arguments))
+                    for name, arguments in read[: 1 if self.one_call else None]
+                ]
+                finish = "tool_calls"
         result = CompletionChoice(
-            text=shaped.text,
+            text=text,
             index=index,
             logprobs=shaped.logprobs if self.logprobs is not None else None,
             finish_reason=finish,
             native_finish_reason=native,
             reasoning=reasoning,
-            tool_calls=choice.tool_calls,
+            tool_calls=calls,
         )
         return result, self._to_check(shaper, finish)
 
@@ -522,6 +537,8 @@ def requested_parameters(request: Generation) -> list[str]:
         wanted.append("tool_choice")
     if p.parallel_tool_calls is False:
         wanted.append("parallel_tool_calls")
+    if any(m.name and m.role != "tool" for m in p.messages):
+        wanted.append("name")
     if p.reasoning is not None and _reasoning_asked(p.reasoning):
         wanted.append("reasoning")  # (`exclude` alone asks nothing of a deployment)
     return wanted
@@ -559,6 +576,8 @@ def shape_for(
 
     if params.messages and not caps.chat and caps.chat_template is None:
         return "messages", "takes a prompt, and has no chat template for a conversation"
+    # A completions model whose template writes tools in, and whose calls the router reads out.
+    template_calls = not caps.chat and caps.chat_template is not None and caps.chat_template.calls_tools
     if not caps.vision:
         for m in params.messages:
             for part in m.parts:
@@ -572,6 +591,12 @@ def shape_for(
                 return "prompt", "does not accept token-id prompts"
         elif name == "stream_options":
             continue
+        elif name == "name" and name not in native:
+            i = next(i for i, m in enumerate(params.messages) if m.name and m.role != "tool")
+            return f"messages[{i}].name", "has no place for a message's `name`"
+        elif name in CHAT_PARAMETERS and name not in ("reasoning", "name") and template_calls:
+            if name == "tool_choice" and params.tool_choice != "none":
+                return name, "cannot force a call (its model calls tools through its chat template)"
         elif name not in native:
             return name, f"cannot honour `{name}`"
     if params.reasoning is not None and "reasoning" in wanted:
@@ -582,6 +607,10 @@ def shape_for(
         value = getattr(params, name, None)
         if value is not None and not _within(value, low, high):
             return name, f"takes `{name}` {_range_text(low, high)} only"
+    if any(t.strict for t in params.tools) and not caps.strict_tools:
+        return "tools", "cannot hold a call to a `strict` function's schema"
+    if caps.refuses is not None and (refused := caps.refuses(params)) is not None:
+        return refused
     if params.max_tokens == 0 and not caps.max_tokens_zero:
         return "max_tokens", "would take `max_tokens: 0` as no limit at all"
     if asks_logprobs and (params.logprobs or 0) > caps.max_logprobs:
@@ -651,11 +680,12 @@ def shape_for(
             return "response_format", f"cannot honour response_format {kind!r}"
         changes["response_format"] = None
     # Served from a complete answer: a stream the deployment cannot make, an answer to check
-    # before any of it is sent, or usage the deployment does not count in streams (exact, where
-    # the stream's own count would be a guess).
+    # before any of it is sent, usage the deployment does not count in streams (exact, where
+    # the stream's own count would be a guess), or calls to read out of the whole text.
     usage = params.include_usage
+    reads_calls = template_calls and bool(params.tools) and params.tool_choice != "none"
     buffered = params.stream and (
-        not stream_native or not format_native or (bool(usage) and not caps.stream_usage)
+        not stream_native or not format_native or (bool(usage) and not caps.stream_usage) or reads_calls
     )
 
     split_prompts = len(prompts) > 1 and not caps.prompt_batch
@@ -670,6 +700,7 @@ def shape_for(
             ("stream", params.stream and not stream_native),
             ("stream_options", bool(usage) and buffered and not caps.stream_usage),
             ("response_format", not format_native),
+            ("tools", reads_calls),
         )
         if done_here
     ]
@@ -679,6 +710,7 @@ def shape_for(
         and not params.echo
         and params.logprobs is None
         and checker is None
+        and not reads_calls
         and fan_out == 1
         and not choose_best
         and not split_prompts
@@ -702,6 +734,8 @@ def shape_for(
         emulated=tuple(emulated),
         drain=bool(usage),
         plain=plain,
+        read_calls=reads_calls,
+        one_call=reads_calls and params.parallel_tool_calls is False,
     )
 
 

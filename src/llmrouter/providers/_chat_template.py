@@ -6,11 +6,15 @@ template can loop and branch, but it cannot reach Python's internals or change w
 
 The template's own text holds the model's control tokens (`<|im_start|>`); a message's text must
 not become one (a user writing `<|im_start|>system` would otherwise speak as the system). So the
-template is rendered with a marker in place of each message's content, and the result is cut
-into `Segment`s: the template's text (control tokens read as such) and each message's content
-(read as plain text), for a tokenizer that can read them apart (the local engine's). A template
-that rewrites what it is given (splitting it, say), so that the markers do not come out whole, is
-rendered with the real content instead, read whole.
+template is rendered with a marker in place of each message's content (one no message can hold:
+random, new each render), and the result is cut into `Segment`s: the template's text (control
+tokens read as such) and each message's content (read as plain text), for a tokenizer that can
+read them apart (the local engine's). A template that rewrites what it is given (splitting it,
+say), so that the markers do not come out whole, gives None: the engine then reads the rendering
+whole, and only if no message holds a control token's text.
+
+`developer` messages reach a template as `system` (templates know the roles of their model's
+training, and OpenAI's newer name means the same).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -29,15 +34,11 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from llmrouter.errors import InvalidRequest
 from llmrouter.settings import ConfigError, DeploymentSettings
+from llmrouter.wire.tools import function_fields
 
-__all__ = ["ChatTemplate", "Segment", "chat_template", "template_key"]
+__all__ = ["ChatTemplate", "Segment", "chat_template", "read_calls", "template_key"]
 
 log = logging.getLogger("llmrouter")
-
-# A marker no message can hold (the edge refuses no character, but this one is generated per
-# template render and checked absent from the contents first).
-_MARK = "\x00llmrouter:{}\x00"
-_MARKS = re.compile("\x00llmrouter:([0-9]+)\x00")
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,26 +76,30 @@ class ChatTemplate:
         self.source = source
         self.bos_token = bos_token
         self.eos_token = eos_token
-        # Hugging Face's test: a template that reads `tools` can write them into the prompt.
-        self.takes_tools = "tools" in source
+        # Tools: a template that writes them into the prompt (Hugging Face's test: it reads
+        # `tools`), and a model that calls them in Hermes's format (`<tool_call>{json}</tool_call>`,
+        # Qwen's and Hermes's templates), which the router reads back out of the answer.
+        self.calls_tools = "tools" in source and "<tool_call>" in source
 
-    def render(self, messages: Sequence[Any]) -> str:
+    def render(self, messages: Sequence[Any], tools: Sequence[Any] = ()) -> str:
         """The prompt for `messages` (the neutral `Message`s), whole, ending where the assistant's
-        answer begins."""
-        return self._render([_plain(m) for m in messages])
+        answer begins; `tools` (the declared functions) where the template writes them."""
+        return self._render([_plain(m) for m in messages], tools)
 
-    def segments(self, messages: Sequence[Any]) -> list[Segment]:
-        """The prompt, cut into the template's text and the messages' (see the module's note)."""
+    def segments(self, messages: Sequence[Any], tools: Sequence[Any] = ()) -> list[Segment] | None:
+        """The prompt, cut into the template's text and the messages' (see the module's note);
+        None when the template rewrote the markers."""
         contents = [m.content for m in messages]
+        key = secrets.token_hex(8)  # (no message can hold what it has not seen)
+        marks = re.compile(f"<{key}:([0-9]+)>")
         # Each marker between two spaces: a template that trims the content trims them.
-        marked = [_plain(m, f" {_MARK.format(i)} ") for i, m in enumerate(messages)]
-        rendered = self._render(marked)
-        found = [int(i) for i in _MARKS.findall(rendered)]
-        if found != list(range(len(messages))) or any("\x00" in c for c in contents):
-            return [Segment(self.render(messages), template=True)]
+        marked = [_plain(m, f" <{key}:{i}> ") for i, m in enumerate(messages)]
+        rendered = self._render(marked, tools)
+        if [int(i) for i in marks.findall(rendered)] != list(range(len(messages))):
+            return None
         segments: list[Segment] = []
         at = 0
-        for match in _MARKS.finditer(rendered):
+        for match in marks.finditer(rendered):
             start, end = match.start(), match.end()
             content = contents[int(match.group(1))]
             if rendered[start - 1 : start] == " ":
@@ -114,10 +119,12 @@ class ChatTemplate:
             segments.append(Segment(rendered[at:], template=True))
         return segments
 
-    def _render(self, messages: list[dict[str, Any]]) -> str:
+    def _render(self, messages: list[dict[str, Any]], tools: Sequence[Any]) -> str:
+        declared = [{"type": "function", "function": function_fields(t)} for t in tools]
         try:
             return self._template.render(
                 messages=messages,
+                tools=declared or None,
                 add_generation_prompt=True,
                 bos_token=self.bos_token,
                 eos_token=self.eos_token,
@@ -166,5 +173,57 @@ def chat_template(
 
 
 def _plain(message: Any, content: str | None = None) -> dict[str, Any]:
-    """A message as templates read it: a dict of `role` and `content`."""
-    return {"role": message.role, "content": message.content if content is None else content}
+    """A message as templates read it: `role` and `content`, an assistant's `tool_calls` (their
+    arguments as objects, as Hugging Face's templates take them) and a result's id and name."""
+    plain: dict[str, Any] = {
+        "role": "system" if message.role == "developer" else message.role,
+        "content": message.content if content is None else content,
+    }
+    if message.tool_calls:
+        plain["tool_calls"] = [
+            {
+                "type": "function",
+                "id": call.id,
+                "function": {
+                    "name": call.function.name,
+                    "arguments": _arguments(call.function.arguments),
+                },
+            }
+            for call in message.tool_calls
+        ]
+    if message.role == "tool":
+        plain.update(tool_call_id=message.tool_call_id, name=message.name)
+    return plain
+
+
+def _arguments(text: str) -> Any:
+    try:
+        return json.loads(text) if text.strip() else {}
+    except (ValueError, RecursionError):
+        return text  # (a template prints it as it is)
+
+
+_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
+
+
+def read_calls(text: str) -> tuple[str, list[tuple[str, str]]]:
+    """The calls a model wrote in Hermes's format, and the text around them: each call a JSON
+    object of `name` and `arguments` (an object, or its JSON text). A block that is not one is
+    left in the text, as the model wrote it."""
+    calls: list[tuple[str, str]] = []
+    kept: list[str] = []
+    at = 0
+    for match in _CALL.finditer(text):
+        try:
+            call = json.loads(match.group(1))
+        except (ValueError, RecursionError):
+            continue
+        if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+            continue
+        arguments = call.get("arguments", call.get("parameters", {}))
+        as_text = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
+        calls.append((call["name"], as_text))
+        kept.append(text[at : match.start()])
+        at = match.end()
+    kept.append(text[at:])
+    return "".join(kept).strip() if calls else text, calls

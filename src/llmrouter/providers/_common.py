@@ -24,15 +24,15 @@ from llmrouter.providers import _http
 from llmrouter.providers.base import ALL_PARAMETERS, Call, Capabilities, Tokenizer
 from llmrouter.settings import CheckSettings, DeploymentSettings, HttpProvider, Timeouts
 from llmrouter.wire.completions import Logprobs
-from llmrouter.wire.tools import FunctionDefinition
 
 __all__ = [
     "HttpAdapter",
     "LogprobsBuilder",
     "call_arguments",
+    "carried",
+    "carry",
     "conversation",
     "default_cap",
-    "function_fields",
     "instructions_apart",
     "max_tokens_for",
     "missing_logprobs",
@@ -197,27 +197,29 @@ def instructions_apart(messages: tuple[Message, ...]) -> tuple[str | None, list[
     return ("\n\n".join(said) if said else None), turns
 
 
+def carry(call_id: str, kind: str, payload: str) -> str:
+    """A tool call's id with what its API wants sent back with the call (its thinking, a thought
+    signature): the Chat Completions format has no place of its own for it, and a client returns
+    the id as it got it. Tagged with the kind, so that another kind's is never sent."""
+    return f"{call_id}~{kind}.{payload}"
+
+
+def carried(call_id: str, kind: str) -> tuple[str, str | None]:
+    """The API's id, and what `carry` put beside it for `kind` (None: nothing, or another kind's)."""
+    head, _, tail = call_id.partition("~")
+    return head, tail[len(kind) + 1 :] if tail.startswith(kind + ".") else None
+
+
 def call_arguments(text: str) -> Any:
     """A call's arguments (JSON text, as the model wrote them) as the JSON value an API that
     takes them parsed wants; the client sent back text that is not JSON: a 400."""
     try:
         return msgspec.json.decode(text) if text.strip() else {}
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):
         raise InvalidRequest(
-            "A tool call's `arguments` must be JSON for this model's API.", param="messages"
+            "A tool call's `arguments` must be JSON (nested less deeply) for this model's API.",
+            param="messages",
         ) from None
-
-
-def function_fields(tool: FunctionDefinition) -> dict[str, Any]:
-    """A declared function's fields that are set (OpenAI's names; the other kinds rename them)."""
-    fields: dict[str, Any] = {"name": tool.name}
-    if tool.description is not UNSET:
-        fields["description"] = tool.description
-    if tool.parameters is not UNSET:
-        fields["parameters"] = tool.parameters
-    if tool.strict is not None:
-        fields["strict"] = tool.strict
-    return fields
 
 
 def max_tokens_for(value: Any, defaults: Mapping[str, Any], unbounded: int | None) -> int | None:

@@ -254,11 +254,25 @@ class Engine:
         self._wait_loaded()
         return self._tokenize_prompt(text, bos=add_special, special=special)
 
-    def conversation_tokens(self, segments: Sequence[Segment]) -> tuple[int, ...]:
+    def conversation_tokens(
+        self, segments: Sequence[Segment] | None, whole: Callable[[], str], contents: Sequence[str]
+    ) -> tuple[int, ...]:
         """A rendered chat template's prompt: its own text with control tokens read as tokens,
         the messages' as plain text; the document-start token first where the tokenizer puts one
-        and the template did not. In a helper thread."""
+        and the template did not. Without segments (a template that rewrote its markers) the
+        rendering (`whole()`) is read whole, which only a conversation without control-token
+        text in its `contents` may be. In a helper thread."""
         self._wait_loaded()
+        if segments is None:
+            for i, content in enumerate(contents):
+                if self._holds_control_text(content):
+                    raise InvalidRequest(
+                        "This model's chat template rewrites the messages it is given, so "
+                        "llmrouter cannot keep a message's text apart from the template's control "
+                        "tokens: a message may not hold a control token's text here.",
+                        param=f"messages[{i}].content",
+                    )
+            segments = [Segment(whole(), template=True)]
         tokens: list[int] = []
         for segment in segments:
             if segment.template:
@@ -269,6 +283,13 @@ class Engine:
         if self._adds_start and bos >= 0 and tokens[:1] != [bos]:
             tokens.insert(0, bos)
         return tuple(tokens)
+
+    def _holds_control_text(self, text: str) -> bool:
+        """Whether `text`, read with special tokens parsed, holds one."""
+        if self._special is not None:
+            return self._special.pattern.search(text.encode("utf-8")) is not None
+        read = self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+        return bool(set(read) & self._control_ids)
 
     def detokenize(self, tokens: list[int], param: str = "tokens") -> str:
         """The text of `tokens`, control tokens spelled out; in a helper thread."""

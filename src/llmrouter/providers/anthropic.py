@@ -29,6 +29,8 @@ from llmrouter.providers import _http, _schemas
 from llmrouter.providers._common import (
     HttpAdapter,
     call_arguments,
+    carried,
+    carry,
     conversation,
     instructions_apart,
     max_tokens_for,
@@ -131,7 +133,7 @@ class _Stream:
     """What a stream has said so far: its usage (totals), its stop reason, whether it ended, and
     its thinking blocks and tool calls (block index -> the call's place)."""
 
-    __slots__ = ("calls", "native", "stopped", "thinking", "usage")
+    __slots__ = ("argued", "calls", "native", "stopped", "thinking", "usage")
 
     def __init__(self) -> None:
         self.usage = _Usage()
@@ -139,6 +141,7 @@ class _Stream:
         self.stopped = False
         self.thinking: list[dict[str, Any]] = []
         self.calls: dict[int, int] = {}
+        self.argued: set[int] = set()  # the calls whose input came (in input_json_delta pieces)
 
 
 _message = msgspec.json.Decoder(_Message)
@@ -183,13 +186,22 @@ class AnthropicAdapter(HttpAdapter):
             schema_support=_schemas.anthropic_problem,
             max_logprobs=0,
             stop_ok=_has_text,  # (the API refuses a stop sequence of whitespace only: "\n")
+            refuses=self._refuses,
+            strict_tools=True,
         )
 
-    def ranges(self, deployment: DeploymentSettings) -> dict[str, tuple[float | None, float | None]]:
-        ranges = super().ranges(deployment)
-        if self.settings.thinking_budget is not None:  # what the API takes while thinking
-            ranges.update(temperature=(1, 1), top_p=(0.95, 1))
-        return ranges
+    def _refuses(self, p: Generation) -> tuple[str, str] | None:
+        """What the API takes while this request thinks: temperature 1, top_p from 0.95, and no
+        forced tool use."""
+        if self._thinking_budget(p) is None:
+            return None
+        if p.temperature is not None and p.temperature != 1:
+            return "temperature", "takes `temperature` 1 only while thinking"
+        if p.top_p is not None and p.top_p < 0.95:
+            return "top_p", "takes `top_p` from 0.95 to 1 only while thinking"
+        if p.tools and p.tool_choice is not None and p.tool_choice not in ("auto", "none"):
+            return "tool_choice", "cannot force a tool call while thinking"
+        return None
 
     def _body(self, call: Call, *, stream: bool) -> bytes:
         p = call.request
@@ -305,6 +317,7 @@ class AnthropicAdapter(HttpAdapter):
             if delta.type == "signature_delta" and delta.signature and state.thinking:
                 state.thinking[-1]["signature"] = delta.signature
             if delta.type == "input_json_delta" and delta.partial_json and event.index in state.calls:
+                state.argued.add(event.index)
                 piece = ToolCallDelta(
                     state.calls[event.index], function=FunctionDelta(arguments=delta.partial_json)
                 )
@@ -317,6 +330,10 @@ class AnthropicAdapter(HttpAdapter):
                 carried = _carried(block.id or "", state.thinking if k == 0 else [])
                 start = ToolCallDelta(k, carried, "function", FunctionDelta(block.name or "", ""))
                 return StreamPart([ChunkChoice("", 0, tool_calls=[start])])
+        elif kind == "content_block_stop" and event.index in state.calls:
+            if event.index not in state.argued:  # a call without input: its arguments are {}
+                empty = ToolCallDelta(state.calls[event.index], function=FunctionDelta(arguments="{}"))
+                return StreamPart([ChunkChoice("", 0, tool_calls=[empty])])
         elif kind == "message_start" and event.message is not None:
             state.usage = _merged(state.usage, event.message.usage)
         elif kind == "message_delta":
@@ -420,23 +437,35 @@ def _kept(block: _Block) -> dict[str, Any]:
     return {"type": "thinking", "thinking": block.thinking or "", "signature": block.signature or ""}
 
 
+class _Thinking(Struct, tag_field="type", tag="thinking", forbid_unknown_fields=True):
+    thinking: str
+    signature: str
+
+
+class _Redacted(Struct, tag_field="type", tag="redacted_thinking", forbid_unknown_fields=True):
+    data: str
+
+
+# What a call's id may carry back: thinking blocks, exactly (anything else is not ours).
+_thoughts = msgspec.json.Decoder(list[_Thinking | _Redacted])
+
+
 def _carried(call_id: str, thinking: list[dict[str, Any]]) -> str:
-    """The id a client sees: the API's, and the thinking blocks to send back with it (the Chat
-    Completions format has no place of its own for them; a client returns the id as it is)."""
+    """The id a client sees: the API's, and the thinking blocks to send back with the call."""
     if not thinking:
         return call_id
-    return call_id + "~" + base64.urlsafe_b64encode(encoder.encode(thinking)).decode().rstrip("=")
+    return carry(call_id, "a", base64.urlsafe_b64encode(encoder.encode(thinking)).decode().rstrip("="))
 
 
 def _uncarried(call_id: str) -> tuple[str, list[dict[str, Any]]]:
-    head, _, tail = call_id.partition("~")
+    head, tail = carried(call_id, "a")
     if not tail:
         return head, []
     try:
-        blocks = msgspec.json.decode(base64.urlsafe_b64decode(tail + "=" * (-len(tail) % 4)))
-    except (ValueError, msgspec.DecodeError):
+        blocks = _thoughts.decode(base64.urlsafe_b64decode(tail + "=" * (-len(tail) % 4)))
+    except (ValueError, msgspec.DecodeError, RecursionError):
         return head, []  # (not one of ours: the id is what it is)
-    return head, blocks if isinstance(blocks, list) else []
+    return head, [msgspec.to_builtins(b) for b in blocks]
 
 
 def _api_id(call_id: str) -> str:

@@ -34,7 +34,7 @@ __all__ = [
 
 # The chat API's function calling and reasoning knobs: chat kinds translate them; a completions
 # kind has no place for them.
-CHAT_PARAMETERS = frozenset({"tools", "tool_choice", "parallel_tool_calls", "reasoning"})
+CHAT_PARAMETERS = frozenset({"tools", "tool_choice", "parallel_tool_calls", "reasoning", "name"})
 
 # Every request field a deployment may or may not honour, by its wire name. `model`, `models`,
 # `stream_options`, `user` and `metadata` are the router's own and are always honoured.
@@ -74,6 +74,10 @@ class Capabilities:
     chat: bool = False
     chat_template: ChatTemplate | None = field(default=None, hash=False)
     vision: bool = False  # it takes images in messages
+    strict_tools: bool = False  # it holds calls to a `strict` function's schema
+    # The kind's own rules between a request's fields: (parameter, why) for one it cannot take
+    # as asked (Anthropic, thinking, takes no temperature but 1), else None.
+    refuses: Callable[[Generation], tuple[str, str] | None] | None = field(default=None, hash=False)
     # Which of the `reasoning` request's knobs it has (where `reasoning` is native).
     reasoning: frozenset[str] = frozenset({"effort", "max_tokens", "enabled"})
 

@@ -31,6 +31,8 @@ from llmrouter.providers._common import (
     HttpAdapter,
     LogprobsBuilder,
     call_arguments,
+    carried,
+    carry,
     conversation,
     instructions_apart,
     max_tokens_for,
@@ -331,7 +333,7 @@ def _chunk(
             at = called[c.index] = called.get(c.index, 0) + 1
             call_id = f"call_{uuid.uuid4().hex[:24]}"
             if part.thought_signature:  # the API wants it back with the call: carried in the id
-                call_id += "~" + part.thought_signature
+                call_id = carry(call_id, "g", part.thought_signature)
             arguments = bytes(part.function_call.args).decode() or "{}"
             function = FunctionDelta(part.function_call.name, arguments)
             calls.append(ToolCallDelta(at - 1, call_id, "function", function))
@@ -381,7 +383,7 @@ def _contents(turns: list[Message]) -> list[dict[str, Any]]:
             call: dict[str, Any] = {
                 "functionCall": {"name": c.function.name, "args": call_arguments(c.function.arguments)}
             }
-            signature = c.id.partition("~")[2]
+            _, signature = carried(c.id, "g")
             if signature:
                 call["thoughtSignature"] = signature
             parts.append(call)
@@ -405,7 +407,7 @@ def _response_object(content: str) -> dict[str, Any]:
     `{"result": ...}`."""
     try:
         value = msgspec.json.decode(content)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):
         return {"result": content}
     return value if isinstance(value, dict) else {"result": value}
 

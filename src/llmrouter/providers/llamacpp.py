@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -253,7 +254,11 @@ def _prepare(
     prompts = call.request.prompts
     if call.request.messages:  # (the plan sends a conversation only where there is a template)
         assert template is not None
-        prompts = (engine.conversation_tokens(template.segments(call.request.messages)),)
+        messages = call.request.messages
+        tools = call.request.tools if call.request.tool_choice != "none" else ()
+        segments = template.segments(messages, tools)
+        whole = functools.partial(template.render, messages, tools)
+        prompts = (engine.conversation_tokens(segments, whole, [m.content for m in messages]),)
     return sampling, engine.prepare(prompts, sampling, special=special)
 
 

@@ -54,7 +54,19 @@ __all__ = ["OpenAIAdapter", "openai_error"]
 
 # What a Generation holds that is not a /completions field, or is the router's own unless
 # `forward` says.
-_NOT_SENT = ("prompts", "messages", "stream", "include_usage", "user", "metadata")
+# (A conversation is sent as its template's prompt, tools written into it.)
+_NOT_SENT = (
+    "prompts",
+    "messages",
+    "stream",
+    "include_usage",
+    "user",
+    "metadata",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+    "reasoning",
+)
 _REFUSAL_CODES = frozenset({"content_filter", "content_policy_violation"})
 
 
@@ -148,7 +160,8 @@ class OpenAIAdapter(HttpAdapter):
         if call.request.messages:  # (sent only where there is a template)
             template = self._templates[template_key(call.deployment)]
             assert template is not None
-            fields["prompt"] = template.render(call.request.messages)
+            p = call.request
+            fields["prompt"] = template.render(p.messages, p.tools if p.tool_choice != "none" else ())
         else:
             fields["prompt"] = _wire_prompt(call.request.prompts)
         response_format = call.request.response_format

@@ -19,7 +19,6 @@ from llmrouter.providers._common import (
     HttpAdapter,
     LogprobsBuilder,
     conversation,
-    function_fields,
     max_tokens_for,
     missing_logprobs,
     with_budget,
@@ -44,7 +43,7 @@ from llmrouter.wire.completions import (
     Usage,
     encoder,
 )
-from llmrouter.wire.tools import FunctionCall, FunctionDelta, ToolCall, ToolCallDelta
+from llmrouter.wire.tools import FunctionCall, FunctionDelta, ToolCall, ToolCallDelta, function_fields
 
 __all__ = ["OpenAIChatAdapter"]
 
@@ -148,6 +147,7 @@ class OpenAIChatAdapter(HttpAdapter):
             stream_usage="stream_usage" not in self._lacking(deployment),
             max_stops=self.settings.max_stops,
             schema_support=_schemas.openai_strict_problem,
+            strict_tools=True,
             reasoning=_ALL_KNOBS if self.settings.reasoning_field == "reasoning" else _EFFORT,
         )
 
@@ -294,14 +294,22 @@ class OpenAIChatAdapter(HttpAdapter):
 
 def _message(m: Message) -> dict[str, Any]:
     """A turn in OpenAI's own terms (the neutral message is OpenAI's, less its wire types)."""
+    # Ids without what another kind carried in them (OpenAI's are short; the same for a call
+    # and its result).
     if m.role == "tool":
-        return {"role": "tool", "tool_call_id": m.tool_call_id, "content": m.content}
+        return {"role": "tool", "tool_call_id": _head(m.tool_call_id or ""), "content": m.content}
     if m.tool_calls:
-        calls = [{"id": c.id, "type": "function", "function": c.function} for c in m.tool_calls]
+        calls = [{"id": _head(c.id), "type": "function", "function": c.function} for c in m.tool_calls]
         return {"role": "assistant", "content": m.content or None, "tool_calls": calls}
-    if m.parts:
-        return {"role": m.role, "content": [_part(p) for p in m.parts]}
-    return {"role": m.role, "content": m.content}
+    said: dict[str, Any] = {"role": m.role}
+    said["content"] = [_part(p) for p in m.parts] if m.parts else m.content
+    if m.name is not None:
+        said["name"] = m.name
+    return said
+
+
+def _head(call_id: str) -> str:
+    return call_id.partition("~")[0]
 
 
 def _part(part: str | Image) -> dict[str, Any]:

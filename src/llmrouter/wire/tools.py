@@ -18,6 +18,7 @@ __all__ = [
     "ToolCall",
     "ToolCallDelta",
     "ToolChoice",
+    "function_fields",
 ]
 
 ToolName = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
@@ -74,3 +75,15 @@ class ToolCallDelta(Struct, omit_defaults=True):
     id: str | UnsetType = UNSET
     type: Literal["function"] | UnsetType = UNSET
     function: FunctionDelta | UnsetType = UNSET
+
+
+def function_fields(tool: FunctionDefinition) -> dict[str, Any]:
+    """A declared function's fields that are set (OpenAI's names; other APIs rename them)."""
+    fields: dict[str, Any] = {"name": tool.name}
+    if tool.description is not UNSET:
+        fields["description"] = tool.description
+    if tool.parameters is not UNSET:
+        fields["parameters"] = tool.parameters
+    if tool.strict is not None:
+        fields["strict"] = tool.strict
+    return fields
