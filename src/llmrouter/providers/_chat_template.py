@@ -39,6 +39,7 @@ from llmrouter.wire.tools import function_fields
 __all__ = ["ChatTemplate", "Segment", "chat_template", "read_calls", "template_key"]
 
 log = logging.getLogger("llmrouter")
+_MARKS = re.compile(r"<([0-9a-f]{16}):([0-9]+)>")  # a message's place: <key:index>
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,17 +92,17 @@ class ChatTemplate:
         None when the template rewrote the markers."""
         contents = [m.content for m in messages]
         key = secrets.token_hex(8)  # (no message can hold what it has not seen)
-        marks = re.compile(f"<{key}:([0-9]+)>")
         # Each marker between two spaces: a template that trims the content trims them.
         marked = [_plain(m, f" <{key}:{i}> ") for i, m in enumerate(messages)]
         rendered = self._render(marked, tools)
-        if [int(i) for i in marks.findall(rendered)] != list(range(len(messages))):
+        found = [m for m in _MARKS.finditer(rendered) if m.group(1) == key]
+        if [int(m.group(2)) for m in found] != list(range(len(messages))):
             return None
         segments: list[Segment] = []
         at = 0
-        for match in marks.finditer(rendered):
+        for match in found:
             start, end = match.start(), match.end()
-            content = contents[int(match.group(1))]
+            content = contents[int(match.group(2))]
             if rendered[start - 1 : start] == " ":
                 start -= 1
             else:
