@@ -139,6 +139,7 @@ def chat_config(fakes: ChatFakes) -> tuple[str, str]:
         ("gem/safety", "gem", "lm-safety-finish"),
         ("oc/refuse", "oc", "refuse"),
         ("oc/cache", "oc", "lm-cache"),
+        ("oc/lm-refusal", "oc", "lm-refusal"),
     ]
     listed = "".join(
         f"  - id: {name}\n    deployments: [{{provider: {provider}, model: {model}}}]\n"

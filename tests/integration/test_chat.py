@@ -10,6 +10,7 @@ from typing import Any
 
 import httpx
 import openai
+import pydantic
 import pytest
 
 from tests.conftest import Router
@@ -83,10 +84,11 @@ def test_a_stream_gives_the_same_message_as_a_whole_answer(router: Router, model
     assert all(c.usage is None for c in chunks[:-1])
 
 
-def test_the_async_client_streams_and_completes(router: Router) -> None:
+@pytest.mark.parametrize("model", MODELS)
+def test_the_async_client_streams_and_completes(router: Router, model: str) -> None:
     async def main() -> tuple[str | None, str]:
         aclient = openai.AsyncOpenAI(base_url=router.api, api_key=router.key, max_retries=0)
-        args: dict[str, Any] = {"model": LOCAL, "messages": QUESTION, "max_tokens": 6, "temperature": 0}
+        args: dict[str, Any] = {"model": model, "messages": QUESTION, "max_tokens": 6, "temperature": 0}
         done = await aclient.chat.completions.create(**args)
         stream = await aclient.chat.completions.create(**args, stream=True)
         streamed = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
@@ -151,6 +153,27 @@ def test_sampling_parameters_are_honoured_on_the_local_model(router: Router) -> 
     stopped = c.chat.completions.create(**args, temperature=0, stop=[stop])
     assert stop not in (stopped.choices[0].message.content or "")
     assert stopped.choices[0].finish_reason == "stop"
+
+
+class City(pydantic.BaseModel):
+    city: str
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_the_sdks_structured_output_parses_on_every_kind(router: Router, model: str) -> None:
+    """`chat.completions.parse` with a pydantic model: a strict json_schema, parsed by the SDK."""
+    answer = client(router).chat.completions.parse(
+        model=model,
+        messages=[
+            {"role": "system", "content": 'Answer with one JSON object, as in {"city": "Paris"}.'},
+            {"role": "user", "content": "The capital of France?"},
+        ],
+        response_format=City,
+        max_tokens=60,
+        temperature=0,
+    )
+    parsed = answer.choices[0].message.parsed
+    assert isinstance(parsed, City) and parsed.city
 
 
 def test_json_schema_is_decoded_under_its_grammar_on_the_local_model(router: Router) -> None:
@@ -618,3 +641,26 @@ def test_names_and_strict_tools_go_only_where_they_are_honoured(router: Router) 
     assert_error(
         httpx.post(url, headers=router.headers(), json={**body, "model": "gem/lm"}), 400, "tools"
     )
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_a_refusal_is_openais_refusal_field(router: Router, stream: bool) -> None:
+    """An upstream's `message.refusal` comes back as OpenAI sends it: `content` null, the text in
+    `refusal`, finish_reason `stop` (on /completions: the text, `content_filter`, `refusal: true`)."""
+    args: dict[str, Any] = {"model": "oc/lm-refusal", "messages": QUESTION, "max_tokens": 8}
+    if stream:
+        chunks = list(client(router).chat.completions.create(**args, stream=True))
+        deltas = [c.choices[0].delta for c in chunks if c.choices]
+        assert "".join(d.refusal or "" for d in deltas) == "I'm sorry, I can't help with that."
+        assert not "".join(d.content or "" for d in deltas)
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+        return
+    message = client(router).chat.completions.create(**args).choices[0]
+    assert message.message.content is None and message.finish_reason == "stop"
+    assert message.message.refusal == "I'm sorry, I can't help with that."
+    old = httpx.post(
+        f"{router.api}/completions",
+        headers=router.headers(),
+        json={"model": "oc/lm-refusal", "prompt": "Hi", "max_tokens": 8},
+    ).json()["choices"][0]
+    assert old["refusal"] is True and old["finish_reason"] == "content_filter" and old["text"]

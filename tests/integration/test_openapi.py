@@ -45,6 +45,7 @@ ADDED = {
     # OpenAI's usage details, where a provider reports them (chat kinds behind /completions)
     "CompletionUsage.properties.prompt_tokens_details",
     "CompletionUsage.properties.completion_tokens_details",
+    "CompletionChoice.properties.refusal",  # the text is a chat API's refusal
 }
 
 

@@ -120,6 +120,12 @@ class ChatWire:
 
 
 def _choice(c: CompletionChoice) -> ChatChoice:
+    if c.refusal:  # OpenAI's shape: the refusal apart, no content, and a finish that is `stop`
+        message = Reply(content=None, refusal=c.text)
+        logprobs = chat_logprobs(c.logprobs)
+        if logprobs is not None:
+            logprobs = ChatLogprobs(content=None, refusal=logprobs.content)
+        return ChatChoice(c.index, message, logprobs, "stop", c.native_finish_reason)
     return ChatChoice(
         index=c.index,
         message=Reply(
@@ -138,11 +144,12 @@ class _Chunks:
     """The stream's chunks: each choice's first delta carries the assistant's role, its last the
     finish reason (with an empty delta when no text comes with it), as OpenAI's do."""
 
-    __slots__ = ("_chunk", "_include_usage", "_started")
+    __slots__ = ("_chunk", "_include_usage", "_refused", "_started")
 
     def __init__(self, request_id: str, target: Target, include_usage: bool) -> None:
         self._include_usage = include_usage
         self._started: set[int] = set()  # choices whose role was sent
+        self._refused: set[int] = set()  # choices whose text is a refusal
         self._chunk = ChatCompletionChunk(
             id=request_id,
             created=int(time.time()),
@@ -163,20 +170,27 @@ class _Chunks:
 
     def _delta(self, c: ChunkChoice) -> ChatChunkChoice:
         delta = Delta()
+        if c.refusal:  # (a refusal's text goes apart, and its choice finishes as `stop`)
+            self._refused.add(c.index)
+        refused = c.index in self._refused
         if c.index not in self._started:
             self._started.add(c.index)
             delta.role = "assistant"
-            if c.text or not c.tool_calls:
+            if refused:
+                delta.refusal = c.text
+            elif c.text or not c.tool_calls:
                 delta.content = c.text
         elif c.text:
-            delta.content = c.text
+            if refused:
+                delta.refusal = c.text
+            else:
+                delta.content = c.text
         if c.reasoning:
             delta.reasoning = c.reasoning
         if c.tool_calls:
             delta.tool_calls = c.tool_calls
-        return ChatChunkChoice(
-            c.index, delta, chat_logprobs(c.logprobs), c.finish_reason, c.native_finish_reason
-        )
+        finish = "stop" if refused and c.finish_reason is not None else c.finish_reason
+        return ChatChunkChoice(c.index, delta, chat_logprobs(c.logprobs), finish, c.native_finish_reason)
 
     def usage(self, usage: Usage) -> bytes:
         if not self._include_usage:

@@ -150,7 +150,16 @@ class Shape:
             result = await self.complete(provider, call)
             yield StreamPart(
                 [
-                    ChunkChoice(c.text, c.index, c.logprobs, None, msgspec.UNSET, c.reasoning, deltas(c))
+                    ChunkChoice(
+                        c.text,
+                        c.index,
+                        c.logprobs,
+                        None,
+                        msgspec.UNSET,
+                        c.reasoning,
+                        deltas(c),
+                        c.refusal,
+                    )
                     for c in result.choices
                 ],
                 system_fingerprint=result.system_fingerprint,
@@ -259,7 +268,14 @@ class Shape:
                 unchecked.append(text)
         reasoning = "".join(filter(None, (choice.reasoning, shaped.reasoning))) or None
         return ChunkChoice(
-            shaped.text, index, shaped.logprobs, finish, native, reasoning, choice.tool_calls
+            shaped.text,
+            index,
+            shaped.logprobs,
+            finish,
+            native,
+            reasoning,
+            choice.tool_calls,
+            choice.refusal,
         )
 
     def _finish_choice(
@@ -291,6 +307,7 @@ class Shape:
             native_finish_reason=native,
             reasoning=reasoning,
             tool_calls=calls,
+            refusal=choice.refusal,
         )
         return result, self._to_check(shaper, finish)
 

@@ -64,6 +64,11 @@ def _correct(schemas: Schema) -> None:
     logprobs = schemas["CompletionLogprobs"]["properties"]
     logprobs["token_logprobs"]["items"]["nullable"] = True
     logprobs["top_logprobs"]["items"]["nullable"] = True
+    refusal = {
+        "type": "boolean",
+        "description": "Present (true) when the text is the model's refusal (a chat API's `refusal`).",
+    }
+    schemas["CompletionChoice"]["properties"]["refusal"] = refusal
     usage = schemas["CompletionUsage"]["properties"]
     for name, field, what in (
         ("prompt_tokens_details", "cached_tokens", "Of the prompt tokens, those read from the cache."),
@@ -203,6 +208,7 @@ def _add_stream_chunks(schemas: Schema) -> None:
             "finish_reason": {"nullable": True, "oneOf": [ref("CompletionFinishReason")]},
             "native_finish_reason": {"type": "string"},
             "reasoning": {"type": "string", "nullable": True},
+            "refusal": {"type": "boolean", "description": "As in CompletionChoice."},
         },
     }
     schemas["CompletionChunk"] = {

@@ -221,6 +221,7 @@ class OpenAIChatAdapter(HttpAdapter):
                     native_finish_reason=native if native is not None else UNSET,
                     reasoning=message.reasoning or message.reasoning_content,
                     tool_calls=self._calls(message.tool_calls),
+                    refusal=True if refused else UNSET,
                 )
             )
         return Completion(choices, _usage(body.usage), body.system_fingerprint or UNSET)
@@ -268,6 +269,7 @@ class OpenAIChatAdapter(HttpAdapter):
             native if native is not None else UNSET,
             delta.reasoning or delta.reasoning_content,
             [_call_delta(t) for t in delta.tool_calls] if delta.tool_calls else UNSET,
+            True if c.index in refused and text else UNSET,
         )
 
     def _calls(self, calls: list[_ToolCall] | None) -> list[ToolCall] | UnsetType:

@@ -162,7 +162,14 @@ async def open_continuation(target: Target, call: Call, deadline: float) -> Asyn
             raise timed_out(target.label, "did not finish in time", is_deadline) from None
         choices = [
             ChunkChoice(
-                c.text, c.index, None, c.finish_reason, c.native_finish_reason, c.reasoning, deltas(c)
+                c.text,
+                c.index,
+                None,
+                c.finish_reason,
+                c.native_finish_reason,
+                c.reasoning,
+                deltas(c),
+                c.refusal,
             )
             for c in result.choices
         ]

@@ -192,6 +192,7 @@ class ChatCompletion(Struct, kw_only=True):  # kw_only: fields in OpenAI's order
 class Delta(Struct, omit_defaults=True):
     role: Literal["assistant"] | UnsetType = UNSET
     content: str | UnsetType = UNSET
+    refusal: str | UnsetType = UNSET
     reasoning: str | UnsetType = UNSET
     tool_calls: list[ToolCallDelta] | UnsetType = UNSET
 

@@ -158,6 +158,7 @@ class CompletionChoice(Struct):
     native_finish_reason: str | UnsetType = UNSET
     reasoning: str | None = None
     tool_calls: list[ToolCall] | UnsetType = UNSET  # (chat only: the functions the model called)
+    refusal: bool | UnsetType = UNSET  # the text is the model's refusal (OpenAI's `refusal`)
 
 
 class PromptTokensDetails(Struct):
@@ -198,6 +199,7 @@ class ChunkChoice(Struct):
     native_finish_reason: str | UnsetType = UNSET
     reasoning: str | None = None
     tool_calls: list[ToolCallDelta] | UnsetType = UNSET  # (chat only)
+    refusal: bool | UnsetType = UNSET  # the text is the model's refusal
 
 
 class CompletionChunk(Struct, kw_only=True):
