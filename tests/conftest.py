@@ -73,6 +73,13 @@ TOOLS_TEMPLATE = (
     "{%- if tools %}[tools:{% for t in tools %} {{ t.function.name }}{% endfor %}]\n{% endif -%}"
     "{{ messages[-1]['content'] }}"
 )
+HERMES_TEMPLATE = (
+    '{% if tools %}<|im_start|>system\nCall a tool as <tool_call>{"name": ..., "arguments": ...}'
+    "</tool_call>. Tools: {{ tools | tojson }}<|im_end|>\n{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}"
+    "{% for c in m.tool_calls or [] %}<tool_call>{{ c.function | tojson }}</tool_call>{% endfor %}"
+    "<|im_end|>\n{% endfor %}<|im_start|>assistant\n"
+)
 SHOUTING_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content | upper }}<|im_end|>\n"
     "{% endfor %}<|im_start|>assistant\n"
@@ -526,6 +533,9 @@ providers:
   - id: local/smollm2-135m-instruct
     aliases: [smollm2]
     deployments: [{{provider: local, model: smollm2-135m-instruct}}]
+  - id: local/hermes  # SmolLM2 with a template that writes tools in, as Qwen's does
+    deployments:
+      - {{provider: local, model: smollm2-135m-instruct, chat_template: {json.dumps(HERMES_TEMPLATE)}}}
   - id: local/shouting  # a template that rewrites its messages (they come out upper-case)
     deployments:
       - {{provider: local, model: smollm2-135m-instruct, chat_template: {json.dumps(SHOUTING_TEMPLATE)}}}

@@ -11,11 +11,13 @@ from typing import Any
 import msgspec
 import pytest
 
+from llmrouter.api.chat import CHAT as CHAT_WIRE
 from llmrouter.api.chat import messages_tokens_bound
 from llmrouter.errors import InvalidRequest
 from llmrouter.generation import Generation, Message, from_chat
 from llmrouter.providers import anthropic, gemini
-from llmrouter.providers._chat_template import ChatTemplate
+from llmrouter.providers._chat_template import ChatTemplate, read_calls
+from llmrouter.providers._common import carried, own_id
 from llmrouter.providers.anthropic import AnthropicAdapter
 from llmrouter.providers.base import Call
 from llmrouter.providers.openai_chat import OpenAIChatAdapter
@@ -167,3 +169,70 @@ def test_the_credit_bound_counts_tools_calls_and_images() -> None:
     image = [{"type": "image_url", "image_url": {"url": f"data:image/png;base64,{pixel}"}}]
     looked = chat_call(messages=[{"role": "user", "content": image}])
     assert messages_tokens_bound(looked.request) >= 1600
+
+
+# -- a second review: tools through a chat template ----------------------------------------------
+
+
+@pytest.mark.timeout(20)
+def test_reading_calls_is_one_pass_over_any_text() -> None:
+    names = frozenset({"weather"})
+    for text in ("<tool_call>" + " " * 50_000, "<tool_call>\n" * 20_000, "<tool_call>" * 50_000):
+        assert read_calls(text, names) == (text, [])  # (the old regex took minutes on these)
+
+
+def test_only_calls_to_declared_functions_with_object_arguments_are_read() -> None:
+    names = frozenset({"weather"})
+    text = (
+        'Example: <tool_call>{"name": "rm -rf", "arguments": 5}</tool_call> '
+        '<tool_call>{"name": "weather", "arguments": null}</tool_call> '
+        '<tool_call>{"name": "weather", "arguments": "{\\"city\\": \\"Paris\\"}"}</tool_call>'
+    )
+    said, calls = read_calls(text, names)
+    assert calls == [("weather", '{"city": "Paris"}')]
+    assert said.startswith('Example: <tool_call>{"name": "rm -rf"') and "null" in said
+
+
+def test_xml_calling_templates_are_not_read_as_hermes() -> None:
+    hermes = ChatTemplate(
+        "{% if tools %}{{ tools | tojson }}{% endif %}<tool_call>{{ messages[-1].content }}"
+    )
+    xml = ChatTemplate("{% if tools %}<tool_call><function=x>{% endif %}{{ messages[-1].content }}")
+    assert hermes.calls_tools and not xml.calls_tools
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "{% for m in messages %}[INST] {{ m.content | trim }} [/INST]{% endfor %}",
+        "{% for m in messages %}<|{{ m.role }}|>{% if m.content %}\\n{{ m.content }}{% endif %}"
+        "\\n{% endfor %}",
+        "{% for m in messages %}{{ m.role }}: {{ m.content | trim }}\\n{% endfor %}",
+    ],
+)
+def test_segments_join_to_the_rendering(source: str) -> None:
+    """Cut apart, the prompt is the template's own rendering, its spaces and branches kept (an
+    empty message is rendered empty, as templates test)."""
+    template = ChatTemplate(source)
+    messages = [Message("user", "  hello "), Message("assistant", ""), Message("user", "bye")]
+    segments = template.segments(messages)
+    assert segments is not None
+    assert "".join(s.text for s in segments) == template.render(messages)
+
+
+def test_a_clients_own_id_is_kept_whole() -> None:
+    assert own_id("x~1") == "x~1" and own_id("toolu_1~a.e30") == "toolu_1"
+    assert carried("call_1~g.c2ln", "g") == ("call_1", "c2ln")
+    assert carried("call_1~g.c2ln", "a") == ("call_1", None)
+
+
+def test_the_credit_hold_counts_what_an_answer_may_think() -> None:
+    def thinking(reasoning: dict[str, Any]) -> int:
+        body = {"messages": [{"role": "user", "content": "Hi"}], "reasoning": reasoning}
+        return CHAT_WIRE.decode(json.dumps(body).encode()).thinking
+
+    assert thinking({"max_tokens": 5000}) == 5000
+    assert thinking({"max_tokens": 10}) == 1024  # (raised to the least a kind takes)
+    assert thinking({"effort": "high"}) == thinking({"enabled": True}) == 32000
+    assert thinking({"enabled": False, "effort": "high"}) == 0
+    assert thinking({"exclude": True}) == 0

@@ -47,6 +47,9 @@ _PER_CONVERSATION = 64
 # An image, in tokens: about what the APIs charge for a large one (Anthropic's ~1,600 for
 # 1,092 x 1,092; OpenAI's high detail ~1,100; Gemini's 258).
 _PER_IMAGE = 1600
+# Thinking: the least budget a kind takes (Anthropic's), and the most the router sends for an
+# effort (Anthropic's share of its most, capped).
+_LEAST_THINKING, _MOST_THINKING = 1024, 32000
 
 
 def _texts(request: Generation) -> list[str]:
@@ -87,14 +90,20 @@ class ChatWire:
 
     def decode(self, body: bytes) -> Decoded:
         route, request = from_chat(decode_chat_request(body))
-        thinking = request.reasoning.max_tokens if request.reasoning is not None else None
+        r = request.reasoning
+        thinking = 0  # what an answer may think besides its own (the most any kind is sent)
+        if r is not None and r.enabled is not False:
+            if r.max_tokens is not None:
+                thinking = max(r.max_tokens, _LEAST_THINKING)
+            elif r.effort is not None or r.enabled:
+                thinking = _MOST_THINKING
         return Decoded(
             route,
             request,
             1,
             messages_tokens_estimate(request),
             messages_tokens_bound(request),
-            thinking or 0,  # a thinking budget is spent on top of the answer
+            thinking,  # a thinking budget is spent on top of the answer
         )
 
     def field(self, name: str, request: Generation) -> str:

@@ -100,6 +100,7 @@ class Shape:
     # most one with `parallel_tool_calls: false`).
     read_calls: bool = False
     one_call: bool = False
+    tool_names: frozenset[str] = frozenset()  # the functions it may call
 
     @property
     def prompts(self) -> Prompts:
@@ -291,8 +292,8 @@ class Shape:
             finish, native = "stop", "stop"
         reasoning = "".join(filter(None, (choice.reasoning, shaped.reasoning))) or None
         text, calls = shaped.text, choice.tool_calls
-        if self.read_calls:
-            text, read = read_calls(text)
+        if self.read_calls and finish == "stop" and not shaper.stopped:  # (a whole answer only)
+            text, read = read_calls(text, self.tool_names)
             if read:
                 calls = [
                     ToolCall(id=f"call_{uuid.uuid4().hex[:24]}", function=FunctionCall(name, arguments))
@@ -701,6 +702,10 @@ def shape_for(
     # the stream's own count would be a guess), or calls to read out of the whole text.
     usage = params.include_usage
     reads_calls = template_calls and bool(params.tools) and params.tool_choice != "none"
+    if reads_calls and kind != "text":  # (a grammar or check of the text leaves no room for calls)
+        return "response_format", "cannot be combined with tools read from its answer's text"
+    if reads_calls and asks_logprobs:
+        return "logprobs", "cannot be combined with tools read from its answer's text"
     buffered = params.stream and (
         not stream_native or not format_native or (bool(usage) and not caps.stream_usage) or reads_calls
     )
@@ -753,6 +758,7 @@ def shape_for(
         plain=plain,
         read_calls=reads_calls,
         one_call=reads_calls and params.parallel_tool_calls is False,
+        tool_names=frozenset(t.name for t in params.tools) if reads_calls else frozenset(),
     )
 
 

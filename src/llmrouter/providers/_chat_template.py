@@ -40,6 +40,7 @@ __all__ = ["ChatTemplate", "Segment", "chat_template", "read_calls", "template_k
 
 log = logging.getLogger("llmrouter")
 _MARKS = re.compile(r"<([0-9a-f]{16}):([0-9]+)>")  # a message's place: <key:index>
+_PAD = "\u2003"
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,7 +81,8 @@ class ChatTemplate:
         # Tools: a template that writes them into the prompt (Hugging Face's test: it reads
         # `tools`), and a model that calls them in Hermes's format (`<tool_call>{json}</tool_call>`,
         # Qwen's and Hermes's templates), which the router reads back out of the answer.
-        self.calls_tools = "tools" in source and "<tool_call>" in source
+        # (Qwen3-Coder's and GLM's write `<tool_call><function=...>`: XML, not read here.)
+        self.calls_tools = "tools" in source and "<tool_call>" in source and "<function=" not in source
 
     def render(self, messages: Sequence[Any], tools: Sequence[Any] = ()) -> str:
         """The prompt for `messages` (the neutral `Message`s), whole, ending where the assistant's
@@ -92,22 +94,25 @@ class ChatTemplate:
         None when the template rewrote the markers."""
         contents = [m.content for m in messages]
         key = secrets.token_hex(8)  # (no message can hold what it has not seen)
-        # Each marker between two spaces: a template that trims the content trims them.
-        marked = [_plain(m, f" <{key}:{i}> ") for i, m in enumerate(messages)]
+        # Each marker between two em spaces, whitespace no template writes itself: a template
+        # that trims the content trims them. An empty message stays empty (templates test it).
+        marked = [
+            _plain(m, f"{_PAD}<{key}:{i}>{_PAD}" if m.content else "") for i, m in enumerate(messages)
+        ]
         rendered = self._render(marked, tools)
         found = [m for m in _MARKS.finditer(rendered) if m.group(1) == key]
-        if [int(m.group(2)) for m in found] != list(range(len(messages))):
+        if [int(m.group(2)) for m in found] != [i for i, c in enumerate(contents) if c]:
             return None
         segments: list[Segment] = []
         at = 0
         for match in found:
             start, end = match.start(), match.end()
             content = contents[int(match.group(2))]
-            if rendered[start - 1 : start] == " ":
+            if rendered[start - 1 : start] == _PAD:
                 start -= 1
             else:
                 content = content.lstrip()
-            if rendered[end : end + 1] == " ":
+            if rendered[end : end + 1] == _PAD:
                 end += 1
             else:
                 content = content.rstrip()
@@ -204,27 +209,52 @@ def _arguments(text: str) -> Any:
         return text  # (a template prints it as it is)
 
 
-_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
+_OPEN, _CLOSE = "<tool_call>", "</tool_call>"
 
 
-def read_calls(text: str) -> tuple[str, list[tuple[str, str]]]:
+def read_calls(text: str, names: frozenset[str]) -> tuple[str, list[tuple[str, str]]]:
     """The calls a model wrote in Hermes's format, and the text around them: each call a JSON
-    object of `name` and `arguments` (an object, or its JSON text). A block that is not one is
-    left in the text, as the model wrote it."""
+    object of a declared function's `name` and its `arguments` (an object, or its JSON text). A
+    block that is not one is left in the text, as the model wrote it. One pass of `str.find`
+    (a model's answer may hold any text: no backtracking over it)."""
     calls: list[tuple[str, str]] = []
     kept: list[str] = []
     at = 0
-    for match in _CALL.finditer(text):
-        try:
-            call = json.loads(match.group(1))
-        except (ValueError, RecursionError):
-            continue
-        if not isinstance(call, dict) or not isinstance(call.get("name"), str):
-            continue
-        arguments = call.get("arguments", call.get("parameters", {}))
-        as_text = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
-        calls.append((call["name"], as_text))
-        kept.append(text[at : match.start()])
-        at = match.end()
+    while (start := text.find(_OPEN, at)) >= 0:
+        end = text.find(_CLOSE, start + len(_OPEN))
+        if end < 0:
+            break
+        call = _call(text[start + len(_OPEN) : end], names)
+        if call is not None:
+            calls.append(call)
+            kept.append(text[at:start])
+            at = end + len(_CLOSE)
+        else:
+            kept.append(text[at : end + len(_CLOSE)])
+            at = end + len(_CLOSE)
     kept.append(text[at:])
     return "".join(kept).strip() if calls else text, calls
+
+
+def _call(block: str, names: frozenset[str]) -> tuple[str, str] | None:
+    try:
+        call = json.loads(block)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(call, dict) or call.get("name") not in names:
+        return None
+    arguments = call.get("arguments", call.get("parameters", {}))
+    if isinstance(arguments, str):
+        try:
+            parsed = json.loads(arguments)
+        except (ValueError, RecursionError):
+            return None
+        if not isinstance(parsed, dict):
+            return None
+        return call["name"], arguments
+    if not isinstance(arguments, dict):
+        return None
+    try:
+        return call["name"], json.dumps(arguments, ensure_ascii=False, allow_nan=False)
+    except ValueError:
+        return None

@@ -36,6 +36,7 @@ __all__ = [
     "instructions_apart",
     "max_tokens_for",
     "missing_logprobs",
+    "own_id",
     "with_budget",
 ]
 
@@ -204,10 +205,21 @@ def carry(call_id: str, kind: str, payload: str) -> str:
     return f"{call_id}~{kind}.{payload}"
 
 
+_CARRIERS = ("a.", "g.")  # the kinds that carry something in an id: Anthropic, Gemini
+
+
 def carried(call_id: str, kind: str) -> tuple[str, str | None]:
-    """The API's id, and what `carry` put beside it for `kind` (None: nothing, or another kind's)."""
-    head, _, tail = call_id.partition("~")
+    """The id without what any kind carried in it, and what `carry` put there for `kind` (None:
+    nothing, or another kind's). An id a client made, `~` and all, is its own."""
+    head, sep, tail = call_id.rpartition("~")
+    if not sep or not tail.startswith(_CARRIERS):
+        return call_id, None
     return head, tail[len(kind) + 1 :] if tail.startswith(kind + ".") else None
+
+
+def own_id(call_id: str) -> str:
+    """The id without what any kind carried in it."""
+    return carried(call_id, "")[0]
 
 
 def call_arguments(text: str) -> Any:

@@ -255,14 +255,27 @@ class Engine:
         return self._tokenize_prompt(text, bos=add_special, special=special)
 
     def conversation_tokens(
-        self, segments: Sequence[Segment] | None, whole: Callable[[], str], contents: Sequence[str]
+        self,
+        segments: Sequence[Segment] | None,
+        whole: Callable[[], str],
+        contents: Sequence[str],
+        others: Sequence[tuple[str, str]] = (),
     ) -> tuple[int, ...]:
         """A rendered chat template's prompt: its own text with control tokens read as tokens,
         the messages' as plain text; the document-start token first where the tokenizer puts one
         and the template did not. Without segments (a template that rewrote its markers) the
         rendering (`whole()`) is read whole, which only a conversation without control-token
-        text in its `contents` may be. In a helper thread."""
+        text in its `contents` may be. What else of the request the template writes in (tools,
+        calls' arguments and ids: `others`, (field, text) each) is in its text: none may hold a
+        control token's text. In a helper thread."""
         self._wait_loaded()
+        for param, text in others:
+            if self._holds_control_text(text):
+                raise InvalidRequest(
+                    "This field is written into the model's chat template, whose text is read "
+                    "with its control tokens: it may not hold a control token's text.",
+                    param=param,
+                )
         if segments is None:
             for i, content in enumerate(contents):
                 if self._holds_control_text(content):

@@ -34,6 +34,7 @@ from llmrouter.providers._common import (
     conversation,
     instructions_apart,
     max_tokens_for,
+    own_id,
     with_budget,
 )
 from llmrouter.providers.base import Call, Capabilities, Completion, StreamPart
@@ -471,7 +472,7 @@ def _uncarried(call_id: str) -> tuple[str, list[dict[str, Any]]]:
 def _api_id(call_id: str) -> str:
     """The id as the API takes it: its own, or a stable stand-in for another's (the same for a
     call and its result)."""
-    head = call_id.partition("~")[0]
+    head = own_id(call_id)
     if _TOOL_ID.fullmatch(head):
         return head
     return "toolu_" + hashlib.sha256(call_id.encode()).hexdigest()[:24]

@@ -11,6 +11,7 @@ from typing import Any
 from msgspec import UNSET
 
 from llmrouter.errors import LlmrouterError, ServiceUnavailable
+from llmrouter.generation import Generation
 from llmrouter.providers._chat_template import ChatTemplate, chat_template, template_key
 from llmrouter.providers._llama_engine import (
     ChoiceDelta,
@@ -47,6 +48,7 @@ from llmrouter.wire.completions import (
     CompletionChoice,
     Logprobs,
     Usage,
+    encoder,
 )
 
 __all__ = ["LlamaCppAdapter", "resolve_model_path"]
@@ -258,8 +260,21 @@ def _prepare(
         tools = call.request.tools if call.request.tool_choice != "none" else ()
         segments = template.segments(messages, tools)
         whole = functools.partial(template.render, messages, tools)
-        prompts = (engine.conversation_tokens(segments, whole, [m.content for m in messages]),)
+        contents = [m.content for m in messages]
+        prompts = (engine.conversation_tokens(segments, whole, contents, _written_in(call.request)),)
     return sampling, engine.prepare(prompts, sampling, special=special)
+
+
+def _written_in(request: Generation) -> list[tuple[str, str]]:
+    """What of a chat request, besides the messages' text, a template writes into the prompt as
+    its own text: the declared tools, and each call's id and arguments, each result's id."""
+    fields = [("tools", encoder.encode(request.tools).decode())] if request.tools else []
+    for i, m in enumerate(request.messages):
+        for j, c in enumerate(m.tool_calls):
+            fields.append((f"messages[{i}].tool_calls[{j}]", c.id + c.function.arguments))
+        if m.tool_call_id is not None:
+            fields.append((f"messages[{i}].tool_call_id", m.tool_call_id))
+    return fields
 
 
 def _sampling(call: Call, checks: CheckSettings) -> Sampling:

@@ -21,6 +21,7 @@ from llmrouter.providers._common import (
     conversation,
     max_tokens_for,
     missing_logprobs,
+    own_id,
     with_budget,
 )
 from llmrouter.providers.base import (
@@ -299,19 +300,18 @@ def _message(m: Message) -> dict[str, Any]:
     # Ids without what another kind carried in them (OpenAI's are short; the same for a call
     # and its result).
     if m.role == "tool":
-        return {"role": "tool", "tool_call_id": _head(m.tool_call_id or ""), "content": m.content}
+        return {"role": "tool", "tool_call_id": own_id(m.tool_call_id or ""), "content": m.content}
     if m.tool_calls:
-        calls = [{"id": _head(c.id), "type": "function", "function": c.function} for c in m.tool_calls]
-        return {"role": "assistant", "content": m.content or None, "tool_calls": calls}
+        calls = [{"id": own_id(c.id), "type": "function", "function": c.function} for c in m.tool_calls]
+        turn = {"role": "assistant", "content": m.content or None, "tool_calls": calls}
+        if m.name is not None:
+            turn["name"] = m.name
+        return turn
     said: dict[str, Any] = {"role": m.role}
     said["content"] = [_part(p) for p in m.parts] if m.parts else m.content
     if m.name is not None:
         said["name"] = m.name
     return said
-
-
-def _head(call_id: str) -> str:
-    return call_id.partition("~")[0]
 
 
 def _part(part: str | Image) -> dict[str, Any]:
