@@ -22,8 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from kinds import DIRECT, PROMPT
-from run import free_port, mock_upstream, serve_keyed, stop, wrk
+from kinds import DIRECT, PROMPT, Results, measure
+from run import free_port, mock_upstream, serve_keyed, stop
 
 TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m.role }}\\n{{ m.content }}<|im_end|>\\n{% endfor %}"
@@ -56,7 +56,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="llmrouter-chat-"))
     port = free_port()
     budget = 60 + args.rounds * len(DIRECT) * len(loads) * 3 * (args.seconds + 1)
-    results: dict[tuple[str, str, int], list[tuple[float, float, float]]] = {}
+    results: Results = {}
     with mock_upstream(port, budget, tmp / "mock.log"):
         config = tmp / "config.yaml"
         config.write_text(CONFIG.format(port=port, template=TEMPLATE))
@@ -74,16 +74,12 @@ def main() -> None:
                             "max_tokens": 16,
                         }
                     )
-                    for c in loads:
-                        for side, (p, at, b, auth) in {
-                            "direct": (port, path, json.dumps(body), ""),
-                            "completions": (router_port, "/api/v1/completions", prompt, key),
-                            "chat": (router_port, "/api/v1/chat/completions", message, key),
-                        }.items():
-                            r = wrk(p, at, c, args.seconds, auth, 1, body=b)
-                            if r.errors or not r.requests:
-                                sys.exit(f"{kind} {side} c{c}: {r.errors} errors, {r.requests} requests")
-                            results.setdefault((kind, side, c), []).append((r.rps, r.p50_ms, r.p99_ms))
+                    sides = {
+                        "direct": (port, path, json.dumps(body), ""),
+                        "completions": (router_port, "/api/v1/completions", prompt, key),
+                        "chat": (router_port, "/api/v1/chat/completions", message, key),
+                    }
+                    measure(kind, sides, loads, args.seconds, results)
         finally:
             stop(proc)
     med = statistics.median

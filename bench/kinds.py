@@ -58,6 +58,26 @@ DIRECT = {
 }  # fmt: skip
 
 
+Results = dict[tuple[str, str, int], list[tuple[float, float, float]]]
+
+
+def measure(
+    kind: str,
+    sides: dict[str, tuple[int, str, str, str]],
+    loads: list[int],
+    seconds: float,
+    results: Results,
+) -> None:
+    """One round of a kind: wrk at each side ((port, path, body, key) each) at each load, in
+    turns, its (req/s, p50, p99) added to `results`; a side with errors ends the benchmark."""
+    for c in loads:
+        for side, (port, path, body, auth) in sides.items():
+            r = wrk(port, path, c, seconds, auth, 1, body=body)
+            if r.errors or not r.requests:
+                sys.exit(f"{kind} {side} c{c}: {r.errors} errors, {r.requests} requests")
+            results.setdefault((kind, side, c), []).append((r.rps, r.p50_ms, r.p99_ms))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
@@ -68,7 +88,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="llmrouter-kinds-"))
     port = free_port()
     budget = 60 + args.rounds * len(DIRECT) * len(loads) * 2 * (args.seconds + 1)
-    results: dict[tuple[str, str, int], list[tuple[float, float, float]]] = {}
+    results: Results = {}
     with mock_upstream(port, budget, tmp / "mock.log"):
         config = tmp / "config.yaml"
         config.write_text(CONFIG.format(port=port))
@@ -78,15 +98,11 @@ def main() -> None:
             for _ in range(args.rounds):
                 for kind, (path, body) in DIRECT.items():
                     routed = json.dumps({"model": f"mock/{kind}", "prompt": PROMPT, "max_tokens": 16})
-                    for c in loads:
-                        for side, (p, at, b, auth) in {
-                            "direct": (port, path, json.dumps(body), ""),
-                            "router": (router_port, "/api/v1/completions", routed, key),
-                        }.items():
-                            r = wrk(p, at, c, args.seconds, auth, 1, body=b)
-                            if r.errors or not r.requests:
-                                sys.exit(f"{kind} {side} c{c}: {r.errors} errors, {r.requests} requests")
-                            results.setdefault((kind, side, c), []).append((r.rps, r.p50_ms, r.p99_ms))
+                    sides = {
+                        "direct": (port, path, json.dumps(body), ""),
+                        "router": (router_port, "/api/v1/completions", routed, key),
+                    }
+                    measure(kind, sides, loads, args.seconds, results)
         finally:
             stop(proc)
     med = statistics.median

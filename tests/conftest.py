@@ -400,11 +400,15 @@ class Router:
         return run_cli(self.home, "--config", str(self.config), *args, check=check)
 
 
-def ask(router: Router, body: dict[str, Any]) -> tuple[int, dict[str, Any], httpx.Headers]:
-    """POST a completion; a stream comes back assembled into the shape of a complete answer (each
-    choice's text, reasoning and logprobs joined, its finish reason, the usage), an error event
+def ask(
+    router: Router, body: dict[str, Any], endpoint: str = "completions"
+) -> tuple[int, dict[str, Any], httpx.Headers]:
+    """POST a completion (or, to `chat/completions`, a chat completion); a stream comes back
+    assembled into the shape of a complete answer (each choice's text, reasoning and logprobs
+    joined, or its message's role and content, its finish reason, the usage), an error event
     failing the test."""
-    url = f"{router.api}/completions"
+    url = f"{router.api}/{endpoint}"
+    chat = endpoint != "completions"
     if not body.get("stream"):
         r = httpx.post(url, headers=router.headers(), json=body, timeout=120)
         return r.status_code, r.json(), r.headers
@@ -421,18 +425,33 @@ def ask(router: Router, body: dict[str, Any]) -> tuple[int, dict[str, Any], http
             assert "error" not in chunk, chunk
             usage = chunk.get("usage") or usage
             for c in chunk["choices"]:
-                choice = choices.setdefault(
-                    c["index"], {"index": c["index"], "text": "", "reasoning": "", "finish_reason": None}
-                )
-                choice["text"] += c["text"]
-                choice["reasoning"] += c.get("reasoning") or ""
-                choice["finish_reason"] = c.get("finish_reason") or choice["finish_reason"]
-                if c.get("logprobs"):
-                    joined = choice.setdefault("logprobs", {})
-                    for name, values in c["logprobs"].items():
-                        joined.setdefault(name, []).extend(values or [])
+                (_join_delta if chat else _join_text)(choices, c)
         answer = {"choices": [choices[i] for i in sorted(choices)], "usage": usage}
         return 200, answer, r.headers
+
+
+def _join_text(choices: dict[int, dict[str, Any]], c: dict[str, Any]) -> None:
+    """A completion chunk's choice, joined to what came before it."""
+    choice = choices.setdefault(
+        c["index"], {"index": c["index"], "text": "", "reasoning": "", "finish_reason": None}
+    )
+    choice["text"] += c["text"]
+    choice["reasoning"] += c.get("reasoning") or ""
+    choice["finish_reason"] = c.get("finish_reason") or choice["finish_reason"]
+    if c.get("logprobs"):
+        joined = choice.setdefault("logprobs", {})
+        for name, values in c["logprobs"].items():
+            joined.setdefault(name, []).extend(values or [])
+
+
+def _join_delta(choices: dict[int, dict[str, Any]], c: dict[str, Any]) -> None:
+    """A chat chunk's choice: its delta's role and content, joined to what came before it."""
+    empty = {"index": c["index"], "message": {"content": ""}, "finish_reason": None}
+    choice = choices.setdefault(c["index"], empty)
+    message, delta = choice["message"], c["delta"]
+    message["role"] = delta.get("role", message.get("role"))
+    message["content"] += delta.get("content") or ""
+    choice["finish_reason"] = c.get("finish_reason") or choice["finish_reason"]
 
 
 def run_cli(home: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:

@@ -29,7 +29,16 @@ if TYPE_CHECKING:
     from llmrouter.wire.chat import ChatCompletionCreateParams, ImagePart, ReasoningRequest
     from llmrouter.wire.completions import CompletionCreateParams
 
-__all__ = ["Generation", "Image", "Message", "Route", "from_chat", "from_completions"]
+__all__ = [
+    "LEAST_THINKING",
+    "MOST_THINKING",
+    "Generation",
+    "Image",
+    "Message",
+    "Route",
+    "from_chat",
+    "from_completions",
+]
 
 
 class Image(Struct, frozen=True, gc=False):
@@ -92,6 +101,11 @@ class Generation(Struct, frozen=True, kw_only=True, omit_defaults=True, gc=False
     # How much the model may think (OpenRouter's object: effort, a budget, on or off), each kind
     # its own knob; `exclude` leaves the thinking out of the answer (the router does it).
     reasoning: ReasoningRequest | None = None
+
+
+# A thinking budget as the router sends it: at least the least a kind takes (Anthropic's 1,024),
+# and for an effort at most this (the credit hold counts an answer's thinking up to it).
+LEAST_THINKING, MOST_THINKING = 1024, 32000
 
 
 @dataclass(frozen=True, slots=True)

@@ -210,16 +210,42 @@ def _message(
     return message
 
 
+_TEXT = frozenset({"text_delta"})  # (a text answer: its thinking comes before the cut)
+_CALLING = frozenset({"thinking_delta", "signature_delta", "input_json_delta"})
+
+
+def _event(name: str, data: dict[str, Any], text: bool = False) -> faults.Event:
+    return faults.Event(faults.sse(data, name, separators=(",", ":")), text)
+
+
+def _block_events(
+    index: int,
+    opened: dict[str, Any],
+    deltas: list[dict[str, Any]],
+    answering: frozenset[str],
+    *,
+    ping: bool = False,
+) -> list[faults.Event]:
+    """One content block streamed: its start (then a ping, the stream's first), its deltas (those
+    of the `answering` types carry the answer: where stream-error cuts), its stop."""
+    start = {"type": "content_block_start", "index": index, "content_block": opened}
+    events = [_event("content_block_start", start)]
+    if ping:
+        events.append(_event("ping", {"type": "ping"}))
+    for delta in deltas:
+        data = {"type": "content_block_delta", "index": index, "delta": delta}
+        events.append(_event("content_block_delta", data, text=delta["type"] in answering))
+    events.append(_event("content_block_stop", {"type": "content_block_stop", "index": index}))
+    return events
+
+
 def _events(
     head: dict[str, Any], answer: answers.Answer, fault: faults.Fault, omitted: bool
 ) -> list[faults.Event]:
-    def event(name: str, data: dict[str, Any], text: bool = False) -> faults.Event:
-        return faults.Event(faults.sse(data, name, separators=(",", ":")), text)
-
     c = answer.candidates[0]
     usage = {**_input_usage(answer, fault), "output_tokens": 1, "service_tier": "standard"}
     start = {**head, "content": [], "stop_reason": None, "stop_sequence": None, "usage": usage}
-    events = [event("message_start", {"type": "message_start", "message": start})]
+    events = [_event("message_start", {"type": "message_start", "message": start})]
     blocks: list[tuple[dict[str, Any], list[dict[str, Any]]]] = []
     if answer.reasoning:
         thought = [] if omitted else answer.reasoning
@@ -228,25 +254,14 @@ def _events(
         blocks.append(({"type": "thinking", "thinking": "", "signature": ""}, deltas))
     blocks.append(({"type": "text", "text": ""}, [{"type": "text_delta", "text": t} for t in c.tokens]))
     for index, (block, deltas) in enumerate(blocks):
-        events.append(
-            event(
-                "content_block_start",
-                {"type": "content_block_start", "index": index, "content_block": block},
-            )
-        )
-        if index == 0:
-            events.append(event("ping", {"type": "ping"}))
-        for delta in deltas:
-            data = {"type": "content_block_delta", "index": index, "delta": delta}
-            events.append(event("content_block_delta", data, text=delta["type"] == "text_delta"))
-        events.append(event("content_block_stop", {"type": "content_block_stop", "index": index}))
+        events += _block_events(index, block, deltas, _TEXT, ping=index == 0)
     reason, sequence = _stop(c, fault)
     ending: dict[str, Any] = {"stop_reason": reason, "stop_sequence": sequence}
     if reason == "refusal":
         ending["stop_details"] = _REFUSAL
     total = {"output_tokens": answer.output_tokens}  # cumulative: the whole answer's
-    events.append(event("message_delta", {"type": "message_delta", "delta": ending, "usage": total}))
-    events.append(event("message_stop", {"type": "message_stop"}))
+    events.append(_event("message_delta", {"type": "message_delta", "delta": ending, "usage": total}))
+    events.append(_event("message_stop", {"type": "message_stop"}))
     return events
 
 
@@ -310,13 +325,10 @@ def _call_events(
     """A tool-using turn streamed: each tool_use block starts with its id, name and empty input,
     and its input's JSON follows as input_json_delta pieces."""
 
-    def event(name: str, data: dict[str, Any], text: bool = False) -> faults.Event:
-        return faults.Event(faults.sse(data, name, separators=(",", ":")), text)
-
     whole = _calls_message(head, answer, calls, fault, omitted)
     usage = {**_input_usage(answer, fault), "output_tokens": 1, "service_tier": "standard"}
     start = {**head, "content": [], "stop_reason": None, "stop_sequence": None, "usage": usage}
-    events = [event("message_start", {"type": "message_start", "message": start})]
+    events = [_event("message_start", {"type": "message_start", "message": start})]
     for index, block in enumerate(whole["content"]):
         if block["type"] == "thinking":
             opened = {"type": "thinking", "thinking": "", "signature": ""}
@@ -330,20 +342,11 @@ def _call_events(
                 {"type": "input_json_delta", "partial_json": piece}
                 for piece in (text[:half], text[half:])
             ]
-        events.append(
-            event(
-                "content_block_start",
-                {"type": "content_block_start", "index": index, "content_block": opened},
-            )
-        )
-        for delta in deltas:
-            data = {"type": "content_block_delta", "index": index, "delta": delta}
-            events.append(event("content_block_delta", data, text=True))
-        events.append(event("content_block_stop", {"type": "content_block_stop", "index": index}))
+        events += _block_events(index, opened, deltas, _CALLING)
     ending = {"stop_reason": "tool_use", "stop_sequence": None}
     total = {"output_tokens": whole["usage"]["output_tokens"]}
-    events.append(event("message_delta", {"type": "message_delta", "delta": ending, "usage": total}))
-    events.append(event("message_stop", {"type": "message_stop"}))
+    events.append(_event("message_delta", {"type": "message_delta", "delta": ending, "usage": total}))
+    events.append(_event("message_stop", {"type": "message_stop"}))
     return events
 
 

@@ -21,7 +21,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import Router
+from tests.conftest import Router, ask
+from tests.integration.test_conformance import _at, _at_most
 
 Check = Callable[[dict[str, Any], dict[str, Any]], None]  # (answer, request body)
 
@@ -164,13 +165,6 @@ def _logprobs(k: int) -> Check:
         content = choice["logprobs"]["content"]
         assert "".join(t["token"] for t in content) == choice["message"]["content"]
         assert all(len(t["top_logprobs"]) == k for t in content)
-
-    return check
-
-
-def _at_most(tokens: int) -> Check:
-    def check(answer: dict[str, Any], body: dict[str, Any]) -> None:
-        assert answer["usage"]["completion_tokens"] <= tokens
 
     return check
 
@@ -389,36 +383,6 @@ def _model(row: Row, column: str) -> str:
     return row.models.get(column, DEFAULT_MODEL[column])
 
 
-def ask_chat(router: Router, body: dict[str, Any]) -> tuple[int, dict[str, Any], httpx.Headers]:
-    """POST a chat completion; a stream comes back assembled into a whole answer's shape (each
-    choice's content, reasoning and tool calls joined, its finish reason, the usage)."""
-    url = f"{router.api}/chat/completions"
-    if not body.get("stream"):
-        r = httpx.post(url, headers=router.headers(), json=body, timeout=120)
-        return r.status_code, r.json(), r.headers
-    with httpx.stream("POST", url, headers=router.headers(), json=body, timeout=120) as r:
-        if r.status_code != 200:
-            r.read()
-            return r.status_code, r.json(), r.headers
-        choices: dict[int, dict[str, Any]] = {}
-        usage = None
-        for line in r.iter_lines():
-            if not line.startswith("data: {"):
-                continue
-            chunk = json.loads(line[6:])
-            assert "error" not in chunk, chunk
-            usage = chunk.get("usage") or usage
-            for c in chunk["choices"]:
-                choice = choices.setdefault(
-                    c["index"], {"index": c["index"], "message": {"content": ""}, "finish_reason": None}
-                )
-                delta = c["delta"]
-                choice["message"]["role"] = delta.get("role", choice["message"].get("role"))
-                choice["message"]["content"] += delta.get("content") or ""
-                choice["finish_reason"] = c.get("finish_reason") or choice["finish_reason"]
-        return 200, {"choices": [choices[i] for i in sorted(choices)], "usage": usage}, r.headers
-
-
 CELLS = [
     pytest.param(row, column, id=f"{row.name} | {column}")
     for row in ROWS
@@ -436,7 +400,7 @@ def test_cell(router: Router, request: pytest.FixtureRequest, row: Row, column: 
         body.pop(name, None)
     if fake is not None:
         httpx.post(f"{fake}/_reset")
-    status, answer, headers = ask_chat(router, body)
+    status, answer, headers = ask(router, body, "chat/completions")
     if cell == R:
         assert status == 400, answer
         assert answer["error"]["param"] == row.refused_for.get(column, row.param), answer
@@ -457,9 +421,3 @@ def test_cell(router: Router, request: pytest.FixtureRequest, row: Row, column: 
     elif cell == N and row.param not in ("stream", "stream_options") and "messages" not in row.param:
         where = WIRE.get(column, {}).get(row.param, row.param)
         assert _at(sent, where) is not None, (where, sent)  # in the kind's own terms
-
-
-def _at(body: Any, path: str) -> Any:
-    for step in path.split("."):
-        body = body.get(step) if isinstance(body, dict) else None
-    return body

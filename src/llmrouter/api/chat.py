@@ -15,8 +15,8 @@ from msgspec import UNSET
 
 from llmrouter.api.http import Request
 from llmrouter.api.pipeline import Decoded, generate
-from llmrouter.api.sse import event
-from llmrouter.generation import Generation, from_chat
+from llmrouter.api.sse import ChunkStream
+from llmrouter.generation import LEAST_THINKING, MOST_THINKING, Generation, from_chat
 from llmrouter.providers.base import Completion, StreamPart
 from llmrouter.routing.plan import Target
 from llmrouter.wire.chat import (
@@ -30,7 +30,7 @@ from llmrouter.wire.chat import (
     TokenLogprob,
     TopLogprob,
 )
-from llmrouter.wire.completions import ChunkChoice, CompletionChoice, Logprobs, Usage, encoder
+from llmrouter.wire.completions import ChunkChoice, CompletionChoice, Logprobs, encoder
 from llmrouter.wire.validate import decode_chat_request
 
 if TYPE_CHECKING:
@@ -47,9 +47,6 @@ _PER_CONVERSATION = 64
 # An image, in tokens: about what the APIs charge for a large one (Anthropic's ~1,600 for
 # 1,092 x 1,092; OpenAI's high detail ~1,100; Gemini's 258).
 _PER_IMAGE = 1600
-# Thinking: the least budget a kind takes (Anthropic's), and the most the router sends for an
-# effort (Anthropic's share of its most, capped).
-_LEAST_THINKING, _MOST_THINKING = 1024, 32000
 
 
 def _texts(request: Generation) -> list[str]:
@@ -94,9 +91,9 @@ class ChatWire:
         thinking = 0  # what an answer may think besides its own (the most any kind is sent)
         if r is not None and r.enabled is not False:
             if r.max_tokens is not None:
-                thinking = max(r.max_tokens, _LEAST_THINKING)
+                thinking = max(r.max_tokens, LEAST_THINKING)
             elif r.effort is not None or r.enabled:
-                thinking = _MOST_THINKING
+                thinking = MOST_THINKING
         return Decoded(
             route,
             request,
@@ -149,47 +146,31 @@ def _choice(c: CompletionChoice) -> ChatChoice:
     )
 
 
-class _Chunks:
+class _Chunks(ChunkStream):
     """The stream's chunks: each choice's first delta carries the assistant's role, its last the
     finish reason (with an empty delta when no text comes with it), as OpenAI's do."""
 
-    __slots__ = ("_chunk", "_include_usage", "_refused", "_started")
+    __slots__ = ("_refused", "_started")
 
     def __init__(self, request_id: str, target: Target, include_usage: bool) -> None:
-        self._include_usage = include_usage
+        super().__init__(ChatCompletionChunk, request_id, target, include_usage)
         self._started: set[int] = set()  # choices whose role was sent
         self._refused: set[int] = set()  # choices whose text is a refusal
-        self._chunk = ChatCompletionChunk(
-            id=request_id,
-            created=int(time.time()),
-            model=target.model.id,
-            provider=target.deployment.provider,
-            choices=[],
-            usage=None if include_usage else UNSET,
-        )
 
-    def retarget(self, target: Target) -> None:
-        self._chunk.model, self._chunk.provider = target.model.id, target.deployment.provider
-
-    def part(self, part: StreamPart) -> bytes:
-        chunk = self._chunk
-        chunk.choices = [self._delta(c) for c in part.choices]
-        chunk.system_fingerprint = part.system_fingerprint
-        return event(encoder.encode(chunk))
+    def choices(self, part: StreamPart) -> list[ChatChunkChoice]:
+        return [self._delta(c) for c in part.choices]
 
     def _delta(self, c: ChunkChoice) -> ChatChunkChoice:
         delta = Delta()
         if c.refusal:  # (a refusal's text goes apart, and its choice finishes as `stop`)
             self._refused.add(c.index)
         refused = c.index in self._refused
-        if c.index not in self._started:
+        first = c.index not in self._started
+        if first:
             self._started.add(c.index)
             delta.role = "assistant"
-            if refused:
-                delta.refusal = c.text
-            elif c.text or not c.tool_calls:
-                delta.content = c.text
-        elif c.text:
+        # The first delta says the text even when empty (unless it starts a call), as OpenAI's.
+        if c.text or (first and (refused or not c.tool_calls)):
             if refused:
                 delta.refusal = c.text
             else:
@@ -200,14 +181,6 @@ class _Chunks:
             delta.tool_calls = c.tool_calls
         finish = "stop" if refused and c.finish_reason is not None else c.finish_reason
         return ChatChunkChoice(c.index, delta, chat_logprobs(c.logprobs), finish, c.native_finish_reason)
-
-    def usage(self, usage: Usage) -> bytes:
-        if not self._include_usage:
-            return b""
-        chunk = self._chunk
-        chunk.choices = []
-        chunk.usage = usage
-        return event(encoder.encode(chunk))
 
 
 def chat_logprobs(logprobs: Logprobs | None) -> ChatLogprobs | None:

@@ -6,15 +6,13 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from msgspec import UNSET
-
 from llmrouter.api.http import Request
 from llmrouter.api.pipeline import Decoded, generate
-from llmrouter.api.sse import event
+from llmrouter.api.sse import ChunkStream
 from llmrouter.generation import Generation, from_completions
-from llmrouter.providers.base import Completion, StreamPart
+from llmrouter.providers.base import Completion
 from llmrouter.routing.plan import Target
-from llmrouter.wire.completions import CompletionChunk, CompletionResponse, Usage, encoder
+from llmrouter.wire.completions import CompletionChunk, CompletionResponse, encoder
 from llmrouter.wire.validate import Prompts, decode_completion_request
 
 if TYPE_CHECKING:
@@ -59,42 +57,8 @@ class CompletionsWire:
             )
         )
 
-    def chunks(self, request_id: str, target: Target, include_usage: bool) -> _Chunks:
-        return _Chunks(request_id, target, include_usage)
-
-
-class _Chunks:
-    """The stream's chunks, one struct re-encoded with each part's choices."""
-
-    __slots__ = ("_chunk", "_include_usage")
-
-    def __init__(self, request_id: str, target: Target, include_usage: bool) -> None:
-        self._include_usage = include_usage
-        self._chunk = CompletionChunk(
-            id=request_id,
-            created=int(time.time()),
-            model=target.model.id,
-            provider=target.deployment.provider,
-            choices=[],
-            usage=None if include_usage else UNSET,
-        )
-
-    def retarget(self, target: Target) -> None:
-        self._chunk.model, self._chunk.provider = target.model.id, target.deployment.provider
-
-    def part(self, part: StreamPart) -> bytes:
-        chunk = self._chunk
-        chunk.choices = part.choices
-        chunk.system_fingerprint = part.system_fingerprint
-        return event(encoder.encode(chunk))
-
-    def usage(self, usage: Usage) -> bytes:
-        if not self._include_usage:
-            return b""
-        chunk = self._chunk
-        chunk.choices = []
-        chunk.usage = usage
-        return event(encoder.encode(chunk))
+    def chunks(self, request_id: str, target: Target, include_usage: bool) -> ChunkStream:
+        return ChunkStream(CompletionChunk, request_id, target, include_usage)
 
 
 COMPLETIONS = CompletionsWire()

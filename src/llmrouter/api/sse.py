@@ -1,10 +1,20 @@
-"""Server-Sent Events framing for completion streams."""
+"""Server-Sent Events framing for completion streams, and the chunks of one stream."""
 
 from __future__ import annotations
 
-from llmrouter.api.http import Send
+import time
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["DONE", "KEEPALIVE", "event", "start_stream"]
+from msgspec import UNSET
+
+from llmrouter.api.http import Send
+from llmrouter.wire.completions import Usage, encoder
+
+if TYPE_CHECKING:
+    from llmrouter.providers.base import StreamPart
+    from llmrouter.routing.plan import Target
+
+__all__ = ["DONE", "KEEPALIVE", "ChunkStream", "event", "start_stream"]
 
 DONE = b"data: [DONE]\n\n"
 KEEPALIVE = b": llmrouter processing\n\n"
@@ -27,3 +37,41 @@ async def start_stream(send: Send, headers: list[tuple[bytes, bytes]]) -> None:
             ],
         }
     )
+
+
+class ChunkStream:
+    """One stream's chunks in an API's chunk type (`pipeline.Chunks`): one struct, re-encoded
+    with each part's choices (as the API spells them: `choices`) and, last, the usage."""
+
+    __slots__ = ("_chunk", "_include_usage")
+
+    def __init__(self, kind: Any, request_id: str, target: Target, include_usage: bool) -> None:
+        self._include_usage = include_usage
+        self._chunk = kind(
+            id=request_id,
+            created=int(time.time()),
+            model=target.model.id,
+            provider=target.deployment.provider,
+            choices=[],
+            usage=None if include_usage else UNSET,
+        )
+
+    def choices(self, part: StreamPart) -> list[Any]:
+        return part.choices
+
+    def retarget(self, target: Target) -> None:
+        self._chunk.model, self._chunk.provider = target.model.id, target.deployment.provider
+
+    def part(self, part: StreamPart) -> bytes:
+        chunk = self._chunk
+        chunk.choices = self.choices(part)
+        chunk.system_fingerprint = part.system_fingerprint
+        return event(encoder.encode(chunk))
+
+    def usage(self, usage: Usage) -> bytes:
+        if not self._include_usage:
+            return b""
+        chunk = self._chunk
+        chunk.choices = []
+        chunk.usage = usage
+        return event(encoder.encode(chunk))

@@ -24,7 +24,7 @@ from llmrouter.errors import (
     UpstreamRateLimited,
     UpstreamUnavailable,
 )
-from llmrouter.generation import Generation, Image, Message
+from llmrouter.generation import LEAST_THINKING, MOST_THINKING, Generation, Image, Message
 from llmrouter.providers import _http, _schemas
 from llmrouter.providers._common import (
     HttpAdapter,
@@ -54,6 +54,7 @@ from llmrouter.wire.tools import (
     NamedToolChoice,
     ToolCall,
     ToolCallDelta,
+    function_fields,
 )
 
 __all__ = ["AnthropicAdapter"]
@@ -70,10 +71,9 @@ _FINISH = {
 }
 _TOOL_ID = re.compile(r"[a-zA-Z0-9_-]{1,256}")  # what the API takes as a tool_use id
 _TOOL_CHOICE = {"auto": "auto", "required": "any", "none": "none"}
-# `reasoning.effort` as a share of the most the model writes (OpenRouter's), within the API's
-# least budget and a sensible most.
+# `reasoning.effort` as a share of the most the model writes (OpenRouter's), within
+# generation.LEAST_THINKING and MOST_THINKING.
 _EFFORT_SHARE = {"minimal": 0.1, "low": 0.2, "medium": 0.5, "high": 0.8}
-_LEAST_BUDGET, _MOST_BUDGET = 1024, 32000
 
 
 class _Block(Struct):
@@ -259,10 +259,10 @@ class AnthropicAdapter(HttpAdapter):
         if r.max_tokens is not None:
             budget = r.max_tokens
         elif r.effort is not None:
-            budget = min(_MOST_BUDGET, int(ceiling * _EFFORT_SHARE[r.effort]))
+            budget = min(MOST_THINKING, int(ceiling * _EFFORT_SHARE[r.effort]))
         else:
-            budget = self.settings.thinking_budget or _LEAST_BUDGET
-        return max(_LEAST_BUDGET, min(budget, ceiling - 1))  # (spent out of max_tokens)
+            budget = self.settings.thinking_budget or LEAST_THINKING
+        return max(LEAST_THINKING, min(budget, ceiling - 1))  # (spent out of max_tokens)
 
     async def complete(self, call: Call) -> Completion:
         raw = await self.post(self._url, self._body(call, stream=False), call.timeouts, self._headers)
@@ -422,13 +422,12 @@ def _block(part: str | Image) -> dict[str, Any]:
 
 
 def _tool(t: FunctionDefinition) -> dict[str, Any]:
-    tool: dict[str, Any] = {"name": t.name}
-    if t.description is not UNSET:
-        tool["description"] = t.description
-    tool["input_schema"] = t.parameters if t.parameters is not UNSET else {"type": "object"}
-    if t.strict:
-        tool["strict"] = True
-    return tool
+    """A function as the API declares a tool: its schema as `input_schema` (always there)."""
+    tool = function_fields(t)
+    tool["input_schema"] = tool.pop("parameters", {"type": "object"})
+    if not tool.pop("strict", False):
+        return tool
+    return {**tool, "strict": True}
 
 
 def _kept(block: _Block) -> dict[str, Any]:

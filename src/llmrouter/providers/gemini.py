@@ -59,6 +59,7 @@ from llmrouter.wire.tools import (
     ToolCall,
     ToolCallDelta,
     ToolChoice,
+    function_fields,
 )
 
 __all__ = ["GeminiAdapter"]
@@ -413,11 +414,12 @@ def _response_object(content: str) -> dict[str, Any]:
 
 
 def _declaration(t: FunctionDefinition) -> dict[str, Any]:
-    declaration: dict[str, Any] = {"name": t.name}
-    if t.description is not UNSET:
-        declaration["description"] = t.description
-    if t.parameters is not UNSET:
-        declaration["parametersJsonSchema"] = t.parameters
+    """A function as Gemini declares it: its schema as JSON Schema (`strict` has no place: a
+    strict function never comes here, see Capabilities.strict_tools)."""
+    declaration = function_fields(t)
+    declaration.pop("strict", None)
+    if "parameters" in declaration:
+        declaration["parametersJsonSchema"] = declaration.pop("parameters")
     return declaration
 
 
