@@ -25,12 +25,14 @@ __all__ = [
     "CheckSettings",
     "ClientTimeouts",
     "ConfigError",
+    "DashboardSettings",
     "DeploymentSettings",
     "GeminiProvider",
     "HealthSettings",
     "HttpProvider",
     "JwtIssuer",
     "LlamaCppProvider",
+    "MetricsSettings",
     "ModelSettings",
     "OpenAIChatProvider",
     "OpenAIProvider",
@@ -43,6 +45,7 @@ __all__ = [
     "ServerSettings",
     "Settings",
     "Timeouts",
+    "TracingSettings",
     "embedded_default",
     "embedded_gguf_path",
     "llmrouter_home",
@@ -438,6 +441,10 @@ class AccountSettings(Struct, frozen=True, forbid_unknown_fields=True):
     # While the store is down, an answer waits this long for its record, then goes out anyway
     # (with a warning; the record stays queued in memory and is written when the store is back).
     ledger_wait_seconds: Annotated[float, Meta(gt=0, le=600)] = 10.0
+    # The ledger keeps each request's prompt and answer text too (for the dashboard's request
+    # log), at most `stored_text_chars` characters of each. Off: neither is stored anywhere.
+    store_prompts: bool = False
+    stored_text_chars: Annotated[int, Meta(ge=1, le=1_000_000)] = 20_000
 
 
 class CheckSettings(Struct, frozen=True, forbid_unknown_fields=True):
@@ -458,6 +465,35 @@ class CheckSettings(Struct, frozen=True, forbid_unknown_fields=True):
     grammar_rules: Annotated[int, Meta(ge=16, le=1_000_000)] = 100_000
 
 
+class MetricsSettings(Struct, frozen=True, forbid_unknown_fields=True):
+    """`GET /metrics` in Prometheus's text format (never public: see `listen`)."""
+
+    enabled: bool = True
+    # null: served on the router's own address, to an admin credential only (a bearer admin key).
+    # "host:port": served there instead, without a credential, for a scraper on a private
+    # network (and then not on the router's address at all).
+    listen: Annotated[str, Meta(pattern=r"^\[?[0-9A-Za-z.:_-]+\]?:[0-9]{1,5}$")] | None = None
+
+
+class TracingSettings(Struct, frozen=True, forbid_unknown_fields=True):
+    """OpenTelemetry (the `otel` extra): a span per request and per upstream attempt, exported
+    over OTLP/HTTP when an endpoint is set; nothing at all when it is not."""
+
+    otlp_endpoint: Annotated[str, Meta(pattern=r"^https?://")] | None = None  # e.g. .../v1/traces
+    service_name: NonEmpty = "llmrouter"
+    headers: dict[str, str] = {}  # sent with each export (and never shown: they may be secret)
+
+
+class DashboardSettings(Struct, frozen=True, forbid_unknown_fields=True):
+    """The operator's pages in a browser, for admin keys only."""
+
+    enabled: bool = True
+    path: Annotated[str, Meta(pattern=r"^/[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*$")] = "/admin"
+    session_seconds: Annotated[float, Meta(ge=60, le=30 * 86400)] = 8 * 3600.0
+    # Login attempts, per client address and in all, per minute (a wrong key costs one each).
+    login_attempts_per_minute: Annotated[int, Meta(ge=1, le=10_000)] = 10
+
+
 class Settings(Struct, frozen=True, forbid_unknown_fields=True):
     providers: dict[str, ProviderSettings]
     models: Annotated[list[ModelSettings], Meta(min_length=1)]
@@ -466,6 +502,9 @@ class Settings(Struct, frozen=True, forbid_unknown_fields=True):
     routing: RoutingSettings = RoutingSettings()
     accounts: AccountSettings = AccountSettings()
     checks: CheckSettings = CheckSettings()
+    metrics: MetricsSettings = MetricsSettings()
+    tracing: TracingSettings = TracingSettings()
+    dashboard: DashboardSettings = DashboardSettings()
     home: str | None = None  # the store's folder; default $LLMROUTER_HOME or ~/.llmrouter
 
 

@@ -15,11 +15,15 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Literal, Protocol
 
 from llmrouter.settings import HealthSettings
 
-__all__ = ["HealthBook", "LocalHealth"]
+__all__ = ["HealthBook", "HealthState", "LocalHealth"]
+
+# closed: full traffic; ejected: out for its cooldown; half_open: the cooldown is over, and the
+# next attempt (one at a time) is the probe that brings it back or ejects it again.
+HealthState = Literal["closed", "half_open", "ejected"]
 
 _PROBE_LOST_AFTER = 60.0  # seconds
 
@@ -72,6 +76,9 @@ class HealthBook(Protocol):
     def finished(self, label: str) -> None: ...
 
     def in_flight(self, label: str) -> int: ...
+
+    def state(self, label: str) -> HealthState:
+        """Where `label` stands now (Retry-After skips aside: they are the upstream's, not ours)."""
 
 
 @dataclass(slots=True)
@@ -230,6 +237,12 @@ class LocalHealth:
 
     def in_flight(self, label: str) -> int:
         return self._state(label).in_flight
+
+    def state(self, label: str) -> HealthState:
+        state = self._states.get(label)
+        if state is None or not state.ejected_until:
+            return "closed"
+        return "ejected" if self._clock() < state.ejected_until else "half_open"
 
 
 def _ewma(old: float | None, new: float, alpha: float) -> float:

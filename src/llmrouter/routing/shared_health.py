@@ -42,7 +42,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 
-from llmrouter.routing.health import LocalHealth
+from llmrouter.routing.health import HealthState, LocalHealth
 
 __all__ = ["SharedHealth"]
 
@@ -225,6 +225,9 @@ class SharedHealth:
 
     def in_flight(self, label: str) -> int:
         return self._local.in_flight(label)
+
+    def state(self, label: str) -> HealthState:
+        return self._local.state(label)
 
     # -- telling ----------------------------------------------------------------------------
 
