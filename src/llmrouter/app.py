@@ -28,7 +28,7 @@ from llmrouter.api.accounts import generation, key_collection, key_item, whoami
 from llmrouter.api.chat import create_chat_completion
 from llmrouter.api.completions import create_completion
 from llmrouter.api.http import Receive, Request, Scope, Send, send_bytes
-from llmrouter.api.meta import health, openapi, ready
+from llmrouter.api.meta import health, metrics, openapi, ready
 from llmrouter.api.models import list_models
 from llmrouter.api.tokenize import detokenize, tokenize, tokenizer_info
 from llmrouter.errors import (
@@ -39,6 +39,7 @@ from llmrouter.errors import (
     quoted,
 )
 from llmrouter.obs.logging import access_log, configure_logging
+from llmrouter.obs.metrics import Listener, Metrics, start_listener
 from llmrouter.openapi import build_openapi
 from llmrouter.providers import build_provider
 from llmrouter.providers.base import Provider
@@ -93,6 +94,7 @@ _ROUTES: dict[str, dict[str, Handler]] = {
     "/api/v1/keys": {"GET": key_collection, "POST": key_collection},
     "/health": {"GET": health},
     "/ready": {"GET": ready},
+    "/metrics": {"GET": metrics},
 }
 # Paths with an id in them: the prefix, the id, then one of the tails (the handler reads the id).
 _ID_ROUTES: dict[str, dict[str, dict[str, Handler]]] = {
@@ -104,6 +106,11 @@ _WATCH_DISCONNECT = frozenset(
 )
 # Request ids are OpenAI's: `chatcmpl-...` for chat, `cmpl-...` for everything else.
 _CHAT_PATHS = frozenset({"/api/v1/chat/completions", "/v1/chat/completions"})
+# A route's name in the metrics: the API's name, whichever of its paths it came in on.
+_ROUTE_NAMES = {
+    path: path.removeprefix("/api").removeprefix("/v1").strip("/").replace("/", ".") for path in _ROUTES
+} | {prefix: prefix.removeprefix("/api/v1").strip("/") for prefix in _ID_ROUTES}
+_SAMPLE_SECONDS = 1.0  # how often the gauges of state (health, the ledger's backlog) are set
 
 
 @dataclass(slots=True)
@@ -117,11 +124,14 @@ class Context:
     health: HealthBook
     openapi: bytes
     started_at: int
+    metrics: Metrics | None = None  # None: `metrics.enabled` is off
     db: Database = field(init=False)
     keys: Keys = field(init=False)
     auth: Authenticator = field(init=False)
     ledger: Ledger = field(init=False)
     limiter: Limiter = field(init=False)
+    _sampler: asyncio.Task[None] | None = field(init=False, default=None)
+    _listener: Listener | None = field(init=False, default=None)
 
     async def start(self) -> None:
         accounts = self.settings.accounts
@@ -134,20 +144,44 @@ class Context:
         self.keys = Keys(self.db, cache_seconds=accounts.key_cache_seconds)
         await self.keys.start()
         self.auth = Authenticator(self.keys, jwt_authenticator(self.settings))
+        metrics = self.metrics
         self.ledger = Ledger(
             self.db,
             batch_max=accounts.ledger_batch_max,
             durable_timeout=accounts.ledger_wait_seconds,
+            on_write_error=metrics.ledger_write_failed if metrics else _nothing,
         )
         self.ledger.start()
         # A request's concurrency slot frees itself after the longest it may run.
         lease = self.settings.routing.deadline_seconds + 60
-        self.limiter = create_limiter(accounts, self.ledger.spent, lease_seconds=lease)
+        self.limiter = create_limiter(
+            accounts,
+            self.ledger.spent,
+            lease_seconds=lease,
+            on_redis_error=metrics.redis_failed("limits") if metrics else _nothing,
+        )
         await self.health.start()
         for provider in self.catalog.providers.values():
             await provider.start()
+        if metrics is not None:
+            self._sampler = asyncio.get_running_loop().create_task(self._sample_forever(metrics))
+            self._listener = start_listener(self.settings.metrics.listen, metrics)
+
+    def sample(self) -> None:
+        """Set the metrics' gauges of state now (a scrape asks just before reading)."""
+        if self.metrics is not None:
+            self.metrics.sample(self.catalog, self.ledger.pending)
+
+    async def _sample_forever(self, metrics: Metrics) -> None:
+        while True:
+            self.sample()
+            await asyncio.sleep(_SAMPLE_SECONDS)
 
     async def aclose(self) -> None:
+        if self._sampler is not None:
+            self._sampler.cancel()
+        if self._listener is not None:
+            self._listener.shutdown()
         for provider in self.catalog.providers.values():
             await provider.aclose()
         self.catalog.checks.close()
@@ -166,14 +200,19 @@ def jwt_authenticator(settings: Settings) -> JwtAuthenticator | None:
     return JwtAuthenticator(settings.accounts.jwt, settings.accounts.policies)
 
 
-def build_health(settings: Settings) -> HealthBook:
+def build_health(settings: Settings, metrics: Metrics | None = None) -> HealthBook:
     routing, accounts = settings.routing, settings.accounts
     local = LocalHealth(routing.health, alpha=routing.latency_ewma_alpha)
     if accounts.redis_url is None:
         return local
     from llmrouter.routing.shared_health import SharedHealth
 
-    return SharedHealth(local, accounts.redis_url, channel=f"{accounts.redis_namespace}:health")
+    return SharedHealth(
+        local,
+        accounts.redis_url,
+        channel=f"{accounts.redis_namespace}:health",
+        on_error=metrics.redis_failed("health") if metrics else _nothing,
+    )
 
 
 def build_providers(settings: Settings) -> dict[str, Provider]:
@@ -201,6 +240,10 @@ class App:
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
         status = 0
+        metrics = self.ctx.metrics
+        route = _route_name(scope["path"])
+        if metrics is not None:
+            metrics.started(route)
 
         async def send_and_watch(message: MutableMapping[str, Any]) -> None:
             nonlocal status
@@ -235,6 +278,9 @@ class App:
             await self._fail(req, exc, responded=status != 0)
         finally:
             await self._record(req, status or 499, req.log.get("error"), durable=False)
+            if metrics is not None:
+                seconds = time.perf_counter() - started
+                metrics.finished(self.ctx.catalog, route, status or 499, seconds, req.accounting)
         if self.ctx.settings.server.access_log:
             req.log.update(
                 request_id=req.request_id,
@@ -247,6 +293,8 @@ class App:
 
     async def _fail(self, req: Request, exc: Exception, *, responded: bool) -> None:
         error = _as_llmrouter_error(exc, req.request_id)
+        if self.ctx.metrics is not None:
+            self.ctx.metrics.refused(error)
         if error.attempts:
             req.log.setdefault("attempts", error.attempts)
         req.log["error"] = error.code
@@ -306,6 +354,17 @@ def _as_llmrouter_error(exc: Exception, request_id: str) -> LlmrouterError:
     return LlmrouterError(f"Internal error; the request id {request_id} finds it in the log.")
 
 
+def _nothing() -> None:
+    return None
+
+
+def _route_name(path: str) -> str:
+    name = _ROUTE_NAMES.get(path)
+    if name is not None:
+        return name
+    return next((_ROUTE_NAMES[p] for p in _ID_ROUTES if path.startswith(p)), "other")
+
+
 def _id_route(path: str) -> dict[str, Handler] | None:
     for prefix, tails in _ID_ROUTES.items():
         if path.startswith(prefix):
@@ -318,7 +377,8 @@ def create_app(settings: Settings) -> App:
     jwt_authenticator(settings)  # a bad issuer fails the start, not the first request
     providers = build_providers(settings)
     routing = settings.routing
-    health = build_health(settings)
+    metrics = Metrics() if settings.metrics.enabled else None
+    health = build_health(settings, metrics)
     rng = random.Random(routing.seed)  # noqa: S311 - load spreading and jitter, not secrets
     ctx = Context(
         settings=settings,
@@ -327,6 +387,7 @@ def create_app(settings: Settings) -> App:
         health=health,
         openapi=msgspec.json.encode(build_openapi()),
         started_at=int(time.time()),
+        metrics=metrics,
     )
     return App(ctx)
 

@@ -115,17 +115,20 @@ def _when(seconds: int | float | None) -> str:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from llmrouter.app import build_providers
     from llmrouter.obs.logging import configure_logging
-    from llmrouter.server import ServeError, bind, serve
+    from llmrouter.server import MULTIPROCESS_ENV, ServeError, bind, serve
 
     settings = _settings(args.config)
-    build_providers(settings)  # fails here, in one line, on a missing model file
     host = args.host or settings.server.host
     port = settings.server.port if args.port is None else args.port
     workers = args.workers or settings.server.workers
     if workers < 1:
         raise CliError(f"--workers must be at least 1 (got {workers})")
+    if workers == 1:  # before the metrics' library is imported: one process keeps its own
+        os.environ.pop(MULTIPROCESS_ENV, None)
+    from llmrouter.app import build_providers
+
+    build_providers(settings)  # fails here, in one line, on a missing model file
     if workers > 1 and settings.accounts.redis_url is None:
         print(
             f"llmrouter: warning: without accounts.redis_url each of the {workers} workers counts "
@@ -156,7 +159,13 @@ def cmd_serve(args: argparse.Namespace) -> None:
     except StoreError as exc:
         raise CliError(str(exc)) from None
     configure_logging(os.environ.get("LLMROUTER_LOG_LEVEL", "INFO"))
-    serve(sock, workers, args.config or os.environ.get("LLMROUTER_CONFIG"), settings.server)
+    serve(
+        sock,
+        workers,
+        args.config or os.environ.get("LLMROUTER_CONFIG"),
+        settings.server,
+        settings.metrics,
+    )
 
 
 def _print_first_key(secret: str, host: str, port: int, settings: Settings) -> None:

@@ -152,6 +152,9 @@ class LlmrouterError(Exception):
         self.retry_after = retry_after
         self.attempts: list[Any] = []  # the executor's Attempts before it gave up: header and log
         self.extra_headers: list[tuple[bytes, bytes]] = []
+        # Set when a limit refused the request: which ("rpm", "tpm", "concurrency", "credit",
+        # "credit_held", "models"); the metrics count refusals by it.
+        self.limit: str | None = None
 
     def to_body(self) -> ErrorBody:
         return ErrorBody(ErrorObject(self.code, self.message, self.param or "", self.type))

@@ -3,14 +3,19 @@ uvloop and httptools, in one process or N workers sharing the socket."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import glob
 import os
 import resource
+import shutil
 import socket
+import tempfile
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from llmrouter.settings import ServerSettings
+    from llmrouter.settings import MetricsSettings, ServerSettings
 
 __all__ = ["ServeError", "bind", "serve"]
 
@@ -50,7 +55,50 @@ def _raise_file_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 
 
-def serve(sock: socket.socket, workers: int, config_path: str | None, settings: ServerSettings) -> None:
+# prometheus-client reads it when first imported: set (or unset) before anything imports it.
+MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+@contextlib.contextmanager
+def _shared_metrics(workers: int, settings: MetricsSettings) -> Iterator[None]:
+    """Under --workers N, the workers' metrics meet in one directory (prometheus-client's
+    multiprocess mode): `PROMETHEUS_MULTIPROC_DIR` if the operator set one, else a new one that is
+    removed at the end. It starts empty (figures of an earlier run are not this run's), and the
+    supervisor serves `metrics.listen`, if set."""
+    if workers == 1 or not settings.enabled:
+        os.environ.pop(MULTIPROCESS_ENV, None)  # one process: its own registry
+        yield
+        return
+    given = os.environ.get(MULTIPROCESS_ENV)
+    directory = given or tempfile.mkdtemp(prefix="llmrouter-metrics-")
+    os.makedirs(directory, exist_ok=True)
+    for stale in glob.glob(os.path.join(directory, "*.db")):
+        os.remove(stale)
+    os.environ[MULTIPROCESS_ENV] = directory
+    listener = None
+    try:
+        if settings.listen is not None:
+            from llmrouter.obs.metrics import Listener
+
+            try:
+                listener = Listener(settings.listen, None)
+            except OSError as exc:
+                raise ServeError(str(exc)) from None
+        yield
+    finally:
+        if listener is not None:
+            listener.shutdown()
+        if not given:
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+def serve(
+    sock: socket.socket,
+    workers: int,
+    config_path: str | None,
+    settings: ServerSettings,
+    metrics: MetricsSettings,
+) -> None:
     """Serve on a socket from `bind`, until interrupted."""
     import uvicorn
 
@@ -79,9 +127,10 @@ def serve(sock: socket.socket, workers: int, config_path: str | None, settings: 
         workers=workers,
     )
     server = uvicorn.Server(config)
-    if workers > 1:
-        from uvicorn.supervisors import Multiprocess
+    with _shared_metrics(workers, metrics):
+        if workers > 1:
+            from uvicorn.supervisors import Multiprocess
 
-        Multiprocess(config, sockets=[sock]).run()
-    else:
-        server.run(sockets=[sock])
+            Multiprocess(config, sockets=[sock]).run()
+        else:
+            server.run(sockets=[sock])

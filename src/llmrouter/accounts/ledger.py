@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import msgspec
@@ -141,8 +141,10 @@ class Ledger:
         batch_max: int = 512,
         durable_timeout: float = 10.0,
         max_pending: int = 100_000,
+        on_write_error: Callable[[], None] = lambda: None,
     ) -> None:
         self._db = db
+        self._on_write_error = on_write_error
         self._batch_max = batch_max
         self._max_pending = max_pending
         self._durable_timeout = durable_timeout
@@ -150,6 +152,11 @@ class Ledger:
         self._wakeup = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
         self._closing = False
+
+    @property
+    def pending(self) -> int:
+        """Records waiting to be written."""
+        return len(self._pending)
 
     @property
     def backlogged(self) -> bool:
@@ -200,6 +207,7 @@ class Ledger:
                 await self._db.insert_rows("ledger", _COLUMNS, rows, key="request_id")
                 break
             except StoreError as exc:
+                self._on_write_error()
                 if isinstance(exc, DataRejected):
                     await self._reject(batch, exc)
                     return
@@ -210,6 +218,7 @@ class Ledger:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
             except Exception as exc:  # a value no store could take: never a dead writer
+                self._on_write_error()
                 await self._reject(batch, exc)
                 return
         for _, done in batch:

@@ -120,6 +120,7 @@ def create_limiter(
     *,
     clock: Callable[[], float] = time.time,
     lease_seconds: float = LEASE_SECONDS,
+    on_redis_error: Callable[[], None] = lambda: None,
 ) -> Limiter:
     """Shared through Redis when `redis_url` is set, else in this process. `lease_seconds`: the
     longest a request may run (its deadline and a margin), after which its slot frees itself."""
@@ -127,7 +128,12 @@ def create_limiter(
         from llmrouter.accounts.redis_limits import RedisLimiter
 
         return RedisLimiter(
-            settings.redis_url, settings, spent, clock=clock, lease_seconds=lease_seconds
+            settings.redis_url,
+            settings,
+            spent,
+            clock=clock,
+            lease_seconds=lease_seconds,
+            on_error=on_redis_error,
         )
     return LocalLimiter(settings, spent, clock=clock, lease_seconds=lease_seconds)
 
@@ -217,8 +223,9 @@ def _seconds(delta: float) -> int:
     return max(1, math.ceil(delta))
 
 
-def _rate_limited(message: str, limit: int, used: int, wait: float) -> RateLimited:
+def _rate_limited(message: str, which: str, limit: int, used: int, wait: float) -> RateLimited:
     error = RateLimited(message, retry_after=wait)
+    error.limit = which
     error.extra_headers = [
         (b"x-ratelimit-limit", str(limit).encode()),
         (b"x-ratelimit-remaining", str(max(0, limit - used)).encode()),
@@ -236,23 +243,28 @@ def _conclude(
         assert limits.credit_limit is not None
         spent = v.credit / _NANO
         if v.credit < _to_nano(limits.credit_limit):  # not spent: held until requests finish
-            raise RateLimited(
+            held = RateLimited(
                 f"Credit limit of {limits.credit_limit:g} is held by requests in flight (spent "
                 f"{spent:.6g}, {v.reserved / _NANO:.6g} held); retry when one of them has finished.",
                 code="credit_held",
                 retry_after=1.0,
             )
+            held.limit = "credit_held"
+            raise held
         message = f"Credit limit of {limits.credit_limit:g} reached (spent {spent:.6g})"
         _, end = credit_period(limits.reset, now)
         if limits.reset is not None and end is not None:
             resets = datetime.fromtimestamp(end, UTC).strftime("%Y-%m-%d %H:%M UTC")
             message += f" for this {_PERIODS[limits.reset]}; it resets at {resets}"
-        raise CreditExhausted(message + ".")
+        exhausted = CreditExhausted(message + ".")
+        exhausted.limit = "credit"
+        raise exhausted
     if v.code == _CONCURRENCY:
         assert limits.max_concurrent is not None
         n = limits.max_concurrent
         raise _rate_limited(
             f"Limit of {n} concurrent requests reached; retry when one of them has finished.",
+            "concurrency",
             n,
             v.concurrent,
             v.wait,
@@ -261,6 +273,7 @@ def _conclude(
         assert limits.rpm is not None
         raise _rate_limited(
             f"Rate limit of {limits.rpm} requests per minute reached; retry in {_seconds(v.wait)} s.",
+            "rpm",
             limits.rpm,
             v.requests,
             v.wait,
@@ -269,6 +282,7 @@ def _conclude(
         assert limits.tpm is not None
         raise _rate_limited(
             f"Rate limit of {limits.tpm} tokens per minute reached; retry in {_seconds(v.wait)} s.",
+            "tpm",
             limits.tpm,
             v.tokens,
             v.wait,

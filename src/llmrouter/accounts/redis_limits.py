@@ -242,8 +242,10 @@ class RedisLimiter:
         clock: Callable[[], float] = time.time,
         lease_seconds: float = LEASE_SECONDS,
         socket_timeout: float = 0.5,
+        on_error: Callable[[], None] = lambda: None,
     ) -> None:
         self._settings = settings
+        self._on_error = on_error  # each failed call to Redis (the metrics count them)
         self._namespace = settings.redis_namespace
         self._spent = spent
         self._clock = clock
@@ -306,6 +308,7 @@ class RedisLimiter:
                     args[11] = spent
                 reply = await self._admit_once(keys, args, request_id, limits)
         except (RedisError, OSError) as exc:
+            self._on_error()
             return self._unavailable(principal, request_id, now, exc)
         verdict = _Verdict(
             code=int(reply[0]),
@@ -350,6 +353,7 @@ class RedisLimiter:
                     pipe.hdel(keys.holds, request_id)
                     await pipe.execute()
             except (RedisError, OSError) as exc:
+                self._on_error()
                 log.warning("cannot release %s's slot and credit hold: %s", request_id, exc)
 
     def _unavailable(
@@ -394,6 +398,7 @@ class RedisLimiter:
                 ],
             )
         except Exception:
+            self._on_error()
             log.warning("cannot settle request %s", admission.request_id, exc_info=True)
             if release or unhold:  # its slot and hold at least must not wait out the lease
                 self._release_later(keys, admission.request_id)
@@ -413,6 +418,7 @@ class RedisLimiter:
                 pipe.get(keys.credit)
                 requests, tokens, running, credit = await pipe.execute()
         except (RedisError, OSError) as exc:
+            self._on_error()
             log.warning("Redis is unavailable (%s): cannot read %s's limits", exc, principal.id)
             raise ServiceUnavailable("Cannot read limits: the limits store is unavailable.") from None
         spent: float | None = None

@@ -80,6 +80,8 @@ class Catalog:
         self.default_model = settings.default_model or settings.models[0].id
         self.models: dict[str, ModelSettings] = {}
         self.targets: dict[str, tuple[Target, ...]] = {}
+        # A deployment's label ("provider/upstream model") to its provider and upstream model.
+        self.deployment_labels: dict[str, tuple[str, str]] = {}
         for model in settings.models:
             targets = tuple(
                 Target(model, d, providers[d.provider], providers[d.provider].capabilities(d))
@@ -88,6 +90,8 @@ class Catalog:
             for name in (model.id, *model.aliases):
                 self.models[name] = model
                 self.targets[name] = targets
+            for t in targets:
+                self.deployment_labels[t.label] = (t.deployment.provider, t.deployment.model)
 
     def all_targets(self) -> Iterator[Target]:
         for model in self.settings.models:
@@ -182,11 +186,13 @@ class Catalog:
             return
         permitted = {self.models[m].id if m in self.models else m for m in allowed}
         if self.models[name].id not in permitted:
-            raise PermissionDenied(
+            refused = PermissionDenied(
                 f"This key or token may not use the model {quoted(name)}.",
                 param=param,
                 code="model_not_allowed",
             )
+            refused.limit = "models"
+            raise refused
 
     def tokenizers(
         self, name: str | None, allowed: frozenset[str] | None, *, info: bool = False

@@ -34,6 +34,7 @@ import random
 import secrets
 import socket
 import time
+from collections.abc import Callable
 from typing import Literal
 
 import msgspec
@@ -106,8 +107,10 @@ class SharedHealth:
         *,
         channel: str = "llmrouter:health",
         replica_id: str | None = None,
+        on_error: Callable[[], None] = lambda: None,
     ) -> None:
         self._local = local
+        self._on_error = on_error  # each failed call to Redis (the metrics count them)
         self._redis_url = redis_url
         self._channel = channel
         self._key = f"{channel}:latest"
@@ -256,6 +259,7 @@ class SharedHealth:
             async with asyncio.timeout(_TIMEOUT):
                 await tell(keys=[self._key], args=args)
         except Exception as exc:  # whatever Redis does, the request path goes on
+            self._on_error()
             log.warning("could not share the %s of %s: %s", event.kind, event.label, _describe(exc))
 
     # -- listening --------------------------------------------------------------------------
@@ -282,6 +286,7 @@ class SharedHealth:
                         if message is not None and message["type"] == "message":
                             self._apply(message["data"])
             except Exception as exc:  # the listener outlives any Redis failure
+                self._on_error()
                 if self._connected or not self._tried.is_set():
                     log.warning(
                         "deployment health is local to this replica until Redis is back: %s",
