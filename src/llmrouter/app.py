@@ -38,6 +38,7 @@ from llmrouter.errors import (
     ServiceUnavailable,
     quoted,
 )
+from llmrouter.obs import tracing
 from llmrouter.obs.logging import access_log, configure_logging
 from llmrouter.obs.metrics import Listener, Metrics, start_listener
 from llmrouter.openapi import build_openapi
@@ -134,6 +135,7 @@ class Context:
     _listener: Listener | None = field(init=False, default=None)
 
     async def start(self) -> None:
+        tracing.configure(self.settings.tracing)
         accounts = self.settings.accounts
         self.db = await open_database(
             accounts.database_url,
@@ -189,6 +191,7 @@ class Context:
         await self.limiter.aclose()
         await self.ledger.aclose()
         await self.db.aclose()
+        tracing.shutdown()
 
 
 def jwt_authenticator(settings: Settings) -> JwtAuthenticator | None:
@@ -253,6 +256,7 @@ class App:
 
         prefix = "chatcmpl-" if scope["path"] in _CHAT_PATHS else "cmpl-"
         req = Request(scope, receive, send_and_watch, prefix + uuid.uuid4().hex)
+        span = tracing.start_request(req) if tracing.enabled() else None
         try:
             methods = _ROUTES.get(req.path) or _id_route(req.path)
             if methods is None:
@@ -281,6 +285,8 @@ class App:
             if metrics is not None:
                 seconds = time.perf_counter() - started
                 metrics.finished(self.ctx.catalog, route, status or 499, seconds, req.accounting)
+            if span is not None:
+                span.end(status or 499, req)
         if self.ctx.settings.server.access_log:
             req.log.update(
                 request_id=req.request_id,

@@ -32,6 +32,7 @@ from llmrouter.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from llmrouter.obs import tracing
 from llmrouter.settings import Timeouts
 
 __all__ = [
@@ -358,7 +359,7 @@ class AiohttpTransport:
                     request.method,
                     request.url,
                     data=request.body,
-                    headers=request.headers,
+                    headers=tracing.inject(request.headers) if tracing.enabled() else request.headers,
                     allow_redirects=False,
                 )
         except Exception as exc:

@@ -46,6 +46,7 @@ from llmrouter.errors import (
     UpstreamRateLimited,
 )
 from llmrouter.generation import Generation
+from llmrouter.obs import tracing
 from llmrouter.providers.base import Call, Completion, StreamPart
 from llmrouter.routing.budget import RetryBudget
 from llmrouter.routing.health import HealthBook
@@ -129,7 +130,8 @@ class _Run(Generic[T]):
     def start(self, target: Target) -> Awaitable[T]:
         self.begin(target)
         call = Call(target.deployment, _shape(target).request, target.provider.timeouts, self.request_id)
-        return self.attempt(target, call, self.deadline)
+        work = self.attempt(target, call, self.deadline)
+        return tracing.attempt(target, work) if tracing.enabled() else work
 
     def launch(self, target: Target) -> None:
         task = asyncio.ensure_future(self.start(target))
