@@ -1,12 +1,15 @@
 """Revisions of llmrouter side by side: each served at once against one mock, measured in turns.
 
     .venv/bin/python bench/ab.py 52be946 HEAD [--rounds 4] [--seconds 4] [--connections 64,1]
+    .venv/bin/python bench/ab.py HEAD "HEAD+metrics: {enabled: false}"   # one revision, two configs
 
 Each revision is exported with `git archive` into a temporary folder and served by this venv's
 interpreter with that folder first on `PYTHONPATH` (so dependencies are today's; only the code
 differs). All routers run at the same time, idle but for the one being measured, and the loads
 alternate between them round by round: a change in the machine's speed (this VM's is large) then
-falls on every revision alike, which separate runs of bench/run.py cannot promise.
+falls on every revision alike, which separate runs of bench/run.py cannot promise. A revision
+written `REV+YAML` is served with YAML's top-level keys added to the config (a setting on or off;
+a `server:` there replaces the default `server: {access_log: false}`).
 """
 
 from __future__ import annotations
@@ -58,10 +61,14 @@ def main() -> None:
     with mock_upstream(mock_port, budget, tmp / "mock.log"):
         try:
             for rev in args.revs:
-                src = export(rev, tmp / f"rev-{len(routers)}")
+                commit, _, extra = rev.partition("+")
+                src = export(commit, tmp / f"rev-{len(routers)}")
                 home = tmp / f"home-{len(routers)}"
                 config = tmp / f"config-{len(routers)}.yaml"
-                config.write_text(CONFIG.format(mock_port=mock_port))
+                text = CONFIG.format(mock_port=mock_port)
+                if "server:" in extra:  # its own server settings, instead of the default's
+                    text = text.replace("server: {access_log: false}\n", "")
+                config.write_text(text + extra + "\n")
                 env = {**os.environ, "PYTHONPATH": str(src), "LLMROUTER_HOME": str(home)}
                 log = tmp / f"router-{len(routers)}.log"
                 routers[rev] = serve_keyed(config, env, log, "ab")

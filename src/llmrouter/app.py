@@ -182,6 +182,7 @@ class Context:
     async def aclose(self) -> None:
         if self._sampler is not None:
             self._sampler.cancel()
+            self.sample()  # (under --workers N, the last figures into the shared files)
         if self._listener is not None:
             self._listener.shutdown()
         for provider in self.catalog.providers.values():

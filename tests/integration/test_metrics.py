@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -62,6 +63,13 @@ def parse(text: str) -> Samples:
 
 def value(samples: Samples, name: str, **labels: str) -> float:
     return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def eventually(condition: Callable[[], bool], seconds: float = 5.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "not within the time"
+        time.sleep(0.2)
 
 
 def auth(key: str) -> dict[str, str]:
@@ -312,7 +320,10 @@ def test_workers_are_summed_and_the_directory_starts_empty(tmp_path: Path, fake_
             pids = {p.name.rsplit("_", 1)[-1] for p in shared.glob("counter_*.db")}
             assert len(pids) >= 2  # both workers wrote figures
             labels = {"route": "completions", "model": "m/ok", "stream": "false", "status": "200"}
-            for _ in range(4):  # whichever worker is scraped, the sum is the same
+            # Each worker hands its figures over every second; then, whichever worker is
+            # scraped, the sum is the same.
+            eventually(lambda: value(scrape(router, admin), "llmrouter_requests_total", **labels) == 30)
+            for _ in range(4):
                 assert value(scrape(router, admin), "llmrouter_requests_total", **labels) == 30
     finally:
         del os.environ["PROMETHEUS_MULTIPROC_DIR"]
@@ -331,6 +342,10 @@ def test_workers_on_their_own_address(tmp_path: Path, fake_upstream: str) -> Non
                     timeout=30,
                 )
                 assert r.status_code == 200
-        samples = parse(httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text)
         labels = {"route": "completions", "model": "m/ok", "stream": "false", "status": "200"}
-        assert value(samples, "llmrouter_requests_total", **labels) == 10
+
+        def scraped() -> float:
+            samples = parse(httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text)
+            return value(samples, "llmrouter_requests_total", **labels)
+
+        eventually(lambda: scraped() == 10)

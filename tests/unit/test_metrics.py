@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -13,7 +14,7 @@ from llmrouter.accounts.ledger import Ledger, Record
 from llmrouter.accounts.principal import Principal
 from llmrouter.accounts.store import StoreError
 from llmrouter.api.pipeline import Accounting
-from llmrouter.obs.metrics import Metrics, exposition
+from llmrouter.obs.metrics import Metrics, add_observations, exposition
 from llmrouter.routing.plan import Catalog
 from llmrouter.routing.streams import Attempt
 from llmrouter.settings import Policy, load_settings
@@ -39,6 +40,7 @@ models:
 
 
 def samples(metrics: Metrics) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    metrics.flush()
     return {
         (s.name, frozenset(s.labels.items())): s.value
         for f in text_string_to_metric_families(exposition(metrics).decode())
@@ -144,3 +146,44 @@ def test_ledger_write_errors_are_counted() -> None:
 
     asyncio.run(run())
     assert samples(metrics)[("llmrouter_ledger_write_errors_total", frozenset())] == 1
+
+
+def test_observations_added_at_once_are_what_observing_each_gives() -> None:
+    """The flush adds a histogram's tally through prometheus-client's internals: they must give
+    the exposition that `observe` would have, for the pinned version."""
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    rng = random.Random(7)
+    values = [rng.choice([0.0, 0.005, 0.3, 2.5, 1e9, rng.random() * 20]) for _ in range(500)]
+    buckets = (0.005, 0.01, 0.5, 2.5, 10)
+    one_by_one, at_once = CollectorRegistry(), CollectorRegistry()
+    each = Histogram("h", "h", ("a",), buckets=buckets, registry=one_by_one).labels("x")
+    for v in values:
+        each.observe(v)
+    metrics = Metrics()
+    bounds = (*buckets, float("inf"))
+    tally = [0.0] * (len(bounds) + 1)
+    for v in values:
+        tally[next(i for i, b in enumerate(bounds) if v <= b)] += 1
+        tally[-1] += v
+    add_observations(Histogram("h", "h", ("a",), buckets=buckets, registry=at_once).labels("x"), tally)
+    assert generate_latest(at_once) == generate_latest(one_by_one)
+    assert metrics is not None
+
+
+def test_the_request_path_tallies_and_a_flush_hands_it_over(tmp_path: Any) -> None:
+    cat, metrics = catalog(tmp_path), Metrics()
+    metrics.started("completions")
+    metrics.finished(cat, "completions", 200, 0.02, accounting([Attempt("a/one", "ok", 5)]))
+    key = (
+        "llmrouter_requests_total",
+        frozenset({("route", "completions"), ("model", "m"), ("stream", "false"), ("status", "200")}),
+    )
+    raw = {
+        (s.name, frozenset(s.labels.items())): s.value
+        for f in text_string_to_metric_families(exposition(metrics).decode())
+        for s in f.samples
+    }
+    assert key not in raw  # tallied, not yet handed over
+    assert samples(metrics)[key] == 1
+    assert samples(metrics)[key] == 1  # a second flush adds nothing

@@ -19,9 +19,14 @@ the supervisor, adds them up.
 
 from __future__ import annotations
 
+import asyncio
+import bisect
+import contextlib
 import glob
+import math
 import os
-from collections.abc import Callable
+from collections import defaultdict
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import prometheus_client
@@ -71,10 +76,14 @@ class Metrics:
         def counter(name: str, doc: str, labels: tuple[str, ...]) -> Counter:
             return Counter(f"llmrouter_{name}", doc, labels, registry=r)
 
+        self._bounds: dict[Histogram, tuple[float, ...]] = {}  # each histogram's, with +Inf
+
         def histogram(
             name: str, doc: str, labels: tuple[str, ...], buckets: tuple[float, ...]
         ) -> Histogram:
-            return Histogram(f"llmrouter_{name}", doc, labels, buckets=buckets, registry=r)
+            h = Histogram(f"llmrouter_{name}", doc, labels, buckets=buckets, registry=r)
+            self._bounds[h] = (*buckets, math.inf)
+            return h
 
         def gauge(name: str, doc: str, labels: tuple[str, ...]) -> Gauge:
             return Gauge(f"llmrouter_{name}", doc, labels, registry=r, **gauge_mode)
@@ -144,36 +153,66 @@ class Metrics:
         )
         # Children by label values: `labels()` is the slow part of an increment.
         self._children: dict[tuple[Any, ...], Any] = {}
+        # What requests added since the last flush, in plain dictionaries: an addition here is a
+        # tenth of prometheus-client's (a lock, a child lookup, a loop over the buckets).
+        self._adds: dict[tuple[Any, ...], float] = defaultdict(float)
+        self._observed: dict[tuple[Any, ...], list[float]] = {}
+        self._running: dict[str, int] = defaultdict(int)  # in-flight requests by route
 
     def _child(self, metric: Any, *values: str) -> Any:
         key = (id(metric), *values)
         child = self._children.get(key)
         if child is None:
-            child = self._children[key] = metric.labels(*values)
+            child = self._children[key] = metric.labels(*values) if values else metric
         return child
+
+    def _observe(self, key: tuple[Any, ...], value: float) -> None:
+        """An observation of the histogram `key[0]` with the label values `key[1:]`."""
+        bounds = self._bounds[key[0]]
+        tally = self._observed.get(key)
+        if tally is None:  # a count per bucket, then the sum
+            tally = self._observed[key] = [0.0] * (len(bounds) + 1)
+        tally[bisect.bisect_left(bounds, value)] += 1
+        tally[-1] += value
+
+    def flush(self) -> None:
+        """Hand what was tallied to prometheus-client (and so, under multiprocess mode, to the
+        shared files). Called each second and before this process serves a scrape."""
+        adds, self._adds = self._adds, defaultdict(float)
+        observed, self._observed = self._observed, {}
+        for (metric, *values), amount in adds.items():
+            self._child(metric, *values).inc(amount)
+        for (metric, *values), tally in observed.items():
+            add_observations(self._child(metric, *values), tally)
+        for route, running in self._running.items():
+            self._child(self.in_flight, route).set(running)
 
     # -- counted where they happen -------------------------------------------------------------
 
     def ledger_write_failed(self) -> None:
-        self.ledger_write_errors.inc()
+        self._adds[(self.ledger_write_errors,)] += 1
 
     def redis_failed(self, component: str) -> Callable[[], None]:
         """The callback a Redis user calls on each failure."""
-        return lambda: self._child(self.redis_errors, component).inc()
+        key = (self.redis_errors, component)
+
+        def failed() -> None:
+            self._adds[key] += 1
+
+        return failed
 
     def started(self, route: str) -> None:
-        self._child(self.in_flight, route).inc()
+        self._running[route] += 1
 
     def refused(self, error: LlmrouterError) -> None:
         """A request ended in an error: a limit's or the credential's, counted by which."""
-        limit = getattr(error, "limit", None)
-        if limit is not None:
-            self._child(self.limit_refusals, limit).inc()
+        if error.limit is not None:
+            self._adds[(self.limit_refusals, error.limit)] += 1
         elif error.status == 401 or error.code == "admin_required":
-            self._child(self.auth_failures, error.code).inc()
+            self._adds[(self.auth_failures, error.code)] += 1
 
     def sample(self, catalog: Catalog, backlog: int) -> None:
-        """Set the gauges of state: each deployment's health, the ledger's backlog."""
+        """Set the gauges of state (each deployment's health, the ledger's backlog), and flush."""
         health = catalog.health
         for target in catalog.all_targets():
             now = health.state(target.label)
@@ -181,6 +220,7 @@ class Metrics:
             for state in ("closed", "half_open", "ejected"):
                 self._child(self.health, d.provider, d.model, state).set(1 if state == now else 0)
         self.ledger_backlog.set(backlog)
+        self.flush()
 
     # -- counted when a request ends -----------------------------------------------------------
 
@@ -192,57 +232,61 @@ class Metrics:
         seconds: float,
         acc: Accounting | None,
     ) -> None:
-        self._child(self.in_flight, route).dec()
+        self._running[route] -= 1
+        adds = self._adds
         if acc is None:  # not a generation
-            self._child(self.requests, route, "", "false", str(status)).inc()
-            self._child(self.duration, route, "", "false").observe(seconds)
+            adds[(self.requests, route, "", "false", str(status))] += 1
+            self._observe((self.duration, route, "", "false"), seconds)
             return
         named = catalog.models.get(acc.model_requested)
         model = named.id if named is not None else OTHER
         stream = "true" if acc.stream else "false"
-        self._child(self.requests, route, model, stream, str(status)).inc()
-        self._child(self.duration, route, model, stream).observe(seconds)
+        adds[(self.requests, route, model, stream, str(status))] += 1
+        self._observe((self.duration, route, model, stream), seconds)
         upstream_ms = self._attempts(catalog, model, acc)
         if upstream_ms and not acc.stream:  # (a stream's, below: until its first token)
-            self._child(self.overhead, route).observe(max(0.0, seconds - upstream_ms / 1000))
+            overhead = max(0.0, seconds - upstream_ms / 1000)
+            self._observe((self.overhead, route), overhead)
         target = acc.target
         if target is None:
             return
         answered, provider = target.model.id, target.deployment.provider
+        usage = acc.usage
         if acc.stream and acc.ttft_ms is not None:
             ttft = acc.ttft_ms / 1000
-            self._child(self.first_token, answered, provider).observe(ttft)
-            self._child(self.overhead, route).observe(max(0.0, ttft - upstream_ms / 1000))
-            usage = acc.usage
+            self._observe((self.first_token, answered, provider), ttft)
+            overhead = max(0.0, ttft - upstream_ms / 1000)
+            self._observe((self.overhead, route), overhead)
             if usage is not None and usage.completion_tokens > 1:
-                per = (seconds - ttft) / (usage.completion_tokens - 1)
-                self._child(self.per_token, answered, provider).observe(max(0.0, per))
-        usage = acc.usage
+                per = max(0.0, (seconds - ttft) / (usage.completion_tokens - 1))
+                self._observe((self.per_token, answered, provider), per)
         if usage is not None:
             tokens = self.tokens
-            self._child(tokens, answered, provider, "prompt").inc(max(0, usage.prompt_tokens))
-            self._child(tokens, answered, provider, "completion").inc(max(0, usage.completion_tokens))
+            adds[(tokens, answered, provider, "prompt")] += max(0, usage.prompt_tokens)
+            adds[(tokens, answered, provider, "completion")] += max(0, usage.completion_tokens)
             cached = getattr(usage.prompt_tokens_details, "cached_tokens", None)
             if cached:
-                self._child(tokens, answered, provider, "cached").inc(max(0, cached))
+                adds[(tokens, answered, provider, "cached")] += max(0, cached)
             reasoning = getattr(usage.completion_tokens_details, "reasoning_tokens", None)
             if reasoning:
-                self._child(tokens, answered, provider, "reasoning").inc(max(0, reasoning))
+                adds[(tokens, answered, provider, "reasoning")] += max(0, reasoning)
             cost = acc.cost
             if cost > 0:
-                self._child(self.cost, answered, provider).inc(cost)
+                adds[(self.cost, answered, provider)] += cost
 
     def _attempts(self, catalog: Catalog, model: str, acc: Accounting) -> float:
         """Count the request's attempts; the milliseconds they took until it was answered (or
         its stream opened)."""
         upstream_ms = 0.0
         previous = None
+        adds = self._adds
         for attempt in acc.attempts:
             deployment = catalog.deployment_labels.get(attempt.target)
             provider, upstream = deployment if deployment is not None else (OTHER, OTHER)
-            self._child(self.attempts, provider, upstream, attempt.outcome).inc()
+            adds[(self.attempts, provider, upstream, attempt.outcome)] += 1
             if attempt.ms > 0:  # (an attempt the retry budget refused was never made)
-                self._child(self.upstream_duration, provider, upstream).observe(attempt.ms / 1000)
+                key = (self.upstream_duration, provider, upstream)
+                self._observe(key, attempt.ms / 1000)
                 if attempt.outcome != "cancelled":  # a hedge that lost ran alongside
                     upstream_ms += attempt.ms
             if (
@@ -250,9 +294,20 @@ class Metrics:
                 and previous.outcome not in ("ok", "cancelled")
                 and previous.target != attempt.target
             ):
-                self._child(self.fallbacks, model).inc()
+                adds[(self.fallbacks, model)] += 1
             previous = attempt
         return upstream_ms
+
+
+def add_observations(child: Any, tally: list[float]) -> None:
+    """Add many observations to a histogram's child at once: `tally` holds a count per bucket
+    (not cumulative, the last for +Inf), then their sum. prometheus-client has no public call
+    for it; this is what its `observe` does, once per bucket rather than per observation
+    (tests/unit/test_metrics.py checks the two agree, for the pinned version)."""
+    for bucket, count in zip(child._buckets, tally, strict=False):
+        if count:
+            bucket.inc(count)
+    child._sum.inc(tally[-1])
 
 
 def exposition(metrics: Metrics | None) -> bytes:
@@ -309,9 +364,28 @@ class Listener:
         self._thread.join(timeout=5)
 
 
+class _Flushed:
+    """Registered first in the registry a listener serves: each scrape has the event loop flush
+    what requests tallied, and waits (a moment at most) for it."""
+
+    def __init__(self, metrics: Metrics, loop: asyncio.AbstractEventLoop) -> None:
+        self._metrics, self._loop = metrics, loop
+
+    def collect(self) -> Iterator[Any]:
+        async def flush() -> None:
+            self._metrics.flush()
+
+        with contextlib.suppress(Exception):  # a loop shutting down: serve what is there
+            asyncio.run_coroutine_threadsafe(flush(), self._loop).result(timeout=1.0)
+        return iter(())
+
+
 def start_listener(address: str | None, metrics: Metrics) -> Listener | None:
-    """In one process, its metrics' own listener. Under --workers N the supervisor has the
-    listener (`server.serve`), so a worker starts none."""
+    """In one process, its metrics' own listener (in this loop's process). Under --workers N the
+    supervisor has the listener (`server.serve`), so a worker starts none."""
     if address is None or metrics.registry is None:
         return None
-    return Listener(address, metrics.registry)
+    registry = CollectorRegistry()
+    registry.register(_Flushed(metrics, asyncio.get_running_loop()))
+    registry.register(metrics.registry)
+    return Listener(address, registry)
