@@ -25,6 +25,7 @@ from llmrouter.accounts.ledger import Ledger
 from llmrouter.accounts.limits import Limiter, create_limiter
 from llmrouter.accounts.store import Database, StoreError, open_database
 from llmrouter.api.accounts import generation, key_collection, key_item, whoami
+from llmrouter.api.admin import reload_config
 from llmrouter.api.chat import create_chat_completion
 from llmrouter.api.completions import create_completion
 from llmrouter.api.http import Receive, Request, Scope, Send, send_bytes
@@ -42,6 +43,7 @@ from llmrouter.obs.logging import access_log, configure_logging
 from llmrouter.openapi import build_openapi
 from llmrouter.providers import build_provider
 from llmrouter.providers.base import Provider
+from llmrouter.reload import InFlight, Reloader
 from llmrouter.routing.executor import Executor
 from llmrouter.routing.health import HealthBook, LocalHealth
 from llmrouter.routing.plan import Catalog
@@ -91,6 +93,7 @@ _ROUTES: dict[str, dict[str, Handler]] = {
     "/api/v1/key": {"GET": whoami},
     "/api/v1/generation": {"GET": generation},
     "/api/v1/keys": {"GET": key_collection, "POST": key_collection},
+    "/api/v1/admin/reload": {"POST": reload_config},
     "/health": {"GET": health},
     "/ready": {"GET": ready},
 }
@@ -108,8 +111,9 @@ _CHAT_PATHS = frozenset({"/api/v1/chat/completions", "/v1/chat/completions"})
 
 @dataclass(slots=True)
 class Context:
-    """What handlers need; built once per process. The accounts' parts (database, keys, ledger,
-    limiter) need the event loop, so `start` builds them."""
+    """What handlers need; built once per process, and again from the old one by each config
+    reload (reload.py), for the requests that start after it. The accounts' parts (database,
+    keys, ledger, limiter) need the event loop, so `start` builds them."""
 
     settings: Settings
     catalog: Catalog
@@ -117,11 +121,13 @@ class Context:
     health: HealthBook
     openapi: bytes
     started_at: int
+    in_flight: InFlight = field(default_factory=InFlight)  # requests on this config, for a reload
     db: Database = field(init=False)
     keys: Keys = field(init=False)
     auth: Authenticator = field(init=False)
     ledger: Ledger = field(init=False)
     limiter: Limiter = field(init=False)
+    reloader: Reloader = field(init=False)
 
     async def start(self) -> None:
         accounts = self.settings.accounts
@@ -189,8 +195,9 @@ def build_providers(settings: Settings) -> dict[str, Provider]:
 
 
 class App:
-    def __init__(self, ctx: Context) -> None:
-        self.ctx = ctx
+    def __init__(self, ctx: Context, config_path: str | None = None) -> None:
+        self.ctx = ctx  # a config reload swaps it for new requests
+        ctx.reloader = Reloader(self, config_path)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -210,6 +217,8 @@ class App:
 
         prefix = "chatcmpl-" if scope["path"] in _CHAT_PATHS else "cmpl-"
         req = Request(scope, receive, send_and_watch, prefix + uuid.uuid4().hex)
+        ctx = self.ctx  # this request keeps the config it started on to its end
+        ctx.in_flight.enter()
         try:
             methods = _ROUTES.get(req.path) or _id_route(req.path)
             if methods is None:
@@ -222,7 +231,7 @@ class App:
             if handler in _WATCH_DISCONNECT:
                 req.watch_disconnect = True
             try:
-                await handler(req, self.ctx)
+                await handler(req, ctx)
             finally:
                 req.stop_watching()
         except (ConnectionAbortedError, asyncio.CancelledError):
@@ -234,8 +243,9 @@ class App:
             # only the cyclic collector frees (tests/unit/test_app.py).
             await self._fail(req, exc, responded=status != 0)
         finally:
+            ctx.in_flight.leave()
             await self._record(req, status or 499, req.log.get("error"), durable=False)
-        if self.ctx.settings.server.access_log:
+        if ctx.settings.server.access_log:
             req.log.update(
                 request_id=req.request_id,
                 method=req.method,
@@ -284,11 +294,13 @@ class App:
                 except Exception as exc:
                     await send({"type": "lifespan.startup.failed", "message": str(exc)})
                     return
+                self.ctx.reloader.install()
                 # Everything built so far lives as long as the process: keep it out of the cyclic
                 # collector's full passes, which otherwise stall every request (bench/README.md).
                 gc.freeze()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
+                await self.ctx.reloader.aclose()
                 await self.ctx.aclose()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
@@ -314,7 +326,9 @@ def _id_route(path: str) -> dict[str, Handler] | None:
     return None
 
 
-def create_app(settings: Settings) -> App:
+def create_app(settings: Settings, config_path: str | None = None) -> App:
+    """The app serving `settings`; `config_path`, the file they came from, is what a reload
+    reads again."""
     jwt_authenticator(settings)  # a bad issuer fails the start, not the first request
     providers = build_providers(settings)
     routing = settings.routing
@@ -328,7 +342,7 @@ def create_app(settings: Settings) -> App:
         openapi=msgspec.json.encode(build_openapi()),
         started_at=int(time.time()),
     )
-    return App(ctx)
+    return App(ctx, config_path)
 
 
 def create_app_from_environment() -> App:
@@ -336,4 +350,4 @@ def create_app_from_environment() -> App:
     embedded default."""
     configure_logging(os.environ.get("LLMROUTER_LOG_LEVEL", "INFO"))  # workers start afresh
     path = os.environ.get("LLMROUTER_CONFIG")
-    return create_app(load_settings(path) if path else embedded_default())
+    return create_app(load_settings(path) if path else embedded_default(), path)
