@@ -20,7 +20,7 @@ import httpx
 import jwt as pyjwt
 import pytest
 
-from tests.conftest import Router, fake_server, free_port, serving
+from tests.conftest import Router, fake_server, free_port, serving, start_router, stop
 
 ISSUER = "reload-tests"
 JWT_SECRET = "reload-tests-secret-0123456789-abcdef"
@@ -324,3 +324,139 @@ def test_a_config_that_does_not_load_is_refused_and_the_running_one_stays(
         reload_ok(router, how, admin)
         assert complete(router, "m/new").status_code == 200
         assert router.proc.poll() is None
+
+
+# -- under load ----------------------------------------------------------------------------------
+
+
+def test_no_request_fails_while_the_config_is_reloaded_under_load(
+    tmp_path: Path, up_a: str, up_b: str
+) -> None:
+    """Clients send requests continuously, on kept-alive connections, while six reloads (by
+    POST and SIGHUP in turn) each move the model to another upstream model, the provider
+    rebuilt each time (its base URL and key change): every answer is a 200 from one of the
+    configs, and after the last reload the last one answers."""
+    tag = uuid.uuid4().hex[:6]
+
+    def version(i: int) -> str:
+        upstream = up_b if i % 2 else up_a
+        return config(upstream, {"m/load": one(f"gen-{i}-{tag}")}, key=f"key-{i}", rpm=10**6)
+
+    with serving(tmp_path, version(0)) as router:
+        admin = admin_key(router)
+        done = threading.Event()
+        answers: list[tuple[int, str]] = []
+        failures: list[str] = []
+
+        def client() -> None:
+            with httpx.Client(headers=router.headers(), timeout=30) as http:
+                for _ in range(2000):  # bounded, whatever happens
+                    if done.is_set():
+                        return
+                    try:
+                        r = http.post(
+                            f"{router.api}/completions",
+                            json={"model": "m/load", "prompt": "hi", "max_tokens": 5},
+                        )
+                    except httpx.HTTPError as exc:
+                        failures.append(repr(exc))
+                        continue
+                    if r.status_code != 200:
+                        failures.append(f"{r.status_code} {r.text[:200]}")
+                    else:
+                        answers.append((time.monotonic_ns(), upstream_model(r)))
+
+        clients = [threading.Thread(target=client) for _ in range(3)]
+        for thread in clients:
+            thread.start()
+        try:
+            for i in range(1, 7):
+                time.sleep(0.4)
+                router.config.write_text(version(i))
+                reload_ok(router, "post" if i % 2 else "sighup", admin)
+            last = time.monotonic_ns()
+            time.sleep(0.5)
+        finally:
+            done.set()
+            for thread in clients:
+                thread.join(60)
+        assert not failures, failures[:5]
+        seen = {model for _, model in answers}
+        assert seen <= {f"gen-{i}-{tag}" for i in range(7)}, seen
+        assert len(seen) >= 4, seen  # the clients ran across the reloads
+        assert {model for at, model in answers if at > last} == {f"gen-6-{tag}"}
+
+
+# -- workers -------------------------------------------------------------------------------------
+
+
+def _served_by_all(router: Router, model: str, *, tries: int = 20) -> bool:
+    """`tries` requests on fresh connections (spread over the workers) all answered."""
+    for _ in range(tries):
+        r = httpx.post(
+            f"{router.api}/completions",
+            headers={**router.headers(), "Connection": "close"},
+            json={"model": model, "prompt": "hi", "max_tokens": 5},
+            timeout=30,
+        )
+        if r.status_code != 200:
+            return False
+    return True
+
+
+def _wait_served_by_all(router: Router, model: str) -> None:
+    deadline = time.monotonic() + 30
+    while not _served_by_all(router, model):
+        assert time.monotonic() < deadline, f"{model} is not served by every worker"
+        time.sleep(0.2)
+
+
+def _workers(router: Router) -> set[int]:
+    pid = router.proc.pid
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return {int(c) for c in children if "spawn_main" in Path(f"/proc/{c}/cmdline").read_text()}
+
+
+def _reloaded_pids(router: Router) -> list[int]:
+    return [line["pid"] for line in reloads(router) if line["msg"].startswith("config reloaded")]
+
+
+def test_every_worker_reloads(tmp_path: Path, up_a: str) -> None:
+    router = start_router(tmp_path, config(up_a, {"m/one": one("ok")}), "--workers", "2")
+    try:
+        workers = _workers(router)
+        assert len(workers) == 2
+        admin = admin_key(router)
+
+        # SIGHUP to the supervisor: each worker reloads (none restarted).
+        router.config.write_text(config(up_a, {"m/one": one("ok"), "m/two": one("ok")}))
+        os.kill(router.proc.pid, signal.SIGHUP)
+        _wait_served_by_all(router, "m/two")
+        deadline = time.monotonic() + 10
+        while len(set(_reloaded_pids(router))) < 2:
+            assert time.monotonic() < deadline, _reloaded_pids(router)
+            time.sleep(0.1)
+        assert set(_reloaded_pids(router)) == workers
+
+        # A POST lands on one worker, which checks the file and has the supervisor signal all.
+        router.config.write_text(config(up_a, {"m/three": one("ok")}))
+        r = post_reload(router, admin)
+        assert r.status_code == 200, r.text
+        data = r.json()["data"]
+        assert data["status"] == "signalled"
+        assert data["models"] == {"added": ["m/three"], "removed": ["m/one", "m/two"], "changed": []}
+        _wait_served_by_all(router, "m/three")
+        deadline = time.monotonic() + 10
+        while len(_reloaded_pids(router)) < 4:
+            assert time.monotonic() < deadline, _reloaded_pids(router)
+            time.sleep(0.1)
+        assert sorted(_reloaded_pids(router)) == sorted([*workers, *workers])
+
+        # A broken file is refused by the worker the POST lands on, and no worker reloads it.
+        router.config.write_text("models: [\n")
+        r = post_reload(router, admin)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_config"
+        assert _served_by_all(router, "m/three")
+        assert _workers(router) == workers  # reloaded, never restarted
+    finally:
+        stop(router.proc)
