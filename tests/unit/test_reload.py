@@ -153,3 +153,21 @@ def test_without_a_file_there_is_nothing_to_reload(tmp_path: Path) -> None:
             await app.ctx.reloader.request()
 
     asyncio.run(main())
+
+
+def test_new_health_thresholds_apply_to_what_the_book_knows(tmp_path: Path) -> None:
+    config = tmp_path / "config.yaml"
+    _write(config, extra="routing: {health: {consecutive_failures: 1000}}\n")
+
+    async def test(app: App) -> None:
+        book = app.ctx.health
+        for _ in range(3):
+            book.record("up/ok", False)
+        assert book.state("up/ok") == "closed"
+        _write(config, extra="routing: {health: {consecutive_failures: 4}}\n")
+        changes = await app.ctx.reloader.reload()
+        assert changes.settings == ["routing"] and app.ctx.health is book
+        book.record("up/ok", False)  # the fourth in a row: over the new threshold
+        assert book.state("up/ok") == "ejected"
+
+    _run(config, test)
