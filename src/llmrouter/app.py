@@ -25,6 +25,7 @@ from llmrouter.accounts.ledger import Ledger
 from llmrouter.accounts.limits import Limiter, create_limiter
 from llmrouter.accounts.store import Database, StoreError, open_database
 from llmrouter.api.accounts import generation, key_collection, key_item, whoami
+from llmrouter.api.admin import reload_config
 from llmrouter.api.chat import create_chat_completion
 from llmrouter.api.completions import create_completion
 from llmrouter.api.http import Receive, Request, Scope, Send, send_bytes
@@ -44,6 +45,7 @@ from llmrouter.obs.metrics import Listener, Metrics, start_listener
 from llmrouter.openapi import build_openapi
 from llmrouter.providers import build_provider
 from llmrouter.providers.base import Provider
+from llmrouter.reload import InFlight, Reloader
 from llmrouter.routing.executor import Executor
 from llmrouter.routing.health import HealthBook, LocalHealth
 from llmrouter.routing.plan import Catalog
@@ -93,6 +95,7 @@ _ROUTES: dict[str, dict[str, Handler]] = {
     "/api/v1/key": {"GET": whoami},
     "/api/v1/generation": {"GET": generation},
     "/api/v1/keys": {"GET": key_collection, "POST": key_collection},
+    "/api/v1/admin/reload": {"POST": reload_config},
     "/health": {"GET": health},
     "/ready": {"GET": ready},
     "/metrics": {"GET": metrics},
@@ -116,8 +119,9 @@ _SAMPLE_SECONDS = 1.0  # how often the gauges of state (health, the ledger's bac
 
 @dataclass(slots=True)
 class Context:
-    """What handlers need; built once per process. The accounts' parts (database, keys, ledger,
-    limiter) need the event loop, so `start` builds them."""
+    """What handlers need; built once per process, and again from the old one by each config
+    reload (reload.py), for the requests that start after it. The accounts' parts (database,
+    keys, ledger, limiter) need the event loop, so `start` builds them."""
 
     settings: Settings
     catalog: Catalog
@@ -126,13 +130,14 @@ class Context:
     openapi: bytes
     started_at: int
     metrics: Metrics | None = None  # None: `metrics.enabled` is off
+    in_flight: InFlight = field(default_factory=InFlight)  # requests on this config, for a reload
     db: Database = field(init=False)
     keys: Keys = field(init=False)
     auth: Authenticator = field(init=False)
     ledger: Ledger = field(init=False)
     limiter: Limiter = field(init=False)
-    _sampler: asyncio.Task[None] | None = field(init=False, default=None)
     _listener: Listener | None = field(init=False, default=None)
+    reloader: Reloader = field(init=False)
 
     async def start(self) -> None:
         tracing.configure(self.settings.tracing)
@@ -166,7 +171,6 @@ class Context:
         for provider in self.catalog.providers.values():
             await provider.start()
         if metrics is not None:
-            self._sampler = asyncio.get_running_loop().create_task(self._sample_forever(metrics))
             self._listener = start_listener(self.settings.metrics.listen, metrics)
 
     def sample(self) -> None:
@@ -174,15 +178,8 @@ class Context:
         if self.metrics is not None:
             self.metrics.sample(self.catalog, self.ledger.pending)
 
-    async def _sample_forever(self, metrics: Metrics) -> None:
-        while True:
-            self.sample()
-            await asyncio.sleep(_SAMPLE_SECONDS)
-
     async def aclose(self) -> None:
-        if self._sampler is not None:
-            self._sampler.cancel()
-            self.sample()  # (under --workers N, the last figures into the shared files)
+        self.sample()  # (under --workers N, the last figures into the shared files)
         if self._listener is not None:
             self._listener.shutdown()
         for provider in self.catalog.providers.values():
@@ -232,8 +229,10 @@ def build_providers(settings: Settings) -> dict[str, Provider]:
 
 
 class App:
-    def __init__(self, ctx: Context) -> None:
-        self.ctx = ctx
+    def __init__(self, ctx: Context, config_path: str | None = None) -> None:
+        self.ctx = ctx  # a config reload swaps it for new requests
+        ctx.reloader = Reloader(self, config_path)
+        self._sampler: asyncio.Task[None] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -258,6 +257,8 @@ class App:
         prefix = "chatcmpl-" if scope["path"] in _CHAT_PATHS else "cmpl-"
         req = Request(scope, receive, send_and_watch, prefix + uuid.uuid4().hex)
         span = tracing.start_request(req) if tracing.enabled() else None
+        ctx = self.ctx  # this request keeps the config it started on to its end
+        ctx.in_flight.enter()
         try:
             methods = _ROUTES.get(req.path) or _id_route(req.path)
             if methods is None:
@@ -270,7 +271,7 @@ class App:
             if handler in _WATCH_DISCONNECT:
                 req.watch_disconnect = True
             try:
-                await handler(req, self.ctx)
+                await handler(req, ctx)
             finally:
                 req.stop_watching()
         except (ConnectionAbortedError, asyncio.CancelledError):
@@ -282,13 +283,14 @@ class App:
             # only the cyclic collector frees (tests/unit/test_app.py).
             await self._fail(req, exc, responded=status != 0)
         finally:
+            ctx.in_flight.leave()
             await self._record(req, status or 499, req.log.get("error"), durable=False)
             if metrics is not None:
                 seconds = time.perf_counter() - started
-                metrics.finished(self.ctx.catalog, route, status or 499, seconds, req.accounting)
+                metrics.finished(ctx.catalog, route, status or 499, seconds, req.accounting)
             if span is not None:
                 span.end(status or 499, req)
-        if self.ctx.settings.server.access_log:
+        if ctx.settings.server.access_log:
             req.log.update(
                 request_id=req.request_id,
                 method=req.method,
@@ -330,6 +332,12 @@ class App:
             headers.append((b"x-llmrouter-attempts", ", ".join(map(str, exc.attempts)).encode()))
         await send_bytes(req.send, exc.status, encoder.encode(exc.to_body()), headers)
 
+    async def _sample_forever(self) -> None:
+        """The metrics' gauges of state, of whichever config is serving (a reload swaps it)."""
+        while True:
+            self.ctx.sample()
+            await asyncio.sleep(_SAMPLE_SECONDS)
+
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
             message = await receive()
@@ -339,11 +347,17 @@ class App:
                 except Exception as exc:
                     await send({"type": "lifespan.startup.failed", "message": str(exc)})
                     return
+                self.ctx.reloader.install()
+                if self.ctx.metrics is not None:
+                    self._sampler = asyncio.get_running_loop().create_task(self._sample_forever())
                 # Everything built so far lives as long as the process: keep it out of the cyclic
                 # collector's full passes, which otherwise stall every request (bench/README.md).
                 gc.freeze()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
+                if self._sampler is not None:
+                    self._sampler.cancel()
+                await self.ctx.reloader.aclose()
                 await self.ctx.aclose()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
@@ -380,7 +394,9 @@ def _id_route(path: str) -> dict[str, Handler] | None:
     return None
 
 
-def create_app(settings: Settings) -> App:
+def create_app(settings: Settings, config_path: str | None = None) -> App:
+    """The app serving `settings`; `config_path`, the file they came from, is what a reload
+    reads again."""
     jwt_authenticator(settings)  # a bad issuer fails the start, not the first request
     providers = build_providers(settings)
     routing = settings.routing
@@ -396,7 +412,7 @@ def create_app(settings: Settings) -> App:
         started_at=int(time.time()),
         metrics=metrics,
     )
-    return App(ctx)
+    return App(ctx, config_path)
 
 
 def create_app_from_environment() -> App:
@@ -404,4 +420,4 @@ def create_app_from_environment() -> App:
     embedded default."""
     configure_logging(os.environ.get("LLMROUTER_LOG_LEVEL", "INFO"))  # workers start afresh
     path = os.environ.get("LLMROUTER_CONFIG")
-    return create_app(load_settings(path) if path else embedded_default())
+    return create_app(load_settings(path) if path else embedded_default(), path)

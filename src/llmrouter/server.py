@@ -1,5 +1,9 @@
 """Running the server: bind the socket here (so a taken port is one clear line), then uvicorn with
-uvloop and httptools, in one process or N workers sharing the socket."""
+uvloop and httptools, in one process or N workers sharing the socket.
+
+SIGHUP reloads the config (reload.py): one process handles it itself; with workers, the
+supervisor passes it on to each of them, where uvicorn's own would restart them all.
+"""
 
 from __future__ import annotations
 
@@ -9,17 +13,23 @@ import glob
 import os
 import resource
 import shutil
+import signal
 import socket
 import tempfile
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from uvicorn import Config
+    from uvicorn.supervisors.multiprocess import Multiprocess, Process
+
     from llmrouter.settings import MetricsSettings, ServerSettings
 
-__all__ = ["ServeError", "bind", "serve"]
+__all__ = ["SUPERVISOR_PID", "ServeError", "bind", "serve"]
 
 _MAX_FILES = 1 << 20
+# Where a worker finds its supervisor, to have every worker reload (POST /api/v1/admin/reload).
+SUPERVISOR_PID = "LLMROUTER_SUPERVISOR_PID"
 
 
 class ServeError(Exception):
@@ -129,8 +139,40 @@ def serve(
     server = uvicorn.Server(config)
     with _shared_metrics(workers, metrics):
         if workers > 1:
-            from uvicorn.supervisors import Multiprocess
-
-            Multiprocess(config, sockets=[sock]).run()
+            os.environ[SUPERVISOR_PID] = str(os.getpid())
+            _supervisor(config, sock).run()
         else:
+            os.environ.pop(SUPERVISOR_PID, None)
             server.run(sockets=[sock])
+
+
+def _supervisor(config: Config, sock: socket.socket) -> Multiprocess:
+    """uvicorn's supervisor, SIGHUP passed on to every worker as a reload. uvicorn's own restarts
+    them, which cuts what they have in flight and, with a broken file, leaves none serving."""
+    from uvicorn.supervisors.multiprocess import Multiprocess, logger
+
+    class Supervisor(Multiprocess):
+        def __init__(self, config: Config, sockets: list[socket.socket]) -> None:
+            super().__init__(config, sockets)
+            self.to_reload: list[Process] = []
+
+        def handle_hup(self) -> None:
+            logger.info("Received SIGHUP: every worker reloads the config.")
+            self.to_reload = list(self.processes)
+
+        def handle_signals(self) -> None:
+            super().handle_signals()
+            # A worker handles SIGHUP once it has started (a starting one would die of it), so
+            # one still starting is signalled when it has; one replaced meanwhile reads the file
+            # anew anyway.
+            waiting = []
+            for process in self.to_reload:
+                if process not in self.processes or process.pid is None:
+                    continue
+                if process.is_ready(timeout=1):
+                    os.kill(process.pid, signal.SIGHUP)
+                else:
+                    waiting.append(process)
+            self.to_reload = waiting
+
+    return Supervisor(config, sockets=[sock])

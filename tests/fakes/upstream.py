@@ -24,7 +24,7 @@ Faults (streamed and not, unless said):
   big                 a 5 MB completion text
   slow-first          waits 2 s, then answers
   slow-ok-MS          waits MS milliseconds, then answers
-  slow-stream         one chunk every 0.2 s, 100 of them
+  slow-stream         one chunk every 0.2 s, 100 of them (slow-stream-N: N of them)
   wait-close          holds the request until the client goes, and notes when (time.time())
   echo-NNN            answers NNN (200: an in-band error) with an error message quoting every
                       request header, as a proxy in between might; streamed: one chunk, then an
@@ -218,8 +218,8 @@ async def completions(request: web.Request) -> web.StreamResponse:
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
     await response.prepare(request)
     try:
-        if fault == "slow-stream":
-            for i in range(100):
+        if fault == "slow-stream" or fault.startswith("slow-stream-"):
+            for i in range(int(fault[12:] or 100)):
                 await response.write(_chunk(model, f"t{i} ", k=k))
                 await asyncio.sleep(0.2)
         elif fault in ("stream-truncated", "reset-after-2", "hang-after-2"):

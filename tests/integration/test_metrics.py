@@ -349,3 +349,22 @@ def test_workers_on_their_own_address(tmp_path: Path, fake_upstream: str) -> Non
             return value(samples, "llmrouter_requests_total", **labels)
 
         eventually(lambda: scraped() == 10)
+
+
+def test_a_reload_brings_its_models_labels_and_deployments(tmp_path: Path, fake_upstream: str) -> None:
+    with serving(tmp_path, config(fake_upstream)) as router:
+        admin = admin_key(router)
+        body = {"model": "m/new", "prompt": "hi", "max_tokens": 2}
+        assert complete(router, body).status_code == 404
+        extra = "  - id: m/new\n    deployments: [{provider: fake, model: ok-new}]\n"
+        router.config.write_text(config(fake_upstream).replace("routing:", extra + "routing:"))
+        r = httpx.post(f"{router.api}/admin/reload", headers=auth(admin), timeout=30)
+        assert r.status_code == 200, r.text
+        assert complete(router, body).status_code == 200
+        samples = scrape(router, admin)
+        labels = {"route": "completions", "stream": "false"}
+        assert value(samples, "llmrouter_requests_total", **labels, model="other", status="404") == 1
+        assert value(samples, "llmrouter_requests_total", **labels, model="m/new", status="200") == 1
+        new = {"provider": "fake", "upstream_model": "ok-new"}
+        assert value(samples, "llmrouter_upstream_attempts_total", **new, outcome="ok") == 1
+        assert value(samples, "llmrouter_deployment_health", **new, state="closed") == 1

@@ -14,8 +14,8 @@ say what the router enforces: each event of a stream (`itemSchema`), which keys 
 - Extensions: the `provider` routing preferences, the models endpoint, the statuses llmrouter
   answers besides the spec's (every operation: 408, 414 and 431 from the connection; a 405 for a
   method a path does not have, with `Allow`), the rate-limit and request-id headers, the stream's
-  events, the tokenizer endpoints, and the accounts endpoints (the caller's key, a past generation,
-  key administration).
+  events, the tokenizer endpoints, the accounts endpoints (the caller's key, a past generation,
+  key administration), and the config reload.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import copy
 from typing import Any
 
 from llmrouter.openapi._accounts import add_accounts
+from llmrouter.openapi._admin import add_admin
 from llmrouter.openapi._chat import add_chat
 from llmrouter.openapi._completions import add_completions, add_models
 from llmrouter.openapi._schema import as_openapi_3_2, error, shared_spec
@@ -63,12 +64,14 @@ def build_openapi() -> dict[str, Any]:
         {"name": "models"},
         {"name": "tokenizer"},
         {"name": "accounts"},
+        {"name": "admin"},
     ]
     add_completions(spec)
     add_chat(spec)
     add_models(spec)
     add_tokenizer(spec)
     add_accounts(spec)
+    add_admin(spec)
     _add_edge_responses(spec)
     return as_openapi_3_2(spec)
 

@@ -348,8 +348,9 @@ class AiohttpTransport:
         )
 
     async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        session, self._session = self._session, None  # not started any more, as MockTransport
+        if session is not None:
+            await session.close()
 
     async def send(self, request: Request, timeouts: Timeouts) -> Response:
         assert self._session is not None, "start() opens the session"

@@ -80,6 +80,10 @@ class HealthBook(Protocol):
     def state(self, label: str) -> HealthState:
         """Where `label` stands now (Retry-After skips aside: they are the upstream's, not ours)."""
 
+    def configure(self, settings: HealthSettings, *, alpha: float) -> None:
+        """New thresholds and EWMA weight (a config reload): what is known of each deployment
+        stays."""
+
 
 @dataclass(slots=True)
 class _State:
@@ -108,6 +112,12 @@ class LocalHealth:
         self._alpha = alpha
         self._clock = clock
         self._states: dict[str, _State] = {}
+
+    def configure(self, settings: HealthSettings, *, alpha: float) -> None:
+        self._settings = settings
+        self._alpha = alpha
+        for state in self._states.values():
+            state.recent = deque(state.recent, maxlen=settings.window)
 
     async def start(self) -> None:
         return None  # nothing to connect: the state is this process's

@@ -44,6 +44,7 @@ from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 
 from llmrouter.routing.health import HealthState, LocalHealth
+from llmrouter.settings import HealthSettings
 
 __all__ = ["SharedHealth"]
 
@@ -231,6 +232,9 @@ class SharedHealth:
 
     def state(self, label: str) -> HealthState:
         return self._local.state(label)
+
+    def configure(self, settings: HealthSettings, *, alpha: float) -> None:
+        self._local.configure(settings, alpha=alpha)
 
     # -- telling ----------------------------------------------------------------------------
 
