@@ -24,6 +24,7 @@ from llmrouter.accounts.keys import Keys
 from llmrouter.accounts.ledger import Ledger
 from llmrouter.accounts.limits import Limiter, create_limiter
 from llmrouter.accounts.store import Database, StoreError, open_database
+from llmrouter.admin.pages import Dashboard
 from llmrouter.api.accounts import generation, key_collection, key_item, whoami
 from llmrouter.api.chat import create_chat_completion
 from llmrouter.api.completions import create_completion
@@ -191,6 +192,7 @@ def build_providers(settings: Settings) -> dict[str, Provider]:
 class App:
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
+        self.dashboard = Dashboard(ctx) if ctx.settings.dashboard.enabled else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -211,14 +213,20 @@ class App:
         prefix = "chatcmpl-" if scope["path"] in _CHAT_PATHS else "cmpl-"
         req = Request(scope, receive, send_and_watch, prefix + uuid.uuid4().hex)
         try:
-            methods = _ROUTES.get(req.path) or _id_route(req.path)
-            if methods is None:
-                raise NotFound(f"No route {quoted(req.path)}.")
-            handler = methods.get(req.method)
-            if handler is None:
-                raise MethodNotAllowed(
-                    f"{quoted(req.path)} accepts {', '.join(methods)}.", allow=methods
-                )
+            # The dashboard's pages (every path that normalises under its prefix) decide their
+            # own methods and authorisation, in one place.
+            if self.dashboard is not None and self.dashboard.claims(req.path):
+                handler: Handler = self.dashboard.handle
+            else:
+                methods = _ROUTES.get(req.path) or _id_route(req.path)
+                if methods is None:
+                    raise NotFound(f"No route {quoted(req.path)}.")
+                found = methods.get(req.method)
+                if found is None:
+                    raise MethodNotAllowed(
+                        f"{quoted(req.path)} accepts {', '.join(methods)}.", allow=methods
+                    )
+                handler = found
             if handler in _WATCH_DISCONNECT:
                 req.watch_disconnect = True
             try:
