@@ -316,7 +316,15 @@ def test_a_failed_request_shows_its_attempts(router: Router, admin: str, traffic
     client = login(router, admin)
     failed = client.get(f"/admin/log/{traffic[4]}").text
     assert "Failed: status 502" in failed or "Failed: status 500" in failed, failed
-    assert "fake/status-500" in failed and "fails" in failed  # the deployment, the prompt
+    attempts = re.findall(
+        r"<tr class=\"failed\"><td>(\d)</td><td>([^<]*)</td><td><code>([^<]*)<", failed
+    )
+    # Tried twice (max_attempts: 2), each time the upstream's 500.
+    assert attempts == [
+        ("1", "fake/status-500", "upstream_unavailable"),
+        ("2", "fake/status-500", "upstream_unavailable"),
+    ], failed
+    assert '<pre class="text" id="prompt">fails</pre>' in failed
     fell_back = client.get(f"/admin/log/{traffic[6]}").text
     rows = re.findall(r"<tr class=\"(ok|failed)\"><td>(\d)</td><td>([^<]*)</td>", fell_back)
     assert rows == [("failed", "1", "fake/status-503"), ("ok", "2", "fake/ok")], fell_back

@@ -48,8 +48,11 @@ def test_cross_site() -> None:
     assert cross_site({**host, b"origin": b"http://127.0.0.1:9000"}, "http")  # another port
     assert cross_site({**host, b"origin": b"https://127.0.0.1:8000"}, "http")
     assert cross_site({**host, b"origin": b"null"}, "http")
+    # Where the browser says where the request started, that decides.
     assert cross_site({**host, b"sec-fetch-site": b"cross-site"}, "http")
-    assert not cross_site({**host, b"sec-fetch-site": b"same-origin"}, "http")
+    assert cross_site({**host, b"sec-fetch-site": b"same-site"}, "http")  # another port
+    for site in (b"same-origin", b"none"):
+        assert not cross_site({**host, b"sec-fetch-site": site, b"origin": b"null"}, "http")
 
 
 def test_login_limiter_per_address_and_in_all() -> None:

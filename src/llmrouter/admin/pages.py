@@ -52,7 +52,7 @@ log = logging.getLogger("llmrouter.admin")
 
 _FORM_LIMIT = 1 << 16
 _TOP = 8  # groups on a stacked chart before the rest are "other"
-_STATIC = {"dashboard.css": b"text/css; charset=utf-8"}
+_STATIC = {"dashboard.css": b"text/css; charset=utf-8", "favicon.svg": b"image/svg+xml"}
 _PAGE_HEADERS = [*HEADERS, (b"cache-control", b"no-store")]
 
 

@@ -50,13 +50,19 @@ def under(path: str, prefix: str) -> bool:
 
 
 def cross_site(headers: dict[bytes, bytes], scheme: str) -> bool:
-    """Does the request say it came from another origin? Its `Origin` (browsers send one with
-    every POST) against the host it was sent to, or `Sec-Fetch-Site: cross-site`."""
-    if headers.get(b"sec-fetch-site", b"").lower() == b"cross-site":
-        return True
+    """Does the request say it came from anywhere but this origin? Browsers say where a request
+    started in `Sec-Fetch-Site`: only `same-origin` (or `none`, the user's own doing) passes;
+    `same-site` is refused too, since another port of this host is the same site. A browser too
+    old to send it is judged by `Origin` against the host the request was sent to; `Origin: null`
+    (an opaque origin: what browsers send for a form's POST under `Referrer-Policy: no-referrer`
+    when they send no Sec-Fetch-Site either) is refused. A client that sends neither is not a
+    browser carrying a victim's cookie; the CSRF token still stands in its way."""
+    site = headers.get(b"sec-fetch-site")
+    if site is not None:
+        return site.lower() not in (b"same-origin", b"none")
     origin = headers.get(b"origin")
     if origin is None:
-        return False  # not a browser's form, or a same-origin one from a browser that omits it
+        return False
     host = headers.get(b"host", b"")
     return origin.decode("latin-1").lower() != f"{scheme}://{host.decode('latin-1')}".lower()
 

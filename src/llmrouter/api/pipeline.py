@@ -247,7 +247,11 @@ async def _complete(
     request: Generation,
     limit_headers: list[tuple[bytes, bytes]],
 ) -> None:
-    target, result, attempts = await ctx.executor.complete(plan, request, req.request_id)
+    try:
+        target, result, attempts = await ctx.executor.complete(plan, request, req.request_id)
+    except LlmrouterError as exc:  # the record of a failure names its attempts too
+        _accounting(req).attempts = exc.attempts
+        raise
     if _excluded(request):
         result.choices = [msgspec.structs.replace(c, reasoning=None) for c in result.choices]
     _note(req, target, attempts, result.usage)
