@@ -93,6 +93,8 @@ class Dashboard:
         return under(normalise(path), self.prefix)
 
     async def handle(self, req: Request, ctx: Context) -> None:
+        if ctx is not self.ctx:  # a config reload swapped the context: serve from the new one
+            self.ctx, self._sessions = ctx, None
         try:
             await self._route(req)
         except LlmrouterError as exc:
