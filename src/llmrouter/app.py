@@ -24,6 +24,7 @@ from llmrouter.accounts.keys import Keys
 from llmrouter.accounts.ledger import Ledger
 from llmrouter.accounts.limits import Limiter, create_limiter
 from llmrouter.accounts.store import Database, StoreError, open_database
+from llmrouter.admin.pages import Dashboard
 from llmrouter.api.accounts import generation, key_collection, key_item, whoami
 from llmrouter.api.admin import reload_config
 from llmrouter.api.chat import create_chat_completion
@@ -233,6 +234,7 @@ class App:
         self.ctx = ctx  # a config reload swaps it for new requests
         ctx.reloader = Reloader(self, config_path)
         self._sampler: asyncio.Task[None] | None = None
+        self.dashboard = Dashboard(ctx) if ctx.settings.dashboard.enabled else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -260,14 +262,20 @@ class App:
         ctx = self.ctx  # this request keeps the config it started on to its end
         ctx.in_flight.enter()
         try:
-            methods = _ROUTES.get(req.path) or _id_route(req.path)
-            if methods is None:
-                raise NotFound(f"No route {quoted(req.path)}.")
-            handler = methods.get(req.method)
-            if handler is None:
-                raise MethodNotAllowed(
-                    f"{quoted(req.path)} accepts {', '.join(methods)}.", allow=methods
-                )
+            # The dashboard's pages (every path that normalises under its prefix) decide their
+            # own methods and authorisation, in one place.
+            if self.dashboard is not None and self.dashboard.claims(req.path):
+                handler: Handler = self.dashboard.handle
+            else:
+                methods = _ROUTES.get(req.path) or _id_route(req.path)
+                if methods is None:
+                    raise NotFound(f"No route {quoted(req.path)}.")
+                found = methods.get(req.method)
+                if found is None:
+                    raise MethodNotAllowed(
+                        f"{quoted(req.path)} accepts {', '.join(methods)}.", allow=methods
+                    )
+                handler = found
             if handler in _WATCH_DISCONNECT:
                 req.watch_disconnect = True
             try:

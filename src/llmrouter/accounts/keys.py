@@ -244,6 +244,20 @@ class Keys:
         self._forget(key.id)  # here at once; elsewhere when the trigger's notification arrives
         return replace(key, revoked_at=now)
 
+    async def update(self, id_or_name: str, *, policy: Policy) -> ApiKey:
+        """New limits for a live key, in force at once here (and, on PostgreSQL, on every server
+        when the change's notification arrives)."""
+        key = await self.get(id_or_name)
+        changed = await self._db.execute(
+            "UPDATE api_keys SET policy = ? WHERE id = ? AND revoked_at IS NULL",
+            msgspec.json.encode(policy).decode(),
+            key.id,
+        )
+        if not changed:
+            raise KeyError_("no live key with this id or name")
+        self._forget(key.id)
+        return replace(key, policy=policy)
+
     async def rotate(self, id_or_name: str) -> tuple[ApiKey, str]:
         """A new secret for the same key; the old secret stops working now."""
         key = await self.get(id_or_name)

@@ -47,6 +47,8 @@ _COLUMNS = (
     "created_at",
     "finished_at",
     "route",
+    "prompt_text",
+    "answer_text",
 )
 _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM ledger"  # noqa: S608
 _encode = msgspec.json.encode
@@ -73,6 +75,9 @@ class Record(msgspec.Struct, kw_only=True, omit_defaults=False):
     created_at: float
     finished_at: float
     route: str = "completions"  # the API it came in on: "completions", "chat.completions"
+    # Only with `accounts.store_prompts` on (else None), cut to `stored_text_chars`.
+    prompt_text: str | None = None
+    answer_text: str | None = None
 
     def row(self) -> tuple[Any, ...]:
         """The record as the ledger's columns. `user` and `metadata` are JSON, so that any
@@ -99,6 +104,8 @@ class Record(msgspec.Struct, kw_only=True, omit_defaults=False):
             self.created_at,
             self.finished_at,
             self.route,
+            _text(self.prompt_text),
+            _text(self.answer_text),
         )
 
     @classmethod

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import re
 import sqlite3
@@ -29,6 +30,7 @@ import msgspec
 
 __all__ = [
     "MIGRATIONS",
+    "ROLLUP_BOUNDS_MS",
     "DataRejected",
     "Database",
     "IntegrityError",
@@ -100,6 +102,131 @@ _KEY_CHANGED = (
     "FOR EACH ROW EXECUTE FUNCTION llmrouter_key_changed()",
 )
 
+# Version 4: the dashboard's hourly rollup of the ledger, its login sessions, and the prompt and
+# answer texts (kept only when `accounts.store_prompts` is on).
+#
+# The rollup is kept by a trigger on the ledger, in the writer's own transaction, once per
+# inserted record (the ledger's insert skips a duplicate with ON CONFLICT DO NOTHING, which fires
+# no row trigger), so its sums are the ledger's exactly and no chart reads the ledger itself.
+# Latency and time to first token are counted in fixed buckets (upper bounds in ms; the last is
+# everything above), from which the pages interpolate percentiles as Prometheus does. These
+# bounds are part of the shipped schema: never change them.
+ROLLUP_BOUNDS_MS: tuple[float, ...] = (
+    25, 50, 100, 250, 500, 1000, 2500, 5000, 10_000, 30_000, 60_000
+)  # fmt: skip
+_ROLLUP_KEY = ("hour", "principal", "model", "provider", "outcome")
+_ROLLUP_SUMS = (
+    "requests", "errors", "fallbacks", "prompt_tokens", "completion_tokens", "cost",
+    "latency_ms_sum", "ttft_count", "ttft_ms_sum",
+    *(f"latency_b{i}" for i in range(len(ROLLUP_BOUNDS_MS) + 1)),
+    *(f"ttft_b{i}" for i in range(len(ROLLUP_BOUNDS_MS) + 1)),
+)  # fmt: skip
+_ROLLUP_FLOATS = ("cost", "latency_ms_sum", "ttft_ms_sum")
+_ROLLUP = f"""CREATE TABLE usage_hourly (
+    hour      BIGINT NOT NULL,   -- unix seconds at the start of the hour (UTC) of created_at
+    principal TEXT NOT NULL,
+    model     TEXT NOT NULL,     -- the model that answered, else the one asked for
+    provider  TEXT NOT NULL,     -- '' when none answered
+    outcome   TEXT NOT NULL,     -- the record's error code; '' for success
+    {", ".join(f"{c} BIGINT NOT NULL" for c in _ROLLUP_SUMS if c not in _ROLLUP_FLOATS)},
+    cost DOUBLE PRECISION NOT NULL, latency_ms_sum DOUBLE PRECISION NOT NULL,
+    ttft_ms_sum DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY ({", ".join(_ROLLUP_KEY)})
+)"""
+
+
+def _buckets(column: str) -> list[str]:
+    """One 0/1 per bucket: is `column` (ms, NULL counts nowhere) in it."""
+    bounds = ROLLUP_BOUNDS_MS
+    cases = [f"CASE WHEN {column} <= {bounds[0]} THEN 1 ELSE 0 END"]
+    cases += [
+        f"CASE WHEN {column} > {lo} AND {column} <= {hi} THEN 1 ELSE 0 END"
+        for lo, hi in itertools.pairwise(bounds)
+    ]
+    cases.append(f"CASE WHEN {column} > {bounds[-1]} THEN 1 ELSE 0 END")
+    return cases
+
+
+def _rollup_values(row: str, hour: str, attempts: str) -> list[str]:
+    """A ledger row's contribution to its rollup row: key columns then sums (one record)."""
+    return [
+        hour,
+        f"{row}principal",
+        f"coalesce({row}model, {row}model_requested)",
+        f"coalesce({row}provider, '')",
+        f"coalesce({row}error, '')",
+        "1",
+        f"CASE WHEN {row}status >= 400 OR {row}error IS NOT NULL THEN 1 ELSE 0 END",
+        f"CASE WHEN {attempts} > 1 THEN 1 ELSE 0 END",
+        f"{row}prompt_tokens",
+        f"{row}completion_tokens",
+        f"{row}cost",
+        f"{row}latency_ms",
+        f"CASE WHEN {row}ttft_ms IS NULL THEN 0 ELSE 1 END",
+        f"coalesce({row}ttft_ms, 0)",
+        *_buckets(f"{row}latency_ms"),
+        *_buckets(f"{row}ttft_ms"),
+    ]
+
+
+def _rollup_sql(dialect: Literal["sqlite", "postgres"]) -> tuple[str, ...]:
+    columns = ", ".join((*_ROLLUP_KEY, *_ROLLUP_SUMS))
+    if dialect == "sqlite":
+        hour = "CAST(NEW.created_at / 3600 AS INTEGER) * 3600"
+        attempts = "json_array_length(NEW.attempts)"
+        backfill_hour, backfill_attempts = hour.replace("NEW.", ""), "json_array_length(attempts)"
+    else:
+        hour = "(floor(NEW.created_at / 3600) * 3600)::bigint"
+        attempts = "json_array_length(NEW.attempts::json)"
+        backfill_hour = hour.replace("NEW.", "")
+        backfill_attempts = "json_array_length(attempts::json)"
+    values = ", ".join(_rollup_values("NEW.", hour, attempts))
+    add = ", ".join(f"{c} = usage_hourly.{c} + excluded.{c}" for c in _ROLLUP_SUMS)
+    upsert = (
+        f"INSERT INTO usage_hourly ({columns}) VALUES ({values}) "  # noqa: S608
+        f"ON CONFLICT ({', '.join(_ROLLUP_KEY)}) DO UPDATE SET {add}"
+    )
+    # The records written before this migration, summed once.
+    one = _rollup_values("", backfill_hour, backfill_attempts)
+    sums = ", ".join(one[:5] + [f"sum({v})" for v in one[5:]])
+    backfill = (
+        f"INSERT INTO usage_hourly ({columns}) SELECT {sums} FROM ledger "  # noqa: S608
+        "GROUP BY 1, 2, 3, 4, 5"
+    )
+    trigger: tuple[str, ...]
+    if dialect == "sqlite":
+        trigger = (f"CREATE TRIGGER ledger_rollup AFTER INSERT ON ledger BEGIN {upsert}; END",)
+    else:
+        trigger = (
+            f"""CREATE FUNCTION llmrouter_ledger_rollup() RETURNS trigger AS $$
+    BEGIN
+        {upsert};
+        RETURN NULL;
+    END $$ LANGUAGE plpgsql""",
+            "CREATE TRIGGER ledger_rollup AFTER INSERT ON ledger "
+            "FOR EACH ROW EXECUTE FUNCTION llmrouter_ledger_rollup()",
+        )
+    return (_ROLLUP, backfill, *trigger)
+
+
+_SESSIONS = """CREATE TABLE admin_sessions (
+    id_hash    TEXT PRIMARY KEY,   -- sha256 of the cookie's random id, hex (the id is not kept)
+    key_id     TEXT NOT NULL,      -- the admin key that logged in
+    csrf       TEXT NOT NULL,      -- the token every form of the session carries
+    created_at BIGINT NOT NULL,
+    expires_at BIGINT NOT NULL
+)"""
+_V4_LEDGER = (
+    "ALTER TABLE ledger ADD COLUMN prompt_text TEXT",
+    "ALTER TABLE ledger ADD COLUMN answer_text TEXT",
+    # The request log's filters, each newest first within its value.
+    "CREATE INDEX ledger_model_time ON ledger ((coalesce(model, model_requested)), created_at)",
+    "CREATE INDEX ledger_provider_time ON ledger (provider, created_at)",
+    "CREATE INDEX usage_hourly_hour ON usage_hourly (hour)",
+    _SESSIONS,
+    "CREATE INDEX admin_sessions_expiry ON admin_sessions (expires_at)",
+)
+
 # Each entry moves the schema from version i to i + 1. Never edit one that has shipped; append.
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(
@@ -119,6 +246,10 @@ MIGRATIONS: tuple[Migration, ...] = (
     ),
     # The API a request came in on (the records before it: all /completions).
     Migration(sqlite=(_LEDGER_ROUTE,), postgres=(_LEDGER_ROUTE,)),
+    Migration(
+        sqlite=(*_rollup_sql("sqlite"), *_V4_LEDGER),
+        postgres=(*_rollup_sql("postgres"), *_V4_LEDGER),
+    ),
 )
 
 

@@ -102,6 +102,17 @@ class Accounting:
     prompt_estimate: int = 0
     recorded: bool = False  # the handler wrote it; otherwise the app does, after the handler
     splice: Splice | None = None  # a stream that could move between deployments
+    # With `accounts.store_prompts` on: the most characters of each text kept (None: none kept),
+    # the prompt, and the answer's text as sent (a stream's, gathered as it goes).
+    text_chars: int | None = None
+    prompt_text: str | None = None
+    answer_parts: list[str] = field(default_factory=list)
+    answer_chars: int = 0
+
+    def keep_answer(self, text: str) -> None:
+        if self.text_chars is not None and text and self.answer_chars < self.text_chars:
+            self.answer_parts.append(text)
+            self.answer_chars += len(text)
 
     @property
     def cost(self) -> float:
@@ -136,6 +147,10 @@ class Accounting:
             stream=self.stream,
             created_at=self.created_at,
             finished_at=time.time(),
+            prompt_text=self.prompt_text,
+            answer_text=None
+            if self.text_chars is None
+            else "".join(self.answer_parts)[: self.text_chars],
         )
 
 
@@ -168,6 +183,9 @@ async def generate(req: Request, ctx: Context, wire: Wire) -> None:
     acc.model_requested = model[:_MODEL_NAME_KEPT]  # a name that matched nothing may be long
     acc.stream = request.stream
     acc.prompt_estimate = decoded.prompt_estimate
+    if ctx.settings.accounts.store_prompts:
+        acc.text_chars = ctx.settings.accounts.stored_text_chars
+        acc.prompt_text = _prompt_text(request)[: acc.text_chars]
     # Kept with the request's record (never sent upstream unless the provider forwards them).
     if request.user is not UNSET:
         acc.user = req.log["user"] = request.user
@@ -205,6 +223,16 @@ async def generate(req: Request, ctx: Context, wire: Wire) -> None:
             await asyncio.shield(ctx.limiter.settle(admission, tokens, acc.cost))
 
 
+def _prompt_text(request: Generation) -> str:
+    """The request's input as the request log shows it: a conversation's turns as `role: text`
+    lines, one prompt as it is, several (or token ids) as JSON."""
+    if request.messages:
+        return "\n".join(f"{m.role}: {m.content}" for m in request.messages)
+    if len(request.prompts) == 1 and isinstance(request.prompts[0], str):
+        return request.prompts[0]
+    return msgspec.json.encode(request.prompts).decode()
+
+
 def _first_model(route: Route, default: str) -> str:
     if route.model is not None:
         return route.model
@@ -219,12 +247,17 @@ async def _complete(
     request: Generation,
     limit_headers: list[tuple[bytes, bytes]],
 ) -> None:
-    target, result, attempts = await ctx.executor.complete(plan, request, req.request_id)
+    try:
+        target, result, attempts = await ctx.executor.complete(plan, request, req.request_id)
+    except LlmrouterError as exc:  # the record of a failure names its attempts too
+        _accounting(req).attempts = exc.attempts
+        raise
     if _excluded(request):
         result.choices = [msgspec.structs.replace(c, reasoning=None) for c in result.choices]
     _note(req, target, attempts, result.usage)
     if result.choices:
         _accounting(req).finish_reason = result.choices[0].finish_reason
+        _accounting(req).keep_answer(result.choices[0].text)
     body = wire.answer(req.request_id, target, result)
     await _commit_record(req, ctx, 200)  # durable before the client has the answer
     await req.send(
@@ -336,8 +369,10 @@ async def _relay(
                     acc.ttft_ms = round((time.perf_counter() - acc.started) * 1000, 3)
                 for choice in part.choices:
                     deltas += bool(choice.text or choice.reasoning or choice.tool_calls)
-                    if choice.index == 0 and choice.finish_reason is not None:
-                        acc.finish_reason = choice.finish_reason
+                    if choice.index == 0:
+                        acc.keep_answer(choice.text)
+                        if choice.finish_reason is not None:
+                            acc.finish_reason = choice.finish_reason
                 body = chunks.part(part)
                 await req.send({"type": "http.response.body", "body": body, "more_body": True})
             try:
