@@ -11,6 +11,7 @@ import gc
 import logging
 import os
 import random
+import signal
 import time
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -103,7 +104,10 @@ _ROUTES: dict[str, dict[str, Handler]] = {
 }
 # Paths with an id in them: the prefix, the id, then one of the tails (the handler reads the id).
 _ID_ROUTES: dict[str, dict[str, dict[str, Handler]]] = {
-    "/api/v1/keys/": {"": {"GET": key_item, "DELETE": key_item}, "/rotate": {"POST": key_item}},
+    "/api/v1/keys/": {
+        "": {"GET": key_item, "PATCH": key_item, "DELETE": key_item},
+        "/rotate": {"POST": key_item},
+    },
 }
 # Handlers that may run long; a client that leaves cancels them.
 _WATCH_DISCONNECT = frozenset(
@@ -168,11 +172,11 @@ class Context:
             lease_seconds=lease,
             on_redis_error=metrics.redis_failed("limits") if metrics else _nothing,
         )
+        if metrics is not None:  # (before the providers: a taken address fails the start first)
+            self._listener = start_listener(self.settings.metrics.listen, metrics)
         await self.health.start()
         for provider in self.catalog.providers.values():
             await provider.start()
-        if metrics is not None:
-            self._listener = start_listener(self.settings.metrics.listen, metrics)
 
     def sample(self) -> None:
         """Set the metrics' gauges of state now (a scrape asks just before reading)."""
@@ -258,7 +262,7 @@ class App:
 
         prefix = "chatcmpl-" if scope["path"] in _CHAT_PATHS else "cmpl-"
         req = Request(scope, receive, send_and_watch, prefix + uuid.uuid4().hex)
-        span = tracing.start_request(req) if tracing.enabled() else None
+        span = tracing.start_request(req, route) if tracing.enabled() else None
         ctx = self.ctx  # this request keeps the config it started on to its end
         ctx.in_flight.enter()
         try:
@@ -293,6 +297,9 @@ class App:
         finally:
             ctx.in_flight.leave()
             await self._record(req, status or 499, req.log.get("error"), durable=False)
+            # A client that left mid-stream had its 200 sent: it ends as the ledger has it, 499.
+            if req.log.get("error") == "client_disconnected":
+                status = 499
             if metrics is not None:
                 seconds = time.perf_counter() - started
                 metrics.finished(ctx.catalog, route, status or 499, seconds, req.accounting)
@@ -427,5 +434,7 @@ def create_app_from_environment() -> App:
     """The factory each server worker calls: the config named by LLMROUTER_CONFIG, or the
     embedded default."""
     configure_logging(os.environ.get("LLMROUTER_LOG_LEVEL", "INFO"))  # workers start afresh
+    # A SIGHUP before the lifespan installs the reload must not kill a worker (the default).
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     path = os.environ.get("LLMROUTER_CONFIG")
     return create_app(load_settings(path) if path else embedded_default(), path)

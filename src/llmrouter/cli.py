@@ -8,6 +8,7 @@ import csv
 import datetime as dt
 import os
 import re
+import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
@@ -115,6 +116,9 @@ def _when(seconds: int | float | None) -> str:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
+    # SIGHUP reloads the config once the server has started (reload.py); until then it must not
+    # be the default, which kills.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     from llmrouter.obs.logging import configure_logging
     from llmrouter.server import MULTIPROCESS_ENV, ServeError, bind, serve
 
@@ -159,13 +163,16 @@ def cmd_serve(args: argparse.Namespace) -> None:
     except StoreError as exc:
         raise CliError(str(exc)) from None
     configure_logging(os.environ.get("LLMROUTER_LOG_LEVEL", "INFO"))
-    serve(
-        sock,
-        workers,
-        args.config or os.environ.get("LLMROUTER_CONFIG"),
-        settings.server,
-        settings.metrics,
-    )
+    try:
+        serve(
+            sock,
+            workers,
+            args.config or os.environ.get("LLMROUTER_CONFIG"),
+            settings.server,
+            settings.metrics,
+        )
+    except ServeError as exc:
+        raise CliError(str(exc)) from None
 
 
 def _print_first_key(secret: str, host: str, port: int, settings: Settings) -> None:

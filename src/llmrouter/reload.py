@@ -35,6 +35,7 @@ import msgspec
 from msgspec import Struct
 
 from llmrouter.accounts.auth import Authenticator
+from llmrouter.errors import ServiceUnavailable
 from llmrouter.providers import build_provider
 from llmrouter.providers.base import Provider
 from llmrouter.routing.executor import Executor
@@ -176,13 +177,21 @@ def _deployments(settings: Settings, provider: str) -> list[DeploymentSettings]:
 
 def _same_provider(running: Settings, new: Settings, name: str) -> bool:
     """Would `new` build provider `name` as `running` did? (An adapter is made of its settings,
-    its deployments in any order, and the check limits.)"""
+    its deployments in any order, as far as it reads them, and the check limits.)"""
     if name not in running.providers or running.providers[name] != new.providers[name]:
         return False
     if running.checks != new.checks:
         return False
-    old, now = _deployments(running, name), _deployments(new, name)
+    old = [_as_adapted(d) for d in _deployments(running, name)]
+    now = [_as_adapted(d) for d in _deployments(new, name)]
     return all(d in now for d in old) and all(d in old for d in now)
+
+
+def _as_adapted(deployment: DeploymentSettings) -> DeploymentSettings:
+    """A deployment as its adapter sees it: how it is chosen (weight, priority) and priced is
+    the router's business, so a change there keeps the adapter (and a local model loaded once).
+    Adapters look their deployments up by model name, never by the whole settings."""
+    return msgspec.structs.replace(deployment, weight=1.0, priority=0, pricing=None)
 
 
 def changes(running: Settings, new: Settings, status: str) -> Changes:
@@ -230,9 +239,10 @@ class Reloader:
     # -- the signal ---------------------------------------------------------------------------
 
     def install(self) -> None:
-        """SIGHUP reloads, from now on (in the server's event loop, at start)."""
-        if self._path is not None:
-            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._on_signal)
+        """SIGHUP reloads, from now on (in the server's event loop, at start). Until then it is
+        ignored (`cmd_serve` ignores it first, and workers inherit that), never fatal; without a
+        file, a SIGHUP says there is nothing to reload."""
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._on_signal)
 
     def _on_signal(self) -> None:
         self._spawn(self._reload_logged())
@@ -260,6 +270,12 @@ class Reloader:
         async with self._lock:
             running = self._app.ctx.settings
             new = self._read(running)
+        # Only our own supervisor: if it died, its pid may be another process's by now.
+        if os.getppid() != self._supervisor:
+            raise ServiceUnavailable(
+                "This worker's supervisor is gone: the other workers cannot be told to reload. "
+                "Restart the server."
+            )
         os.kill(self._supervisor, signal.SIGHUP)
         return changes(running, new, "signalled")
 
@@ -389,8 +405,8 @@ class Reloader:
     async def aclose(self) -> None:
         """At shutdown, before the Context closes: stop listening, and close what the retired
         configs still hold (the current one's providers are the Context's to close)."""
-        if self._path is not None:
-            asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+        asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # while the ledger flushes: never fatal
         for task in list(self._tasks):
             task.cancel()
         for old in list(self._retired):

@@ -11,6 +11,7 @@ import contextlib
 import functools
 import glob
 import os
+import re
 import resource
 import shutil
 import signal
@@ -65,6 +66,7 @@ def _raise_file_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 
 
+_METRICS_FILE = re.compile(r"^(counter|histogram|summary|gauge_[a-z]+)_\d+\.db$")
 # prometheus-client reads it when first imported: set (or unset) before anything imports it.
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -82,7 +84,14 @@ def _shared_metrics(workers: int, settings: MetricsSettings) -> Iterator[None]:
     given = os.environ.get(MULTIPROCESS_ENV)
     directory = given or tempfile.mkdtemp(prefix="llmrouter-metrics-")
     os.makedirs(directory, exist_ok=True)
-    for stale in glob.glob(os.path.join(directory, "*.db")):
+    files = glob.glob(os.path.join(directory, "*.db"))
+    foreign = [f for f in files if not _METRICS_FILE.match(os.path.basename(f))]
+    if foreign:  # a scrape reads every *.db there: the folder must be the metrics' alone
+        raise ServeError(
+            f"{MULTIPROCESS_ENV}={directory} holds {os.path.basename(foreign[0])}, which is not a "
+            "metrics file: give the metrics a folder of their own"
+        )
+    for stale in files:
         os.remove(stale)
     os.environ[MULTIPROCESS_ENV] = directory
     listener = None

@@ -465,6 +465,13 @@ class CheckSettings(Struct, frozen=True, forbid_unknown_fields=True):
     grammar_rules: Annotated[int, Meta(ge=16, le=1_000_000)] = 100_000
 
 
+# host:port, the port 1 to 65535 (as digits: a pattern is all a msgspec string bound can say).
+_HOST_PORT = (
+    r"^\[?[0-9A-Za-z.:_-]+\]?:(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}"
+    r"|[1-5][0-9]{4}|[1-9][0-9]{0,3})$"
+)
+
+
 class MetricsSettings(Struct, frozen=True, forbid_unknown_fields=True):
     """`GET /metrics` in Prometheus's text format (never public: see `listen`)."""
 
@@ -472,7 +479,7 @@ class MetricsSettings(Struct, frozen=True, forbid_unknown_fields=True):
     # null: served on the router's own address, to an admin credential only (a bearer admin key).
     # "host:port": served there instead, without a credential, for a scraper on a private
     # network (and then not on the router's address at all).
-    listen: Annotated[str, Meta(pattern=r"^\[?[0-9A-Za-z.:_-]+\]?:[0-9]{1,5}$")] | None = None
+    listen: Annotated[str, Meta(pattern=_HOST_PORT)] | None = None
 
 
 class TracingSettings(Struct, frozen=True, forbid_unknown_fields=True):
@@ -558,6 +565,8 @@ def load_settings(path: str | os.PathLike[str]) -> Settings:
         text = file.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read config {file}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config {file} is not UTF-8 text (byte {exc.start})") from None
     # `${VAR}` is not valid in a YAML flow mapping (`{api_key: ${KEY}}`), so each reference is
     # swapped for a plain placeholder before parsing and resolved after, inside string values only:
     # an environment value can never change the YAML's structure.

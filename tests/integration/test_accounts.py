@@ -137,6 +137,7 @@ ADMIN_ENDPOINTS = [
     ("POST", "/api/v1/keys", {"name": "made-by-matrix"}),
     ("GET", "/api/v1/keys/{id}", None),
     ("POST", "/api/v1/keys/{id}/rotate", None),
+    ("PATCH", "/api/v1/keys/{id}", {"rpm": 5}),
     ("DELETE", "/api/v1/keys/{id}", None),
 ]
 
@@ -149,7 +150,7 @@ def test_admin_api_authorisation_matrix(
     match = KEY_PATTERN.match(target_key)
     assert match is not None
     url = router.base + path.format(id=match.group("id"))
-    if body is not None:
+    if body is not None and "name" in body:
         body = {**body, "name": f"{body['name']}-{uuid.uuid4().hex[:6]}"}
     callers = {
         "nobody": ({}, 401),
@@ -166,6 +167,40 @@ def test_admin_api_authorisation_matrix(
     r = httpx.request(method, url, headers=auth(admin), json=body, timeout=10)
     assert r.status_code in (200, 201), r.text
     assert "key" not in r.json() or KEY_PATTERN.match(r.json()["key"])
+
+
+def test_admin_api_edits_a_keys_limits(router: Router, admin: str) -> None:
+    r = httpx.post(
+        f"{router.api}/keys",
+        headers=auth(admin),
+        json={"name": f"e-{uuid.uuid4().hex[:6]}", "tpm": 10**6},
+        timeout=10,
+    )
+    key_id, secret = r.json()["data"]["id"], r.json()["key"]
+    url = f"{router.api}/keys/{key_id}"
+    r = httpx.patch(url, headers=auth(admin), json={"rpm": 1, "models": ["fake/ok"]}, timeout=10)
+    assert r.status_code == 200, r.text
+    data = r.json()["data"]
+    assert data["limits"]["rpm"] == 1 and data["limits"]["tpm"] == 10**6  # left out: kept
+    assert data["models"] == ["fake/ok"]
+    assert complete(router, secret).status_code == 200
+    assert complete(router, secret).status_code == 429  # in force at once
+    assert httpx.get(url, headers=auth(admin), timeout=10).json()["data"]["limits"]["rpm"] == 1
+    r = httpx.patch(url, headers=auth(admin), json={"rpm": None, "models": None}, timeout=10)
+    assert r.json()["data"]["limits"]["rpm"] is None and r.json()["data"]["models"] is None
+    for body, param in (
+        ({"rpm": -1}, "rpm"),
+        ({"models": ["no/such"]}, "models[0]"),
+        ({"name": "x"}, "name"),
+    ):
+        r = httpx.patch(url, headers=auth(admin), json=body, timeout=10)
+        assert r.status_code == 400 and error_of(r)["param"] == param, (body, r.text)
+    r = httpx.patch(
+        url, headers={**auth(admin), "Content-Type": "application/json"}, content=b"{", timeout=10
+    )
+    assert r.status_code == 400 and error_of(r)["code"] == "invalid_json"
+    httpx.delete(url, headers=auth(admin), timeout=10)
+    assert httpx.patch(url, headers=auth(admin), json={"rpm": 3}, timeout=10).status_code == 404
 
 
 def test_admin_api_manages_keys(router: Router, admin: str) -> None:
@@ -220,7 +255,7 @@ def test_a_taken_key_name_is_409_until_its_key_is_revoked(router: Router, admin:
 @pytest.mark.parametrize(
     ("body", "param"),
     [
-        ({"name": "x", "colour": "red"}, ""),
+        ({"name": "x", "colour": "red"}, "colour"),  # the unknown field named
         ({"name": "x", "rpm": "many"}, "rpm"),
         ({"name": "x", "rpm": -1}, "rpm"),
         ({"name": "x", "reset": "hourly"}, "reset"),

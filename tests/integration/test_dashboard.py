@@ -339,3 +339,20 @@ def test_csv_export(router: Router, admin: str, traffic: list[str]) -> None:
     assert lines[0] == "start_utc,model,requests,errors,tokens,cost"
     models = {line.split(",")[1] for line in lines[1:]}
     assert {"fake/ok", "fake/cheap", "fake/status-500"} <= models
+
+
+def test_reliability_shows_an_ejected_deployment(tmp_path: Path, fake_upstream: str) -> None:
+    text = dashboard_config(fake_upstream).replace(
+        "health: {consecutive_failures: 1000000, min_attempts: 1000000}",
+        "health: {consecutive_failures: 1, cooldown_seconds: 600}",
+    )
+    with serving(tmp_path, text) as router:
+        assert send(router, {"model": "fake/status-500", "prompt": "x"}).status_code >= 500
+        page = login(router, admin_key(router)).get("/admin/reliability").text
+        rows = re.findall(
+            r"<tr><td>(fake/[^<]+)</td><td>[^<]*</td><td><span class=\"state state-(\w+)\">"
+            r"[^<]*</span></td><td class=\"num\">(\d+)</td>",
+            page,
+        )
+        assert ("fake/status-500", "ejected", "1") in rows
+        assert ("fake/ok", "closed", "0") in rows

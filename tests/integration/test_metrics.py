@@ -4,7 +4,9 @@ traffic the test sent, labels only from the configuration, and the sum over `--w
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -42,6 +44,8 @@ models:
       - {{provider: fake, model: ok}}
   - id: m/down
     deployments: [{{provider: fake, model: status-500}}]
+  - id: m/slow
+    deployments: [{{provider: fake, model: slow-stream-20}}]
 routing: {{seed: 1, health: {{consecutive_failures: 2, cooldown_seconds: 60}}}}
 {accounts}{extra}"""
 
@@ -368,3 +372,103 @@ def test_a_reload_brings_its_models_labels_and_deployments(tmp_path: Path, fake_
         new = {"provider": "fake", "upstream_model": "ok-new"}
         assert value(samples, "llmrouter_upstream_attempts_total", **new, outcome="ok") == 1
         assert value(samples, "llmrouter_deployment_health", **new, state="closed") == 1
+
+
+def test_a_request_every_deployment_failed_counts_its_attempts(served: tuple[Router, str]) -> None:
+    router, admin = served
+    before = scrape(router, admin)
+    r = complete(router, {"model": "m/down", "prompt": "hi"})
+    assert r.status_code >= 500
+    tried = r.headers["x-llmrouter-attempts"].count("fake/status-500")
+    after = scrape(router, admin)
+    down = {"provider": "fake", "upstream_model": "status-500"}
+    counted = sum(
+        v - value(before, name, **dict(labels))
+        for (name, labels), v in after.items()
+        if name == "llmrouter_upstream_attempts_total" and down.items() <= dict(labels).items()
+    )
+    assert tried >= 1 and counted == tried
+
+
+def test_a_stream_the_client_left_is_a_499(served: tuple[Router, str]) -> None:
+    router, admin = served
+    labels = {"route": "completions", "model": "m/slow", "stream": "true"}
+    before = scrape(router, admin)
+    with httpx.stream(
+        "POST",
+        f"{router.api}/completions",
+        headers=auth(router.key),
+        json={"model": "m/slow", "prompt": "hi", "stream": True},
+        timeout=30,
+    ) as r:
+        assert r.status_code == 200
+        next(r.iter_lines())  # the stream has begun; then the client leaves
+    eventually(
+        lambda: value(scrape(router, admin), "llmrouter_in_flight_requests", route="completions") == 0
+    )
+    after = scrape(router, admin)
+    grew = value(after, "llmrouter_requests_total", **labels, status="499") - value(
+        before, "llmrouter_requests_total", **labels, status="499"
+    )
+    assert grew == 1
+    assert value(after, "llmrouter_requests_total", **labels, status="200") == value(
+        before, "llmrouter_requests_total", **labels, status="200"
+    )
+
+
+def test_a_deployment_a_reload_removed_leaves_the_health_figures(
+    tmp_path: Path, fake_upstream: str
+) -> None:
+    with serving(tmp_path, config(fake_upstream)) as router:
+        admin = admin_key(router)
+        for _ in range(2):
+            complete(router, {"model": "m/down", "prompt": "hi"})
+        down = {"provider": "fake", "upstream_model": "status-500"}
+        assert value(scrape(router, admin), "llmrouter_deployment_health", **down, state="ejected") == 1
+        text = config(fake_upstream).replace(
+            "  - id: m/down\n    deployments: [{provider: fake, model: status-500}]\n", ""
+        )
+        assert "status-500" not in text
+        router.config.write_text(text)
+        r = httpx.post(f"{router.api}/admin/reload", headers=auth(admin), timeout=30)
+        assert r.status_code == 200 and r.json()["data"]["models"]["removed"] == ["m/down"]
+        samples = scrape(router, admin)
+        assert not [
+            k
+            for k in samples
+            if k[0] == "llmrouter_deployment_health" and ("upstream_model", "status-500") in k[1]
+        ]
+
+
+def test_a_dead_workers_gauges_are_not_summed(tmp_path: Path, fake_upstream: str) -> None:
+    port = free_port()
+    text = config(fake_upstream, f"metrics: {{listen: '127.0.0.1:{port}'}}")
+    with serving(tmp_path, text, "--workers", "2") as router:
+        ok = {"provider": "fake", "upstream_model": "ok", "state": "closed"}
+
+        def closed() -> float:
+            samples = parse(httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text)
+            return value(samples, "llmrouter_deployment_health", **ok)
+
+        eventually(lambda: closed() == 2)  # two workers see it closed
+        workers = subprocess.run(["pgrep", "-P", str(router.proc.pid)], capture_output=True, text=True)
+        pids = [int(p) for p in workers.stdout.split()]
+        assert len(pids) >= 2
+        os.kill(pids[0], signal.SIGKILL)  # the supervisor starts another in its place
+        time.sleep(3)
+        eventually(lambda: closed() == 2, seconds=15)
+        for _ in range(3):
+            assert closed() == 2
+
+
+def test_a_metrics_folder_holding_other_files_is_refused(
+    tmp_path: Path, fake_upstream: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shared = tmp_path / "prom"
+    shared.mkdir()
+    (shared / "important.db").write_bytes(b"the operator's")
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(shared))
+    with pytest.raises(RuntimeError), serving(tmp_path, config(fake_upstream), "--workers", "2"):
+        pass
+    assert (shared / "important.db").read_bytes() == b"the operator's"  # left alone
+    assert "holds important.db, which is not a metrics file" in (tmp_path / "router.log").read_text()

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
+import subprocess
 import threading
 import time
 import uuid
@@ -20,7 +22,7 @@ import httpx
 import jwt as pyjwt
 import pytest
 
-from tests.conftest import Router, fake_server, free_port, serving, start_router, stop
+from tests.conftest import BIN, Router, fake_server, free_port, serving, start_router, stop, wait_http
 
 ISSUER = "reload-tests"
 JWT_SECRET = "reload-tests-secret-0123456789-abcdef"
@@ -460,3 +462,37 @@ def test_every_worker_reloads(tmp_path: Path, up_a: str) -> None:
         assert _workers(router) == workers  # reloaded, never restarted
     finally:
         stop(router.proc)
+
+
+def test_a_sighup_never_kills_the_server(tmp_path: Path, up_a: str) -> None:
+    """Without a config file there is nothing to reload, and while it starts there is no reload
+    yet: either way a SIGHUP (logrotate, `systemctl reload`) is told, never fatal."""
+    with serving(tmp_path / "embedded", None) as router:
+        router.proc.send_signal(signal.SIGHUP)
+        time.sleep(1)
+        assert router.proc.poll() is None
+        assert httpx.get(f"{router.base}/health", timeout=5).status_code == 200
+        assert "nothing to reload" in router.log.read_text()
+    (tmp_path / "early").mkdir()
+    text = config(up_a, {"up/ok": "deployments: [{provider: up, model: ok}]"})
+    path = tmp_path / "early" / "config.yaml"
+    path.write_text(text)
+    port = free_port()
+    env = {**os.environ, "LLMROUTER_HOME": str(tmp_path / "early" / "home")}
+    proc = subprocess.Popen(
+        [str(BIN / "llmrouter"), "serve", "--config", str(path), "--port", str(port)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        # From the moment `serve` runs (its first step ignores SIGHUP), through the start.
+        status = Path(f"/proc/{proc.pid}/status")
+        while not int(re.search(r"SigIgn:\s*(\w+)", status.read_text())[1], 16) & 1:
+            assert proc.poll() is None
+            time.sleep(0.01)
+        for _ in range(5):
+            proc.send_signal(signal.SIGHUP)
+            time.sleep(0.05)
+        wait_http(f"http://127.0.0.1:{port}/health", proc)
+        assert proc.poll() is None
+    finally:
+        stop(proc)

@@ -28,6 +28,7 @@ def test_readme_configs_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bl
         "AZURE_URL",
         "AZURE_KEY",
         "PGPASSWORD",
+        "OTLP_KEY",
     ):
         monkeypatch.setenv(name, "http://example.invalid/v1" if name.endswith("URL") else "k")
     block = textwrap.dedent(block)  # blocks inside list items are indented

@@ -171,3 +171,59 @@ def test_new_health_thresholds_apply_to_what_the_book_knows(tmp_path: Path) -> N
         assert book.state("up/ok") == "ejected"
 
     _run(config, test)
+
+
+def test_a_changed_weight_priority_or_price_keeps_the_loaded_model(tmp_path: Path) -> None:
+    config = tmp_path / "config.yaml"
+    _write(config)
+
+    async def test(app: App) -> None:
+        old = app.ctx
+        local = old.catalog.providers["local"]
+        text = config.read_text().replace(
+            "{provider: local, model: smollm2-135m-instruct}",
+            "{provider: local, model: smollm2-135m-instruct, weight: 3, priority: 2, "
+            "pricing: {prompt: 1, completion: 2}}",
+        )
+        config.write_text(text)
+        changes = await old.reloader.reload()
+        assert changes.status == "reloaded" and changes.providers.rebuilt == []
+        assert app.ctx.catalog.providers["local"] is local
+        target = app.ctx.catalog.targets["local/smollm2"][0]
+        assert target.deployment.weight == 3 and target.pricing.completion == 2  # in force
+
+    _run(config, test)
+
+
+def test_a_post_whose_supervisor_is_gone_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker orphaned by its supervisor's death must not signal whatever has its pid now."""
+    from llmrouter.errors import ServiceUnavailable
+
+    config = tmp_path / "config.yaml"
+    _write(config)
+    monkeypatch.setenv("LLMROUTER_SUPERVISOR_PID", "1")  # not this process's parent
+
+    async def test(app: App) -> None:
+        _write(config, alias="other")
+        with pytest.raises(ServiceUnavailable):
+            await app.ctx.reloader.request()
+        assert "small" in app.ctx.catalog.models  # nothing changed
+
+    _run(config, test)
+
+
+def test_a_config_that_is_not_utf8_is_a_config_error(tmp_path: Path) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_bytes(b"\xff\xfe\x00bad")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_settings(config)
+
+
+@pytest.mark.parametrize("listen", ["127.0.0.1:99999", "127.0.0.1:0", "127.0.0.1:65536", "nohost"])
+def test_a_metrics_address_out_of_range_is_a_config_error(tmp_path: Path, listen: str) -> None:
+    config = tmp_path / "config.yaml"
+    _write(config, extra=f"metrics: {{listen: '{listen}'}}\n")
+    with pytest.raises(ConfigError, match=r"metrics\.listen"):
+        load_settings(config)

@@ -404,6 +404,7 @@ class Dashboard:
                 "model": t.model.id,
                 "state": health.state(t.label),
                 "out_for": health.unavailable_for(t.label),
+                "ejections": health.ejections(t.label),
                 "in_flight": health.in_flight(t.label),
                 "latency": health.latency(t.label),
             }

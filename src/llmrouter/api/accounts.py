@@ -3,11 +3,12 @@
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, Annotated, Any
 from urllib.parse import parse_qs
 
 import msgspec
-from msgspec import Meta, Struct
+from msgspec import UNSET, Meta, Struct, UnsetType
 
 from llmrouter.accounts.keys import ApiKey, KeyError_, KeyNameTaken
 from llmrouter.api.http import Request, send_bytes
@@ -18,7 +19,7 @@ from llmrouter.wire.decode import decode
 if TYPE_CHECKING:
     from llmrouter.app import Context
 
-__all__ = ["KeySpec", "generation", "key_collection", "key_item", "key_view", "whoami"]
+__all__ = ["KeyLimits", "KeySpec", "generation", "key_collection", "key_item", "key_view", "whoami"]
 
 _encode = msgspec.json.Encoder().encode
 _BODY_LIMIT = 1 << 20
@@ -50,6 +51,45 @@ class KeySpec(Struct, forbid_unknown_fields=True):
 
 
 _key_spec = msgspec.json.Decoder(KeySpec)
+
+
+class KeyLimits(Struct, forbid_unknown_fields=True):
+    """New limits for a key (`PATCH /api/v1/keys/{id}`): a field left out stays as it is, and a
+    null one is unlimited (`models`: every model)."""
+
+    rpm: Count | UnsetType | None = UNSET
+    tpm: Count | UnsetType | None = UNSET
+    max_concurrent: Count | UnsetType | None = UNSET
+    credit_limit: Amount | UnsetType | None = UNSET
+    reset: Reset | UnsetType | None = UNSET
+    models: list[str] | UnsetType | None = UNSET
+
+    def applied_to(self, policy: Policy) -> Policy:
+        given = {f: getattr(self, f) for f in self.__struct_fields__ if getattr(self, f) is not UNSET}
+        if isinstance(given.get("models"), list):
+            given["models"] = frozenset(given["models"])
+        return msgspec.structs.replace(policy, **given)
+
+
+_key_limits = msgspec.json.Decoder(KeyLimits)
+
+
+def _decoded(decoder: msgspec.json.Decoder[Any], body: bytes) -> Any:
+    """A JSON body, or a 400 naming the field that is wrong."""
+    try:
+        return decode(decoder, body)
+    except msgspec.ValidationError as exc:
+        message, _, where = str(exc).partition(" - at `$")
+        param = where.rstrip("`").lstrip(".")
+        unknown = _UNKNOWN_FIELD.search(message)
+        if unknown is not None:  # msgspec places it at the object: name the field itself
+            param = f"{param}.{unknown.group(1)}" if param else unknown.group(1)
+        raise InvalidRequest(message + ".", param=param) from None
+    except msgspec.DecodeError as exc:
+        raise InvalidRequest(f"The body is not valid JSON: {exc}", code="invalid_json") from None
+
+
+_UNKNOWN_FIELD = re.compile(r"^Object contains unknown field `([^`]*)`$")
 
 
 def _limits(policy: Policy) -> dict[str, Any]:
@@ -144,13 +184,7 @@ async def key_collection(req: Request, ctx: Context) -> None:
         await _json(req, 200, {"data": [key_view(k) for k in keys]})
         return
     req.require_json()
-    try:
-        spec = decode(_key_spec, await req.body(_BODY_LIMIT))
-    except msgspec.ValidationError as exc:
-        message, _, where = str(exc).partition(" - at `$")
-        raise InvalidRequest(message + ".", param=where.rstrip("`").lstrip(".")) from None
-    except msgspec.DecodeError as exc:
-        raise InvalidRequest(f"The body is not valid JSON: {exc}", code="invalid_json") from None
+    spec: KeySpec = _decoded(_key_spec, await req.body(_BODY_LIMIT))
     check_models(ctx, spec.models)
     try:
         key, secret = await ctx.keys.create(
@@ -174,7 +208,7 @@ async def key_collection(req: Request, ctx: Context) -> None:
 
 
 async def key_item(req: Request, ctx: Context) -> None:
-    """GET /api/v1/keys/{id}, DELETE /api/v1/keys/{id} (revoke), POST /api/v1/keys/{id}/rotate
+    """GET /api/v1/keys/{id}, PATCH (its limits), DELETE (revoke), POST /api/v1/keys/{id}/rotate
     (the app routes only these methods here). A revoked key is gone from its URL, as after any
     DELETE; `GET /api/v1/keys?all=true` still lists it."""
     await ctx.auth.admin(req.header(b"authorization"))
@@ -184,6 +218,14 @@ async def key_item(req: Request, ctx: Context) -> None:
     try:
         if req.method == "GET":
             await _json(req, 200, {"data": key_view(await ctx.keys.get(key_id))})
+        elif req.method == "PATCH":
+            req.require_json()
+            limits: KeyLimits = _decoded(_key_limits, await req.body(_BODY_LIMIT))
+            if isinstance(limits.models, list):
+                check_models(ctx, limits.models)
+            key = await ctx.keys.get(key_id)
+            key = await ctx.keys.update(key.id, policy=limits.applied_to(key.policy))
+            await _json(req, 200, {"data": key_view(key)})
         elif req.method == "DELETE":
             await _json(req, 200, {"data": key_view(await ctx.keys.revoke(key_id))})
         else:

@@ -53,6 +53,7 @@ _PER_TOKEN = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1)
 # The router's own time: from half a millisecond, where a hop on this stack sits.
 _OVERHEAD = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
 
+_STATES = ("closed", "half_open", "ejected")
 # The gauges' meaning under --workers N: in-flight requests and the ledger's backlog add up over
 # the live workers; a deployment's health counts the workers that see it in each state.
 _LIVESUM: dict[str, Any] = {"multiprocess_mode": "livesum"}
@@ -158,6 +159,7 @@ class Metrics:
         self._adds: dict[tuple[Any, ...], float] = defaultdict(float)
         self._observed: dict[tuple[Any, ...], list[float]] = {}
         self._running: dict[str, int] = defaultdict(int)  # in-flight requests by route
+        self._sampled: set[tuple[str, str]] = set()  # the deployments whose health was set
 
     def _child(self, metric: Any, *values: str) -> Any:
         key = (id(metric), *values)
@@ -214,11 +216,20 @@ class Metrics:
     def sample(self, catalog: Catalog, backlog: int) -> None:
         """Set the gauges of state (each deployment's health, the ledger's backlog), and flush."""
         health = catalog.health
+        sampled = set()
         for target in catalog.all_targets():
             now = health.state(target.label)
             d = target.deployment
-            for state in ("closed", "half_open", "ejected"):
+            sampled.add((d.provider, d.model))
+            for state in _STATES:
                 self._child(self.health, d.provider, d.model, state).set(1 if state == now else 0)
+        for gone in self._sampled - sampled:  # a reload removed it: it is in no state now
+            for state in _STATES:
+                self._child(self.health, *gone, state).set(0)
+                if self.registry is not None:  # (a shared file cannot lose a series)
+                    self.health.remove(*gone, state)
+                    del self._children[(id(self.health), *gone, state)]
+        self._sampled = sampled
         self.ledger_backlog.set(backlog)
         self.flush()
 
@@ -348,20 +359,32 @@ class Listener:
 
     def __init__(self, address: str, registry: CollectorRegistry | None) -> None:
         host, _, port = address.rpartition(":")
-        if registry is None:  # multiprocess mode: every worker's files
+        if registry is None:  # multiprocess mode: every worker's files, the dead ones' gauges not
             registry = CollectorRegistry()
-            multiprocess.MultiProcessCollector(registry, path=multiprocess_dir())  # type: ignore[no-untyped-call]
+            registry.register(_Workers())
         try:
             self._server, self._thread = prometheus_client.start_http_server(
                 int(port), host.strip("[]"), registry=registry
             )
-        except OSError as exc:
-            raise OSError(f"cannot serve the metrics on {address}: {exc.strerror}") from None
+        except (OSError, OverflowError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else str(exc)
+            raise OSError(f"cannot serve the metrics on {address}: {reason}") from None
 
     def shutdown(self) -> None:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=5)
+
+
+class _Workers:
+    """Every worker's figures, from the shared directory, as `exposition` reads them."""
+
+    def collect(self) -> Iterator[Any]:
+        directory = multiprocess_dir()
+        assert directory is not None, "multiprocess mode"
+        _forget_dead(directory)
+        collector = multiprocess.MultiProcessCollector(None, path=directory)  # type: ignore[no-untyped-call]
+        return iter(collector.collect())  # type: ignore[no-untyped-call]
 
 
 class _Flushed:

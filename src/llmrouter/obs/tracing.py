@@ -21,6 +21,8 @@ if TYPE_CHECKING:
 __all__ = ["RequestSpan", "attempt", "configure", "enabled", "inject", "shutdown", "start_request"]
 
 T = TypeVar("T")
+# The longest traceparent or tracestate taken (W3C: tracestate at most 32 entries of 256 or so).
+_LONGEST = 8192
 
 
 class _Tracing:
@@ -102,7 +104,7 @@ class RequestSpan:
         context.detach(self.token)
 
 
-def start_request(req: Request) -> RequestSpan:
+def start_request(req: Request, route: str) -> RequestSpan:
     """The request's span, made current. The client's `traceparent` (and `tracestate`), if
     valid, make it a child of the client's span; an invalid one is ignored."""
     from opentelemetry import context, trace
@@ -112,10 +114,11 @@ def start_request(req: Request) -> RequestSpan:
     carrier = {}
     for name in (b"traceparent", b"tracestate"):
         value = req.headers.get(name)
-        if value is not None:
+        if value is not None and len(value) <= _LONGEST:  # (a longer one is invalid anyway)
             carrier[name.decode()] = value.decode("latin-1")
     parent = t.propagator.extract(carrier) if carrier else None
-    span = t.tracer.start_span(f"{req.method} {req.path[:128]}", context=parent, kind=t.server)
+    # Named by its route (a bounded set), the path an attribute.
+    span = t.tracer.start_span(f"{req.method} {route}", context=parent, kind=t.server)
     span.set_attribute("http.request.method", req.method)
     span.set_attribute("url.path", req.path[:1024])
     span.set_attribute("llmrouter.request_id", req.request_id)

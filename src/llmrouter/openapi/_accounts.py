@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from llmrouter.accounts.keys import MAX_LABEL
-from llmrouter.api.accounts import KeySpec
+from llmrouter.api.accounts import KeyLimits, KeySpec
 from llmrouter.openapi._schema import RETRY_AFTER_HEADER, constrain, error, json_response, ref
 
 __all__ = ["add_accounts", "label_pattern"]
@@ -83,6 +83,19 @@ def _add_schemas(schemas: Schema) -> None:
         },
     }
     constrain(schemas["KeyCreate"], KeySpec)
+    schemas["KeyLimits"] = {
+        "type": "object",
+        "additionalProperties": False,
+        "description": "A field left out stays as it is; null is unlimited (`models`: every model).",
+        "properties": {
+            **{name: dict(schema) for name, schema in limits.items()},
+            "models": {
+                **models,
+                "description": "The models it may use, each a model of this router (else a 400).",
+            },
+        },
+    }
+    constrain(schemas["KeyLimits"], KeyLimits)
     schemas["Generation"] = {
         "type": "object",
         "description": "One request's ledger record.",
@@ -247,6 +260,24 @@ def add_accounts(spec: Schema) -> None:
             "tags": ["accounts"],
             "parameters": key_id,
             "responses": {"200": one_key, **admin, "404": no_key},
+        },
+        "patch": {
+            "operationId": "update-key",
+            "summary": "New limits for a live key (admin), in force at once",
+            "tags": ["accounts"],
+            "parameters": key_id,
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": ref("KeyLimits")}},
+            },
+            "responses": {
+                "200": one_key,
+                **admin,
+                "400": error("Bad body, or the Authorization header sent more than once"),
+                "404": no_key,
+                "413": error("Body over 1 MiB"),
+                "415": error("Body not sent as application/json"),
+            },
         },
         "delete": {
             "operationId": "revoke-key",

@@ -80,6 +80,9 @@ class HealthBook(Protocol):
     def state(self, label: str) -> HealthState:
         """Where `label` stands now (Retry-After skips aside: they are the upstream's, not ours)."""
 
+    def ejections(self, label: str) -> int:
+        """How many times in a row `label` has been ejected (0 once it has been long healthy)."""
+
     def configure(self, settings: HealthSettings, *, alpha: float) -> None:
         """New thresholds and EWMA weight (a config reload): what is known of each deployment
         stays."""
@@ -247,6 +250,10 @@ class LocalHealth:
 
     def in_flight(self, label: str) -> int:
         return self._state(label).in_flight
+
+    def ejections(self, label: str) -> int:
+        state = self._states.get(label)
+        return 0 if state is None else state.ejections
 
     def state(self, label: str) -> HealthState:
         state = self._states.get(label)

@@ -233,6 +233,9 @@ class SharedHealth:
     def state(self, label: str) -> HealthState:
         return self._local.state(label)
 
+    def ejections(self, label: str) -> int:
+        return self._local.ejections(label)
+
     def configure(self, settings: HealthSettings, *, alpha: float) -> None:
         self._local.configure(settings, alpha=alpha)
 
