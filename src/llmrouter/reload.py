@@ -79,11 +79,11 @@ RESTART_ONLY = (
     "accounts.ledger_batch_max",
     "accounts.ledger_sync",
     "accounts.ledger_wait_seconds",
-    # The metrics endpoint and the exporter of traces are set up at start; the dashboard's path
-    # is a route.
+    # The metrics endpoint and the exporter of traces are set up at start; so is the dashboard
+    # (its route, its login limiter).
     "metrics",
     "tracing",
-    "dashboard.path",
+    "dashboard",
 )
 
 # How long a new local model may take to load before the reload is refused.

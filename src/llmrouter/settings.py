@@ -499,6 +499,10 @@ class DashboardSettings(Struct, frozen=True, forbid_unknown_fields=True):
     session_seconds: Annotated[float, Meta(ge=60, le=30 * 86400)] = 8 * 3600.0
     # Login attempts, per client address and in all, per minute (a wrong key costs one each).
     login_attempts_per_minute: Annotated[int, Meta(ge=1, le=10_000)] = 10
+    # The session cookie's `Secure`: null sets it when the request came over TLS to llmrouter
+    # itself; `true` always (behind a proxy that terminates TLS, which llmrouter cannot see),
+    # and then forms must come from the https origin.
+    secure_cookie: bool | None = None
 
 
 class Settings(Struct, frozen=True, forbid_unknown_fields=True):

@@ -242,7 +242,13 @@ class Keys:
             "UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL", now, key.id
         )
         self._forget(key.id)  # here at once; elsewhere when the trigger's notification arrives
+        await self._end_sessions(key.id)
         return replace(key, revoked_at=now)
+
+    async def _end_sessions(self, key_id: str) -> None:
+        """The dashboard's sessions its secret opened end with it (a rotation is how a leaked
+        admin secret is locked out: a session made with it must not outlive it)."""
+        await self._db.execute("DELETE FROM admin_sessions WHERE key_id = ?", key_id)
 
     async def update(self, id_or_name: str, *, policy: Policy) -> ApiKey:
         """New limits for a live key, in force at once here (and, on PostgreSQL, on every server
@@ -270,6 +276,7 @@ class Keys:
         if not changed:
             raise KeyError_("no live key with this id or name")
         self._forget(key.id)
+        await self._end_sessions(key.id)
         return key, secret
 
     async def authenticate(self, token: str) -> Principal:

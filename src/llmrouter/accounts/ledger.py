@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from llmrouter.accounts.store import Database, DataRejected, StoreError
+from llmrouter.accounts.store import UNKNOWN_MODEL, Database, DataRejected, StoreError
 
 __all__ = ["GROUPINGS", "Ledger", "Record", "Total"]
 
@@ -119,6 +119,13 @@ class Record(msgspec.Struct, kw_only=True, omit_defaults=False):
         return cls(**fields)
 
 
+def _rollup_order(r: Record) -> tuple[int, str, str, str, str]:
+    """A record's rollup row (store.py's usage_hourly key), near enough to order by: records of
+    one rollup row sort together, rows in one total order."""
+    model = UNKNOWN_MODEL if r.error == "model_not_found" else (r.model or r.model_requested)
+    return int(r.created_at // 3600), r.principal, model, r.provider or "", r.error or ""
+
+
 def _int64(value: int) -> int:
     return min(max(value, -(2**63)), 2**63 - 1)
 
@@ -210,7 +217,10 @@ class Ledger:
         delay = 0.05
         while True:
             try:
-                rows = [record.row() for record, _ in batch]
+                # In the order of the rollup rows their trigger updates: two writers (replicas on
+                # one PostgreSQL) then take those rows' locks in one order, and never deadlock.
+                records = sorted((record for record, _ in batch), key=_rollup_order)
+                rows = [record.row() for record in records]
                 await self._db.insert_rows("ledger", _COLUMNS, rows, key="request_id")
                 break
             except StoreError as exc:

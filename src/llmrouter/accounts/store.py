@@ -115,6 +115,7 @@ ROLLUP_BOUNDS_MS: tuple[float, ...] = (
     25, 50, 100, 250, 500, 1000, 2500, 5000, 10_000, 30_000, 60_000
 )  # fmt: skip
 _ROLLUP_KEY = ("hour", "principal", "model", "provider", "outcome")
+UNKNOWN_MODEL = "(unknown model)"  # the rollup's model for requests naming no model here
 _ROLLUP_SUMS = (
     "requests", "errors", "fallbacks", "prompt_tokens", "completion_tokens", "cost",
     "latency_ms_sum", "ttft_count", "ttft_ms_sum",
@@ -152,7 +153,10 @@ def _rollup_values(row: str, hour: str, attempts: str) -> list[str]:
     return [
         hour,
         f"{row}principal",
-        f"coalesce({row}model, {row}model_requested)",
+        # A name that is no model here is the client's to choose: one group for them all (the
+        # ledger keeps each), so that no client can grow the pages' groups.
+        f"CASE WHEN {row}error = 'model_not_found' THEN '{UNKNOWN_MODEL}' "
+        f"ELSE coalesce({row}model, {row}model_requested) END",
         f"coalesce({row}provider, '')",
         f"coalesce({row}error, '')",
         "1",
@@ -222,6 +226,9 @@ _V4_LEDGER = (
     # The request log's filters, each newest first within its value.
     "CREATE INDEX ledger_model_time ON ledger ((coalesce(model, model_requested)), created_at)",
     "CREATE INDEX ledger_provider_time ON ledger (provider, created_at)",
+    "CREATE INDEX ledger_status_time ON ledger (status, created_at)",
+    # The failed requests (the predicate is the log's, word for word, so the planner uses it).
+    "CREATE INDEX ledger_failed_time ON ledger (created_at) WHERE (status >= 400 OR error IS NOT NULL)",
     "CREATE INDEX usage_hourly_hour ON usage_hourly (hour)",
     _SESSIONS,
     "CREATE INDEX admin_sessions_expiry ON admin_sessions (expires_at)",
@@ -248,7 +255,13 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(sqlite=(_LEDGER_ROUTE,), postgres=(_LEDGER_ROUTE,)),
     Migration(
         sqlite=(*_rollup_sql("sqlite"), *_V4_LEDGER),
-        postgres=(*_rollup_sql("postgres"), *_V4_LEDGER),
+        # No record may land between the backfill and the trigger (another replica, still on
+        # the release before, writing): the ledger's writers wait for this migration.
+        postgres=(
+            "LOCK TABLE ledger IN SHARE ROW EXCLUSIVE MODE",
+            *_rollup_sql("postgres"),
+            *_V4_LEDGER,
+        ),
     ),
 )
 
