@@ -5,7 +5,8 @@ JSON routes: it answers a non-normal path with a redirect to its normal form, le
 form and the stylesheet through without a session, checks the session (its key still a live admin
 key) for everything else, and refuses any POST that says it came from another origin or lacks the
 session's CSRF token. Every response it sends carries the security headers (security.HEADERS),
-errors and the stylesheet included. A page is one HTML response plus the stylesheet.
+errors and the stylesheet included. A page is one HTML response (the stylesheet and icon are
+cached for an hour, their links naming their version).
 """
 
 from __future__ import annotations

@@ -94,12 +94,12 @@ class LoginLimiter:
     first), so a flood from ever new addresses holds bounded memory."""
 
     def __init__(self, per_minute: int, *, in_all: int | None = None, addresses: int = 10_000) -> None:
-        self._per_address = max(1, per_minute)
+        self._per_address = per_minute
         self._addresses = addresses
         # The newest failures only, as many as a limit needs: the limit is reached when the
         # oldest of them is still in the window.
         self._failures: OrderedDict[str, deque[float]] = OrderedDict()  # least recent first
-        self._all: deque[float] = deque(maxlen=max(1, in_all if in_all is not None else per_minute * 10))
+        self._all: deque[float] = deque(maxlen=in_all if in_all is not None else per_minute * 10)
 
     def allow(self, address: str, now: float | None = None) -> bool:
         """May `address` try a key now? Counts nothing and keeps nothing."""
@@ -119,7 +119,7 @@ class LoginLimiter:
         self._failures[group] = mine  # the most recent now
         self._all.append(now)
         self._prune(now)
-        return _full(self._all, self._all.maxlen or 1, now)
+        return _full(self._all, self._all.maxlen or 0, now)
 
     def _prune(self, now: float) -> None:
         """Forget the addresses with no failure in the window (the least recent are first), and
