@@ -85,10 +85,15 @@ def test_every_page_needs_a_session(router: Router) -> None:
         r = httpx.get(router.base + path)
         assert r.status_code == 303 and r.headers["location"] == "/admin/login", path
         headers_ok(r.headers)
-    for path in ("/admin/keys", "/admin/logout", "/admin/keys/abc/revoke"):
+    for path in ("/admin/keys", "/admin/keys/abc/revoke"):
         r = httpx.post(router.base + path, data={"name": "x"})
         assert r.status_code == 403, path
         headers_ok(r.headers)
+    # Logging out with no live session: its cookie is cleared, and the login form follows.
+    r = httpx.post(router.base + "/admin/logout", data={})
+    assert r.status_code == 303 and r.headers["location"] == "/admin/login"
+    assert "Max-Age=0" in r.headers["set-cookie"]
+    headers_ok(r.headers)
 
 
 @pytest.mark.parametrize(
@@ -170,6 +175,56 @@ def test_secure_over_tls() -> None:
     assert "Secure" not in session_cookie("/admin", "v", 60, secure=False)
 
 
+def test_secure_cookie_behind_a_tls_proxy(tmp_path: Path, fake_upstream: str) -> None:
+    """`secure_cookie: true` (TLS ends at a proxy): the cookie is Secure over plain HTTP, and
+    this origin is the https one of the Host."""
+    text = dashboard_config(fake_upstream) + "  secure_cookie: true\n"
+    with serving(tmp_path, text) as router:
+        key = admin_key(router)
+        r = httpx.post(router.base + "/admin/login", data={"key": key})
+        assert r.status_code == 303
+        flags = [f.strip() for f in r.headers["set-cookie"].split(";")]
+        assert "Secure" in flags and "HttpOnly" in flags
+        # (httpx keeps a Secure cookie from plain HTTP: it is sent by hand here.)
+        session = r.headers["set-cookie"].split(";", 1)[0]
+        host = router.base.removeprefix("http://")
+        cookie = {"Cookie": session}
+        page = httpx.get(router.base + "/admin/keys", headers=cookie)
+        token = re.search(r'name="csrf" value="([^"]+)"', page.text)
+        assert page.status_code == 200 and token
+        form = {"csrf": token.group(1), "name": "via-proxy"}
+        made = httpx.post(
+            router.base + "/admin/keys", data=form, headers={**cookie, "Origin": f"https://{host}"}
+        )
+        assert made.status_code == 200 and "via-proxy" in made.text
+        for origin in ("http://other", f"http://{host}"):  # the plain origin is not this one
+            r = httpx.post(
+                router.base + "/admin/keys",
+                data={**form, "name": "refused"},
+                headers={**cookie, "Origin": origin},
+            )
+            assert r.status_code == 403, origin
+        r = httpx.post(
+            router.base + "/admin/login", data={"key": key}, headers={"Origin": f"https://{host}"}
+        )
+        assert r.status_code == 303
+        r = httpx.post(
+            router.base + "/admin/login", data={"key": key}, headers={"Origin": "http://other"}
+        )
+        assert r.status_code == 403
+        assert "refused" not in httpx.get(router.base + "/admin/keys", headers=cookie).text
+
+
+def test_logout_after_the_session_expired_clears_the_cookie(router: Router, admin: str) -> None:
+    client = login(router, admin)
+    token = csrf(client)
+    with sqlite3.connect(db_path(router)) as db:
+        db.execute("UPDATE admin_sessions SET expires_at = ?", (int(time.time()) - 1,))
+    r = client.post("/admin/logout", data={"csrf": token})
+    assert r.status_code == 303 and r.headers["location"] == "/admin/login"
+    assert "Max-Age=0" in r.headers["set-cookie"] and "llmrouter_session=;" in r.headers["set-cookie"]
+
+
 def test_an_expired_session_logs_in_again(router: Router, admin: str) -> None:
     client = login(router, admin)
     assert client.get("/admin").status_code == 200
@@ -196,9 +251,18 @@ def test_a_revoked_or_plain_key_has_no_session(router: Router) -> None:
     assert r.status_code == 303 and r.headers["location"] == "/admin/login"
 
 
+def login_from(router: Router, key: str, source: str) -> int:
+    """A login sent from this loopback address (127.0.0.0/8 is all the machine's)."""
+    transport = httpx.HTTPTransport(local_address=source)
+    with httpx.Client(transport=transport, base_url=router.base) as client:
+        return client.post("/admin/login", data={"key": key}).status_code
+
+
 def test_login_attempts_are_rate_limited(tmp_path: Path, fake_upstream: str) -> None:
     with serving(tmp_path, dashboard_config(fake_upstream, logins_per_minute=3)) as router:
         key = admin_key(router)
+        # A right key counts nothing against its address.
+        assert [login_from(router, key, "127.0.0.1") for _ in range(5)] == [303] * 5
         statuses = [
             httpx.post(router.base + "/admin/login", data={"key": f"lr-wrong{i}"}).status_code
             for i in range(3)
@@ -208,6 +272,13 @@ def test_login_attempts_are_rate_limited(tmp_path: Path, fake_upstream: str) -> 
         assert r.status_code == 429 and "set-cookie" not in r.headers
         assert r.headers["retry-after"] == "60"
         headers_ok(r.headers)
+        # Others' failures from ten addresses, past the limit in all (thirty), keep no one else
+        # out: the admin's right key from an address of its own gets in.
+        wrong = [login_from(router, "lr-wrong", f"127.0.0.{i}") for i in range(2, 12) for _ in range(3)]
+        # (the three above and 26 here are 401s; from the thirtieth in all they are refused)
+        assert wrong == [401] * 26 + [429] * 4
+        assert login_from(router, key, "127.0.0.99") == 303
+        assert login_from(router, "lr-wrong", "127.0.0.98") == 429
 
 
 def test_forms_need_the_session_csrf_token_and_this_origin(router: Router, admin: str) -> None:
@@ -356,3 +427,149 @@ def test_reliability_shows_an_ejected_deployment(tmp_path: Path, fake_upstream: 
         )
         assert ("fake/status-500", "ejected", "1") in rows
         assert ("fake/ok", "closed", "0") in rows
+
+
+# -- what a review found ----------------------------------------------------------------------------
+
+
+def test_rotating_a_key_ends_its_sessions(router: Router, admin: str) -> None:
+    """A leaked admin secret is locked out by a rotation: the sessions it opened end with it,
+    whether the rotation came over the admin API or from the CLI."""
+    auth = {"Authorization": f"Bearer {admin}"}
+    for how in ("api", "cli"):
+        key = admin_key(router, f"rotated-by-{how}")
+        key_id = key[3:15]
+        leaked = login(router, key)
+        assert leaked.get("/admin/keys").status_code == 200
+        bystander = login(router, admin)  # another key's session is not touched
+        if how == "api":
+            r = httpx.post(f"{router.api}/keys/{key_id}/rotate", headers=auth)
+            assert r.status_code == 200, r.text
+        else:
+            router.cli("keys", "rotate", key_id)
+        r = leaked.get("/admin/keys")
+        assert r.status_code == 303 and r.headers["location"] == "/admin/login", how
+        assert bystander.get("/admin/keys").status_code == 200
+
+
+def test_unknown_models_roll_up_as_one_group(tmp_path: Path, fake_upstream: str) -> None:
+    with serving(tmp_path, dashboard_config(fake_upstream)) as router:
+        for i in range(50):
+            assert send(router, {"model": f"nosuch-{i}", "prompt": "x"}).status_code == 404
+        client = login(router, admin_key(router))
+        page = client.get("/admin/usage?by=model&range=1h").text
+        assert "nosuch" not in page
+        page = client.get("/admin/reliability?range=1h").text
+        assert "nosuch" not in page
+        assert page.count("<tr><td>(unknown model)</td>") == 1, page
+        lines = client.get("/admin/usage.csv?by=model&range=24h").text.strip().splitlines()
+        models = [line.split(",")[1] for line in lines[1:]]
+        assert set(models) == {"(unknown model)"}
+        assert sum(int(line.split(",")[2]) for line in lines[1:]) == 50
+        with sqlite3.connect(db_path(router)) as db:
+            assert db.execute("SELECT count(DISTINCT model) FROM usage_hourly").fetchone() == (1,)
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "/admin//%0d%0aSet-Cookie:%20llmrouter_session=evil",
+        "/admin//%0aX-Injected:%201",
+        "/admin//%00",
+        "/admin//%ff",
+        "/admin//%E2%80%A8",
+        "/admin//%09x",
+        "/admin//%2541",
+        "/admin//%3Fa",
+        "/admin//x?a=%0d%0ab&c=%ff",
+    ],
+)
+def test_a_path_no_header_can_hold_is_escaped_again(router: Router, admin: str, target: str) -> None:
+    status, headers, body = get_raw(router, target)
+    assert status == 308, (target, status, body)
+    location = headers["location"]
+    assert location.startswith("/admin/") and location.isascii() and location.isprintable()
+    assert " " not in location and "set-cookie" not in headers and "x-injected" not in headers
+    headers_ok(headers)
+    # The Location names the same path: followed, it is the normal form, served as such.
+    cookie = "; ".join(f"{k}={v}" for k, v in login(router, admin).cookies.items())
+    status, headers, body = get_raw(router, location, f"Cookie: {cookie}")
+    assert status == 404 and b"No such page" in body, (location, status, body)
+    headers_ok(headers)
+
+
+def test_static_files_are_kept_an_hour(router: Router, admin: str) -> None:
+    page = login(router, admin).get("/admin").text
+    links = re.findall(r'href="(/admin/static/[^"]+)"', page)
+    assert len(links) == 2 and all("?v=" in link for link in links), links
+    for link in links:
+        r = httpx.get(router.base + link)
+        assert r.status_code == 200
+        assert r.headers["cache-control"] == "public, max-age=3600"
+        headers_ok(r.headers)
+
+
+def test_the_keys_page_is_paged(tmp_path: Path, fake_upstream: str) -> None:
+    with serving(tmp_path, dashboard_config(fake_upstream)) as router:
+        client = login(router, admin_key(router))
+        with sqlite3.connect(router.home / "llmrouter.sqlite3") as db:
+            made = int(time.time())
+            db.executemany(
+                "INSERT INTO api_keys (id, name, secret_hash, created_at, policy) "
+                "VALUES (?, ?, 'x', ?, '{}')",
+                [(f"bulk{i:08d}", f"bulk-{i}", made + i // 7) for i in range(120)],
+            )
+        seen: list[str] = []
+        url: str | None = "/admin/keys"
+        pages = 0
+        while url is not None:
+            r = client.get(url)
+            assert r.status_code == 200
+            rows = re.findall(r"<td><code>([^<]+)</code></td>", r.text)
+            assert len(rows) <= 50
+            seen += rows
+            pages += 1
+            more = re.search(r'href="([^"]+)" id="more-keys"', r.text)
+            url = more.group(1).replace("&amp;", "&") if more else None
+        # Every key once, in the order made: the admin's, the router's own and 120 more.
+        assert pages == 3 and len(seen) == len(set(seen)) == 122
+        bulk = [k for k in seen if k.startswith("bulk")]
+        assert bulk == sorted(bulk)
+        assert client.get("/admin/keys?after=junk").status_code == 400
+
+
+def test_a_key_made_on_the_dashboard_has_a_bounded_name(router: Router, admin: str) -> None:
+    client = login(router, admin)
+    token = csrf(client)
+    for field, value in (("name", "n" * 60_000), ("owner", "o" * 257)):
+        form = {"csrf": token, "name": "bounded", field: value}
+        r = client.post("/admin/keys", data=form)
+        assert r.status_code == 400 and "at most 256 characters" in r.text, field
+    with sqlite3.connect(db_path(router)) as db:
+        assert db.execute("SELECT max(length(name)) FROM api_keys").fetchone()[0] < 257
+    r = client.post("/admin/keys", data={"csrf": token, "name": "n" * 256, "owner": "o" * 256})
+    assert r.status_code == 200
+
+
+def test_keys_of_one_name_stay_apart_on_the_charts(tmp_path: Path, fake_upstream: str) -> None:
+    with serving(tmp_path, dashboard_config(fake_upstream)) as router:
+        client = login(router, admin_key(router))
+        secrets = []
+        for n, name in enumerate(("twin", "other", "twin")):
+            if n == 2:
+                router.cli("keys", "revoke", "twin")  # the name is free again once revoked
+            secrets.append(admin_key(router, name))
+            for _ in range(n + 1):
+                r = httpx.post(
+                    f"{router.api}/completions",
+                    headers={"Authorization": f"Bearer {secrets[-1]}"},
+                    json={"model": "fake/ok", "prompt": "x"},
+                    timeout=30,
+                )
+                assert r.status_code == 200, r.text
+        page = client.get("/admin/usage?by=key&range=1h").text
+        legend = re.findall(r'class="legend">([^<]*)<', page)
+        ids = [s[3:15] for s in secrets]
+        want = {f"twin ({ids[0]})", f"other ({ids[1]})", f"twin ({ids[2]})"}
+        assert set(legend) == want, legend
+        assert len(legend) == 6  # the same three on each chart, spend and tokens

@@ -1,7 +1,8 @@
 """The dashboard's reads against the store, on SQLite and on the real PostgreSQL: the hourly rollup
 is exactly the ledger's sums (written through the Ledger, duplicates resubmitted, and records made
 before the rollup existed), and the request log pages through every record once, newest first,
-with its filters, each read bounded by a LIMIT."""
+with its filters, each read bounded by a LIMIT; a chart's grouping comes back as its top groups
+and one for the rest, and the pages look up only the keys they name."""
 
 from __future__ import annotations
 
@@ -10,16 +11,23 @@ import bisect
 import math
 import random
 import sqlite3
+import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterator, Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
+from llmrouter.accounts.keys import ApiKey, Keys
 from llmrouter.accounts.ledger import Ledger, Record
 from llmrouter.accounts.store import MIGRATIONS, ROLLUP_BOUNDS_MS, Database, open_database
 from llmrouter.admin import queries
+from llmrouter.admin.pages import Dashboard, _Visit
+from llmrouter.admin.sessions import Session
+from llmrouter.api.http import Request
+from llmrouter.settings import embedded_default
 from tests.conftest import PG_URL
 
 Opener = Callable[[], Awaitable[Database]]
@@ -303,5 +311,139 @@ def test_the_log_pages_through_every_record_once(opener: Opener) -> None:
             assert pages == max(1, math.ceil(len(want) / 37))
         assert recording.sql and all("LIMIT ?" in sql for sql in recording.sql)
         assert not any("count(" in sql.lower() for sql in recording.sql)
+
+    run(opener, work)
+
+
+def test_a_grouping_names_the_top_groups_and_folds_the_rest(opener: Opener) -> None:
+    """However many keys and models the rollup holds, a chart's query returns at most top + 1
+    groups a step: the top ones by the ranked figure, and the rest summed in one (None)."""
+    rng = random.Random(11)
+    written = [
+        Record(
+            request_id=f"many-{i:05d}",
+            principal=f"key:k{i % 300:04d}",
+            model_requested=f"m{i % 250}",
+            model=f"m{i % 250}",
+            provider="p1",
+            attempts=[],
+            prompt_tokens=rng.randrange(100),
+            completion_tokens=rng.randrange(100),
+            cost=rng.random(),
+            latency_ms=10.0,
+            ttft_ms=None,
+            status=200,
+            error=None,
+            stream=False,
+            created_at=BASE + (i % 3) * HOUR + 1,
+            finished_at=BASE + (i % 3) * HOUR + 2,
+        )
+        for i in range(900)
+    ]
+
+    async def work(db: Database) -> None:
+        ledger = Ledger(db)
+        ledger.start()
+        for r in written:
+            ledger.submit(r)
+        await ledger.aclose()
+        recording = Recording(db)
+        for by, group, rank, figure in (
+            ("key", lambda r: r.principal, "cost", lambda r: r.cost),
+            ("model", lambda r: r.model, "tokens", lambda r: r.prompt_tokens + r.completion_tokens),
+        ):
+            points = await queries.series(recording, BASE, HOUR, by=by, top=8, rank=rank)  # type: ignore[arg-type]
+            groups = {p.group for p in points}
+            assert len(groups) == 9 and None in groups
+            assert len(points) <= 3 * 9  # three hours, nine groups each: all the SQL returned
+            totals: dict[str, float] = defaultdict(float)
+            for r in written:
+                totals[group(r)] += figure(r)
+            top = sorted(totals, key=lambda g: (-totals[g], g))[:8]
+            assert groups - {None} == set(top), by
+            value = (lambda p: p.cost) if rank == "cost" else (lambda p: p.tokens)
+            rest = sum(value(p) for p in points if p.group is None)
+            assert math.isclose(rest, sum(totals[g] for g in totals if g not in top), rel_tol=1e-9)
+            assert sum(p.requests for p in points) == len(written)
+        # Fewer groups than the top: each is named, and there is no rest.
+        points = await queries.series(db, BASE, HOUR, by="provider", top=8)
+        assert {p.group for p in points} == {"p1"}
+        assert sum(p.requests for p in points) == len(written)
+
+    run(opener, work)
+
+
+def test_the_pages_name_only_the_keys_they_show(opener: Opener) -> None:
+    """The log, a request's page and the usage page look their keys' names up by id, never
+    reading every key (there are 300 here; three have traffic)."""
+
+    class Names(Keys):
+        def __init__(self, db: Database) -> None:
+            super().__init__(db)
+            self.asked: set[str] = set()
+
+        async def list(self, *, include_revoked: bool = False) -> list[ApiKey]:
+            raise AssertionError("a page read every key")
+
+        async def names(self, ids: Collection[str]) -> dict[str, str]:
+            self.asked |= set(ids)
+            return await super().names(ids)
+
+    async def work(db: Database) -> None:
+        keys = Names(db)
+        made = [(await keys.create(f"key-{i}"))[0] for i in range(300)]
+        busy = made[7], made[150], made[299]
+        now = time.time()
+        ledger = Ledger(db)
+        ledger.start()
+        for i, key in enumerate(busy):
+            ledger.submit(
+                Record(
+                    request_id=f"named-{i}",
+                    principal=f"key:{key.id}",
+                    model_requested="m1",
+                    model="m1",
+                    provider="p1",
+                    attempts=[],
+                    prompt_tokens=3,
+                    completion_tokens=2,
+                    cost=0.5,
+                    latency_ms=10.0,
+                    ttft_ms=None,
+                    status=200,
+                    error=None,
+                    stream=False,
+                    created_at=now - 60,
+                    finished_at=now - 59,
+                )
+            )
+        await ledger.aclose()
+        ctx = SimpleNamespace(settings=embedded_default(), db=db, keys=keys, ledger=ledger)
+        dashboard = Dashboard(ctx)  # type: ignore[arg-type]
+        sent: list[Any] = []
+
+        async def send(message: Any) -> None:
+            sent.append(message)
+
+        async def visit(path: str, query: dict[str, str], page: Callable[[Any], Awaitable[None]]) -> str:
+            scope = {"type": "http", "method": "GET", "path": path, "query_string": b"", "headers": []}
+            req = Request(scope, None, send, "req-test")  # type: ignore[arg-type]
+            sent.clear()
+            keys.asked = set()
+            await page(_Visit(req, Session(busy[0].id, "csrf", int(now) + 60), path, query))
+            assert sent[0]["status"] == 200
+            return bytes(sent[1]["body"]).decode()
+
+        ids = {k.id for k in busy}
+        for path, query, page in (
+            ("/admin/log", {}, dashboard.request_log),
+            ("/admin/usage", {"by": "key"}, dashboard.usage),
+            ("/admin/usage", {"by": "model"}, dashboard.usage),
+        ):
+            html = await visit(path, query, page)
+            assert keys.asked == ids, path
+            assert all(f"key-{made.index(k)}" in html for k in busy), path
+        await visit("/admin/log/named-1", {}, lambda v: dashboard._request(v, "named-1"))
+        assert keys.asked == {busy[1].id}
 
     run(opener, work)

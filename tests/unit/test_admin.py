@@ -1,5 +1,6 @@
 """The dashboard's pure parts: path normalisation and the prefix test, the cross-site test, the
-login rate limit, percentiles from bucket counts, the log's cursor, and the SVG charts."""
+login rate limit, the CSV's formula guard, percentiles from bucket counts, the log's cursor, and
+the SVG charts."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ import pytest
 
 from llmrouter.accounts.store import ROLLUP_BOUNDS_MS
 from llmrouter.admin.charts import bars
+from llmrouter.admin.pages import _cell
 from llmrouter.admin.queries import Cursor, quantile
-from llmrouter.admin.security import LoginLimiter, cross_site, normalise, under
+from llmrouter.admin.security import LoginLimiter, client_group, cross_site, normalise, under
 
 
 @pytest.mark.parametrize(
@@ -55,14 +57,74 @@ def test_cross_site() -> None:
         assert not cross_site({**host, b"sec-fetch-site": site, b"origin": b"null"}, "http")
 
 
-def test_login_limiter_per_address_and_in_all() -> None:
+def test_login_limiter_counts_failures_per_address_and_in_all() -> None:
     limiter = LoginLimiter(2, in_all=3)
-    assert limiter.allow("a", 0.0) and limiter.allow("a", 1.0)
-    assert not limiter.allow("a", 2.0)  # the address's two
+    assert limiter.allow("a", 0.0) and not limiter.failed("a", 0.0)
+    assert limiter.allow("a", 1.0) and not limiter.failed("a", 1.0)
+    assert not limiter.allow("a", 2.0)  # the address's two failures
     assert limiter.allow("b", 2.0)
-    assert not limiter.allow("c", 3.0)  # three in all
+    assert limiter.failed("b", 2.0)  # the third failure in all: over the limit in all
     assert limiter.allow("a", 60.5)  # a minute after the first, it has room again
-    assert not limiter.allow("a", 60.6)  # ...for one attempt: the second is still in the minute
+    limiter.failed("a", 60.5)
+    assert not limiter.allow("a", 60.6)  # ...for one failure: the second is still in the minute
+
+
+def test_login_limiter_lets_a_right_key_in_whatever_others_failed() -> None:
+    """An attacker failing from many addresses fills the limit in all; an address of its own
+    (the admin's) may still try, since only failures are counted and a right key is none."""
+    limiter = LoginLimiter(3, in_all=30)
+    over = [limiter.failed(f"127.0.0.{i}", 1.0) for i in range(2, 12) for _ in range(3)]
+    assert over[-1]  # thirty failures in all
+    assert limiter.allow("127.0.0.99", 2.0)
+    # Tries that succeed count nothing, however many.
+    for _ in range(100):
+        assert limiter.allow("127.0.0.100", 3.0)
+
+
+def test_login_limiter_keeps_nothing_for_a_refused_attempt() -> None:
+    limiter = LoginLimiter(1, in_all=1)
+    limiter.failed("10.0.0.1", 0.0)
+    for i in range(1000):
+        limiter.allow(f"2001:db8:{i:x}::1", 1.0)  # allowed or not, asking keeps nothing
+    assert not limiter.allow("10.0.0.1", 1.0)
+    assert len(limiter) == 1
+
+
+def test_login_limiter_forgets_quiet_addresses_and_holds_at_most_its_cap() -> None:
+    limiter = LoginLimiter(1, addresses=100)
+    flood = [f"10.0.{i // 256}.{i % 256}" for i in range(10_000)]  # ever new addresses
+    for i, address in enumerate(flood):
+        limiter.failed(address, 1.0 + i * 1e-4)
+        assert len(limiter) <= 100
+    # The most recent are kept, the least recent forgotten first.
+    assert not limiter.allow(flood[-1], 2.0) and not limiter.allow(flood[-100], 2.0)
+    assert limiter.allow(flood[-101], 2.0) and limiter.allow(flood[0], 2.0)
+    limiter = LoginLimiter(1, addresses=100)
+    limiter.failed("10.0.0.1", 0.0)
+    limiter.failed("10.0.0.2", 50.0)
+    limiter.failed("10.0.0.3", 70.0)  # a minute after the first: it is forgotten
+    assert len(limiter) == 2
+    assert limiter.allow("10.0.0.1", 70.0) and not limiter.allow("10.0.0.2", 70.0)
+
+
+def test_login_limiter_counts_an_ipv6_64_as_one_address() -> None:
+    limiter = LoginLimiter(3)
+    for i in range(3):
+        limiter.failed(f"2001:db8:1:2::{i + 1:x}", 0.0)
+    assert not limiter.allow("2001:db8:1:2:ffff:ffff:ffff:ffff", 1.0)  # the same /64
+    assert limiter.allow("2001:db8:1:3::1", 1.0)  # the next one
+    assert len(limiter) == 1
+    assert client_group("2001:db8:1:2:abcd::1") == "2001:db8:1:2::/64"
+    assert client_group("::ffff:192.0.2.7") == "192.0.2.7"  # an IPv4 client on a v6 socket
+    assert client_group("192.0.2.7") == "192.0.2.7"
+    assert client_group("") == ""  # (no address: a unix socket)
+
+
+def test_csv_cells_never_start_a_formula() -> None:
+    for text in ("=1+1", "+1", "-1", "@SUM(A1)", " =1", "\n=1", "\t=1", "\t1", "\r1", "  @x"):
+        assert _cell(text) == "'" + text, repr(text)
+    for text in ("fake/ok", "a=1", "(unknown model)", "", "key:abc", "1-2"):
+        assert _cell(text) == text
 
 
 def test_quantile_interpolates_within_the_bucket() -> None:

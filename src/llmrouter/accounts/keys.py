@@ -22,6 +22,7 @@ import re
 import secrets
 import time
 import zlib
+from collections.abc import Collection
 from dataclasses import dataclass, replace
 
 import msgspec
@@ -209,12 +210,40 @@ class Keys:
             raise KeyNameTaken("a live key with this name exists already") from None
         return key, secret
 
+    async def page(self, after: tuple[int, str] | None = None, limit: int = 50) -> list[ApiKey]:
+        """Up to `limit` keys (revoked ones too) in the order they were made, after the key made
+        at `after` (its created_at and id): the dashboard's list, a page at a time."""
+        where = ""
+        args: tuple[object, ...] = ()
+        if after is not None:
+            where = " WHERE created_at > ? OR (created_at = ? AND id > ?)"
+            args = (after[0], after[0], after[1])
+        rows = await self._db.fetchall(
+            f"SELECT {_COLUMNS} FROM api_keys{where} ORDER BY created_at, id LIMIT ?",  # noqa: S608
+            *args,
+            limit,
+        )
+        return [_from_row(row) for row in rows]
+
     async def list(self, *, include_revoked: bool = False) -> list[ApiKey]:
         where = "" if include_revoked else " WHERE revoked_at IS NULL"
         rows = await self._db.fetchall(
             f"SELECT {_COLUMNS} FROM api_keys{where} ORDER BY created_at, id"  # noqa: S608
         )
         return [_from_row(row) for row in rows]
+
+    async def names(self, ids: Collection[str]) -> dict[str, str]:
+        """Id -> name for these keys (revoked too; an id of no key is left out)."""
+        out: dict[str, str] = {}
+        wanted = sorted(ids)
+        for i in range(0, len(wanted), 500):  # (a statement's parameters are bounded)
+            chunk = wanted[i : i + 500]
+            rows = await self._db.fetchall(
+                f"SELECT id, name FROM api_keys WHERE id IN ({', '.join('?' * len(chunk))})",  # noqa: S608
+                *chunk,
+            )
+            out.update((str(r[0]), str(r[1])) for r in rows)
+        return out
 
     async def count(self) -> int:
         row = await self._db.fetchone("SELECT count(*) FROM api_keys")

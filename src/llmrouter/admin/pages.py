@@ -5,18 +5,20 @@ JSON routes: it answers a non-normal path with a redirect to its normal form, le
 form and the stylesheet through without a session, checks the session (its key still a live admin
 key) for everything else, and refuses any POST that says it came from another origin or lacks the
 session's CSRF token. Every response it sends carries the security headers (security.HEADERS),
-errors and the stylesheet included. A page is one HTML response plus the stylesheet.
+errors and the stylesheet included. A page is one HTML response (the stylesheet and icon are
+cached for an hour, their links naming their version).
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import hmac
 import io
 import logging
 import time
-from collections import defaultdict
-from collections.abc import Awaitable, Callable, Sequence
+from collections import Counter, defaultdict
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import TYPE_CHECKING, Any
@@ -52,8 +54,18 @@ log = logging.getLogger("llmrouter.admin")
 
 _FORM_LIMIT = 1 << 16
 _TOP = 8  # groups on a stacked chart before the rest are "other"
+_CSV_TOP = 100  # groups in the CSV export, the rest summed in one row a step
+_CSV_OTHER = "(other)"
+_OTHER = "other"
+_KEYS_PAGE = 50  # keys on a page of the keys list
+_LABEL_MOST = 256  # characters in a key's name or owner made on the dashboard
 _STATIC = {"dashboard.css": b"text/css; charset=utf-8", "favicon.svg": b"image/svg+xml"}
 _PAGE_HEADERS = [*HEADERS, (b"cache-control", b"no-store")]
+_STATIC_FILES = {
+    name: resources.files("llmrouter.admin").joinpath("static", name).read_bytes() for name in _STATIC
+}
+# In the static files' links (?v=): a browser keeps them an hour, and fetches a changed one at once.
+_STATIC_VERSION = hashlib.sha256(b"".join(_STATIC_FILES.values())).hexdigest()[:12]
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +93,7 @@ class Dashboard:
             undefined=StrictUndefined,
         )
         self.env.filters.update(when=_when, number=charts.number, ms=_ms, pct=_pct, money=_money)
+        self.env.globals["version"] = _STATIC_VERSION
         self._sessions: Sessions | None = None
 
     @property
@@ -119,8 +132,8 @@ class Dashboard:
         if path != req.path:  # served only at its normal form, where the checks below stand
             if req.method == "POST":
                 raise NotFound("No such page.")
-            query = "?" + req.query.decode("latin-1") if req.query else ""
-            await self._redirect(req, path + query, status=308)
+            query = "?" + _escape(req.query, "?%") if req.query else ""
+            await self._redirect(req, _escape(path.encode()) + query, status=308)
             return
         sub = path.removeprefix(self.prefix)
         if sub.startswith("/static/"):
@@ -131,6 +144,9 @@ class Dashboard:
             return
         session = await self._session(req)
         if session is None:
+            if req.method == "POST" and sub == "/logout":  # ended already: forget its cookie
+                await self._redirect(req, f"{self.prefix}/login", headers=[self._cookie(req, "", 0)])
+                return
             if req.method == "POST":
                 raise PermissionDenied("Log in first: this session has ended.")
             await self._redirect(req, f"{self.prefix}/login")
@@ -208,7 +224,7 @@ class Dashboard:
         content_type = _STATIC.get(name)
         if content_type is None:
             raise NotFound("No such file.")
-        body = resources.files("llmrouter.admin").joinpath("static", name).read_bytes()
+        body = _STATIC_FILES[name]
         await req.send(
             {
                 "type": "http.response.start",
@@ -217,7 +233,8 @@ class Dashboard:
                     (b"content-type", content_type),
                     (b"content-length", str(len(body)).encode()),
                     *HEADERS,
-                    (b"cache-control", b"no-cache"),
+                    # Kept an hour, so a page is one request (the links carry the version).
+                    (b"cache-control", b"public, max-age=3600"),
                 ],
             }
         )
@@ -225,19 +242,29 @@ class Dashboard:
 
     # -- login, sessions and forms ---------------------------------------------------------------
 
+    def _scheme(self, req: Request) -> str:
+        """This origin's scheme: https when `dashboard.secure_cookie` says TLS ends in front of
+        us, else the connection's own."""
+        if self.ctx.settings.dashboard.secure_cookie:
+            return "https"
+        return str(req.scope.get("scheme", "http"))
+
     def _cookie(self, req: Request, value: str, max_age: int) -> tuple[bytes, bytes]:
-        secure = req.scope.get("scheme") == "https"
+        secure = self.ctx.settings.dashboard.secure_cookie
+        if secure is None:
+            secure = req.scope.get("scheme") == "https"
         return (b"set-cookie", session_cookie(self.prefix, value, max_age, secure=secure).encode())
 
     async def _login_form(self, req: Request, status: int = 200, message: str | None = None) -> None:
         await self._render(req, "login.html", status, message=message)
 
     async def _login(self, req: Request) -> None:
-        if cross_site(req.headers, req.scope.get("scheme", "http")):
+        if cross_site(req.headers, self._scheme(req)):
             raise PermissionDenied("This form was sent from another site.")
         client = req.scope.get("client")
-        if not self.limiter.allow(str(client[0]) if client else ""):
-            raise RateLimited("Too many login attempts; wait a minute.", retry_after=60)
+        address = str(client[0]) if client else ""
+        if not self.limiter.allow(address):
+            raise RateLimited("Too many failed logins; wait a minute.", retry_after=60)
         form = await _read_form(req)
         token = form.get("key", "").strip()
         try:
@@ -245,6 +272,8 @@ class Dashboard:
                 raise AuthenticationFailed("Invalid API key.")
             principal = await self.ctx.keys.authenticate(token)
         except AuthenticationFailed as exc:
+            if self.limiter.failed(address):
+                raise RateLimited("Too many failed logins; wait a minute.", retry_after=60) from None
             await self._login_form(req, 401, exc.message)
             return
         if not principal.admin or principal.key_id is None:
@@ -271,7 +300,7 @@ class Dashboard:
     async def _form(self, req: Request, session: Session) -> dict[str, str]:
         """A state-changing request's form, once it has shown it is the session's own: sent from
         this origin, with the session's CSRF token."""
-        if cross_site(req.headers, req.scope.get("scheme", "http")):
+        if cross_site(req.headers, self._scheme(req)):
             raise PermissionDenied("This form was sent from another site.")
         form = await _read_form(req)
         if not hmac.compare_digest(form.get("csrf", "").encode(), session.csrf.encode()):
@@ -320,9 +349,9 @@ class Dashboard:
         total = await queries.summary(db, since)
         steps = _steps(start, step)
         overall = await queries.series(db, since, step)
-        by_model = await queries.series(db, since, step, by="model")
-        requests = _stacked(overall, steps, lambda p: p.requests - p.errors, lambda _g: "succeeded")
-        errors = _stacked(overall, steps, lambda p: p.errors, lambda _g: "failed")
+        by_model = await queries.series(db, since, step, by="model", top=_TOP)
+        requests = _stacked(overall, steps, lambda p: p.requests - p.errors, lambda _: "succeeded")
+        errors = _stacked(overall, steps, lambda p: p.errors, lambda _: "failed")
         labels = [_step_label(at, step) for at in steps]
         traffic = charts.bars(
             "Requests over time", labels, [*requests, *errors], colours=("#59a14f", "#e15759")
@@ -330,7 +359,7 @@ class Dashboard:
         spend = charts.bars(
             "Spend by model",
             labels,
-            _stacked(by_model, steps, lambda p: p.cost, str),
+            _stacked(by_model, steps, lambda p: p.cost, _group_label),
             fmt=_money,
         )
         await self._page(
@@ -343,18 +372,22 @@ class Dashboard:
         by = visit.query.get("by", "model")
         if by not in queries.GROUP_COLUMNS:
             raise InvalidRequest("Group by key, model or provider.", param="by")
-        names = await self._key_names()
-        points = await queries.series(db, since, step, by=by)
+        spent = await queries.series(db, since, step, by=by, top=_TOP, rank="cost")
+        used = await queries.series(db, since, step, by=by, top=_TOP, rank="tokens")
+        keys = await queries.top_keys(db, since)
+        label: Callable[[str], str] = _group_label
+        if by == "key":
+            shown = {p.group for p in (*spent, *used) if p.group is not None}
+            names = await self._key_names([*shown, *(k.principal for k in keys)])
+            label = _principal_label(names)
+        else:
+            names = await self._key_names([k.principal for k in keys])
         steps = _steps(start, step)
         labels = [_step_label(at, step) for at in steps]
-        label = _principal_label(names) if by == "key" else _group_label
         spend = charts.bars(
-            f"Spend by {by}", labels, _stacked(points, steps, lambda p: p.cost, label), fmt=_money
+            f"Spend by {by}", labels, _stacked(spent, steps, lambda p: p.cost, label), fmt=_money
         )
-        tokens = charts.bars(
-            f"Tokens by {by}", labels, _stacked(points, steps, lambda p: p.tokens, label)
-        )
-        keys = await queries.top_keys(db, since)
+        tokens = charts.bars(f"Tokens by {by}", labels, _stacked(used, steps, lambda p: p.tokens, label))
         rows = [(k, names.get(k.principal, k.principal)) for k in keys]
         csv_url = f"{self.prefix}/usage.csv?" + urlencode({"range": name, "by": by})
         await self._page(
@@ -374,13 +407,12 @@ class Dashboard:
         by = visit.query.get("by", "model")
         if by not in queries.GROUP_COLUMNS:
             raise InvalidRequest("Group by key, model or provider.", param="by")
-        points = await queries.series(self.ctx.db, since, step, by=by)
+        points = await queries.series(self.ctx.db, since, step, by=by, top=_CSV_TOP)
         out = io.StringIO()
         writer = csv.writer(out)
         writer.writerow(["start_utc", by, "requests", "errors", "tokens", "cost"])
         for p in points:
-            # A spreadsheet runs a cell that starts with = + - @ as a formula: not ours.
-            group = "'" + p.group if p.group[:1] in ("=", "+", "-", "@") else p.group
+            group = _CSV_OTHER if p.group is None else _cell(p.group)
             writer.writerow([_when(p.at), group, p.requests, p.errors, p.tokens, repr(p.cost)])
         disposition = f'attachment; filename="llmrouter-usage-{by}-{name}.csv"'.encode()
         await self._send(
@@ -457,7 +489,7 @@ class Dashboard:
         older = None
         if page.next is not None:
             older = f"{self.prefix}/log?" + urlencode({**kept, "after": page.next.encode()})
-        names = await self._key_names()
+        names = await self._key_names([row.principal for row in page.rows])
         await self._page(
             visit,
             "log.html",
@@ -475,7 +507,7 @@ class Dashboard:
         record = None if len(request_id) > 256 else await self.ctx.ledger.get(request_id)
         if record is None:
             raise NotFound("No request with this id in the ledger.")
-        names = await self._key_names()
+        names = await self._key_names([record.principal])
         attempts = [_attempt(a) for a in record.attempts]
         await self._page(
             visit,
@@ -489,7 +521,19 @@ class Dashboard:
         )
 
     async def keys(self, visit: _Visit, *, status: int = 200, message: str | None = None) -> None:
-        keys = await self.ctx.keys.list(include_revoked=True)
+        """The keys in the order they were made, a page at a time (by keyset: `after` names the
+        last key of the page before)."""
+        after = None
+        if visit.query.get("after"):
+            at, sep, key_id = visit.query["after"].partition("~")
+            if not (sep and at.isascii() and at.isdigit() and len(at) < 20 and 0 < len(key_id) <= 64):
+                raise InvalidRequest("This page's cursor is malformed.", param="after")
+            after = (int(at), key_id)
+        keys = await self.ctx.keys.page(after, _KEYS_PAGE + 1)
+        more = None
+        if len(keys) > _KEYS_PAGE:
+            keys = keys[:_KEYS_PAGE]
+            more = f"{self.prefix}/keys?" + urlencode({"after": f"{keys[-1].created_at}~{keys[-1].id}"})
         await self._render(
             visit.req,
             "keys.html",
@@ -497,8 +541,11 @@ class Dashboard:
             csrf=visit.session.csrf,
             nav="keys",
             keys=keys,
+            more=more,
+            first=f"{self.prefix}/keys" if after is not None else None,
             message=message,
             models=sorted(self.ctx.catalog.models),
+            most=_LABEL_MOST,
         )
 
     async def _key(
@@ -515,11 +562,13 @@ class Dashboard:
         total = await queries.summary(self.ctx.db, since, principal)
         step = 86400
         steps = _steps(since // step * step, step)
-        points = await queries.series(self.ctx.db, since, step, by="model", principal=principal)
+        points = await queries.series(
+            self.ctx.db, since, step, by="model", principal=principal, top=_TOP
+        )
         chart = charts.bars(
             "Spend by model, 30 days",
             [_step_label(at, step) for at in steps],
-            _stacked(points, steps, lambda p: p.cost, str),
+            _stacked(points, steps, lambda p: p.cost, _group_label),
             fmt=_money,
         )
         await self._render(
@@ -539,6 +588,11 @@ class Dashboard:
 
     async def _create_key(self, visit: _Visit, form: dict[str, str]) -> None:
         try:
+            for field in ("name", "owner"):
+                if len(form.get(field, "")) > _LABEL_MOST:
+                    raise InvalidRequest(
+                        f"A key's {field} made here is at most {_LABEL_MOST} characters.", param=field
+                    )
             spec = self._spec(form, form.get("name", ""))
             key, secret = await self.ctx.keys.create(
                 spec.name, owner=spec.owner, policy=spec.policy(), admin=spec.admin
@@ -592,9 +646,11 @@ class Dashboard:
         check_models(self.ctx, spec.models)
         return spec
 
-    async def _key_names(self) -> dict[str, str]:
-        """Principal -> the key's name, for the tables (every key, revoked too)."""
-        return {f"key:{k.id}": k.name for k in await self.ctx.keys.list(include_revoked=True)}
+    async def _key_names(self, principals: Iterable[str]) -> dict[str, str]:
+        """Principal -> the key's name, for these principals only (revoked keys too)."""
+        ids = {p.removeprefix("key:") for p in principals if p.startswith("key:")}
+        names = await self.ctx.keys.names(ids)
+        return {f"key:{key_id}": name for key_id, name in names.items()}
 
 
 _GET: dict[str, Page] = {
@@ -619,6 +675,13 @@ async def _read_form(req: Request) -> dict[str, str]:
     return {k: v[0] for k, v in fields.items()}
 
 
+def _escape(raw: bytes, also: str = "") -> str:
+    """A path's bytes (or, with `also="?%"`, a query's, still escaped) as a Location header can
+    carry them: the server decoded a path's escapes, so it may hold CR, LF, NUL or any
+    character, and each is percent-encoded again to name the same path."""
+    return quote(raw, safe="/!$&'()*+,;=:@-._~" + also)
+
+
 def _cookie_value(header: str, name: str) -> str | None:
     for part in header.split(";"):
         key, sep, value = part.strip().partition("=")
@@ -637,12 +700,18 @@ def _stacked(
     value: Callable[[queries.Point], float],
     label: Callable[[str], str],
 ) -> list[tuple[str, list[float]]]:
-    """Series per group on the steps: the largest `_TOP` groups by total, the rest as "other"."""
+    """Series per group on the steps: the largest `_TOP` groups by total, the rest (and the
+    query's own rest, group None) as "other". Each series is one group, whatever its label: two
+    groups that label alike (two keys of one name, a key named "other") are told apart."""
     totals: dict[str, float] = defaultdict(float)
+    rest = False
     for p in points:
-        totals[label(p.group)] += value(p)
+        if p.group is None:
+            rest = rest or value(p) > 0
+        else:
+            totals[p.group] += value(p)
     ranked = sorted((g for g in totals if totals[g] > 0), key=lambda g: (-totals[g], g))
-    shown = ranked[:_TOP] if len(ranked) <= _TOP else ranked[: _TOP - 1]
+    shown = ranked if len(ranked) <= _TOP and not rest else ranked[: _TOP - 1]
     index = {at: i for i, at in enumerate(steps)}
     series = {g: [0.0] * len(steps) for g in shown}
     other = [0.0] * len(steps)
@@ -650,13 +719,27 @@ def _stacked(
         i = index.get(p.at)
         if i is None:
             continue
-        (series.get(label(p.group)) or other)[i] += value(p)
-    out = [(g, series[g]) for g in shown]
-    return [*out, ("other", other)] if any(other) else out
+        row = None if p.group is None else series.get(p.group)
+        (other if row is None else row)[i] += value(p)
+    labels = [label(g) for g in shown]
+    seen = Counter(labels)
+    out = [
+        (f"{name} ({g.removeprefix('key:')})" if seen[name] > 1 or name == _OTHER else name, series[g])
+        for name, g in zip(labels, shown, strict=True)
+    ]
+    return [*out, (_OTHER, other)] if any(other) else out
 
 
 def _principal_label(names: dict[str, str]) -> Callable[[str], str]:
     return lambda principal: names.get(principal, principal or "(unauthenticated)")
+
+
+def _cell(text: str) -> str:
+    """A CSV cell a spreadsheet will not run: one that starts with a formula's sign (= + - @,
+    after any blanks), or with a tab or a carriage return, is given a leading quote (OWASP)."""
+    if text[:1] in ("\t", "\r") or text.lstrip()[:1] in ("=", "+", "-", "@"):
+        return "'" + text
+    return text
 
 
 def _group_label(group: str) -> str:

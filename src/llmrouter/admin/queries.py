@@ -51,6 +51,12 @@ RANGES: dict[str, tuple[int, int]] = {
 PAGE = 50  # records on a page of the request log
 Grouping = Literal["key", "model", "provider"]
 GROUP_COLUMNS: dict[Grouping, str] = {"key": "principal", "model": "model", "provider": "provider"}
+Ranking = Literal["cost", "tokens", "requests"]
+_RANKINGS: dict[Ranking, str] = {
+    "cost": "cost",
+    "tokens": "prompt_tokens + completion_tokens",
+    "requests": "requests",
+}
 _BUCKETS = len(ROLLUP_BOUNDS_MS) + 1
 _LATENCY = ", ".join(f"sum(latency_b{i})" for i in range(_BUCKETS))
 _TTFT = ", ".join(f"sum(ttft_b{i})" for i in range(_BUCKETS))
@@ -142,7 +148,7 @@ class Point:
     """One step of the time axis for one group."""
 
     at: int  # unix seconds, the step's start
-    group: str
+    group: str | None  # None: every group but the top ones, summed
     requests: int
     errors: int
     cost: float
@@ -155,19 +161,45 @@ async def series(
     step: int,
     by: Grouping | None = None,
     principal: str | None = None,
+    *,
+    top: int = 8,
+    rank: Ranking = "cost",
 ) -> list[Point]:
-    """Sums per step of the time axis (and per group, if `by`), oldest first."""
-    group = GROUP_COLUMNS[by] if by is not None else "''"
+    """Sums per step of the time axis, oldest first; if `by`, per group: the `top` groups with
+    the most `rank` over the range each, and all the others as one (group None). The database
+    picks and folds them, so a step has at most top + 1 rows however many keys or models the
+    rollup holds."""
     where, args = _where(since, principal)
-    rows = await db.fetchall(
-        f"SELECT (hour / ?) * ? AS at, {group} AS g, sum(requests), sum(errors), sum(cost), "  # noqa: S608
-        f"sum(prompt_tokens + completion_tokens) FROM usage_hourly{where} "
-        "GROUP BY at, g ORDER BY at, g",
-        step,
-        step,
-        *args,
+    figures = (
+        "sum(requests), sum(errors), sum(cost), sum(prompt_tokens + completion_tokens) "
+        f"FROM usage_hourly{where}"
     )
-    return [Point(int(r[0]), str(r[1]), int(r[2]), int(r[3]), float(r[4]), int(r[5])) for r in rows]
+    if by is None:
+        rows = await db.fetchall(
+            f"SELECT (hour / ?) * ? AS at, '' AS g, {figures} GROUP BY at ORDER BY at",
+            step,
+            step,
+            *args,
+        )
+    else:
+        column = GROUP_COLUMNS[by]
+        rows = await db.fetchall(
+            f"WITH top_groups AS (SELECT {column} AS named FROM usage_hourly{where} "  # noqa: S608
+            f"GROUP BY {column} ORDER BY sum({_RANKINGS[rank]}) DESC, {column} LIMIT ?) "
+            f"SELECT (hour / ?) * ? AS at, CASE WHEN {column} IN (SELECT named FROM top_groups) "
+            f"THEN {column} END AS g, {figures} GROUP BY at, g ORDER BY at, g",
+            *args,
+            top,
+            step,
+            step,
+            *args,
+        )
+    return [
+        Point(
+            int(r[0]), None if r[1] is None else str(r[1]), int(r[2]), int(r[3]), float(r[4]), int(r[5])
+        )
+        for r in rows
+    ]
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,12 +9,14 @@ normal form, which is then checked like any other).
 
 from __future__ import annotations
 
+import ipaddress
 import time
-from collections import deque
+from collections import OrderedDict, deque
 
 __all__ = [
     "HEADERS",
     "LoginLimiter",
+    "client_group",
     "cross_site",
     "normalise",
     "under",
@@ -27,6 +29,7 @@ HEADERS: tuple[tuple[bytes, bytes], ...] = (
     (b"referrer-policy", b"no-referrer"),
     (b"x-frame-options", b"DENY"),
 )
+_WINDOW = 60.0  # seconds a failed login is remembered
 
 
 def normalise(path: str) -> str:
@@ -67,28 +70,70 @@ def cross_site(headers: dict[bytes, bytes], scheme: str) -> bool:
     return origin.decode("latin-1").lower() != f"{scheme}://{host.decode('latin-1')}".lower()
 
 
-class LoginLimiter:
-    """Login attempts in the last minute, per client address and in all (`in_all` times as many),
-    in this process: an attacker guessing keys gets `per_minute` tries a minute per address."""
+def client_group(address: str) -> str:
+    """The address a login's attempts are counted under: an IPv6 client's /64 (one subscriber's
+    network; a host there can take any of its 2**64 addresses), an IPv4 one as it is."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
 
-    def __init__(self, per_minute: int, *, in_all: int | None = None) -> None:
+
+class LoginLimiter:
+    """Failed logins in the last minute, in this process: per client address (an IPv6 /64 as
+    one), at most `per_minute`, after which that address is refused before its key is looked
+    at; and in all, `in_all` (10 times as many), past which a wrong key is answered as refused
+    too. Only failures count, so no one's wrong guesses keep a right key out: a right key from an
+    address under its own limit always gets in. A refused attempt is not counted and leaves no
+    state behind, and at most `addresses` addresses are remembered (the longest quiet forgotten
+    first), so a flood from ever new addresses holds bounded memory."""
+
+    def __init__(self, per_minute: int, *, in_all: int | None = None, addresses: int = 10_000) -> None:
         self._per_address = per_minute
-        self._in_all = in_all if in_all is not None else per_minute * 10
-        self._attempts: dict[str, deque[float]] = {}
-        self._all: deque[float] = deque()
+        self._addresses = addresses
+        # The newest failures only, as many as a limit needs: the limit is reached when the
+        # oldest of them is still in the window.
+        self._failures: OrderedDict[str, deque[float]] = OrderedDict()  # least recent first
+        self._all: deque[float] = deque(maxlen=in_all if in_all is not None else per_minute * 10)
 
     def allow(self, address: str, now: float | None = None) -> bool:
-        """Count an attempt from `address` now; False (and not counted) if it is over a limit."""
+        """May `address` try a key now? Counts nothing and keeps nothing."""
         now = time.monotonic() if now is None else now
-        since = now - 60.0
-        mine = self._attempts.setdefault(address, deque())
-        for window in (mine, self._all):
-            while window and window[0] <= since:
-                window.popleft()
-        if len(mine) >= self._per_address or len(self._all) >= self._in_all:
-            return False
+        mine = self._failures.get(client_group(address))
+        return not _full(mine, self._per_address, now)
+
+    def failed(self, address: str, now: float | None = None) -> bool:
+        """Count a wrong key from `address` now; True if the failures from all addresses are
+        now over their limit."""
+        now = time.monotonic() if now is None else now
+        group = client_group(address)
+        mine = self._failures.pop(group, None)
+        if mine is None:
+            mine = deque(maxlen=self._per_address)
         mine.append(now)
+        self._failures[group] = mine  # the most recent now
         self._all.append(now)
-        if len(self._attempts) > 10_000:  # forget the quiet addresses
-            self._attempts = {a: w for a, w in self._attempts.items() if w and w[-1] > since}
-        return True
+        self._prune(now)
+        return _full(self._all, self._all.maxlen or 0, now)
+
+    def _prune(self, now: float) -> None:
+        """Forget the addresses with no failure in the window (the least recent are first), and
+        past the cap, the least recent whatever their age."""
+        while self._failures:
+            oldest = next(iter(self._failures.values()))
+            if len(self._failures) <= self._addresses and oldest[-1] > now - _WINDOW:
+                break
+            self._failures.popitem(last=False)
+
+    def __len__(self) -> int:
+        """How many addresses are remembered."""
+        return len(self._failures)
+
+
+def _full(window: deque[float] | None, limit: int, now: float) -> bool:
+    return window is not None and len(window) >= limit and window[-limit] > now - _WINDOW
