@@ -232,6 +232,8 @@ _V4_LEDGER = (
     "CREATE INDEX usage_hourly_hour ON usage_hourly (hour)",
     _SESSIONS,
     "CREATE INDEX admin_sessions_expiry ON admin_sessions (expires_at)",
+    "CREATE INDEX admin_sessions_key ON admin_sessions (key_id)",  # ended with their key
+    "CREATE INDEX api_keys_created ON api_keys (created_at, id)",  # the keys page's order
 )
 
 # Each entry moves the schema from version i to i + 1. Never edit one that has shipped; append.
