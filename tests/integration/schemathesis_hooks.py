@@ -2,10 +2,10 @@
 
 Three things schemathesis cannot know from a document, and what is done about each:
 
-- The run's own credentials. It authenticates as one admin key, and the key endpoints can revoke
-  or rotate any key, its own among them (the id is in `GET /keys`); after that every request is a
-  401 and the run tests nothing. A revoke or rotate aimed at the run's own key is aimed at a key
-  that does not exist instead: still sent and checked (a 404).
+- The run's own credentials. It authenticates as one admin key, and the key endpoints can revoke,
+  rotate or limit any key, its own among them (the id is in `GET /keys`); after that every
+  request is a 401 (or a 429, a 402) and the run tests nothing. A revoke, rotate or edit aimed at
+  the run's own key is aimed at a key that does not exist instead: still sent and checked (a 404).
 - Values of a format no schema describes: a `grammar` is GBNF (`format: gbnf` in the document);
   schemathesis draws valid ones from GRAMMARS instead of random text, which is never one.
 - Rules a schema cannot state (the document's descriptions say them): a value that depends on the
@@ -40,7 +40,7 @@ GRAMMARS = (
     "root ::= [a-z]+",
     'root ::= "(" [0-9]* ")" | word\nword ::= [A-Za-z_]{1,8}',
 )
-_SPENDS_A_KEY = frozenset({"revoke-key", "rotate-key"})
+_SPENDS_A_KEY = frozenset({"revoke-key", "rotate-key", "update-key"})
 
 schemathesis.openapi.format("gbnf", st.sampled_from(GRAMMARS))
 
@@ -151,6 +151,7 @@ def _too_many_top_logprobs(body: dict[str, Any], param: str) -> bool:
 _RULES: dict[tuple[str, str], Callable[[dict[str, Any], str], bool]] = {
     ("create-key", "expires_at"): _expired,
     ("create-key", "models"): _unknown_model,
+    ("update-key", "models"): _unknown_model,
     ("create-completions", "provider.order"): _unknown_provider,
     ("create-completions", "provider.only"): _unknown_provider,
     ("create-completions", "provider.ignore"): _unknown_provider,
