@@ -164,7 +164,7 @@ def test_unknown_route_and_wrong_method(router: Router) -> None:
         ("GET", "/api/v1/completions", "POST"),
         ("TRACE", "/v1/models", "GET"),
         ("DELETE", "/api/v1/keys", "GET, POST"),
-        ("POST", "/api/v1/keys/some-id", "GET, DELETE"),
+        ("POST", "/api/v1/keys/some-id", "GET, PATCH, DELETE"),
         ("GET", "/api/v1/keys/some-id/rotate", "POST"),
         ("DELETE", "/api/v1/keys/some-id/rotate", "POST"),
         ("PUT", "/health", "GET"),
