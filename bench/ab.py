@@ -103,10 +103,13 @@ def main() -> None:
     for rev in args.revs[1:]:  # each round's ratio: the machine's drift falls on both alike
         for c in loads:
             ratios = [b[0] / a[0] for a, b in zip(results[(first, c)], results[(rev, c)], strict=True)]
-            cpu = [b[3] / a[3] for a, b in zip(results[(first, c)], results[(rev, c)], strict=True)]
+            pairs = zip(results[(first, c)], results[(rev, c)], strict=True)
+            # (with --workers the supervisor is measured, not its workers: no CPU figure)
+            cpu = [b[3] / a[3] for a, b in pairs if a[3] > 0]
+            shown = f"{med(cpu):.3f}" if cpu else "n/a"
             print(
                 f"{rev} / {first}, c{c}: req/s {med(ratios):.3f} (round by round, median), "
-                f"CPU per request {med(cpu):.3f}"
+                f"CPU per request {shown}"
             )
 
 
