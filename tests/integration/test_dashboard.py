@@ -573,3 +573,21 @@ def test_keys_of_one_name_stay_apart_on_the_charts(tmp_path: Path, fake_upstream
         want = {f"twin ({ids[0]})", f"other ({ids[1]})", f"twin ({ids[2]})"}
         assert set(legend) == want, legend
         assert len(legend) == 6  # the same three on each chart, spend and tokens
+
+
+def test_the_pages_follow_a_reloaded_config(tmp_path: Path, fake_upstream: str) -> None:
+    with serving(tmp_path, dashboard_config(fake_upstream)) as router:
+        admin = admin_key(router)
+        client = login(router, admin)
+        assert "fake/brand-new" not in client.get("/admin/reliability").text
+        text = dashboard_config(fake_upstream).replace(
+            "routing:",
+            "  - {id: fake/brand-new, deployments: [{provider: fake, model: new-one}]}\nrouting:",
+        )
+        router.config.write_text(text)
+        r = httpx.post(
+            f"{router.api}/admin/reload", headers={"Authorization": f"Bearer {admin}"}, timeout=30
+        )
+        assert r.status_code == 200 and r.json()["data"]["models"]["added"] == ["fake/brand-new"]
+        assert "fake/new-one" in client.get("/admin/reliability").text  # its deployment's health
+        assert "fake/brand-new" in client.get("/admin/keys").text  # a model a new key may get

@@ -430,7 +430,8 @@ def test_the_pages_name_only_the_keys_they_show(opener: Opener) -> None:
             req = Request(scope, None, send, "req-test")  # type: ignore[arg-type]
             sent.clear()
             keys.asked = set()
-            await page(_Visit(req, Session(busy[0].id, "csrf", int(now) + 60), path, query))
+            session = Session(busy[0].id, "csrf", int(now) + 60)
+            await page(_Visit(req, ctx, session, path, query))  # type: ignore[arg-type]
             assert sent[0]["status"] == 200
             return bytes(sent[1]["body"]).decode()
 

@@ -73,6 +73,7 @@ class _Visit:
     """A request with a live session: what its page needs to know."""
 
     req: Request
+    ctx: Context  # the config the request started on (a reload swaps it for later ones)
     session: Session
     sub: str  # the path after the dashboard's prefix ("" for the overview)
     query: dict[str, str]
@@ -106,10 +107,11 @@ class Dashboard:
         return under(normalise(path), self.prefix)
 
     async def handle(self, req: Request, ctx: Context) -> None:
-        if ctx is not self.ctx:  # a config reload swapped the context: serve from the new one
-            self.ctx, self._sessions = ctx, None
+        """`self.ctx` holds the process's parts (the store, keys, ledger, health: the same in
+        every config); what a config says (its models, its deployments, `store_prompts`) is read
+        from the request's own `ctx`."""
         try:
-            await self._route(req)
+            await self._route(req, ctx)
         except LlmrouterError as exc:
             await self._error(req, exc.status, exc.message, exc.headers())
         except StoreError as exc:
@@ -125,7 +127,7 @@ class Dashboard:
                 req, 500, f"Internal error; request id {req.request_id} is in the log.", []
             )
 
-    async def _route(self, req: Request) -> None:
+    async def _route(self, req: Request, ctx: Context) -> None:
         path = normalise(req.path)
         if req.method not in ("GET", "HEAD", "POST"):
             raise MethodNotAllowed("The dashboard takes GET and POST.", allow=("GET", "HEAD", "POST"))
@@ -152,7 +154,7 @@ class Dashboard:
             await self._redirect(req, f"{self.prefix}/login")
             return
         params = {k: v[0] for k, v in parse_qs(req.query.decode("latin-1")).items()}
-        visit = _Visit(req, session, sub, params)
+        visit = _Visit(req, ctx, session, sub, params)
         if req.method == "POST":
             form = await self._form(req, session)
             await self._post(visit, form)
@@ -440,7 +442,7 @@ class Dashboard:
                 "in_flight": health.in_flight(t.label),
                 "latency": health.latency(t.label),
             }
-            for t in self.ctx.catalog.all_targets()
+            for t in visit.ctx.catalog.all_targets()
         ]
         chart = charts.bars(
             "Failed requests by outcome",
@@ -516,7 +518,7 @@ class Dashboard:
             record=record,
             attempts=attempts,
             who=names.get(record.principal, record.principal),
-            stored=self.ctx.settings.accounts.store_prompts,
+            stored=visit.ctx.settings.accounts.store_prompts,
             failed=record.status >= 400 or record.error is not None,
         )
 
@@ -544,7 +546,7 @@ class Dashboard:
             more=more,
             first=f"{self.prefix}/keys" if after is not None else None,
             message=message,
-            models=sorted(self.ctx.catalog.models),
+            models=sorted(visit.ctx.catalog.models),
             most=_LABEL_MOST,
         )
 
@@ -582,7 +584,7 @@ class Dashboard:
             message=message,
             total=total,
             chart=chart,
-            models=sorted(self.ctx.catalog.models),
+            models=sorted(visit.ctx.catalog.models),
             own=key.id == visit.session.key_id,
         )
 
@@ -593,7 +595,7 @@ class Dashboard:
                     raise InvalidRequest(
                         f"A key's {field} made here is at most {_LABEL_MOST} characters.", param=field
                     )
-            spec = self._spec(form, form.get("name", ""))
+            spec = self._spec(visit.ctx, form, form.get("name", ""))
             key, secret = await self.ctx.keys.create(
                 spec.name, owner=spec.owner, policy=spec.policy(), admin=spec.admin
             )
@@ -619,14 +621,14 @@ class Dashboard:
             await self._key(visit, key.id, secret=secret)
         else:
             try:
-                spec = self._spec(form, key.name)
+                spec = self._spec(visit.ctx, form, key.name)
             except InvalidRequest as exc:
                 await self._key(visit, key.id, message=_sentence(str(exc)))
                 return
             await keys.update(key.id, policy=spec.policy())
             await self._redirect(visit.req, f"{self.prefix}/keys/{quote(key.id)}")
 
-    def _spec(self, form: dict[str, str], name: str) -> KeySpec:
+    def _spec(self, ctx: Context, form: dict[str, str], name: str) -> KeySpec:
         """A key form's fields, checked as the admin API checks a new key's."""
         fields: dict[str, Any] = {"name": name, "admin": form.get("admin") == "on"}
         if form.get("owner", "").strip():
@@ -643,7 +645,7 @@ class Dashboard:
         except msgspec.ValidationError as exc:
             message, _, where = str(exc).partition(" - at `$")
             raise InvalidRequest(f"{where.rstrip('`').lstrip('.')}: {message}", param=where) from None
-        check_models(self.ctx, spec.models)
+        check_models(ctx, spec.models)
         return spec
 
     async def _key_names(self, principals: Iterable[str]) -> dict[str, str]:
