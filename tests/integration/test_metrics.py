@@ -311,16 +311,11 @@ def test_workers_are_summed_and_the_directory_starts_empty(tmp_path: Path, fake_
         with serving(tmp_path, config(fake_upstream), "--workers", "2") as router:
             assert not (shared / "counter_999999.db").exists()
             admin = admin_key(router)
-            pids = set()
-            for _ in range(30):  # a new connection each: both workers answer some
-                with httpx.Client() as client:
-                    r = client.post(
-                        f"{router.api}/completions",
-                        headers=auth(router.key),
-                        json={"model": "m/ok", "prompt": "hi", "max_tokens": 2},
-                        timeout=30,
-                    )
-                    assert r.status_code == 200
+            for _ in range(30):  # a new connection each (httpx.post): both workers answer some
+                assert (
+                    complete(router, {"model": "m/ok", "prompt": "hi", "max_tokens": 2}).status_code
+                    == 200
+                )
             pids = {p.name.rsplit("_", 1)[-1] for p in shared.glob("counter_*.db")}
             assert len(pids) >= 2  # both workers wrote figures
             labels = {"route": "completions", "model": "m/ok", "stream": "false", "status": "200"}
@@ -337,15 +332,10 @@ def test_workers_on_their_own_address(tmp_path: Path, fake_upstream: str) -> Non
     port = free_port()
     text = config(fake_upstream, f"metrics: {{listen: '127.0.0.1:{port}'}}")
     with serving(tmp_path, text, "--workers", "2") as router:
-        for _ in range(10):
-            with httpx.Client() as client:
-                r = client.post(
-                    f"{router.api}/completions",
-                    headers=auth(router.key),
-                    json={"model": "m/ok", "prompt": "hi", "max_tokens": 2},
-                    timeout=30,
-                )
-                assert r.status_code == 200
+        for _ in range(10):  # a new connection each (httpx.post)
+            assert (
+                complete(router, {"model": "m/ok", "prompt": "hi", "max_tokens": 2}).status_code == 200
+            )
         labels = {"route": "completions", "model": "m/ok", "stream": "false", "status": "200"}
 
         def scraped() -> float:
