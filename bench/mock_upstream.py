@@ -3,7 +3,8 @@
     python bench/mock_upstream.py PORT [--host 127.0.0.1] [--max-seconds N]
 
 `POST /v1/completions` answers a fixed small completion; with `"stream": true` in the JSON body it
-answers an SSE stream of five text chunks, a usage chunk and `data: [DONE]`. The chat wire formats
+answers an SSE stream of five text chunks, a usage chunk and `data: [DONE]` (a hundred text chunks
+when the body names the model `mock-model-100`, for what a long stream costs). The chat wire formats
 answer the same text in their own shapes, whole or streamed: OpenAI's `POST /v1/chat/completions`,
 Anthropic's `POST /v1/messages` (named events) and Gemini's
 `POST /v1beta/models/M:generateContent` (`:streamGenerateContent?alt=sse`). `GET /health` and
@@ -54,6 +55,13 @@ def _chunk(data: bytes) -> bytes:
 
 def _build() -> dict[str, bytes]:
     created = int(time.time())
+    stream_head = (
+        b"HTTP/1.1 200 OK\r\n"
+        b"Content-Type: text/event-stream\r\n"
+        b"Cache-Control: no-cache\r\n"
+        b"Transfer-Encoding: chunked\r\n"
+        b"\r\n"
+    )
     usage = {"prompt_tokens": 3, "completion_tokens": 8, "total_tokens": 11}
     completion = _json(
         {
@@ -67,9 +75,35 @@ def _build() -> dict[str, bytes]:
             "usage": usage,
         }
     )
+    short = _completion_events(created, TEXT_PARTS, usage)
+    long_parts = tuple(f" word{i}" for i in range(100))
+    long = _completion_events(created, long_parts, {**usage, "completion_tokens": 100})
+    chat, messages, gemini = _chat_kinds(created)
+    models = _json({"object": "list", "data": [{"id": MODEL, "object": "model", "owned_by": "mock"}]})
+    return {
+        "completion": _response(b"200 OK", b"application/json", completion),
+        "stream": stream_head + b"".join(_chunk(e) for e in short) + b"0\r\n\r\n",
+        "stream100": stream_head + b"".join(_chunk(e) for e in long) + b"0\r\n\r\n",
+        "models": _response(b"200 OK", b"application/json", models),
+        "chat": _response(b"200 OK", b"application/json", chat[0]),
+        "chat_stream": stream_head + b"".join(_chunk(e) for e in chat[1]) + b"0\r\n\r\n",
+        "messages": _response(b"200 OK", b"application/json", messages[0]),
+        "messages_stream": stream_head + b"".join(_chunk(e) for e in messages[1]) + b"0\r\n\r\n",
+        "gemini": _response(b"200 OK", b"application/json", gemini[0]),
+        "gemini_stream": stream_head + b"".join(_chunk(e) for e in gemini[1]) + b"0\r\n\r\n",
+        "health": _response(b"200 OK", b"text/plain", b"ok"),
+        "not_found": _response(
+            b"404 Not Found", b"application/json", _json({"error": {"message": "not found"}})
+        ),
+        "bad_request": _response(b"400 Bad Request", b"text/plain", b"bad request", close=True),
+    }
+
+
+def _completion_events(created: int, parts: tuple[str, ...], usage: dict[str, int]) -> list[bytes]:
+    """A streamed completion of `parts`: one event a part, a usage event and `[DONE]`."""
     events: list[bytes] = []
-    for i, text in enumerate(TEXT_PARTS):
-        last = i == len(TEXT_PARTS) - 1
+    for i, text in enumerate(parts):
+        last = i == len(parts) - 1
         chunk = {
             "id": "cmpl-mock0000000000000000",
             "object": "text_completion",
@@ -95,32 +129,7 @@ def _build() -> dict[str, bytes]:
     }
     events.append(b"data: " + _json(usage_chunk) + b"\n\n")
     events.append(b"data: [DONE]\n\n")
-    stream_head = (
-        b"HTTP/1.1 200 OK\r\n"
-        b"Content-Type: text/event-stream\r\n"
-        b"Cache-Control: no-cache\r\n"
-        b"Transfer-Encoding: chunked\r\n"
-        b"\r\n"
-    )
-    stream_body = b"".join(_chunk(e) for e in events) + b"0\r\n\r\n"
-    chat, messages, gemini = _chat_kinds(created)
-    models = _json({"object": "list", "data": [{"id": MODEL, "object": "model", "owned_by": "mock"}]})
-    return {
-        "completion": _response(b"200 OK", b"application/json", completion),
-        "stream": stream_head + stream_body,
-        "models": _response(b"200 OK", b"application/json", models),
-        "chat": _response(b"200 OK", b"application/json", chat[0]),
-        "chat_stream": stream_head + b"".join(_chunk(e) for e in chat[1]) + b"0\r\n\r\n",
-        "messages": _response(b"200 OK", b"application/json", messages[0]),
-        "messages_stream": stream_head + b"".join(_chunk(e) for e in messages[1]) + b"0\r\n\r\n",
-        "gemini": _response(b"200 OK", b"application/json", gemini[0]),
-        "gemini_stream": stream_head + b"".join(_chunk(e) for e in gemini[1]) + b"0\r\n\r\n",
-        "health": _response(b"200 OK", b"text/plain", b"ok"),
-        "not_found": _response(
-            b"404 Not Found", b"application/json", _json({"error": {"message": "not found"}})
-        ),
-        "bad_request": _response(b"400 Bad Request", b"text/plain", b"bad request", close=True),
-    }
+    return events
 
 
 def _chat_kinds(created: int) -> list[tuple[bytes, list[bytes]]]:
@@ -303,7 +312,9 @@ class HttpProtocol(asyncio.Protocol):
         keep_alive = connection == b"keep-alive" if version == b"HTTP/1.0" else connection != b"close"
         path = path.split(b"?", 1)[0]
         if method == b"POST" and path in (b"/v1/completions", b"/completions"):
-            key = "stream" if _wants_stream(body) else "completion"
+            key = "completion"
+            if _wants_stream(body):
+                key = "stream100" if b'"mock-model-100"' in body else "stream"
         elif method == b"POST" and path == b"/v1/chat/completions":
             key = "chat_stream" if _wants_stream(body) else "chat"
         elif method == b"POST" and path == b"/v1/messages":
