@@ -16,13 +16,14 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import msgspec
 
 from llmrouter.accounts.auth import Authenticator
+from llmrouter.accounts.journal import Journal
 from llmrouter.accounts.keys import Keys
-from llmrouter.accounts.ledger import Ledger
+from llmrouter.accounts.ledger import COLUMNS, Ledger
 from llmrouter.accounts.limits import Limiter, create_limiter
 from llmrouter.accounts.store import Database, StoreError, open_database
 from llmrouter.admin.pages import Dashboard
@@ -147,11 +148,13 @@ class Context:
     async def start(self) -> None:
         tracing.configure(self.settings.tracing)
         accounts = self.settings.accounts
+        # The database's commits are always synchronous: records leave the journal (which
+        # `ledger_sync` is about) only once they are on disk there.
         self.db = await open_database(
             accounts.database_url,
             llmrouter_home(self.settings),
             schema=accounts.database_schema,
-            sync=accounts.ledger_sync,
+            sync="full",
         )
         self.keys = Keys(self.db, cache_seconds=accounts.key_cache_seconds)
         await self.keys.start()
@@ -159,6 +162,7 @@ class Context:
         metrics = self.metrics
         self.ledger = Ledger(
             self.db,
+            journal=open_journal(self.db, accounts.ledger_sync),
             batch_max=accounts.ledger_batch_max,
             durable_timeout=accounts.ledger_wait_seconds,
             on_write_error=metrics.ledger_write_failed if metrics else _nothing,
@@ -195,6 +199,19 @@ class Context:
         await self.ledger.aclose()
         await self.db.aclose()
         tracing.shutdown()
+
+
+def open_journal(db: Database, sync: Literal["full", "normal"]) -> Journal | None:
+    """This process's ledger journal; None (answers wait for the database) if it cannot be made."""
+    try:
+        return Journal(db.journal_folder, table="ledger", columns=COLUMNS, key="request_id", sync=sync)
+    except OSError as exc:
+        log.error(
+            "cannot open the ledger's journal in %s (%s): answers wait for the database",
+            db.journal_folder,
+            exc,
+        )
+        return None
 
 
 def jwt_authenticator(settings: Settings) -> JwtAuthenticator | None:

@@ -431,13 +431,14 @@ class AccountSettings(Struct, frozen=True, forbid_unknown_fields=True):
     credits_fail_open: bool = False
     policies: dict[str, Policy] = {}
     jwt: list[JwtIssuer] = []
-    # Ledger writes: at most this many records a batch; a response's last bytes wait for its
-    # record's batch to be durable.
+    # Ledger writes: at most this many records a batch into the database.
     ledger_batch_max: Annotated[int, Meta(ge=1)] = 512
-    # SQLite: `full` syncs each batch to disk (a record survives a power cut); `normal` leaves it
-    # to the OS (it survives the process being killed, not the machine) and waits less.
-    # PostgreSQL's durability is the server's (synchronous_commit).
-    ledger_sync: Literal["full", "normal"] = "full"
+    # A response's last bytes wait for its record to be written to the server's journal (one
+    # `write`: it survives the process being killed). `normal`: the journal is fdatasync'ed once
+    # a second, so a power cut loses at most about the last second's records; `full`: each
+    # response also waits for an fdatasync covering its record (shared by concurrent ones), so a
+    # power cut loses nothing a client received. The database's commits are always synchronous.
+    ledger_sync: Literal["full", "normal"] = "normal"
     # While the store is down, an answer waits this long for its record, then goes out anyway
     # (with a warning; the record stays queued in memory and is written when the store is back).
     ledger_wait_seconds: Annotated[float, Meta(gt=0, le=600)] = 10.0

@@ -1,32 +1,38 @@
 """The usage ledger: one record per completion request — answered, failed or cancelled.
 
-Records are written off the request path by one writer task, in batches (group commit): whatever
-has arrived while the previous batch was committing goes in the next transaction, so the cost of a
-commit is shared by every request that waits on it and no timer adds latency when the server is
-idle. A response's last bytes wait for its record's batch (`commit`), so a client that received a
-whole response can trust that its record is on disk, even if the server is killed the next moment.
-The insert is idempotent on the request id: a batch retried after an ambiguous failure never
-writes a record twice. A store that is down is retried with backoff, records kept in memory; a
-response waits for it at most `durable_timeout` seconds, and then is released with a warning.
+A response's last bytes wait for its record to be durable, so a client that received a whole
+response can trust that it was recorded, even if the server is killed the next moment. With a
+journal (the server's way, journal.py) durable means written to this process's journal file, one
+`write` on the event loop; without one (or when the journal cannot be written), committed to the
+database. Records go into the database off the request path, by one writer task, in batches
+(group commit): whatever has arrived while the previous batch was committing goes in the next
+transaction, and no timer adds latency when the server is idle. The insert is idempotent on the
+request id: a batch retried after an ambiguous failure, or replayed from a journal, never writes a
+record twice. A store that is down is retried with backoff, records kept in memory (and in the
+journal); a response that waits for the database waits at most `durable_timeout` seconds, and then
+is released with a warning.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import msgspec
 
+from llmrouter.accounts.journal import Journal, Segment
 from llmrouter.accounts.store import UNKNOWN_MODEL, Database, DataRejected, StoreError
 
-__all__ = ["GROUPINGS", "Ledger", "Record", "Total"]
+__all__ = ["COLUMNS", "GROUPINGS", "Ledger", "Record", "Total"]
 
 log = logging.getLogger("llmrouter.ledger")
 
-_COLUMNS = (
+COLUMNS = _COLUMNS = (
     "request_id",
     "principal",
     "end_user",
@@ -147,25 +153,33 @@ class Total(msgspec.Struct):
     cost: float
 
 
+_Entry = tuple[Record, asyncio.Future[None], Segment | None]  # the segment: where it is journaled
+
+
 class Ledger:
     def __init__(
         self,
         db: Database,
         *,
+        journal: Journal | None = None,
         batch_max: int = 512,
         durable_timeout: float = 10.0,
         max_pending: int = 100_000,
         on_write_error: Callable[[], None] = lambda: None,
     ) -> None:
         self._db = db
+        self._journal = journal
         self._on_write_error = on_write_error
         self._batch_max = batch_max
         self._max_pending = max_pending
         self._durable_timeout = durable_timeout
-        self._pending: list[tuple[Record, asyncio.Future[None]]] = []
+        self._pending: list[_Entry] = []
+        self._writing: list[_Entry] = []  # the batch being written now
+        self._last: asyncio.Future[None] | None = None  # the latest record's: done, all are
         self._wakeup = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
         self._closing = False
+        self._journal_warned = 0.0
 
     @property
     def pending(self) -> int:
@@ -180,17 +194,23 @@ class Ledger:
 
     def start(self) -> None:
         self._writer = asyncio.get_running_loop().create_task(self._write_forever())
+        if self._journal is not None:
+            self._journal.start()
 
     def submit(self, record: Record) -> asyncio.Future[None]:
-        """Queue a record; the future is done when it is durable."""
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.append((record, done))
-        self._wakeup.set()
-        return done
+        """Queue a record (journaled, where there is a journal); the future is done when it is
+        in the database."""
+        return self._queue(record, self._journaled(record))
 
     async def commit(self, record: Record) -> None:
-        """Queue a record and wait until it is durable (or the durability timeout passes)."""
-        done = self.submit(record)
+        """Queue a record and wait until it is durable: journaled (and, with `sync: full`,
+        fdatasync'ed), else in the database (or the durability timeout passes)."""
+        segment = self._journaled(record)
+        done = self._queue(record, segment)
+        if segment is not None:
+            assert self._journal is not None
+            await self._journal.synced()
+            return
         try:
             await asyncio.wait_for(asyncio.shield(done), self._durable_timeout)
         except TimeoutError:
@@ -199,6 +219,35 @@ class Ledger:
                 extra={"fields": {"request_id": record.request_id}},
             )
 
+    async def flush(self) -> None:
+        """Until every record queued so far is in the database (or the durability timeout): a
+        read of the ledger that follows sees what this process has answered."""
+        last = self._last
+        if last is not None and not last.done():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(last), self._durable_timeout)
+
+    def _journaled(self, record: Record) -> Segment | None:
+        journal = self._journal
+        if journal is None:
+            return None
+        try:
+            return journal.append(record.row())
+        except OSError as exc:  # a full or failing disk: the database's commit is waited for
+            self._on_write_error()
+            now = time.monotonic()
+            if now - self._journal_warned > 60:
+                self._journal_warned = now
+                log.error("cannot write the ledger's journal (%s): answers wait for the database", exc)
+            return None
+
+    def _queue(self, record: Record, segment: Segment | None) -> asyncio.Future[None]:
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append((record, done, segment))
+        self._last = done
+        self._wakeup.set()
+        return done
+
     async def _write_forever(self) -> None:
         while True:
             await self._wakeup.wait()
@@ -206,11 +255,13 @@ class Ledger:
             while self._pending:
                 batch = self._pending[: self._batch_max]
                 del self._pending[: self._batch_max]
+                self._writing = batch
                 await self._write(batch)
+                self._writing = []
             if self._closing:
                 return
 
-    async def _write(self, batch: list[tuple[Record, asyncio.Future[None]]]) -> None:
+    async def _write(self, batch: list[_Entry]) -> None:
         """Write a batch, retrying while the store is unreachable. If the store refuses the data
         itself, the records are written one by one, so that one record it cannot hold (logged in
         full, then dropped) does not stop the others."""
@@ -219,7 +270,7 @@ class Ledger:
             try:
                 # In the order of the rollup rows their trigger updates: two writers (replicas on
                 # one PostgreSQL) then take those rows' locks in one order, and never deadlock.
-                records = sorted((record for record, _ in batch), key=_rollup_order)
+                records = sorted((record for record, _, _ in batch), key=_rollup_order)
                 rows = [record.row() for record in records]
                 await self._db.insert_rows("ledger", _COLUMNS, rows, key="request_id")
                 break
@@ -238,22 +289,26 @@ class Ledger:
                 self._on_write_error()
                 await self._reject(batch, exc)
                 return
-        for _, done in batch:
+        self._written(batch)
+
+    def _written(self, batch: list[_Entry]) -> None:
+        if self._journal is not None:
+            self._journal.committed([segment for _, _, segment in batch if segment is not None])
+        for _, done, _ in batch:
             if not done.done():
                 done.set_result(None)
 
-    async def _reject(self, batch: list[tuple[Record, asyncio.Future[None]]], exc: Exception) -> None:
+    async def _reject(self, batch: list[_Entry], exc: Exception) -> None:
         if len(batch) > 1:
             for one in batch:
                 await self._write([one])
             return
-        record, done = batch[0]
+        record = batch[0][0]
         log.error(
             "the store refused a ledger record; it is kept here only",
             extra={"fields": {"error": repr(exc), "record": msgspec.to_builtins(record)}},
         )
-        if not done.done():
-            done.set_result(None)
+        self._written(batch)  # (out of the journal too: a replay would be refused the same)
 
     async def aclose(self, grace: float = 10.0) -> None:
         """Write what is queued (for at most `grace` seconds), then stop."""
@@ -266,16 +321,26 @@ class Ledger:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._writer
         if self._pending:
-            log.error("the ledger closed with %d records unwritten", len(self._pending))
+            log.error(
+                "the ledger closed with %d records unwritten%s",
+                len(self._pending),
+                "; they are in its journal, for the next start" if self._journal else "",
+            )
+        if self._journal is not None:
+            self._journal.close(drained=not self._pending and not self._writing)
 
     # -- reading ---------------------------------------------------------------------------------
 
     async def get(self, request_id: str) -> Record | None:
+        for record, _, _ in itertools.chain(self._writing, self._pending):
+            if record.request_id == request_id:
+                return record  # answered, not in the database yet
         row = await self._db.fetchone(f"{_SELECT} WHERE request_id = ?", request_id)
         return None if row is None else Record.from_row(row)
 
     async def spent(self, principal: str, since: float) -> float:
         """The cost recorded for `principal` since a unix time: credits already used."""
+        await self.flush()
         row = await self._db.fetchone(
             "SELECT coalesce(sum(cost), 0) FROM ledger WHERE principal = ? AND created_at >= ?",
             principal,
@@ -287,6 +352,7 @@ class Ledger:
     async def totals(
         self, *, since: float | None = None, until: float | None = None, by: Grouping = "model"
     ) -> list[Total]:
+        await self.flush()
         column = {
             "key": "principal",
             "model": "coalesce(model, model_requested)",

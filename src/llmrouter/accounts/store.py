@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import itertools
 import logging
 import re
@@ -27,6 +28,8 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import msgspec
+
+from llmrouter.accounts.journal import replay
 
 __all__ = [
     "MIGRATIONS",
@@ -284,6 +287,7 @@ class IntegrityError(DataRejected):
 class Database(Protocol):
     dialect: Literal["sqlite", "postgres"]
     where: str  # for messages: the file, or the server without credentials
+    journal_folder: Path  # where the ledger's journal files of this database are
 
     async def fetchone(self, sql: str, *args: Any, heavy: bool = False) -> Row | None:
         """One row. `heavy`: the query may scan many rows (a sum over the ledger), so SQLite
@@ -317,13 +321,27 @@ async def open_database(
     url: str | None, home: Path, *, schema: str | None = None, sync: str = "full"
 ) -> Database:
     """SQLite under `home` when `url` is None (or `sqlite:///path`), else PostgreSQL. `sync`:
-    SQLite's synchronous mode for writes (`full` or `normal`)."""
+    SQLite's synchronous mode for writes (`full` or `normal`). The records that stopped
+    processes left in the ledger's journal (journal.py) are put into it before it is returned."""
+    db: SqliteDatabase | PostgresDatabase
     if url is None or url.startswith("sqlite:"):
         path = home / "llmrouter.sqlite3" if url is None else Path(url.removeprefix("sqlite://"))
-        return SqliteDatabase(path, sync=sync)
-    if url.startswith(("postgres://", "postgresql://")):
-        return await PostgresDatabase.connect(url, schema=schema)
-    raise StoreError("database_url must start with postgresql:// or sqlite://")
+        db = SqliteDatabase(path, sync=sync)
+    elif url.startswith(("postgres://", "postgresql://")):
+        db = await PostgresDatabase.connect(url, schema=schema)
+        place = hashlib.sha256(f"{db.where}\n{schema or ''}".encode()).hexdigest()[:16]
+        db.journal_folder = home / "journal" / f"postgres-{place}"
+    else:
+        raise StoreError("database_url must start with postgresql:// or sqlite://")
+    try:
+        await replay(db.journal_folder, db)
+    except StoreError:
+        await db.aclose()
+        raise
+    except OSError as exc:
+        await db.aclose()
+        raise StoreError(f"cannot read the ledger's journal in {db.journal_folder}: {exc}") from None
+    return db
 
 
 # -- SQLite ---------------------------------------------------------------------------------------
@@ -337,6 +355,7 @@ class SqliteDatabase:
             raise StoreError(f"unknown SQLite sync mode {sync!r}")
         self.path = path
         self.where = str(path)
+        self.journal_folder = path.with_name(path.name + ".journal")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._reader = self._connect()
@@ -470,6 +489,7 @@ def _numbered(sql: str) -> str:
 
 class PostgresDatabase:
     dialect: Literal["sqlite", "postgres"] = "postgres"
+    journal_folder: Path  # under the server's home: set by `open_database`
 
     def __init__(self, pool: Any, where: str, url: str, settings: dict[str, str]) -> None:
         self._pool = pool

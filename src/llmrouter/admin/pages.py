@@ -159,6 +159,7 @@ class Dashboard:
             form = await self._form(req, session)
             await self._post(visit, form)
             return
+        await ctx.ledger.flush()  # the pages show every request this server has answered
         page = _GET.get(sub)
         if page is not None:
             await page(self, visit)

@@ -1,0 +1,237 @@
+"""The ledger's journal: a record is durable once written there, the database gets it later, and
+what a dead process left is replayed into the database, once, by the next process to open it.
+On SQLite and PostgreSQL, with real files and locks."""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import os
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from llmrouter.accounts import journal as journal_module
+from llmrouter.accounts.journal import Journal, replay
+from llmrouter.accounts.ledger import COLUMNS, Ledger
+from llmrouter.accounts.store import Database, open_database
+from tests.conftest import PG_URL
+from tests.integration.test_store import Opener, record, run
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def opener(request: pytest.FixtureRequest, tmp_path: Path) -> Opener:
+    schema = request.getfixturevalue("pg_schema") if request.param == "postgres" else None
+    url = PG_URL if request.param == "postgres" else None
+
+    async def open_it() -> Database:
+        return await open_database(url, tmp_path, schema=schema)
+
+    return open_it
+
+
+def journal_of(db: Database, sync: Any = "normal") -> Journal:
+    return Journal(db.journal_folder, table="ledger", columns=COLUMNS, key="request_id", sync=sync)
+
+
+def files(db: Database) -> list[Path]:
+    return sorted(db.journal_folder.glob("*.jsonl"))
+
+
+async def count(db: Database) -> int:
+    (n,) = await db.fetchone("SELECT count(*) FROM ledger") or (0,)
+    return int(n)
+
+
+class StalledDatabase:
+    """The real database, whose ledger inserts wait until `go` is set."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self.go = asyncio.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.db, name)
+
+    async def insert_rows(
+        self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], *, key: str
+    ) -> None:
+        await self.go.wait()
+        await self.db.insert_rows(table, columns, rows, key=key)
+
+
+def test_a_commit_waits_for_the_journal_not_the_database(opener: Opener) -> None:
+    async def work(db: Database) -> None:
+        stalled = StalledDatabase(db)
+        ledger = Ledger(stalled, journal=journal_of(db))  # type: ignore[arg-type]
+        ledger.start()
+        ids = [f"cmpl-{uuid.uuid4().hex}" for _ in range(20)]
+        async with asyncio.timeout(5):  # the database answers nothing meanwhile
+            await asyncio.gather(*(ledger.commit(record(i)) for i in ids))
+        assert await count(db) == 0
+        (path,) = files(db)
+        lines = path.read_bytes().splitlines()
+        assert len(lines) == 1 + 20 and all(i.encode() in path.read_bytes() for i in ids)
+        got = await ledger.get(ids[3])  # read back before it is in the database
+        assert got is not None and got.request_id == ids[3]
+        stalled.go.set()
+        await ledger.flush()
+        assert await count(db) == 20
+        await ledger.aclose()
+        assert files(db) == []  # all in the database: the journal goes at a clean stop
+
+    run(opener, work)
+
+
+def test_a_dead_process_journal_is_replayed_once_by_the_next_open(
+    opener: Opener, tmp_path: Path
+) -> None:
+    ids = [f"cmpl-{uuid.uuid4().hex}" for _ in range(30)]
+
+    async def first(db: Database) -> None:
+        j = journal_of(db)
+        for i in ids:
+            j.append(record(i).row())
+        await db.insert_rows("ledger", COLUMNS, [record(i).row() for i in ids[:10]], key="request_id")
+        # Killed: the file stays, its lock goes with the process (here: the descriptor).
+        for segment in j._segments:
+            os.close(segment.fd)
+        assert len(files(db)) == 1 and await count(db) == 10
+
+    run(opener, first)
+
+    async def second(db: Database) -> None:  # open_database replayed it
+        assert files(db) == []
+        assert await count(db) == 30
+        rows = await db.fetchall("SELECT request_id FROM ledger")
+        assert sorted(r[0] for r in rows) == sorted(ids)
+        assert await replay(db.journal_folder, db) == 0
+
+    run(opener, second)
+
+
+def test_a_live_process_journal_is_left_alone(opener: Opener) -> None:
+    async def work(db: Database) -> None:
+        live = journal_of(db)
+        live.append(record("cmpl-live").row())
+        assert await replay(db.journal_folder, db) == 0  # locked by its (live) owner
+        assert len(files(db)) == 1 and await count(db) == 0
+        live.close(drained=False)  # a stop with records unwritten: left for the next process
+        assert await replay(db.journal_folder, db) == 1
+        assert files(db) == [] and await count(db) == 1
+
+    run(opener, work)
+
+
+def test_a_record_cut_by_the_kill_is_skipped(tmp_path: Path) -> None:
+    async def work(db: Database) -> None:
+        j = journal_of(db)
+        j.append(record("cmpl-whole").row())
+        os.write(j._segments[-1].fd, b'["cmpl-cut", "key:abc", nu')  # killed inside a write
+        for segment in j._segments:
+            os.close(segment.fd)
+        assert await replay(db.journal_folder, db) == 1
+        assert await db.fetchall("SELECT request_id FROM ledger") == [("cmpl-whole",)]
+
+    run(lambda: open_database(None, tmp_path), work)
+
+
+def test_drained_files_go_and_others_stay(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(journal_module, "_SEGMENT_BYTES", 2000)
+
+    async def work(db: Database) -> None:
+        stalled = StalledDatabase(db)
+        ledger = Ledger(stalled, journal=journal_of(db), batch_max=4)  # type: ignore[arg-type]
+        ledger.start()
+        for n in range(40):
+            await ledger.commit(record(f"cmpl-{n}"))
+        assert len(files(db)) > 3  # rotated, none drained yet
+        stalled.go.set()
+        await ledger.flush()
+        assert len(files(db)) == 1  # the drained old files went; the current one stays
+        assert await count(db) == 40
+        await ledger.aclose()
+        assert files(db) == []
+
+    run(lambda: open_database(None, tmp_path), work)
+
+
+def test_full_sync_releases_only_after_an_fdatasync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    synced: list[int] = []
+    real = os.fdatasync
+
+    def counting(fd: int) -> None:
+        real(fd)
+        synced.append(fd)
+
+    monkeypatch.setattr(journal_module.os, "fdatasync", counting)
+
+    async def work(db: Database) -> None:
+        ledger = Ledger(db, journal=journal_of(db, "full"))
+        ledger.start()
+        await ledger.commit(record("cmpl-a"))
+        assert len(synced) == 1
+        await asyncio.gather(*(ledger.commit(record(f"cmpl-{n}")) for n in range(50)))
+        assert 2 <= len(synced) < 50  # shared by the records written before each
+        await ledger.aclose()
+
+    run(lambda: open_database(None, tmp_path), work)
+
+
+def test_normal_sync_never_waits_but_syncs_within_a_second(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    synced: list[int] = []
+    monkeypatch.setattr(journal_module.os, "fdatasync", lambda fd: synced.append(fd))
+    monkeypatch.setattr(journal_module, "_NORMAL_SYNC_SECONDS", 0.2)
+
+    async def work(db: Database) -> None:
+        ledger = Ledger(db, journal=journal_of(db, "normal"))
+        ledger.start()
+        await ledger.commit(record("cmpl-a"))
+        assert synced == []
+        await asyncio.sleep(0.5)
+        assert len(synced) == 1
+        await ledger.aclose()
+
+    run(lambda: open_database(None, tmp_path), work)
+
+
+def test_a_journal_that_cannot_be_written_falls_back_to_the_database(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def work(db: Database) -> None:
+        j = journal_of(db)
+
+        def full_disk(row: Any) -> Any:
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(j, "append", full_disk)
+        errors: list[int] = []
+        ledger = Ledger(db, journal=j, on_write_error=lambda: errors.append(1))
+        ledger.start()
+        await ledger.commit(record("cmpl-a"))
+        assert await count(db) == 1 and errors == [1]  # waited for the database instead
+        await ledger.aclose()
+
+    run(lambda: open_database(None, tmp_path), work)
+
+
+def test_a_file_being_made_is_not_replayed(tmp_path: Path) -> None:
+    async def work(db: Database) -> None:
+        folder = db.journal_folder
+        folder.mkdir(parents=True, exist_ok=True)
+        hidden = folder / ".123-1-1.jsonl"  # its owner has not locked and renamed it yet
+        hidden.write_bytes(b'{"table":"ledger","columns":[],"key":"request_id"}\n')
+        assert await replay(folder, db) == 0 and hidden.exists()
+        fd = os.open(folder / "9-9-9.jsonl", os.O_CREAT | os.O_WRONLY, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        assert await replay(folder, db) == 0  # locked
+        os.close(fd)
+
+    run(lambda: open_database(None, tmp_path), work)
