@@ -418,8 +418,8 @@ class AccountSettings(Struct, frozen=True, forbid_unknown_fields=True):
     # The ledger and keys: SQLite under `home` when null, else `postgresql://...`.
     database_url: str | None = None
     database_schema: str | None = None  # PostgreSQL: tables in this schema (created if missing)
-    # PostgreSQL: a server keeps keys it has seen this long, while it hears the database's
-    # notifications (a revoked or rotated key is forgotten at once everywhere). 0: no cache.
+    # A server keeps keys it has seen this long, while it hears of changes (a revoked or rotated
+    # key is forgotten at once everywhere; keys.py says how). 0: no cache.
     key_cache_seconds: Annotated[float, Meta(ge=0, le=3600)] = 60.0
     # Limits, credits and deployment health shared by replicas; in-process when null.
     redis_url: str | None = None

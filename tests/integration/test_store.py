@@ -332,18 +332,35 @@ def test_postgres_keys_are_cached_until_a_replica_changes_them(pg_schema: str, t
     asyncio.run(main())
 
 
-def test_sqlite_keys_are_never_cached(tmp_path: Path) -> None:
+def test_sqlite_keys_are_cached_until_any_process_changes_them(tmp_path: Path) -> None:
     async def main() -> None:
-        db = await open_database(None, tmp_path)
+        one = await open_database(None, tmp_path)
+        two = await open_database(None, tmp_path)  # another worker, or the CLI
+        reads = CountingReads(one)
         try:
-            keys = Keys(db, cache_seconds=60)
-            await keys.start()
-            key, secret = await keys.create("fresh")
-            await keys.authenticate(secret)
-            await db.execute("UPDATE api_keys SET name = 'renamed' WHERE id = ?", key.id)
-            assert (await keys.authenticate(secret)).name == "renamed"
+            a, b = Keys(reads, cache_seconds=60), Keys(two, cache_seconds=60)  # type: ignore[arg-type]
+            await a.start()
+            key, secret = await b.create("cached")
+            for _ in range(3):
+                assert (await a.authenticate(secret)).key_id == key.id
+            assert reads.count == 1  # then from the cache
+            # A change made through llmrouter elsewhere is in force at the next request here...
+            await b.update(key.id, policy=Policy(rpm=7))
+            assert (await a.authenticate(secret)).limits.rpm == 7 and reads.count == 2
+            await b.revoke(key.id)
+            with pytest.raises(AuthenticationFailed, match="revoked"):
+                await a.authenticate(secret)
+            # ...and one by SQL behind llmrouter's back within a second (the version trigger).
+            other, other_secret = await b.create("edited by hand")
+            await a.authenticate(other_secret)
+            seen = reads.count
+            await two.execute("UPDATE api_keys SET name = 'renamed' WHERE id = ?", other.id)
+            assert (await a.authenticate(other_secret)).name == "edited by hand"  # cached still
+            await until(lambda: reads.count > seen, a, other_secret)
+            assert (await a.authenticate(other_secret)).name == "renamed"
         finally:
-            await db.aclose()
+            await one.aclose()
+            await two.aclose()
 
     asyncio.run(main())
 

@@ -7,11 +7,14 @@ of the whole key, compared in constant time. A key is random enough (190 bits) t
 hash would add latency and no safety. Rotating a key keeps its id (its limits, spend and history)
 and replaces the secret: the old one stops working at once.
 
-On PostgreSQL a server keeps the keys it has seen for `cache_seconds`, to spare a round trip per
-request, but only while it receives the database's notifications: a trigger on `api_keys` notifies
-every server of any change to a key, in the changing transaction (any replica, the CLI, or SQL by
-hand), and each forgets the key at once. A lookup that was under way when a key changed is not
-cached: it may have read the key as it was.
+A server keeps the keys it has seen for `cache_seconds`, to spare a database read per request,
+but only while it hears of changes. On PostgreSQL a trigger on `api_keys` notifies every server of
+any change to a key, in the changing transaction (any replica, the CLI, or SQL by hand), and each
+forgets the key at once. SQLite has no notifications: a change made through llmrouter (any
+process: a worker, the CLI, the dashboard) is announced in a marker file that every server checks
+before each lookup (one `stat`), so it is in force at the next request; a change by SQL behind
+llmrouter's back bumps a version (a trigger) that servers read each second. A lookup that was
+under way when a key changed is not cached: it may have read the key as it was.
 """
 
 from __future__ import annotations
@@ -270,7 +273,8 @@ class Keys:
         await self._db.execute(
             "UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL", now, key.id
         )
-        self._forget(key.id)  # here at once; elsewhere when the trigger's notification arrives
+        self._forget(key.id)  # here at once; elsewhere when they hear of it
+        self._db.changed(_CHANNEL)
         await self._end_sessions(key.id)
         return replace(key, revoked_at=now)
 
@@ -291,6 +295,7 @@ class Keys:
         if not changed:
             raise KeyError_("no live key with this id or name")
         self._forget(key.id)
+        self._db.changed(_CHANNEL)
         return replace(key, policy=policy)
 
     async def rotate(self, id_or_name: str) -> tuple[ApiKey, str]:
@@ -305,6 +310,7 @@ class Keys:
         if not changed:
             raise KeyError_("no live key with this id or name")
         self._forget(key.id)
+        self._db.changed(_CHANNEL)
         await self._end_sessions(key.id)
         return key, secret
 
@@ -317,6 +323,7 @@ class Keys:
             raise AuthenticationFailed("Invalid API key.", code="invalid_api_key")
         digest = _hash(token)
         now = time.time()
+        self._db.poll()
         cached = self._cache.get(digest) if self._db.listening else None
         if cached is not None and cached[0] > now:
             key = cached[1]
@@ -324,6 +331,7 @@ class Keys:
             forgotten = self._forgotten
             key = await self._lookup(match.group("id"), digest)
             # Not if a notification came meanwhile: this read may be older than that change.
+            self._db.poll()
             if self._db.listening and forgotten == self._forgotten and key.revoked_at is None:
                 self._keep(digest, key, now + self._cache_seconds)
         if key.revoked_at is not None:

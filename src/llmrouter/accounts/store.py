@@ -19,6 +19,7 @@ import contextlib
 import hashlib
 import itertools
 import logging
+import os
 import re
 import sqlite3
 from collections.abc import Callable, Sequence
@@ -103,6 +104,15 @@ _KEY_CHANGED = (
     END $$ LANGUAGE plpgsql""",
     "CREATE TRIGGER api_keys_changed AFTER UPDATE OR DELETE ON api_keys "
     "FOR EACH ROW EXECUTE FUNCTION llmrouter_key_changed()",
+)
+
+_KEY_VERSION = (
+    "CREATE TABLE key_changes (version INTEGER NOT NULL)",
+    "INSERT INTO key_changes VALUES (0)",
+    "CREATE TRIGGER api_keys_updated AFTER UPDATE ON api_keys "
+    "BEGIN UPDATE key_changes SET version = version + 1; END",
+    "CREATE TRIGGER api_keys_deleted AFTER DELETE ON api_keys "
+    "BEGIN UPDATE key_changes SET version = version + 1; END",
 )
 
 # Version 4: the dashboard's hourly rollup of the ledger, its login sessions, and the prompt and
@@ -268,6 +278,9 @@ MIGRATIONS: tuple[Migration, ...] = (
             *_V4_LEDGER,
         ),
     ),
+    # SQLite: a version of the keys that any change to one bumps, for the servers that cache
+    # keys (PostgreSQL notifies them instead, since version 2).
+    Migration(sqlite=_KEY_VERSION, postgres=()),
 )
 
 
@@ -313,6 +326,13 @@ class Database(Protocol):
     async def listen(self, channel: str, on_message: Callable[[str | None], None]) -> None:
         """Call `on_message(payload)` for each notification on `channel`, and `on_message(None)`
         when the listening connection is lost or made again (what was learnt may be stale)."""
+
+    def poll(self) -> None:
+        """Hear now what changed since (SQLite, which has no notifications, checks here)."""
+
+    def changed(self, channel: str) -> None:
+        """Tell the other processes that listen on `channel` that something changed (after the
+        change has committed). PostgreSQL's triggers do it themselves."""
 
     async def aclose(self) -> None: ...
 
@@ -368,6 +388,8 @@ class SqliteDatabase:
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="llmrouter-sqlite")
         self._reporter = ThreadPoolExecutor(1, thread_name_prefix="llmrouter-sqlite-reports")
         self._report_db: sqlite3.Connection | None = None
+        self._watch: _Watch | None = None
+        self._poller: asyncio.Task[None] | None = None
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=10.0)
@@ -435,19 +457,85 @@ class SqliteDatabase:
             return False
         return True
 
-    # One file has no notifications: every lookup reads it, which is as cheap as a cache.
+    # One file has no notifications. A change llmrouter makes (a key revoked by the API, the
+    # dashboard or a command) is announced by a byte appended to the channel's marker file, so a
+    # listener hears of it at its next `poll` (one `stat`); a change by SQL behind llmrouter's
+    # back bumps a version (the `key_changes` trigger) that listeners read each second.
     listening = False
 
+    def _marker(self, channel: str) -> Path:
+        return self.path.with_name(f"{self.path.name}.{channel}")
+
     async def listen(self, channel: str, on_message: Callable[[str | None], None]) -> None:
-        return None
+        if channel != _KEYS_CHANNEL:
+            raise StoreError(f"SQLite has no channel {channel!r}")
+        marker = self._marker(channel)
+        with contextlib.suppress(OSError):
+            marker.touch(exist_ok=True)
+        self._watch = _Watch(marker, _size(marker), self._key_version(), on_message)
+        self._poller = asyncio.get_running_loop().create_task(self._poll_versions())
+        self.listening = True
+
+    def poll(self) -> None:
+        watch = self._watch
+        if watch is not None and (size := _size(watch.marker)) != watch.size:
+            watch.size = size
+            watch.on_message(None)
+
+    def changed(self, channel: str) -> None:
+        try:
+            fd = os.open(self._marker(channel), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        except OSError as exc:
+            log.warning("cannot announce a change on %s: %s", channel, exc)
+            return
+        try:
+            os.write(fd, b".")  # the size only grows, so no two changes look alike
+        finally:
+            os.close(fd)
+
+    def _key_version(self) -> int:
+        try:
+            row = self._reader.execute("SELECT version FROM key_changes").fetchone()
+        except sqlite3.Error:
+            return -1
+        return int(row[0]) if row else -1
+
+    async def _poll_versions(self) -> None:
+        while True:
+            await asyncio.sleep(_VERSION_POLL_SECONDS)
+            watch = self._watch
+            if watch is not None and (version := self._key_version()) != watch.version:
+                watch.version = version
+                watch.on_message(None)
 
     async def aclose(self) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
         self._thread.shutdown(wait=True)
         self._reporter.shutdown(wait=True)
         self._reader.close()
         self._writer.close()
         if self._report_db is not None:
             self._report_db.close()
+
+
+_KEYS_CHANNEL = "llmrouter_keys"
+_VERSION_POLL_SECONDS = 1.0
+
+
+@dataclass
+class _Watch:
+    marker: Path
+    size: int
+    version: int
+    on_message: Callable[[str | None], None]
+
+
+def _size(path: Path) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return -1
 
 
 def _migrate_sqlite(db: sqlite3.Connection, path: Path) -> None:
@@ -597,6 +685,12 @@ class PostgresDatabase:
         except StoreError:
             return False
         return True
+
+    def poll(self) -> None:
+        return None  # notifications arrive by themselves
+
+    def changed(self, channel: str) -> None:
+        return None  # the triggers NOTIFY, in the changing transaction
 
     async def listen(self, channel: str, on_message: Callable[[str | None], None]) -> None:
         self._listener = asyncio.get_running_loop().create_task(
