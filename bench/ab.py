@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/ab.py 52be946 HEAD [--rounds 4] [--seconds 4] [--connections 64,1]
     .venv/bin/python bench/ab.py HEAD "HEAD+metrics: {enabled: false}"   # one revision, two configs
+    .venv/bin/python bench/ab.py HEAD~1 HEAD --body stream100 --connections 16  # long streams
 
 Each revision is exported with `git archive` into a temporary folder and served by this venv's
 interpreter with that folder first on `PYTHONPATH` (so dependencies are today's; only the code
@@ -34,7 +35,14 @@ providers:
 models:
   - id: mock/model
     deployments: [{{provider: mock, model: mock-model}}]
+  - id: mock/long
+    deployments: [{{provider: mock, model: mock-model-100}}]
 """
+BODIES = {
+    "plain": '{"model":"mock/model","prompt":"Say hello","max_tokens":16}',
+    "stream": '{"model":"mock/model","prompt":"Say hello","max_tokens":16,"stream":true}',
+    "stream100": '{"model":"mock/long","prompt":"Say hello","max_tokens":128,"stream":true}',
+}
 
 
 def export(rev: str, into: Path) -> Path:
@@ -52,6 +60,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=4.0, help="per load")
     parser.add_argument("--connections", default="64,1", help="wrk -c values, comma-separated")
+    parser.add_argument(
+        "--body", choices=sorted(BODIES), default="plain", help="stream: 5 chunks; stream100: 100"
+    )
     args = parser.parse_args()
     loads = [int(c) for c in args.connections.split(",")]
     tmp = Path(tempfile.mkdtemp(prefix="llmrouter-ab-"))
@@ -77,8 +88,9 @@ def main() -> None:
                 for rev, (proc, port, key) in routers.items():
                     for c in loads:
                         r = wrk(
-                            port, "/api/v1/completions", c, args.seconds, key, 1, {"router": proc.pid}
-                        )
+                            port, "/api/v1/completions", c, args.seconds, key, 1,
+                            {"router": proc.pid}, body=BODIES[args.body],
+                        )  # fmt: skip
                         if r.errors:
                             sys.exit(f"{rev}: {r.errors} errors at c{c}")
                         cpu_ms = r.cpu["router"] / 100 * r.seconds / r.requests * 1000
