@@ -13,7 +13,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from llmrouter.emulation.shape import deltas
 from llmrouter.errors import DeadlineExceeded, LlmrouterError, UpstreamTimeout, UpstreamUnavailable
@@ -76,14 +76,45 @@ class CommittedStream:
         self._open_choices = {c.index for c in first.choices if c.finish_reason is None}
         self._started = time.perf_counter()
         self._closed = False
+        # The deadline is one timer for the whole stream, not a timeout per part: it cancels
+        # the consumer only while that waits for a part (never while it writes one out), and a
+        # deadline that passed meanwhile is raised at the next part.
+        self._consumer: asyncio.Task[Any] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._waiting = self._expired = False
+        self._cancelled = -1  # the consumer's cancel count when the deadline cancelled it
 
     def __aiter__(self) -> CommittedStream:
         return self
 
+    def _expire(self) -> None:
+        self._expired = True
+        consumer = self._consumer
+        if self._waiting and consumer is not None and not consumer.done():
+            self._cancelled = consumer.cancelling()
+            consumer.cancel()
+
     async def __anext__(self) -> StreamPart:
+        if self._consumer is None:
+            self._consumer = asyncio.current_task()
+            self._timer = asyncio.get_running_loop().call_at(self._deadline, self._expire)
         try:
-            async with asyncio.timeout_at(self._deadline):
+            if self._expired:
+                raise TimeoutError
+            self._waiting = True
+            try:
                 part = await anext(self._parts)
+            except asyncio.CancelledError:
+                consumer = self._consumer
+                if (
+                    self._cancelled >= 0
+                    and consumer is not None
+                    and consumer.uncancel() <= self._cancelled
+                ):
+                    raise TimeoutError from None  # the deadline's own cancellation
+                raise
+            finally:
+                self._waiting = False
         except StopAsyncIteration:
             await self.aclose()
             if self._open_choices:
@@ -130,6 +161,8 @@ class CommittedStream:
         if self._closed:
             return
         self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
         self._health.finished(self.target.label)
         await close(self._parts)
 
