@@ -215,3 +215,87 @@ def test_a_cut_stream_with_only_a_chat_api_left_ends_at_once() -> None:
     attempts, took = asyncio.run(run())
     assert calls["b"] == 0 and took < 5  # (20 s of passes, before; 0.02 s here)
     assert all(a.startswith("a/x") for a in attempts), attempts
+
+
+# -- a committed stream's deadline (one timer for the whole stream) ------------------------------
+
+
+class _Health:
+    def __init__(self) -> None:
+        self.finished_labels: list[str] = []
+
+    def finished(self, label: str) -> None:
+        self.finished_labels.append(label)
+
+    def observe_throughput(self, label: str, tokens_per_second: float) -> None: ...
+
+    def record(self, label: str, ok: bool) -> None: ...
+
+
+def _committed(parts: AsyncIterator[StreamPart], seconds: float) -> tuple[object, _Health]:
+    from types import SimpleNamespace
+
+    from llmrouter.routing.streams import CommittedStream
+    from llmrouter.wire.completions import ChunkChoice
+
+    first = StreamPart([ChunkChoice("a", 0)])
+    health = _Health()
+    deadline = asyncio.get_running_loop().time() + seconds
+    target = SimpleNamespace(label="p/x")
+    return CommittedStream(health, target, first, parts, deadline), health  # type: ignore[arg-type]
+
+
+def test_the_deadline_cuts_a_stream_waiting_for_its_next_part() -> None:
+    from llmrouter.errors import DeadlineExceeded
+    from llmrouter.wire.completions import ChunkChoice
+
+    async def hangs() -> AsyncIterator[StreamPart]:
+        yield StreamPart([ChunkChoice("b", 0)])
+        await asyncio.sleep(30)
+        yield StreamPart([ChunkChoice("never", 0)])
+
+    async def main() -> None:
+        stream, health = _committed(hangs(), 0.2)
+        got = [await anext(stream)]  # type: ignore[call-overload]
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(DeadlineExceeded):
+            got.append(await anext(stream))  # type: ignore[call-overload]
+        assert 0.1 < asyncio.get_running_loop().time() - started < 1.0
+        assert [p.choices[0].text for p in got] == ["b"] and health.finished_labels == ["p/x"]
+        assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]
+
+    asyncio.run(main())
+
+
+def test_a_deadline_passed_while_writing_is_raised_at_the_next_part() -> None:
+    from llmrouter.errors import DeadlineExceeded
+    from llmrouter.wire.completions import ChunkChoice
+
+    async def quick() -> AsyncIterator[StreamPart]:
+        for text in ("b", "c"):
+            yield StreamPart([ChunkChoice(text, 0)])
+
+    async def main() -> None:
+        stream, _ = _committed(quick(), 0.1)
+        await anext(stream)  # type: ignore[call-overload]
+        await asyncio.sleep(0.3)  # "writing it out" past the deadline: not cancelled meanwhile
+        with pytest.raises(DeadlineExceeded):
+            await anext(stream)  # type: ignore[call-overload]
+
+    asyncio.run(main())
+
+
+def test_a_cancellation_of_the_consumer_is_not_taken_for_the_deadline() -> None:
+    async def hangs() -> AsyncIterator[StreamPart]:
+        await asyncio.sleep(30)
+        yield StreamPart([])
+
+    async def main() -> None:
+        stream, _ = _committed(hangs(), 10.0)
+        task = asyncio.ensure_future(anext(stream))  # type: ignore[call-overload]
+        await asyncio.sleep(0.05)
+        task.cancel()  # the client left
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
