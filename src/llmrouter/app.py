@@ -13,7 +13,6 @@ import os
 import random
 import signal
 import time
-import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -278,7 +277,7 @@ class App:
             await send(message)
 
         prefix = "chatcmpl-" if scope["path"] in _CHAT_PATHS else "cmpl-"
-        req = Request(scope, receive, send_and_watch, prefix + uuid.uuid4().hex)
+        req = Request(scope, receive, send_and_watch, prefix + os.urandom(16).hex())
         span = tracing.start_request(req, route) if tracing.enabled() else None
         ctx = self.ctx  # this request keeps the config it started on to its end
         ctx.in_flight.enter()

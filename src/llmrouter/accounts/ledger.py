@@ -125,6 +125,10 @@ class Record(msgspec.Struct, kw_only=True, omit_defaults=False):
         return cls(**fields)
 
 
+def _entry_order(entry: _Entry) -> tuple[int, str, str, str, str]:
+    return _rollup_order(entry[0])
+
+
 def _rollup_order(r: Record) -> tuple[int, str, str, str, str]:
     """A record's rollup row (store.py's usage_hourly key), near enough to order by: records of
     one rollup row sort together, rows in one total order."""
@@ -153,7 +157,9 @@ class Total(msgspec.Struct):
     cost: float
 
 
-_Entry = tuple[Record, asyncio.Future[None], Segment | None]  # the segment: where it is journaled
+# A record, done when it is in the database, the journal segment it is in (if it is), and its row
+# as the journal has it (written once, used twice).
+_Entry = tuple[Record, asyncio.Future[None], Segment | None, tuple[Any, ...] | None]
 
 
 class Ledger:
@@ -200,13 +206,13 @@ class Ledger:
     def submit(self, record: Record) -> asyncio.Future[None]:
         """Queue a record (journaled, where there is a journal); the future is done when it is
         in the database."""
-        return self._queue(record, self._journaled(record))
+        return self._queue(record, *self._journaled(record))
 
     async def commit(self, record: Record) -> None:
         """Queue a record and wait until it is durable: journaled (and, with `sync: full`,
         fdatasync'ed), else in the database (or the durability timeout passes)."""
-        segment = self._journaled(record)
-        done = self._queue(record, segment)
+        segment, row = self._journaled(record)
+        done = self._queue(record, segment, row)
         if segment is not None:
             assert self._journal is not None
             await self._journal.synced()
@@ -227,23 +233,26 @@ class Ledger:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(last), self._durable_timeout)
 
-    def _journaled(self, record: Record) -> Segment | None:
+    def _journaled(self, record: Record) -> tuple[Segment | None, tuple[Any, ...] | None]:
         journal = self._journal
         if journal is None:
-            return None
+            return None, None
+        row = record.row()
         try:
-            return journal.append(record.row())
+            return journal.append(row), row
         except OSError as exc:  # a full or failing disk: the database's commit is waited for
             self._on_write_error()
             now = time.monotonic()
             if now - self._journal_warned > 60:
                 self._journal_warned = now
                 log.error("cannot write the ledger's journal (%s): answers wait for the database", exc)
-            return None
+            return None, row
 
-    def _queue(self, record: Record, segment: Segment | None) -> asyncio.Future[None]:
+    def _queue(
+        self, record: Record, segment: Segment | None, row: tuple[Any, ...] | None = None
+    ) -> asyncio.Future[None]:
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.append((record, done, segment))
+        self._pending.append((record, done, segment, row))
         self._last = done
         self._wakeup.set()
         return done
@@ -270,8 +279,8 @@ class Ledger:
             try:
                 # In the order of the rollup rows their trigger updates: two writers (replicas on
                 # one PostgreSQL) then take those rows' locks in one order, and never deadlock.
-                records = sorted((record for record, _, _ in batch), key=_rollup_order)
-                rows = [record.row() for record in records]
+                ordered = sorted(batch, key=_entry_order)
+                rows = [row if row is not None else record.row() for record, _, _, row in ordered]
                 await self._db.insert_rows("ledger", _COLUMNS, rows, key="request_id")
                 break
             except StoreError as exc:
@@ -293,8 +302,8 @@ class Ledger:
 
     def _written(self, batch: list[_Entry]) -> None:
         if self._journal is not None:
-            self._journal.committed([segment for _, _, segment in batch if segment is not None])
-        for _, done, _ in batch:
+            self._journal.committed([segment for _, _, segment, _ in batch if segment is not None])
+        for _, done, _, _ in batch:
             if not done.done():
                 done.set_result(None)
 
@@ -332,7 +341,7 @@ class Ledger:
     # -- reading ---------------------------------------------------------------------------------
 
     async def get(self, request_id: str) -> Record | None:
-        for record, _, _ in itertools.chain(self._writing, self._pending):
+        for record, _, _, _ in itertools.chain(self._writing, self._pending):
             if record.request_id == request_id:
                 return record  # answered, not in the database yet
         row = await self._db.fetchone(f"{_SELECT} WHERE request_id = ?", request_id)
