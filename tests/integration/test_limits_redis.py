@@ -189,6 +189,28 @@ def test_fifty_concurrent_admissions_let_exactly_the_limit_through(
     run(main)
 
 
+def test_more_requests_at_once_than_the_pool_has_connections_all_wait_their_turn(
+    redis_url: str, principals: Principals
+) -> None:
+    """A burst past the client's connection pool (redis-py's default: 100) is served in turn on
+    the pool's connections; none is refused for want of one (credits fail closed: that would be a
+    503 each) and every one is counted."""
+
+    async def main() -> None:
+        async with limiter(redis_url, Clock(), socket_timeout=10.0) as lim:
+            p = principals(rpm=100_000, credit_limit=1_000_000.0, max_concurrent=1000)
+            results = await asyncio.gather(
+                *(lim.admit(p, f"r{i}", 0, 0.001) for i in range(300)), return_exceptions=True
+            )
+            failed = [r for r in results if not isinstance(r, Admission)]
+            assert failed == []
+            assert all(a.counted for a in results if isinstance(a, Admission))
+            assert (await lim.status(p)).requests == 300
+            await asyncio.gather(*(lim.settle(a, 0, 0.001) for a in results if isinstance(a, Admission)))
+
+    run(main)
+
+
 def test_two_replicas_share_the_limits(redis_url: str, principals: Principals) -> None:
     async def main() -> None:
         clock = Clock()

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
@@ -230,6 +230,9 @@ def _limit(value: int | float | None) -> int:
     return -1 if value is None else int(value)
 
 
+POOL_CONNECTIONS = 64  # to Redis, per server process
+
+
 class RedisLimiter:
     """The limits in Redis, shared by every replica using the same Redis."""
 
@@ -255,11 +258,19 @@ class RedisLimiter:
         # No retries inside the client: a failure may come after the script ran (a reply lost
         # with its connection), and running it again would count the request twice. After a Redis
         # restart, each stale pooled connection fails one request (open or closed, as configured).
-        self._redis: Redis = Redis.from_url(
-            url,
-            socket_timeout=socket_timeout,
-            socket_connect_timeout=socket_timeout,
-            retry=Retry(NoBackoff(), 0),
+        # A bounded pool that waits for a free connection (within the same timeout) rather than
+        # raise: redis-py's default pool refuses the 101st concurrent command ("Too many
+        # connections"), which here would refuse (or admit unchecked) a burst of requests. Redis
+        # runs one command at a time, so a few dozen connections are all a server can use.
+        self._redis: Redis = Redis.from_pool(
+            BlockingConnectionPool.from_url(
+                url,
+                max_connections=POOL_CONNECTIONS,
+                timeout=socket_timeout,
+                socket_timeout=socket_timeout,
+                socket_connect_timeout=socket_timeout,
+                retry=Retry(NoBackoff(), 0),
+            )
         )
         self._compensations: set[asyncio.Task[None]] = set()
         self._url = url
