@@ -235,3 +235,23 @@ def test_a_file_being_made_is_not_replayed(tmp_path: Path) -> None:
         os.close(fd)
 
     run(lambda: open_database(None, tmp_path), work)
+
+
+def test_journaled_records_are_gathered_into_fewer_transactions(tmp_path: Path) -> None:
+    """Nobody waits for a journaled record's commit, so a quiet server's writer gathers about
+    10 ms of them into one transaction instead of committing each request alone."""
+    from tests.integration.test_store import CountingDatabase
+
+    async def work(db: Database) -> None:
+        counting = CountingDatabase(db)
+        ledger = Ledger(counting, journal=journal_of(db))  # type: ignore[arg-type]
+        ledger.start()
+        for n in range(40):  # one request at a time, a millisecond apart
+            await ledger.commit(record(f"cmpl-{n}"))
+            await asyncio.sleep(0.001)
+        await ledger.flush()
+        assert sum(counting.batches) == 40 and len(counting.batches) <= 20
+        await ledger.aclose()
+        assert await count(db) == 40
+
+    run(lambda: open_database(None, tmp_path), work)
