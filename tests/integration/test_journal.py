@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from llmrouter.accounts import journal as journal_module
@@ -31,6 +32,9 @@ def opener(request: pytest.FixtureRequest, tmp_path: Path) -> Opener:
         return await open_database(url, tmp_path, schema=schema)
 
     return open_it
+
+
+LEDGER: dict[str, Any] = {"table": "ledger", "columns": COLUMNS, "key": "request_id"}
 
 
 def journal_of(db: Database, sync: Any = "normal") -> Journal:
@@ -108,7 +112,7 @@ def test_a_dead_process_journal_is_replayed_once_by_the_next_open(
         assert await count(db) == 30
         rows = await db.fetchall("SELECT request_id FROM ledger")
         assert sorted(r[0] for r in rows) == sorted(ids)
-        assert await replay(db.journal_folder, db) == 0
+        assert await replay(db.journal_folder, db, **LEDGER) == 0
 
     run(opener, second)
 
@@ -117,10 +121,10 @@ def test_a_live_process_journal_is_left_alone(opener: Opener) -> None:
     async def work(db: Database) -> None:
         live = journal_of(db)
         live.append(record("cmpl-live").row())
-        assert await replay(db.journal_folder, db) == 0  # locked by its (live) owner
+        assert await replay(db.journal_folder, db, **LEDGER) == 0  # locked by its (live) owner
         assert len(files(db)) == 1 and await count(db) == 0
         live.close(drained=False)  # a stop with records unwritten: left for the next process
-        assert await replay(db.journal_folder, db) == 1
+        assert await replay(db.journal_folder, db, **LEDGER) == 1
         assert files(db) == [] and await count(db) == 1
 
     run(opener, work)
@@ -133,7 +137,7 @@ def test_a_record_cut_by_the_kill_is_skipped(tmp_path: Path) -> None:
         os.write(j._segments[-1].fd, b'["cmpl-cut", "key:abc", nu')  # killed inside a write
         for segment in j._segments:
             os.close(segment.fd)
-        assert await replay(db.journal_folder, db) == 1
+        assert await replay(db.journal_folder, db, **LEDGER) == 1
         assert await db.fetchall("SELECT request_id FROM ledger") == [("cmpl-whole",)]
 
     run(lambda: open_database(None, tmp_path), work)
@@ -174,6 +178,7 @@ def test_full_sync_releases_only_after_an_fdatasync(
     async def work(db: Database) -> None:
         ledger = Ledger(db, journal=journal_of(db, "full"))
         ledger.start()
+        synced.clear()  # (a new file's header is synced once, as it is made)
         await ledger.commit(record("cmpl-a"))
         assert len(synced) == 1
         await asyncio.gather(*(ledger.commit(record(f"cmpl-{n}")) for n in range(50)))
@@ -193,6 +198,7 @@ def test_normal_sync_never_waits_but_syncs_within_a_second(
     async def work(db: Database) -> None:
         ledger = Ledger(db, journal=journal_of(db, "normal"))
         ledger.start()
+        synced.clear()  # (a new file's header is synced once, as it is made)
         await ledger.commit(record("cmpl-a"))
         assert synced == []
         await asyncio.sleep(0.5)
@@ -228,10 +234,10 @@ def test_a_file_being_made_is_not_replayed(tmp_path: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         hidden = folder / ".123-1-1.jsonl"  # its owner has not locked and renamed it yet
         hidden.write_bytes(b'{"table":"ledger","columns":[],"key":"request_id"}\n')
-        assert await replay(folder, db) == 0 and hidden.exists()
+        assert await replay(folder, db, **LEDGER) == 0 and hidden.exists()
         fd = os.open(folder / "9-9-9.jsonl", os.O_CREAT | os.O_WRONLY, 0o600)
         fcntl.flock(fd, fcntl.LOCK_EX)
-        assert await replay(folder, db) == 0  # locked
+        assert await replay(folder, db, **LEDGER) == 0  # locked
         os.close(fd)
 
     run(lambda: open_database(None, tmp_path), work)
@@ -253,5 +259,88 @@ def test_journaled_records_are_gathered_into_fewer_transactions(tmp_path: Path) 
         assert sum(counting.batches) == 40 and len(counting.batches) <= 20
         await ledger.aclose()
         assert await count(db) == 40
+
+    run(lambda: open_database(None, tmp_path), work)
+
+
+# -- what a replay must survive (found by a review) ----------------------------------------------
+
+
+def test_no_journal_file_keeps_the_database_from_opening(tmp_path: Path) -> None:
+    folder = tmp_path / "llmrouter.sqlite3.journal"
+    folder.mkdir()
+    (folder / "1-1-1.jsonl").write_bytes(b"")  # a power cut before its header reached the disk
+    (folder / "2-2-2.jsonl").write_bytes(b"garbage, not a header\n[1,2]\n")
+    header = b'{"table":"ledger","columns":' + str(list(COLUMNS)).replace("'", '"').encode()
+    good, refused = record("cmpl-good").row(), list(record("cmpl-refused").row())
+    refused[COLUMNS.index("latency_ms")] = None  # NOT NULL: the database refuses this record
+    (folder / "3-3-3.jsonl").write_bytes(
+        header + b',"key":"request_id"}\n' + msgspec.json.encode(refused) + b"\n"
+        + msgspec.json.encode(good) + b"\n"
+    )  # fmt: skip
+
+    async def work(db: Database) -> None:
+        rows = await db.fetchall("SELECT request_id FROM ledger")
+        assert rows == [("cmpl-good",)]  # the refused one dropped (and logged), not the others
+        assert sorted(p.name for p in folder.iterdir()) == ["2-2-2.jsonl.bad"]
+
+    run(lambda: open_database(None, tmp_path), work)
+
+
+def test_a_journal_file_can_only_ever_fill_the_ledger(tmp_path: Path) -> None:
+    """A file whose header names another table (api_keys: a made-up admin key) is set aside, never
+    replayed: the journal's folder is not a way to write SQL."""
+    folder = tmp_path / "llmrouter.sqlite3.journal"
+    folder.mkdir()
+    forged = (
+        b'{"table":"api_keys","columns":["id","name","secret_hash","admin","created_at"],'
+        b'"key":"id"}\n["ABCDEFGHIJKL","evil","00",true,0]\n'
+    )
+    (folder / "1-1-1.jsonl").write_bytes(forged)
+    other_key = b'{"table":"ledger","columns":["request_id","principal"],"key":"principal"}\n'
+    (folder / "2-2-2.jsonl").write_bytes(other_key + b'["x","y"]\n')
+
+    async def work(db: Database) -> None:
+        assert await db.fetchall("SELECT id FROM api_keys") == []
+        assert await count(db) == 0
+        assert sorted(p.name for p in folder.iterdir()) == ["1-1-1.jsonl.bad", "2-2-2.jsonl.bad"]
+
+    run(lambda: open_database(None, tmp_path), work)
+
+
+def test_after_a_short_write_the_next_record_is_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def work(db: Database) -> None:
+        j = journal_of(db)
+        real_write = os.write
+
+        def short(fd: int, data: Any) -> int:  # a disk filling up: part of it, then nothing
+            real_write(fd, bytes(data)[:20])
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(journal_module.os, "write", short)
+        with pytest.raises(OSError, match="No space left"):
+            j.append(record("cmpl-lost").row())  # (its answer waits for the database instead)
+        monkeypatch.setattr(journal_module.os, "write", real_write)
+        j.append(record("cmpl-kept").row())
+        for segment in j._segments:  # killed
+            os.close(segment.fd)
+        assert await replay(db.journal_folder, db, **LEDGER) == 1
+        assert await db.fetchall("SELECT request_id FROM ledger") == [("cmpl-kept",)]
+
+    run(lambda: open_database(None, tmp_path), work)
+
+
+def test_a_dead_makers_hidden_file_goes_and_a_new_ones_stays(tmp_path: Path) -> None:
+    async def work(db: Database) -> None:
+        folder = db.journal_folder
+        folder.mkdir(parents=True, exist_ok=True)
+        old, new = folder / ".1-1-1.jsonl", folder / ".2-2-2.jsonl"
+        for path in (old, new):
+            path.write_bytes(b'{"table":"ledger","columns":["request_id"],"key":"request_id"}\n')
+        os.utime(old, (1, 1))
+        assert await replay(folder, db, **LEDGER) == 0
+        assert not old.exists() and new.exists()
 
     run(lambda: open_database(None, tmp_path), work)

@@ -416,3 +416,29 @@ def test_the_ledger_says_when_its_backlog_is_full(tmp_path: Path) -> None:
             await db.aclose()
 
     asyncio.run(main())
+
+
+def test_a_replaced_marker_file_of_the_same_size_is_still_a_change(tmp_path: Path) -> None:
+    """Someone deletes the marker and it is made again, as long as before: the revocation that
+    follows is seen at once all the same (found by a review)."""
+
+    async def main() -> None:
+        one = await open_database(None, tmp_path)
+        two = await open_database(None, tmp_path)
+        try:
+            a, b = Keys(one, cache_seconds=60), Keys(two, cache_seconds=60)
+            await a.start()
+            key, secret = await b.create("cached")
+            await a.authenticate(secret)
+            marker = tmp_path / "llmrouter.sqlite3.llmrouter_keys"
+            size = marker.stat().st_size
+            marker.unlink()
+            await b.revoke(key.id)  # appends to a new, empty marker: one byte
+            marker.write_bytes(b"." * size)  # ...and someone makes it as long as it was
+            with pytest.raises(AuthenticationFailed, match="revoked"):
+                await a.authenticate(secret)
+        finally:
+            await one.aclose()
+            await two.aclose()
+
+    asyncio.run(main())

@@ -299,3 +299,23 @@ def test_a_cancellation_of_the_consumer_is_not_taken_for_the_deadline() -> None:
             await task
 
     asyncio.run(main())
+
+
+def test_a_client_that_leaves_as_the_deadline_passes_is_still_a_client_that_left() -> None:
+    """The client's cancellation and the deadline in one turn of the loop (the client's first): the
+    consumer sees its cancellation, never a deadline error it would answer (found by a review)."""
+
+    async def hangs() -> AsyncIterator[StreamPart]:
+        await asyncio.sleep(30)
+        yield StreamPart([])
+
+    async def main() -> None:
+        stream, _ = _committed(hangs(), 10.0)
+        task = asyncio.ensure_future(anext(stream))  # type: ignore[call-overload]
+        await asyncio.sleep(0.05)
+        task.cancel()  # the client left...
+        stream._expire()  # type: ignore[attr-defined]  # ...and the deadline fired, in this turn
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())

@@ -49,6 +49,7 @@ log = logging.getLogger("llmrouter.ledger")
 _SEGMENT_BYTES = 8 << 20  # a new file after this many bytes; the old one goes once it is drained
 _NORMAL_SYNC_SECONDS = 1.0
 _REPLAY_BATCH = 512
+_HIDDEN_GRACE_SECONDS = 60.0
 _encode = msgspec.json.encode
 
 
@@ -67,6 +68,7 @@ class Segment:
     size: int = 0
     outstanding: int = 0  # records written here that the database has not committed yet
     dirty: bool = False  # written since its last fdatasync
+    broken: bool = False  # a failed write could not be cut off: no more records here
     closed: bool = field(default=False, repr=False)
 
 
@@ -91,7 +93,7 @@ class Journal:
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._sync_task: asyncio.Task[None] | None = None
         self._wakeup: asyncio.Event | None = None
-        folder.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._segments.append(self._new_segment())
 
     def start(self) -> None:
@@ -102,11 +104,22 @@ class Journal:
 
     def append(self, row: Sequence[Any]) -> Segment:
         """Write one record (one `write`, whole, or an OSError); the segment it is in."""
+        if not self._segments:
+            raise OSError("the ledger's journal is closed")
         segment = self._segments[-1]
-        if segment.size >= _SEGMENT_BYTES:
+        if segment.size >= _SEGMENT_BYTES or segment.broken:
             segment = self._rotate()
         line = _encode(row) + b"\n"
-        _write_all(segment.fd, line)
+        try:
+            _write_all(segment.fd, line)
+        except OSError:
+            # Part of the line may be in the file (a disk filling up): cut it off, so that the
+            # next record starts a line of its own; if that fails too, the next goes elsewhere.
+            try:
+                os.ftruncate(segment.fd, segment.size)
+            except OSError:
+                segment.broken = True
+            raise
         segment.size += len(line)
         segment.outstanding += 1
         segment.dirty = True
@@ -160,7 +173,9 @@ class Journal:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             _write_all(fd, self._header)
+            os.fdatasync(fd)
             os.rename(hidden, self.folder / name)
+            _sync_folder(self.folder)  # the name too survives a power cut (`sync: full`'s word)
         except BaseException:
             os.close(fd)
             with contextlib.suppress(OSError):
@@ -244,10 +259,13 @@ def _fdatasync_all(fds: list[int]) -> None:
 # -- after a death -----------------------------------------------------------------------------------
 
 
-async def replay(folder: Path, db: Database) -> int:
+async def replay(folder: Path, db: Database, *, table: str, columns: Sequence[str], key: str) -> int:
     """Put the records of every journal file no live process holds into the database, then
-    delete the file; the number of records read. Idempotent: a record already there is skipped,
-    and a replay cut short is done again by the next process."""
+    delete the file; the number of records put. Idempotent: a record already there is skipped,
+    and a replay cut short is done again by the next process. A file is read only as the journal
+    of `table` (its header may name only those columns and that key), and no file stops the
+    others, or the database from opening: one it cannot read is set aside as `*.bad`, and a
+    record the database refuses is logged and dropped, as the ledger's writer does."""
     count = 0
     for path in _journal_files(folder):
         try:
@@ -261,9 +279,21 @@ async def replay(folder: Path, db: Database) -> int:
                 continue  # a live process's
             if os.fstat(fd).st_nlink == 0:
                 continue  # replayed and deleted between our open and our lock
+            if path.name.startswith("."):
+                # Made by a process that died before naming it (it holds only a header); one
+                # just made is left alone, since its maker may not have locked it yet.
+                if time.time() - os.fstat(fd).st_mtime > _HIDDEN_GRACE_SECONDS:
+                    path.unlink()
+                continue
             with os.fdopen(os.dup(fd), "rb") as file:
                 data = file.read()
-            count += await _replay_one(path, data, db)
+            rows = _rows(path, data, table, columns, key)
+            if rows is None:
+                bad = path.with_name(path.name + ".bad")
+                path.rename(bad)
+                log.error("the journal file %s is not a ledger journal; set aside as %s", path, bad.name)
+                continue
+            count += await _insert(db, table, list(columns), rows, key)
             path.unlink()
         finally:
             os.close(fd)
@@ -271,17 +301,27 @@ async def replay(folder: Path, db: Database) -> int:
 
 
 def _journal_files(folder: Path) -> list[Path]:
-    """The files with a final name, oldest first (a hidden one is being made by its owner)."""
-    return sorted(folder.glob("[!.]*.jsonl")) if folder.is_dir() else []
+    """Every journal file, oldest first: named, and hidden ones a dead process was making."""
+    if not folder.is_dir():
+        return []
+    return sorted((*folder.glob("[!.]*.jsonl"), *folder.glob(".*.jsonl")))
 
 
-async def _replay_one(path: Path, data: bytes, db: Database) -> int:
+def _rows(
+    path: Path, data: bytes, table: str, columns: Sequence[str], key: str
+) -> list[list[Any]] | None:
+    """The records of one file, in `columns`' order; None if it is not a journal of `table`."""
     lines = data.split(b"\n")
+    if not lines[0]:
+        return []  # empty: a power cut before its header reached the disk
     try:
         header = msgspec.json.decode(lines[0], type=_Header)
     except msgspec.DecodeError:
-        log.error("the journal file %s has no header; left as it is", path)
-        raise
+        return None
+    if header.table != table or header.key != key or not set(header.columns) <= set(columns):
+        return None
+    if key not in header.columns:
+        return None
     rows: list[list[Any]] = []
     for number, line in enumerate(lines[1:], start=2):
         if not line:
@@ -294,11 +334,40 @@ async def _replay_one(path: Path, data: bytes, db: Database) -> int:
             log.warning("skipping an incomplete record at %s line %d", path, number)
             continue
         if len(row) == len(header.columns):
-            rows.append(row)
+            by_name = dict(zip(header.columns, row, strict=True))
+            rows.append([by_name.get(c) for c in columns])
+    return rows
+
+
+async def _insert(db: Database, table: str, columns: list[str], rows: list[list[Any]], key: str) -> int:
+    from llmrouter.accounts.store import DataRejected
+
+    put = 0
     for start in range(0, len(rows), _REPLAY_BATCH):
-        await db.insert_rows(
-            header.table, header.columns, rows[start : start + _REPLAY_BATCH], key=header.key
-        )
-    if rows:
-        log.info("replayed %d ledger records a stopped process left in %s", len(rows), path.name)
-    return len(rows)
+        batch = rows[start : start + _REPLAY_BATCH]
+        try:
+            await db.insert_rows(table, columns, batch, key=key)
+            put += len(batch)
+            continue
+        except DataRejected:
+            pass
+        for row in batch:  # one by one, to find the record it refuses
+            try:
+                await db.insert_rows(table, columns, [row], key=key)
+                put += 1
+            except DataRejected as exc:
+                log.error(
+                    "the store refused a journaled ledger record; dropped",
+                    extra={"fields": {"error": str(exc), "record": row}},
+                )
+    if put:
+        log.info("replayed %d ledger records a stopped process left", put)
+    return put
+
+
+def _sync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -26,36 +26,20 @@ from typing import Any, Literal
 import msgspec
 
 from llmrouter.accounts.journal import Journal, Segment
-from llmrouter.accounts.store import UNKNOWN_MODEL, Database, DataRejected, StoreError
+from llmrouter.accounts.store import (
+    LEDGER_COLUMNS,
+    UNKNOWN_MODEL,
+    Database,
+    DataRejected,
+    StoreError,
+)
 
 __all__ = ["COLUMNS", "GROUPINGS", "Ledger", "Record", "Total"]
 
 log = logging.getLogger("llmrouter.ledger")
 
-COLUMNS = _COLUMNS = (
-    "request_id",
-    "principal",
-    "end_user",
-    "metadata",
-    "model_requested",
-    "model",
-    "provider",
-    "attempts",
-    "prompt_tokens",
-    "completion_tokens",
-    "cost",
-    "latency_ms",
-    "ttft_ms",
-    "status",
-    "error",
-    "finish_reason",
-    "stream",
-    "created_at",
-    "finished_at",
-    "route",
-    "prompt_text",
-    "answer_text",
-)
+_COLUMNS = LEDGER_COLUMNS
+COLUMNS = LEDGER_COLUMNS
 _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM ledger"  # noqa: S608
 _encode = msgspec.json.encode
 
@@ -218,7 +202,13 @@ class Ledger:
         done = self._queue(record, segment, row)
         if segment is not None:
             assert self._journal is not None
-            await self._journal.synced()
+            try:
+                await asyncio.wait_for(self._journal.synced(), self._durable_timeout)
+            except TimeoutError:  # (only with `sync: full`: a disk that cannot sync)
+                log.warning(
+                    "the ledger's journal is not synced yet; releasing the response",
+                    extra={"fields": {"request_id": record.request_id}},
+                )
             return
         try:
             await asyncio.wait_for(asyncio.shield(done), self._durable_timeout)
@@ -228,14 +218,16 @@ class Ledger:
                 extra={"fields": {"request_id": record.request_id}},
             )
 
-    async def flush(self) -> None:
-        """Until every record queued so far is in the database (or the durability timeout): a
-        read of the ledger that follows sees what this process has answered."""
+    async def flush(self, patience: float | None = None) -> None:
+        """Until every record queued so far is in the database (or `patience` seconds, by
+        default the durability timeout): a read of the ledger that follows sees what this process
+        has answered."""
         last = self._last
         if last is not None and not last.done():
             self._hurry.set()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(last), self._durable_timeout)
+                wait = self._durable_timeout if patience is None else patience
+                await asyncio.wait_for(asyncio.shield(last), wait)
 
     def _journaled(self, record: Record) -> tuple[Segment | None, tuple[Any, ...] | None]:
         journal = self._journal

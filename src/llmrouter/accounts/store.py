@@ -128,6 +128,32 @@ ROLLUP_BOUNDS_MS: tuple[float, ...] = (
     25, 50, 100, 250, 500, 1000, 2500, 5000, 10_000, 30_000, 60_000
 )  # fmt: skip
 _ROLLUP_KEY = ("hour", "principal", "model", "provider", "outcome")
+# The ledger's columns, in the order its writers (and its journal files) give them.
+LEDGER_COLUMNS = (
+    "request_id",
+    "principal",
+    "end_user",
+    "metadata",
+    "model_requested",
+    "model",
+    "provider",
+    "attempts",
+    "prompt_tokens",
+    "completion_tokens",
+    "cost",
+    "latency_ms",
+    "ttft_ms",
+    "status",
+    "error",
+    "finish_reason",
+    "stream",
+    "created_at",
+    "finished_at",
+    "route",
+    "prompt_text",
+    "answer_text",
+)
+
 UNKNOWN_MODEL = "(unknown model)"  # the rollup's model for requests naming no model here
 _ROLLUP_SUMS = (
     "requests", "errors", "fallbacks", "prompt_tokens", "completion_tokens", "cost",
@@ -354,7 +380,7 @@ async def open_database(
     else:
         raise StoreError("database_url must start with postgresql:// or sqlite://")
     try:
-        await replay(db.journal_folder, db)
+        await replay(db.journal_folder, db, table="ledger", columns=LEDGER_COLUMNS, key="request_id")
     except StoreError:
         await db.aclose()
         raise
@@ -526,16 +552,19 @@ _VERSION_POLL_SECONDS = 1.0
 @dataclass
 class _Watch:
     marker: Path
-    size: int
+    size: tuple[int, int, int]
     version: int
     on_message: Callable[[str | None], None]
 
 
-def _size(path: Path) -> int:
+def _size(path: Path) -> tuple[int, int, int]:
+    """What tells one state of a marker from the next: it only grows, unless it is replaced (a
+    new file may reuse the old one's inode, not its modification time too)."""
     try:
-        return os.stat(path).st_size
+        st = os.stat(path)
     except OSError:
-        return -1
+        return (-1, -1, -1)
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def _migrate_sqlite(db: sqlite3.Connection, path: Path) -> None:

@@ -159,7 +159,9 @@ class Dashboard:
             form = await self._form(req, session)
             await self._post(visit, form)
             return
-        await ctx.ledger.flush()  # the pages show every request this server has answered
+        # The pages show every request this server has answered (unless the database is down:
+        # then they show what it has, after a second).
+        await ctx.ledger.flush(patience=1.0)
         page = _GET.get(sub)
         if page is not None:
             await page(self, visit)

@@ -82,7 +82,8 @@ class CommittedStream:
         self._consumer: asyncio.Task[Any] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._waiting = self._expired = False
-        self._cancelled = -1  # the consumer's cancel count when the deadline cancelled it
+        self._cancelled = -1  # the consumer's cancel count before the wait the deadline cut
+        self._cancelling_before = 0
 
     def __aiter__(self) -> CommittedStream:
         return self
@@ -91,7 +92,7 @@ class CommittedStream:
         self._expired = True
         consumer = self._consumer
         if self._waiting and consumer is not None and not consumer.done():
-            self._cancelled = consumer.cancelling()
+            self._cancelled = self._cancelling_before
             consumer.cancel()
 
     async def __anext__(self) -> StreamPart:
@@ -101,6 +102,9 @@ class CommittedStream:
         try:
             if self._expired:
                 raise TimeoutError
+            # As asyncio.Timeout: the cancellations the consumer had before this wait are not
+            # the deadline's (one that came just before the timer fired is the client's).
+            self._cancelling_before = self._consumer.cancelling() if self._consumer else 0
             self._waiting = True
             try:
                 part = await anext(self._parts)
