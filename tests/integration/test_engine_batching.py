@@ -210,6 +210,7 @@ def test_a_request_longer_than_a_batch_slot_waits_for_the_wide_one(narrow: Engin
     assert narrow.prepare((LONG,), Sampling(max_tokens=0), special=True)[0].tokens[256:]
     expected = alone(narrow, LONG, max_tokens=20, temperature=0.0)
     first = submit(narrow, LONG, max_tokens=20, temperature=0.0)
+    first.wait_deltas(1)  # started (the queue holds two)
     second = submit(narrow, LONG, max_tokens=20, temperature=0.0)
     short = submit(narrow, "Hi", max_tokens=5, temperature=0.0)
     assert first.result() == expected

@@ -523,6 +523,8 @@ class Engine:
                 self._end(job)  # checked every step: a running choice stops at its next token
             self._start_choices()
             self._step()
+        for pool in self._pools:
+            pool.close()
 
     def _take_jobs(self) -> bool:
         """Wait until there is work, and take in the jobs submitted since; False once stopping."""
