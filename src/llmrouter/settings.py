@@ -234,6 +234,8 @@ class LlamaCppProvider(
     n_ctx: Annotated[int, Meta(ge=16)] | None = None  # default: the model's training context
     max_queue: Annotated[int, Meta(ge=1)] = 64
     max_logprobs: Annotated[int, Meta(ge=0)] = 20
+    # Choices decoded together (llama.cpp's limit: 256); 1: one at a time, in one context.
+    max_sequences: Annotated[int, Meta(ge=1, le=256)] = 8
 
 
 ProviderSettings = (

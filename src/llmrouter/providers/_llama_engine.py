@@ -1,7 +1,12 @@
 """One GGUF model in this process: a worker thread that owns the llama.cpp context and runs jobs.
 
-The event loop never waits on llama.cpp. Jobs queue first-come first-served; a job whose client has
-gone is skipped when its turn comes, and a running one stops at the next token. Sampling is done here
+The event loop never waits on llama.cpp. Choices are decoded together (continuous batching): each
+step samples the next token of every running choice and decodes them all in one llama_decode; a
+choice joins between two steps, its prompt read a chunk a step, and leaves when it is done
+(`_llama_slots` says where the sequences live, and why a choice's text does not depend on what runs
+beside it). A free slot goes to the job running the fewest choices, the earliest of those first, so a
+request for many choices does not hold the model from a later one; a job whose client has gone is
+dropped at the next step, waiting or running. Sampling is done here
 in numpy rather than by llama.cpp's sampler chain so that it means exactly what the Completions API
 says: temperature and top_p only (no hidden top_k/min_p), OpenAI's frequency and presence penalties
 over the completion's own tokens, logit_bias added to logits, and a per-choice generator seeded from
@@ -50,6 +55,7 @@ from llmrouter.errors import (
 )
 from llmrouter.providers._chat_template import Segment
 from llmrouter.providers._grammar import check_grammar
+from llmrouter.providers._llama_slots import DecodeFailed, Entry, Pool, Slot
 from llmrouter.stops import Piece, StopScanner
 from llmrouter.wire.validate import Prompts
 
@@ -124,6 +130,8 @@ class Prepared:
     span: tuple[int, int] | None = None
 
 
+_N_BATCH = 512  # tokens a llama_decode takes at most; a prompt is read in chunks of this many
+
 _serials = itertools.count()
 # llama-cpp-python silences a load by pointing file descriptors 1 and 2 at /dev/null and back; two
 # loads at once restore each other's /dev/null, and the process loses its stderr (and the log).
@@ -140,6 +148,8 @@ class Job:
     serial: int = field(default_factory=lambda: next(_serials))  # never reused, unlike id()
     next_choice: int = 0
     completion_tokens: int = 0
+    running: int = 0  # choices being decoded now
+    done: int = 0  # choices over
 
     @property
     def choices(self) -> int:
@@ -148,14 +158,23 @@ class Job:
 
 class Engine:
     def __init__(
-        self, name: str, path: Path, *, n_ctx: int | None, n_threads: int | None, max_queue: int
+        self,
+        name: str,
+        path: Path,
+        *,
+        n_ctx: int | None,
+        n_threads: int | None,
+        max_queue: int,
+        max_sequences: int = 8,
     ) -> None:
         self.name = name
         self.path = path
         self._n_ctx_wanted = n_ctx
         self._n_threads = n_threads or os.cpu_count() or 1
         self._max_queue = max_queue
-        self._ready: deque[Job] = deque()
+        self._max_sequences = max_sequences
+        self._ready: deque[Job] = deque()  # submitted, not yet seen by the worker
+        self._waiting = 0  # submitted jobs none of whose choices has started
         self._wakeup = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name=f"llama:{name}", daemon=True)
@@ -176,10 +195,11 @@ class Engine:
         self._special: _SpecialTexts | None = None
         self._control_ids: frozenset[int] = frozenset()
         self._pieces: dict[tuple[int, bool], bytes] = {}
-        # The prompt whose keys/values are in the context, and its last logits: the next choice of
-        # the same prompt starts from them instead of decoding the prompt again.
-        self._prompt_in_context: tuple[int, int] | None = None
-        self._prompt_logits: Logits | None = None
+        # The worker thread's own: the contexts sequences are decoded in (`_llama_slots`), the jobs
+        # it has taken in (in the order they came), and the choices being decoded.
+        self._pools: list[Pool] = []
+        self._jobs: list[Job] = []
+        self._running: list[_Choice] = []
 
     # -- any thread -----------------------------------------------------------------------------
 
@@ -343,12 +363,13 @@ class Engine:
 
     def submit(self, job: Job) -> None:
         with self._wakeup:
-            if len(self._ready) >= self._max_queue:
+            if self._waiting >= self._max_queue:
                 raise ServiceUnavailable(
                     f"The local model {self.name} has {self._max_queue} requests queued; try "
                     "again shortly.",
                     retry_after=1,
                 )
+            self._waiting += 1
             self._ready.append(job)
             self._wakeup.notify()
 
@@ -493,30 +514,191 @@ class Engine:
             log.error("local model %s failed to load from %s: %s", self.name, self.path, exc)
         finally:
             self.loaded.set()
-        while (job := self._next_job()) is not None:
-            if job.cancelled.is_set():
-                job.emit(None)
+        while self._take_jobs():
+            if self.load_error is not None:
+                for job in list(self._jobs):
+                    self._end(job, ServiceUnavailable(f"The local model {self.name} did not load."))
                 continue
-            try:
-                finished = self._step(job)
-            except LlmrouterError as exc:
-                job.emit(exc)
-                finished = True
-            except Exception as exc:
-                log.exception("local model %s failed a job", self.name)
-                job.emit(LlmrouterError(f"The local model failed: {type(exc).__name__}"))
-                finished = True
-            if finished:
-                job.emit(None)
-            else:  # fair turns: one choice, then the back of the line
-                with self._wakeup:
-                    self._ready.append(job)
+            for job in [j for j in self._jobs if j.cancelled.is_set()]:
+                self._end(job)  # checked every step: a running choice stops at its next token
+            self._start_choices()
+            self._step()
+        for pool in self._pools:
+            pool.close()
 
-    def _next_job(self) -> Job | None:
+    def _take_jobs(self) -> bool:
+        """Wait until there is work, and take in the jobs submitted since; False once stopping."""
         with self._wakeup:
-            while not self._ready and not self._stopping:
+            while not self._stopping and not self._ready and not self._jobs:
                 self._wakeup.wait()
-            return None if self._stopping else self._ready.popleft()
+            if self._stopping:
+                return False
+            self._jobs.extend(self._ready)
+            self._ready.clear()
+        return True
+
+    def _start_choices(self) -> None:
+        """Give the free slots to the choices waiting. Fair turns: the job running the fewest
+        choices first, and of those the earliest, so a job of eight choices that fills the slots
+        alone yields the next free one to a job that came later. A job's next choice goes to the
+        slot that holds its prompt, when that one is free."""
+        while True:
+            free = [slot for pool in self._pools for slot in pool.slots if not slot.busy]
+            waiting = sorted((j for j in self._jobs if j.next_choice < j.choices), key=_running)
+            if not free or not waiting:
+                return
+            # A choice that fits a slot of the batch pool leaves the wide one to a choice that
+            # needs it, if one waits.
+            smallest = self._pools[0].capacity
+            spare = any(self._need(j) > smallest for j in waiting)
+            for job in waiting:
+                slot = self._slot_for(job, free, spare_wide=spare)
+                if slot is not None:
+                    self._start_choice(job, slot)
+                    break
+            else:
+                return
+
+    def _need(self, job: Job) -> int:
+        """The cells the job's next choice may fill: its prompt and its completion."""
+        prompt = job.prompts[job.next_choice // job.n]
+        s = job.sampling
+        return self.n_ctx if s.max_tokens is None else len(prompt.tokens) + s.max_tokens
+
+    def _slot_for(self, job: Job, free: list[Slot], *, spare_wide: bool) -> Slot | None:
+        need = self._need(job)
+        fits = [s for s in free if s.pool.capacity >= need]
+        if spare_wide and need <= self._pools[0].capacity:
+            fits = [s for s in fits if s.pool is self._pools[0]]
+        key = (job.serial, job.next_choice // job.n)
+        return min(fits, key=lambda s: (s.held != key, s.pool.capacity, s.seq), default=None)
+
+    def _start_choice(self, job: Job, slot: Slot) -> None:
+        index = job.next_choice
+        if index == 0:
+            with self._wakeup:
+                self._waiting -= 1
+        job.next_choice += 1
+        job.running += 1
+        slot.busy = True
+        try:
+            choice = _Choice(self, job, index, slot)
+        except Exception as exc:
+            slot.busy = False
+            job.running -= 1
+            self._end(job, self._failure(exc))
+            return
+        self._running.append(choice)
+
+    def _step(self) -> None:
+        """One step: every choice with logits samples its next token; the tokens are decoded
+        together, one llama_decode a pool; then the oldest prompt still being read takes one
+        chunk (at most `_N_BATCH` tokens), so that a long prompt holds the others up one chunk
+        at a time."""
+        for choice in [c for c in self._running if c.logits is not None]:
+            if choice in self._running and self._guarded(choice, choice.advance):
+                self._finish_choice(choice)
+        for pool in self._pools:
+            ready = [c for c in self._running if c.pending is not None and c.slot.pool is pool]
+            if ready:
+                self._decode(pool, ready)
+        reading = next((c for c in self._running if c.prefill_at is not None), None)
+        if reading is not None:
+            entry = reading.chunk()
+            try:
+                rows = reading.slot.pool.decode([entry])
+            except DecodeFailed as exc:
+                self._end(reading.job, LlmrouterError(f"llama.cpp could not decode: {exc}"))
+                return
+            self._guarded(reading, lambda: reading.took(len(entry.tokens), rows[0]))
+
+    def _decode(self, pool: Pool, ready: list[_Choice]) -> None:
+        """The pending token of each of `ready`, in one llama_decode. If it fails, each one alone
+        (a row's logits do not depend on the others), so that only a choice that fails alone
+        fails, and its job with it."""
+        try:
+            rows = pool.decode([c.next_entry() for c in ready])
+        except DecodeFailed as exc:
+            if len(ready) == 1:
+                self._end(ready[0].job, LlmrouterError(f"llama.cpp could not decode: {exc}"))
+                return
+            for choice in ready:
+                if choice in self._running:
+                    self._decode(pool, [choice])
+            return
+        for choice, row in zip(ready, rows, strict=True):
+            choice.decoded(row[0])
+
+    def _guarded(self, choice: _Choice, step: Callable[[], bool | None]) -> bool:
+        """Run a step of a choice; an error in it ends the choice's job. True: the choice is over."""
+        try:
+            return bool(step())
+        except Exception as exc:
+            self._end(choice.job, self._failure(exc))
+            return False
+
+    def _failure(self, exc: Exception) -> LlmrouterError:
+        if isinstance(exc, LlmrouterError):
+            return exc
+        log.error("local model %s failed a job", self.name, exc_info=exc)
+        return LlmrouterError(f"The local model failed: {type(exc).__name__}")
+
+    def _release(self, choice: _Choice) -> None:
+        """The choice leaves its slot; the slot keeps the prompt for the job's next choice."""
+        self._running.remove(choice)
+        choice.job.running -= 1
+        slot = choice.slot
+        slot.busy = False
+        if slot.held == choice.key:
+            slot.keep_prompt()
+        else:
+            slot.clear()
+
+    def _finish_choice(self, choice: _Choice) -> None:
+        self._release(choice)
+        job = choice.job
+        job.done += 1
+        job.completion_tokens += choice.generated
+        if job.done == job.choices:
+            self._end(job)
+
+    def _end(self, job: Job, error: LlmrouterError | None = None) -> None:
+        """The job is over: all its choices done, an error, or its client gone (cancelled)."""
+        for choice in [c for c in self._running if c.job is job]:
+            if not job.cancelled.is_set():
+                job.completion_tokens += choice.generated
+            self._release(choice)
+        self._jobs.remove(job)
+        if job.next_choice == 0:
+            with self._wakeup:
+                self._waiting -= 1
+        if error is not None:
+            job.emit(error)
+        elif not job.cancelled.is_set():
+            prompt_tokens = sum(len(p.tokens) for p in job.prompts)
+            job.emit(JobUsage(prompt_tokens, job.completion_tokens))
+        job.emit(None)
+
+    def _make_pools(self) -> list[Pool]:
+        """The pools, smallest slots first (`_llama_slots`): the batch pool, `max_sequences`
+        streams sharing as many tokens as the context holds, and the wide pool, llama-cpp-python's
+        own context, one sequence of the whole context."""
+        import llama_cpp
+        from llama_cpp import _internals
+
+        llm = self._llm
+        wide = Pool(llm._ctx.ctx, self.n_ctx, self.n_vocab, _N_BATCH, 1)
+        if self._max_sequences == 1:
+            return [wide]
+        each = max(256, self.n_ctx // self._max_sequences // 256 * 256)  # llama.cpp's granule
+        params = llama_cpp.llama_context_params.from_buffer_copy(llm.context_params)
+        params.n_ctx = each * self._max_sequences
+        params.n_seq_max = self._max_sequences
+        params.kv_unified = False
+        params.n_batch = params.n_ubatch = _N_BATCH
+        self._batch_context = _internals.LlamaContext(model=llm._model, params=params, verbose=False)
+        batch = Pool(self._batch_context.ctx, each, self.n_vocab, _N_BATCH, self._max_sequences)
+        return [batch, wide]
 
     def _load(self) -> None:
         import llama_cpp  # imported here: a router without local models never pays
@@ -530,7 +712,7 @@ class Engine:
             self._llm = llama_cpp.Llama(
                 model_path=str(self.path),
                 n_ctx=self._n_ctx_wanted or 0,  # 0: the model's training context
-                n_batch=512,
+                n_batch=_N_BATCH,
                 n_threads=self._n_threads,
                 n_threads_batch=self._n_threads,
                 logits_all=False,
@@ -538,6 +720,7 @@ class Engine:
             )
         self.n_ctx = int(self._llm.n_ctx())
         self.n_vocab = int(self._llm.n_vocab())
+        self._pools = self._make_pools()
         self._vocab = self._llm._model.vocab
         self._fim = _fim_markers(self._vocab)
         self._special, self._control_ids = _special_texts(self._vocab, self.n_vocab)
@@ -578,104 +761,6 @@ class Engine:
         """A token as logprobs name it: control tokens spelled out (`<|im_end|>`, never "")."""
         return self._piece(token, special=True).decode("utf-8", errors="replace")
 
-    def _step(self, job: Job) -> bool:
-        """Run the job's next choice; True when it was the last."""
-        index = job.next_choice
-        job.next_choice += 1
-        job.completion_tokens += self._choice(job, index)
-        if job.next_choice < job.choices:
-            return False
-        prompt_tokens = sum(len(p.tokens) for p in job.prompts)
-        job.emit(JobUsage(prompt_tokens, job.completion_tokens))
-        return True
-
-    # -- one choice ---------------------------------------------------------------------------
-
-    def _choice(self, job: Job, index: int) -> int:
-        s = job.sampling
-        prompt = job.prompts[index // job.n]
-        want_logprobs = s.logprobs is not None
-        rng = np.random.default_rng(None if s.seed is None else [s.seed & (2**64 - 1), index])
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        offset = len(prompt.text)  # OpenAI's text_offset counts from the prompt's start
-
-        if s.echo and want_logprobs:
-            rows = self._prefill(prompt.tokens, all_logits=True)
-            infos = self._prompt_logprobs(prompt, rows, s.logprobs or 0)
-            job.emit(ChoiceDelta(index, prompt.text, infos))
-            logits = rows[-1]
-        else:
-            logits = self._prompt_state(job, index // job.n, prompt.tokens)
-            if s.echo:
-                job.emit(ChoiceDelta(index, prompt.text, None))
-
-        limit = self.n_ctx - len(prompt.tokens) if s.max_tokens is None else s.max_tokens
-        grammar: _Grammar | _Guidance | None = None
-        if s.guidance is not None:
-            grammar = _Guidance(self._guidance_tokenizer(), s.guidance, self.n_vocab)
-        elif s.grammar is not None:
-            grammar = _Grammar(self._vocab, s.grammar, self.n_vocab)
-        scanner: StopScanner[TokenInfo | None] = StopScanner(s.stop)
-
-        def feed(text: str, info: TokenInfo | None) -> bool:
-            """One piece of text to the stop scanner, and on; True when a stop ended the choice."""
-            nonlocal offset
-            offset += len(text)
-            self._emit_pieces(job, index, scanner.feed(Piece(text, info)), want_logprobs)
-            return scanner.stopped
-
-        def unfinished() -> bool:
-            """A character left incomplete, by a control token the text leaves out or by the end,
-            is U+FFFD: text no token spells, fed before what comes next."""
-            tail = decoder.decode(b"", final=True)
-            decoder.reset()
-            return bool(tail) and feed(tail, None)
-
-        counts: dict[int, int] = {}
-        generated = 0
-        finish = "length"
-        position = len(prompt.tokens)
-        end: tuple[Logits, int] | None = None  # the end-of-generation token and its logits
-        while generated < limit:
-            if job.cancelled.is_set():
-                return generated
-            token = self._sample(logits, s, counts, rng, grammar)
-            generated += 1
-            if self._is_end(token):
-                finish = "stop"
-                end = (logits, token)
-                break
-            if grammar is not None:
-                grammar.accept(token)
-            counts[token] = counts.get(token, 0) + 1
-            # Under a grammar the text is what the grammar matched, control tokens spelled out;
-            # otherwise the text leaves them out, and logprobs name them.
-            hidden = grammar is None and self._is_control(token)
-            if hidden and unfinished():
-                finish = "stop"
-                break
-            piece_text = decoder.decode(self._piece(token, special=grammar is not None))
-            info = None
-            if want_logprobs:
-                name = self._spelled(token) if hidden else piece_text
-                info = self._token_info(logits, token, name, s.logprobs or 0, offset)
-            if feed(piece_text, info):
-                finish = "stop"
-                break
-            if generated < limit:
-                logits = self._decode_one(token, position)
-                position += 1
-        if not scanner.stopped and unfinished():
-            finish = "stop"
-        if not scanner.stopped:
-            self._emit_pieces(job, index, scanner.flush(), want_logprobs)
-            if end is not None and want_logprobs:  # counted in usage, so listed; not in the text
-                end_logits, token = end
-                info = self._token_info(end_logits, token, self._spelled(token), s.logprobs or 0, offset)
-                job.emit(ChoiceDelta(index, "", [info]))
-        job.emit(ChoiceEnd(index, finish))
-        return generated
-
     def _emit_pieces(
         self, job: Job, index: int, pieces: list[Piece[TokenInfo | None]], logprobs: bool
     ) -> None:
@@ -698,55 +783,6 @@ class Engine:
         import llama_cpp
 
         return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
-
-    # -- llama.cpp ----------------------------------------------------------------------------
-
-    def _prompt_state(self, job: Job, prompt_index: int, tokens: list[int]) -> Logits:
-        """The context holding exactly `tokens`, and the logits after them. Another choice of the
-        prompt just decoded reuses its keys/values and logits; anything else decodes the prompt
-        afresh, so results never depend on what ran before."""
-        key = (job.serial, prompt_index)
-        if self._prompt_in_context == key and self._prompt_logits is not None:
-            self._llm._ctx.kv_cache_seq_rm(-1, len(tokens), -1)
-            return self._prompt_logits
-        logits: Logits = self._prefill(tokens, all_logits=False)[-1]
-        self._prompt_in_context, self._prompt_logits = key, logits
-        return logits
-
-    def _prefill(self, tokens: list[int], *, all_logits: bool) -> Logits:
-        """Decode `tokens` into an empty context; return the logits rows (every row of the prompt
-        when `all_logits`, else the last one)."""
-        llm = self._llm
-        self._prompt_in_context = None
-        llm._ctx.kv_cache_seq_rm(-1, 0, -1)
-        rows: list[Logits] = []
-        for start in range(0, len(tokens), llm.n_batch):
-            batch = tokens[start : start + llm.n_batch]
-            llm._batch.set_batch(batch=batch, n_past=start, logits_all=all_logits)
-            self._decode()
-            if all_logits:
-                got = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(len(batch), self.n_vocab))
-                rows.append(got.copy())
-        if not all_logits:
-            return self._last_logits()[None, :]
-        return np.concatenate(rows)
-
-    def _decode_one(self, token: int, position: int) -> Logits:
-        self._llm._batch.set_batch(batch=[token], n_past=position, logits_all=False)
-        self._decode()
-        return self._last_logits()
-
-    def _decode(self) -> None:
-        try:
-            self._llm._ctx.decode(self._llm._batch)
-        except RuntimeError as exc:
-            self._prompt_in_context = None
-            self._llm._ctx.kv_cache_seq_rm(-1, 0, -1)
-            raise LlmrouterError(f"llama.cpp could not decode: {exc}") from None
-
-    def _last_logits(self) -> Logits:
-        ptr = self._llm._ctx.get_logits_ith(-1)
-        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
 
     # -- sampling -----------------------------------------------------------------------------
 
@@ -841,6 +877,154 @@ class Engine:
                 infos.append(TokenInfo(text, float(logp[token]), self._top(logp, k), offset))
             offset += len(text)
         return infos
+
+
+class _Choice:
+    """One choice in its slot: its prompt read in chunks (or found there, left by the choice
+    before), then one token a step: sampled from `logits`, then decoded as `pending`."""
+
+    def __init__(self, engine: Engine, job: Job, index: int, slot: Slot) -> None:
+        s = job.sampling
+        self.engine, self.job, self.index, self.slot = engine, job, index, slot
+        self.prompt = prompt = job.prompts[index // job.n]
+        self.key = (job.serial, index // job.n)
+        self.want_logprobs = s.logprobs is not None
+        self.rng = np.random.default_rng(None if s.seed is None else [s.seed & (2**64 - 1), index])
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.offset = len(prompt.text)  # OpenAI's text_offset counts from the prompt's start
+        self.limit = engine.n_ctx - len(prompt.tokens) if s.max_tokens is None else s.max_tokens
+        self.grammar: _Grammar | _Guidance | None = None
+        if s.guidance is not None:
+            self.grammar = _Guidance(engine._guidance_tokenizer(), s.guidance, engine.n_vocab)
+        elif s.grammar is not None:
+            self.grammar = _Grammar(engine._vocab, s.grammar, engine.n_vocab)
+        self.scanner: StopScanner[TokenInfo | None] = StopScanner(s.stop)
+        self.counts: dict[int, int] = {}
+        self.generated = 0
+        self.finish = "length"
+        self.end: tuple[Logits, int] | None = None  # the end-of-generation token and its logits
+        self.position = len(prompt.tokens)
+        self.logits: Logits | None = None  # to sample the next token from
+        self.pending: int | None = None  # the token to decode next
+        # Echo with logprobs needs every row of the prompt, so reads it afresh; otherwise another
+        # choice of the prompt just read in this slot leaves its keys/values and last logits.
+        self._rows: list[Logits] | None = [] if s.echo and self.want_logprobs else None
+        self.prefill_at: int | None = 0  # the prompt's tokens in the slot, until all are
+        if slot.held == self.key and self._rows is None:
+            self.prefill_at = None
+            self._prompt_read(slot.held_logits)
+        else:
+            slot.clear()
+
+    def chunk(self) -> Entry:
+        """The next tokens of the prompt to decode: chunks of `_N_BATCH` from the prompt's start,
+        whatever runs beside, as chunking changes a row's logits (`_llama_slots`)."""
+        assert self.prefill_at is not None
+        tokens = self.prompt.tokens[self.prefill_at : self.prefill_at + _N_BATCH]
+        return Entry(self.slot, tokens, self.prefill_at, rows=self._rows is not None)
+
+    def took(self, count: int, rows: Logits) -> None:
+        """`count` tokens of the prompt decoded, with these logits rows."""
+        assert self.prefill_at is not None
+        self.prefill_at += count
+        if self._rows is not None:
+            self._rows.append(rows)
+        if self.prefill_at < len(self.prompt.tokens):
+            return
+        self.prefill_at = None
+        slot = self.slot
+        slot.held, slot.held_length, slot.held_logits = self.key, len(self.prompt.tokens), rows[-1]
+        self._prompt_read(rows[-1])
+
+    def _prompt_read(self, logits: Logits | None) -> None:
+        assert logits is not None
+        job, s = self.job, self.job.sampling
+        if self._rows is not None:
+            every = np.concatenate(self._rows)
+            self._rows = None
+            infos = self.engine._prompt_logprobs(self.prompt, every, s.logprobs or 0)
+            job.emit(ChoiceDelta(self.index, self.prompt.text, infos))
+        elif s.echo:
+            job.emit(ChoiceDelta(self.index, self.prompt.text, None))
+        self.logits = logits
+
+    def next_entry(self) -> Entry:
+        assert self.pending is not None
+        return Entry(self.slot, (self.pending,), self.position)
+
+    def decoded(self, logits: Logits) -> None:
+        self.logits, self.pending = logits, None
+        self.position += 1
+
+    def advance(self) -> bool:
+        """Sample the next token, emit its text and set it `pending`; True when the choice is
+        over (and its end emitted)."""
+        engine, s = self.engine, self.job.sampling
+        logits, self.logits = self.logits, None
+        assert logits is not None
+        if self.generated >= self.limit:
+            return self._over()
+        grammar = self.grammar
+        token = engine._sample(logits, s, self.counts, self.rng, grammar)
+        self.generated += 1
+        if engine._is_end(token):
+            self.finish = "stop"
+            self.end = (logits, token)
+            return self._over()
+        if grammar is not None:
+            grammar.accept(token)
+        self.counts[token] = self.counts.get(token, 0) + 1
+        # Under a grammar the text is what the grammar matched, control tokens spelled out;
+        # otherwise the text leaves them out, and logprobs name them.
+        hidden = grammar is None and engine._is_control(token)
+        if hidden and self._unfinished():
+            self.finish = "stop"
+            return self._over()
+        piece_text = self.decoder.decode(engine._piece(token, special=grammar is not None))
+        info = None
+        if self.want_logprobs:
+            name = engine._spelled(token) if hidden else piece_text
+            info = engine._token_info(logits, token, name, s.logprobs or 0, self.offset)
+        if self._feed(piece_text, info):
+            self.finish = "stop"
+            return self._over()
+        if self.generated >= self.limit:
+            return self._over()
+        self.pending = token
+        return False
+
+    def _feed(self, text: str, info: TokenInfo | None) -> bool:
+        """One piece of text to the stop scanner, and on; True when a stop ended the choice."""
+        self.offset += len(text)
+        pieces = self.scanner.feed(Piece(text, info))
+        self.engine._emit_pieces(self.job, self.index, pieces, self.want_logprobs)
+        return self.scanner.stopped
+
+    def _unfinished(self) -> bool:
+        """A character left incomplete, by a control token the text leaves out or by the end,
+        is U+FFFD: text no token spells, fed before what comes next."""
+        tail = self.decoder.decode(b"", final=True)
+        self.decoder.reset()
+        return bool(tail) and self._feed(tail, None)
+
+    def _over(self) -> bool:
+        engine, job, s = self.engine, self.job, self.job.sampling
+        if not self.scanner.stopped and self._unfinished():
+            self.finish = "stop"
+        if not self.scanner.stopped:
+            engine._emit_pieces(job, self.index, self.scanner.flush(), self.want_logprobs)
+            if self.end is not None and self.want_logprobs:  # counted in usage, so listed
+                logits, token = self.end
+                info = engine._token_info(
+                    logits, token, engine._spelled(token), s.logprobs or 0, self.offset
+                )
+                job.emit(ChoiceDelta(self.index, "", [info]))
+        job.emit(ChoiceEnd(self.index, self.finish))
+        return True
+
+
+def _running(job: Job) -> int:
+    return job.running
 
 
 _SPACE = b" \t\n\v\f\r"  # C's isspace, as llama.cpp strips around a token

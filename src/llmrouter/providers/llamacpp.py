@@ -116,6 +116,7 @@ class LlamaCppAdapter:
                     n_ctx=settings.n_ctx,
                     n_threads=settings.n_threads,
                     max_queue=settings.max_queue,
+                    max_sequences=settings.max_sequences,
                 )
                 self._engines[deployment.model].probe()
             engine = self._engines[deployment.model]
