@@ -46,8 +46,6 @@ from ab import export
 from run import (
     BODY,
     HOST,
-    LIMITS,
-    LLMROUTER,
     RESULTS,
     ROOT,
     _die_with_parent,
@@ -56,8 +54,8 @@ from run import (
     free_port,
     mock_upstream,
     run_ttft,
+    serve_keyed,
     stop,
-    wait_healthy,
     wrk,
 )
 
@@ -105,24 +103,7 @@ def start_llmrouter(
     home, config = tmp / f"home-{name}", tmp / f"config-{name}.yaml"
     config.write_text(CONFIG.format(accounts=accounts, mock_port=mock_port))
     env = {**os.environ, "PYTHONPATH": str(src), "LLMROUTER_HOME": str(home)}
-    env.pop("LLMROUTER_CONFIG", None)
-    key = subprocess.run(
-        [LLMROUTER, "--config", str(config), "keys", "create", "--name", "bench"]
-        + (LIMITS if limited else []),
-        env=env, capture_output=True, text=True, check=True, timeout=60,
-    ).stdout.strip().splitlines()[-1]  # fmt: skip
-    port = free_port()
-    with open(tmp / f"router-{name}.log", "wb") as log:
-        proc = subprocess.Popen(
-            [LLMROUTER, "serve", "--config", str(config), "--port", str(port), "--workers", "1"],
-            env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log, preexec_fn=_die_with_parent,
-        )  # fmt: skip
-    try:
-        wait_healthy(port, proc)
-    except BaseException:
-        stop(proc)
-        raise
-    return proc, port, key
+    return serve_keyed(config, env, tmp / f"router-{name}.log", "bench", limited=limited)
 
 
 def cpu_ms_per_request(result: Any, name: str) -> float:

@@ -217,15 +217,17 @@ def start_router(
 
 
 def serve_keyed(
-    config: Path, env: dict[str, str], log_path: Path, name: str
+    config: Path, env: dict[str, str], log_path: Path, name: str, *, limited: bool = False
 ) -> tuple[subprocess.Popen[bytes], int, str]:
-    """A key made with `config`, then `llmrouter serve` on a free port, healthy: for the scripts
-    that run several routers side by side (ab.py, kinds.py). `env` picks the code and home."""
+    """A key made with `config` (with `limited`, limits it never reaches), then `llmrouter serve`
+    on a free port, healthy: for the scripts that run several routers side by side (ab.py,
+    kinds.py, floor.py). `env` picks the code and home."""
     env = {**env}
     env.pop("LLMROUTER_CONFIG", None)
     key = subprocess.run(
-        [LLMROUTER, "--config", str(config), "keys", "create", "--name", name],
-        env=env, capture_output=True, text=True, check=True,
+        [LLMROUTER, "--config", str(config), "keys", "create", "--name", name]
+        + (LIMITS if limited else []),
+        env=env, capture_output=True, text=True, check=True, timeout=60,
     ).stdout.strip().splitlines()[-1]  # fmt: skip
     port = free_port()
     with open(log_path, "wb") as log:
