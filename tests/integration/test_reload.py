@@ -337,7 +337,7 @@ def test_no_request_fails_while_the_config_is_reloaded_under_load(
     """Clients send requests continuously, on kept-alive connections, while six reloads (by
     POST and SIGHUP in turn) each move the model to another upstream model, the provider
     rebuilt each time (its base URL and key change): every answer is a 200 from one of the
-    configs, and after the last reload the last one answers."""
+    configs, and every request sent after the last reload is answered by the last one."""
     tag = uuid.uuid4().hex[:6]
 
     def version(i: int) -> str:
@@ -355,6 +355,7 @@ def test_no_request_fails_while_the_config_is_reloaded_under_load(
                 for _ in range(2000):  # bounded, whatever happens
                     if done.is_set():
                         return
+                    sent = time.monotonic_ns()  # a request in flight keeps its config
                     try:
                         r = http.post(
                             f"{router.api}/completions",
@@ -366,7 +367,7 @@ def test_no_request_fails_while_the_config_is_reloaded_under_load(
                     if r.status_code != 200:
                         failures.append(f"{r.status_code} {r.text[:200]}")
                     else:
-                        answers.append((time.monotonic_ns(), upstream_model(r)))
+                        answers.append((sent, upstream_model(r)))
 
         clients = [threading.Thread(target=client) for _ in range(3)]
         for thread in clients:
