@@ -3,6 +3,7 @@ traffic the test sent, labels only from the configuration, and the sum over `--w
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -16,7 +17,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import UPSTREAM_KEYS, Router, free_port, serving
+from tests.conftest import UPSTREAM_KEYS, Router, drop_redis_namespace, free_port, serving
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -299,6 +300,47 @@ def test_redis_errors_are_counted(tmp_path: Path, fake_upstream: str) -> None:
         samples = scrape(router, admin)
         assert value(samples, "llmrouter_redis_errors_total", component="limits") >= 1
         assert value(samples, "llmrouter_redis_errors_total", component="health") >= 1
+
+
+def test_a_limited_keys_answers_end_as_answered(
+    tmp_path: Path, fake_upstream: str, redis_url: str
+) -> None:
+    """With limits in Redis, a request's usage is settled after its answer has gone (a round trip
+    to Redis): it still ends as the 200 it was, in the metrics and the access log, plain and
+    streamed, and never as a client that left."""
+    namespace = f"t-answered-{uuid.uuid4().hex[:8]}"
+    extra = f"accounts: {{redis_url: '{redis_url}', redis_namespace: {namespace}}}\n"
+    try:
+        with serving(tmp_path, config(fake_upstream, extra)) as router:
+            admin = admin_key(router)
+            limited = router.cli("keys", "create", "--name", "l", "--rpm", "1000", "--tpm", "10000000")
+            key = limited.stdout.split()[-1]
+            ids = []
+            for stream in (False, True, False, True):
+                r = complete(router, {"model": "m/ok", "prompt": "hi", "stream": stream}, key)
+                assert r.status_code == 200, r.text
+                ids.append(r.headers["x-request-id"])
+            eventually(
+                lambda: (
+                    value(scrape(router, admin), "llmrouter_in_flight_requests", route="completions")
+                    == 0
+                )
+            )
+            samples = scrape(router, admin)
+            for stream in ("false", "true"):
+                labels = {"route": "completions", "model": "m/ok", "stream": stream}
+                assert value(samples, "llmrouter_requests_total", **labels, status="200") == 2
+                assert value(samples, "llmrouter_requests_total", **labels, status="499") == 0
+            lines = [
+                json.loads(line)
+                for line in (tmp_path / "router.log").read_text().splitlines()
+                if line.startswith("{") and '"request_id"' in line
+            ]
+            logged = {line["request_id"]: line for line in lines if line.get("request_id") in ids}
+            assert set(logged) == set(ids)
+            assert all(line["status"] == 200 and "error" not in line for line in logged.values()), logged
+    finally:
+        drop_redis_namespace(namespace)
 
 
 def test_workers_are_summed_and_the_directory_starts_empty(tmp_path: Path, fake_upstream: str) -> None:

@@ -120,3 +120,88 @@ def test_a_refused_body_is_freed_without_the_cyclic_collector(tmp_path: Any, bod
         assert sys.getrefcount(body) == baseline, f"the body of a {status} is still referenced"
     finally:
         gc.enable()
+
+
+# -- a client that leaves --------------------------------------------------------------------------
+
+
+async def _watched(scope_extra: dict[str, Any]) -> tuple[bool, list[str]]:
+    """A handler that reads its body (watching for the client to leave), sends its whole answer,
+    then goes on awaiting (as the usage is settled after the answer): cancelled or not."""
+    from llmrouter.api.http import Request
+
+    answered = asyncio.Event()
+    sent: list[str] = []
+
+    async def receive() -> dict[str, Any]:
+        if not sent:
+            return {"type": "http.request", "body": b"{}", "more_body": False}
+        await answered.wait()  # ASGI: once the response is whole, receive says disconnect
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message["type"])
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
+            answered.set()
+
+    scope = {"type": "http", "method": "POST", "path": "/x", "headers": [], **scope_extra}
+    req = Request(scope, receive, send, "id")
+    req.watch_disconnect = True
+
+    async def handler() -> None:
+        await req.body(100)
+        await req.send({"type": "http.response.start", "status": 200, "headers": []})
+        await req.send({"type": "http.response.body", "body": b"{}"})
+        for _ in range(5):
+            await asyncio.sleep(0)
+
+    task = asyncio.ensure_future(handler())
+    try:
+        await task
+    except asyncio.CancelledError:
+        return True, sent
+    finally:
+        req.stop_watching()
+    return False, sent
+
+
+@pytest.mark.parametrize("edge", [False, True], ids=["any-asgi-server", "llmrouter-edge"])
+def test_a_handler_that_goes_on_after_its_answer_is_not_cancelled(edge: bool) -> None:
+    """A whole answer is no client that left, whether a task watches `receive` (any ASGI
+    server) or the connection says so itself (llmrouter's edge): every request with limits in
+    Redis, whose usage is settled after its answer, was counted a 499."""
+    extra = {"llmrouter.on_disconnect": None} if edge else {}
+    cancelled, sent = asyncio.run(_watched(extra))
+    assert sent == ["http.response.start", "http.response.body"]
+    assert not cancelled
+
+
+def test_the_edge_s_hook_cancels_a_handler_whose_client_left() -> None:
+    from llmrouter.api.http import ON_DISCONNECT, Request
+
+    async def main() -> bool:
+        scope: dict[str, Any] = {"type": "http", "method": "POST", "path": "/x", "headers": []}
+        scope[ON_DISCONNECT] = None
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": b"{}", "more_body": False}
+
+        async def send(message: dict[str, Any]) -> None:
+            pass
+
+        req = Request(scope, receive, send, "id")
+        req.watch_disconnect = True
+
+        async def handler() -> None:
+            await req.body(100)
+            assert scope[ON_DISCONNECT] is not None and req._watcher is None  # no task
+            scope[ON_DISCONNECT]()  # the connection: the client has gone
+            await asyncio.sleep(1)
+
+        try:
+            await asyncio.ensure_future(handler())
+        except asyncio.CancelledError:
+            return True
+        return False
+
+    assert asyncio.run(main())

@@ -14,12 +14,15 @@ from llmrouter.errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaTy
 if TYPE_CHECKING:
     from llmrouter.api.pipeline import Accounting
 
-__all__ = ["REFUSED_BY_EDGE", "Receive", "Request", "Scope", "Send", "send_bytes"]
+__all__ = ["ON_DISCONNECT", "REFUSED_BY_EDGE", "Receive", "Request", "Scope", "Send", "send_bytes"]
 
 # Set in a request's scope by the connection (api/protocol.py) when it refused the request while
 # the app was handling it (its body too slow, or its chunked framing too large), to the error it
 # answered: the request then ends as that error, not as a client that left.
 REFUSED_BY_EDGE = "llmrouter.refused_by_edge"
+# Put in a request's scope by the connection (api/protocol.py), as None: the request may set it
+# to a function, which the connection calls if the client leaves before the response is whole.
+ON_DISCONNECT = "llmrouter.on_disconnect"
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -110,10 +113,19 @@ class Request:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 if self.watch_disconnect:
-                    handler = asyncio.current_task()
-                    assert handler is not None
-                    self._watcher = asyncio.ensure_future(self._cancel_on_disconnect(handler))
+                    self._watch()
                 return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    def _watch(self) -> None:
+        """From now on, a client that leaves cancels the handler: the connection says so where
+        it can (no task), else a task waits for `http.disconnect`."""
+        handler = asyncio.current_task()
+        assert handler is not None
+        if ON_DISCONNECT in self.scope:
+            self.scope[ON_DISCONNECT] = handler.cancel
+        else:  # (ASGI's receive says `http.disconnect` once the response is whole, too)
+            self._watcher = asyncio.ensure_future(self._cancel_on_disconnect(handler))
+            self.send = _StopWatching(self.send, self._watcher)
 
     async def _cancel_on_disconnect(self, handler: asyncio.Task[Any]) -> None:
         while (await self.receive())["type"] != "http.disconnect":
@@ -121,8 +133,30 @@ class Request:
         handler.cancel()
 
     def stop_watching(self) -> None:
+        """The handler is over: a client that leaves now cancels nothing."""
+        if self.scope.get(ON_DISCONNECT) is not None:
+            self.scope[ON_DISCONNECT] = None
         if self._watcher is not None:
             self._watcher.cancel()
+            self._watcher = None
+
+
+class _StopWatching:
+    """A send that stops the watcher before a response's last part: the handler may go on (the
+    usage settled, say), and a client that leaves then has left nothing unfinished."""
+
+    __slots__ = ("_send", "_watcher")
+
+    def __init__(self, send: Send, watcher: asyncio.Future[None]) -> None:
+        self._send = send
+        self._watcher: asyncio.Future[None] | None = watcher
+
+    async def __call__(self, message: Message) -> None:
+        last = message["type"] == "http.response.body" and not message.get("more_body", False)
+        if last and self._watcher is not None:
+            self._watcher.cancel()
+            self._watcher = None
+        await self._send(message)
 
 
 def _repeated(headers: list[tuple[bytes, bytes]]) -> frozenset[bytes]:

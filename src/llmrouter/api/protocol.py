@@ -37,12 +37,13 @@ request's own (a later request's bad head, say) cannot be answered in order, so 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 import httptools
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
 
-from llmrouter.api.http import REFUSED_BY_EDGE
+from llmrouter.api.http import ON_DISCONNECT, REFUSED_BY_EDGE
 from llmrouter.errors import (
     HeadersTooLarge,
     InvalidRequest,
@@ -108,6 +109,9 @@ class EdgeProtocol(HttpToolsProtocol):
         if self.write_deadline is not None:
             self.write_deadline.cancel()
         super().connection_lost(exc)
+        for cycle in (self.running, self.cycle):  # (the one answered, the one parsed last)
+            if cycle is not None and not cycle.response_complete:
+                _left(cycle)
 
     def data_received(self, data: bytes) -> None:
         if self.refused:
@@ -205,6 +209,7 @@ class EdgeProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         self.head_begun = True
         super().on_message_begin()
+        self.scope[ON_DISCONNECT] = None  # type: ignore[literal-required]
 
     def on_body(self, body: bytes) -> None:
         self.body_got += len(body)
@@ -356,11 +361,21 @@ class EdgeProtocol(HttpToolsProtocol):
         """One request ends unanswered: its receive says the client left, its sends fall silent,
         it sends no `100 Continue` (after a refusal's end of our side), and it no longer holds
         this protocol (a cycle only the cyclic collector would free, if it never runs)."""
-        cycle.disconnected = True
         cycle.waiting_for_100_continue = False
         cycle.on_response = _nothing
-        cycle.message_event.set()
+        _left(cycle)
         self.pipeline = type(self.pipeline)(entry for entry in self.pipeline if entry[0] is not cycle)
+
+
+def _left(cycle: RequestResponseCycle) -> None:
+    """The client of a request not yet answered has gone: its receive says so, and its handler,
+    if it asked (`ON_DISCONNECT`), hears of it now."""
+    cycle.disconnected = True
+    cycle.message_event.set()
+    hook: Callable[[], object] | None = cycle.scope.get(ON_DISCONNECT)  # type: ignore[assignment]
+    if hook is not None:
+        cycle.scope[ON_DISCONNECT] = None  # type: ignore[literal-required]
+        hook()
 
 
 class _Coalescing:
