@@ -128,9 +128,14 @@ class Journal:
             self._wakeup.set()
         return segment
 
+    @property
+    def unsynced(self) -> bool:
+        """With `sync: full`, something written is not fdatasync'ed yet (`synced` would wait)."""
+        return self._sync == "full" and self._synced < self._written
+
     async def synced(self) -> None:
         """With `sync: full`, until everything written so far is fdatasync'ed; else at once."""
-        if self._sync != "full" or self._synced >= self._written:
+        if not self.unsynced:
             return
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append((self._written, done))

@@ -202,6 +202,8 @@ class Ledger:
         done = self._queue(record, segment, row)
         if segment is not None:
             assert self._journal is not None
+            if not self._journal.unsynced:  # (no `wait_for`: its task and timer cost a request)
+                return
             try:
                 await asyncio.wait_for(self._journal.synced(), self._durable_timeout)
             except TimeoutError:  # (only with `sync: full`: a disk that cannot sync)
