@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import aiohttp
+import msgspec
 
 from llmrouter.errors import (
     LlmrouterError,
@@ -191,9 +192,9 @@ async def error_body(response: Response) -> bytes:
         return b""
 
 
-@dataclass(frozen=True, slots=True)
-class Event:
-    """One server-sent event: its `event:` name ("message" where it has none) and `data:`."""
+class Event(msgspec.Struct, frozen=True, gc=False):
+    """One server-sent event: its `event:` name ("message" where it has none) and `data:`.
+    (A Struct: made for every event of every stream, it costs a third of a frozen dataclass.)"""
 
     name: str
     data: bytes
@@ -232,28 +233,38 @@ class EventStream:
         return self._ready.pop(0)
 
     def _frame(self, chunk: bytes) -> None:
-        buffer = self._buffer
-        buffer += chunk
-        start = 0
-        while (newline := buffer.find(b"\n", self._scanned)) >= 0:
-            line = bytes(buffer[start:newline]).rstrip(b"\r")
-            start = self._scanned = newline + 1
-            if not line:  # the end of an event
-                if self._data:
-                    self._ready.append(Event(self._name or "message", b"\n".join(self._data)))
-                self._name, self._data = "", []
-            elif line.startswith(b"data:"):
-                value = line[5:]
-                self._data.append(value[1:] if value.startswith(b" ") else value)
-            elif line.startswith(b"event:"):
-                self._name = line[6:].strip().decode("utf-8", errors="replace")
-            # (comments `:`, `id:` and `retry:` lines say nothing an adapter reads)
-        del buffer[:start]
+        buffer = self._buffer  # what came after the last whole line (usually nothing)
+        if buffer:
+            buffer += chunk
+            end = buffer.rfind(b"\n", self._scanned)  # the last whole line's end
+            whole = bytes(buffer[:end]) if end >= 0 else None
+            del buffer[: end + 1]
+        else:
+            end = chunk.rfind(b"\n")
+            whole = chunk[:end] if end >= 0 else None
+            if end + 1 < len(chunk):
+                buffer += chunk[end + 1 :]
         self._scanned = len(buffer)
         if self._scanned > MAX_SSE_LINE:
             raise UpstreamUnavailable(
                 f"Provider {self._provider} sent a stream line over {MAX_SSE_LINE} bytes."
             )
+        if whole is None:
+            return
+        ready, data = self._ready, self._data
+        for line in whole.split(b"\n"):
+            if line[-1:] == b"\r":
+                line = line.rstrip(b"\r")
+            if not line:  # the end of an event
+                if data:
+                    ready.append(Event(self._name or "message", b"\n".join(data)))
+                    data = self._data = []
+                self._name = ""
+            elif line[:5] == b"data:":
+                data.append(line[6:] if line[5:6] == b" " else line[5:])
+            elif line[:6] == b"event:":
+                self._name = line[6:].strip().decode("utf-8", errors="replace")
+            # (comments `:`, `id:` and `retry:` lines say nothing an adapter reads)
 
     def finish(self) -> None:
         """After the stream's last event: the rest of the body (its end, usually on its way
