@@ -152,7 +152,8 @@ class Keys:
     def __init__(self, db: Database, *, cache_seconds: float = 0.0) -> None:
         self._db = db
         self._cache_seconds = cache_seconds
-        self._cache: dict[str, tuple[float, ApiKey]] = {}  # sha256 of the secret -> (until, key)
+        # sha256 of the secret -> (until, key, its principal)
+        self._cache: dict[str, tuple[float, ApiKey, Principal]] = {}
         self._digests: dict[str, set[str]] = {}  # key id -> its cached digests
         self._forgotten = 0  # how many times anything was forgotten
 
@@ -175,7 +176,7 @@ class Keys:
         if len(self._cache) >= _CACHE_MAX:
             self._cache.clear()
             self._digests.clear()
-        self._cache[digest] = (until, key)
+        self._cache[digest] = (until, key, key.principal())
         self._digests.setdefault(key.id, set()).add(digest)
 
     async def create(
@@ -327,6 +328,8 @@ class Keys:
         cached = self._cache.get(digest) if self._db.listening else None
         if cached is not None and cached[0] > now:
             key = cached[1]
+            if key.expires_at is None or key.expires_at > now:  # (a cached key is not revoked)
+                return cached[2]
         else:
             forgotten = self._forgotten
             key = await self._lookup(match.group("id"), digest)

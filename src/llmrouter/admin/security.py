@@ -35,6 +35,8 @@ _WINDOW = 60.0  # seconds a failed login is remembered
 def normalise(path: str) -> str:
     """`path` with `//` collapsed and `.` and `..` resolved (never above the root), without a
     trailing slash. Percent-escapes were decoded by the server already."""
+    if path[:1] == "/" and path[-1:] != "/" and "//" not in path and "/." not in path:
+        return path  # normal already (every request's path is asked: the common case is quick)
     parts: list[str] = []
     for part in path.split("/"):
         if part in ("", "."):

@@ -180,7 +180,8 @@ class Shape:
             try:
                 async for part in stream:
                     out = state.take(0, part)
-                    await state.check()
+                    if state.unchecked:
+                        await state.check()
                     if out is not None:
                         yield out
                     if state.done:
@@ -192,7 +193,8 @@ class Shape:
             try:
                 async for j, part in merged:
                     out = state.take(j, part)
-                    await state.check()
+                    if state.unchecked:
+                        await state.check()
                     if out is not None:
                         yield out
                     if state.done:

@@ -224,7 +224,8 @@ class OpenAIAdapter(HttpAdapter):
                 self._check_logprobs(call, parsed)
                 part = self._part(parsed)
                 usage_seen = usage_seen or part.usage is not None
-                text_chunks += sum(1 for c in part.choices if c.text)
+                for c in part.choices:
+                    text_chunks += bool(c.text)
                 yield part
             else:
                 raise self.ended_early()
