@@ -1,6 +1,7 @@
 """llmrouter beside the floor: the whole product against a bare Python hop on the same stack.
 
     .venv/bin/python bench/floor.py [REV ...] [--rounds 3] [--seconds 5] [--pg-redis URL,URL]
+        [--litellm /path/to/venv/bin/litellm]
 
 `../shared/bench/floor_router.py` is the least any router on uvicorn + httptools + uvloop +
 msgspec + pooled aiohttp must do per request (a bearer key against a SHA-256 set, a typed decode,
@@ -9,7 +10,9 @@ with the SQLite default and its durability, access log off), and with `--pg-redi
 llmrouter with the ledger and keys in PostgreSQL and limits in Redis for a key with (unreached)
 limits, all at once against one mock upstream, and measures them in turns, round by round, so the
 machine's changes of speed fall on each alike. Each REV (a git revision, exported with
-`git archive`; default: the working tree) is one more llmrouter beside the others.
+`git archive`; default: the working tree) is one more llmrouter beside the others. With
+`--litellm`, LiteLLM's proxy (installed in a venv of its own: `python -m venv /tmp/litellm-venv &&
+/tmp/litellm-venv/bin/pip install 'litellm[proxy]'`) is measured beside them too, for scale.
 
 Per round, for each server: req/s at c64; server CPU per request at c16; latency p50/p99 at c1
 (wrk), with the mock asked directly at c1 in the same round, so "added" = server − direct. For
@@ -85,6 +88,8 @@ class Server:
     key: str
     router: bool  # llmrouter (streams measured too), not the floor
     pg: bool = False
+    path: str = PATH
+    goals: bool = True  # issue 16's goals are llmrouter's (LiteLLM is shown beside, for scale)
     figures: list[dict[str, float]] = field(default_factory=list)  # one dict per round
 
 
@@ -111,8 +116,8 @@ def cpu_ms_per_request(result: Any, name: str) -> float:
 
 
 def one_round(servers: list[Server], mock: Server, seconds: float, ttft_n: int) -> None:
-    def load(s: Server, c: int, body: str = BODY, path: str = PATH) -> Any:
-        r = wrk(s.port, path, c, seconds, s.key, 1, {s.name: s.proc.pid}, body=body)
+    def load(s: Server, c: int, body: str = BODY) -> Any:
+        r = wrk(s.port, s.path, c, seconds, s.key, 1, {s.name: s.proc.pid}, body=body)
         if r.errors:
             sys.exit(f"{s.name}: {r.errors} errors at c{c}")
         return r
@@ -207,7 +212,7 @@ def render(servers: list[Server], floor: Server, args: argparse.Namespace, when:
     for s in servers:
         for k, (value, rounds) in ratios(s, floor).items():
             label, on_sqlite, on_pg, at_least = GOALS[k]
-            goal = on_pg if s.pg else on_sqlite
+            goal = (on_pg if s.pg else on_sqlite) if s.goals else None
             if goal is None:
                 verdict = "-"
             else:
@@ -228,6 +233,12 @@ def main() -> None:
         "--pg-redis",
         metavar="DATABASE_URL,REDIS_URL",
         help="also llmrouter on PostgreSQL + Redis with a limited key (a throw-away schema)",
+    )
+    parser.add_argument(
+        "--litellm",
+        metavar="LITELLM",
+        type=Path,
+        help="also LiteLLM's proxy (the `litellm` command of a venv of its own) on the same mock",
     )
     parser.add_argument("--out", type=Path, default=RESULTS / "floor.md")
     args = parser.parse_args()
@@ -259,6 +270,8 @@ def main() -> None:
             floor_proc = start_floor(floor_port, mock_port, floor_key, tmp / "floor.log")
             floor = Server("floor", floor_proc, floor_port, floor_key, router=False)
             wait_healthy_post(floor)
+            if args.litellm:
+                servers.append(start_litellm(args.litellm, tmp, mock_port))
             mock = Server("mock", mock_proc, mock_port, "", router=False)
             print("warm-up round (not counted)", flush=True)
             one_round([floor, *servers], mock, 2.0, 200)
@@ -282,11 +295,39 @@ def main() -> None:
             drop_schema(args.pg_redis.split(",")[0], f"bench_floor_{os.getpid()}_{i}")
 
 
+LITELLM_CONFIG = """\
+model_list:
+  - model_name: mock/model
+    litellm_params:
+      model: text-completion-openai/mock-model
+      api_base: http://127.0.0.1:{mock_port}/v1
+      api_key: unused
+"""
+
+
+def start_litellm(command: Path, tmp: Path, mock_port: int) -> Server:
+    """LiteLLM's proxy, one worker, its master key as the bearer key (no database: no virtual
+    keys, no spend log), on the same mock, its /v1/completions (the text-completion route)."""
+    config = tmp / "litellm.yaml"
+    config.write_text(LITELLM_CONFIG.format(mock_port=mock_port))
+    key = "sk-" + os.urandom(24).hex()
+    port = free_port()
+    env = {**os.environ, "LITELLM_MASTER_KEY": key, "LITELLM_LOG": "ERROR"}
+    with open(tmp / "litellm.log", "wb") as out:
+        proc = subprocess.Popen(
+            [str(command), "--config", str(config), "--port", str(port), "--num_workers", "1"],
+            env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out, preexec_fn=_die_with_parent,
+        )  # fmt: skip
+    litellm = Server("LiteLLM", proc, port, key, router=False, path=DIRECT, goals=False)
+    wait_healthy_post(litellm, deadline_s=120)
+    return litellm
+
+
 def wait_healthy_post(floor: Server, deadline_s: float = 20.0) -> None:
     """The floor has no /health: wait until a completion goes through it."""
     body = BODY.encode()
     request = (
-        f"POST {PATH} HTTP/1.1\r\nHost: {HOST}\r\nContent-Type: application/json\r\n"
+        f"POST {floor.path} HTTP/1.1\r\nHost: {HOST}\r\nContent-Type: application/json\r\n"
         f"Authorization: Bearer {floor.key}\r\nContent-Length: {len(body)}\r\n\r\n"
     ).encode() + body
     end = time.monotonic() + deadline_s
