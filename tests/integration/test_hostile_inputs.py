@@ -8,7 +8,8 @@ The fake upstream's `say-prompt` model answers with the prompt, so a test choose
 from __future__ import annotations
 
 import json
-import threading
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -51,38 +52,63 @@ def router(tmp_path_factory: pytest.TempPathFactory, fake_upstream: str) -> Iter
         yield r
 
 
+# The watcher runs in a process of its own: in this one, encoding a test's multi-megabyte body
+# holds the GIL, and a thread here would time that rather than the server.
+_WATCHER = """
+import http.client, json, select, sys, time
+host, port = sys.argv[1], int(sys.argv[2])
+conn = http.client.HTTPConnection(host, port, timeout=60)
+def get():
+    conn.request("GET", "/health")
+    r = conn.getresponse()
+    r.read()
+    return r.status
+get()  # connected before the timing starts
+print("ready", flush=True)
+times, statuses = [], set()
+while True:
+    started = time.perf_counter()
+    statuses.add(get())
+    times.append(time.perf_counter() - started)
+    if select.select([sys.stdin], [], [], 0.01)[0]:  # told to stop (or the test is gone)
+        break
+print(json.dumps({"times": times, "statuses": sorted(statuses)}), flush=True)
+"""
+
+
 class HealthWatch:
-    """`GET /health` again and again from a thread and a connection of its own while the block
+    """`GET /health` again and again from a process and a connection of its own while the block
     runs, each timed; at least one before the block ends."""
 
     def __init__(self, router: Router) -> None:
-        self.url = f"{router.base}/health"
+        host, _, port = router.base.removeprefix("http://").rpartition(":")
+        self._address = (host, port)
         self.times: list[float] = []
         self.statuses: set[int] = set()
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-        self._client = httpx.Client(timeout=60)
-
-    def _watch(self) -> None:
-        while True:
-            started = time.perf_counter()
-            r = self._client.get(self.url)
-            self.times.append(time.perf_counter() - started)
-            self.statuses.add(r.status_code)
-            if self._done.wait(0.01):
-                return
+        self._proc: subprocess.Popen[str] | None = None
 
     def __enter__(self) -> HealthWatch:
-        self._client.get(self.url)  # connected before the timing starts
-        self._thread.start()
+        self._proc = subprocess.Popen(
+            [sys.executable, "-c", _WATCHER, *self._address],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        assert self._proc.stdout is not None
+        assert self._proc.stdout.readline().strip() == "ready"
         return self
 
     def __exit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        self._done.set()
-        self._thread.join(60)
-        self._client.close()
+        assert self._proc is not None
+        try:
+            out, _ = self._proc.communicate("stop\n", timeout=60)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+            raise
+        if self._proc.returncode == 0 and out.strip():
+            seen = json.loads(out.strip().splitlines()[-1])
+            self.times, self.statuses = seen["times"], set(seen["statuses"])
 
     @property
     def slowest(self) -> float:
