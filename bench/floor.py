@@ -15,7 +15,7 @@ machine's changes of speed fall on each alike. Each REV (a git revision, exporte
 /tmp/litellm-venv/bin/pip install 'litellm[proxy]'`) is measured beside them too, for scale.
 
 Per round, for each server: req/s at c64; server CPU per request at c16; latency p50/p99 at c1
-(wrk), with the mock asked directly at c1 in the same round, so "added" = server − direct. For
+(wrk), with the mock asked directly at c1 just before, so "added" = server − direct. For
 each llmrouter also: streaming time to first token, sequential (a raw-socket client in its own
 process, as bench/run.py), beside the mock's; and the CPU per request of a 100-chunk stream at c16.
 
@@ -122,11 +122,14 @@ def one_round(servers: list[Server], mock: Server, seconds: float, ttft_n: int) 
             sys.exit(f"{s.name}: {r.errors} errors at c{c}")
         return r
 
-    direct = wrk(mock.port, DIRECT, 1, seconds, "", 1, {"mock": mock.proc.pid})
     ttft_args = argparse.Namespace(ttft_requests=ttft_n, ttft_warmup=50)
     ttft_direct = run_ttft(mock.port, DIRECT, "", ttft_args)
     for s in servers:
-        c64, c16, c1 = load(s, 64), load(s, 16), load(s, 1)
+        c64, c16 = load(s, 64), load(s, 16)
+        # The direct tail moves from one load to the next (it is the machine's): each server's c1
+        # is paired with a direct c1 just before it.
+        direct = wrk(mock.port, DIRECT, 1, seconds, "", 1, {"mock": mock.proc.pid})
+        c1 = load(s, 1)
         f = {
             "rps_c64": c64.rps,
             "cpu_ms": cpu_ms_per_request(c16, s.name),
@@ -257,7 +260,7 @@ def main() -> None:
                 f"  redis_url: {redis_url}\n"
             )
             variants.append((f"{rev} pg+redis", src, accounts, True))
-    per_round = (len(variants) * 4 + 3) * (args.seconds + 1) + 2 * args.ttft_requests * 0.005
+    per_round = (len(variants) * 5 + 10) * (args.seconds + 1) + 2 * args.ttft_requests * 0.005
     budget = 120 + (args.rounds + 1) * per_round
     servers: list[Server] = []
     with mock_upstream(mock_port, budget, tmp / "mock.log") as mock_proc:
