@@ -185,7 +185,8 @@ async def completions(request: web.Request) -> web.StreamResponse:
         message = f"fake {code}"
         return web.json_response({"error": {"message": message, "code": code}}, status=400)
     if fault == "hang" or (fault == "hang-after-2" and not stream):
-        await asyncio.sleep(3600)
+        await _wait_for_close(request, 3600)  # (when the router gave up: `closed_at`)
+        return web.Response()
     if fault == "reset-before":
         _close(request)
         return web.Response()

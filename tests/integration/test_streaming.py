@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.conftest import Router
+from tests.conftest import UPSTREAM_KEYS, Router, serving
 from tests.spec import assert_error, validate
 
 
@@ -90,6 +91,30 @@ def test_client_disconnect_cancels_an_upstream_stream(router: Router, fake_upstr
             break
         time.sleep(0.05)
     assert httpx.get(f"{fake_upstream}/_stats").json()["client_gone"] == 1
+
+
+@pytest.mark.parametrize("prompt_bytes", [1_000, 300_000], ids=["small", "over-64-KiB"])
+def test_a_client_that_leaves_cancels_a_non_streamed_upstream_call(
+    tmp_path: Path, fake_upstream: str, prompt_bytes: int
+) -> None:
+    """The upstream's connection is closed soon after the client leaves, whatever the body's size:
+    past 64 KiB read at once, uvicorn stops reading the socket until the body is asked for, and
+    a client's leaving is only heard once something reads it again."""
+    config = f"""
+providers:
+  fake: {{kind: openai, base_url: "{fake_upstream}/v1", api_key: {UPSTREAM_KEYS["fake"]}}}
+models:
+  - {{id: m/hang, deployments: [{{provider: fake, model: hang}}]}}
+"""
+    with serving(tmp_path, config) as router:
+        httpx.post(f"{fake_upstream}/_reset")
+        body = {"model": "m/hang", "prompt": "x" * prompt_bytes}
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{router.api}/completions", headers=router.headers(), json=body, timeout=1.0)
+        left = time.monotonic()
+        while not httpx.get(f"{fake_upstream}/_stats").json()["closed_at"]:
+            assert time.monotonic() - left < 3, "the upstream call goes on for a client that left"
+            time.sleep(0.05)
 
 
 @pytest.mark.parametrize("stream", [True, False])

@@ -205,3 +205,43 @@ def test_the_edge_s_hook_cancels_a_handler_whose_client_left() -> None:
         return False
 
     assert asyncio.run(main())
+
+
+def test_a_watched_request_that_ends_unanswered_is_freed_without_the_cyclic_collector() -> None:
+    """Any ASGI server: the watcher's task (cancelled, holding its frame) must not stay
+    referenced by the request's send once the handler is over."""
+    from llmrouter.api.http import Request
+
+    value = b"x" * 1_000_000
+    baseline = sys.getrefcount(value)
+
+    async def main() -> None:
+        asked = 0
+
+        async def receive() -> dict[str, Any]:
+            nonlocal asked
+            asked += 1
+            if asked > 1:
+                await asyncio.Event().wait()  # the client neither sends nor leaves
+            return {"type": "http.request", "body": b"{}", "more_body": False}
+
+        async def send(message: dict[str, Any]) -> None:
+            pass
+
+        scope = {"type": "http", "method": "POST", "path": "/x", "headers": [(b"x-big", value)]}
+        req = Request(scope, receive, send, "id")
+        req.watch_disconnect = True
+        try:
+            await req.body(100)
+            await asyncio.sleep(0)  # the watcher waits on receive
+        finally:
+            req.stop_watching()
+        await asyncio.sleep(0)  # the watcher unwinds
+
+    gc.collect()
+    gc.disable()
+    try:
+        asyncio.run(main())
+        assert sys.getrefcount(value) == baseline
+    finally:
+        gc.enable()

@@ -139,6 +139,8 @@ class Request:
         if self._watcher is not None:
             self._watcher.cancel()
             self._watcher = None
+            if isinstance(self.send, _StopWatching):  # (its task would keep this request)
+                self.send.stop()
 
 
 class _StopWatching:
@@ -151,11 +153,14 @@ class _StopWatching:
         self._send = send
         self._watcher: asyncio.Future[None] | None = watcher
 
-    async def __call__(self, message: Message) -> None:
-        last = message["type"] == "http.response.body" and not message.get("more_body", False)
-        if last and self._watcher is not None:
+    def stop(self) -> None:
+        if self._watcher is not None:
             self._watcher.cancel()
             self._watcher = None
+
+    async def __call__(self, message: Message) -> None:
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
+            self.stop()
         await self._send(message)
 
 

@@ -224,6 +224,11 @@ class EdgeProtocol(HttpToolsProtocol):
         self.in_head = True
         self.head_bytes = 0
         super().on_message_complete()
+        if not self.refused and self.running is self.cycle:
+            # uvicorn stops reading past 64 KiB of body until the app asks for more; the body
+            # is whole now, and a client that leaves must still be heard (`ON_DISCONNECT`).
+            # (A pipelined request's body waits: uvicorn bounds what it parses ahead.)
+            self.flow.resume_reading()
 
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
         self.running = cycle
