@@ -285,13 +285,15 @@ def test_a_deadline_passed_while_writing_is_raised_at_the_next_part() -> None:
     asyncio.run(main())
 
 
-def test_a_cancellation_of_the_consumer_is_not_taken_for_the_deadline() -> None:
-    async def hangs() -> AsyncIterator[StreamPart]:
-        await asyncio.sleep(30)
-        yield StreamPart([])
+async def _hanging() -> AsyncIterator[StreamPart]:
+    """An upstream's stream that sends nothing (for longer than any test waits)."""
+    await asyncio.sleep(30)
+    yield StreamPart([])
 
+
+def test_a_cancellation_of_the_consumer_is_not_taken_for_the_deadline() -> None:
     async def main() -> None:
-        stream, _ = _committed(hangs(), 10.0)
+        stream, _ = _committed(_hanging(), 10.0)
         task = asyncio.ensure_future(anext(stream))  # type: ignore[call-overload]
         await asyncio.sleep(0.05)
         task.cancel()  # the client left
@@ -305,12 +307,8 @@ def test_a_client_that_leaves_as_the_deadline_passes_is_still_a_client_that_left
     """The client's cancellation and the deadline in one turn of the loop (the client's first): the
     consumer sees its cancellation, never a deadline error it would answer (found by a review)."""
 
-    async def hangs() -> AsyncIterator[StreamPart]:
-        await asyncio.sleep(30)
-        yield StreamPart([])
-
     async def main() -> None:
-        stream, _ = _committed(hangs(), 10.0)
+        stream, _ = _committed(_hanging(), 10.0)
         task = asyncio.ensure_future(anext(stream))  # type: ignore[call-overload]
         await asyncio.sleep(0.05)
         task.cancel()  # the client left...

@@ -38,8 +38,7 @@ __all__ = ["COLUMNS", "GROUPINGS", "Ledger", "Record", "Total"]
 
 log = logging.getLogger("llmrouter.ledger")
 
-_COLUMNS = LEDGER_COLUMNS
-COLUMNS = LEDGER_COLUMNS
+COLUMNS = _COLUMNS = LEDGER_COLUMNS  # (beside the schema in store.py, which replay checks against)
 _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM ledger"  # noqa: S608
 _encode = msgspec.json.encode
 

@@ -136,11 +136,10 @@ class Request:
         """The handler is over: a client that leaves now cancels nothing."""
         if self.scope.get(ON_DISCONNECT) is not None:
             self.scope[ON_DISCONNECT] = None
-        if self._watcher is not None:
-            self._watcher.cancel()
+        if self._watcher is not None:  # the send that wraps it cancels it and lets it go
             self._watcher = None
-            if isinstance(self.send, _StopWatching):  # (its task would keep this request)
-                self.send.stop()
+            assert isinstance(self.send, _StopWatching)
+            self.send.stop()
 
 
 class _StopWatching:
