@@ -3,6 +3,7 @@
     .venv/bin/python bench/ab.py 52be946 HEAD [--rounds 4] [--seconds 4] [--connections 64,1]
     .venv/bin/python bench/ab.py HEAD "HEAD+metrics: {enabled: false}"   # one revision, two configs
     .venv/bin/python bench/ab.py HEAD~1 HEAD --body stream100 --connections 16  # long streams
+    .venv/bin/python bench/ab.py HEAD~1 HEAD --pg-redis postgresql://postgres@127.0.0.1:5432/test,redis://127.0.0.1:6379/0
 
 Each revision is exported with `git archive` into a temporary folder and served by this venv's
 interpreter with that folder first on `PYTHONPATH` (so dependencies are today's; only the code
@@ -10,7 +11,9 @@ differs). All routers run at the same time, idle but for the one being measured,
 alternate between them round by round: a change in the machine's speed (this VM's is large) then
 falls on every revision alike, which separate runs of bench/run.py cannot promise. A revision
 written `REV+YAML` is served with YAML's top-level keys added to the config (a setting on or off;
-a `server:` there replaces the default `server: {access_log: false}`).
+a `server:` there replaces the default `server: {access_log: false}`). With `--pg-redis`, each
+revision keeps its keys and ledger in a throw-away PostgreSQL schema of its own (dropped at the
+end) and its limits in Redis, and is measured with a limited key (limits it never reaches).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run import ROOT, free_port, mock_upstream, serve_keyed, stop, wrk
+from run import ROOT, drop_schema, free_port, mock_upstream, serve_keyed, stop, wrk
 
 CONFIG = """\
 default_model: mock/model
@@ -54,6 +57,10 @@ def export(rev: str, into: Path) -> Path:
     return into / "src"
 
 
+def schema(i: int) -> str:
+    return f"bench_ab_{os.getpid()}_{i}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("revs", nargs="+", help="git revisions (commits, branches, HEAD)")
@@ -62,6 +69,9 @@ def main() -> None:
     parser.add_argument("--connections", default="64,1", help="wrk -c values, comma-separated")
     parser.add_argument(
         "--body", choices=sorted(BODIES), default="plain", help="stream: 5 chunks; stream100: 100"
+    )
+    parser.add_argument(
+        "--pg-redis", metavar="DATABASE_URL,REDIS_URL", help="accounts in PostgreSQL, limits in Redis"
     )
     args = parser.parse_args()
     loads = [int(c) for c in args.connections.split(",")]
@@ -79,10 +89,16 @@ def main() -> None:
                 text = CONFIG.format(mock_port=mock_port)
                 if "server:" in extra:  # its own server settings, instead of the default's
                     text = text.replace("server: {access_log: false}\n", "")
+                if args.pg_redis:
+                    database_url, redis_url = args.pg_redis.split(",")
+                    text += (
+                        f"accounts:\n  database_url: {database_url}\n"
+                        f"  database_schema: {schema(len(routers))}\n  redis_url: {redis_url}\n"
+                    )
                 config.write_text(text + extra + "\n")
                 env = {**os.environ, "PYTHONPATH": str(src), "LLMROUTER_HOME": str(home)}
                 log = tmp / f"router-{len(routers)}.log"
-                routers[rev] = serve_keyed(config, env, log, "ab")
+                routers[rev] = serve_keyed(config, env, log, "ab", limited=bool(args.pg_redis))
             results: dict[tuple[str, int], list[tuple[float, float, float, float]]] = {}
             for _ in range(args.rounds):
                 for rev, (proc, port, key) in routers.items():
@@ -98,6 +114,9 @@ def main() -> None:
         finally:
             for proc, _, _ in routers.values():
                 stop(proc)
+            if args.pg_redis:
+                for i in range(len(routers)):
+                    drop_schema(args.pg_redis.split(",")[0], schema(i))
     med = statistics.median
     print(
         "| revision | load | req/s, each round | median | p50 ms (median) | p99 ms (median) "

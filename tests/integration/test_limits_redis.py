@@ -211,6 +211,61 @@ def test_more_requests_at_once_than_the_pool_has_connections_all_wait_their_turn
     run(main)
 
 
+def test_the_admissions_and_settlements_of_one_loop_turn_share_one_round_trip(
+    redis_url: str, principals: Principals
+) -> None:
+    """Requests admitted together go to Redis as one pipeline on one pooled connection (one
+    write, one read), not one call, connection and round trip each; and so do their settlements.
+    Redis's MONITOR shows which connection sent each script."""
+
+    async def main() -> None:
+        tag = uuid.uuid4().hex
+        watcher = redis.asyncio.Redis.from_url(redis_url)
+        async with limiter(redis_url, Clock()) as lim, watcher.monitor() as monitor:
+            p = principals(rpm=1000, tpm=100_000, max_concurrent=100)
+            admitted = await asyncio.gather(*(lim.admit(p, f"{tag}-{i}", 10) for i in range(40)))
+            assert all(a.counted for a in admitted)
+            await asyncio.gather(*(lim.settle(a, 7, 0.0) for a in admitted))
+            assert (await lim.status(p)).requests == 40
+            assert (await lim.status(p)).concurrent == 0  # every slot given back
+
+            senders: dict[str, set[tuple[str, str]]] = {"admit": set(), "settle": set()}
+            seen = 0
+            while seen < 80:
+                command = await asyncio.wait_for(monitor.next_command(), 5)
+                if tag not in command["command"] or not command["command"].startswith("EVALSHA"):
+                    continue
+                which = "admit" if seen < 40 else "settle"
+                senders[which].add((command["client_address"], command["client_port"]))
+                seen += 1
+            assert len(senders["admit"]) == 1, senders
+            assert len(senders["settle"]) == 1, senders
+        await watcher.aclose()
+
+    run(main)
+
+
+def test_a_batch_after_redis_forgot_its_scripts_loads_them_again(
+    redis_url: str, principals: Principals
+) -> None:
+    """After a Redis restart (or SCRIPT FLUSH) a batch's EVALSHAs get NOSCRIPT: each is run again
+    with its script loaded, and counted once."""
+
+    async def main() -> None:
+        client = redis.asyncio.Redis.from_url(redis_url)
+        async with limiter(redis_url, Clock()) as lim:
+            p = principals(rpm=1000, max_concurrent=100)
+            await lim.admit(p, "first", 0)
+            await client.script_flush()
+            admitted = await asyncio.gather(*(lim.admit(p, f"r{i}", 0) for i in range(5)))
+            assert all(a.counted for a in admitted)
+            assert (await lim.status(p)).requests == 6
+            assert (await lim.status(p)).concurrent == 6
+        await client.aclose()
+
+    run(main)
+
+
 def test_two_replicas_share_the_limits(redis_url: str, principals: Principals) -> None:
     async def main() -> None:
         clock = Clock()
