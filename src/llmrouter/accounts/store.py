@@ -485,8 +485,9 @@ class SqliteDatabase:
 
     # One file has no notifications. A change llmrouter makes (a key revoked by the API, the
     # dashboard or a command) is announced by a byte appended to the channel's marker file, so a
-    # listener hears of it at its next `poll` (one `stat`); a change by SQL behind llmrouter's
-    # back bumps a version (the `key_changes` trigger) that listeners read each second.
+    # listener hears of it at its first `poll` in the next turn of its event loop (one `stat`);
+    # a change by SQL behind llmrouter's back bumps a version (the `key_changes` trigger) that
+    # listeners read each second.
     listening = False
 
     def _marker(self, channel: str) -> Path:
@@ -503,8 +504,16 @@ class SqliteDatabase:
         self.listening = True
 
     def poll(self) -> None:
+        # One `stat` a turn of the event loop, not one a request: under load it was a tenth of a
+        # request's cost (bench/README.md). What a turn's callbacks handle came in before the
+        # turn began, so a change announced before a request arrived is still seen by it, as
+        # PostgreSQL's NOTIFY is once its listener has run.
         watch = self._watch
-        if watch is not None and (size := _size(watch.marker)) != watch.size:
+        if watch is None or watch.fresh:
+            return
+        watch.fresh = True
+        asyncio.get_running_loop().call_soon(watch.stale)  # runs after this turn's callbacks
+        if (size := _size(watch.marker)) != watch.size:
             watch.size = size
             watch.on_message(None)
 
@@ -555,6 +564,10 @@ class _Watch:
     size: tuple[int, int, int]
     version: int
     on_message: Callable[[str | None], None]
+    fresh: bool = False  # the marker was looked at in this turn of the event loop
+
+    def stale(self) -> None:
+        self.fresh = False
 
 
 def _size(path: Path) -> tuple[int, int, int]:
