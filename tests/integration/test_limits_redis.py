@@ -215,8 +215,7 @@ def test_the_admissions_and_settlements_of_one_loop_turn_share_one_round_trip(
     redis_url: str, principals: Principals
 ) -> None:
     """Requests admitted together go to Redis as one pipeline on one pooled connection (one
-    write, one read), not one call, connection and round trip each; and so do their settlements
-    (but for the first, which finds nothing else on its way and goes alone).
+    write, one read), not one call, connection and round trip each; and so do their settlements.
     Redis's MONITOR shows which connection sent each script."""
 
     async def main() -> None:
@@ -239,9 +238,8 @@ def test_the_admissions_and_settlements_of_one_loop_turn_share_one_round_trip(
                 which = "admit" if seen < 40 else "settle"
                 senders[which].add((command["client_address"], command["client_port"]))
                 seen += 1
-            # (the first of each goes at once, alone: nothing else was on its way to Redis)
-            assert len(senders["admit"]) <= 2, senders
-            assert len(senders["settle"]) <= 2, senders
+            assert len(senders["admit"]) == 1, senders
+            assert len(senders["settle"]) == 1, senders
         await watcher.aclose()
 
     run(main)
