@@ -588,3 +588,30 @@ def test_credit_held_by_requests_in_flight_in_redis(redis_url: str, principals: 
             await credit_hold_story(lim, principals(credit_limit=1.0), clock)
 
     run(main)
+
+
+def test_a_caller_that_leaves_mid_batch_shifts_no_one_elses_reply(
+    redis_url: str, principals: Principals
+) -> None:
+    """A run whose caller is cancelled while its batch waits on Redis still has its reply read
+    (found by a review: the replies after it went to the wrong callers, so a key past its limit
+    was admitted)."""
+
+    async def main() -> None:
+        control = redis.asyncio.Redis.from_url(redis_url)
+        async with limiter(redis_url, Clock(), socket_timeout=5.0) as lim:
+            roomy, full = principals(rpm=1000), principals(rpm=1)
+            await lim.admit(full, "used", 0)  # its one request a minute is spent
+            await lim.admit(roomy, "warm", 0)
+            await control.client_pause(300)  # Redis holds its replies: the batch is in flight
+            a = asyncio.ensure_future(lim.admit(roomy, "a", 0))
+            b = asyncio.ensure_future(lim.admit(roomy, "b", 0))
+            c = asyncio.ensure_future(lim.admit(full, "c", 0))
+            await asyncio.sleep(0.1)
+            a.cancel()
+            assert (await b).counted
+            with pytest.raises(RateLimited):
+                await c
+        await control.aclose()
+
+    run(main)

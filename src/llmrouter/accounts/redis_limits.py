@@ -242,7 +242,8 @@ class _Batch:
     so one pooled connection, one write and one read for the turn's admissions and settlements
     instead of one of each a run. A caller waits for its own reply, or the batch's error, as it
     would for a call of its own; one that is cancelled meanwhile is not waited for, and its script
-    may still run (as a call whose reply was lost may have run).
+    may still run (as a call whose reply was lost may have run). A failed batch (a lost
+    connection, a timeout) fails each of its runs, as their own calls would have failed.
 
     At c1 a run waits one loop turn more than a call of its own would."""
 
@@ -269,39 +270,38 @@ class _Batch:
     async def _send(
         self, batch: list[tuple[AsyncScript, list[Any], list[Any], asyncio.Future[Any]]]
     ) -> None:
+        sent = [entry for entry in batch if not entry[3].done()]  # (not those cancelled already)
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
-                for script, keys, args, reply in batch:
-                    if not reply.done():
-                        pipe.evalsha(script.sha, len(keys), *keys, *args)
-                replies = await pipe.execute(raise_on_error=False) if len(pipe) else []
+                for script, keys, args, _ in sent:
+                    pipe.evalsha(script.sha, len(keys), *keys, *args)
+                replies = await pipe.execute(raise_on_error=False) if sent else []
+            # A reply each, in order, for every run sent, whether or not its caller still waits.
+            for (script, keys, args, reply), answer in zip(sent, replies, strict=True):
+                if isinstance(answer, NoScriptError) and not reply.done():  # scripts flushed
+                    try:
+                        answer = await script(keys=keys, args=args)  # loads it, runs it
+                    except Exception as exc:
+                        answer = exc
+                if reply.done():  # its caller left meanwhile (it gives back what it took)
+                    continue
+                if isinstance(answer, Exception):
+                    reply.set_exception(answer)
+                else:
+                    reply.set_result(answer)
         except BaseException as exc:
             failure = exc if isinstance(exc, Exception) else RedisError("the batch was cancelled")
-            for *_, reply in batch:
+            for *_, reply in sent:
                 if not reply.done():
                     reply.set_exception(failure)
             if not isinstance(exc, Exception):
                 raise
-            return
-        answers = iter(replies)
-        for script, keys, args, reply in batch:
-            if reply.done():  # cancelled before it was sent
-                continue
-            answer = next(answers)
-            if isinstance(answer, NoScriptError):  # Redis restarted or its scripts flushed
-                try:
-                    answer = await script(keys=keys, args=args)  # loads it, runs it
-                except Exception as exc:
-                    answer = exc
-            if reply.done():
-                continue
-            if isinstance(answer, Exception):
-                reply.set_exception(answer)
-            else:
-                reply.set_result(answer)
 
     async def aclose(self) -> None:
-        """Let the batches on their way end (each within the socket timeout)."""
+        """Send what is asked, and let the batches on their way end (each within the socket
+        timeout)."""
+        if self._asked:
+            self._send_asked(asyncio.get_running_loop())
         if self._sending:
             await asyncio.wait(self._sending)
 

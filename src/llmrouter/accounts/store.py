@@ -511,8 +511,8 @@ class SqliteDatabase:
         watch = self._watch
         if watch is None or watch.fresh:
             return
-        watch.fresh = True
         asyncio.get_running_loop().call_soon(watch.stale)  # runs after this turn's callbacks
+        watch.fresh = True
         if (size := _size(watch.marker)) != watch.size:
             watch.size = size
             watch.on_message(None)
