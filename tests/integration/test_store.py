@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sqlite3
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 from unittest.mock import patch
@@ -368,6 +369,25 @@ def test_sqlite_keys_are_cached_until_any_process_changes_them(tmp_path: Path) -
     asyncio.run(main())
 
 
+@contextlib.asynccontextmanager
+async def two_processes(
+    tmp_path: Path, name: str
+) -> AsyncIterator[tuple[Keys, Keys, str, str, Database]]:
+    """One SQLite file's keys as two processes see them: `a` listening, `b` making the changes;
+    a key `name` made by `b` and seen once by `a`; and `b`'s database."""
+    one = await open_database(None, tmp_path)
+    two = await open_database(None, tmp_path)
+    try:
+        a, b = Keys(one, cache_seconds=60), Keys(two, cache_seconds=60)
+        await a.start()
+        key, secret = await b.create(name)
+        await a.authenticate(secret)
+        yield a, b, key.id, secret, two
+    finally:
+        await one.aclose()
+        await two.aclose()
+
+
 def test_sqlite_looks_at_its_marker_once_a_loop_turn(tmp_path: Path) -> None:
     """The marker is read at the first request of a turn of the event loop and not again in that
     turn (a `stat` a request cost a tenth of a request under load). A change announced during a
@@ -375,13 +395,7 @@ def test_sqlite_looks_at_its_marker_once_a_loop_turn(tmp_path: Path) -> None:
     request that arrives after a revocation is refused."""
 
     async def main() -> None:
-        one = await open_database(None, tmp_path)
-        two = await open_database(None, tmp_path)
-        try:
-            a, b = Keys(one, cache_seconds=60), Keys(two, cache_seconds=60)
-            await a.start()
-            key, secret = await b.create("turns")
-            await a.authenticate(secret)
+        async with two_processes(tmp_path, "turns") as (a, _, key_id, secret, two):
             await asyncio.sleep(0)  # a new turn
             with patch("llmrouter.accounts.store.os.stat", wraps=os.stat) as stat:
                 for _ in range(5):
@@ -389,18 +403,15 @@ def test_sqlite_looks_at_its_marker_once_a_loop_turn(tmp_path: Path) -> None:
                 assert stat.call_count == 1
                 # Another process revokes the key and announces it, during this turn...
                 with sqlite3.connect(tmp_path / "llmrouter.sqlite3") as db:
-                    db.execute("UPDATE api_keys SET revoked_at = ? WHERE id = ?", (time.time(), key.id))
+                    db.execute("UPDATE api_keys SET revoked_at = ? WHERE id = ?", (time.time(), key_id))
                 two.changed("llmrouter_keys")
                 # (this turn's requests came in before it)
-                assert (await a.authenticate(secret)).key_id == key.id
+                assert (await a.authenticate(secret)).key_id == key_id
                 assert stat.call_count == 1
                 await asyncio.sleep(0)  # ...and from the next turn on its key is refused
                 with pytest.raises(AuthenticationFailed, match="revoked"):
                     await a.authenticate(secret)
                 assert stat.call_count == 2
-        finally:
-            await one.aclose()
-            await two.aclose()
 
     asyncio.run(main())
 
@@ -463,22 +474,13 @@ def test_a_replaced_marker_file_of_the_same_size_is_still_a_change(tmp_path: Pat
     follows is seen at once all the same (found by a review)."""
 
     async def main() -> None:
-        one = await open_database(None, tmp_path)
-        two = await open_database(None, tmp_path)
-        try:
-            a, b = Keys(one, cache_seconds=60), Keys(two, cache_seconds=60)
-            await a.start()
-            key, secret = await b.create("cached")
-            await a.authenticate(secret)
+        async with two_processes(tmp_path, "cached") as (a, b, key_id, secret, _):
             marker = tmp_path / "llmrouter.sqlite3.llmrouter_keys"
             size = marker.stat().st_size
             marker.unlink()
-            await b.revoke(key.id)  # appends to a new, empty marker: one byte
+            await b.revoke(key_id)  # appends to a new, empty marker: one byte
             marker.write_bytes(b"." * size)  # ...and someone makes it as long as it was
             with pytest.raises(AuthenticationFailed, match="revoked"):
                 await a.authenticate(secret)
-        finally:
-            await one.aclose()
-            await two.aclose()
 
     asyncio.run(main())

@@ -234,22 +234,26 @@ def _limit(value: int | float | None) -> int:
 
 POOL_CONNECTIONS = 64  # to Redis, per server process
 BATCH_MOST = 256  # script runs in one pipeline
+_Run = tuple[AsyncScript, list[Any], list[Any], "asyncio.Future[Any]"]  # script, keys, args, reply
 
 
 class _Batch:
     """The script runs asked for in one turn of the event loop, sent to Redis together: one
-    pipeline (not a transaction: each script is atomic by itself, and runs in the order asked),
-    so one pooled connection, one write and one read for the turn's admissions and settlements
-    instead of one of each a run. A caller waits for its own reply, or the batch's error, as it
-    would for a call of its own; one that is cancelled meanwhile is not waited for, and its script
-    may still run (as a call whose reply was lost may have run). A failed batch (a lost
+    pipeline (not a transaction: each script is atomic by itself; a pipeline runs them in the
+    order asked, though the pipelines of a turn past `BATCH_MOST` and the runs again after a
+    NOSCRIPT are not ordered with the rest), so one pooled connection, one write and one read
+    for the turn's admissions and settlements instead of one of each a run. A caller waits for its
+    own reply, or the batch's error, as it would for a call of its own; one that is cancelled
+    meanwhile is not waited for, and its script may still run (as a call whose reply was lost may
+    have run). A failed batch (a lost
     connection, a timeout) fails each of its runs, as their own calls would have failed.
 
-    At c1 a run waits one loop turn more than a call of its own would."""
+    At c1 a run waits two loop turns more than a call of its own would (the batch's callback,
+    then its task): measured, c1 is as fast as before (bench/README.md)."""
 
     def __init__(self, redis: Redis) -> None:
         self._redis = redis
-        self._asked: list[tuple[AsyncScript, list[Any], list[Any], asyncio.Future[Any]]] = []
+        self._asked: list[_Run] = []
         self._sending: set[asyncio.Task[None]] = set()
 
     def run(self, script: AsyncScript, keys: list[Any], args: list[Any]) -> asyncio.Future[Any]:
@@ -267,9 +271,7 @@ class _Batch:
             self._sending.add(task)
             task.add_done_callback(self._sending.discard)
 
-    async def _send(
-        self, batch: list[tuple[AsyncScript, list[Any], list[Any], asyncio.Future[Any]]]
-    ) -> None:
+    async def _send(self, batch: list[_Run]) -> None:
         sent = [entry for entry in batch if not entry[3].done()]  # (not those cancelled already)
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
@@ -330,7 +332,8 @@ class RedisLimiter:
         # one short timeout at most.
         # No retries inside the client: a failure may come after the script ran (a reply lost
         # with its connection), and running it again would count the request twice. After a Redis
-        # restart, each stale pooled connection fails one request (open or closed, as configured).
+        # restart, each stale pooled connection fails the runs sent through it (one call, or one
+        # turn's batch), each open or closed as configured.
         # A bounded pool that waits for a free connection (within the same timeout) rather than
         # raise: redis-py's default pool refuses the 101st concurrent command ("Too many
         # connections"), which here would refuse (or admit unchecked) a burst of requests. Redis
