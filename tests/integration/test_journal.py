@@ -97,8 +97,8 @@ def test_a_dead_process_journal_is_replayed_once_by_the_next_open(
 
     async def first(db: Database) -> None:
         j = journal_of(db)
-        for i in ids:
-            j.append(record(i).row())
+        landings = [j.append(record(i).row())[1] for i in ids]
+        assert await asyncio.gather(*landings) == [None] * 30  # the turn's write: in the file
         await db.insert_rows("ledger", COLUMNS, [record(i).row() for i in ids[:10]], key="request_id")
         # Killed: the file stays, its lock goes with the process (here: the descriptor).
         for segment in j._segments:
@@ -133,7 +133,7 @@ def test_a_live_process_journal_is_left_alone(opener: Opener) -> None:
 def test_a_record_cut_by_the_kill_is_skipped(tmp_path: Path) -> None:
     async def work(db: Database) -> None:
         j = journal_of(db)
-        j.append(record("cmpl-whole").row())
+        assert await j.append(record("cmpl-whole").row())[1] is None
         os.write(j._segments[-1].fd, b'["cmpl-cut", "key:abc", nu')  # killed inside a write
         for segment in j._segments:
             os.close(segment.fd)
@@ -223,6 +223,62 @@ def test_a_journal_that_cannot_be_written_falls_back_to_the_database(
         ledger.start()
         await ledger.commit(record("cmpl-a"))
         assert await count(db) == 1 and errors == [1]  # waited for the database instead
+        await ledger.aclose()
+
+    run(lambda: open_database(None, tmp_path), work)
+
+
+def test_a_failed_turn_write_makes_its_answers_wait_for_the_database(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def work(db: Database) -> None:
+        stalled = StalledDatabase(db)
+        j = journal_of(db)
+
+        def full_disk(fd: int, data: Any) -> int:
+            raise OSError(28, "No space left on device")
+
+        errors: list[int] = []
+        ledger = Ledger(stalled, journal=j, on_write_error=lambda: errors.append(1))  # type: ignore[arg-type]
+        ledger.start()
+        monkeypatch.setattr(journal_module.os, "write", full_disk)
+        commits = asyncio.gather(*(ledger.commit(record(f"cmpl-{n}")) for n in range(5)))
+        await asyncio.sleep(0.05)
+        assert not commits.done()  # not in the journal: they wait for the database
+        assert errors == [1]  # (one write failed, for the five)
+        stalled.go.set()
+        await asyncio.wait_for(commits, 5)
+        assert await count(db) == 5
+        monkeypatch.undo()
+        await ledger.aclose()
+
+    run(lambda: open_database(None, tmp_path), work)
+
+
+def test_the_records_of_a_loop_turn_go_to_the_journal_in_one_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writes: list[int] = []
+    real_write = os.write
+
+    def counting(fd: int, data: Any) -> int:
+        writes.append(fd)
+        return real_write(fd, data)
+
+    async def work(db: Database) -> None:
+        ledger = Ledger(db, journal=journal_of(db))
+        ledger.start()
+        monkeypatch.setattr(journal_module.os, "write", counting)
+        ids = [f"cmpl-{n}" for n in range(20)]
+        await asyncio.gather(*(ledger.commit(record(i)) for i in ids))  # one turn's answers
+        assert len(writes) == 1
+        (path,) = files(db)
+        assert sorted(line.split(b'"')[1] for line in path.read_bytes().splitlines()[1:]) == sorted(
+            i.encode() for i in ids
+        )  # every record whole, and each once
+        await ledger.commit(record("cmpl-later"))  # a later turn: a write of its own
+        assert len(writes) == 2
+        monkeypatch.undo()
         await ledger.aclose()
 
     run(lambda: open_database(None, tmp_path), work)
@@ -320,10 +376,10 @@ def test_after_a_short_write_the_next_record_is_whole(
             raise OSError(28, "No space left on device")
 
         monkeypatch.setattr(journal_module.os, "write", short)
-        with pytest.raises(OSError, match="No space left"):
-            j.append(record("cmpl-lost").row())  # (its answer waits for the database instead)
+        failure = await j.append(record("cmpl-lost").row())[1]  # (its answer waits for the database)
+        assert isinstance(failure, OSError) and "No space left" in str(failure)
         monkeypatch.setattr(journal_module.os, "write", real_write)
-        j.append(record("cmpl-kept").row())
+        assert await j.append(record("cmpl-kept").row())[1] is None
         for segment in j._segments:  # killed
             os.close(segment.fd)
         assert await replay(db.journal_folder, db, **LEDGER) == 1

@@ -4,10 +4,12 @@ A response's last bytes wait for its record. Waiting for a database commit (a th
 an fsync, a network round trip for PostgreSQL) would put the disk's tail into every answer's
 latency; a `write` to a file in the page cache costs a few microseconds, and what it wrote
 survives the process being killed (`kill -9`, an OOM kill, a crash), because it is the kernel's
-now. So the event loop appends each record to this process's journal file with one `write`, the
-ledger's writer moves records into the database in batches as before, and a journal file whose
-records are all in the database is deleted. Whatever a dead process left is put into the database
-by the next process that opens it (`replay`), idempotently: the insert skips request ids it has.
+now. So the event loop appends each record to this process's journal file, the records of one
+turn of the loop with one `write` at the turn's end (their responses wait for it: a group commit
+that costs a loop turn, not a timer), the ledger's writer moves records into the database in
+batches as before, and a journal file whose records are all in the database is deleted.
+Whatever a dead process left is put into the database by the next process that opens it
+(`replay`), idempotently: the insert skips request ids it has.
 
 A power cut is another matter: the page cache is lost with it. `sync` decides:
 - `normal`: the journal is fdatasync'ed once a second while it holds records the database has not
@@ -31,7 +33,7 @@ import fcntl
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,6 +93,9 @@ class Journal:
         self._written = 0  # records written, in all
         self._synced = 0  # of those, the first `_synced` are fdatasync'ed
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._held: list[bytes] = []  # this turn's records, for the last segment, not written yet
+        self._landing: asyncio.Future[OSError | None] | None = None  # done when they are
+        self.on_error: Callable[[OSError], None] = lambda exc: None  # a turn's write failed
         self._sync_task: asyncio.Task[None] | None = None
         self._wakeup: asyncio.Event | None = None
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -102,31 +107,53 @@ class Journal:
 
     # -- the event loop's side ------------------------------------------------------------------
 
-    def append(self, row: Sequence[Any]) -> Segment:
-        """Write one record (one `write`, whole, or an OSError); the segment it is in."""
+    def append(self, row: Sequence[Any]) -> tuple[Segment, asyncio.Future[OSError | None]]:
+        """Add one record to this loop turn's write, which goes to the file with one `write` at
+        the turn's end (`write`); the segment it goes to, and that write's future: None once it
+        is in the file, or the OSError that kept it out (the file is then cut back to its last
+        whole record). An OSError here (a closed journal, no new file) means not journaled."""
         if not self._segments:
             raise OSError("the ledger's journal is closed")
         segment = self._segments[-1]
         if segment.size >= _SEGMENT_BYTES or segment.broken:
+            self.write()  # what the turn holds goes to the old file, the rest to the new one
             segment = self._rotate()
-        line = _encode(row) + b"\n"
-        try:
-            _write_all(segment.fd, line)
-        except OSError:
-            # Part of the line may be in the file (a disk filling up): cut it off, so that the
-            # next record starts a line of its own; if that fails too, the next goes elsewhere.
-            try:
-                os.ftruncate(segment.fd, segment.size)
-            except OSError:
-                segment.broken = True
-            raise
-        segment.size += len(line)
+        self._held.append(_encode(row) + b"\n")
         segment.outstanding += 1
-        segment.dirty = True
-        self._written += 1
-        if self._sync == "normal" and self._wakeup is not None and not self._wakeup.is_set():
-            self._wakeup.set()
-        return segment
+        landing = self._landing
+        if landing is None:
+            loop = asyncio.get_running_loop()
+            landing = self._landing = loop.create_future()
+            loop.call_soon(self.write)
+        return segment, landing
+
+    def write(self) -> None:
+        """Write the records held (one `write`, whole, or none of it) and settle their future."""
+        landing, self._landing = self._landing, None
+        lines, self._held = self._held, []
+        failure: OSError | None = None
+        if lines:
+            segment = self._segments[-1]
+            data = b"".join(lines)
+            try:
+                _write_all(segment.fd, data)
+            except OSError as exc:
+                failure = exc
+                # Part of it may be in the file (a disk filling up): cut it off, so that the next
+                # record starts a line of its own; if that fails too, the next goes elsewhere.
+                try:
+                    os.ftruncate(segment.fd, segment.size)
+                except OSError:
+                    segment.broken = True
+                self.on_error(exc)
+            else:
+                segment.size += len(data)
+                segment.dirty = True
+                self._written += len(lines)
+                if self._sync == "normal" and self._wakeup is not None and not self._wakeup.is_set():
+                    self._wakeup.set()
+        if landing is not None and not landing.done():
+            landing.set_result(failure)
 
     @property
     def unsynced(self) -> bool:
@@ -157,6 +184,8 @@ class Journal:
         they stay, unlocked, for the next process to replay."""
         if self._sync_task is not None:
             self._sync_task.cancel()
+        if self._segments:
+            self.write()  # (what this turn holds: its responses are waiting for it)
         for segment in self._segments:
             if drained and segment.outstanding == 0:
                 self._retire(segment)

@@ -2,11 +2,12 @@
 
 A response's last bytes wait for its record to be durable, so a client that received a whole
 response can trust that it was recorded, even if the server is killed the next moment. With a
-journal (the server's way, journal.py) durable means written to this process's journal file, one
-`write` on the event loop; without one (or when the journal cannot be written), committed to the
-database. Records go into the database off the request path, by one writer task, in batches
-(group commit): whatever has arrived while the previous batch was committing goes in the next
-transaction, and no timer adds latency when the server is idle. The insert is idempotent on the
+journal (the server's way, journal.py) durable means written to this process's journal file (one
+`write` on the event loop for the records of a loop turn); without one (or when the journal
+cannot be written), committed to the database. Records go into the database off the request
+path, by one writer task, in batches (group commit): whatever has arrived while the previous
+batch was committing goes in the next transaction, and no timer adds latency when the server is
+idle. The insert is idempotent on the
 request id: a batch retried after an ambiguous failure, or replayed from a journal, never writes a
 record twice. A store that is down is retried with backoff, records kept in memory (and in the
 journal); a response that waits for the database waits at most `durable_timeout` seconds, and then
@@ -172,6 +173,8 @@ class Ledger:
         self._writer: asyncio.Task[None] | None = None
         self._closing = False
         self._journal_warned = 0.0
+        if journal is not None:
+            journal.on_error = self._journal_failed
 
     @property
     def pending(self) -> int:
@@ -192,14 +195,15 @@ class Ledger:
     def submit(self, record: Record) -> asyncio.Future[None]:
         """Queue a record (journaled, where there is a journal); the future is done when it is
         in the database."""
-        return self._queue(record, *self._journaled(record))
+        segment, row, _ = self._journaled(record)  # (if its write fails, nobody is waiting)
+        return self._queue(record, segment, row)
 
     async def commit(self, record: Record) -> None:
         """Queue a record and wait until it is durable: journaled (and, with `sync: full`,
         fdatasync'ed), else in the database (or the durability timeout passes)."""
-        segment, row = self._journaled(record)
+        segment, row, landing = self._journaled(record)
         done = self._queue(record, segment, row)
-        if segment is not None:
+        if landing is not None and await landing is None:  # (this turn's write: in the file)
             assert self._journal is not None
             if not self._journal.unsynced:  # (no `wait_for`: its task and timer cost a request)
                 return
@@ -211,6 +215,8 @@ class Ledger:
                     extra={"fields": {"request_id": record.request_id}},
                 )
             return
+        if landing is not None:  # its write failed: it waits for the database instead
+            self._hurry.set()
         try:
             await asyncio.wait_for(asyncio.shield(done), self._durable_timeout)
         except TimeoutError:
@@ -230,20 +236,29 @@ class Ledger:
                 wait = self._durable_timeout if patience is None else patience
                 await asyncio.wait_for(asyncio.shield(last), wait)
 
-    def _journaled(self, record: Record) -> tuple[Segment | None, tuple[Any, ...] | None]:
+    def _journaled(
+        self, record: Record
+    ) -> tuple[Segment | None, tuple[Any, ...] | None, asyncio.Future[OSError | None] | None]:
+        """The record added to this turn's journal write: its segment, its row, the write's
+        future (None and None if it cannot be journaled at all)."""
         journal = self._journal
         if journal is None:
-            return None, None
+            return None, None, None
         row = record.row()
         try:
-            return journal.append(row), row
-        except OSError as exc:  # a full or failing disk: the database's commit is waited for
-            self._on_write_error()
-            now = time.monotonic()
-            if now - self._journal_warned > 60:
-                self._journal_warned = now
-                log.error("cannot write the ledger's journal (%s): answers wait for the database", exc)
-            return None, row
+            segment, landing = journal.append(row)
+        except OSError as exc:
+            self._journal_failed(exc)
+            return None, row, None
+        return segment, row, landing
+
+    def _journal_failed(self, exc: OSError) -> None:
+        """A full or failing disk: the answers concerned wait for the database's commit."""
+        self._on_write_error()
+        now = time.monotonic()
+        if now - self._journal_warned > 60:
+            self._journal_warned = now
+            log.error("cannot write the ledger's journal (%s): answers wait for the database", exc)
 
     def _queue(
         self, record: Record, segment: Segment | None, row: tuple[Any, ...] | None = None
