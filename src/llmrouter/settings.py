@@ -436,10 +436,11 @@ class AccountSettings(Struct, frozen=True, forbid_unknown_fields=True):
     # Ledger writes: at most this many records a batch into the database.
     ledger_batch_max: Annotated[int, Meta(ge=1)] = 512
     # A response's last bytes wait for its record to be written to the server's journal (one
-    # `write` for the records of a turn of the event loop: it survives the process being killed). `normal`: the journal is fdatasync'ed once
-    # a second, so a power cut loses at most about the last second's records; `full`: each
-    # response also waits for an fdatasync covering its record (shared by concurrent ones), so a
-    # power cut loses nothing a client received. The database's commits are always synchronous.
+    # `write` for the records of a turn of the event loop: it survives the process being
+    # killed). `normal`: the journal is fdatasync'ed once a second, so a power cut loses at most
+    # about the last second's records; `full`: each response also waits for an fdatasync
+    # covering its record (shared by concurrent ones), so a power cut loses nothing a client
+    # received. The database's commits are always synchronous.
     ledger_sync: Literal["full", "normal"] = "normal"
     # While the store is down, an answer waits this long for its record, then goes out anyway
     # (with a warning; the record stays queued in memory and is written when the store is back).

@@ -261,12 +261,17 @@ def test_the_records_of_a_loop_turn_go_to_the_journal_in_one_write(
     writes: list[int] = []
     real_write = os.write
 
+    journal_fds: set[int] = set()
+
     def counting(fd: int, data: Any) -> int:
-        writes.append(fd)
+        if fd in journal_fds:
+            writes.append(fd)
         return real_write(fd, data)
 
     async def work(db: Database) -> None:
-        ledger = Ledger(db, journal=journal_of(db))
+        j = journal_of(db)
+        journal_fds.update(segment.fd for segment in j._segments)
+        ledger = Ledger(db, journal=j)
         ledger.start()
         monkeypatch.setattr(journal_module.os, "write", counting)
         ids = [f"cmpl-{n}" for n in range(20)]
@@ -280,6 +285,67 @@ def test_the_records_of_a_loop_turn_go_to_the_journal_in_one_write(
         assert len(writes) == 2
         monkeypatch.undo()
         await ledger.aclose()
+
+    run(lambda: open_database(None, tmp_path), work)
+
+
+def test_a_commit_cancelled_in_its_turn_leaves_the_others_of_that_turn_alone(tmp_path: Path) -> None:
+    """A turn's commits share its write: one client leaving (its handler cancelled) must not
+    cancel the others' (found by a review)."""
+
+    async def work(db: Database) -> None:
+        ledger = Ledger(db, journal=journal_of(db))
+        ledger.start()
+        a = asyncio.ensure_future(ledger.commit(record("cmpl-a")))
+        b = asyncio.ensure_future(ledger.commit(record("cmpl-b")))
+        await asyncio.sleep(0)  # both wait for the turn's write now
+        a.cancel()
+        results = await asyncio.gather(a, b, return_exceptions=True)
+        assert isinstance(results[0], asyncio.CancelledError) and results[1] is None
+        await ledger.commit(record("cmpl-c"))  # and the next turn's commits are not affected
+        await ledger.flush()
+        assert await count(db) == 3  # the cancelled one's record is kept: it was queued
+        await ledger.aclose()
+
+    run(lambda: open_database(None, tmp_path), work)
+
+
+def test_a_record_whose_write_failed_goes_to_the_database_without_gathering(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nobody waits for a `submit`ted record (a client that left), but once its journal write has
+    failed it is only in memory: the writer takes it at once, not after gathering others."""
+
+    def full_disk(fd: int, data: Any) -> int:
+        raise OSError(28, "No space left on device")
+
+    async def work(db: Database) -> None:
+        ledger = Ledger(db, journal=journal_of(db), gather_seconds=30.0)
+        ledger.start()
+        monkeypatch.setattr(journal_module.os, "write", full_disk)
+        done = ledger.submit(record("cmpl-left"))
+        await asyncio.wait_for(done, 10)  # (a gather would take 30 s)
+        monkeypatch.undo()
+        assert await count(db) == 1
+        await ledger.aclose()
+
+    run(lambda: open_database(None, tmp_path), work)
+
+
+def test_closing_writes_and_syncs_what_the_turn_holds(tmp_path: Path) -> None:
+    async def work(db: Database) -> None:
+        j = journal_of(db, "full")
+        j.start()
+        _, landing = j.append(record("cmpl-held").row())
+
+        async def commit() -> None:
+            assert await landing is None
+            await j.synced()
+
+        waiting = asyncio.ensure_future(commit())
+        j.close(drained=False)  # in the same turn: the record was only held
+        await asyncio.wait_for(waiting, 2)  # written, fdatasync'ed by close: nobody waits on
+        assert await replay(db.journal_folder, db, **LEDGER) == 1
 
     run(lambda: open_database(None, tmp_path), work)
 

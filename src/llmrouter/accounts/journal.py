@@ -68,7 +68,7 @@ class Segment:
     path: Path
     fd: int
     size: int = 0
-    outstanding: int = 0  # records written here that the database has not committed yet
+    outstanding: int = 0  # records for this file (written, held, or failed to be) not in the database
     dirty: bool = False  # written since its last fdatasync
     broken: bool = False  # a failed write could not be cut off: no more records here
     closed: bool = field(default=False, repr=False)
@@ -121,7 +121,7 @@ class Journal:
         self._held.append(_encode(row) + b"\n")
         segment.outstanding += 1
         landing = self._landing
-        if landing is None:
+        if landing is None or landing.done():
             loop = asyncio.get_running_loop()
             landing = self._landing = loop.create_future()
             loop.call_soon(self.write)
@@ -132,28 +132,33 @@ class Journal:
         landing, self._landing = self._landing, None
         lines, self._held = self._held, []
         failure: OSError | None = None
-        if lines:
-            segment = self._segments[-1]
-            data = b"".join(lines)
+        try:
+            if lines:
+                failure = self._write_lines(b"".join(lines), len(lines))
+        finally:  # (whatever happens, no commit waits forever)
+            if landing is not None and not landing.done():
+                landing.set_result(failure)
+        if failure is not None:
+            self.on_error(failure)
+
+    def _write_lines(self, data: bytes, count: int) -> OSError | None:
+        segment = self._segments[-1]
+        try:
+            _write_all(segment.fd, data)
+        except OSError as exc:
+            # Part of it may be in the file (a disk filling up): cut it off, so that the next
+            # record starts a line of its own; if that fails too, the next goes elsewhere.
             try:
-                _write_all(segment.fd, data)
-            except OSError as exc:
-                failure = exc
-                # Part of it may be in the file (a disk filling up): cut it off, so that the next
-                # record starts a line of its own; if that fails too, the next goes elsewhere.
-                try:
-                    os.ftruncate(segment.fd, segment.size)
-                except OSError:
-                    segment.broken = True
-                self.on_error(exc)
-            else:
-                segment.size += len(data)
-                segment.dirty = True
-                self._written += len(lines)
-                if self._sync == "normal" and self._wakeup is not None and not self._wakeup.is_set():
-                    self._wakeup.set()
-        if landing is not None and not landing.done():
-            landing.set_result(failure)
+                os.ftruncate(segment.fd, segment.size)
+            except OSError:
+                segment.broken = True
+            return exc
+        segment.size += len(data)  # (a turn's records may take a file a little past its size)
+        segment.dirty = True
+        self._written += count
+        if self._sync == "normal" and self._wakeup is not None and not self._wakeup.is_set():
+            self._wakeup.set()
+        return None
 
     @property
     def unsynced(self) -> bool:
@@ -186,15 +191,24 @@ class Journal:
             self._sync_task.cancel()
         if self._segments:
             self.write()  # (what this turn holds: its responses are waiting for it)
+        synced = True
         for segment in self._segments:
             if drained and segment.outstanding == 0:
                 self._retire(segment)
             elif not segment.closed:
-                with contextlib.suppress(OSError):
+                try:
                     os.fdatasync(segment.fd)
+                except OSError:
+                    synced = False
                 os.close(segment.fd)
                 segment.closed = True
         self._segments = []
+        if synced:  # (`sync: full`: who waits for an fdatasync has had it)
+            self._synced = self._written
+            for _, done in self._waiters:
+                if not done.done():
+                    done.set_result(None)
+            self._waiters = []
         self._syncer.shutdown(wait=False)
 
     # -- files ------------------------------------------------------------------------------------

@@ -113,6 +113,14 @@ def _entry_order(entry: _Entry) -> tuple[int, str, str, str, str]:
     return _rollup_order(entry[0])
 
 
+def _in_journal(entry: _Entry) -> bool:
+    """Whether an entry's record is in the journal (or on its way there this turn)."""
+    landing = entry[4]
+    if entry[2] is None or landing is None:
+        return entry[2] is not None
+    return not landing.done() or landing.cancelled() or landing.result() is None
+
+
 def _rollup_order(r: Record) -> tuple[int, str, str, str, str]:
     """A record's rollup row (store.py's usage_hourly key), near enough to order by: records of
     one rollup row sort together, rows in one total order."""
@@ -141,9 +149,11 @@ class Total(msgspec.Struct):
     cost: float
 
 
-# A record, done when it is in the database, the journal segment it is in (if it is), and its row
-# as the journal has it (written once, used twice).
-_Entry = tuple[Record, asyncio.Future[None], Segment | None, tuple[Any, ...] | None]
+# A record, done when it is in the database; the journal segment it went to (if it did), its row
+# as the journal has it (encoded once, used twice), and its loop turn's write to the journal
+# (None once written, else the error that kept it out).
+_Landing = asyncio.Future[OSError | None]
+_Entry = tuple[Record, asyncio.Future[None], Segment | None, tuple[Any, ...] | None, _Landing | None]
 
 
 class Ledger:
@@ -195,15 +205,15 @@ class Ledger:
     def submit(self, record: Record) -> asyncio.Future[None]:
         """Queue a record (journaled, where there is a journal); the future is done when it is
         in the database."""
-        segment, row, _ = self._journaled(record)  # (if its write fails, nobody is waiting)
-        return self._queue(record, segment, row)
+        return self._queue(record, *self._journaled(record))
 
     async def commit(self, record: Record) -> None:
         """Queue a record and wait until it is durable: journaled (and, with `sync: full`,
         fdatasync'ed), else in the database (or the durability timeout passes)."""
         segment, row, landing = self._journaled(record)
-        done = self._queue(record, segment, row)
-        if landing is not None and await landing is None:  # (this turn's write: in the file)
+        done = self._queue(record, segment, row, landing)
+        # (shielded: the turn's write is every commit's of that turn, not this one's to cancel)
+        if landing is not None and await asyncio.shield(landing) is None:  # in the file
             assert self._journal is not None
             if not self._journal.unsynced:  # (no `wait_for`: its task and timer cost a request)
                 return
@@ -215,8 +225,6 @@ class Ledger:
                     extra={"fields": {"request_id": record.request_id}},
                 )
             return
-        if landing is not None:  # its write failed: it waits for the database instead
-            self._hurry.set()
         try:
             await asyncio.wait_for(asyncio.shield(done), self._durable_timeout)
         except TimeoutError:
@@ -238,9 +246,9 @@ class Ledger:
 
     def _journaled(
         self, record: Record
-    ) -> tuple[Segment | None, tuple[Any, ...] | None, asyncio.Future[OSError | None] | None]:
-        """The record added to this turn's journal write: its segment, its row, the write's
-        future (None and None if it cannot be journaled at all)."""
+    ) -> tuple[Segment | None, tuple[Any, ...] | None, _Landing | None]:
+        """The record added to this turn's journal write: its segment, its row, and the write's
+        future (no segment and no future if it cannot be journaled at all)."""
         journal = self._journal
         if journal is None:
             return None, None, None
@@ -253,7 +261,9 @@ class Ledger:
         return segment, row, landing
 
     def _journal_failed(self, exc: OSError) -> None:
-        """A full or failing disk: the answers concerned wait for the database's commit."""
+        """A full or failing disk: the records concerned go to the database now, and their
+        answers wait for its commit."""
+        self._hurry.set()
         self._on_write_error()
         now = time.monotonic()
         if now - self._journal_warned > 60:
@@ -261,10 +271,14 @@ class Ledger:
             log.error("cannot write the ledger's journal (%s): answers wait for the database", exc)
 
     def _queue(
-        self, record: Record, segment: Segment | None, row: tuple[Any, ...] | None = None
+        self,
+        record: Record,
+        segment: Segment | None,
+        row: tuple[Any, ...] | None = None,
+        landing: _Landing | None = None,
     ) -> asyncio.Future[None]:
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.append((record, done, segment, row))
+        self._pending.append((record, done, segment, row, landing))
         self._last = done
         self._wakeup.set()
         if segment is None or len(self._pending) >= self._batch_max:
@@ -272,7 +286,7 @@ class Ledger:
         return done
 
     def _journaled_only(self) -> bool:
-        return not self._closing and all(entry[2] is not None for entry in self._pending)
+        return not self._closing and all(_in_journal(entry) for entry in self._pending)
 
     async def _write_forever(self) -> None:
         while True:
@@ -303,7 +317,7 @@ class Ledger:
                 # In the order of the rollup rows their trigger updates: two writers (replicas on
                 # one PostgreSQL) then take those rows' locks in one order, and never deadlock.
                 ordered = sorted(batch, key=_entry_order)
-                rows = [row if row is not None else record.row() for record, _, _, row in ordered]
+                rows = [row if row is not None else record.row() for record, _, _, row, _ in ordered]
                 await self._db.insert_rows("ledger", _COLUMNS, rows, key="request_id")
                 break
             except StoreError as exc:
@@ -325,8 +339,8 @@ class Ledger:
 
     def _written(self, batch: list[_Entry]) -> None:
         if self._journal is not None:
-            self._journal.committed([segment for _, _, segment, _ in batch if segment is not None])
-        for _, done, _, _ in batch:
+            self._journal.committed([segment for _, _, segment, _, _ in batch if segment is not None])
+        for _, done, _, _, _ in batch:
             if not done.done():
                 done.set_result(None)
 
@@ -354,10 +368,12 @@ class Ledger:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._writer
         if self._pending:
+            kept = sum(_in_journal(entry) for entry in self._pending)
             log.error(
-                "the ledger closed with %d records unwritten%s",
+                "the ledger closed with %d records unwritten; %d of them are in its journal, "
+                "for the next start",
                 len(self._pending),
-                "; they are in its journal, for the next start" if self._journal else "",
+                kept,
             )
         if self._journal is not None:
             self._journal.close(drained=not self._pending and not self._writing)
@@ -365,7 +381,7 @@ class Ledger:
     # -- reading ---------------------------------------------------------------------------------
 
     async def get(self, request_id: str) -> Record | None:
-        for record, _, _, _ in itertools.chain(self._writing, self._pending):
+        for record, _, _, _, _ in itertools.chain(self._writing, self._pending):
             if record.request_id == request_id:
                 return record  # answered, not in the database yet
         row = await self._db.fetchone(f"{_SELECT} WHERE request_id = ?", request_id)
