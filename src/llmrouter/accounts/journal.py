@@ -94,7 +94,8 @@ class Journal:
         self._synced = 0  # of those, the first `_synced` are fdatasync'ed
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._held: list[bytes] = []  # this turn's records, for the last segment, not written yet
-        self._landing: asyncio.Future[OSError | None] | None = None  # done when they are
+        self._landings: list[asyncio.Future[OSError | None]] = []  # theirs, each done when written
+        self._write_soon = False  # the turn's write is scheduled
         self.on_error: Callable[[OSError], None] = lambda exc: None  # a turn's write failed
         self._sync_task: asyncio.Task[None] | None = None
         self._wakeup: asyncio.Event | None = None
@@ -109,7 +110,7 @@ class Journal:
 
     def append(self, row: Sequence[Any]) -> tuple[Segment, asyncio.Future[OSError | None]]:
         """Add one record to this loop turn's write, which goes to the file with one `write` at
-        the turn's end (`write`); the segment it goes to, and that write's future: None once it
+        the turn's end (`write`); the segment it goes to, and a future of its own: None once it
         is in the file, or the OSError that kept it out (the file is then cut back to its last
         whole record). An OSError here (a closed journal, no new file) means not journaled."""
         if not self._segments:
@@ -118,26 +119,29 @@ class Journal:
         if segment.size >= _SEGMENT_BYTES or segment.broken:
             self.write()  # what the turn holds goes to the old file, the rest to the new one
             segment = self._rotate()
+        loop = asyncio.get_running_loop()
+        landing: asyncio.Future[OSError | None] = loop.create_future()
         self._held.append(_encode(row) + b"\n")
+        self._landings.append(landing)
         segment.outstanding += 1
-        landing = self._landing
-        if landing is None or landing.done():
-            loop = asyncio.get_running_loop()
-            landing = self._landing = loop.create_future()
+        if not self._write_soon:
+            self._write_soon = True
             loop.call_soon(self.write)
         return segment, landing
 
     def write(self) -> None:
-        """Write the records held (one `write`, whole, or none of it) and settle their future."""
-        landing, self._landing = self._landing, None
+        """Write the records held (one `write`, whole, or none of it) and settle their futures."""
+        self._write_soon = False
         lines, self._held = self._held, []
+        landings, self._landings = self._landings, []
         failure: OSError | None = None
         try:
             if lines:
                 failure = self._write_lines(b"".join(lines), len(lines))
         finally:  # (whatever happens, no commit waits forever)
-            if landing is not None and not landing.done():
-                landing.set_result(failure)
+            for landing in landings:
+                if not landing.done():  # (a commit cancelled meanwhile cancelled its own)
+                    landing.set_result(failure)
         if failure is not None:
             self.on_error(failure)
 

@@ -212,8 +212,7 @@ class Ledger:
         fdatasync'ed), else in the database (or the durability timeout passes)."""
         segment, row, landing = self._journaled(record)
         done = self._queue(record, segment, row, landing)
-        # (shielded: the turn's write is every commit's of that turn, not this one's to cancel)
-        if landing is not None and await asyncio.shield(landing) is None:  # in the file
+        if landing is not None and await landing is None:  # (this turn's write: in the file)
             assert self._journal is not None
             if not self._journal.unsynced:  # (no `wait_for`: its task and timer cost a request)
                 return
