@@ -17,7 +17,7 @@ import pytest
 
 from llmrouter.accounts import journal as journal_module
 from llmrouter.accounts.journal import Journal, replay
-from llmrouter.accounts.ledger import COLUMNS, Ledger
+from llmrouter.accounts.ledger import COLUMNS, GATHER_SECONDS, Ledger
 from llmrouter.accounts.store import Database, open_database
 from tests.conftest import PG_URL
 from tests.integration.test_store import Opener, record, run
@@ -366,8 +366,8 @@ def test_a_file_being_made_is_not_replayed(tmp_path: Path) -> None:
 
 
 def test_journaled_records_are_gathered_into_fewer_transactions(tmp_path: Path) -> None:
-    """Nobody waits for a journaled record's commit, so a quiet server's writer gathers about
-    10 ms of them into one transaction instead of committing each request alone."""
+    """Nobody waits for a journaled record's commit, so the writer gathers about 100 ms of them
+    into one transaction instead of committing each request alone."""
     from tests.integration.test_store import CountingDatabase
 
     async def work(db: Database) -> None:
@@ -381,6 +381,31 @@ def test_journaled_records_are_gathered_into_fewer_transactions(tmp_path: Path) 
         assert sum(counting.batches) == 40 and len(counting.batches) <= 20
         await ledger.aclose()
         assert await count(db) == 40
+
+    run(lambda: open_database(None, tmp_path), work)
+
+
+def test_another_process_sees_a_journaled_record_within_the_gather(tmp_path: Path) -> None:
+    """The README's bound: a record is in the database about `GATHER_SECONDS` (100 ms) after its
+    answer, plus the commit's time; not before, since nobody waits for it."""
+    assert GATHER_SECONDS == 0.1
+
+    async def work(db: Database) -> None:
+        ledger = Ledger(db, journal=journal_of(db))
+        ledger.start()
+        began = asyncio.get_running_loop().time()
+        await ledger.commit(record("cmpl-seen"))  # answered
+        other = await open_database(None, tmp_path)  # (another process's view: its own reads)
+        try:
+            await asyncio.sleep(GATHER_SECONDS / 2)
+            assert await count(other) == 0  # still gathering
+            while await count(other) == 0:
+                await asyncio.sleep(0.005)
+            seen = asyncio.get_running_loop().time() - began
+            assert GATHER_SECONDS <= seen < GATHER_SECONDS + 1.0  # (+ the commit, on a busy machine)
+        finally:
+            await other.aclose()
+        await ledger.aclose()
 
     run(lambda: open_database(None, tmp_path), work)
 
