@@ -385,6 +385,35 @@ def test_journaled_records_are_gathered_into_fewer_transactions(tmp_path: Path) 
     run(lambda: open_database(None, tmp_path), work)
 
 
+def test_under_steady_traffic_the_writer_still_gathers(tmp_path: Path) -> None:
+    """Records that come while a transaction commits wait for the next gather too, so a server
+    under steady traffic commits about once a `GATHER_SECONDS`, not back to back (strace found
+    141 WAL fsyncs a second at c1: each commit took the few records of the one before)."""
+    from tests.integration.test_store import CountingDatabase
+
+    class SlowCommits(CountingDatabase):
+        async def insert_rows(self, *args: Any, **kwargs: Any) -> None:
+            await asyncio.sleep(0.005)  # (an fsync's time)
+            await super().insert_rows(*args, **kwargs)
+
+    async def work(db: Database) -> None:
+        slow = SlowCommits(db)
+        ledger = Ledger(slow, journal=journal_of(db))  # type: ignore[arg-type]
+        ledger.start()
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        for n in range(150):  # a request every 2 ms or so
+            await ledger.commit(record(f"cmpl-{n}"))
+            await asyncio.sleep(0.002)
+        elapsed = loop.time() - began
+        await ledger.flush()
+        assert sum(slow.batches) == 150
+        assert len(slow.batches) <= elapsed / GATHER_SECONDS + 2, (elapsed, slow.batches)
+        await ledger.aclose()
+
+    run(lambda: open_database(None, tmp_path), work)
+
+
 def test_another_process_sees_a_journaled_record_within_the_gather(tmp_path: Path) -> None:
     """The README's bound: a record is in the database about `GATHER_SECONDS` (100 ms) after its
     answer, plus the commit's time; not before, since nobody waits for it."""

@@ -5,13 +5,13 @@ response can trust that it was recorded, even if the server is killed the next m
 journal (the server's way, journal.py) durable means written to this process's journal file (one
 `write` on the event loop for the records of a loop turn); without one (or when the journal
 cannot be written), committed to the database. Records go into the database off the request
-path, by one writer task, in batches (group commit): whatever has arrived while the previous
-batch was committing goes in the next transaction, and no timer adds latency when the server is
-idle. The insert is idempotent on the
-request id: a batch retried after an ambiguous failure, or replayed from a journal, never writes a
-record twice. A store that is down is retried with backoff, records kept in memory (and in the
-journal); a response that waits for the database waits at most `durable_timeout` seconds, and then
-is released with a warning.
+path, by one writer task, in batches (group commit): journaled records, which no response waits
+for, are gathered for `GATHER_SECONDS` before each transaction; a record a response waits for
+goes at once, with whatever has arrived while the previous batch was committing. The insert is
+idempotent on the request id: a batch retried after an ambiguous failure, or replayed from a
+journal, never writes a record twice. A store that is down is retried with backoff, records
+kept in memory (and in the journal); a response that waits for the database waits at most
+`durable_timeout` seconds, and then is released with a warning.
 """
 
 from __future__ import annotations
@@ -289,20 +289,29 @@ class Ledger:
             self._hurry.set()  # an answer waits for this one, or a batch is full
         return done
 
-    def _journaled_only(self) -> bool:
-        return not self._closing and all(_in_journal(entry) for entry in self._pending)
+    def _gathering(self) -> bool:
+        """Whether the writer may wait for more before its next transaction: nobody asked
+        for one now, the batch is not full, and every record waiting is in the journal."""
+        return (
+            not self._hurry.is_set()
+            and not self._closing
+            and len(self._pending) < self._batch_max
+            and all(_in_journal(entry) for entry in self._pending)
+        )
 
     async def _write_forever(self) -> None:
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
-            if self._gather_seconds and self._journaled_only():
-                # Nobody waits for these (they are in the journal): gather a batch's worth, so
-                # that a quiet server makes one transaction of many requests, not one of each.
-                self._hurry.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._hurry.wait(), self._gather_seconds)
             while self._pending:
+                if self._gather_seconds and self._gathering():
+                    # Nobody waits for these (they are in the journal): gather a batch's worth,
+                    # before every transaction, so that a server makes one of many requests, not
+                    # one of each few that came during the last commit (which is what a gather
+                    # only when the writer woke up did, under load, all the time).
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._hurry.wait(), self._gather_seconds)
+                self._hurry.clear()  # (what it asked for goes now; a later ask stays set)
                 batch = self._pending[: self._batch_max]
                 del self._pending[: self._batch_max]
                 self._writing = batch
