@@ -119,11 +119,12 @@ def _entry_order(entry: _Entry) -> tuple[int, str, str, str, str]:
 
 
 def _in_journal(entry: _Entry) -> bool:
-    """Whether an entry's record is in the journal (or on its way there this turn)."""
+    """Whether an entry's record is in the journal (or on its way there this turn). One whose
+    commit was cancelled (its client left) is not known to be: its write no longer says."""
     landing = entry[4]
     if entry[2] is None or landing is None:
         return entry[2] is not None
-    return not landing.done() or landing.cancelled() or landing.result() is None
+    return not landing.done() or (not landing.cancelled() and landing.result() is None)
 
 
 def _rollup_order(r: Record) -> tuple[int, str, str, str, str]:
@@ -184,6 +185,7 @@ class Ledger:
         self._last: asyncio.Future[None] | None = None  # the latest record's: done, all are
         self._wakeup = asyncio.Event()
         self._hurry = asyncio.Event()  # write what is pending now, without gathering more
+        self._flushing: asyncio.Future[None] | None = None  # no gathering until this is written
         self._gather_seconds = gather_seconds if journal is not None else 0.0
         self._writer: asyncio.Task[None] | None = None
         self._closing = False
@@ -243,6 +245,7 @@ class Ledger:
         has answered."""
         last = self._last
         if last is not None and not last.done():
+            self._flushing = last  # (the latest: once it is written, so is all before it)
             self._hurry.set()
             with contextlib.suppress(TimeoutError):
                 wait = self._durable_timeout if patience is None else patience
@@ -292,8 +295,11 @@ class Ledger:
     def _gathering(self) -> bool:
         """Whether the writer may wait for more before its next transaction: nobody asked
         for one now, the batch is not full, and every record waiting is in the journal."""
+        if self._flushing is not None and self._flushing.done():
+            self._flushing = None
         return (
             not self._hurry.is_set()
+            and self._flushing is None
             and not self._closing
             and len(self._pending) < self._batch_max
             and all(_in_journal(entry) for entry in self._pending)
