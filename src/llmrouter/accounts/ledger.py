@@ -42,9 +42,9 @@ log = logging.getLogger("llmrouter.ledger")
 COLUMNS = _COLUMNS = LEDGER_COLUMNS  # (beside the schema in store.py, which replay checks against)
 _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM ledger"  # noqa: S608
 # How long the writer gathers journaled records into one transaction. Each commit has a fixed
-# cost (an fsync, a thread hand-off, the WAL's bookkeeping: about 1.3 ms of CPU here), which at
-# 10 ms was most of a quiet server's ledger cost (bench/README.md); other processes reading the
-# database see a record this much later.
+# cost (an fsync, a thread hand-off, the WAL's bookkeeping: about 1 ms of CPU here, against some
+# 50 µs a record), which at 10 ms was most of the ledger's cost at c1 (bench/README.md); other
+# processes reading the database see a record this much later.
 GATHER_SECONDS = 0.1
 _encode = msgspec.json.encode
 
