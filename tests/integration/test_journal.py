@@ -20,7 +20,7 @@ from llmrouter.accounts.journal import Journal, replay
 from llmrouter.accounts.ledger import COLUMNS, GATHER_SECONDS, Ledger
 from llmrouter.accounts.store import Database, open_database
 from tests.conftest import PG_URL
-from tests.integration.test_store import Opener, record, run
+from tests.integration.test_store import CountingDatabase, Opener, record, run
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -65,6 +65,23 @@ class StalledDatabase:
     ) -> None:
         await self.go.wait()
         await self.db.insert_rows(table, columns, rows, key=key)
+
+
+class SlowCommits(CountingDatabase):
+    """The real database, counting the ledger's transactions, each taking `seconds` longer."""
+
+    def __init__(self, db: Database, seconds: float) -> None:
+        super().__init__(db)
+        self.seconds = seconds
+
+    async def insert_rows(self, *args: Any, **kwargs: Any) -> None:
+        await asyncio.sleep(self.seconds)
+        await super().insert_rows(*args, **kwargs)
+
+
+def full_disk(fd: int, data: Any) -> int:
+    """`os.write` on a full disk."""
+    raise OSError(28, "No space left on device")
 
 
 def test_a_commit_waits_for_the_journal_not_the_database(opener: Opener) -> None:
@@ -214,10 +231,10 @@ def test_a_journal_that_cannot_be_written_falls_back_to_the_database(
     async def work(db: Database) -> None:
         j = journal_of(db)
 
-        def full_disk(row: Any) -> Any:
+        def cannot_append(row: Any) -> Any:
             raise OSError(28, "No space left on device")
 
-        monkeypatch.setattr(j, "append", full_disk)
+        monkeypatch.setattr(j, "append", cannot_append)
         errors: list[int] = []
         ledger = Ledger(db, journal=j, on_write_error=lambda: errors.append(1))
         ledger.start()
@@ -234,9 +251,6 @@ def test_a_failed_turn_write_makes_its_answers_wait_for_the_database(
     async def work(db: Database) -> None:
         stalled = StalledDatabase(db)
         j = journal_of(db)
-
-        def full_disk(fd: int, data: Any) -> int:
-            raise OSError(28, "No space left on device")
 
         errors: list[int] = []
         ledger = Ledger(stalled, journal=j, on_write_error=lambda: errors.append(1))  # type: ignore[arg-type]
@@ -316,9 +330,6 @@ def test_a_record_whose_write_failed_goes_to_the_database_without_gathering(
     """Nobody waits for a `submit`ted record (a client that left), but once its journal write has
     failed it is only in memory: the writer takes it at once, not after gathering others."""
 
-    def full_disk(fd: int, data: Any) -> int:
-        raise OSError(28, "No space left on device")
-
     async def work(db: Database) -> None:
         ledger = Ledger(db, journal=journal_of(db), gather_seconds=30.0)
         ledger.start()
@@ -368,7 +379,6 @@ def test_a_file_being_made_is_not_replayed(tmp_path: Path) -> None:
 def test_journaled_records_are_gathered_into_fewer_transactions(tmp_path: Path) -> None:
     """Nobody waits for a journaled record's commit, so the writer gathers about 100 ms of them
     into one transaction instead of committing each request alone."""
-    from tests.integration.test_store import CountingDatabase
 
     async def work(db: Database) -> None:
         counting = CountingDatabase(db)
@@ -389,15 +399,9 @@ def test_under_steady_traffic_the_writer_still_gathers(tmp_path: Path) -> None:
     """Records that come while a transaction commits wait for the next gather too, so a server
     under steady traffic commits about once a `GATHER_SECONDS`, not back to back (strace found
     141 WAL fsyncs a second at c1: each commit took the few records of the one before)."""
-    from tests.integration.test_store import CountingDatabase
-
-    class SlowCommits(CountingDatabase):
-        async def insert_rows(self, *args: Any, **kwargs: Any) -> None:
-            await asyncio.sleep(0.005)  # (an fsync's time)
-            await super().insert_rows(*args, **kwargs)
 
     async def work(db: Database) -> None:
-        slow = SlowCommits(db)
+        slow = SlowCommits(db, 0.005)  # (an fsync's time)
         ledger = Ledger(slow, journal=journal_of(db))  # type: ignore[arg-type]
         ledger.start()
         loop = asyncio.get_running_loop()
@@ -421,15 +425,9 @@ def test_a_flush_behind_a_full_batch_does_not_wait_for_a_gather(tmp_path: Path) 
     """A flush asks for everything queued so far, not for the next batch only: with more than a
     batch waiting, the batches after the first are not gathered either (found by a review: the
     flag it set was used up by the first batch)."""
-    from tests.integration.test_store import CountingDatabase
-
-    class SlowCommits(CountingDatabase):
-        async def insert_rows(self, *args: Any, **kwargs: Any) -> None:
-            await asyncio.sleep(0.02)
-            await super().insert_rows(*args, **kwargs)
 
     async def work(db: Database) -> None:
-        slow = SlowCommits(db)
+        slow = SlowCommits(db, 0.02)
         ledger = Ledger(slow, journal=journal_of(db), batch_max=4, gather_seconds=5.0)  # type: ignore[arg-type]
         ledger.start()
         for n in range(4):  # a full batch: committed at once

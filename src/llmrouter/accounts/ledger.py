@@ -121,9 +121,9 @@ def _entry_order(entry: _Entry) -> tuple[int, str, str, str, str]:
 def _in_journal(entry: _Entry) -> bool:
     """Whether an entry's record is in the journal (or on its way there this turn). One whose
     commit was cancelled (its client left) is not known to be: its write no longer says."""
-    landing = entry[4]
-    if entry[2] is None or landing is None:
-        return entry[2] is not None
+    landing = entry[4]  # (an entry has one exactly when it went to a journal segment)
+    if landing is None:
+        return False
     return not landing.done() or (not landing.cancelled() and landing.result() is None)
 
 
