@@ -78,11 +78,18 @@ def complete(a: Any, c: Call) -> Completion:
 
 
 def stream(a: Any, c: Call) -> list[StreamPart]:
+    """A streamed answer's parts, its batches (never empty) one after another."""
+
     async def run() -> list[StreamPart]:
-        parts: AsyncIterator[StreamPart] = a.stream(c)
-        return [p async for p in parts]
+        batches: AsyncIterator[list[StreamPart]] = a.stream(c)
+        return [p async for batch in batches for p in nonempty(batch)]
 
     return asyncio.run(run())
+
+
+def nonempty(batch: list[StreamPart]) -> list[StreamPart]:
+    assert batch, "a stream yields no empty batch"
+    return batch
 
 
 def sse(*events: dict[str, Any] | str, named: bool = False, done: bool = False) -> bytes:
@@ -755,3 +762,52 @@ def test_schema_subsets_find_cycles_open_type_lists_and_what_strict_mode_lacks()
     assert anthropic_problem(
         {**closed, "properties": {"a": {"type": "string", "format": "int64"}}}, False
     )
+
+
+def batches(a: Any, c: Call) -> tuple[list[list[StreamPart]], BaseException | None]:
+    """A streamed answer's batches as they came, and the failure that ended it (if one did)."""
+    got: list[list[StreamPart]] = []
+
+    async def run() -> None:
+        async for batch in a.stream(c):
+            got.append(nonempty(batch))
+
+    try:
+        asyncio.run(run())
+    except Exception as exc:
+        return got, exc
+    return got, None
+
+
+def texts(got: list[list[StreamPart]]) -> list[list[str]]:
+    return [[c.text for p in batch for c in p.choices] for batch in got]
+
+
+def test_the_events_of_one_read_go_on_as_one_batch_and_a_failure_after_the_parts_before_it() -> None:
+    from llmrouter.providers.openai import OpenAIAdapter
+    from llmrouter.settings import OpenAIProvider
+
+    def piece(text: str, finish: str | None = None) -> dict[str, Any]:
+        return {"choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}]}
+
+    usage = {"choices": [], "usage": {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5}}
+    whole = sse(piece("a"), piece("b"), piece("c", "stop"), usage, done=True)
+    later = sse(piece("never"))
+    broken = sse(piece("a"), piece("b")) + b"data: {not json\n\n" + sse(piece("never"))
+    a, _ = adapter(
+        OpenAIAdapter,
+        OpenAIProvider(base_url="http://up/v1"),
+        _http.MockResponse(200, [whole + later]),  # what follows [DONE] is not read as the answer
+        _http.MockResponse(
+            200, [sse(piece("a")), sse(piece("b"), piece("c", "stop")), sse(usage, done=True)]
+        ),
+        _http.MockResponse(200, [broken]),
+    )
+    got, failure = batches(a, call(stream=True))
+    assert failure is None and texts(got) == [["a", "b", "c"]]  # (the usage part has no choices)
+    assert got[0][-1].usage is not None and got[0][-1].usage.total_tokens == 5
+    got, failure = batches(a, call(stream=True))
+    assert failure is None and texts(got) == [["a"], ["b", "c"], []]
+    got, failure = batches(a, call(stream=True))
+    assert texts(got) == [["a", "b"]]
+    assert isinstance(failure, UpstreamUnavailable) and "cannot read" in str(failure)

@@ -62,7 +62,7 @@ class Scripted:
         self.calls += 1
         return await self.answer(call)
 
-    async def stream(self, call: Call) -> AsyncIterator[StreamPart]:  # not used here
+    async def stream(self, call: Call) -> AsyncIterator[list[StreamPart]]:  # not used here
         raise AssertionError("not streamed")
         yield
 
@@ -232,13 +232,13 @@ class _Health:
     def record(self, label: str, ok: bool) -> None: ...
 
 
-def _committed(parts: AsyncIterator[StreamPart], seconds: float) -> tuple[object, _Health]:
+def _committed(parts: AsyncIterator[list[StreamPart]], seconds: float) -> tuple[object, _Health]:
     from types import SimpleNamespace
 
     from llmrouter.routing.streams import CommittedStream
     from llmrouter.wire.completions import ChunkChoice
 
-    first = StreamPart([ChunkChoice("a", 0)])
+    first = [StreamPart([ChunkChoice("a", 0)])]
     health = _Health()
     deadline = asyncio.get_running_loop().time() + seconds
     target = SimpleNamespace(label="p/x")
@@ -249,17 +249,17 @@ def test_the_deadline_cuts_a_stream_waiting_for_its_next_part() -> None:
     from llmrouter.errors import DeadlineExceeded
     from llmrouter.wire.completions import ChunkChoice
 
-    async def hangs() -> AsyncIterator[StreamPart]:
-        yield StreamPart([ChunkChoice("b", 0)])
+    async def hangs() -> AsyncIterator[list[StreamPart]]:
+        yield [StreamPart([ChunkChoice("b", 0)])]
         await asyncio.sleep(30)
-        yield StreamPart([ChunkChoice("never", 0)])
+        yield [StreamPart([ChunkChoice("never", 0)])]
 
     async def main() -> None:
         stream, health = _committed(hangs(), 0.2)
-        got = [await anext(stream)]  # type: ignore[call-overload]
+        got = await anext(stream)  # type: ignore[call-overload]
         started = asyncio.get_running_loop().time()
         with pytest.raises(DeadlineExceeded):
-            got.append(await anext(stream))  # type: ignore[call-overload]
+            got += await anext(stream)  # type: ignore[call-overload]
         assert 0.1 < asyncio.get_running_loop().time() - started < 1.0
         assert [p.choices[0].text for p in got] == ["b"] and health.finished_labels == ["p/x"]
         assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]
@@ -271,9 +271,9 @@ def test_a_deadline_passed_while_writing_is_raised_at_the_next_part() -> None:
     from llmrouter.errors import DeadlineExceeded
     from llmrouter.wire.completions import ChunkChoice
 
-    async def quick() -> AsyncIterator[StreamPart]:
+    async def quick() -> AsyncIterator[list[StreamPart]]:
         for text in ("b", "c"):
-            yield StreamPart([ChunkChoice(text, 0)])
+            yield [StreamPart([ChunkChoice(text, 0)])]
 
     async def main() -> None:
         stream, _ = _committed(quick(), 0.1)
@@ -285,10 +285,10 @@ def test_a_deadline_passed_while_writing_is_raised_at_the_next_part() -> None:
     asyncio.run(main())
 
 
-async def _hanging() -> AsyncIterator[StreamPart]:
+async def _hanging() -> AsyncIterator[list[StreamPart]]:
     """An upstream's stream that sends nothing (for longer than any test waits)."""
     await asyncio.sleep(30)
-    yield StreamPart([])
+    yield [StreamPart([])]
 
 
 def test_a_cancellation_of_the_consumer_is_not_taken_for_the_deadline() -> None:

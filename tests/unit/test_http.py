@@ -176,10 +176,18 @@ def test_retry_after_is_seconds_or_a_date_within_an_hour() -> None:
 async def _events(
     pieces: list[bytes | float | BaseException], first: float = 5, idle: float = 5
 ) -> list[Event]:
+    return [e for batch in await _batches(pieces, first, idle) for e in batch]
+
+
+async def _batches(
+    pieces: list[bytes | float | BaseException], first: float = 5, idle: float = 5
+) -> list[list[Event]]:
     response = MockResponse(200, pieces)
     stream = EventStream(response, first=first, idle=idle, provider="p")
     try:
-        return [e async for e in stream]
+        batches = [batch async for batch in stream]
+        assert all(batches), "no batch is empty"
+        return batches
     finally:
         stream.release()
         assert response.released
@@ -212,6 +220,19 @@ def test_framing_does_not_depend_on_where_the_network_cuts(cuts: list[int]) -> N
         ANTHROPIC_STREAM[a:b] for a, b in itertools.pairwise(points) if b > a
     ]
     assert asyncio.run(_events(pieces)) == asyncio.run(_events([ANTHROPIC_STREAM]))
+
+
+def test_the_events_of_one_read_come_together() -> None:
+    """A batch is what one read completes: a read that ends no event adds to the next one's."""
+    got = asyncio.run(_batches([OPENAI_STREAM, b"data: 3\n\ndata: 4", b"\n\n", b"data: 5\n\n"]))
+    assert [[e.data for e in batch] for batch in got] == [
+        [b'{"a":1}', b'{"b":2}', b"[DONE]"],
+        [b"3"],
+        [b"4"],
+        [b"5"],
+    ]
+    got = asyncio.run(_batches([b"data: 1\n", b"\nda", b"ta: 2\n\ndata: 3\n\n"]))
+    assert [[e.data for e in batch] for batch in got] == [[b"1"], [b"2", b"3"]]
 
 
 def test_an_unfinished_last_event_is_not_an_event() -> None:
@@ -342,8 +363,8 @@ def test_a_finished_stream_gives_its_connection_back() -> None:
             for _ in range(5):
                 response = await transport.send(_http.Request("POST", url, b"{}"), Timeouts())
                 stream = _http.EventStream(response, first=1, idle=1, provider="p")
-                async for event in stream:
-                    if event.data == b"[DONE]":
+                async for batch in stream:
+                    if batch[-1].data == b"[DONE]":
                         stream.finish()  # the rest is read in the background:
                         break
                 await asyncio.gather(*_http._DRAINING)  # (done before the next call here)
@@ -388,7 +409,7 @@ def test_the_answer_does_not_wait_for_the_body_to_end_after_its_last_event() -> 
         try:
             from tests.unit.test_adapters import call
 
-            parts = [p async for p in adapter.stream(call(stream=True))]
+            parts = [p async for batch in adapter.stream(call(stream=True)) for p in batch]
             order.append("answer complete")
             assert parts[-1].usage is not None and parts[-1].usage.total_tokens == 2
             released.set()

@@ -59,8 +59,8 @@ class Chunks(Protocol):
     def retarget(self, target: Target) -> None:
         """The stream resumed on another deployment: its chunks name that one from now on."""
 
-    def part(self, part: StreamPart) -> bytes:
-        """The events for a part's choices (it has some)."""
+    def parts(self, parts: list[StreamPart]) -> bytes:
+        """The events for some parts' choices (each has some), one after another."""
 
     def usage(self, usage: Usage) -> bytes:
         """The event for the usage, after the last choices."""
@@ -344,39 +344,44 @@ async def _stream(
 async def _relay(
     req: Request, ctx: Context, stream: OpenStream, chunks: Chunks, request: Generation
 ) -> None:
-    """Send the committed stream's parts as chunks; a failure now ends the stream."""
+    """Send the committed stream's parts as chunks, each batch in one write; a failure now ends
+    the stream."""
     target = stream.target
     usage: Usage | None = None
     acc = _accounting(req)
     acc.target, acc.attempts, acc.splice = target, stream.attempts, stream.rest.splice
     deltas = 0  # text parts sent: the completion tokens, if the stream is cut before its usage
     excluded = _excluded(request)
-    part = stream.first
+    parts = stream.first
     try:
         while True:
             if acc.splice is not None and acc.splice.target is not target:  # resumed elsewhere
                 target = acc.target = acc.splice.target
                 chunks.retarget(target)
-            if part.usage is not None:
-                usage = acc.usage = part.usage
-                if part.usage_estimated:
-                    req.log["usage_estimated"] = True
-            if excluded and part.choices:  # (what was only thinking is not sent at all)
-                kept = [msgspec.structs.replace(c, reasoning=None) for c in part.choices]
-                part.choices = [c for c in kept if produced(StreamPart([c]))]
-            if part.choices:
+            sending: list[StreamPart] = []
+            for part in parts:
+                if part.usage is not None:
+                    usage = acc.usage = part.usage
+                    if part.usage_estimated:
+                        req.log["usage_estimated"] = True
+                if excluded and part.choices:  # (what was only thinking is not sent at all)
+                    kept = [msgspec.structs.replace(c, reasoning=None) for c in part.choices]
+                    part.choices = [c for c in kept if produced(StreamPart([c]))]
+                if part.choices:
+                    for choice in part.choices:
+                        deltas += bool(choice.text or choice.reasoning or choice.tool_calls)
+                        if choice.index == 0:
+                            acc.keep_answer(choice.text)
+                            if choice.finish_reason is not None:
+                                acc.finish_reason = choice.finish_reason
+                    sending.append(part)
+            if sending:
                 if acc.ttft_ms is None:
                     acc.ttft_ms = round((time.perf_counter() - acc.started) * 1000, 3)
-                for choice in part.choices:
-                    deltas += bool(choice.text or choice.reasoning or choice.tool_calls)
-                    if choice.index == 0:
-                        acc.keep_answer(choice.text)
-                        if choice.finish_reason is not None:
-                            acc.finish_reason = choice.finish_reason
-                body = chunks.part(part)
+                body = chunks.parts(sending)
                 await req.send({"type": "http.response.body", "body": body, "more_body": True})
             try:
-                part = await anext(stream.rest)
+                parts = await anext(stream.rest)
             except StopAsyncIteration:
                 break
     except LlmrouterError as exc:  # the upstream failed, or the deadline passed

@@ -62,11 +62,15 @@ class ChunkStream:
     def retarget(self, target: Target) -> None:
         self._chunk.model, self._chunk.provider = target.model.id, target.deployment.provider
 
-    def part(self, part: StreamPart) -> bytes:
-        chunk = self._chunk
-        chunk.choices = self.choices(part)
-        chunk.system_fingerprint = part.system_fingerprint
-        return event(encoder.encode(chunk))
+    def parts(self, parts: list[StreamPart]) -> bytes:
+        chunk, body = self._chunk, bytearray()
+        for part in parts:  # (each event encoded in place, at the end of the one body)
+            chunk.choices = self.choices(part)
+            chunk.system_fingerprint = part.system_fingerprint
+            body += b"data: "
+            encoder.encode_into(chunk, body, -1)
+            body += b"\n\n"
+        return bytes(body)
 
     def usage(self, usage: Usage) -> bytes:
         if not self._include_usage:

@@ -146,10 +146,11 @@ class Shape:
             system_fingerprint=results[0].system_fingerprint,
         )
 
-    async def stream(self, provider: Upstream, call: Call) -> AsyncIterator[StreamPart]:
+    async def stream(self, provider: Upstream, call: Call) -> AsyncIterator[list[StreamPart]]:
+        """The shaped answer, in the batches it came in (see `Upstream.stream`)."""
         if self.buffered:
             result = await self.complete(provider, call)
-            yield StreamPart(
+            text = StreamPart(
                 [
                     ChunkChoice(
                         c.text,
@@ -165,43 +166,33 @@ class Shape:
                 ],
                 system_fingerprint=result.system_fingerprint,
             )
-            yield StreamPart(
-                [
-                    ChunkChoice("", c.index, None, c.finish_reason, c.native_finish_reason)
-                    for c in result.choices
-                ],
-                usage=result.usage,
-            )
+            ends = [
+                ChunkChoice("", c.index, None, c.finish_reason, c.native_finish_reason)
+                for c in result.choices
+            ]
+            yield [text, StreamPart(ends, usage=result.usage)]
             return
         calls = self._calls(call)
         state = _Streaming(self, [sub for _, sub in calls])
         if len(calls) == 1:  # the common case, without a merging layer between
-            stream = provider.stream(calls[0][0])
-            try:
-                async for part in stream:
-                    out = state.take(0, part)
-                    if state.unchecked:
-                        await state.check()
-                    if out is not None:
-                        yield out
-                    if state.done:
-                        break
-            finally:
-                await _close(stream)
+            batches = _numbered(provider.stream(calls[0][0]))
         else:
-            merged = _merge([provider.stream(c) for c, _ in calls])
-            try:
-                async for j, part in merged:
-                    out = state.take(j, part)
-                    if state.unchecked:
-                        await state.check()
-                    if out is not None:
-                        yield out
-                    if state.done:
-                        break
-            finally:
-                await merged.aclose()
-        yield state.end()
+            batches = _merge([provider.stream(c) for c, _ in calls])
+        try:
+            async for j, parts in batches:
+                out, ready = state.take(j, parts)
+                if state.unchecked:  # what ended there goes out once its check has passed
+                    if ready:
+                        yield out[:ready]
+                    await state.check()
+                    out = out[ready:]
+                if out:
+                    yield out
+                if state.done:
+                    break
+        finally:
+            await batches.aclose()
+        yield [state.end()]
 
     # -- pieces ---------------------------------------------------------------------------------
 
@@ -352,21 +343,42 @@ class _Streaming:
         self.done = False  # every choice ended by the router's stops: the upstream can be closed
         self.unchecked: list[str] = []  # the texts of choices that ended, to check before sending
 
-    def take(self, j: int, part: StreamPart) -> StreamPart | None:
+    def take(self, j: int, parts: list[StreamPart]) -> tuple[list[StreamPart], int]:
+        """What of a batch of call `j`'s parts goes to the client, and how many of those parts
+        come before the first that waits for a check (`unchecked`): as many as there are when
+        none waits. After a part that ends every choice (`done`) the rest is not read."""
+        out: list[StreamPart] = []
+        ready = -1
+        for part in parts:
+            shaped = self._take(j, part)
+            if ready < 0 and self.unchecked:
+                ready = len(out)
+            if shaped is not None:
+                out.append(shaped)
+            if self.done:
+                break
+        return out, len(out) if ready < 0 else ready
+
+    def _take(self, j: int, part: StreamPart) -> StreamPart | None:
         """What of part `part` of call `j` goes to the client (None: nothing yet)."""
         shape = self.shape
         if part.usage is not None:
             self.usages.append(part.usage)
             self.estimated = self.estimated or part.usage_estimated
-        if shape.plain and j == 0 and all(c.index in self.settled for c in part.choices):
+        if shape.plain and j == 0:
+            settled = self.settled
             for c in part.choices:
-                if c.finish_reason is not None:
-                    self.ended.add(c.index)
-            if not part.choices:
-                return None
-            if part.usage is None:
-                return part
-            return StreamPart(part.choices, system_fingerprint=part.system_fingerprint)
+                if c.index not in settled:
+                    break
+            else:  # (every choice passes as it is)
+                for c in part.choices:
+                    if c.finish_reason is not None:
+                        self.ended.add(c.index)
+                if not part.choices:
+                    return None
+                if part.usage is None:
+                    return part
+                return StreamPart(part.choices, system_fingerprint=part.system_fingerprint)
         out: list[ChunkChoice] = []
         for choice in part.choices:
             index = shape._index(choice.index, self.subs[j])
@@ -468,20 +480,31 @@ async def _all(calls: list[Awaitable[T]]) -> list[T]:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+async def _numbered(
+    stream: AsyncIterator[list[StreamPart]],
+) -> AsyncGenerator[tuple[int, list[StreamPart]], None]:
+    """The batches of one stream, as `_merge` gives several."""
+    try:
+        async for parts in stream:
+            yield 0, parts
+    finally:
+        await _close(stream)
+
+
 async def _merge(
-    streams: list[AsyncIterator[StreamPart]],
-) -> AsyncGenerator[tuple[int, StreamPart], None]:
-    """The parts of several streams as they come, each with its stream's number."""
+    streams: list[AsyncIterator[list[StreamPart]]],
+) -> AsyncGenerator[tuple[int, list[StreamPart]], None]:
+    """The batches of several streams as they come, each with its stream's number."""
     # Bounded, so a slow client slows the upstreams down; one slot more per stream for its end.
-    queue: asyncio.Queue[tuple[int, StreamPart] | LlmrouterError | BaseException | None] = asyncio.Queue(
+    queue: asyncio.Queue[tuple[int, list[StreamPart]] | BaseException | None] = asyncio.Queue(
         maxsize=8 * len(streams)
     )
 
-    async def pump(j: int, stream: AsyncIterator[StreamPart]) -> None:
+    async def pump(j: int, stream: AsyncIterator[list[StreamPart]]) -> None:
         end: LlmrouterError | BaseException | None = None
         try:
-            async for part in stream:
-                await queue.put((j, part))
+            async for parts in stream:
+                await queue.put((j, parts))
         except BaseException as exc:
             end = exc
             if isinstance(exc, asyncio.CancelledError):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import codecs
 import contextlib
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, ClassVar, TypeVar
 
 import msgspec
@@ -21,13 +21,14 @@ from llmrouter.errors import InvalidRequest, LlmrouterError, UpstreamUnavailable
 from llmrouter.generation import Message
 from llmrouter.obs.redact import Redactor
 from llmrouter.providers import _http
-from llmrouter.providers.base import ALL_PARAMETERS, Call, Capabilities, Tokenizer
+from llmrouter.providers.base import ALL_PARAMETERS, Call, Capabilities, StreamPart, Tokenizer
 from llmrouter.settings import CheckSettings, DeploymentSettings, HttpProvider, Timeouts
 from llmrouter.wire.completions import Logprobs
 
 __all__ = [
     "HttpAdapter",
     "LogprobsBuilder",
+    "Seen",
     "call_arguments",
     "carried",
     "carry",
@@ -42,6 +43,20 @@ __all__ = [
 
 
 T = TypeVar("T")
+
+
+class Seen:
+    """What an OpenAI-style stream has shown so far: its `[DONE]`, a usage, how many chunks had
+    text (the completion's count, for an upstream that sends none)."""
+
+    __slots__ = ("done", "text_chunks", "usage")
+
+    def __init__(self) -> None:
+        self.done = self.usage = False
+        self.text_chunks = 0
+
+    def ended(self) -> bool:
+        return self.done
 
 
 class HttpAdapter:
@@ -159,6 +174,43 @@ class HttpAdapter:
             yield stream
         finally:
             stream.release()
+
+    async def parts(
+        self,
+        url: str,
+        body: bytes,
+        timeouts: Timeouts,
+        headers: Mapping[str, str],
+        read: Callable[[_http.Event], StreamPart | None],
+        done: Callable[[], bool],
+    ) -> AsyncIterator[list[StreamPart]]:
+        """A streamed answer, as `Upstream.stream` gives it: `read` makes each event's part (None:
+        the event adds nothing yet), and the parts of the events one read of the body brought go
+        on together. After the event for which `done()` holds, the connection goes back to the
+        pool and the stream ends; a body that ends before it is the deployment's failure. A
+        failure in the middle of a read comes after the parts before it."""
+        async with self.events(url, body, timeouts, headers) as events:
+            async for batch in events:
+                out: list[StreamPart] = []
+                failure: LlmrouterError | None = None
+                for event in batch:
+                    try:
+                        part = read(event)
+                    except LlmrouterError as exc:
+                        failure = exc
+                        break
+                    if part is not None:
+                        out.append(part)
+                    if done():
+                        events.finish()
+                        break
+                if out:
+                    yield out
+                if failure is not None:
+                    raise failure
+                if events.finished:
+                    return
+        raise self.ended_early()
 
     def _error(self, response: _http.Response, body: bytes) -> LlmrouterError:
         return self.error(response.status, response.headers, body)

@@ -202,11 +202,13 @@ class Event(msgspec.Struct, frozen=True, gc=False):
 
 class EventStream:
     """The events of an SSE body (`data:`-only streams and named `event:` ones alike), read as they
-    come: the first within `first` seconds, each next one within `idle`. The adapter knows which
-    event is its stream's last: it calls `finish()` there, which reads the rest of the body (a
-    short wait) so that the connection goes back to the pool. Leaving without `finish()` (an
-    error, an early end) drops the connection. Lines are split here rather than by aiohttp's
-    readline, which refuses lines over its buffer size (a long completion in one chunk)."""
+    come, the events of one read of the body together (an upstream that sends faster than it is
+    read gives many at once, and each layer above takes them in one go): the first read within
+    `first` seconds, each next one within `idle`. The adapter knows which event is its stream's
+    last: it calls `finish()` there, which reads the rest of the body (a short wait) so that the
+    connection goes back to the pool. Leaving without `finish()` (an error, an early end) drops
+    the connection. Lines are split here rather than by aiohttp's readline, which refuses lines
+    over its buffer size (a long completion in one chunk)."""
 
     def __init__(self, response: Response, *, first: float, idle: float, provider: str) -> None:
         self._response = response
@@ -217,22 +219,22 @@ class EventStream:
         self._scanned = 0  # bytes of `_buffer` known to hold no newline
         self._name = ""
         self._data: list[bytes] = []
-        self._ready: list[Event] = []
-        self._finished = False
+        self.finished = False
 
     def __aiter__(self) -> EventStream:
         return self
 
-    async def __anext__(self) -> Event:
-        while not self._ready:
+    async def __anext__(self) -> list[Event]:
+        """The events that the next read (or reads, until one ends an event) completes."""
+        while True:
             chunk = await self._response.chunk(self._wait)
             if not chunk:
                 raise StopAsyncIteration  # the body ended (the adapter says whether too early)
-            self._frame(chunk)
-        self._wait = self._idle
-        return self._ready.pop(0)
+            if events := self._frame(chunk):
+                self._wait = self._idle
+                return events
 
-    def _frame(self, chunk: bytes) -> None:
+    def _frame(self, chunk: bytes) -> list[Event]:
         buffer = self._buffer  # what came after the last whole line (usually nothing)
         if buffer:
             buffer += chunk
@@ -249,30 +251,35 @@ class EventStream:
             raise UpstreamUnavailable(
                 f"Provider {self._provider} sent a stream line over {MAX_SSE_LINE} bytes."
             )
+        ready: list[Event] = []
         if whole is None:
-            return
-        ready, data = self._ready, self._data
-        for line in whole.split(b"\n"):
-            if line[-1:] == b"\r":
-                line = line.rstrip(b"\r")
+            return ready
+        lines = whole.split(b"\n")
+        if b"\r" in whole:
+            lines = [line.rstrip(b"\r") for line in lines]
+        data = self._data
+        for line in lines:
             if not line:  # the end of an event
                 if data:
                     ready.append(Event(self._name or "message", b"\n".join(data)))
-                    data = self._data = []
+                    data.clear()
                 self._name = ""
-            elif line[:5] == b"data:":
-                data.append(line[6:] if line[5:6] == b" " else line[5:])
-            elif line[:6] == b"event:":
+            elif line.startswith(b"data: "):
+                data.append(line[6:])
+            elif line.startswith(b"data:"):
+                data.append(line[5:])
+            elif line.startswith(b"event:"):
                 self._name = line[6:].strip().decode("utf-8", errors="replace")
             # (comments `:`, `id:` and `retry:` lines say nothing an adapter reads)
+        return ready
 
     def finish(self) -> None:
         """After the stream's last event: the rest of the body (its end, usually on its way
         already) is read in the background, for at most `_FINISH_WAIT`, and then the connection
         goes back to the pool; the answer does not wait for it."""
-        if self._finished:
+        if self.finished:
             return
-        self._finished = True
+        self.finished = True
         task = asyncio.ensure_future(self._drain())
         _DRAINING.add(task)
         task.add_done_callback(_DRAINING.discard)
@@ -290,7 +297,7 @@ class EventStream:
 
     def release(self) -> None:
         """Drop the connection (unless `finish` has it)."""
-        if not self._finished:
+        if not self.finished:
             self._response.release()
 
 

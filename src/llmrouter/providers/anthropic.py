@@ -291,18 +291,18 @@ class AnthropicAdapter(HttpAdapter):
         )
         return Completion([choice], _usage(message.usage or _Usage()))
 
-    async def stream(self, call: Call) -> AsyncIterator[StreamPart]:
+    async def stream(self, call: Call) -> AsyncIterator[list[StreamPart]]:
         state = _Stream()
         body = self._body(call, stream=True)
-        async with self.events(self._url, body, call.timeouts, self._headers) as events:
-            async for sse in events:
-                part = self._read(sse.data, state)
-                if part is not None:
-                    yield part
-                if state.stopped:
-                    events.finish()
-                    return
-        raise self.ended_early()
+
+        def read(sse: _http.Event) -> StreamPart | None:
+            return self._read(sse.data, state)
+
+        def stopped() -> bool:
+            return state.stopped
+
+        async for parts in self.parts(self._url, body, call.timeouts, self._headers, read, stopped):
+            yield parts
 
     def _read(self, data: bytes, state: _Stream) -> StreamPart | None:
         """One stream event: what it adds to the answer, if anything."""

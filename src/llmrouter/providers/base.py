@@ -99,8 +99,9 @@ class Completion(Struct):
     system_fingerprint: str | UnsetType = UNSET
 
 
-class StreamPart(Struct):
-    """A piece of a streamed answer: deltas for some choices, and usage once, at the end."""
+class StreamPart(Struct, gc=False):
+    """A piece of a streamed answer: deltas for some choices, and usage once, at the end. (Not
+    tracked by the cyclic GC, as `ChunkChoice`.)"""
 
     choices: list[ChunkChoice]
     usage: Usage | None = None
@@ -136,8 +137,10 @@ class Upstream(Protocol):
 
     async def complete(self, call: Call) -> Completion: ...
 
-    def stream(self, call: Call) -> AsyncIterator[StreamPart]:
-        """Yield the answer as it comes. Raising before the first part is a normal failure."""
+    def stream(self, call: Call) -> AsyncIterator[list[StreamPart]]:
+        """Yield the answer as it comes, the parts that came together (one read of an upstream's
+        body) in one list, never empty: every layer above takes them in one go, and the client
+        gets them in one write. Raising before the first part is a normal failure."""
 
 
 class Provider(Upstream, Protocol):

@@ -264,7 +264,7 @@ class GeminiAdapter(HttpAdapter):
         ]  # (a whole answer is its one chunk; one without a finish reason stopped)
         return Completion(choices, _usage(response.usage_metadata))
 
-    async def stream(self, call: Call) -> AsyncIterator[StreamPart]:
+    async def stream(self, call: Call) -> AsyncIterator[list[StreamPart]]:
         url = self._url(call, ":streamGenerateContent?alt=sse")
         k = call.request.logprobs
         expected = call.request.n or 1
@@ -272,22 +272,24 @@ class GeminiAdapter(HttpAdapter):
         called: dict[int, int] = {}  # candidate -> the calls it made so far
         finished: set[int] = set()
         usage: _UsageMetadata | None = None
-        async with self.events(url, self._body(call), call.timeouts, self._headers) as events:
-            async for event in events:
-                response = self._decode(event.data)
-                usage = response.usage_metadata or usage  # a running total: the last one counts
-                out = []
-                for c in response.candidates:
-                    if c.finish_reason is not None:
-                        finished.add(c.index)
-                    builder = builders.setdefault(c.index, LogprobsBuilder())
-                    out.append(_chunk(c, builder, k, self.name, called))
-                done = len(finished) >= expected
-                yield StreamPart(out, _usage(usage) if done else None)
-                if done:
-                    events.finish()
-                    return
-        raise self.ended_early()
+
+        def read(event: _http.Event) -> StreamPart:
+            nonlocal usage
+            response = self._decode(event.data)
+            usage = response.usage_metadata or usage  # a running total: the last one counts
+            out = []
+            for c in response.candidates:
+                if c.finish_reason is not None:
+                    finished.add(c.index)
+                builder = builders.setdefault(c.index, LogprobsBuilder())
+                out.append(_chunk(c, builder, k, self.name, called))
+            return StreamPart(out, _usage(usage) if done() else None)
+
+        def done() -> bool:
+            return len(finished) >= expected
+
+        async for parts in self.parts(url, self._body(call), call.timeouts, self._headers, read, done):
+            yield parts
 
     def _decode(self, raw: bytes) -> _Response:
         response = self.decoded(_response, raw, "an answer")

@@ -189,18 +189,18 @@ class LlamaCppAdapter:
         ]
         return Completion(choices=choices, usage=usage)
 
-    async def stream(self, call: Call) -> AsyncIterator[StreamPart]:
+    async def stream(self, call: Call) -> AsyncIterator[list[StreamPart]]:
+        # (A token at a time: the engine's events come as it decodes, one a step.)
         async for event in self._run(call):
             if isinstance(event, ChoiceDelta):
                 logprobs = _logprobs(event.tokens) if event.tokens is not None else None
-                yield StreamPart([ChunkChoice(event.text, event.index, logprobs)])
+                yield [StreamPart([ChunkChoice(event.text, event.index, logprobs)])]
             elif isinstance(event, ChoiceEnd):
                 reason = event.finish_reason
-                yield StreamPart(
-                    [ChunkChoice("", event.index, None, reason, reason)]  # type: ignore[arg-type]
-                )
+                end = ChunkChoice("", event.index, None, reason, reason)  # type: ignore[arg-type]
+                yield [StreamPart([end])]
             elif isinstance(event, JobUsage):
-                yield StreamPart([], usage=_usage(event))
+                yield [StreamPart([], usage=_usage(event))]
 
     async def _run(self, call: Call) -> AsyncIterator[ChoiceDelta | ChoiceEnd | JobUsage]:
         engine = self._engines.get(call.deployment.model)

@@ -22,7 +22,7 @@ from llmrouter.errors import (
 from llmrouter.obs.redact import Redactor
 from llmrouter.providers import _http
 from llmrouter.providers._chat_template import chat_template, template_key
-from llmrouter.providers._common import HttpAdapter, default_cap, missing_logprobs
+from llmrouter.providers._common import HttpAdapter, Seen, default_cap, missing_logprobs
 from llmrouter.providers.base import (
     ALL_PARAMETERS,
     CHAT_PARAMETERS,
@@ -71,7 +71,8 @@ _REFUSAL_CODES = frozenset({"content_filter", "content_policy_violation"})
 
 
 # What we read back. Lenient on purpose: upstreams add fields, and some omit ones they should send.
-class _Choice(Struct):
+# (Decoded for every part of a stream, never in a cycle: not tracked by the cyclic GC.)
+class _Choice(Struct, gc=False):
     text: str = ""
     index: int = 0
     logprobs: Logprobs | None = None
@@ -80,7 +81,7 @@ class _Choice(Struct):
     reasoning_content: str | None = None
 
 
-class _Usage(Struct):
+class _Usage(Struct, gc=False):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
@@ -91,7 +92,7 @@ class _ErrorDetail(Struct):
     code: str | int | None = None
 
 
-class _Body(Struct):
+class _Body(Struct, gc=False):
     choices: list[_Choice] = []
     usage: _Usage | None = None
     system_fingerprint: str | None = None
@@ -211,29 +212,30 @@ class OpenAIAdapter(HttpAdapter):
             system_fingerprint=parsed.system_fingerprint or UNSET,
         )
 
-    async def stream(self, call: Call) -> AsyncIterator[StreamPart]:
+    async def stream(self, call: Call) -> AsyncIterator[list[StreamPart]]:
         body = await self._encoded(call, stream=True)
-        usage_seen = False
-        text_chunks = 0
-        async with self.events(self._url, body, call.timeouts, self._headers) as events:
-            async for event in events:
-                if event.data == b"[DONE]":
-                    events.finish()
-                    break
-                parsed = self._decode(event.data)
-                self._check_logprobs(call, parsed)
-                part = self._part(parsed)
-                usage_seen = usage_seen or part.usage is not None
-                for c in part.choices:
-                    text_chunks += bool(c.text)
-                yield part
-            else:
-                raise self.ended_early()
-        if not usage_seen:
+        seen = Seen()
+
+        def read(event: _http.Event) -> StreamPart | None:
+            if event.data == b"[DONE]":
+                seen.done = True
+                return None
+            parsed = self._decode(event.data)
+            self._check_logprobs(call, parsed)
+            part = self._part(parsed)
+            seen.usage = seen.usage or part.usage is not None
+            for c in part.choices:
+                seen.text_chunks += bool(c.text)
+            return part
+
+        async for parts in self.parts(self._url, body, call.timeouts, self._headers, read, seen.ended):
+            yield parts
+        if not seen.usage:
             # Some upstreams (llama.cpp's server among them) ignore stream_options and send
             # no usage. They send one token a chunk, so the chunks are the completion count;
             # the prompt's count is not known. The part says it is an estimate.
-            yield StreamPart([], usage=Usage(0, text_chunks, text_chunks), usage_estimated=True)
+            chunks = seen.text_chunks
+            yield [StreamPart([], usage=Usage(0, chunks, chunks), usage_estimated=True)]
 
     async def fetch(self, method: str, path: str, fields: dict[str, Any] | None) -> Any:
         """One whole JSON exchange with the upstream's tokenizer endpoints (`path` under
@@ -259,26 +261,22 @@ class OpenAIAdapter(HttpAdapter):
 
     def _part(self, parsed: _Body) -> StreamPart:
         choices = [
-            ChunkChoice(
-                text=c.text,
-                index=c.index,
-                logprobs=c.logprobs,
-                finish_reason=(
-                    normalise_finish_reason(c.finish_reason)  # type: ignore[arg-type]
-                    if c.finish_reason is not None
-                    else None
-                ),
-                native_finish_reason=c.finish_reason if c.finish_reason is not None else UNSET,
-                reasoning=c.reasoning or c.reasoning_content,
+            # (text, index, logprobs, finish_reason, native_finish_reason, reasoning)
+            ChunkChoice(c.text, c.index, c.logprobs, None, UNSET, c.reasoning or c.reasoning_content)
+            if c.finish_reason is None
+            else ChunkChoice(
+                c.text,
+                c.index,
+                c.logprobs,
+                normalise_finish_reason(c.finish_reason),  # type: ignore[arg-type]
+                c.finish_reason,
+                c.reasoning or c.reasoning_content,
             )
             for c in parsed.choices
         ]
         u = parsed.usage
-        return StreamPart(
-            choices=choices,
-            usage=Usage(u.prompt_tokens, u.completion_tokens, u.total_tokens) if u else None,
-            system_fingerprint=parsed.system_fingerprint or UNSET,
-        )
+        usage = Usage(u.prompt_tokens, u.completion_tokens, u.total_tokens) if u else None
+        return StreamPart(choices, usage, parsed.system_fingerprint or UNSET)
 
     # -- translating failures -----------------------------------------------------------------
 

@@ -18,6 +18,7 @@ from llmrouter.providers import _http, _schemas
 from llmrouter.providers._common import (
     HttpAdapter,
     LogprobsBuilder,
+    Seen,
     conversation,
     max_tokens_for,
     missing_logprobs,
@@ -227,28 +228,29 @@ class OpenAIChatAdapter(HttpAdapter):
             )
         return Completion(choices, _usage(body.usage), body.system_fingerprint or UNSET)
 
-    async def stream(self, call: Call) -> AsyncIterator[StreamPart]:
+    async def stream(self, call: Call) -> AsyncIterator[list[StreamPart]]:
         k = call.request.logprobs
         builders: dict[int, LogprobsBuilder] = {}
         refused: set[int] = set()  # choices whose text is a refusal
-        usage_seen = False
-        chunks = 0
+        seen = Seen()
         body = self._body(call, stream=True)
-        async with self.events(self._url, body, call.timeouts, self._headers) as events:
-            async for event in events:
-                if event.data == b"[DONE]":
-                    events.finish()
-                    break
-                parsed = self._decode(event.data)
-                out = [self._delta(c, builders, refused, k) for c in parsed.choices]
-                chunks += sum(1 for c in out if c.text)
-                usage_seen = usage_seen or parsed.usage is not None
-                usage = _usage(parsed.usage) if parsed.usage is not None else None
-                yield StreamPart(out, usage, parsed.system_fingerprint or UNSET)
-            else:
-                raise self.ended_early()
-        if not usage_seen:  # an upstream that ignores stream_options: a chunk is about a token
-            yield StreamPart([], usage=Usage(0, chunks, chunks), usage_estimated=True)
+
+        def read(event: _http.Event) -> StreamPart | None:
+            if event.data == b"[DONE]":
+                seen.done = True
+                return None
+            parsed = self._decode(event.data)
+            out = [self._delta(c, builders, refused, k) for c in parsed.choices]
+            seen.text_chunks += sum(1 for c in out if c.text)
+            seen.usage = seen.usage or parsed.usage is not None
+            usage = _usage(parsed.usage) if parsed.usage is not None else None
+            return StreamPart(out, usage, parsed.system_fingerprint or UNSET)
+
+        async for parts in self.parts(self._url, body, call.timeouts, self._headers, read, seen.ended):
+            yield parts
+        if not seen.usage:  # an upstream that ignores stream_options: a chunk is about a token
+            chunks = seen.text_chunks
+            yield [StreamPart([], usage=Usage(0, chunks, chunks), usage_estimated=True)]
 
     def _delta(
         self, c: _Choice, builders: dict[int, LogprobsBuilder], refused: set[int], k: int | None

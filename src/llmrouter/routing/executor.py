@@ -57,6 +57,7 @@ from llmrouter.routing.streams import (
     CommittedStream,
     OpenStream,
     close,
+    from_produced,
     limit_at,
     open_continuation,
     timed_out,
@@ -67,8 +68,9 @@ from llmrouter.settings import RoutingSettings
 __all__ = ["Executor"]
 
 T = TypeVar("T")
-# A stream's first part, the rest, and (if it can be continued elsewhere) its splice.
-Opened = tuple[StreamPart, AsyncIterator[StreamPart], Splice | None]
+# A stream's first batch (from its first part on), the rest, and (if it can be continued
+# elsewhere) its splice.
+Opened = tuple[list[StreamPart], AsyncIterator[list[StreamPart]], Splice | None]
 # An attempt: the target, its call, and the loop time by which it must be over.
 AttemptFn = Callable[[Target, Call, float], Awaitable[T]]
 
@@ -249,7 +251,7 @@ class Executor:
             # A stream served from a complete answer has its first part when the answer is done.
             wait = call.timeouts.total if shape.buffered else call.timeouts.first_token
             try:  # (parts with nothing for the client yet do not commit it, and are dropped)
-                first = (await until_produced(parts, target.label, deadline, wait))[-1]
+                first = from_produced(await until_produced(parts, target.label, deadline, wait))
             except BaseException:
                 health.finished(target.label)
                 raise
@@ -398,7 +400,7 @@ class Executor:
         tokens: int,
         began: float,
         limit: int | None,
-    ) -> tuple[Target, AsyncIterator[StreamPart]]:
+    ) -> tuple[Target, AsyncIterator[list[StreamPart]]]:
         """`failed` broke off a committed stream with `exc` after sending `text` (`tokens`
         tokens): judge the failure, then continue the answer (at most `limit` tokens more) on the
         next deployment of the plan that starts, within the request's attempts, budget and

@@ -50,7 +50,7 @@ __all__ = ["BrokeOff", "Resume", "Splice", "first_limit", "resumable"]
 # when the stream cannot go on.
 Resume = Callable[
     ["Target", LlmrouterError, str, int, float, "int | None"],
-    Awaitable[tuple["Target", AsyncIterator[StreamPart]]],
+    Awaitable[tuple["Target", AsyncIterator[list[StreamPart]]]],
 ]
 # (the deployment, its failure, when its part began): judged, with nothing to continue.
 BrokeOff = Callable[["Target", LlmrouterError, float], None]
@@ -98,7 +98,7 @@ class Splice:
     async def complete(self, call: Call) -> Completion:  # a stream's upstream: never asked
         raise AssertionError("a splice only streams")
 
-    async def stream(self, call: Call) -> AsyncIterator[StreamPart]:
+    async def stream(self, call: Call) -> AsyncIterator[list[StreamPart]]:
         parts = aiter(self.target.provider.stream(call))
         began = time.perf_counter()
         while True:
@@ -106,25 +106,29 @@ class Splice:
             counted = 0  # this deployment's text parts
             reported: Usage | None = None  # its own count so far, when it streams one
             try:
-                async for part in parts:
-                    for choice in part.choices:
-                        if choice.text:
-                            self._text.append(choice.text)
-                            counted += 1
-                        reasoned = reasoned or bool(choice.reasoning)
-                        finished = finished or choice.finish_reason is not None
-                    usage = part.usage
-                    if usage is not None and not part.usage_estimated:
-                        reported = usage
-                    if usage is not None and not finished:  # a count of an unfinished answer
-                        if not part.choices:
-                            continue
-                        part = StreamPart(part.choices, None, part.system_fingerprint)
-                    elif usage is not None and self._cut:
-                        part = StreamPart(
-                            part.choices, self._usage(usage), part.system_fingerprint, True
-                        )
-                    yield part
+                async for batch in parts:
+                    out: list[StreamPart] = []
+                    for part in batch:
+                        for choice in part.choices:
+                            if choice.text:
+                                self._text.append(choice.text)
+                                counted += 1
+                            reasoned = reasoned or bool(choice.reasoning)
+                            finished = finished or choice.finish_reason is not None
+                        usage = part.usage
+                        if usage is not None and not part.usage_estimated:
+                            reported = usage
+                        if usage is not None and not finished:  # a count of an unfinished answer
+                            if not part.choices:
+                                continue
+                            part = StreamPart(part.choices, None, part.system_fingerprint)
+                        elif usage is not None and self._cut:
+                            part = StreamPart(
+                                part.choices, self._usage(usage), part.system_fingerprint, True
+                            )
+                        out.append(part)
+                    if out:
+                        yield out
                 if finished or not self.committed:
                     return  # (not committed, no finish: the shaping says the stream is broken)
                 failure: LlmrouterError = UpstreamUnavailable(
@@ -140,7 +144,7 @@ class Splice:
             if finished:  # the answer is whole; only its end (usage, [DONE]) was lost
                 self._broke_off(self.target, failure, began)
                 if reported is not None:  # the count it streamed is the best there is
-                    yield StreamPart([], self._usage(reported), usage_estimated=True)
+                    yield [StreamPart([], self._usage(reported), usage_estimated=True)]
                 return
             if reasoned:  # its reasoning is not in the text: a continuation would lack it
                 self._broke_off(self.target, failure, began)
@@ -150,7 +154,7 @@ class Splice:
             if limit == 0:  # it had sent every token the request allows: the answer is whole
                 self._broke_off(self.target, failure, began)
                 usage = None if reported is None else self._usage(reported)
-                yield StreamPart([ChunkChoice("", 0, None, "length")], usage, usage_estimated=True)
+                yield [StreamPart([ChunkChoice("", 0, None, "length")], usage, usage_estimated=True)]
                 return
             try:
                 target, parts = await self._resume(

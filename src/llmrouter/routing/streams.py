@@ -30,6 +30,7 @@ __all__ = [
     "CommittedStream",
     "OpenStream",
     "close",
+    "from_produced",
     "limit_at",
     "open_continuation",
     "produced",
@@ -53,18 +54,19 @@ class Attempt:
 
 
 class CommittedStream:
-    """The rest of a committed stream. A failure, the request's deadline, or an end without
-    every choice's finish reason is raised to the API layer and (when it is the deployment's
-    fault) counts against it. `aclose` releases the upstream; it is safe to call more than once,
-    and before iteration has begun. With a `splice`, a failure may instead be continued on
-    another deployment (see `routing/resume.py`): `target` is the one streaming now."""
+    """The rest of a committed stream, in batches of parts (see `Upstream.stream`). A failure, the
+    request's deadline, or an end without every choice's finish reason is raised to the API layer
+    and (when it is the deployment's fault) counts against it. `aclose` releases the upstream; it
+    is safe to call more than once, and before iteration has begun. With a `splice`, a failure
+    may instead be continued on another deployment (see `routing/resume.py`): `target` is the
+    one streaming now."""
 
     def __init__(
         self,
         health: HealthBook,
         target: Target,
-        first: StreamPart,
-        parts: AsyncIterator[StreamPart],
+        first: list[StreamPart],
+        parts: AsyncIterator[list[StreamPart]],
         deadline: float,
         splice: Splice | None = None,
     ) -> None:
@@ -73,8 +75,9 @@ class CommittedStream:
         self._splice = splice
         self._parts = parts
         self._deadline = deadline
-        self._open_choices = {c.index for c in first.choices if c.finish_reason is None}
         self._started = time.perf_counter()
+        self._open_choices: set[int] = set()
+        self._track(first)
         self._closed = False
         # The deadline is one timer for the whole stream, not a timeout per part: it cancels
         # the consumer only while that waits for a part (never while it writes one out), and a
@@ -95,7 +98,7 @@ class CommittedStream:
             self._cancelled = self._cancelling_before
             consumer.cancel()
 
-    async def __anext__(self) -> StreamPart:
+    async def __anext__(self) -> list[StreamPart]:
         if self._consumer is None:
             self._consumer = asyncio.current_task()
             self._timer = asyncio.get_running_loop().call_at(self._deadline, self._expire)
@@ -107,7 +110,7 @@ class CommittedStream:
             self._cancelling_before = self._consumer.cancelling() if self._consumer else 0
             self._waiting = True
             try:
-                part = await anext(self._parts)
+                parts = await anext(self._parts)
             except asyncio.CancelledError:
                 consumer = self._consumer
                 if (
@@ -135,17 +138,23 @@ class CommittedStream:
         except LlmrouterError as exc:
             await self.aclose()
             raise self._failed(exc) from None
-        for choice in part.choices:
-            if choice.finish_reason is None:
-                self._open_choices.add(choice.index)
-            else:
-                self._open_choices.discard(choice.index)
-        if part.usage is not None and part.usage.completion_tokens:
-            elapsed = time.perf_counter() - self._started
-            if elapsed > 0:
-                tokens_per_second = part.usage.completion_tokens / elapsed
-                self._health.observe_throughput(self.target.label, tokens_per_second)
-        return part
+        self._track(parts)
+        return parts
+
+    def _track(self, parts: list[StreamPart]) -> None:
+        """Which choices are still open; the deployment's throughput, once its count comes."""
+        open_choices = self._open_choices
+        for part in parts:
+            for choice in part.choices:
+                if choice.finish_reason is None:
+                    open_choices.add(choice.index)
+                else:
+                    open_choices.discard(choice.index)
+            if part.usage is not None and part.usage.completion_tokens:
+                elapsed = time.perf_counter() - self._started
+                if elapsed > 0:
+                    tokens_per_second = part.usage.completion_tokens / elapsed
+                    self._health.observe_throughput(self.target.label, tokens_per_second)
 
     @property
     def target(self) -> Target:
@@ -174,10 +183,11 @@ class CommittedStream:
 @dataclass(slots=True)
 class OpenStream:
     """A stream that has produced its first part: committed to `target` (with a splice, the
-    deployment that continues it is `rest.target`)."""
+    deployment that continues it is `rest.target`). `first` is the batch that part came in,
+    from that part on."""
 
     target: Target
-    first: StreamPart
+    first: list[StreamPart]
     rest: CommittedStream
     attempts: list[Attempt] = field(default_factory=list)
 
@@ -185,7 +195,9 @@ class OpenStream:
         await self.rest.aclose()
 
 
-async def open_continuation(target: Target, call: Call, deadline: float) -> AsyncIterator[StreamPart]:
+async def open_continuation(
+    target: Target, call: Call, deadline: float
+) -> AsyncIterator[list[StreamPart]]:
     """The continuation's stream, once it has produced something (within its time to first
     token, or its total time when it is a complete answer)."""
     shape = target.shape
@@ -210,24 +222,24 @@ async def open_continuation(target: Target, call: Call, deadline: float) -> Asyn
             )
             for c in result.choices
         ]
-        return _parts_of([StreamPart(choices, result.usage, result.system_fingerprint)])
+        return _batches_of([StreamPart(choices, result.usage, result.system_fingerprint)])
     parts = aiter(target.provider.stream(call))
     held = await until_produced(parts, target.label, deadline, call.timeouts.first_token)
     return _chained(held, parts)
 
 
 async def until_produced(
-    parts: AsyncIterator[StreamPart], label: str, deadline: float, seconds: float
+    parts: AsyncIterator[list[StreamPart]], label: str, deadline: float, seconds: float
 ) -> list[StreamPart]:
-    """A stream's parts up to the first with something for the client, within `seconds` (and
-    the request's `deadline`, in loop time). On any failure the stream is closed, and a timeout
-    or an empty stream is raised as the deployment's failure."""
+    """A stream's parts as far as the batch of the first with something for the client, within
+    `seconds` (and the request's `deadline`, in loop time). On any failure the stream is
+    closed, and a timeout or an empty stream is raised as the deployment's failure."""
     held: list[StreamPart] = []
     limit, is_deadline = limit_at(deadline, seconds)
     try:
         async with asyncio.timeout_at(limit):
-            while not held or not produced(held[-1]):
-                held.append(await anext(parts))
+            while not any(produced(part) for part in held):
+                held += await anext(parts)
     except BaseException as exc:
         await close(parts)
         if isinstance(exc, TimeoutError):
@@ -238,21 +250,27 @@ async def until_produced(
     return held
 
 
+def from_produced(parts: list[StreamPart]) -> list[StreamPart]:
+    """`parts` from the first with something for the client on (those before it say nothing)."""
+    for i, part in enumerate(parts):
+        if produced(part):
+            return parts[i:]
+    return []
+
+
 async def _chained(
-    held: list[StreamPart], parts: AsyncIterator[StreamPart]
-) -> AsyncIterator[StreamPart]:
+    held: list[StreamPart], parts: AsyncIterator[list[StreamPart]]
+) -> AsyncIterator[list[StreamPart]]:
     try:
-        for part in held:
-            yield part
-        async for part in parts:
-            yield part
+        yield held
+        async for batch in parts:
+            yield batch
     finally:
         await close(parts)
 
 
-async def _parts_of(parts: list[StreamPart]) -> AsyncIterator[StreamPart]:
-    for part in parts:
-        yield part
+async def _batches_of(parts: list[StreamPart]) -> AsyncIterator[list[StreamPart]]:
+    yield parts
 
 
 def limit_at(deadline: float, seconds: float) -> tuple[float, bool]:
