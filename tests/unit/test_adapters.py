@@ -811,3 +811,33 @@ def test_the_events_of_one_read_go_on_as_one_batch_and_a_failure_after_the_parts
     got, failure = batches(a, call(stream=True))
     assert texts(got) == [["a", "b"]]
     assert isinstance(failure, UpstreamUnavailable) and "cannot read" in str(failure)
+
+
+def test_a_stream_closed_early_gives_its_connection_back_at_once() -> None:
+    """A client that leaves mid-stream closes the adapter's stream: its connection goes back then,
+    not whenever the event loop gets round to finalizing a generator left behind."""
+    from llmrouter.providers.openai import OpenAIAdapter
+    from llmrouter.settings import OpenAIProvider
+
+    text = {"choices": [{"text": "a", "index": 0, "logprobs": None, "finish_reason": None}]}
+    delta = {"choices": [{"index": 0, "delta": {"content": "a"}}]}
+    block = {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}
+    kinds: list[tuple[type[Any], Any, bytes]] = [
+        (OpenAIAdapter, OpenAIProvider(base_url="http://up/v1"), sse(text)),
+        (OpenAIChatAdapter, CHAT, sse(delta)),
+        (AnthropicAdapter, CLAUDE, sse({"type": "message_start", "message": message()}, block,
+         {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "a"}},
+         named=True)),
+        (GeminiAdapter, GEMINI, sse(gemini(candidate({"text": "a"}, finish=None)))),
+    ]  # fmt: skip
+    for kind, settings, first in kinds:
+        response = _http.MockResponse(200, [first, first])  # and the rest is still to come
+        a, _ = adapter(kind, settings, response)
+
+        async def leave_after_the_first_batch(a: Any = a, response: Any = response) -> bool:
+            parts = a.stream(call(stream=True))
+            assert nonempty(await anext(parts))
+            await parts.aclose()
+            return response.released
+
+        assert asyncio.run(leave_after_the_first_batch()), kind.__name__

@@ -223,22 +223,26 @@ def test_a_cut_stream_with_only_a_chat_api_left_ends_at_once() -> None:
 class _Health:
     def __init__(self) -> None:
         self.finished_labels: list[str] = []
+        self.throughputs: list[float] = []
 
     def finished(self, label: str) -> None:
         self.finished_labels.append(label)
 
-    def observe_throughput(self, label: str, tokens_per_second: float) -> None: ...
+    def observe_throughput(self, label: str, tokens_per_second: float) -> None:
+        self.throughputs.append(tokens_per_second)
 
     def record(self, label: str, ok: bool) -> None: ...
 
 
-def _committed(parts: AsyncIterator[list[StreamPart]], seconds: float) -> tuple[object, _Health]:
+def _committed(
+    parts: AsyncIterator[list[StreamPart]], seconds: float, first: list[StreamPart] | None = None
+) -> tuple[object, _Health]:
     from types import SimpleNamespace
 
     from llmrouter.routing.streams import CommittedStream
     from llmrouter.wire.completions import ChunkChoice
 
-    first = [StreamPart([ChunkChoice("a", 0)])]
+    first = first or [StreamPart([ChunkChoice("a", 0)])]
     health = _Health()
     deadline = asyncio.get_running_loop().time() + seconds
     target = SimpleNamespace(label="p/x")
@@ -317,3 +321,35 @@ def test_a_client_that_leaves_as_the_deadline_passes_is_still_a_client_that_left
             await task
 
     asyncio.run(main())
+
+
+def test_a_throughput_is_timed_over_tokens_that_came_after_the_commit_only() -> None:
+    """A stream whose count comes with its first batch (a whole answer served as a stream, or a
+    short one in one read) says nothing about the deployment's speed: no sample, rather than
+    tokens over the microseconds since the commit. A count that came later is timed from it."""
+    from llmrouter.wire.completions import ChunkChoice
+
+    async def nothing_more() -> AsyncIterator[list[StreamPart]]:
+        return
+        yield
+
+    async def the_count_later() -> AsyncIterator[list[StreamPart]]:
+        await asyncio.sleep(0.2)
+        yield [StreamPart([ChunkChoice("", 0, None, "stop")], usage=Usage(1, 20, 21))]
+
+    async def main() -> tuple[_Health, _Health]:
+        whole = [
+            StreamPart([ChunkChoice("all of it", 0)]),
+            StreamPart([ChunkChoice("", 0, None, "stop")], usage=Usage(1, 20, 21)),
+        ]
+        at_once, at_once_health = _committed(nothing_more(), 10.0, whole)
+        async for _ in at_once:  # type: ignore[attr-defined]
+            pass
+        later, later_health = _committed(the_count_later(), 10.0)
+        async for _ in later:  # type: ignore[attr-defined]
+            pass
+        return at_once_health, later_health
+
+    at_once, later = asyncio.run(main())
+    assert at_once.throughputs == []
+    assert len(later.throughputs) == 1 and 20 < later.throughputs[0] < 110  # 20 tokens in 0.2 s

@@ -202,3 +202,54 @@ def test_a_conversation_goes_to_a_chat_api_or_a_chat_template_and_is_one_input()
         assert isinstance(shaped, Shape)
         assert shaped.inputs == 1 and shaped.emulated == ()  # nothing became a message: it is one
         assert shaped.request.messages == request.messages  # (the adapter renders the template)
+
+
+# -- a stream's batches through the shape -----------------------------------------------------------
+
+
+def shaped_batches(s: Shape, *batches: list[Any]) -> tuple[list[list[Any]], BaseException | None]:
+    """What the shape gives of an upstream stream of `batches` (each a list of (text, index,
+    finish) choices, one part each): its batches' choices, and the failure that ended it."""
+    import asyncio
+
+    from llmrouter.providers.base import Call, StreamPart
+    from llmrouter.settings import Timeouts
+    from llmrouter.wire.completions import ChunkChoice
+
+    class Upstream:
+        async def stream(self, call: Call) -> Any:
+            for batch in batches:
+                yield [StreamPart([ChunkChoice(t, i, None, f)]) for t, i, f in batch]
+
+    got: list[list[Any]] = []
+
+    async def run() -> None:
+        call = Call(DeploymentSettings(provider="p", model="m"), s.request, Timeouts())
+        async for batch in s.stream(Upstream(), call):  # type: ignore[arg-type]
+            got.append([(c.text, c.index, c.finish_reason) for p in batch for c in p.choices])
+
+    try:
+        asyncio.run(run())
+    except Exception as exc:
+        return got, exc
+    return got, None
+
+
+def test_a_choice_not_asked_for_fails_the_stream_after_the_parts_before_it() -> None:
+    from llmrouter.errors import UpstreamUnavailable
+
+    s = ok(FULL, n=2, stream=True)
+    got, failure = shaped_batches(s, [("a", 0, None), ("b", 1, None), ("c", 5, None)])
+    assert got == [[("a", 0, None), ("b", 1, None)]]
+    assert isinstance(failure, UpstreamUnavailable) and "choice 5" in str(failure)
+
+
+def test_of_two_checked_choices_ending_in_one_read_the_one_that_passed_goes_out_first() -> None:
+    from llmrouter.errors import InvalidOutput
+
+    s = ok(FULL, n=2, stream=True, response_format={"type": "json_object"})
+    assert s.checker is not None and not s.buffered
+    upstream = [("{}", 0, None), ("no", 1, None)], [("", 0, "stop"), ("pe", 1, None), ("", 1, "stop")]
+    got, failure = shaped_batches(s, *upstream)
+    assert got == [[("{}", 0, None), ("no", 1, None)], [("", 0, "stop"), ("pe", 1, None)]]
+    assert isinstance(failure, InvalidOutput)

@@ -180,14 +180,20 @@ class Shape:
             batches = _merge([provider.stream(c) for c, _ in calls])
         try:
             async for j, parts in batches:
-                out, ready = state.take(j, parts)
-                if state.unchecked:  # what ended there goes out once its check has passed
-                    if ready:
-                        yield out[:ready]
-                    await state.check()
-                    out = out[ready:]
+                out, failure = state.take(j, parts)
+                if state.gates:  # a part where a choice ended goes out once its check has passed
+                    sent = 0
+                    for at, ended in state.gates:
+                        if at > sent:
+                            yield out[sent:at]
+                            sent = at
+                        await self._check(ended)
+                    state.gates.clear()
+                    out = out[sent:]
                 if out:
                     yield out
+                if failure is not None:
+                    raise failure
                 if state.done:
                     break
         finally:
@@ -342,22 +348,27 @@ class _Streaming:
         self.estimated = False
         self.done = False  # every choice ended by the router's stops: the upstream can be closed
         self.unchecked: list[str] = []  # the texts of choices that ended, to check before sending
+        self.gates: list[tuple[int, str]] = []  # (where in `take`'s batch, the text to check there)
 
-    def take(self, j: int, parts: list[StreamPart]) -> tuple[list[StreamPart], int]:
-        """What of a batch of call `j`'s parts goes to the client, and how many of those parts
-        come before the first that waits for a check (`unchecked`): as many as there are when
-        none waits. After a part that ends every choice (`done`) the rest is not read."""
+    def take(self, j: int, parts: list[StreamPart]) -> tuple[list[StreamPart], LlmrouterError | None]:
+        """What of a batch of call `j`'s parts goes to the client, and the failure that cut the
+        batch short (after the parts before it). A part in which a choice ended that must pass its
+        check waits for it: `gates` says where, with the text. After a part that ends every choice
+        (`done`) the rest is not read."""
         out: list[StreamPart] = []
-        ready = -1
         for part in parts:
-            shaped = self._take(j, part)
-            if ready < 0 and self.unchecked:
-                ready = len(out)
+            try:
+                shaped = self._take(j, part)
+            except LlmrouterError as exc:
+                return out, exc
+            if self.unchecked:
+                self.gates += [(len(out), text) for text in self.unchecked]
+                self.unchecked.clear()
             if shaped is not None:
                 out.append(shaped)
             if self.done:
                 break
-        return out, len(out) if ready < 0 else ready
+        return out, None
 
     def _take(self, j: int, part: StreamPart) -> StreamPart | None:
         """What of part `part` of call `j` goes to the client (None: nothing yet)."""
@@ -403,11 +414,6 @@ class _Streaming:
         if not out:
             return None
         return StreamPart(out, system_fingerprint=part.system_fingerprint)
-
-    async def check(self) -> None:
-        """Check the choices that `take` saw end (InvalidOutput if one fails)."""
-        while self.unchecked:
-            await self.shape._check(self.unchecked.pop(0))
 
     def end(self) -> StreamPart:
         if len(self.ended) < self.expected:

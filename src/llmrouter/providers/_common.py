@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import codecs
 import contextlib
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any, ClassVar, TypeVar
 
 import msgspec
@@ -23,7 +23,7 @@ from llmrouter.obs.redact import Redactor
 from llmrouter.providers import _http
 from llmrouter.providers.base import ALL_PARAMETERS, Call, Capabilities, StreamPart, Tokenizer
 from llmrouter.settings import CheckSettings, DeploymentSettings, HttpProvider, Timeouts
-from llmrouter.wire.completions import Logprobs
+from llmrouter.wire.completions import Logprobs, Usage
 
 __all__ = [
     "HttpAdapter",
@@ -57,6 +57,15 @@ class Seen:
 
     def ended(self) -> bool:
         return self.done
+
+    def rest(self) -> list[StreamPart]:
+        """What follows `[DONE]`: nothing, or for an upstream that ignores `stream_options` and
+        sends no usage (llama.cpp's server among them) an estimate. Such upstreams send a token
+        a chunk, so the chunks are the completion's count; the prompt's is not known."""
+        if self.usage:
+            return []
+        chunks = self.text_chunks
+        return [StreamPart([], usage=Usage(0, chunks, chunks), usage_estimated=True)]
 
 
 class HttpAdapter:
@@ -178,17 +187,23 @@ class HttpAdapter:
     async def parts(
         self,
         url: str,
-        body: bytes,
+        body: bytes | Callable[[], Awaitable[bytes]],
         timeouts: Timeouts,
         headers: Mapping[str, str],
         read: Callable[[_http.Event], StreamPart | None],
         done: Callable[[], bool],
+        rest: Callable[[], list[StreamPart]] | None = None,
     ) -> AsyncIterator[list[StreamPart]]:
-        """A streamed answer, as `Upstream.stream` gives it: `read` makes each event's part (None:
-        the event adds nothing yet), and the parts of the events one read of the body brought go
-        on together. After the event for which `done()` holds, the connection goes back to the
-        pool and the stream ends; a body that ends before it is the deployment's failure. A
-        failure in the middle of a read comes after the parts before it."""
+        """A streamed answer, as `Upstream.stream` gives it (an adapter's `stream` returns this
+        generator itself, so that closing it gives the connection back at once). `body` is the
+        request, or what makes it when that takes long enough to leave the event loop. `read`
+        makes each event's part (None: the event adds nothing yet), and the parts of the events
+        one read of the body brought go on together. After the event for which `done()` holds,
+        the connection goes back to the pool and `rest()` (if given) adds the parts the stream
+        ends with; a body that ends before it is the deployment's failure. A failure in the
+        middle of a read comes after the parts before it."""
+        if not isinstance(body, bytes):
+            body = await body()
         async with self.events(url, body, timeouts, headers) as events:
             async for batch in events:
                 out: list[StreamPart] = []
@@ -203,6 +218,8 @@ class HttpAdapter:
                         out.append(part)
                     if done():
                         events.finish()
+                        if rest is not None:
+                            out += rest()
                         break
                 if out:
                     yield out

@@ -291,7 +291,7 @@ class AnthropicAdapter(HttpAdapter):
         )
         return Completion([choice], _usage(message.usage or _Usage()))
 
-    async def stream(self, call: Call) -> AsyncIterator[list[StreamPart]]:
+    def stream(self, call: Call) -> AsyncIterator[list[StreamPart]]:
         state = _Stream()
         body = self._body(call, stream=True)
 
@@ -301,8 +301,7 @@ class AnthropicAdapter(HttpAdapter):
         def stopped() -> bool:
             return state.stopped
 
-        async for parts in self.parts(self._url, body, call.timeouts, self._headers, read, stopped):
-            yield parts
+        return self.parts(self._url, body, call.timeouts, self._headers, read, stopped)
 
     def _read(self, data: bytes, state: _Stream) -> StreamPart | None:
         """One stream event: what it adds to the answer, if anything."""

@@ -264,7 +264,7 @@ class GeminiAdapter(HttpAdapter):
         ]  # (a whole answer is its one chunk; one without a finish reason stopped)
         return Completion(choices, _usage(response.usage_metadata))
 
-    async def stream(self, call: Call) -> AsyncIterator[list[StreamPart]]:
+    def stream(self, call: Call) -> AsyncIterator[list[StreamPart]]:
         url = self._url(call, ":streamGenerateContent?alt=sse")
         k = call.request.logprobs
         expected = call.request.n or 1
@@ -288,8 +288,7 @@ class GeminiAdapter(HttpAdapter):
         def done() -> bool:
             return len(finished) >= expected
 
-        async for parts in self.parts(url, self._body(call), call.timeouts, self._headers, read, done):
-            yield parts
+        return self.parts(url, self._body(call), call.timeouts, self._headers, read, done)
 
     def _decode(self, raw: bytes) -> _Response:
         response = self.decoded(_response, raw, "an answer")

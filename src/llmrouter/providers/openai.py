@@ -7,6 +7,7 @@ its answers and stream chunks read back, its error bodies classified.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator, Mapping
 from typing import Annotated, Any, TypeVar
 
@@ -212,8 +213,7 @@ class OpenAIAdapter(HttpAdapter):
             system_fingerprint=parsed.system_fingerprint or UNSET,
         )
 
-    async def stream(self, call: Call) -> AsyncIterator[list[StreamPart]]:
-        body = await self._encoded(call, stream=True)
+    def stream(self, call: Call) -> AsyncIterator[list[StreamPart]]:
         seen = Seen()
 
         def read(event: _http.Event) -> StreamPart | None:
@@ -228,14 +228,8 @@ class OpenAIAdapter(HttpAdapter):
                 seen.text_chunks += bool(c.text)
             return part
 
-        async for parts in self.parts(self._url, body, call.timeouts, self._headers, read, seen.ended):
-            yield parts
-        if not seen.usage:
-            # Some upstreams (llama.cpp's server among them) ignore stream_options and send
-            # no usage. They send one token a chunk, so the chunks are the completion count;
-            # the prompt's count is not known. The part says it is an estimate.
-            chunks = seen.text_chunks
-            yield [StreamPart([], usage=Usage(0, chunks, chunks), usage_estimated=True)]
+        body = functools.partial(self._encoded, call, stream=True)
+        return self.parts(self._url, body, call.timeouts, self._headers, read, seen.ended, seen.rest)
 
     async def fetch(self, method: str, path: str, fields: dict[str, Any] | None) -> Any:
         """One whole JSON exchange with the upstream's tokenizer endpoints (`path` under

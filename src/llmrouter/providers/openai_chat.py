@@ -228,7 +228,7 @@ class OpenAIChatAdapter(HttpAdapter):
             )
         return Completion(choices, _usage(body.usage), body.system_fingerprint or UNSET)
 
-    async def stream(self, call: Call) -> AsyncIterator[list[StreamPart]]:
+    def stream(self, call: Call) -> AsyncIterator[list[StreamPart]]:
         k = call.request.logprobs
         builders: dict[int, LogprobsBuilder] = {}
         refused: set[int] = set()  # choices whose text is a refusal
@@ -246,11 +246,7 @@ class OpenAIChatAdapter(HttpAdapter):
             usage = _usage(parsed.usage) if parsed.usage is not None else None
             return StreamPart(out, usage, parsed.system_fingerprint or UNSET)
 
-        async for parts in self.parts(self._url, body, call.timeouts, self._headers, read, seen.ended):
-            yield parts
-        if not seen.usage:  # an upstream that ignores stream_options: a chunk is about a token
-            chunks = seen.text_chunks
-            yield [StreamPart([], usage=Usage(0, chunks, chunks), usage_estimated=True)]
+        return self.parts(self._url, body, call.timeouts, self._headers, read, seen.ended, seen.rest)
 
     def _delta(
         self, c: _Choice, builders: dict[int, LogprobsBuilder], refused: set[int], k: int | None

@@ -75,13 +75,13 @@ class CommittedStream:
         self._splice = splice
         self._parts = parts
         self._deadline = deadline
-        self._started = time.perf_counter()
         self._open_choices: set[int] = set()
-        self._track(first)
+        self._track(first, timed=False)  # (a count in it came at the commit: timed over nothing)
+        self._started = time.perf_counter()
         self._closed = False
-        # The deadline is one timer for the whole stream, not a timeout per part: it cancels
-        # the consumer only while that waits for a part (never while it writes one out), and a
-        # deadline that passed meanwhile is raised at the next part.
+        # The deadline is one timer for the whole stream, not a timeout per batch: it cancels
+        # the consumer only while that waits for a batch (never while it writes one out), and a
+        # deadline that passed meanwhile is raised at the next batch.
         self._consumer: asyncio.Task[Any] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._waiting = self._expired = False
@@ -141,8 +141,9 @@ class CommittedStream:
         self._track(parts)
         return parts
 
-    def _track(self, parts: list[StreamPart]) -> None:
-        """Which choices are still open; the deployment's throughput, once its count comes."""
+    def _track(self, parts: list[StreamPart], *, timed: bool = True) -> None:
+        """Which choices are still open; the deployment's throughput, once its count comes after
+        the commit (timed from it)."""
         open_choices = self._open_choices
         for part in parts:
             for choice in part.choices:
@@ -150,7 +151,7 @@ class CommittedStream:
                     open_choices.add(choice.index)
                 else:
                     open_choices.discard(choice.index)
-            if part.usage is not None and part.usage.completion_tokens:
+            if timed and part.usage is not None and part.usage.completion_tokens:
                 elapsed = time.perf_counter() - self._started
                 if elapsed > 0:
                     tokens_per_second = part.usage.completion_tokens / elapsed
@@ -238,8 +239,11 @@ async def until_produced(
     limit, is_deadline = limit_at(deadline, seconds)
     try:
         async with asyncio.timeout_at(limit):
-            while not any(produced(part) for part in held):
-                held += await anext(parts)
+            while True:
+                batch = await anext(parts)
+                held += batch
+                if any(produced(part) for part in batch):
+                    break
     except BaseException as exc:
         await close(parts)
         if isinstance(exc, TimeoutError):
