@@ -841,3 +841,31 @@ def test_a_stream_closed_early_gives_its_connection_back_at_once() -> None:
             return response.released
 
         assert asyncio.run(leave_after_the_first_batch()), kind.__name__
+
+
+def test_the_local_engines_stream_closed_early_stops_its_job_at_once() -> None:
+    """As the HTTP kinds' (above): a client that leaves stops the local job then, not when the
+    event loop finalizes a generator left behind (found by a review)."""
+    from llmrouter.providers._llama_engine import ChoiceDelta
+    from llmrouter.providers.llamacpp import LlamaCppAdapter
+
+    stopped: list[str] = []
+
+    class Engine(LlamaCppAdapter):
+        def __init__(self) -> None: ...  # (no model: `_run` plays the engine's job)
+
+        async def _run(self, call: Call) -> AsyncIterator[Any]:
+            try:
+                for i in range(100):
+                    yield ChoiceDelta(0, f"t{i}", None)
+                    await asyncio.sleep(0)
+            finally:
+                stopped.append("job cancelled")
+
+    async def leave_after_the_first_batch() -> list[str]:
+        parts = Engine().stream(call(stream=True))
+        assert nonempty(await anext(parts))
+        await parts.aclose()
+        return list(stopped)
+
+    assert asyncio.run(leave_after_the_first_batch()) == ["job cancelled"]

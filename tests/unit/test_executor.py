@@ -223,26 +223,22 @@ def test_a_cut_stream_with_only_a_chat_api_left_ends_at_once() -> None:
 class _Health:
     def __init__(self) -> None:
         self.finished_labels: list[str] = []
-        self.throughputs: list[float] = []
 
     def finished(self, label: str) -> None:
         self.finished_labels.append(label)
 
-    def observe_throughput(self, label: str, tokens_per_second: float) -> None:
-        self.throughputs.append(tokens_per_second)
+    def observe_throughput(self, label: str, tokens_per_second: float) -> None: ...
 
     def record(self, label: str, ok: bool) -> None: ...
 
 
-def _committed(
-    parts: AsyncIterator[list[StreamPart]], seconds: float, first: list[StreamPart] | None = None
-) -> tuple[object, _Health]:
+def _committed(parts: AsyncIterator[list[StreamPart]], seconds: float) -> tuple[object, _Health]:
     from types import SimpleNamespace
 
     from llmrouter.routing.streams import CommittedStream
     from llmrouter.wire.completions import ChunkChoice
 
-    first = first or [StreamPart([ChunkChoice("a", 0)])]
+    first = [StreamPart([ChunkChoice("a", 0)])]
     health = _Health()
     deadline = asyncio.get_running_loop().time() + seconds
     target = SimpleNamespace(label="p/x")
@@ -323,33 +319,51 @@ def test_a_client_that_leaves_as_the_deadline_passes_is_still_a_client_that_left
     asyncio.run(main())
 
 
-def test_a_throughput_is_timed_over_tokens_that_came_after_the_commit_only() -> None:
-    """A stream whose count comes with its first batch (a whole answer served as a stream, or a
-    short one in one read) says nothing about the deployment's speed: no sample, rather than
-    tokens over the microseconds since the commit. A count that came later is timed from it."""
+def test_a_streams_throughput_is_timed_over_its_whole_attempt_as_an_answers_is() -> None:
+    """A short answer whose events all come in one read, and a whole answer served as a stream
+    (a deployment that cannot stream): tokens over the attempt's time, never over the
+    microseconds between the commit and the batch that carries the count (found by a review)."""
     from llmrouter.wire.completions import ChunkChoice
 
-    async def nothing_more() -> AsyncIterator[list[StreamPart]]:
-        return
-        yield
+    class OneRead(Scripted):
+        def __init__(self, streams: bool) -> None:
+            super().__init__(self.whole)
+            self.streams = streams
 
-    async def the_count_later() -> AsyncIterator[list[StreamPart]]:
-        await asyncio.sleep(0.2)
-        yield [StreamPart([ChunkChoice("", 0, None, "stop")], usage=Usage(1, 20, 21))]
+        async def whole(self, call: Call) -> Completion:
+            await asyncio.sleep(0.3)
+            return Completion([CompletionChoice("twenty tokens", 0, None, "stop")], Usage(5, 20, 25))
 
-    async def main() -> tuple[_Health, _Health]:
-        whole = [
-            StreamPart([ChunkChoice("all of it", 0)]),
-            StreamPart([ChunkChoice("", 0, None, "stop")], usage=Usage(1, 20, 21)),
-        ]
-        at_once, at_once_health = _committed(nothing_more(), 10.0, whole)
-        async for _ in at_once:  # type: ignore[attr-defined]
-            pass
-        later, later_health = _committed(the_count_later(), 10.0)
-        async for _ in later:  # type: ignore[attr-defined]
-            pass
-        return at_once_health, later_health
+        def capabilities(self, deployment: DeploymentSettings) -> Capabilities:
+            return Capabilities(parameters=ALL_PARAMETERS - (set() if self.streams else {"stream"}))
 
-    at_once, later = asyncio.run(main())
-    assert at_once.throughputs == []
-    assert len(later.throughputs) == 1 and 20 < later.throughputs[0] < 110  # 20 tokens in 0.2 s
+        async def stream(self, call: Call) -> AsyncIterator[list[StreamPart]]:
+            await asyncio.sleep(0.3)  # then text, its end and the count in one read
+            yield [
+                StreamPart([ChunkChoice("twenty tokens", 0)]),
+                StreamPart([ChunkChoice("", 0, None, "stop")]),
+                StreamPart([], usage=Usage(5, 20, 25)),
+            ]
+
+    def sample(streams: bool) -> float | None:
+        settings = Settings(
+            providers={"p": OpenAIProvider(base_url="http://127.0.0.1:9/v1")},
+            models=[ModelSettings(id="m", deployments=[DeploymentSettings(provider="p", model="x")])],
+        )
+        health = LocalHealth(settings.routing.health)
+        catalog = Catalog(settings, {"p": OneRead(streams)}, health)  # type: ignore[dict-item]
+        executor = Executor(settings.routing, health)
+        body = b'{"model": "m", "prompt": "Hi", "stream": true}'
+        route, request = from_completions(*decode_completion_request(body))
+
+        async def run() -> None:
+            opened = await executor.open_stream(catalog.plan(route, request, None), request, "r")
+            async for _ in opened.rest:
+                pass
+
+        asyncio.run(run())
+        return health.throughput("p/x")
+
+    for streams in (True, False):
+        rate = sample(streams)
+        assert rate is not None and 20 < rate < 70, (streams, rate)  # 20 tokens in 0.3 s

@@ -207,19 +207,28 @@ def test_a_conversation_goes_to_a_chat_api_or_a_chat_template_and_is_one_input()
 # -- a stream's batches through the shape -----------------------------------------------------------
 
 
-def shaped_batches(s: Shape, *batches: list[Any]) -> tuple[list[list[Any]], BaseException | None]:
-    """What the shape gives of an upstream stream of `batches` (each a list of (text, index,
-    finish) choices, one part each): its batches' choices, and the failure that ended it."""
+def shaped_batches(
+    s: Shape, *batches: list[Any], usages: list[Any] | None = None
+) -> tuple[list[list[Any]], BaseException | None]:
+    """What the shape gives of an upstream stream of `batches` (each a list of parts: a
+    (text, index, finish) choice, a list of them, or a StreamPart): its batches' choices, and the
+    failure that ended it. `usages` gets the usage of each part that has one."""
     import asyncio
 
     from llmrouter.providers.base import Call, StreamPart
     from llmrouter.settings import Timeouts
     from llmrouter.wire.completions import ChunkChoice
 
+    def part(spec: Any) -> StreamPart:
+        if isinstance(spec, StreamPart):
+            return spec
+        choices = spec if isinstance(spec, list) else [spec]
+        return StreamPart([ChunkChoice(t, i, None, f) for t, i, f in choices])
+
     class Upstream:
         async def stream(self, call: Call) -> Any:
             for batch in batches:
-                yield [StreamPart([ChunkChoice(t, i, None, f)]) for t, i, f in batch]
+                yield [part(p) for p in batch]
 
     got: list[list[Any]] = []
 
@@ -227,6 +236,8 @@ def shaped_batches(s: Shape, *batches: list[Any]) -> tuple[list[list[Any]], Base
         call = Call(DeploymentSettings(provider="p", model="m"), s.request, Timeouts())
         async for batch in s.stream(Upstream(), call):  # type: ignore[arg-type]
             got.append([(c.text, c.index, c.finish_reason) for p in batch for c in p.choices])
+            if usages is not None:
+                usages.extend((p.usage, p.usage_estimated) for p in batch if p.usage is not None)
 
     try:
         asyncio.run(run())
@@ -253,3 +264,28 @@ def test_of_two_checked_choices_ending_in_one_read_the_one_that_passed_goes_out_
     got, failure = shaped_batches(s, *upstream)
     assert got == [[("{}", 0, None), ("no", 1, None)], [("", 0, "stop"), ("pe", 1, None)]]
     assert isinstance(failure, InvalidOutput)
+
+    # Ending in one part, as Gemini sends its candidates: the one that passed still goes first.
+    upstream = [[("{}", 0, None), ("no", 1, None)]], [[("", 0, "stop"), ("pe", 1, "stop")]]
+    got, failure = shaped_batches(s, *upstream)
+    assert got == [[("{}", 0, None), ("no", 1, None)], [("", 0, "stop")]]
+    assert isinstance(failure, InvalidOutput)
+
+
+def test_a_stream_the_upstream_ended_itself_is_read_on_for_its_count() -> None:
+    """The router's stops make the shape watch every choice; once each has ended, it stops the
+    upstream only if one was cut by the router (its count would not come). One the upstream
+    ended itself has its count next, which is the ledger's, not an estimate (found by a review)."""
+    from llmrouter.providers.base import StreamPart
+    from llmrouter.wire.completions import Usage
+
+    s = ok(FULL, stream=True, stop=["zzz"])
+    assert not s.plain and not s.drain
+    counted = StreamPart([], usage=Usage(120, 3, 123))
+    usages: list[Any] = []
+    got, failure = shaped_batches(s, [("hello world", 0, None), ("", 0, "stop"), counted], usages=usages)
+    assert failure is None and usages == [(Usage(120, 3, 123), False)]
+    usages.clear()
+    got, failure = shaped_batches(s, [("hello zzz and on", 0, None)], [counted], usages=usages)
+    assert failure is None and got[0] == [("hello ", 0, "stop")]  # cut by the router: stopped
+    assert usages == [(Usage(0, 1, 1), True)]  # its count, estimated (the upstream's never came)

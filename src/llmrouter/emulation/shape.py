@@ -252,10 +252,10 @@ class Shape:
         shaper: ChoiceShaper,
         choice: ChunkChoice,
         ended: set[int],
-        unchecked: list[str],
+        unchecked: list[tuple[int, str]],
     ) -> ChunkChoice:
-        """A streamed choice's chunk, shaped; a choice that ended adds its text to `unchecked`
-        when it needs checking (before this chunk goes out)."""
+        """A streamed choice's chunk, shaped; a choice that ended adds its index and text to
+        `unchecked` when it needs checking (before this chunk goes out)."""
         shaped = shaper.feed(choice.text, choice.logprobs)
         finish, native = choice.finish_reason, choice.native_finish_reason
         if finish is not None and not shaper.stopped:
@@ -265,7 +265,7 @@ class Shape:
         if finish is not None:
             ended.add(index)
             if (text := self._to_check(shaper, finish)) is not None:
-                unchecked.append(text)
+                unchecked.append((index, text))
         reasoning = "".join(filter(None, (choice.reasoning, shaped.reasoning))) or None
         return ChunkChoice(
             shaped.text,
@@ -346,8 +346,9 @@ class _Streaming:
         self.ended: set[int] = set()
         self.usages: list[Usage] = []
         self.estimated = False
-        self.done = False  # every choice ended by the router's stops: the upstream can be closed
-        self.unchecked: list[str] = []  # the texts of choices that ended, to check before sending
+        self.cut = False  # a choice was ended by the router's stops, before the upstream's end
+        self.done = False  # every choice has ended, one by the router: the upstream can be closed
+        self.unchecked: list[tuple[int, str]] = []  # choices that ended, to check before sending
         self.gates: list[tuple[int, str]] = []  # (where in `take`'s batch, the text to check there)
 
     def take(self, j: int, parts: list[StreamPart]) -> tuple[list[StreamPart], LlmrouterError | None]:
@@ -361,10 +362,15 @@ class _Streaming:
                 shaped = self._take(j, part)
             except LlmrouterError as exc:
                 return out, exc
-            if self.unchecked:
-                self.gates += [(len(out), text) for text in self.unchecked]
+            if self.unchecked:  # each choice a part of its own, an ended one after its check
+                assert shaped is not None, "an ended choice has its chunk"
+                checks = dict(self.unchecked)
                 self.unchecked.clear()
-            if shaped is not None:
+                for c in shaped.choices:
+                    if c.index in checks:
+                        self.gates.append((len(out), checks[c.index]))
+                    out.append(StreamPart([c], system_fingerprint=shaped.system_fingerprint))
+            elif shaped is not None:
                 out.append(shaped)
             if self.done:
                 break
@@ -404,11 +410,14 @@ class _Streaming:
             if shaper is None:
                 shaper = self.shapers[index] = shape._shaper(index)
             out.append(shape._chunk(index, shaper, choice, self.ended, self.unchecked))
+            if choice.finish_reason is None and index in self.ended:
+                self.cut = True  # (by a stop sequence the router enforced)
             if shape.plain and shaper.settled and index not in self.ended:
                 self.settled.add(index)
-        if len(self.ended) == self.expected and not shape.drain and not self.usages:
-            # Every choice has ended (a stop the router enforced, before the upstream knew):
-            # stop the upstream rather than let it run on for nothing.
+        if len(self.ended) == self.expected and self.cut and not shape.drain and not self.usages:
+            # Every choice has ended, one by a stop the router enforced before the upstream knew:
+            # stop the upstream rather than let it run on for nothing. (Where the upstream ended
+            # each itself, its count follows: read on for it.)
             self.usages.append(Usage(0, sum(s.tokens for s in self.shapers.values()), 0))
             self.estimated = self.done = True
         if not out:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -190,19 +191,21 @@ class LlamaCppAdapter:
         return Completion(choices=choices, usage=usage)
 
     async def stream(self, call: Call) -> AsyncIterator[list[StreamPart]]:
-        # (A token at a time: the engine's events come as it decodes, one a step.)
-        async for event in self._run(call):
-            if isinstance(event, ChoiceDelta):
-                logprobs = _logprobs(event.tokens) if event.tokens is not None else None
-                yield [StreamPart([ChunkChoice(event.text, event.index, logprobs)])]
-            elif isinstance(event, ChoiceEnd):
-                reason = event.finish_reason
-                end = ChunkChoice("", event.index, None, reason, reason)  # type: ignore[arg-type]
-                yield [StreamPart([end])]
-            elif isinstance(event, JobUsage):
-                yield [StreamPart([], usage=_usage(event))]
+        # (A token at a time: the engine's events come as it decodes, one a step.) Closed with
+        # this stream, so that a client who leaves stops the job at once.
+        async with contextlib.aclosing(self._run(call)) as events:
+            async for event in events:
+                if isinstance(event, ChoiceDelta):
+                    logprobs = _logprobs(event.tokens) if event.tokens is not None else None
+                    yield [StreamPart([ChunkChoice(event.text, event.index, logprobs)])]
+                elif isinstance(event, ChoiceEnd):
+                    reason = event.finish_reason
+                    end = ChunkChoice("", event.index, None, reason, reason)  # type: ignore[arg-type]
+                    yield [StreamPart([end])]
+                elif isinstance(event, JobUsage):
+                    yield [StreamPart([], usage=_usage(event))]
 
-    async def _run(self, call: Call) -> AsyncIterator[ChoiceDelta | ChoiceEnd | JobUsage]:
+    async def _run(self, call: Call) -> AsyncGenerator[ChoiceDelta | ChoiceEnd | JobUsage, None]:
         engine = self._engines.get(call.deployment.model)
         if engine is None:
             raise ServiceUnavailable(f"No local model {call.deployment.model!r} is configured.")

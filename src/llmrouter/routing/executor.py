@@ -68,9 +68,9 @@ from llmrouter.settings import RoutingSettings
 __all__ = ["Executor"]
 
 T = TypeVar("T")
-# A stream's first batch (from its first part on), the rest, and (if it can be continued
-# elsewhere) its splice.
-Opened = tuple[list[StreamPart], AsyncIterator[list[StreamPart]], Splice | None]
+# A stream's first batch (from its first part on), the rest, (if it can be continued elsewhere)
+# its splice, and when its attempt began (`time.perf_counter`).
+Opened = tuple[list[StreamPart], AsyncIterator[list[StreamPart]], Splice | None, float]
 # An attempt: the target, its call, and the loop time by which it must be over.
 AttemptFn = Callable[[Target, Call, float], Awaitable[T]]
 
@@ -256,17 +256,17 @@ class Executor:
                 health.finished(target.label)
                 raise
             health.observe_latency(target.label, time.perf_counter() - started)
-            return first, parts, splice
+            return first, parts, splice, started
 
         async def discard(target: Target, opened: Opened) -> None:
             health.finished(target.label)
             await close(opened[1])
 
         run = self._new_run(plan, request, request_id, attempt, discard, resume)
-        target, (first, parts, splice) = await self._run(run)
+        target, (first, parts, splice, started) = await self._run(run)
         if splice is not None:
             splice.committed = True
-        rest = CommittedStream(health, target, first, parts, run.deadline, splice)
+        rest = CommittedStream(health, target, first, parts, run.deadline, splice, started)
         return OpenStream(target, first, rest, run.attempts)
 
     # -- the way through a plan ---------------------------------------------------------------

@@ -69,15 +69,18 @@ class CommittedStream:
         parts: AsyncIterator[list[StreamPart]],
         deadline: float,
         splice: Splice | None = None,
+        started: float | None = None,
     ) -> None:
+        """`started`: when the attempt began (`time.perf_counter`; default now), which its
+        throughput is timed from, as a complete answer's is: over the whole attempt."""
         self._health = health
         self._target = target
         self._splice = splice
         self._parts = parts
         self._deadline = deadline
+        self._started = time.perf_counter() if started is None else started
         self._open_choices: set[int] = set()
-        self._track(first, timed=False)  # (a count in it came at the commit: timed over nothing)
-        self._started = time.perf_counter()
+        self._track(first)
         self._closed = False
         # The deadline is one timer for the whole stream, not a timeout per batch: it cancels
         # the consumer only while that waits for a batch (never while it writes one out), and a
@@ -141,9 +144,8 @@ class CommittedStream:
         self._track(parts)
         return parts
 
-    def _track(self, parts: list[StreamPart], *, timed: bool = True) -> None:
-        """Which choices are still open; the deployment's throughput, once its count comes after
-        the commit (timed from it)."""
+    def _track(self, parts: list[StreamPart]) -> None:
+        """Which choices are still open; the deployment's throughput, once its count comes."""
         open_choices = self._open_choices
         for part in parts:
             for choice in part.choices:
@@ -151,7 +153,7 @@ class CommittedStream:
                     open_choices.add(choice.index)
                 else:
                     open_choices.discard(choice.index)
-            if timed and part.usage is not None and part.usage.completion_tokens:
+            if part.usage is not None and part.usage.completion_tokens:
                 elapsed = time.perf_counter() - self._started
                 if elapsed > 0:
                     tokens_per_second = part.usage.completion_tokens / elapsed
