@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
-from dataclasses import replace
 from typing import Any
 
 import msgspec
@@ -640,7 +639,7 @@ def test_openai_chat_reasoning_budget_and_a_deployments_own_stream_usage() -> No
     )
     assert not a.capabilities(lacking).stream_usage
     c = call(stream=True)
-    parts = stream(a, replace(c, deployment=lacking))
+    parts = stream(a, msgspec.structs.replace(c, deployment=lacking))
     assert "stream_options" not in sent(t) and parts[-1].usage_estimated
 
 

@@ -18,7 +18,6 @@ import email.utils
 import math
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass, field
 from typing import Protocol
 
 import aiohttp
@@ -59,12 +58,11 @@ MAX_SSE_LINE = 64 * 1024 * 1024  # one line of a stream (a long completion in on
 _MAX_RETRY_AFTER = 3600.0
 
 
-@dataclass(frozen=True, slots=True)
-class Request:
+class Request(msgspec.Struct, frozen=True):
     method: str
     url: str
     body: bytes | None = None
-    headers: Mapping[str, str] = field(default_factory=dict)
+    headers: Mapping[str, str] = msgspec.field(default_factory=dict)
 
 
 class Response(Protocol):

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, get_args
 
+import msgspec
 from msgspec import UNSET, Struct, UnsetType
 
 from llmrouter.generation import Generation
@@ -82,15 +83,15 @@ class Capabilities:
     reasoning: frozenset[str] = frozenset({"effort", "max_tokens", "enabled"})
 
 
-@dataclass(frozen=True, slots=True)
-class Call:
-    """One attempt at one deployment, as the adapter sees it."""
+class Call(Struct, frozen=True):
+    """One attempt at one deployment, as the adapter sees it. (A struct: made for every attempt,
+    where a frozen dataclass costs several times as much.)"""
 
     deployment: DeploymentSettings
     request: Generation  # what this call asks (its prompts: those of this call only)
     timeouts: Timeouts
     request_id: str = ""
-    extra_headers: dict[str, str] = field(default_factory=dict)
+    extra_headers: dict[str, str] = msgspec.field(default_factory=dict)
 
 
 class Completion(Struct):

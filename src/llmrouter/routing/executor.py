@@ -32,7 +32,7 @@ import functools
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Generic, NoReturn, TypeVar
 
 import msgspec
@@ -244,7 +244,8 @@ class Executor:
             if can_resume and not shape.buffered and _resumes(run, target):
                 cap = first_limit(request, target.capabilities.default_max_tokens)
                 if cap is not None and call.request.max_tokens != cap:  # what the seam counts from
-                    call = replace(call, request=msgspec.structs.replace(call.request, max_tokens=cap))
+                    capped = msgspec.structs.replace(call.request, max_tokens=cap)
+                    call = msgspec.structs.replace(call, request=capped)
                 resume_at = functools.partial(self._continue, run)
                 splice = Splice(target, cap, resume_at, functools.partial(self._broke_off, run))
             parts = aiter(shape.stream(splice or target.provider, call))
