@@ -61,16 +61,10 @@ class StalledDatabase:
         return getattr(self.db, name)
 
     async def insert_rows(
-        self,
-        table: str,
-        columns: Sequence[str],
-        rows: Sequence[Sequence[Any]],
-        *,
-        key: str,
-        background: bool = False,
+        self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], *, key: str
     ) -> None:
         await self.go.wait()
-        await self.db.insert_rows(table, columns, rows, key=key, background=background)
+        await self.db.insert_rows(table, columns, rows, key=key)
 
 
 class SlowCommits(CountingDatabase):
@@ -557,42 +551,5 @@ def test_a_dead_makers_hidden_file_goes_and_a_new_ones_stays(tmp_path: Path) -> 
         os.utime(old, (1, 1))
         assert await replay(folder, db, **LEDGER) == 0
         assert not old.exists() and new.exists()
-
-    run(lambda: open_database(None, tmp_path), work)
-
-
-def test_journaled_batches_are_written_at_idle_priority_and_what_is_waited_for_is_not(
-    tmp_path: Path,
-) -> None:
-    """SQLite's work for a batch nobody waits for (its records are in the journal) runs on a
-    thread of idle priority, so that it never takes the event loop's core (the c1 p99 in
-    bench/README); a flush, a backlog of a full batch and a record an answer waits for (no
-    journal) are written at normal priority."""
-
-    async def work(db: Database) -> None:
-        counting = CountingDatabase(db)
-        ledger = Ledger(counting, journal=journal_of(db), batch_max=2)  # type: ignore[arg-type]
-        ledger.start()
-        await ledger.commit(record("cmpl-a"))  # journaled: it returns at once
-        await asyncio.sleep(GATHER_SECONDS * 3)  # and is written after the gather
-        assert counting.backgrounds == [True]
-        await ledger.commit(record("cmpl-b"))
-        await ledger.flush()
-        assert counting.backgrounds == [True, False]  # waited for
-        del counting.backgrounds[:]
-        await asyncio.gather(*(ledger.commit(record(f"cmpl-c{n}")) for n in range(5)))
-        await ledger.flush()
-        assert counting.backgrounds[0] is False  # five for batches of two: behind
-        await ledger.aclose()
-        unjournaled = Ledger(counting)  # type: ignore[arg-type]
-        unjournaled.start()
-        del counting.backgrounds[:]
-        await unjournaled.commit(record("cmpl-d"))  # the answer waits for the database
-        assert counting.backgrounds == [False]
-        await unjournaled.aclose()
-        assert await count(db) == 8
-        idle = db._idle  # type: ignore[attr-defined]
-        policy = await asyncio.get_running_loop().run_in_executor(idle, os.sched_getscheduler, 0)
-        assert policy == os.SCHED_IDLE
 
     run(lambda: open_database(None, tmp_path), work)

@@ -166,23 +166,15 @@ class CountingDatabase:
     def __init__(self, db: Database) -> None:
         self.db = db
         self.batches: list[int] = []
-        self.backgrounds: list[bool] = []  # each batch's `background`
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.db, name)
 
     async def insert_rows(
-        self,
-        table: str,
-        columns: Sequence[str],
-        rows: Sequence[Sequence[Any]],
-        *,
-        key: str,
-        background: bool = False,
+        self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], *, key: str
     ) -> None:
         self.batches.append(len(rows))
-        self.backgrounds.append(background)
-        await self.db.insert_rows(table, columns, rows, key=key, background=background)
+        await self.db.insert_rows(table, columns, rows, key=key)
 
 
 def test_ledger_group_commit_is_durable_and_idempotent(opener: Opener) -> None:

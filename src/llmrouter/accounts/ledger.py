@@ -297,18 +297,12 @@ class Ledger:
         for one now, the batch is not full, and every record waiting is in the journal."""
         if self._flushing is not None and self._flushing.done():
             self._flushing = None
-        return self._unhurried(self._pending)
-
-    def _unhurried(self, entries: list[_Entry]) -> bool:
-        """Nobody waits for `entries` (each is in the journal), nor for a flush, and the writer
-        keeps up (less than a batch waits): they may wait, for more to gather (`_gathering`) or
-        for a core nothing else wants (their write in the background)."""
         return (
             not self._hurry.is_set()
             and self._flushing is None
             and not self._closing
             and len(self._pending) < self._batch_max
-            and all(_in_journal(entry) for entry in entries)
+            and all(_in_journal(entry) for entry in self._pending)
         )
 
     async def _write_forever(self) -> None:
@@ -343,10 +337,7 @@ class Ledger:
                 # one PostgreSQL) then take those rows' locks in one order, and never deadlock.
                 ordered = sorted(batch, key=_entry_order)
                 rows = [row if row is not None else record.row() for record, _, _, row, _ in ordered]
-                background = self._unhurried(batch)
-                await self._db.insert_rows(
-                    "ledger", _COLUMNS, rows, key="request_id", background=background
-                )
+                await self._db.insert_rows("ledger", _COLUMNS, rows, key="request_id")
                 break
             except StoreError as exc:
                 self._on_write_error()

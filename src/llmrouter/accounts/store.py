@@ -338,18 +338,10 @@ class Database(Protocol):
         """Run one statement in its own transaction; the number of rows it changed."""
 
     async def insert_rows(
-        self,
-        table: str,
-        columns: Sequence[str],
-        rows: Sequence[Sequence[Any]],
-        *,
-        key: str,
-        background: bool = False,
+        self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], *, key: str
     ) -> None:
         """Insert `rows` in one durable transaction, skipping any whose `key` column already
-        holds the value (the ledger's group commit; retrying a batch never doubles a row).
-        `background`: nobody waits for it (its rows are safe in the journal), so it may wait for
-        a core nobody else wants (SQLite's work is the server's own CPU; PostgreSQL's is not)."""
+        holds the value (the ledger's group commit; retrying a batch never doubles a row)."""
 
     async def ping(self) -> bool: ...
 
@@ -420,16 +412,6 @@ class SqliteDatabase:
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(f"cannot open the store at {path}: {exc}") from None
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="llmrouter-sqlite")
-        # Background writes (the ledger's journaled batches, some 4 ms of SQLite's CPU each)
-        # run on a thread of idle priority, with a connection of their own: woken beside the
-        # event loop's thread, a normal one took its core for the length of a commit, which was
-        # the c1 p99 (bench/README). (One way only: an unprivileged thread cannot come back
-        # from SCHED_IDLE; a backlog the ledger sees go slow is written on `_thread`.)
-        self._idle = ThreadPoolExecutor(
-            1, thread_name_prefix="llmrouter-sqlite-idle", initializer=_idle_priority
-        )
-        self._idle_conn: sqlite3.Connection | None = None
-        self._sync = sync
         self._reporter = ThreadPoolExecutor(1, thread_name_prefix="llmrouter-sqlite-reports")
         self._report_db: sqlite3.Connection | None = None
         self._watch: _Watch | None = None
@@ -456,13 +438,6 @@ class SqliteDatabase:
         except sqlite3.Error as exc:
             raise StoreError(f"{self.where}: {exc}") from None
 
-    def _idle_db(self) -> sqlite3.Connection:
-        """The connection of the idle-priority thread (made there, on first use)."""
-        if self._idle_conn is None:
-            self._idle_conn = self._connect()
-            self._idle_conn.execute(f"PRAGMA synchronous={self._sync.upper()}")
-        return self._idle_conn
-
     def _reports(self) -> sqlite3.Connection:
         """The connection of the reporting thread (made there, on first use)."""
         if self._report_db is None:
@@ -477,13 +452,7 @@ class SqliteDatabase:
         return changed
 
     async def insert_rows(
-        self,
-        table: str,
-        columns: Sequence[str],
-        rows: Sequence[Sequence[Any]],
-        *,
-        key: str,
-        background: bool = False,
+        self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], *, key: str
     ) -> None:
         values = ", ".join(f"json_extract(value, '$[{i}]')" for i in range(len(columns)))
         sql = (
@@ -491,10 +460,6 @@ class SqliteDatabase:
             f"WHERE true ON CONFLICT ({key}) DO NOTHING"
         )
         payload = msgspec.json.encode(rows).decode()
-
-        if background:
-            await self._in_thread(self._idle, lambda: self._idle_db().execute(sql, (payload,)))
-            return
 
         def run() -> None:
             self._writer.execute(sql, (payload,))  # one statement: its own transaction
@@ -582,21 +547,11 @@ class SqliteDatabase:
         if self._poller is not None:
             self._poller.cancel()
         self._thread.shutdown(wait=True)
-        self._idle.shutdown(wait=True)
         self._reporter.shutdown(wait=True)
         self._reader.close()
         self._writer.close()
-        if self._idle_conn is not None:
-            self._idle_conn.close()
         if self._report_db is not None:
             self._report_db.close()
-
-
-def _idle_priority() -> None:
-    """This thread runs only on a core nothing else wants (Linux's SCHED_IDLE); elsewhere, or
-    where the call is refused, at normal priority."""
-    with contextlib.suppress(AttributeError, OSError):
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
 
 
 _KEYS_CHANNEL = "llmrouter_keys"
@@ -732,13 +687,7 @@ class PostgresDatabase:
         return int(tail) if tail.isdigit() else 0
 
     async def insert_rows(
-        self,
-        table: str,
-        columns: Sequence[str],
-        rows: Sequence[Sequence[Any]],
-        *,
-        key: str,
-        background: bool = False,
+        self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], *, key: str
     ) -> None:
         sql = (
             f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))}) "  # noqa: S608
