@@ -115,6 +115,16 @@ _WATCH_DISCONNECT = frozenset(
 )
 # Request ids are OpenAI's: `chatcmpl-...` for chat, `cmpl-...` for everything else.
 _CHAT_PATHS = frozenset({"/api/v1/chat/completions", "/v1/chat/completions"})
+
+
+def new_request_id(prefix: str) -> str:
+    """`prefix` and 32 hex digits, time first (as a UUIDv7): the milliseconds since the epoch,
+    then 80 random bits. The ledger's primary key then grows at its end, as its time indexes
+    do: a commit of 90 records wrote 152 WAL pages with random ids and 39 with these, and took
+    a sixth less CPU (bench/README, 2026-12-03). The time is the response's `created` anyway."""
+    return f"{prefix}{time.time_ns() // 1_000_000:012x}{os.urandom(10).hex()}"
+
+
 # A route's name in the metrics: the API's name, whichever of its paths it came in on.
 _ROUTE_NAMES = {
     path: path.removeprefix("/api").removeprefix("/v1").strip("/").replace("/", ".") for path in _ROUTES
@@ -277,7 +287,7 @@ class App:
             await send(message)
 
         prefix = "chatcmpl-" if scope["path"] in _CHAT_PATHS else "cmpl-"
-        req = Request(scope, receive, send_and_watch, prefix + os.urandom(16).hex())
+        req = Request(scope, receive, send_and_watch, new_request_id(prefix))
         span = tracing.start_request(req, route) if tracing.enabled() else None
         ctx = self.ctx  # this request keeps the config it started on to its end
         ctx.in_flight.enter()

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from llmrouter.app import create_app
+from llmrouter.app import create_app, new_request_id
 from llmrouter.settings import (
     DeploymentSettings,
     ModelSettings,
@@ -245,3 +245,19 @@ def test_a_watched_request_that_ends_unanswered_is_freed_without_the_cyclic_coll
         assert sys.getrefcount(value) == baseline
     finally:
         gc.enable()
+
+
+def test_request_ids_keep_openais_shape_and_come_in_time_order() -> None:
+    """Time first, so that the ledger's primary key grows at its end (a page a record otherwise),
+    with 80 random bits after it: unique, and not to be guessed from another id."""
+    import re
+    import time
+
+    first = new_request_id("cmpl-")
+    time.sleep(0.002)
+    later = [new_request_id("cmpl-") for _ in range(10_000)]
+    assert all(re.fullmatch(r"cmpl-[0-9a-f]{32}", i) for i in [first, *later])
+    assert all(first < i for i in later) and len(set(later)) == len(later)
+    assert int(first[5:17], 16) // 1000 in range(int(time.time()) - 5, int(time.time()) + 1)
+    assert len({i[17:] for i in later}) == len(later)  # (the random part alone differs)
+    assert new_request_id("chatcmpl-").startswith("chatcmpl-")
