@@ -247,17 +247,22 @@ def test_a_watched_request_that_ends_unanswered_is_freed_without_the_cyclic_coll
         gc.enable()
 
 
-def test_request_ids_keep_openais_shape_and_come_in_time_order() -> None:
-    """Time first, so that the ledger's primary key grows at its end (a page a record otherwise),
-    with 80 random bits after it: unique, and not to be guessed from another id."""
+def test_request_ids_keep_openais_shape_and_come_in_time_order(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Time first, so that the ledger's primary key grows near its end (a page a record
+    otherwise), with 80 random bits after it: unique, and not to be guessed from another id."""
     import re
-    import time
 
+    import llmrouter.app
+
+    now = [1_764_000_000_000_000_000]  # (ns; the wall clock, held still by the test)
+    monkeypatch.setattr(llmrouter.app.time, "time_ns", lambda: now[0])
     first = new_request_id("cmpl-")
-    time.sleep(0.002)
+    now[0] += 1_000_000  # a millisecond on
     later = [new_request_id("cmpl-") for _ in range(10_000)]
     assert all(re.fullmatch(r"cmpl-[0-9a-f]{32}", i) for i in [first, *later])
     assert all(first < i for i in later) and len(set(later)) == len(later)
-    assert int(first[5:17], 16) // 1000 in range(int(time.time()) - 5, int(time.time()) + 1)
+    assert int(first[5:17], 16) == now[0] // 1_000_000 - 1
     assert len({i[17:] for i in later}) == len(later)  # (the random part alone differs)
     assert new_request_id("chatcmpl-").startswith("chatcmpl-")
