@@ -2,21 +2,27 @@
 
     .venv/bin/python bench/tail.py URL KEY [--seconds 10] [--body JSON] [--over MS]
 
-One client, one keep-alive connection, requests one after another (`http.client`, so its own
-time is in every figure alike). It prints p50 and p99, how many requests took more than the
-median plus `--over` (2 ms), how often that happened a second, and the median and spread of the
-time between two such requests: a period names its cause (about 100 ms was the ledger's commit,
-bench/README.md, 2026-12-03; one second, the journal's fdatasync). URL is the server's
-/api/v1/completions; KEY a key it accepts.
+One client, one keep-alive connection, requests one after another (a raw socket and run.py's
+`_plain_once`, as its TTFT client: its own time is small and in every figure alike). It prints
+p50 and p99, how many requests took more than the median plus `--over` (2 ms), how often that
+happened a second, and the median and spread of the time between two such requests: a period
+names its cause (about 100 ms was the ledger's commit, bench/README.md, 2026-12-03; one second,
+the journal's fdatasync). URL is the server's /api/v1/completions; KEY a key it accepts.
 """
 
 from __future__ import annotations
 
 import argparse
-import http.client
 import itertools
+import socket
+import sys
 import time
 import urllib.parse
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from run import _plain_once
 
 BODY = '{"model":"mock/model","prompt":"Say hello","max_tokens":16}'
 
@@ -30,19 +36,20 @@ def main() -> None:
     parser.add_argument("--over", type=float, default=2.0, help="ms over the median that is slow")
     args = parser.parse_args()
     url = urllib.parse.urlsplit(args.url)
-    connection = http.client.HTTPConnection(url.hostname or "127.0.0.1", url.port or 80)
-    headers = {"Authorization": f"Bearer {args.key}", "Content-Type": "application/json"}
+    host, port = url.hostname or "127.0.0.1", url.port or 80
     body = args.body.encode()
+    request = (
+        f"POST {url.path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        f"Authorization: Bearer {args.key}\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
     timed: list[tuple[float, float]] = []  # (when it began, since the start; how long it took)
-    start = time.perf_counter()
-    end = start + args.seconds
-    while (began := time.perf_counter()) < end:
-        connection.request("POST", url.path, body, headers)
-        response = connection.getresponse()
-        response.read()
-        if response.status != 200:
-            raise SystemExit(f"status {response.status}")
-        timed.append((began - start, time.perf_counter() - began))
+    with socket.create_connection((host, port), timeout=10) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        start = time.perf_counter()
+        end = start + args.seconds
+        while (began := time.perf_counter()) < end:
+            _plain_once(sock, request)  # (a status other than 200 raises)
+            timed.append((began - start, time.perf_counter() - began))
     took = sorted(t for _, t in timed)
     p50, p99 = took[len(took) // 2], took[int(len(took) * 0.99)]
     slow = [at for at, t in timed if t > p50 + args.over / 1000]
