@@ -273,6 +273,57 @@ def test_a_record_the_store_refuses_does_not_stop_the_others(
     run(opener, work)
 
 
+def test_sqlite_writes_a_batch_in_steps_that_give_up_the_core_in_one_transaction(
+    tmp_path: Path,
+) -> None:
+    """A batch's CPU is spent a few rows at a time, the writer thread yielding its core between
+    steps (a whole commit at once put milliseconds into a c1 p99), and the batch is still one
+    transaction: a row refused in its last step keeps every row of it out."""
+    from llmrouter.accounts import store
+    from llmrouter.accounts.ledger import COLUMNS
+
+    yields: list[int] = []
+    real_yield = os.sched_yield
+
+    def counted() -> None:
+        yields.append(1)
+        real_yield()
+
+    async def work(db: Database) -> None:
+        step = store._ROWS_A_STEP
+        rows = [record(f"step-{i}").row() for i in range(2 * step + 3)]  # three steps
+        with patch.object(store.os, "sched_yield", counted):
+            await db.insert_rows("ledger", COLUMNS, rows, key="request_id")
+            assert len(yields) == 2
+            (n,) = await db.fetchone("SELECT count(*) FROM ledger") or (0,)
+            assert n == len(rows)
+            (total,) = await db.fetchone("SELECT sum(requests) FROM usage_hourly") or (0,)
+            assert total == len(rows)  # the rollup counted each once
+
+            yields.clear()
+            principal = COLUMNS.index("principal")
+            more = [list(record(f"more-{i}").row()) for i in range(2 * step + 3)]
+            more[-1][principal] = None  # NOT NULL: refused, in the third step
+            with pytest.raises(StoreError):
+                await db.insert_rows("ledger", COLUMNS, more, key="request_id")
+            assert len(yields) == 2  # the first two steps ran
+            (n,) = await db.fetchone("SELECT count(*) FROM ledger") or (0,)
+            assert n == len(rows)  # and were rolled back with it
+            (total,) = await db.fetchone("SELECT sum(requests) FROM usage_hourly") or (0,)
+            assert total == len(rows)
+            await db.insert_rows("ledger", COLUMNS, rows[:1], key="request_id")  # the lock is free
+            assert not yields[2:]  # (one step: no yield)
+
+    async def main() -> None:
+        db = await open_database(None, tmp_path)
+        try:
+            await work(db)
+        finally:
+            await db.aclose()
+
+    asyncio.run(main())
+
+
 class CountingReads:
     """The real database, counting the single-row reads (key lookups)."""
 
