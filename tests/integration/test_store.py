@@ -273,12 +273,31 @@ def test_a_record_the_store_refuses_does_not_stop_the_others(
     run(opener, work)
 
 
+class Statements:
+    """The SQLite writer's connection, keeping the text of each statement run through it."""
+
+    def __init__(self, real: sqlite3.Connection) -> None:
+        self.real = real
+        self.run: list[str] = []
+
+    def execute(self, sql: str, *args: Any) -> Any:
+        self.run.append(sql)
+        return self.real.execute(sql, *args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+    def inserts(self) -> int:
+        return sum(sql.startswith("INSERT INTO ledger") for sql in self.run)
+
+
 def test_sqlite_writes_a_batch_in_steps_that_give_up_the_core_in_one_transaction(
     tmp_path: Path,
 ) -> None:
-    """A batch's CPU is spent a few rows at a time, the writer thread yielding its core between
-    steps (a whole commit at once put milliseconds into a c1 p99), and the batch is still one
-    transaction: a row refused in its last step keeps every row of it out."""
+    """While the event loop is idle, a batch's CPU is spent a few rows at a time, the writer
+    thread yielding its core between steps (a whole commit at once put milliseconds into a c1
+    p99), and the batch is still one transaction: a row refused in its last step keeps every row
+    of it out, and leaves no transaction open for the next write to join."""
     from llmrouter.accounts import store
     from llmrouter.accounts.ledger import COLUMNS
 
@@ -291,10 +310,14 @@ def test_sqlite_writes_a_batch_in_steps_that_give_up_the_core_in_one_transaction
 
     async def work(db: Database) -> None:
         step = store._ROWS_A_STEP
+        statements = db._writer = Statements(db._writer)  # type: ignore[attr-defined]
+        inserts = statements.inserts
+
         rows = [record(f"step-{i}").row() for i in range(2 * step + 3)]  # three steps
-        with patch.object(store.os, "sched_yield", counted):
+        # (A step never waits for the GIL here; a loaded machine must not make it look so.)
+        with patch.object(store.os, "sched_yield", counted), patch.object(store, "_BUSY_S", 60):
             await db.insert_rows("ledger", COLUMNS, rows, key="request_id")
-            assert len(yields) == 2
+            assert (inserts(), len(yields)) == (3, 2)
             (n,) = await db.fetchone("SELECT count(*) FROM ledger") or (0,)
             assert n == len(rows)
             (total,) = await db.fetchone("SELECT sum(requests) FROM usage_hourly") or (0,)
@@ -307,12 +330,111 @@ def test_sqlite_writes_a_batch_in_steps_that_give_up_the_core_in_one_transaction
             with pytest.raises(StoreError):
                 await db.insert_rows("ledger", COLUMNS, more, key="request_id")
             assert len(yields) == 2  # the first two steps ran
+            assert not db._writer.in_transaction  # type: ignore[attr-defined]
             (n,) = await db.fetchone("SELECT count(*) FROM ledger") or (0,)
             assert n == len(rows)  # and were rolled back with it
             (total,) = await db.fetchone("SELECT sum(requests) FROM usage_hourly") or (0,)
             assert total == len(rows)
-            await db.insert_rows("ledger", COLUMNS, rows[:1], key="request_id")  # the lock is free
-            assert not yields[2:]  # (one step: no yield)
+
+            # The write lock is free: another connection writes at once.
+            other = sqlite3.connect(db.path, timeout=0)  # type: ignore[attr-defined]
+            other.execute("UPDATE key_changes SET version = version")
+            other.commit()
+            other.close()
+            yields.clear()
+            statements.run.clear()
+            await db.insert_rows("ledger", COLUMNS, rows[:1], key="request_id")
+            assert (inserts(), len(yields)) == (1, 0)  # one step: no transaction of its own
+
+    async def main() -> None:
+        db = await open_database(None, tmp_path)
+        try:
+            await work(db)
+        finally:
+            await db.aclose()
+
+    asyncio.run(main())
+
+
+def test_sqlite_writes_the_rest_of_a_batch_at_once_when_the_loop_holds_the_gil(
+    tmp_path: Path,
+) -> None:
+    """Each step takes the GIL back, which a busy event loop holds for up to the switch interval:
+    stepping on under load cost CPU and held the write lock ten times as long. A step whose wall
+    time exceeds its own CPU by more than `_BUSY_S` waited for the GIL (here the clock says the
+    second step waited 6 ms): the rest of the batch goes in one statement, every row of it once."""
+    import types
+
+    from llmrouter.accounts import store
+    from llmrouter.accounts.ledger import COLUMNS
+
+    walls = iter([0.0, 0.0004, 1.0, 1.006])  # the first step waited 0.4 ms, the second 6
+    clock = types.SimpleNamespace(perf_counter=lambda: next(walls), thread_time=lambda: 0.0)
+    yields: list[int] = []
+
+    async def work(db: Database) -> None:
+        statements = db._writer = Statements(db._writer)  # type: ignore[attr-defined]
+        rows = [record(f"busy-{i}").row() for i in range(10 * store._ROWS_A_STEP)]
+        with (
+            patch.object(store, "time", clock),
+            patch.object(store.os, "sched_yield", lambda: yields.append(1)),
+        ):
+            await db.insert_rows("ledger", COLUMNS, rows, key="request_id")
+        assert (statements.inserts(), len(yields)) == (3, 1)  # two steps, then the rest at once
+        (n,) = await db.fetchone("SELECT count(*) FROM ledger") or (0,)
+        assert n == len(rows)
+        (total,) = await db.fetchone("SELECT sum(requests) FROM usage_hourly") or (0,)
+        assert total == len(rows)
+
+    async def main() -> None:
+        db = await open_database(None, tmp_path)
+        try:
+            await work(db)
+        finally:
+            await db.aclose()
+
+    asyncio.run(main())
+
+
+def test_a_failed_rollback_leaves_no_transaction_for_later_writes(tmp_path: Path) -> None:
+    """If rolling a failed batch back fails as well, the writer's connection is made again (its
+    close rolls back): the batch's own error is the one raised, and later writes commit."""
+    from llmrouter.accounts import store
+    from llmrouter.accounts.ledger import COLUMNS
+
+    async def work(db: Database) -> None:
+        step = store._ROWS_A_STEP
+        principal = COLUMNS.index("principal")
+        bad = [list(record(f"bad-{i}").row()) for i in range(2 * step)]
+        bad[-1][principal] = None  # refused in the second step
+
+        class NoRollback:
+            """The writer's connection, whose ROLLBACK fails."""
+
+            def __init__(self, real: sqlite3.Connection) -> None:
+                self.real = real
+
+            def execute(self, sql: str, *args: Any) -> Any:
+                if sql == "ROLLBACK":
+                    raise sqlite3.OperationalError("disk I/O error")
+                return self.real.execute(sql, *args)
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(self.real, name)
+
+        real = db._writer  # type: ignore[attr-defined]
+        db._writer = NoRollback(real)  # type: ignore[attr-defined]
+        with pytest.raises(store.DataRejected):  # the row's refusal, not the rollback's failure
+            await db.insert_rows("ledger", COLUMNS, bad, key="request_id")
+        assert db._writer is not real and not db._writer.in_transaction  # type: ignore[attr-defined]
+        good = [record(f"good-{i}").row() for i in range(2 * step)]
+        await db.insert_rows("ledger", COLUMNS, good, key="request_id")
+        assert await db.execute("UPDATE key_changes SET version = version") == 1
+        check = sqlite3.connect(db.path)  # type: ignore[attr-defined]
+        try:
+            assert check.execute("SELECT count(*) FROM ledger").fetchone() == (len(good),)
+        finally:
+            check.close()
 
     async def main() -> None:
         db = await open_database(None, tmp_path)

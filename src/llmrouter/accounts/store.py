@@ -6,8 +6,9 @@ first; each dialect has its own text for the same version.
 
 SQLite: reads run on the event loop's own connection (an indexed lookup takes microseconds, less
 than a hop to a thread); writes run on a second connection in one writer thread, so that a commit's
-fsync never stalls the loop. A batch of rows goes to SQLite as one JSON array in one statement
-(`json_each`), so the writer thread spends its time inside SQLite, where it does not hold the GIL
+fsync never stalls the loop. A batch of rows goes to SQLite as JSON arrays (`json_each`), a few
+rows a statement while the loop is idle and the rest in one statement once it is busy (see
+`_ROWS_A_STEP`), so the writer thread spends its time inside SQLite, where it does not hold the GIL
 the event loop needs. WAL mode lets readers and the writer (and the CLI, another process)
 work at once. PostgreSQL: an asyncpg pool.
 """
@@ -22,6 +23,7 @@ import logging
 import os
 import re
 import sqlite3
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -398,8 +400,13 @@ async def open_database(
 # records) held the core a request's wake-ups had gone to, on a machine with few cores, and put
 # those milliseconds into the c1 p99 (bench/README.md, 2026-12-03). A step of 8 rows is about
 # 0.4 ms; the thread keeps its fair share of the CPU (unlike SCHED_IDLE, which a busy machine
-# starves while it holds the write lock).
+# starves while it holds the write lock). But each step takes the GIL back, and an event loop
+# that is busy holds it for up to the switch interval (5 ms): a step that waited more than
+# `_BUSY_S` beyond its own CPU means the loop has work of its own, and the rest of the batch goes
+# in one statement, as every batch did before (stepping on cost 17 % more CPU a request at c64
+# and held the write lock ten times as long).
 _ROWS_A_STEP = 8
+_BUSY_S = 0.001
 
 
 class SqliteDatabase:
@@ -417,7 +424,8 @@ class SqliteDatabase:
             _migrate_sqlite(self._reader, path)
             self._writer = self._connect()
             # full: a commit is on disk when it returns; normal: in the OS's hands (WAL).
-            self._writer.execute(f"PRAGMA synchronous={sync.upper()}")
+            self._sync = sync.upper()
+            self._writer.execute(f"PRAGMA synchronous={self._sync}")
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(f"cannot open the store at {path}: {exc}") from None
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="llmrouter-sqlite")
@@ -455,6 +463,7 @@ class SqliteDatabase:
 
     async def execute(self, sql: str, *args: Any) -> int:
         def run() -> int:
+            self._end_transaction()
             return self._writer.execute(sql, args).rowcount
 
         changed: int = await self._in_thread(self._thread, run)
@@ -472,23 +481,47 @@ class SqliteDatabase:
         payloads = [msgspec.json.encode(rows[i : i + step]).decode() for i in range(0, len(rows), step)]
 
         def run() -> None:
+            self._end_transaction()
             db = self._writer
             if len(payloads) == 1:
                 db.execute(sql, (payloads[0],))  # one statement: its own transaction
                 return
-            db.execute("BEGIN IMMEDIATE")
             try:
+                db.execute("BEGIN IMMEDIATE")
                 for i, payload in enumerate(payloads):
-                    if i:
-                        os.sched_yield()
+                    wall, cpu = time.perf_counter(), time.thread_time()
                     db.execute(sql, (payload,))
+                    rest = payloads[i + 1 :]
+                    if not rest:
+                        break
+                    if time.perf_counter() - wall - (time.thread_time() - cpu) > _BUSY_S:
+                        # The GIL came back late: the loop is busy. The rest in one statement.
+                        db.execute(sql, ("[" + ",".join(p[1:-1] for p in rest) + "]",))
+                        break
+                    os.sched_yield()
                 db.execute("COMMIT")
             except BaseException:
-                if db.in_transaction:  # (some errors end it themselves)
-                    db.execute("ROLLBACK")
+                self._end_transaction()
                 raise
 
         await self._in_thread(self._thread, run)
+
+    def _end_transaction(self) -> None:
+        """In the writer thread, after a failed batch and before each write: a transaction left
+        open is rolled back, or if that fails too, the connection is closed (which rolls it back)
+        and opened again, so that no write joins a transaction that never commits."""
+        db = self._writer
+        if not db.in_transaction:  # (some errors end it themselves)
+            return
+        try:
+            db.execute("ROLLBACK")
+        except sqlite3.Error as exc:
+            log.warning("%s: cannot roll back a failed batch (%s); reconnecting", self.where, exc)
+            fresh = self._connect()  # (if this fails too, the next failed batch tries again)
+            fresh.execute(f"PRAGMA synchronous={self._sync}")
+            with contextlib.suppress(sqlite3.Error):
+                db.close()
+            self._writer = fresh
 
     async def _in_thread(self, thread: ThreadPoolExecutor, fn: Any) -> Any:
         try:
