@@ -315,7 +315,7 @@ def test_sqlite_writes_a_batch_in_steps_that_give_up_the_core_in_one_transaction
 
         rows = [record(f"step-{i}").row() for i in range(2 * step + 3)]  # three steps
         # (A step never waits for the GIL here; a loaded machine must not make it look so.)
-        with patch.object(store.os, "sched_yield", counted), patch.object(store, "_BUSY_S", 60):
+        with patch.object(store.os, "sched_yield", counted), patch.object(store, "_WAIT_S", 60):
             await db.insert_rows("ledger", COLUMNS, rows, key="request_id")
             assert (inserts(), len(yields)) == (3, 2)
             (n,) = await db.fetchone("SELECT count(*) FROM ledger") or (0,)
@@ -356,20 +356,34 @@ def test_sqlite_writes_a_batch_in_steps_that_give_up_the_core_in_one_transaction
     asyncio.run(main())
 
 
-def test_sqlite_writes_the_rest_of_a_batch_at_once_when_the_loop_holds_the_gil(
-    tmp_path: Path,
+@pytest.mark.parametrize(
+    ("walls", "cpus", "steps"),
+    [
+        # The first step took 3 ms, all of it its own CPU; the second waited 1.5 ms.
+        ([0.0, 0.003, 1.0, 1.0015], [0.0, 0.003, 0.003, 0.003], 2),
+        # Each step waited 0.8 ms: in all more than 5 ms after the seventh.
+        ([x for i in range(7) for x in (float(i), i + 0.0008)], [0.0] * 14, 7),
+    ],
+    ids=["one-step-waited", "the-steps-waited-in-all"],
+)
+def test_sqlite_writes_the_rest_of_a_batch_at_once_once_its_steps_have_waited(
+    tmp_path: Path, walls: list[float], cpus: list[float], steps: int
 ) -> None:
-    """Each step takes the GIL back, which a busy event loop holds for up to the switch interval:
-    stepping on under load cost CPU and held the write lock ten times as long. A step whose wall
-    time exceeds its own CPU by more than `_BUSY_S` waited for the GIL (here the clock says the
-    second step waited 6 ms): the rest of the batch goes in one statement, every row of it once."""
+    """The write lock is held from the first step to the commit, and each step takes the GIL back
+    (a busy event loop holds it for up to the switch interval) after a yield that may give the
+    core to a busy process: stepping on under load cost CPU and held the lock ten times as long.
+    Once a step's wall time exceeds its own CPU by more than `_STEP_WAIT_S`, or the steps' by more
+    than `_WAIT_S` in all, the rest of the batch goes in one statement, every row of it once."""
+    import itertools
     import types
 
     from llmrouter.accounts import store
     from llmrouter.accounts.ledger import COLUMNS
 
-    walls = iter([0.0, 0.0004, 1.0, 1.006])  # the first step waited 0.4 ms, the second 6
-    clock = types.SimpleNamespace(perf_counter=lambda: next(walls), thread_time=lambda: 0.0)
+    # (Each step reads both clocks before and after; then they stand still: no more waiting.)
+    wall = itertools.chain(walls, itertools.repeat(99.0))
+    cpu = itertools.chain(cpus, itertools.repeat(0.5))
+    clock = types.SimpleNamespace(perf_counter=lambda: next(wall), thread_time=lambda: next(cpu))
     yields: list[int] = []
 
     async def work(db: Database) -> None:
@@ -380,11 +394,43 @@ def test_sqlite_writes_the_rest_of_a_batch_at_once_when_the_loop_holds_the_gil(
             patch.object(store.os, "sched_yield", lambda: yields.append(1)),
         ):
             await db.insert_rows("ledger", COLUMNS, rows, key="request_id")
-        assert (statements.inserts(), len(yields)) == (3, 1)  # two steps, then the rest at once
+        # `steps` steps, then the rest at once
+        assert (statements.inserts(), len(yields)) == (steps + 1, steps - 1)
         (n,) = await db.fetchone("SELECT count(*) FROM ledger") or (0,)
         assert n == len(rows)
         (total,) = await db.fetchone("SELECT sum(requests) FROM usage_hourly") or (0,)
         assert total == len(rows)
+
+    async def main() -> None:
+        db = await open_database(None, tmp_path)
+        try:
+            await work(db)
+        finally:
+            await db.aclose()
+
+    asyncio.run(main())
+
+
+def test_sqlite_writes_end_a_transaction_left_open_before_they_run(tmp_path: Path) -> None:
+    """A write never joins a transaction that something before it left open on the writer's
+    connection (it would never commit, and would keep the write lock): an update and a one-row
+    insert each commit, seen at once by another connection."""
+    from llmrouter.accounts.ledger import COLUMNS
+
+    async def work(db: Database) -> None:
+        writer = db._writer  # type: ignore[attr-defined]
+        other = sqlite3.connect(db.path, timeout=0)  # type: ignore[attr-defined]
+        try:
+            writer.execute("BEGIN IMMEDIATE")
+            writer.execute("UPDATE key_changes SET version = 41")
+            assert await db.execute("UPDATE key_changes SET version = version + 1") == 1
+            assert other.execute("SELECT version FROM key_changes").fetchone() == (1,)
+            writer.execute("BEGIN IMMEDIATE")
+            await db.insert_rows("ledger", COLUMNS, [record("open-1").row()], key="request_id")
+            assert other.execute("SELECT count(*) FROM ledger").fetchone() == (1,)
+            assert not writer.in_transaction
+        finally:
+            other.close()
 
     async def main() -> None:
         db = await open_database(None, tmp_path)
@@ -427,12 +473,71 @@ def test_a_failed_rollback_leaves_no_transaction_for_later_writes(tmp_path: Path
         with pytest.raises(store.DataRejected):  # the row's refusal, not the rollback's failure
             await db.insert_rows("ledger", COLUMNS, bad, key="request_id")
         assert db._writer is not real and not db._writer.in_transaction  # type: ignore[attr-defined]
+        assert db._writer.execute("PRAGMA synchronous").fetchone() == (2,)  # type: ignore[attr-defined]  # FULL, as opened
         good = [record(f"good-{i}").row() for i in range(2 * step)]
         await db.insert_rows("ledger", COLUMNS, good, key="request_id")
         assert await db.execute("UPDATE key_changes SET version = version") == 1
         check = sqlite3.connect(db.path)  # type: ignore[attr-defined]
         try:
             assert check.execute("SELECT count(*) FROM ledger").fetchone() == (len(good),)
+        finally:
+            check.close()
+
+    async def main() -> None:
+        db = await open_database(None, tmp_path)
+        try:
+            await work(db)
+        finally:
+            await db.aclose()
+
+    asyncio.run(main())
+
+
+def test_a_failed_reconnect_keeps_the_batch_error_and_the_next_write_recovers(
+    tmp_path: Path,
+) -> None:
+    """Rolling back fails and so does opening the connection again: the batch's own error is
+    still the one raised (a refused row is set aside, not retried forever), and the next write
+    ends the transaction (the reconnect works then) and commits."""
+    from llmrouter.accounts import store
+    from llmrouter.accounts.ledger import COLUMNS
+
+    class NoRollback:
+        def __init__(self, real: sqlite3.Connection) -> None:
+            self.real = real
+
+        def execute(self, sql: str, *args: Any) -> Any:
+            if sql == "ROLLBACK":
+                raise sqlite3.OperationalError("disk I/O error")
+            return self.real.execute(sql, *args)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.real, name)
+
+    async def work(db: Database) -> None:
+        step = store._ROWS_A_STEP
+        principal = COLUMNS.index("principal")
+        bad = [list(record(f"bad-{i}").row()) for i in range(2 * step)]
+        bad[-1][principal] = None
+        db._writer = NoRollback(db._writer)  # type: ignore[attr-defined]
+        real_connect = db._connect  # type: ignore[attr-defined]
+        failures = [sqlite3.OperationalError("unable to open database file")]
+
+        def connect() -> sqlite3.Connection:
+            if failures:
+                raise failures.pop()
+            return real_connect()
+
+        with patch.object(db, "_connect", connect):
+            with pytest.raises(store.DataRejected):
+                await db.insert_rows("ledger", COLUMNS, bad, key="request_id")
+            assert db._writer.in_transaction  # type: ignore[attr-defined]  # (left to the next write)
+            assert await db.execute("UPDATE key_changes SET version = 7") == 1
+        assert not db._writer.in_transaction  # type: ignore[attr-defined]
+        check = sqlite3.connect(db.path)  # type: ignore[attr-defined]
+        try:
+            assert check.execute("SELECT version FROM key_changes").fetchone() == (7,)
+            assert check.execute("SELECT count(*) FROM ledger").fetchone() == (0,)
         finally:
             check.close()
 

@@ -400,13 +400,17 @@ async def open_database(
 # records) held the core a request's wake-ups had gone to, on a machine with few cores, and put
 # those milliseconds into the c1 p99 (bench/README.md, 2026-12-03). A step of 8 rows is about
 # 0.4 ms; the thread keeps its fair share of the CPU (unlike SCHED_IDLE, which a busy machine
-# starves while it holds the write lock). But each step takes the GIL back, and an event loop
-# that is busy holds it for up to the switch interval (5 ms): a step that waited more than
-# `_BUSY_S` beyond its own CPU means the loop has work of its own, and the rest of the batch goes
-# in one statement, as every batch did before (stepping on cost 17 % more CPU a request at c64
-# and held the write lock ten times as long).
+# starves while it holds the write lock). But the write lock is held from the first step to the
+# commit, so the steps may not wait long: each takes the GIL back, which a busy event loop holds
+# for up to the switch interval (5 ms), and each yield may give the core to a busy process (another
+# worker, on the same file) for a whole time slice. Once a step has waited more than `_STEP_WAIT_S`
+# beyond its own CPU, or the steps more than `_WAIT_S` in all, the rest of the batch goes in one
+# statement, as every batch did before (stepping on cost 17 % more CPU a request at c64 and held the
+# lock ten times as long). At c1 a yield waits some 0.1 ms (the request's own wake-ups run: what
+# the yield is for), a batch of 16 steps 1.7 ms in all.
 _ROWS_A_STEP = 8
-_BUSY_S = 0.001
+_STEP_WAIT_S = 0.001
+_WAIT_S = 0.005
 
 
 class SqliteDatabase:
@@ -488,28 +492,31 @@ class SqliteDatabase:
                 return
             try:
                 db.execute("BEGIN IMMEDIATE")
+                waited = 0.0
                 for i, payload in enumerate(payloads):
                     wall, cpu = time.perf_counter(), time.thread_time()
+                    if i:
+                        os.sched_yield()
                     db.execute(sql, (payload,))
+                    wait = time.perf_counter() - wall - (time.thread_time() - cpu)
+                    waited += wait
                     rest = payloads[i + 1 :]
-                    if not rest:
-                        break
-                    if time.perf_counter() - wall - (time.thread_time() - cpu) > _BUSY_S:
-                        # The GIL came back late: the loop is busy. The rest in one statement.
+                    if rest and (wait > _STEP_WAIT_S or waited > _WAIT_S):
+                        # The loop or another process is busy: the rest in one statement.
                         db.execute(sql, ("[" + ",".join(p[1:-1] for p in rest) + "]",))
                         break
-                    os.sched_yield()
                 db.execute("COMMIT")
             except BaseException:
-                self._end_transaction()
+                with contextlib.suppress(sqlite3.Error):  # (the next write tries again)
+                    self._end_transaction()
                 raise
 
         await self._in_thread(self._thread, run)
 
     def _end_transaction(self) -> None:
         """In the writer thread, after a failed batch and before each write: a transaction left
-        open is rolled back, or if that fails too, the connection is closed (which rolls it back)
-        and opened again, so that no write joins a transaction that never commits."""
+        open is rolled back, or if that fails too, the connection is opened again and the old one
+        closed (which rolls it back), so that no write joins a transaction that never commits."""
         db = self._writer
         if not db.in_transaction:  # (some errors end it themselves)
             return
@@ -517,8 +524,12 @@ class SqliteDatabase:
             db.execute("ROLLBACK")
         except sqlite3.Error as exc:
             log.warning("%s: cannot roll back a failed batch (%s); reconnecting", self.where, exc)
-            fresh = self._connect()  # (if this fails too, the next failed batch tries again)
-            fresh.execute(f"PRAGMA synchronous={self._sync}")
+            fresh = self._connect()  # (if this fails too, the next write tries again)
+            try:
+                fresh.execute(f"PRAGMA synchronous={self._sync}")
+            except sqlite3.Error:
+                fresh.close()
+                raise
             with contextlib.suppress(sqlite3.Error):
                 db.close()
             self._writer = fresh
