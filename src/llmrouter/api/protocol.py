@@ -58,6 +58,9 @@ from llmrouter.wire.completions import encoder
 __all__ = ["EdgeProtocol"]
 
 _LINGER_SECONDS = 1.0
+# The most of a body answered early that is read and dropped to keep the connection (more is
+# not waited for: the connection ends).
+_DRAIN_BYTES = 64 * 1024
 # What a chunk's own line and CRLF may take before the rest counts as framing to bound (a chunk
 # size in hex, its CRLFs, a short extension).
 _CHUNK_FRAMING = 64
@@ -224,6 +227,13 @@ class EdgeProtocol(HttpToolsProtocol):
         self.in_head = True
         self.head_bytes = 0
         super().on_message_complete()
+        cycle = self.cycle
+        if cycle.response_complete and self.running is cycle and not self.pipeline:
+            # The rest of a body answered early, dropped: the connection is idle from now.
+            self._unset_keepalive_if_required()
+            self.timeout_keep_alive_task = self.loop.call_later(
+                self.timeout_keep_alive, self.timeout_keep_alive_handler
+            )
         if not self.refused and self.running is self.cycle:
             # uvicorn stops reading past 64 KiB of body until the app asks for more; the body
             # is whole now, and a client that leaves must still be heard (`ON_DISCONNECT`).
@@ -247,8 +257,16 @@ class EdgeProtocol(HttpToolsProtocol):
             return
         if not self.in_head and not self.pipeline and self.running is self.cycle:
             if self.cycle.response_complete:
-                # Answered before its body came whole (a 401, a 413): the rest is not wanted.
-                self._end_quietly()
+                rest = None if self.chunked or self.length is None else self.length - self.body_got
+                if rest is None or rest > _DRAIN_BYTES:
+                    # Answered before a large body came whole (a 413): the rest is not wanted.
+                    self._end_quietly()
+                elif self.deadline is None:
+                    # Answered before a small body came (a 401 to a head the client wrote on its
+                    # own): the rest is read and dropped within the body's deadline, and the
+                    # connection goes on. Closing it had ended a connection the response did not
+                    # say would end, and the client's next request on it failed.
+                    self.deadline = self.loop.call_later(self.body_seconds, self._body_timed_out)
             elif self.deadline is None:  # a pipelined request, started now, its body to come
                 self.deadline = self.loop.call_later(self.body_seconds, self._body_timed_out)
         elif self.in_head and self.head_begun and self.deadline is None and self._idle_cycle():
