@@ -717,3 +717,43 @@ def test_a_small_body_that_never_comes_after_an_early_answer_is_not_waited_for_l
         with contextlib.suppress(ConnectionResetError):
             assert sock.recv(65536) == b""
         assert time.monotonic() - started <= DEADLINE + 1.5
+
+
+def test_a_request_in_the_read_that_ends_a_drained_body_is_answered_past_the_idle_deadline(
+    router: Router,
+) -> None:
+    """The idle timer armed once the drained body ended must not run while the request that came
+    right behind it, in the same read, is answered (a slow one, longer than the idle deadline)."""
+    body = json.dumps({"model": "fake/ok", "prompt": "hi", "max_tokens": 1}).encode()
+    length = b"Content-Length: %d\r\n" % len(body)
+    wrong = completion_head(router, length).replace(router.key.encode(), b"lr-wrong")
+    slow = json.dumps({"model": "fake/slow", "prompt": "hi", "max_tokens": 1}).encode()
+    with socket.create_connection(("127.0.0.1", port_of(router)), timeout=15) as sock:
+        sock.sendall(wrong)
+        assert parsed(_one_response(sock))[0] == 401
+        started = time.monotonic()
+        sock.sendall(body + completion(router, slow))
+        status, _, answer = parsed(_one_response(sock))
+        assert status == 200, answer
+        assert time.monotonic() - started > DEADLINE  # (what makes this test mean something)
+
+
+def test_an_early_answer_to_expect_100_continue_ends_the_connection(router: Router) -> None:
+    """A client that asked to be told to send its body, and was told a final status instead,
+    sends none: what it sends next is a request, never to be read as the first one's body (a
+    request hidden in that "body" would be answered; behind a proxy, smuggled)."""
+    length = b"Content-Length: 2000\r\nExpect: 100-continue\r\n"
+    wrong = completion_head(router, length).replace(router.key.encode(), b"lr-wrong")
+    with socket.create_connection(("127.0.0.1", port_of(router)), timeout=10) as sock:
+        sock.sendall(wrong)
+        status, _, _ = parsed(_one_response(sock))
+        assert status == 401
+        started = time.monotonic()
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        rest = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := sock.recv(65536):
+                rest += chunk
+        assert rest == b""  # nothing answered the GET: the connection ended
+        assert time.monotonic() - started < 1.8  # a second's linger, not the body's deadline

@@ -211,6 +211,7 @@ class EdgeProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         self.head_begun = True
+        self._unset_keepalive_if_required()  # (armed after a drained body, in the same read)
         super().on_message_begin()
         self.scope[ON_DISCONNECT] = None  # type: ignore[literal-required]
 
@@ -258,8 +259,10 @@ class EdgeProtocol(HttpToolsProtocol):
         if not self.in_head and not self.pipeline and self.running is self.cycle:
             if self.cycle.response_complete:
                 rest = None if self.chunked or self.length is None else self.length - self.body_got
-                if rest is None or rest > _DRAIN_BYTES:
+                if rest is None or rest > _DRAIN_BYTES or self.expect_100_continue:
                     # Answered before a large body came whole (a 413): the rest is not wanted.
+                    # Nor is it waited for when the client asked to be told to send it: one told
+                    # a final status sends none, and its next request would be read as the body.
                     self._end_quietly()
                 elif self.deadline is None:
                     # Answered before a small body came (a 401 to a head the client wrote on its
