@@ -291,6 +291,24 @@ class Statements:
         return sum(sql.startswith("INSERT INTO ledger") for sql in self.run)
 
 
+class NoRollback(Statements):
+    """The writer's connection, whose ROLLBACK fails."""
+
+    def execute(self, sql: str, *args: Any) -> Any:
+        if sql == "ROLLBACK":
+            raise sqlite3.OperationalError("disk I/O error")
+        return super().execute(sql, *args)
+
+
+def sqlite_run(tmp_path: Path, work: Callable[[Database], Awaitable[Any]]) -> Any:
+    """`run` on the SQLite store under `tmp_path`."""
+
+    async def sqlite() -> Database:
+        return await open_database(None, tmp_path)
+
+    return run(sqlite, work)
+
+
 def test_sqlite_writes_a_batch_in_steps_that_give_up_the_core_in_one_transaction(
     tmp_path: Path,
 ) -> None:
@@ -346,14 +364,7 @@ def test_sqlite_writes_a_batch_in_steps_that_give_up_the_core_in_one_transaction
             await db.insert_rows("ledger", COLUMNS, rows[:1], key="request_id")
             assert (inserts(), len(yields)) == (1, 0)  # one step: no transaction of its own
 
-    async def main() -> None:
-        db = await open_database(None, tmp_path)
-        try:
-            await work(db)
-        finally:
-            await db.aclose()
-
-    asyncio.run(main())
+    sqlite_run(tmp_path, work)
 
 
 @pytest.mark.parametrize(
@@ -401,14 +412,7 @@ def test_sqlite_writes_the_rest_of_a_batch_at_once_once_its_steps_have_waited(
         (total,) = await db.fetchone("SELECT sum(requests) FROM usage_hourly") or (0,)
         assert total == len(rows)
 
-    async def main() -> None:
-        db = await open_database(None, tmp_path)
-        try:
-            await work(db)
-        finally:
-            await db.aclose()
-
-    asyncio.run(main())
+    sqlite_run(tmp_path, work)
 
 
 def test_sqlite_writes_end_a_transaction_left_open_before_they_run(tmp_path: Path) -> None:
@@ -432,14 +436,7 @@ def test_sqlite_writes_end_a_transaction_left_open_before_they_run(tmp_path: Pat
         finally:
             other.close()
 
-    async def main() -> None:
-        db = await open_database(None, tmp_path)
-        try:
-            await work(db)
-        finally:
-            await db.aclose()
-
-    asyncio.run(main())
+    sqlite_run(tmp_path, work)
 
 
 def test_a_failed_rollback_leaves_no_transaction_for_later_writes(tmp_path: Path) -> None:
@@ -453,20 +450,6 @@ def test_a_failed_rollback_leaves_no_transaction_for_later_writes(tmp_path: Path
         principal = COLUMNS.index("principal")
         bad = [list(record(f"bad-{i}").row()) for i in range(2 * step)]
         bad[-1][principal] = None  # refused in the second step
-
-        class NoRollback:
-            """The writer's connection, whose ROLLBACK fails."""
-
-            def __init__(self, real: sqlite3.Connection) -> None:
-                self.real = real
-
-            def execute(self, sql: str, *args: Any) -> Any:
-                if sql == "ROLLBACK":
-                    raise sqlite3.OperationalError("disk I/O error")
-                return self.real.execute(sql, *args)
-
-            def __getattr__(self, name: str) -> Any:
-                return getattr(self.real, name)
 
         real = db._writer  # type: ignore[attr-defined]
         db._writer = NoRollback(real)  # type: ignore[attr-defined]
@@ -483,14 +466,7 @@ def test_a_failed_rollback_leaves_no_transaction_for_later_writes(tmp_path: Path
         finally:
             check.close()
 
-    async def main() -> None:
-        db = await open_database(None, tmp_path)
-        try:
-            await work(db)
-        finally:
-            await db.aclose()
-
-    asyncio.run(main())
+    sqlite_run(tmp_path, work)
 
 
 def test_a_failed_reconnect_keeps_the_batch_error_and_the_next_write_recovers(
@@ -501,18 +477,6 @@ def test_a_failed_reconnect_keeps_the_batch_error_and_the_next_write_recovers(
     ends the transaction (the reconnect works then) and commits."""
     from llmrouter.accounts import store
     from llmrouter.accounts.ledger import COLUMNS
-
-    class NoRollback:
-        def __init__(self, real: sqlite3.Connection) -> None:
-            self.real = real
-
-        def execute(self, sql: str, *args: Any) -> Any:
-            if sql == "ROLLBACK":
-                raise sqlite3.OperationalError("disk I/O error")
-            return self.real.execute(sql, *args)
-
-        def __getattr__(self, name: str) -> Any:
-            return getattr(self.real, name)
 
     async def work(db: Database) -> None:
         step = store._ROWS_A_STEP
@@ -541,14 +505,7 @@ def test_a_failed_reconnect_keeps_the_batch_error_and_the_next_write_recovers(
         finally:
             check.close()
 
-    async def main() -> None:
-        db = await open_database(None, tmp_path)
-        try:
-            await work(db)
-        finally:
-            await db.aclose()
-
-    asyncio.run(main())
+    sqlite_run(tmp_path, work)
 
 
 class CountingReads:

@@ -426,10 +426,8 @@ class SqliteDatabase:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._reader = self._connect()
             _migrate_sqlite(self._reader, path)
-            self._writer = self._connect()
-            # full: a commit is on disk when it returns; normal: in the OS's hands (WAL).
             self._sync = sync.upper()
-            self._writer.execute(f"PRAGMA synchronous={self._sync}")
+            self._writer = self._connect_writer()
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(f"cannot open the store at {path}: {exc}") from None
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="llmrouter-sqlite")
@@ -437,6 +435,16 @@ class SqliteDatabase:
         self._report_db: sqlite3.Connection | None = None
         self._watch: _Watch | None = None
         self._poller: asyncio.Task[None] | None = None
+
+    def _connect_writer(self) -> sqlite3.Connection:
+        db = self._connect()
+        try:
+            # full: a commit is on disk when it returns; normal: in the OS's hands (WAL).
+            db.execute(f"PRAGMA synchronous={self._sync}")
+        except sqlite3.Error:
+            db.close()
+            raise
+        return db
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=10.0)
@@ -524,12 +532,7 @@ class SqliteDatabase:
             db.execute("ROLLBACK")
         except sqlite3.Error as exc:
             log.warning("%s: cannot roll back a failed batch (%s); reconnecting", self.where, exc)
-            fresh = self._connect()  # (if this fails too, the next write tries again)
-            try:
-                fresh.execute(f"PRAGMA synchronous={self._sync}")
-            except sqlite3.Error:
-                fresh.close()
-                raise
+            fresh = self._connect_writer()  # (if this fails too, the next write tries again)
             with contextlib.suppress(sqlite3.Error):
                 db.close()
             self._writer = fresh
