@@ -252,8 +252,12 @@ def test_serve_workers_share_the_store(tmp_path: Path, fake_upstream: str) -> No
                 )
                 assert r.status_code == 200
                 ids.append(r.json()["id"])
-        rows = _ledger_ids(router.config, router.home)
-        assert set(ids) <= set(rows)
+        # Each worker's writer moves its journal into the file in batches, a moment after the
+        # answer (on a busy machine, a longer one): wait for every record, a bounded time.
+        deadline = time.monotonic() + 15
+        while not set(ids) <= set(rows := _ledger_ids(router.config, router.home)):
+            assert time.monotonic() < deadline, f"{len(set(ids) - set(rows))} records never came"
+            time.sleep(0.2)
     finally:
         stop(router.proc)
 
