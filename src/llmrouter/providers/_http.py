@@ -1,11 +1,12 @@
 """The one HTTP transport every HTTP provider adapter shares, and what it knows about failures.
 
 An adapter is a translation: it builds a `Request`, and reads a `Response` (whole, or as SSE
-`Event`s) into our types. The transport owns everything else: one pooled aiohttp session per
-provider, the connect / first-token / idle timeouts, SSE framing (`data:`-only streams and named
-`event:` ones alike), and the ONE place where aiohttp's and the OS's exceptions become the error
-tree (`translate`). Adapters never see aiohttp, so each can be tested in process against a
-`MockTransport` whose handler plays the upstream.
+`Event`s) into our types. The transport owns everything else: one pool of kept-alive connections
+per provider (`_client`, HTTP/1.1 on httptools), the connect / first-token / idle / total
+timeouts, SSE framing (`data:`-only streams and named `event:` ones alike), and the ONE place
+where the client's and the OS's exceptions become the error tree (`translate`). Adapters never see
+the client, so each can be tested in process against a `MockTransport` whose handler plays the
+upstream.
 
 Redirects are not followed: a 3xx would send the prompt wherever it points, so it is a failure of
 the deployment (`status_error`).
@@ -20,7 +21,6 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Protocol
 
-import aiohttp
 import msgspec
 
 from llmrouter.errors import (
@@ -33,13 +33,14 @@ from llmrouter.errors import (
     UpstreamUnavailable,
 )
 from llmrouter.obs import tracing
+from llmrouter.providers import _client
 from llmrouter.settings import Timeouts
 
 __all__ = [
     "MAX_ERROR_TEXT",
-    "AiohttpTransport",
     "Event",
     "EventStream",
+    "HttpTransport",
     "MockResponse",
     "MockTransport",
     "Request",
@@ -103,9 +104,9 @@ def translate(exc: BaseException, provider: str) -> ProviderError:
     provider and the exception's class, never its text (which may quote a URL, or a header)."""
     if isinstance(exc, ProviderError):
         return exc
-    if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):
+    if isinstance(exc, TimeoutError):
         return UpstreamTimeout(f"Provider {provider} did not answer in time.")
-    if isinstance(exc, aiohttp.ClientConnectionError | aiohttp.ClientPayloadError | OSError):
+    if isinstance(exc, _client.ProtocolError | OSError):
         return UpstreamUnavailable(f"Provider {provider} is unreachable: {type(exc).__name__}.")
     return UpstreamUnavailable(f"Provider {provider} failed: {type(exc).__name__}.")
 
@@ -205,8 +206,8 @@ class EventStream:
     `first` seconds, each next one within `idle`. The adapter knows which event is its stream's
     last: it calls `finish()` there, which reads the rest of the body (a short wait) so that the
     connection goes back to the pool. Leaving without `finish()` (an error, an early end) drops
-    the connection. Lines are split here rather than by aiohttp's readline, which refuses lines
-    over its buffer size (a long completion in one chunk)."""
+    the connection. Lines are split here, as they come, with no bound but `MAX_SSE_LINE` (a long
+    completion in one chunk is one long line)."""
 
     def __init__(self, response: Response, *, first: float, idle: float, provider: str) -> None:
         self._response = response
@@ -306,30 +307,29 @@ _FINISH_WAIT = 1.0  # seconds for a body to end after its stream's last event
 # -- the real one -------------------------------------------------------------------------------
 
 
-class _AiohttpResponse:
-    __slots__ = ("_provider", "_response", "headers", "status")
+class _WireResponse:
+    """A `_client` response as `Response`: its reads bounded by the attempt's total time too, and
+    their failures translated."""
 
-    def __init__(self, response: aiohttp.ClientResponse, provider: str) -> None:
+    __slots__ = ("_deadline", "_provider", "_response", "headers", "status")
+
+    def __init__(self, response: _client.ClientResponse, provider: str, deadline: float) -> None:
         self._response = response
         self._provider = provider
+        self._deadline = deadline
         self.status = response.status
         self.headers: Mapping[str, str] = response.headers
 
     async def read(self, limit: int | None = None) -> bytes:
         try:
-            if limit is None:
-                return await self._response.read()
-            body = b""  # (content.read(n) gives what has arrived, up to n: not the whole body)
-            while len(body) < limit and (piece := await self._response.content.read(limit - len(body))):
-                body += piece
-            return body
+            return await self._response.read(self._deadline, limit)
         except Exception as exc:
             raise translate(exc, self._provider) from None
 
     async def chunk(self, wait: float) -> bytes:
         try:
-            async with asyncio.timeout(wait):
-                return await self._response.content.readany()
+            deadline = min(self._deadline, asyncio.get_running_loop().time() + wait)
+            return await self._response.chunk(deadline)
         except Exception as exc:
             raise translate(exc, self._provider) from None
 
@@ -337,51 +337,48 @@ class _AiohttpResponse:
         self._response.release()
 
 
-class AiohttpTransport:
-    """One pooled aiohttp session: connections kept alive across requests, up to
-    `max_connections`; `timeouts.total` bounds an attempt, `timeouts.connect` its connect."""
+class HttpTransport:
+    """One pool of kept-alive connections (`_client`): up to `max_connections`; `timeouts.total`
+    bounds an attempt (its response's reads too), `timeouts.connect` a new connection's connect,
+    `timeouts.first_token` the wait for the response's head."""
 
     def __init__(self, name: str, *, timeouts: Timeouts, max_connections: int) -> None:
         self.name = name
         self._timeouts = timeouts
         self._max_connections = max_connections
-        self._session: aiohttp.ClientSession | None = None
+        self._pool: _client.Pool | None = None
 
     @property
     def started(self) -> bool:
-        return self._session is not None
+        return self._pool is not None
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(
-            limit=self._max_connections, keepalive_timeout=60, ttl_dns_cache=300
-        )
-        t = self._timeouts
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            timeout=aiohttp.ClientTimeout(total=t.total, sock_connect=t.connect),
-            auto_decompress=True,
-            skip_auto_headers=("User-Agent",),
-        )
+        self._pool = _client.Pool(limit=self._max_connections, keepalive=_KEEPALIVE)
 
     async def aclose(self) -> None:
-        session, self._session = self._session, None  # not started any more, as MockTransport
-        if session is not None:
-            await session.close()
+        pool, self._pool = self._pool, None  # not started any more, as MockTransport
+        if pool is not None:
+            await pool.aclose()
 
     async def send(self, request: Request, timeouts: Timeouts) -> Response:
-        assert self._session is not None, "start() opens the session"
+        assert self._pool is not None, "start() opens the pool"
+        now = asyncio.get_running_loop().time()
+        deadline = now + timeouts.total
         try:
-            async with asyncio.timeout(timeouts.first_token):
-                response = await self._session.request(
-                    request.method,
-                    request.url,
-                    data=request.body,
-                    headers=tracing.inject(request.headers) if tracing.enabled() else request.headers,
-                    allow_redirects=False,
-                )
+            response = await self._pool.request(
+                request.method,
+                request.url,
+                tracing.inject(request.headers) if tracing.enabled() else request.headers,
+                request.body,
+                connect=timeouts.connect,
+                deadline=min(deadline, now + timeouts.first_token),
+            )
         except Exception as exc:
             raise translate(exc, self.name) from None
-        return _AiohttpResponse(response, self.name)
+        return _WireResponse(response, self.name, deadline)
+
+
+_KEEPALIVE = 60.0  # seconds an idle upstream connection is kept
 
 
 # -- the one for tests --------------------------------------------------------------------------
@@ -401,7 +398,7 @@ class MockResponse:
         provider: str = "mock",
     ) -> None:
         self.status = status
-        self.headers: Mapping[str, str] = _Headers(headers or {})
+        self.headers: Mapping[str, str] = _client.Headers(headers)
         self._pieces = [body] if isinstance(body, bytes) else list(body)
         self._provider = provider
         self.released = False
@@ -459,13 +456,3 @@ class MockTransport:
                 return await self._handler(request)
         except Exception as exc:
             raise translate(exc, self.name) from None
-
-
-class _Headers(dict[str, str]):
-    """Headers looked up in any letter case, as aiohttp's are."""
-
-    def __init__(self, headers: Mapping[str, str]) -> None:
-        super().__init__({k.lower(): v for k, v in headers.items()})
-
-    def get(self, key: str, default: str | None = None) -> str | None:  # type: ignore[override]
-        return super().get(key.lower(), default)
