@@ -415,6 +415,30 @@ def test_sqlite_writes_the_rest_of_a_batch_at_once_once_its_steps_have_waited(
     sqlite_run(tmp_path, work)
 
 
+def test_sqlite_rows_past_the_bound_on_variables_go_in_several_statements_each_once(
+    tmp_path: Path,
+) -> None:
+    """A statement of more rows than SQLite's bound on variables (`_MAX_VARIABLES`) would be
+    refused: the rows are split, every one inserted once (a duplicate skipped), and summed once."""
+    from llmrouter.accounts import store
+    from llmrouter.accounts.ledger import COLUMNS
+
+    async def work(db: Database) -> None:
+        statements = db._writer = Statements(db._writer)  # type: ignore[attr-defined]
+        rows = [record(f"wide-{i}").row() for i in range(7)]
+        with patch.object(store, "_MAX_VARIABLES", 3 * len(COLUMNS)):  # three rows a statement
+            await db.insert_rows("ledger", COLUMNS, rows, key="request_id")
+            await db.insert_rows("ledger", COLUMNS, rows[:2], key="request_id")  # (there already)
+        assert statements.inserts() == 3 + 1
+        (n,) = await db.fetchone("SELECT count(*) FROM ledger") or (0,)
+        (total,) = await db.fetchone("SELECT sum(requests) FROM usage_hourly") or (0,)
+        assert (n, total) == (7, 7)
+        stored = await db.fetchone("SELECT stream, status, cost FROM ledger WHERE request_id = 'wide-0'")
+        assert stored is not None and tuple(stored) == (0, 200, 0.25)
+
+    sqlite_run(tmp_path, work)
+
+
 def test_sqlite_writes_end_a_transaction_left_open_before_they_run(tmp_path: Path) -> None:
     """A write never joins a transaction that something before it left open on the writer's
     connection (it would never commit, and would keep the write lock): an update and a one-row
