@@ -415,6 +415,39 @@ def test_sqlite_writes_the_rest_of_a_batch_at_once_once_its_steps_have_waited(
     sqlite_run(tmp_path, work)
 
 
+@pytest.mark.parametrize(
+    ("durations", "steps"),
+    [
+        ([0.0005] * 9, [8, 8, 8, 8, 8]),  # quick round trips: all in steps
+        ([0.0005, 0.003], [8, 8, 24]),  # a step back late (a busy loop): the rest at once
+        ([0.0019] * 99, [8] * 14 + [200 - 8 * 14]),  # quick each, but 25 ms in all: the rest at once
+    ],
+    ids=["quick", "late", "long"],
+)
+def test_postgres_batches_go_in_steps_while_each_comes_back_soon(
+    durations: list[float], steps: list[int]
+) -> None:
+    from llmrouter.accounts import store
+
+    sent: list[int] = []
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        clock = [0.0]
+        loop.time = lambda: clock[0]  # type: ignore[method-assign]
+        took = iter(durations)
+
+        class Conn:
+            async def executemany(self, sql: str, rows: Sequence[Any]) -> None:
+                sent.append(len(rows))
+                clock[0] += next(took, 0.0005)
+
+        await store._in_steps(Conn(), "INSERT", [(i,) for i in range(sum(steps))])
+
+    asyncio.run(run())
+    assert sent == steps
+
+
 def test_sqlite_rows_past_the_bound_on_variables_go_in_several_statements_each_once(
     tmp_path: Path,
 ) -> None:
