@@ -405,8 +405,9 @@ def test_sqlite_writes_the_rest_of_a_batch_at_once_once_its_steps_have_waited(
             patch.object(store.os, "sched_yield", lambda: yields.append(1)),
         ):
             await db.insert_rows("ledger", COLUMNS, rows, key="request_id")
-        # `steps` steps, then the rest at once
-        assert (statements.inserts(), len(yields)) == (steps + 1, steps - 1)
+        # `steps` steps, then the rest at once (in as few statements of a few sizes as it takes)
+        rest = store._statements(len(rows) - steps * store._ROWS_A_STEP, store._MOST_ROWS)
+        assert (statements.inserts(), len(yields)) == (steps + len(rest), steps - 1)
         (n,) = await db.fetchone("SELECT count(*) FROM ledger") or (0,)
         assert n == len(rows)
         (total,) = await db.fetchone("SELECT sum(requests) FROM usage_hourly") or (0,)
@@ -451,23 +452,75 @@ def test_postgres_batches_go_in_steps_while_each_comes_back_soon(
 def test_sqlite_rows_past_the_bound_on_variables_go_in_several_statements_each_once(
     tmp_path: Path,
 ) -> None:
-    """A statement of more rows than SQLite's bound on variables (`_MAX_VARIABLES`) would be
-    refused: the rows are split, every one inserted once (a duplicate skipped), and summed once."""
-    from llmrouter.accounts import store
+    """A statement of more rows than the connection's bound on variables would be refused (999
+    in SQLite builds before 3.32, and a build may set less): the rows are split by the bound the
+    connection reports, every one inserted once (a duplicate skipped) and summed once, all in
+    one transaction."""
     from llmrouter.accounts.ledger import COLUMNS
 
     async def work(db: Database) -> None:
         statements = db._writer = Statements(db._writer)  # type: ignore[attr-defined]
+        statements.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 3 * len(COLUMNS))  # 3 rows
         rows = [record(f"wide-{i}").row() for i in range(7)]
-        with patch.object(store, "_MAX_VARIABLES", 3 * len(COLUMNS)):  # three rows a statement
-            await db.insert_rows("ledger", COLUMNS, rows, key="request_id")
-            await db.insert_rows("ledger", COLUMNS, rows[:2], key="request_id")  # (there already)
-        assert statements.inserts() == 3 + 1
+        await db.insert_rows("ledger", COLUMNS, rows, key="request_id")
+        assert statements.inserts() == 4  # 2 + 2 + 2 + 1 (powers of two within the bound)
+        assert statements.run[0] == "BEGIN IMMEDIATE" and statements.run[-1] == "COMMIT"
+        await db.insert_rows("ledger", COLUMNS, rows[:2], key="request_id")  # (there already)
         (n,) = await db.fetchone("SELECT count(*) FROM ledger") or (0,)
         (total,) = await db.fetchone("SELECT sum(requests) FROM usage_hourly") or (0,)
         assert (n, total) == (7, 7)
         stored = await db.fetchone("SELECT stream, status, cost FROM ledger WHERE request_id = 'wide-0'")
         assert stored is not None and tuple(stored) == (0, 200, 0.25)
+
+    sqlite_run(tmp_path, work)
+
+
+def test_sqlite_batches_of_every_size_use_a_few_statement_texts(tmp_path: Path) -> None:
+    """Each distinct statement text is prepared and kept in sqlite3's cache (one of hundreds of
+    rows is megabytes): whatever the batch sizes, a few texts only, powers of two."""
+    from llmrouter.accounts.ledger import COLUMNS
+
+    async def work(db: Database) -> None:
+        from llmrouter.accounts import store
+
+        statements = db._writer = Statements(db._writer)  # type: ignore[attr-defined]
+        n = 0
+        with patch.object(store, "_STEP_WAIT_S", -1.0):  # (as if busy: the rest at once, each size)
+            for size in range(1, 130):
+                rows = [record(f"size-{size}-{i}").row() for i in range(size)]
+                await db.insert_rows("ledger", COLUMNS, rows, key="request_id")
+                n += size
+        texts = {sql for sql in statements.run if sql.startswith("INSERT INTO ledger")}
+        assert len(texts) <= 11  # 1 to 8 rows (a step), and 16, 32, 64 for the rest of a batch
+        (count,) = await db.fetchone("SELECT count(*) FROM ledger") or (0,)
+        assert count == n
+
+    sqlite_run(tmp_path, work)
+
+
+def test_sqlite_binds_values_as_the_json_arrays_of_before_stored_them(tmp_path: Path) -> None:
+    """A replayed journal row may hold what `Record.row()` never makes: a list or a dict is
+    stored as its JSON text, a float that is not finite as null (so a NOT NULL column refuses
+    it), and an integer past 64 bits is a refused row, not a failure of the store."""
+    from llmrouter.accounts.ledger import COLUMNS
+    from llmrouter.accounts.store import DataRejected
+
+    def row(request_id: str, **fields: Any) -> list[Any]:
+        values = dict(zip(COLUMNS, record(request_id).row(), strict=True))
+        return [fields.get(c, values[c]) for c in COLUMNS]
+
+    async def work(db: Database) -> None:
+        nested = row("nested", attempts=["p/m ok 1ms"], metadata={"a": "b"}, ttft_ms=float("inf"))
+        await db.insert_rows("ledger", COLUMNS, [nested], key="request_id")
+        stored = await db.fetchone(
+            "SELECT attempts, metadata, ttft_ms FROM ledger WHERE request_id = 'nested'"
+        )
+        assert stored is not None and tuple(stored) == ('["p/m ok 1ms"]', '{"a":"b"}', None)
+        for bad in (row("inf", cost=float("inf")), row("huge", prompt_tokens=1 << 70)):
+            with pytest.raises(DataRejected):
+                await db.insert_rows("ledger", COLUMNS, [bad], key="request_id")
+        (n,) = await db.fetchone("SELECT count(*) FROM ledger") or (0,)
+        assert n == 1
 
     sqlite_run(tmp_path, work)
 

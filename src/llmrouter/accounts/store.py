@@ -21,6 +21,7 @@ import functools
 import hashlib
 import itertools
 import logging
+import math
 import os
 import re
 import sqlite3
@@ -30,6 +31,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
+
+import msgspec
 
 from llmrouter.accounts.journal import replay
 
@@ -410,20 +413,55 @@ async def open_database(
 _ROWS_A_STEP = 8
 _STEP_WAIT_S = 0.001
 _WAIT_S = 0.005
-_MAX_VARIABLES = 32766  # (SQLite's SQLITE_MAX_VARIABLE_NUMBER since 3.32)
+_MOST_ROWS = 1024  # a statement's rows at most (and a power of two)
+
+
+def _statements(rows: int, most: int) -> list[int]:
+    """The row counts of the statements that insert `rows`, each at most `most` (a power of
+    two): up to a step's rows (`_ROWS_A_STEP`) in one, more in powers of two, the largest first.
+    So few distinct statement texts are ever prepared (15 at most: SQLite's statement cache keeps
+    each, and one of hundreds of rows takes megabytes), and a batch of n rows takes about log2(n)
+    statements."""
+    counts: list[int] = []
+    while rows > min(_ROWS_A_STEP, most):
+        top = min(most, 1 << (rows.bit_length() - 1))
+        counts.append(top)
+        rows -= top
+    if rows:
+        counts.append(rows)
+    return counts
 
 
 def _insert_values(
     table: str, columns: tuple[str, ...], key: str, db: sqlite3.Connection, rows: Sequence[Sequence[Any]]
 ) -> None:
-    """`rows` inserted by as few multi-row `VALUES` statements as SQLite's bound on variables
-    allows; a row whose key is there already is skipped. (Bound in C in one call, with the GIL
-    released while SQLite runs it: JSON arrays unpacked by `json_extract` cost a fifth more of the
-    writer's CPU, the JSON being parsed again for every column.)"""
-    most = _MAX_VARIABLES // len(columns)
-    for i in range(0, len(rows), most):
-        some = rows[i : i + most]
-        db.execute(_values_sql(table, columns, key, len(some)), [v for row in some for v in row])
+    """`rows` inserted by multi-row `VALUES` statements (`_statements`); a row whose key is there
+    already is skipped. The values are bound as the JSON arrays of before stored them: a list or
+    a dict as its JSON text, a float that is not finite as null. (Bound in C in one call, with
+    the GIL released while SQLite runs it: JSON arrays unpacked by `json_extract` cost two
+    fifths more of the writer's CPU, the JSON being parsed again for every column.)"""
+    at = 0
+    for count in _statements(len(rows), _most_rows(db, len(columns))):
+        some = rows[at : at + count]
+        at += count
+        values = [v if type(v) not in _ODD else _bindable(v) for row in some for v in row]
+        db.execute(_values_sql(table, columns, key, count), values)
+
+
+def _most_rows(db: sqlite3.Connection, width: int) -> int:
+    """The rows of a statement at most: a power of two, within the connection's bound on
+    variables (999 in builds before SQLite 3.32, and a build may set less)."""
+    bound = db.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // width
+    return min(_MOST_ROWS, 1 << max(0, bound.bit_length() - 1))
+
+
+_ODD = frozenset({float, list, dict, tuple})
+
+
+def _bindable(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    return msgspec.json.encode(value).decode()
 
 
 @functools.lru_cache(maxsize=64)
@@ -513,7 +551,7 @@ class SqliteDatabase:
         def run() -> None:
             self._end_transaction()
             db = self._writer
-            if len(steps) == 1:
+            if len(steps) == 1 and len(_statements(len(steps[0]), _most_rows(db, len(columns)))) == 1:
                 insert(db, steps[0])  # one statement: its own transaction
                 return
             try:
@@ -560,6 +598,8 @@ class SqliteDatabase:
         except sqlite3.IntegrityError as exc:
             raise IntegrityError(str(exc)) from None
         except (sqlite3.DataError, sqlite3.ProgrammingError, sqlite3.InterfaceError) as exc:
+            raise DataRejected(f"{self.where}: {exc}") from None
+        except (OverflowError, ValueError, TypeError) as exc:  # a value sqlite3 cannot bind
             raise DataRejected(f"{self.where}: {exc}") from None
         except sqlite3.Error as exc:
             raise StoreError(f"{self.where}: {exc}") from None
