@@ -79,7 +79,7 @@ async def aiohttp_client(url: str, n: int, concurrency: int) -> tuple[float, flo
 
 
 async def our_client(url: str, n: int, concurrency: int) -> tuple[float, float]:
-    transport = _http.HttpTransport("mock", timeouts=Timeouts(), max_connections=256)
+    transport = _http.HttpTransport("mock", max_connections=256)
     await transport.start()
     request = _http.Request("POST", url, BODY, HEADERS)
     timeouts = Timeouts()

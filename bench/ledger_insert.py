@@ -13,32 +13,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import resource
+import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
-from llmrouter.accounts.ledger import COLUMNS, Record
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from ledger import record
+from llmrouter.accounts.ledger import COLUMNS
 from llmrouter.accounts.store import open_database
-
-
-def record() -> Record:
-    now = time.time()
-    return Record(
-        request_id=f"cmpl-{uuid.uuid4().hex}",
-        principal="key:abcdef",
-        model_requested="mock/model",
-        model="mock/model",
-        provider="mock",
-        attempts=["mock/mock-model ok 1ms"],
-        prompt_tokens=3,
-        completion_tokens=8,
-        latency_ms=1.2,
-        status=200,
-        finish_reason="stop",
-        created_at=now,
-        finished_at=now,
-    )
 
 
 def cpu() -> float:

@@ -101,7 +101,7 @@ def run(test: Callable[[Upstream], Awaitable[Any]], handler: Handler, **kw: Any)
 
     async def main() -> tuple[Any, Served]:
         server, port, served = await serve(handler, kw.pop("ssl_context", None))
-        transport = _http.HttpTransport("p", timeouts=Timeouts(), max_connections=kw.pop("limit", 8))
+        transport = _http.HttpTransport("p", max_connections=kw.pop("limit", 8))
         url = f"{kw.pop('scheme', 'http')}://127.0.0.1:{port}/v1/x"
         await transport.start()
         try:
@@ -364,14 +364,7 @@ def test_an_answer_nobody_asked_for_ends_an_idle_connection() -> None:
 
 def test_a_large_body_is_read_whole_through_the_paused_reads() -> None:
     big = bytes(range(256)) * 8192  # 2 MiB, well past the point where reading pauses
-
-    async def handler(
-        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, served: Served
-    ) -> None:
-        while True:
-            await read_request(reader, served)
-            writer.write(answer(big))
-            await writer.drain()
+    handler = keep_answering(big)
 
     async def test(transport: Upstream) -> list[int]:
         sizes = []

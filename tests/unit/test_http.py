@@ -294,7 +294,7 @@ def test_an_error_body_in_two_pieces_is_read_whole() -> None:
 
     async def run() -> None:
         runner, url, _ = await _serving(split)
-        transport = _http.HttpTransport("p", timeouts=Timeouts(), max_connections=4)
+        transport = _http.HttpTransport("p", max_connections=4)
         await transport.start()
         try:
             response = await transport.send(_http.Request("POST", url, b"{}"), Timeouts())
@@ -319,7 +319,7 @@ def test_a_finished_stream_gives_its_connection_back() -> None:
 
     async def run() -> set[Any]:
         runner, url, peers = await _serving(sse)
-        transport = _http.HttpTransport("p", timeouts=Timeouts(), max_connections=4)
+        transport = _http.HttpTransport("p", max_connections=4)
         await transport.start()
         try:
             for _ in range(5):

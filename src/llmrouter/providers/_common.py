@@ -86,9 +86,7 @@ class HttpAdapter:
         self.settings = settings
         self.checks = checks
         self.timeouts = settings.timeouts
-        self.transport = transport or _http.HttpTransport(
-            name, timeouts=settings.timeouts, max_connections=settings.max_connections
-        )
+        self.transport = transport or _http.HttpTransport(name, max_connections=settings.max_connections)
         # What this provider sends that must never come back out in what it (or a proxy) says.
         self.redact = Redactor([settings.api_key, *settings.headers.values()])
 

@@ -338,13 +338,12 @@ class _WireResponse:
 
 
 class HttpTransport:
-    """One pool of kept-alive connections (`_client`): up to `max_connections`; `timeouts.total`
-    bounds an attempt (its response's reads too), `timeouts.connect` a new connection's connect,
-    `timeouts.first_token` the wait for the response's head."""
+    """One pool of kept-alive connections (`_client`): up to `max_connections`. Each `send` is
+    bounded by its call's timeouts: `total` an attempt (its response's reads too), `connect` a new
+    connection's connect, `first_token` the wait for the response's head."""
 
-    def __init__(self, name: str, *, timeouts: Timeouts, max_connections: int) -> None:
+    def __init__(self, name: str, *, max_connections: int) -> None:
         self.name = name
-        self._timeouts = timeouts
         self._max_connections = max_connections
         self._pool: _client.Pool | None = None
 
