@@ -116,11 +116,16 @@ class Range(Struct, frozen=True, forbid_unknown_fields=True):
     max: float | None = None
 
 
+# An upstream's URL: http(s), with no credentials in it (`user:pass@`: give them as `api_key` or
+# `headers`; the upstream client refuses them).
+BaseUrl = Annotated[str, Meta(pattern=r"^https?://[^/?#@\s]+(?:[/?#]|$)")]
+
+
 class HttpProvider(Struct, frozen=True, forbid_unknown_fields=True, tag_field="kind"):
     """What every upstream reached over HTTP has: where, with which credentials, and how long
     each phase may take. Each kind below adds its own."""
 
-    base_url: Annotated[str, Meta(pattern=r"^https?://")]
+    base_url: BaseUrl
     api_key: str | None = None
     headers: dict[str, str] = {}  # sent with every request (and never shown: they may be secret)
     timeouts: Timeouts = Timeouts()
@@ -164,7 +169,7 @@ class OpenAIChatProvider(HttpProvider, frozen=True, tag="openai_chat"):
     """Any OpenAI-compatible chat upstream (OpenAI, Groq, DeepSeek, Mistral, Together, Fireworks,
     OpenRouter, vLLM...), reached at `{base_url}/chat/completions`: a prompt is one user message."""
 
-    base_url: Annotated[str, Meta(pattern=r"^https?://")] = "https://api.openai.com/v1"
+    base_url: BaseUrl = "https://api.openai.com/v1"
     max_logprobs: Annotated[int, Meta(ge=0, le=20)] = 20  # top_logprobs
     # The output cap's field: OpenAI's current one, or the older `max_tokens` some servers take.
     max_tokens_field: Literal["max_completion_tokens", "max_tokens"] = "max_completion_tokens"
@@ -184,7 +189,7 @@ class OpenAIChatProvider(HttpProvider, frozen=True, tag="openai_chat"):
 class AnthropicProvider(HttpProvider, frozen=True, tag="anthropic"):
     """Anthropic's Messages API, at `{base_url}/v1/messages`: a prompt is one user message."""
 
-    base_url: Annotated[str, Meta(pattern=r"^https?://")] = "https://api.anthropic.com"
+    base_url: BaseUrl = "https://api.anthropic.com"
     anthropic_version: NonEmpty = "2023-06-01"  # the `anthropic-version` header, pinned
     # The Messages API always needs `max_tokens`: a request with none gets the Completions API's
     # 16 (or `defaults.max_tokens`); `max_tokens: null` (no limit) gets this, the most the
@@ -206,7 +211,7 @@ class GeminiProvider(HttpProvider, frozen=True, tag="gemini"):
     """Google's Gemini API, at `{base_url}/{api_version}/models/{model}:generateContent` (and
     `:streamGenerateContent?alt=sse`), the key in `x-goog-api-key`: a prompt is one user turn."""
 
-    base_url: Annotated[str, Meta(pattern=r"^https?://")] = "https://generativelanguage.googleapis.com"
+    base_url: BaseUrl = "https://generativelanguage.googleapis.com"
     api_version: Annotated[str, Meta(pattern=r"^v[0-9a-z]+$")] = "v1beta"
     max_logprobs: Annotated[int, Meta(ge=0, le=20)] = 20
     # json_object as responseMimeType, json_schema as responseJsonSchema (for the schemas it takes);

@@ -41,6 +41,10 @@ ONE_MODEL = "models:\n  - {id: m, deployments: [{provider: o, model: x}]}\n"
             "providers.o.base_url (line 1)",
         ),
         (
+            "providers: {o: {kind: openai, base_url: 'https://user:secret@x/v1'}}\n" + ONE_MODEL,
+            "providers.o.base_url (line 1)",  # (credentials go in api_key or headers)
+        ),
+        (
             "providers: {o: {kind: openai, base_url: 'http://x'}}\n"
             + ONE_MODEL
             + "  - {id: m, deployments: [{provider: o, model: y}]}\n",
