@@ -709,3 +709,65 @@ def test_urls_with_control_characters_or_credentials_are_refused(url: str) -> No
 def test_a_configured_host_header_is_the_one_sent() -> None:
     head = _client._head(_client._origin("POST", "http://10.0.0.1:8080/x"), {"Host": "api.example"}, b"")
     assert head.count(b"host:") == 1 and b"\r\nhost: api.example\r\n" in head
+
+
+def test_a_stream_whose_end_came_with_its_last_event_is_given_back_without_a_drain() -> None:
+    """The usual case: the body's end arrives with `[DONE]`. `finish()` gives the connection back
+    there and then (no task reads on in the background), and the next request reuses it."""
+    events = b"data: one\n\ndata: [DONE]\n\n"
+    stream_answer = (
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+        + b"%x\r\n%s\r\n0\r\n\r\n" % (len(events), events)
+    )
+
+    async def handler(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, served: Served
+    ) -> None:
+        while True:
+            await read_request(reader, served)
+            writer.write(stream_answer)  # (the whole answer in one write)
+            await writer.drain()
+
+    async def test(upstream: Upstream) -> list[bool]:
+        drained = []
+        for _ in range(3):
+            response = await upstream.send()
+            await asyncio.sleep(0.05)  # the whole answer is in by now
+            stream = _http.EventStream(response, first=1, idle=1, provider="p")
+            batch = await anext(stream)
+            assert [e.data for e in batch] == [b"one", b"[DONE]"]
+            stream.finish()
+            drained.append(bool(_http._DRAINING))
+        return drained
+
+    drained, served = run(test, handler)
+    assert drained == [False, False, False]
+    assert served.connections == 1
+
+
+def test_finish_before_the_body_s_end_leaves_the_connection_to_the_drain() -> None:
+    async def handler(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, served: Served
+    ) -> None:
+        await read_request(reader, served)
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n9\r\ndata: x\n\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.2)
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+        await read_request(reader, served)
+        writer.write(answer(b"again"))
+        await writer.drain()
+
+    async def test(upstream: Upstream) -> tuple[bool, bytes]:
+        response = await upstream.send()
+        stream = _http.EventStream(response, first=1, idle=1, provider="p")
+        assert [e.data for e in await anext(stream)] == [b"x"]
+        stream.finish()
+        draining = bool(_http._DRAINING)
+        await asyncio.gather(*_http._DRAINING)
+        return draining, await post(upstream)
+
+    (draining, again), served = run(test, handler)
+    assert draining and again == b"again"
+    assert served.connections == 1

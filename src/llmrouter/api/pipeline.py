@@ -22,7 +22,7 @@ from msgspec import UNSET
 from llmrouter.accounts.ledger import Record
 from llmrouter.accounts.principal import Principal
 from llmrouter.api.http import Request
-from llmrouter.api.sse import DONE, KEEPALIVE, event, start_stream
+from llmrouter.api.sse import DONE, Keepalive, event, start_stream
 from llmrouter.errors import LlmrouterError, ServiceUnavailable, UnsupportedParameter
 from llmrouter.generation import Generation, Route
 from llmrouter.providers.base import Completion, StreamPart
@@ -297,44 +297,27 @@ async def _stream(
     request: Generation,
     limit_headers: list[tuple[bytes, bytes]],
 ) -> None:
-    send = req.send
     include_usage = request.include_usage
     headers = [(b"x-request-id", req.request_id.encode()), *limit_headers]
-    opening = asyncio.ensure_future(
-        ctx.executor.open_stream(plan, request, req.request_id, resume=route.resume)
-    )
-    started = False
+    # Until the first token, errors are plain HTTP errors. If it is slow to come, the stream is
+    # committed to and comment lines keep proxies from closing the connection.
+    keepalive = Keepalive(req.send, headers, ctx.settings.server.keepalive_seconds)
     try:
-        # Until the first token, errors are plain HTTP errors. If it is slow to come, commit to
-        # the stream and send comment lines so that proxies keep the connection open.
-        while not opening.done():
-            await asyncio.wait((opening,), timeout=ctx.settings.server.keepalive_seconds)
-            if not opening.done():
-                if not started:
-                    await start_stream(send, headers)
-                    started = True
-                await send({"type": "http.response.body", "body": KEEPALIVE, "more_body": True})
-    except BaseException:
-        # The client left (or sending failed): stop the attempts, and release a stream that
-        # opened in the same moment.
-        opening.cancel()
-        await asyncio.wait((opening,))
-        if not opening.cancelled() and opening.exception() is None:
-            await opening.result().aclose()
-        raise
-    try:
-        stream = opening.result()
+        stream = await ctx.executor.open_stream(plan, request, req.request_id, resume=route.resume)
     except LlmrouterError as exc:
         req.log["attempts"] = _accounting(req).attempts = exc.attempts
-        if not started:
+        if not await keepalive.stop():
             raise
         await _end_with_error(req, ctx, exc)
         return
+    except BaseException:  # (the client left, or a comment's send failed: that is raised)
+        await keepalive.stop()
+        raise
     try:
-        if not started:
+        if not await keepalive.stop():
             headers.append((b"x-llmrouter-attempts", _attempts_header(stream.attempts)))
             headers.extend(_emulated_header(stream.target))
-            await start_stream(send, headers)
+            await start_stream(req.send, headers)
         chunks = wire.chunks(req.request_id, stream.target, include_usage)
         await _relay(req, ctx, stream, chunks, request)
     finally:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import TYPE_CHECKING, Any
 
-from msgspec import UNSET
+from msgspec import UNSET, UnsetType
 
 from llmrouter.api.http import Send
 from llmrouter.wire.completions import Usage, encoder
@@ -14,7 +15,7 @@ if TYPE_CHECKING:
     from llmrouter.providers.base import StreamPart
     from llmrouter.routing.plan import Target
 
-__all__ = ["DONE", "KEEPALIVE", "ChunkStream", "event", "start_stream"]
+__all__ = ["DONE", "KEEPALIVE", "ChunkStream", "Keepalive", "event", "start_stream"]
 
 DONE = b"data: [DONE]\n\n"
 KEEPALIVE = b": llmrouter processing\n\n"
@@ -39,11 +40,66 @@ async def start_stream(send: Send, headers: list[tuple[bytes, bytes]]) -> None:
     )
 
 
-class ChunkStream:
-    """One stream's chunks in an API's chunk type (`pipeline.Chunks`): one struct, re-encoded
-    with each part's choices (as the API spells them: `choices`) and, last, the usage."""
+class Keepalive:
+    """While a stream waits for its first token, in the task that waits: after `seconds`, the
+    stream's start and a comment line, and another comment every `seconds` after, so that proxies
+    keep the connection open. The sending is a task of its own, made only when the first comment
+    is due (the wait is usually shorter). A send that fails (the client left) cancels the waiting
+    task, and `stop()` then raises that failure."""
 
-    __slots__ = ("_chunk", "_include_usage")
+    __slots__ = ("_failure", "_headers", "_owner", "_seconds", "_send", "_task", "_timer", "started")
+
+    def __init__(self, send: Send, headers: list[tuple[bytes, bytes]], seconds: float) -> None:
+        owner = asyncio.current_task()
+        assert owner is not None, "a task waits for the stream"
+        self._owner = owner
+        self._send = send
+        self._headers = headers
+        self._seconds = seconds
+        self._task: asyncio.Task[None] | None = None
+        self._failure: BaseException | None = None
+        self._timer = asyncio.get_running_loop().call_later(seconds, self._due)
+        self.started = False  # the stream's start has been sent
+
+    def _due(self) -> None:
+        self._task = asyncio.ensure_future(self._beat())
+
+    async def _beat(self) -> None:
+        try:
+            while True:
+                if not self.started:
+                    self.started = True
+                    await start_stream(self._send, self._headers)
+                await self._send({"type": "http.response.body", "body": KEEPALIVE, "more_body": True})
+                await asyncio.sleep(self._seconds)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # (the client left): the wait is for nothing now
+            self._failure = exc
+            self._owner.cancel()
+
+    async def stop(self) -> bool:
+        """No more comments (the one being sent, if any, is out first); whether the stream's start
+        has been sent. Raises the failure of a send that failed."""
+        self._timer.cancel()
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.wait((task,))
+        failure, self._failure = self._failure, None
+        if failure is not None:
+            self._owner.uncancel()  # (the cancellation was the failure's, raised instead)
+            raise failure
+        return self.started
+
+
+class ChunkStream:
+    """One stream's chunks in an API's chunk type (`pipeline.Chunks`). Each event differs from the
+    last only in its choices (as the API spells them: `choices`) and, rarely, the system
+    fingerprint, so what comes before the choices is encoded once and each event encodes only its
+    choices; the last event has the usage."""
+
+    __slots__ = ("_chunk", "_fingerprint", "_include_usage", "_prefix", "_suffix")
 
     def __init__(self, kind: Any, request_id: str, target: Target, include_usage: bool) -> None:
         self._include_usage = include_usage
@@ -55,21 +111,39 @@ class ChunkStream:
             choices=[],
             usage=None if include_usage else UNSET,
         )
+        self._prefix = b""
+        self._suffix = b""
+        self._fingerprint: str | UnsetType | None = None  # the one `_prefix` has (None: none yet)
 
     def choices(self, part: StreamPart) -> list[Any]:
         return part.choices
 
     def retarget(self, target: Target) -> None:
         self._chunk.model, self._chunk.provider = target.model.id, target.deployment.provider
+        self._fingerprint = None
+
+    def _frame(self, fingerprint: str | UnsetType) -> None:
+        """The event's bytes before its choices and after them. The chunk's fields before
+        `choices` are its id, names and fingerprint, all encoded before the key `"choices":`,
+        which cannot appear inside an encoded string (whose quotes are escaped)."""
+        chunk = self._chunk
+        chunk.choices = []
+        chunk.system_fingerprint = fingerprint
+        encoded = encoder.encode(chunk)
+        at = encoded.index(b'"choices":[]') + len(b'"choices":')
+        self._prefix = b"data: " + encoded[:at]
+        self._suffix = encoded[at + 2 :] + b"\n\n"
+        self._fingerprint = fingerprint
 
     def parts(self, parts: list[StreamPart]) -> bytes:
-        chunk, body = self._chunk, bytearray()
+        body = bytearray()
         for part in parts:  # (each event encoded in place, at the end of the one body)
-            chunk.choices = self.choices(part)
-            chunk.system_fingerprint = part.system_fingerprint
-            body += b"data: "
-            encoder.encode_into(chunk, body, -1)
-            body += b"\n\n"
+            fingerprint = part.system_fingerprint
+            if fingerprint is not self._fingerprint and fingerprint != self._fingerprint:
+                self._frame(fingerprint)
+            body += self._prefix
+            encoder.encode_into(self.choices(part), body, -1)
+            body += self._suffix
         return bytes(body)
 
     def usage(self, usage: Usage) -> bytes:

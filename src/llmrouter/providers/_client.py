@@ -266,6 +266,16 @@ class ClientResponse:
         if conn is not None:
             conn.finished(keep=self._done and self._error is None and not self._pieces)
 
+    def finish(self) -> bool:
+        """If the body has all arrived, whole: give the connection back now, whatever of the body
+        is still unread dropped (True). Otherwise nothing (False)."""
+        if not self._done or self._error is not None:
+            return False
+        self._pieces.clear()
+        self._size = 0
+        self.release()
+        return True
+
 
 class _Decoder:
     """gzip or zlib-wrapped deflate (told apart by their headers), decoded a bounded amount at a

@@ -81,6 +81,10 @@ class Response(Protocol):
     def release(self) -> None:
         """Give the connection back (or drop it, if the body was not read)."""
 
+    def finish(self) -> bool:
+        """If the body's end has already arrived: give the connection back, whatever of the body
+        is unread dropped (True). Otherwise nothing (False)."""
+
 
 class Transport(Protocol):
     name: str  # the provider's, for messages
@@ -279,6 +283,8 @@ class EventStream:
         if self.finished:
             return
         self.finished = True
+        if self._response.finish():  # (its end came with the last event, as it usually does)
+            return
         task = asyncio.ensure_future(self._drain())
         _DRAINING.add(task)
         task.add_done_callback(_DRAINING.discard)
@@ -335,6 +341,9 @@ class _WireResponse:
 
     def release(self) -> None:
         self._response.release()
+
+    def finish(self) -> bool:
+        return self._response.finish()
 
 
 class HttpTransport:
@@ -424,6 +433,12 @@ class MockResponse:
 
     def release(self) -> None:
         self.released = True
+
+    def finish(self) -> bool:
+        if any(not isinstance(piece, float) for piece in self._pieces):
+            return False  # (more to come, or a failure: read on, as the real one does)
+        self.released = True
+        return True
 
 
 class MockTransport:

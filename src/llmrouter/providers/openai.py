@@ -215,18 +215,13 @@ class OpenAIAdapter(HttpAdapter):
 
     def stream(self, call: Call) -> AsyncIterator[list[StreamPart]]:
         seen = Seen()
+        logprobs = call.request.logprobs is not None
 
         def read(event: _http.Event) -> StreamPart | None:
             if event.data == b"[DONE]":
                 seen.done = True
                 return None
-            parsed = self._decode(event.data)
-            self._check_logprobs(call, parsed)
-            part = self._part(parsed)
-            seen.usage = seen.usage or part.usage is not None
-            for c in part.choices:
-                seen.text_chunks += bool(c.text)
-            return part
+            return self._part(self._decode(event.data), logprobs, seen)
 
         body = functools.partial(self._encoded, call, stream=True)
         return self.parts(self._url, body, call.timeouts, self._headers, read, seen.ended, seen.rest)
@@ -253,23 +248,31 @@ class OpenAIAdapter(HttpAdapter):
         ):
             raise missing_logprobs(self.name)
 
-    def _part(self, parsed: _Body) -> StreamPart:
-        choices = [
-            # (text, index, logprobs, finish_reason, native_finish_reason, reasoning)
-            ChunkChoice(c.text, c.index, c.logprobs, None, UNSET, c.reasoning or c.reasoning_content)
-            if c.finish_reason is None
-            else ChunkChoice(
-                c.text,
-                c.index,
-                c.logprobs,
-                normalise_finish_reason(c.finish_reason),  # type: ignore[arg-type]
-                c.finish_reason,
-                c.reasoning or c.reasoning_content,
-            )
-            for c in parsed.choices
-        ]
+    def _part(self, parsed: _Body, logprobs: bool, seen: Seen) -> StreamPart:
+        """A chunk's part, counted in `seen`. With `logprobs` asked for, a choice's text comes
+        with its logprobs, or the answer is a failure. (Made for every chunk of every stream:
+        one pass, the usual choice made with the fewest arguments.)"""
+        choices: list[ChunkChoice] = []
+        for c in parsed.choices:
+            text = c.text
+            if text:
+                seen.text_chunks += 1
+                if logprobs and c.logprobs is None:
+                    raise missing_logprobs(self.name)
+            reasoning = c.reasoning or c.reasoning_content
+            finish = c.finish_reason
+            if finish is not None:
+                normal = normalise_finish_reason(finish)
+                choices.append(ChunkChoice(text, c.index, c.logprobs, normal, finish, reasoning))  # type: ignore[arg-type]
+            elif reasoning is not None:
+                choices.append(ChunkChoice(text, c.index, c.logprobs, None, UNSET, reasoning))
+            else:
+                choices.append(ChunkChoice(text, c.index, c.logprobs))
         u = parsed.usage
-        usage = Usage(u.prompt_tokens, u.completion_tokens, u.total_tokens) if u else None
+        if u is None:
+            return StreamPart(choices, None, parsed.system_fingerprint or UNSET)
+        seen.usage = True
+        usage = Usage(u.prompt_tokens, u.completion_tokens, u.total_tokens)
         return StreamPart(choices, usage, parsed.system_fingerprint or UNSET)
 
     # -- translating failures -----------------------------------------------------------------
