@@ -266,3 +266,85 @@ def test_request_ids_keep_openais_shape_and_come_in_time_order(
     assert int(first[5:17], 16) == now[0] // 1_000_000 - 1
     assert len({i[17:] for i in later}) == len(later)  # (the random part alone differs)
     assert new_request_id("chatcmpl-").startswith("chatcmpl-")
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["answer", "stream"])
+def test_an_answered_request_leaves_nothing_for_the_cyclic_collector(
+    tmp_path: Any, stream: bool
+) -> None:
+    """A request's objects go when it ends, a stream's as an answer's: nothing of it is left
+    in a reference cycle (a stream's run of attempts was, with its plan, shapes and stream,
+    until the cyclic collector ran: 26 objects a stream)."""
+    from llmrouter.providers import _http
+
+    events = b"".join(
+        b'data: {"choices":[{"text":"%s","index":0,"finish_reason":%s}]}\n\n' % (t, f)
+        for t, f in ((b"Hel", b"null"), (b"lo", b'"stop"'))
+    )
+    usage = b'"usage":{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3}'
+    events += b'data: {"choices":[],%s}\n\ndata: [DONE]\n\n' % usage
+    whole = b'{"choices":[{"text":"Hello","index":0,"finish_reason":"stop"}],%s}' % usage
+
+    async def upstream(request: _http.Request) -> _http.MockResponse:
+        return _http.MockResponse(200, events if b'"stream":true' in (request.body or b"") else whole)
+
+    app = create_app(
+        Settings(
+            providers={"p": OpenAIProvider(base_url="http://127.0.0.1:9/v1")},
+            models=[ModelSettings(id="m", deployments=[DeploymentSettings(provider="p", model="x")])],
+            server=ServerSettings(access_log=False),
+            home=str(tmp_path),
+        )
+    )
+    for provider in app.ctx.catalog.providers.values():
+        provider.transport = _http.MockTransport(upstream, name="p")  # type: ignore[attr-defined]
+    body = b'{"model": "m", "prompt": "Say hi", "max_tokens": 5%s}' % (
+        b', "stream": true' if stream else b""
+    )
+
+    async def one(headers: list[tuple[bytes, bytes]]) -> bytes:
+        sent: list[dict[str, Any]] = []
+        given = False
+
+        async def receive() -> dict[str, Any]:
+            nonlocal given
+            if not given:
+                given = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await asyncio.Event().wait()
+            raise AssertionError("unreachable")
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        scope = {
+            "type": "http",
+            "method": "POST",
+            "path": "/v1/completions",
+            "query_string": b"",
+            "headers": headers,
+        }
+        await app(scope, receive, send)
+        assert sent[0]["status"] == 200, sent
+        return b"".join(m.get("body", b"") for m in sent[1:])
+
+    async def run() -> int:
+        await app.ctx.start()
+        try:
+            _, secret = await app.ctx.keys.create("t")
+            headers = [
+                (b"authorization", f"Bearer {secret}".encode()),
+                (b"content-type", b"application/json"),
+            ]
+            answer = await one(headers)  # (the first request's one-off objects made)
+            assert (b"[DONE]" in answer) == stream and b"lo" in answer
+            gc.collect()
+            gc.disable()
+            for _ in range(5):
+                await one(headers)
+            return gc.collect()
+        finally:
+            gc.enable()
+            await app.ctx.aclose()
+
+    assert asyncio.run(run()) == 0

@@ -121,6 +121,15 @@ class _Run(Generic[T]):
         self.winner: tuple[Target, T] | None = None
         self.stop = False
 
+    def settle(self) -> None:
+        """The plan's attempts are over (one won, or the last failed): what made them goes. The
+        attempt functions close over the run, and the winner may hold a splice that holds it:
+        cycles that would keep a request's plan, shapes and stream until the cyclic collector
+        ran. (A stream continued elsewhere uses the run again, but never these.)"""
+        self.attempt = _settled
+        self.discard = None
+        self.winner = None
+
     def begin(self, target: Target) -> None:
         """An attempt at `target` starts now."""
         if target.label != self.panic:  # (a panic attempt is no probe: it fails as ejected)
@@ -305,6 +314,7 @@ class Executor:
                 target = await self._next(run)
         finally:
             await run.cancel_running()
+            run.settle()
         assert run.last_error is not None
         _raise_last(run)
 
@@ -547,6 +557,10 @@ class Executor:
         r = self._routing
         cap = min(r.backoff_max_ms, r.backoff_base_ms * 2 ** (passes - 1))
         return self._rng.uniform(0, cap) / 1000
+
+
+async def _settled(target: Target, call: Call, deadline: float) -> Any:
+    raise AssertionError("a settled run makes no more attempts")
 
 
 def _resumes(run: _Run[T], target: Target) -> bool:
