@@ -124,8 +124,9 @@ def new_request_id(prefix: str) -> str:
     records wrote 152 WAL pages with random ids, 39 with these when answers finish in the order
     they came, some 50 when they take seconds, and took a sixth to a quarter less CPU
     (bench/README, 2026-12-03). Its holder learns when the request arrived; nothing is granted
-    for knowing an id (a record is shown to who made it, or an admin)."""
-    return f"{prefix}{time.time_ns() // 1_000_000:012x}{os.urandom(10).hex()}"
+    for knowing an id (a record is shown to who made it, or an admin), so the random bits are
+    `random`'s (seeded from the OS, and again in each forked worker), not a syscall a request."""
+    return f"{prefix}{time.time_ns() // 1_000_000:012x}{random.getrandbits(80):020x}"
 
 
 # A route's name in the metrics: the API's name, whichever of its paths it came in on.

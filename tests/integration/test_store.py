@@ -93,6 +93,55 @@ def test_keys_round_trip_rotate_revoke(opener: Opener) -> None:
     run(opener, work)
 
 
+def test_a_made_up_key_is_refused_without_a_read_and_a_cached_one_without_its_checksum(
+    opener: Opener, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The checksum refuses a typo or a made-up key before the store is read; a key whose hash
+    is in the cache was issued, so its checksum is not worked out again."""
+    from llmrouter.accounts import keys as keys_module
+
+    async def work(db: Database) -> tuple[int, int]:
+        keys = Keys(db, cache_seconds=60)
+        await keys.start()  # (listening for changes: the cache is on)
+        for _ in range(500):  # (PostgreSQL's listener connects in the background)
+            if db.listening:
+                break
+            await asyncio.sleep(0.01)
+        _, secret = await keys.create("app")
+        reads = 0
+        fetchone = db.fetchone
+
+        async def counted(*args: Any) -> Any:
+            nonlocal reads
+            reads += 1
+            return await fetchone(*args)
+
+        monkeypatch.setattr(db, "fetchone", counted)
+        for tampered in (
+            secret[:-1] + ("A" if secret[-1] != "A" else "B"),
+            secret[:-9] + "x" + secret[-8:],
+        ):
+            with pytest.raises(AuthenticationFailed):
+                await keys.authenticate(tampered)
+        refused_reads = reads
+        await keys.authenticate(secret)  # read once, then cached
+        checksums = 0
+        checksum = keys_module._checksum
+
+        def counted_checksum(text: str) -> str:
+            nonlocal checksums
+            checksums += 1
+            return checksum(text)
+
+        monkeypatch.setattr(keys_module, "_checksum", counted_checksum)
+        for _ in range(3):
+            await keys.authenticate(secret)
+        assert db.listening
+        return refused_reads, checksums
+
+    assert run(opener, work) == (0, 0)
+
+
 def test_expired_keys_are_refused(opener: Opener) -> None:
     async def work(db: Database) -> None:
         keys = Keys(db)

@@ -318,19 +318,20 @@ class Keys:
     async def authenticate(self, token: str) -> Principal:
         """The principal for a bearer token shaped like a key, or AuthenticationFailed (401)."""
         match = KEY_PATTERN.match(token)
-        if match is None or not hmac.compare_digest(
-            _checksum(token[:-_CHECK_CHARS]), match.group("check")
-        ):
+        if match is None:
             raise AuthenticationFailed("Invalid API key.", code="invalid_api_key")
         digest = _hash(token)
         now = time.time()
         self._db.poll()
         cached = self._cache.get(digest) if self._db.listening else None
-        if cached is not None and cached[0] > now:
+        if cached is not None and cached[0] > now:  # (its hash is an issued key's: checked then)
             key = cached[1]
             if key.expires_at is None or key.expires_at > now:  # (a cached key is not revoked)
                 return cached[2]
         else:
+            # A typo or a made-up key is refused here, without a read of the store.
+            if not hmac.compare_digest(_checksum(token[:-_CHECK_CHARS]), match.group("check")):
+                raise AuthenticationFailed("Invalid API key.", code="invalid_api_key")
             forgotten = self._forgotten
             key = await self._lookup(match.group("id"), digest)
             # Not if a notification came meanwhile: this read may be older than that change.

@@ -20,6 +20,7 @@ with no deployment left the client gets a 400 naming the parameter). The router 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
@@ -627,8 +628,7 @@ def shape_for(
     asks_logprobs = params.logprobs is not None
     # What the deployment lacks is not sent at all, not even a neutral value (`n: 1`): an
     # upstream may refuse the field itself. Non-neutral values were emulated or refused above.
-    changes: dict[str, object] = {name: None for name in _LACKABLE - native}
-    changes.update(stream=False, include_usage=False)
+    changes = _neutral_changes(native).copy()
     fan_out = 1
     choose_best = False
     echo = native_echo = False
@@ -802,6 +802,15 @@ def shape_for(
         one_call=reads_calls and params.parallel_tool_calls is False,
         tool_names=frozenset(t.name for t in params.tools) if reads_calls else frozenset(),
     )
+
+
+@functools.lru_cache(maxsize=256)
+def _neutral_changes(native: frozenset[str]) -> dict[str, object]:
+    """What every call to a deployment that honours `native` leaves out (fields it lacks) or
+    turns off (the router streams, and counts, itself): one per deployment kind, not a request."""
+    changes: dict[str, object] = dict.fromkeys(_LACKABLE - native)
+    changes.update(stream=False, include_usage=False)
+    return changes
 
 
 def deltas(choice: CompletionChoice) -> list[ToolCallDelta] | msgspec.UnsetType:
