@@ -553,3 +553,83 @@ def test_a_dead_makers_hidden_file_goes_and_a_new_ones_stays(tmp_path: Path) -> 
         assert not old.exists() and new.exists()
 
     run(lambda: open_database(None, tmp_path), work)
+
+
+class CapturingDatabase(CountingDatabase):
+    """The real database, keeping the rows of each ledger insert in the order they came."""
+
+    def __init__(self, db: Database) -> None:
+        super().__init__(db)
+        self.rows: list[list[Sequence[Any]]] = []
+
+    async def insert_rows(
+        self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], *, key: str
+    ) -> None:
+        self.rows.append(list(rows))
+        await super().insert_rows(table, columns, rows, key=key)
+
+
+def test_a_replay_inserts_in_the_live_writers_order(opener: Opener) -> None:
+    """A replay beside a live writer (a replica restarting next to another) takes the locks of
+    the rollup rows its inserts update in the order the writer does: journaled records go in
+    the order of their rollup rows, as the ledger's own batches do, whatever order they were
+    journaled in. (In file order, two such transactions could deadlock, and a replay that lost
+    kept its database from opening.)"""
+    from llmrouter.accounts.store import rollup_order
+
+    hour = 1796169600.0
+    made = [
+        record(f"cmpl-{i:04d}", principal=f"key:k{i % 7}", created_at=hour + (i % 3) * 3600)
+        for i in range(60)
+    ]
+    shuffled = made[::-1]
+    columns = COLUMNS.index("principal"), COLUMNS.index("created_at")
+
+    def keys(rows: Sequence[Sequence[Any]]) -> list[tuple[Any, ...]]:
+        return [(int(r[columns[1]] // 3600), r[columns[0]]) for r in rows]
+
+    async def replayed(db: Database) -> list[tuple[Any, ...]]:
+        j = journal_of(db)
+        assert await asyncio.gather(*(j.append(r.row())[1] for r in shuffled)) == [None] * 60
+        for segment in j._segments:  # killed
+            os.close(segment.fd)
+        capturing = CapturingDatabase(db)
+        assert await replay(db.journal_folder, capturing, **LEDGER, order=rollup_order) == 60  # type: ignore[arg-type]
+        (rows,) = capturing.rows
+        return keys(rows)
+
+    async def written(db: Database) -> list[list[tuple[Any, ...]]]:
+        await db.execute("DELETE FROM ledger")
+        capturing = CapturingDatabase(db)
+        ledger = Ledger(capturing, batch_max=64)  # type: ignore[arg-type]
+        ledger.start()
+        await asyncio.gather(*(ledger.commit(r) for r in shuffled))
+        await ledger.aclose()
+        return [keys(rows) for rows in capturing.rows]
+
+    replay_order = run(opener, replayed)
+    assert replay_order == sorted(keys([r.row() for r in made]))
+    batches = run(opener, written)
+    assert sum(map(len, batches)) == 60
+    assert all(batch == sorted(batch) for batch in batches)  # the same order, batch by batch
+
+
+def test_the_store_s_open_replays_in_rollup_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from llmrouter.accounts import store
+
+    seen: dict[str, Any] = {}
+
+    async def spy(folder: Path, db: Database, **kw: Any) -> int:
+        seen.update(kw)
+        return 0
+
+    monkeypatch.setattr(store, "replay", spy)
+
+    async def main() -> None:
+        db = await open_database(None, tmp_path)
+        await db.aclose()
+
+    asyncio.run(main())
+    assert seen["order"] is store.rollup_order

@@ -23,7 +23,7 @@ from llmrouter.settings import (
     Settings,
     Timeouts,
 )
-from llmrouter.wire.completions import CompletionChoice, Usage
+from llmrouter.wire.completions import ChunkChoice, CompletionChoice, Usage
 from llmrouter.wire.validate import decode_completion_request
 
 
@@ -367,3 +367,74 @@ def test_a_streams_throughput_is_timed_over_its_whole_attempt_as_an_answers_is()
     for streams in (True, False):
         rate = sample(streams)
         assert rate is not None and 20 < rate < 70, (streams, rate)  # 20 tokens in 0.3 s
+
+
+class Streams(Scripted):
+    """A provider of two deployments' streams: `x` produces after 30 ms, `y` never, and takes a
+    moment to unwind when cancelled. Which streams were closed, by deployment."""
+
+    def __init__(self) -> None:
+        super().__init__(lambda call: asyncio.sleep(0, ok()))
+        self.closed: dict[str, bool] = {}
+
+    async def stream(self, call: Call) -> AsyncIterator[list[StreamPart]]:
+        model = call.deployment.model
+        self.closed[model] = False
+        try:
+            if model == "x":
+                await asyncio.sleep(0.03)
+                yield [StreamPart([ChunkChoice("hi", 0)])]
+                await asyncio.sleep(10)
+            else:
+                await asyncio.sleep(10)
+                yield []
+        finally:
+            self.closed[model] = True
+            if model == "y":
+                await asyncio.sleep(0.05)  # the loser takes a moment to unwind
+
+
+@pytest.mark.parametrize("cancel_at", [0.045, 0.0455, 0.05])
+def test_a_request_cancelled_while_a_losing_hedge_unwinds_releases_the_winner(cancel_at: float) -> None:
+    """The hedge `x` has won and the loser `y` is unwinding when the client leaves: the winner's
+    stream is closed and neither deployment is left counted in flight (the winner was dropped
+    with both, for ever)."""
+    settings = Settings(
+        providers={"p": OpenAIProvider(base_url="http://127.0.0.1:9/v1")},
+        models=[
+            ModelSettings(
+                id="m",
+                strategy="ordered",
+                hedge_after_ms=10,
+                deployments=[
+                    DeploymentSettings(provider="p", model="x"),
+                    DeploymentSettings(provider="p", model="y"),
+                ],
+            )
+        ],
+    )
+    provider = Streams()
+
+    async def main() -> tuple[str, dict[str, bool], dict[str, int]]:
+        health = LocalHealth(settings.routing.health)
+        catalog = Catalog(settings, {"p": provider}, health)  # type: ignore[dict-item]
+        executor = Executor(settings.routing, health)
+        body = b'{"model": "m", "prompt": "x", "stream": true, "max_tokens": 5}'
+        route, request = from_completions(*decode_completion_request(body))
+        plan = catalog.plan(route, request, None)
+        task = asyncio.ensure_future(executor.open_stream(plan, request, "r"))
+        await asyncio.sleep(cancel_at)  # x has won; y is unwinding
+        task.cancel()  # the client left
+        try:
+            opened = await task
+            await opened.aclose()
+            outcome = "opened"
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+        await asyncio.sleep(0.1)
+        return outcome, dict(provider.closed), {t.label: health.in_flight(t.label) for t in plan.targets}
+
+    outcome, closed, in_flight = asyncio.run(main())
+    assert outcome == "cancelled"
+    assert closed == {"x": True, "y": True}
+    assert in_flight == {"p/x": 0, "p/y": 0}

@@ -1,8 +1,11 @@
 """A stream's chunks (`api/sse.py`): each event encodes only its choices after a prefix encoded
-once, and every event is exactly what encoding the whole chunk gives."""
+once, and every event is exactly what encoding the whole chunk gives; and the comments that keep
+a stream's connection open while it waits for its first token."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from types import SimpleNamespace
 from typing import Any
 
@@ -12,6 +15,7 @@ from msgspec import UNSET
 
 from llmrouter.api.chat import CHAT
 from llmrouter.api.completions import COMPLETIONS
+from llmrouter.api.sse import Keepalive
 from llmrouter.providers.base import StreamPart
 from llmrouter.wire.completions import ChunkChoice, Usage
 
@@ -97,3 +101,81 @@ def test_chat_chunks_carry_the_role_first_and_the_same_frame() -> None:
     assert got[0]["choices"][0]["delta"] == {"role": "assistant", "content": "Hel"}
     assert got[1]["system_fingerprint"] == "fp_1" and "system_fingerprint" not in got[0]
     assert got[3]["choices"][0]["finish_reason"] == "stop"
+
+
+# -- comments while a stream waits for its first token -------------------------------------------
+
+
+class Client:
+    """A stream's ASGI send. When `paused` (the client has not read what came before on its
+    connection), a send waits, as uvicorn's does in its flow control, before writing anything."""
+
+    def __init__(self, *, paused: bool = False, fail: bool = False) -> None:
+        self.writable = asyncio.Event()
+        if not paused:
+            self.writable.set()
+        self.fail = fail
+        self.written: list[str] = []
+
+    async def __call__(self, message: dict[str, Any]) -> None:
+        await self.writable.wait()
+        if self.fail:
+            raise ConnectionResetError("the client left")
+        self.written.append(message["type"])
+
+
+def test_a_first_token_in_time_sends_nothing_and_makes_no_task() -> None:
+    async def main() -> tuple[bool, list[str], bool]:
+        client = Client()
+        keepalive = Keepalive(client, [], 0.05)
+        await asyncio.sleep(0.01)
+        started = await keepalive.stop()
+        await asyncio.sleep(0.08)  # (the timer is gone too)
+        return started, client.written, keepalive._task is None
+
+    assert asyncio.run(main()) == (False, [], True)
+
+
+def test_a_slow_first_token_gets_the_start_and_a_comment_a_period() -> None:
+    async def main() -> tuple[bool, list[str]]:
+        client = Client()
+        keepalive = Keepalive(client, [], 0.02)
+        await asyncio.sleep(0.07)
+        return await keepalive.stop(), client.written
+
+    started, written = asyncio.run(main())
+    assert started
+    assert written[0] == "http.response.start" and len(written) >= 3
+    assert written[1:] == ["http.response.body"] * (len(written) - 1)
+
+
+def test_a_start_under_way_is_sent_whole_before_stop_says_it_was() -> None:
+    """The first token comes while the start waits for a slow client: `stop()` waits for it,
+    rather than cut it off and say it was sent (the stream's body would then go out with no
+    start, and the client would get a 500)."""
+
+    async def main() -> tuple[bool, list[str]]:
+        client = Client(paused=True)
+        keepalive = Keepalive(client, [], 0.01)
+        await asyncio.sleep(0.03)  # the first comment is due: its start waits for the client
+        asyncio.get_running_loop().call_later(0.05, client.writable.set)
+        return await keepalive.stop(), client.written
+
+    assert asyncio.run(main()) == (True, ["http.response.start", "http.response.body"])
+
+
+def test_a_failed_comment_cancels_the_wait_and_stop_raises_the_failure() -> None:
+    async def main() -> tuple[str, int]:
+        client = Client(fail=True)
+        keepalive = Keepalive(client, [], 0.01)
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(5)  # the wait for the first token: cancelled by the failure
+        try:
+            await keepalive.stop()
+        except ConnectionResetError as exc:
+            task = asyncio.current_task()
+            assert task is not None
+            return str(exc), task.cancelling()
+        return "no failure", -1
+
+    assert asyncio.run(main()) == ("the client left", 0)

@@ -311,10 +311,20 @@ def _fdatasync_all(fds: list[int]) -> None:
 # -- after a death -----------------------------------------------------------------------------------
 
 
-async def replay(folder: Path, db: Database, *, table: str, columns: Sequence[str], key: str) -> int:
+async def replay(
+    folder: Path,
+    db: Database,
+    *,
+    table: str,
+    columns: Sequence[str],
+    key: str,
+    order: Callable[[list[Any]], Any] | None = None,
+) -> int:
     """Put the records of every journal file no live process holds into the database, then
     delete the file; the number of records put. Idempotent: a record already there is skipped,
-    and a replay cut short is done again by the next process. A file is read only as the journal
+    and a replay cut short is done again by the next process. Each file's records go in the
+    `order` its key gives (the writers' own, so that a replay beside a live writer takes the
+    locks of the rows their triggers update in the same order). A file is read only as the journal
     of `table` (its header may name only those columns and that key), and no file stops the
     others, or the database from opening: one it cannot read is set aside as `*.bad`, and a
     record the database refuses is logged and dropped, as the ledger's writer does."""
@@ -345,6 +355,8 @@ async def replay(folder: Path, db: Database, *, table: str, columns: Sequence[st
                 path.rename(bad)
                 log.error("the journal file %s is not a ledger journal; set aside as %s", path, bad.name)
                 continue
+            if order is not None:
+                rows.sort(key=order)
             count += await _insert(db, table, list(columns), rows, key)
             path.unlink()
         finally:

@@ -29,10 +29,10 @@ import msgspec
 from llmrouter.accounts.journal import Journal, Segment
 from llmrouter.accounts.store import (
     LEDGER_COLUMNS,
-    UNKNOWN_MODEL,
     Database,
     DataRejected,
     StoreError,
+    rollup_order,
 )
 
 __all__ = ["COLUMNS", "GATHER_SECONDS", "GROUPINGS", "Ledger", "Record", "Total"]
@@ -114,10 +114,6 @@ class Record(msgspec.Struct, kw_only=True, omit_defaults=False):
         return cls(**fields)
 
 
-def _entry_order(entry: _Entry) -> tuple[int, str, str, str, str]:
-    return _rollup_order(entry[0])
-
-
 def _in_journal(entry: _Entry) -> bool:
     """Whether an entry's record is in the journal (or on its way there this turn). One whose
     commit was cancelled (its client left) is not known to be: its write no longer says."""
@@ -125,13 +121,6 @@ def _in_journal(entry: _Entry) -> bool:
     if landing is None:
         return False
     return not landing.done() or (not landing.cancelled() and landing.result() is None)
-
-
-def _rollup_order(r: Record) -> tuple[int, str, str, str, str]:
-    """A record's rollup row (store.py's usage_hourly key), near enough to order by: records of
-    one rollup row sort together, rows in one total order."""
-    model = UNKNOWN_MODEL if r.error == "model_not_found" else (r.model or r.model_requested)
-    return int(r.created_at // 3600), r.principal, model, r.provider or "", r.error or ""
 
 
 def _int64(value: int) -> int:
@@ -335,8 +324,8 @@ class Ledger:
             try:
                 # In the order of the rollup rows their trigger updates: two writers (replicas on
                 # one PostgreSQL) then take those rows' locks in one order, and never deadlock.
-                ordered = sorted(batch, key=_entry_order)
-                rows = [row if row is not None else record.row() for record, _, _, row, _ in ordered]
+                rows = [row if row is not None else record.row() for record, _, _, row, _ in batch]
+                rows.sort(key=rollup_order)
                 await self._db.insert_rows("ledger", _COLUMNS, rows, key="request_id")
                 break
             except StoreError as exc:

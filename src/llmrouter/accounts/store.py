@@ -45,6 +45,7 @@ __all__ = [
     "Migration",
     "StoreError",
     "open_database",
+    "rollup_order",
 ]
 
 Row = tuple[Any, ...]
@@ -159,6 +160,24 @@ LEDGER_COLUMNS = (
 )
 
 UNKNOWN_MODEL = "(unknown model)"  # the rollup's model for requests naming no model here
+
+
+def rollup_order(row: Sequence[Any]) -> tuple[float, str, str, str, str]:
+    """A ledger row's (in `LEDGER_COLUMNS`' order) rollup row, as its trigger keys it, to order a
+    batch by: rows of one rollup row sort together, and rollup rows in one total order, so that
+    two writers on one PostgreSQL (replicas, or a replay beside a live writer) take the rollup
+    rows' locks in the same order and never deadlock. Any value sorts (a journaled row is
+    checked only by the insert)."""
+    created, error = row[_CREATED_AT], row[_ERROR]
+    hour = created // 3600 if isinstance(created, int | float) and math.isfinite(created) else 0.0
+    model = UNKNOWN_MODEL if error == "model_not_found" else (row[_MODEL] or row[_MODEL_REQUESTED])
+    return hour, str(row[_PRINCIPAL]), str(model or ""), str(row[_PROVIDER] or ""), str(error or "")
+
+
+_CREATED_AT, _ERROR, _MODEL, _MODEL_REQUESTED, _PRINCIPAL, _PROVIDER = (
+    LEDGER_COLUMNS.index(c)
+    for c in ("created_at", "error", "model", "model_requested", "principal", "provider")
+)
 _ROLLUP_SUMS = (
     "requests", "errors", "fallbacks", "prompt_tokens", "completion_tokens", "cost",
     "latency_ms_sum", "ttft_count", "ttft_ms_sum",
@@ -384,7 +403,14 @@ async def open_database(
     else:
         raise StoreError("database_url must start with postgresql:// or sqlite://")
     try:
-        await replay(db.journal_folder, db, table="ledger", columns=LEDGER_COLUMNS, key="request_id")
+        await replay(
+            db.journal_folder,
+            db,
+            table="ledger",
+            columns=LEDGER_COLUMNS,
+            key="request_id",
+            order=rollup_order,
+        )
     except StoreError:
         await db.aclose()
         raise

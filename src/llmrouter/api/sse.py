@@ -44,10 +44,14 @@ class Keepalive:
     """While a stream waits for its first token, in the task that waits: after `seconds`, the
     stream's start and a comment line, and another comment every `seconds` after, so that proxies
     keep the connection open. The sending is a task of its own, made only when the first comment
-    is due (the wait is usually shorter). A send that fails (the client left) cancels the waiting
-    task, and `stop()` then raises that failure."""
+    is due (the wait is usually shorter). A send is never cut off: `stop()` lets one under way
+    finish (it may wait for a slow client) and stops the task between sends. A send that fails
+    (the client left) cancels the waiting task, and `stop()` then raises that failure."""
 
-    __slots__ = ("_failure", "_headers", "_owner", "_seconds", "_send", "_task", "_timer", "started")
+    __slots__ = (
+        "_failure", "_headers", "_owner", "_seconds", "_send", "_sending", "_stopping", "_task",
+        "_timer", "started",
+    )  # fmt: skip
 
     def __init__(self, send: Send, headers: list[tuple[bytes, bytes]], seconds: float) -> None:
         owner = asyncio.current_task()
@@ -58,6 +62,7 @@ class Keepalive:
         self._seconds = seconds
         self._task: asyncio.Task[None] | None = None
         self._failure: BaseException | None = None
+        self._sending = self._stopping = False
         self._timer = asyncio.get_running_loop().call_later(seconds, self._due)
         self.started = False  # the stream's start has been sent
 
@@ -66,12 +71,18 @@ class Keepalive:
 
     async def _beat(self) -> None:
         try:
-            while True:
-                if not self.started:
-                    self.started = True
-                    await start_stream(self._send, self._headers)
-                await self._send({"type": "http.response.body", "body": KEEPALIVE, "more_body": True})
-                await asyncio.sleep(self._seconds)
+            while not self._stopping:
+                self._sending = True
+                try:
+                    if not self.started:
+                        await start_stream(self._send, self._headers)
+                        self.started = True
+                    body = {"type": "http.response.body", "body": KEEPALIVE, "more_body": True}
+                    await self._send(body)
+                finally:
+                    self._sending = False
+                if not self._stopping:
+                    await asyncio.sleep(self._seconds)
         except asyncio.CancelledError:
             raise
         except BaseException as exc:  # (the client left): the wait is for nothing now
@@ -79,13 +90,20 @@ class Keepalive:
             self._owner.cancel()
 
     async def stop(self) -> bool:
-        """No more comments (the one being sent, if any, is out first); whether the stream's start
-        has been sent. Raises the failure of a send that failed."""
+        """No more comments (one being sent is sent first); whether the stream's start has been
+        sent. Raises the failure of a send that failed."""
         self._timer.cancel()
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
-            await asyncio.wait((task,))
+            self._stopping = True
+            if not self._sending:
+                task.cancel()  # (between sends: asleep, or not begun)
+            try:
+                if not task.done():
+                    await asyncio.wait((task,))
+            except asyncio.CancelledError:  # (the client left meanwhile: the send is for nothing)
+                task.cancel()
+                raise
         failure, self._failure = self._failure, None
         if failure is not None:
             self._owner.uncancel()  # (the cancellation was the failure's, raised instead)

@@ -160,19 +160,37 @@ class _Run(Generic[T]):
 
     async def cancel_running(self) -> None:
         """Cancel the attempts still in flight (a hedge that lost, or all of them when the client
-        left), wait for them to unwind, and release what they opened."""
+        left), wait for them to unwind, and release what they opened: all of it, even when this
+        task is cancelled meanwhile (its cancellation is raised after, not lost)."""
         running, self.running = self.running, []
         for r in running:
             r.task.cancel()
         for r in running:
             self.attempts.append(Attempt(r.target.label, "cancelled", _ms(r.started)))
+        cancelled: asyncio.CancelledError | None = None
         for r in running:
-            await self._settle(r.task, r.target)
+            while not r.task.done():  # (an attempt unwinds in bounded time once cancelled)
+                try:
+                    await asyncio.wait((r.task,))
+                except asyncio.CancelledError as exc:
+                    cancelled = exc
+        for r in running:
+            try:
+                await self._settle(r.task, r.target)
+            except asyncio.CancelledError as exc:
+                cancelled = exc
+        if cancelled is not None:
+            raise cancelled
+
+    async def drop_winner(self) -> None:
+        """An answer that won but that nobody will take (the request was cancelled as it came):
+        released as a hedge's that came too late is."""
+        winner, self.winner = self.winner, None
+        if winner is not None and self.discard is not None:
+            await self.discard(*winner)
 
     async def _settle(self, task: asyncio.Task[T], target: Target) -> None:
-        """Wait for a cancelled attempt to finish unwinding, and release what it opened. (Waiting
-        with `asyncio.wait` leaves this task's own cancellation, if it comes, to propagate.)"""
-        await asyncio.wait((task,))
+        """Release what a cancelled attempt that has finished unwinding opened."""
         if task.cancelled() or task.exception() is not None:
             self.release(target)
             self.over(target)
@@ -301,6 +319,7 @@ class Executor:
         plan = run.plan
         hedge_ms = plan.targets[0].model.hedge_after_ms
         target: Target | None = self._first_target(run)
+        answered = False
         try:
             while target is not None:
                 if hedge_ms is None:
@@ -308,13 +327,21 @@ class Executor:
                 else:
                     await self._race(run, target, hedge_ms / 1000)
                 if run.winner is not None:
+                    answered = True
                     return run.winner
                 if run.stop:
                     break
                 target = await self._next(run)
         finally:
-            await run.cancel_running()
-            run.settle()
+            try:
+                await run.cancel_running()
+            except BaseException:
+                answered = False  # (cancelled while the others unwound: the answer is not taken)
+                raise
+            finally:
+                if not answered:
+                    await run.drop_winner()
+                run.settle()
         assert run.last_error is not None
         _raise_last(run)
 
