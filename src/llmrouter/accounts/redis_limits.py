@@ -23,6 +23,7 @@ from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, RedisError
 
+from llmrouter.accounts._resp import Pipe
 from llmrouter.accounts.limits import (
     _ALL_TIME_TTL,
     _CREDIT_UNKNOWN,
@@ -251,8 +252,9 @@ class _Batch:
     At c1 a run waits two loop turns more than a call of its own would (the batch's callback,
     then its task): measured, c1 is as fast as before (bench/README.md)."""
 
-    def __init__(self, redis: Redis) -> None:
+    def __init__(self, redis: Redis, pipe: Pipe | None = None) -> None:
         self._redis = redis
+        self._pipe = pipe  # (None: redis-py's pipeline, for a URL `Pipe` does not serve)
         self._asked: list[_Run] = []
         self._sending: set[asyncio.Task[None]] = set()
 
@@ -274,10 +276,16 @@ class _Batch:
     async def _send(self, batch: list[_Run]) -> None:
         sent = [entry for entry in batch if not entry[3].done()]  # (not those cancelled already)
         try:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for script, keys, args, _ in sent:
-                    pipe.evalsha(script.sha, len(keys), *keys, *args)
-                replies = await pipe.execute(raise_on_error=False) if sent else []
+            if not sent:
+                replies: list[Any] = []
+            elif self._pipe is not None:
+                commands = [("EVALSHA", s.sha, len(keys), *keys, *args) for s, keys, args, _ in sent]
+                replies = await self._pipe.execute(commands)
+            else:
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for script, keys, args, _ in sent:
+                        pipe.evalsha(script.sha, len(keys), *keys, *args)
+                    replies = await pipe.execute(raise_on_error=False)
             # A reply each, in order, for every run sent, whether or not its caller still waits.
             for (script, keys, args, reply), answer in zip(sent, replies, strict=True):
                 if isinstance(answer, NoScriptError) and not reply.done():  # scripts flushed
@@ -306,6 +314,8 @@ class _Batch:
             self._send_asked(asyncio.get_running_loop())
         if self._sending:
             await asyncio.wait(self._sending)
+        if self._pipe is not None:
+            await self._pipe.aclose()
 
 
 class RedisLimiter:
@@ -353,7 +363,7 @@ class RedisLimiter:
         self._patient: Redis | None = None  # for giving back slots after a timeout
         self._admit = self._redis.register_script(_ADMIT_LUA)
         self._settle = self._redis.register_script(_SETTLE_LUA)
-        self._batch = _Batch(self._redis)
+        self._batch = _Batch(self._redis, Pipe.for_url(url, timeout=socket_timeout))
 
     async def admit(
         self,

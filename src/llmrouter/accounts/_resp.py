@@ -1,0 +1,225 @@
+"""One pipelined connection to Redis for the limiter's script runs: each batch of commands goes
+out in one write as soon as it is asked, on the one connection, and the replies (parsed in C by
+hiredis) are matched to the commands in the order they were sent, as RESP guarantees. No task,
+pool or timeout a command: a batch has one deadline, and a connection that misses it, or breaks,
+fails every batch still waiting on it and is made again for the next.
+
+redis-py's pipeline did the same work in Python a command (packing each argument, a timeout a
+reply, a task a write), a fifth of a request's CPU with limits in Redis (bench/README.md). Only
+plain `redis://` URLs (host, port, db, user, password) are served here; `Pipe.for_url` says None
+for any other (TLS, a Unix socket, options), which keep redis-py's pipeline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+from collections.abc import Sequence
+from typing import Any
+
+import hiredis
+from redis.asyncio.connection import parse_url
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+__all__ = ["Pipe", "packed"]
+
+_PLAIN = frozenset({"host", "port", "db", "username", "password"})
+_MAX_BUFFER = 64 * 1024 * 1024  # of replies not yet whole (hiredis's own bound is larger)
+
+
+def packed(command: Sequence[Any]) -> bytes:
+    """One command in RESP: an array of bulk strings (bytes as they are, text in UTF-8, numbers
+    as redis-py spells them)."""
+    parts = [b"*%d\r\n" % len(command)]
+    for arg in command:
+        if isinstance(arg, bytes):
+            data = arg
+        elif isinstance(arg, str):
+            data = arg.encode()
+        elif isinstance(arg, int) and not isinstance(arg, bool):
+            data = b"%d" % arg
+        elif isinstance(arg, float):
+            data = repr(arg).encode()
+        else:
+            raise TypeError(
+                f"a Redis argument must be bytes, text or a number, not {type(arg).__name__}"
+            )
+        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(parts)
+
+
+class _Waiting:
+    __slots__ = ("count", "future", "replies")
+
+    def __init__(self, count: int, future: asyncio.Future[list[Any]]) -> None:
+        self.count = count
+        self.future = future
+        self.replies: list[Any] = []
+
+
+class _Protocol(asyncio.Protocol):
+    """The connection: what is sent, and the batches waiting for their replies, in order."""
+
+    def __init__(self, on_lost: Any) -> None:
+        self._reader = hiredis.Reader(replyError=ResponseError)
+        self._waiting: collections.deque[_Waiting] = collections.deque()
+        self._on_lost = on_lost
+        self.transport: asyncio.Transport | None = None
+        self.failure: BaseException | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def send(self, data: bytes, count: int, future: asyncio.Future[list[Any]]) -> None:
+        assert self.transport is not None
+        self._waiting.append(_Waiting(count, future))
+        self.transport.write(data)
+
+    def data_received(self, data: bytes) -> None:
+        reader = self._reader
+        try:
+            reader.feed(data)
+            while (reply := reader.gets()) is not False:
+                waiting = self._waiting[0] if self._waiting else None
+                if waiting is None:
+                    raise RedisConnectionError("Redis answered a command nobody sent")
+                if isinstance(reply, ResponseError) and str(reply).startswith("NOSCRIPT"):
+                    reply = NoScriptError(str(reply))
+                waiting.replies.append(reply)
+                if len(waiting.replies) == waiting.count:
+                    self._waiting.popleft()
+                    if not waiting.future.done():
+                        waiting.future.set_result(waiting.replies)
+            if reader.len() > _MAX_BUFFER:
+                raise RedisConnectionError("a Redis reply over the bound")
+        except (hiredis.ProtocolError, RedisConnectionError) as exc:
+            self.fail(exc if isinstance(exc, RedisConnectionError) else RedisConnectionError(str(exc)))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.fail(RedisConnectionError("the connection to Redis was lost"))
+
+    def fail(self, failure: BaseException) -> None:
+        """Every batch still waiting fails with `failure`, and the connection is closed."""
+        if self.failure is None:
+            self.failure = failure
+            self._on_lost(self)
+        while self._waiting:
+            waiting = self._waiting.popleft()
+            if not waiting.future.done():
+                waiting.future.set_exception(failure)
+        if self.transport is not None:
+            self.transport.close()
+
+
+class Pipe:
+    """Batches of commands on one connection, pipelined (see the module's docstring)."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        db: int,
+        username: str | None,
+        password: str | None,
+        timeout: float,
+    ) -> None:
+        self._host = host
+        self._port = port
+        self._timeout = timeout
+        self._hello: list[list[Any]] = []  # what a new connection is told first
+        if password is not None:
+            self._hello.append(["AUTH", username, password] if username else ["AUTH", password])
+        if db:
+            self._hello.append(["SELECT", db])
+        self._conn: _Protocol | None = None
+        self._connecting: asyncio.Future[_Protocol] | None = None
+
+    @classmethod
+    def for_url(cls, url: str, *, timeout: float) -> Pipe | None:
+        """The pipe for a plain `redis://` URL; None for any other."""
+        if not url.startswith("redis://"):
+            return None
+        options = parse_url(url)
+        if not set(options) <= _PLAIN:
+            return None
+        return cls(
+            options.get("host", "localhost"),
+            int(options.get("port", 6379)),
+            db=int(options.get("db", 0) or 0),
+            username=options.get("username"),
+            password=options.get("password"),
+            timeout=timeout,
+        )
+
+    async def execute(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
+        """The replies of `commands`, sent together, in order (an error reply is its exception,
+        in its place). Raises redis-py's ConnectionError or TimeoutError when the connection
+        fails or no whole reply comes within the timeout; the commands may then have run."""
+        data = b"".join(packed(c) for c in commands)  # (a bad argument raises before anything)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._timeout
+        conn = self._conn if self._conn is not None else await self._connect(deadline)
+        future: asyncio.Future[list[Any]] = loop.create_future()
+        conn.send(data, len(commands), future)
+        timer = loop.call_at(deadline, self._late, conn, future)
+        try:
+            return await future
+        finally:
+            timer.cancel()
+
+    def _late(self, conn: _Protocol, future: asyncio.Future[list[Any]]) -> None:
+        if not future.done():  # (the connection is out of step with what was sent: made again)
+            conn.fail(RedisTimeoutError("Timeout reading from Redis"))
+
+    async def _connect(self, deadline: float) -> _Protocol:
+        """The connection, made (and greeted) once for all who wait for it."""
+        if self._connecting is None:
+            self._connecting = asyncio.ensure_future(self._open(deadline))
+            self._connecting.add_done_callback(self._connected)
+        return await asyncio.shield(self._connecting)
+
+    def _connected(self, opening: asyncio.Future[_Protocol]) -> None:
+        self._connecting = None
+        if not opening.cancelled() and opening.exception() is None:
+            self._conn = opening.result()
+
+    async def _open(self, deadline: float) -> _Protocol:
+        loop = asyncio.get_running_loop()
+        conn: _Protocol | None = None
+        try:
+            async with asyncio.timeout_at(deadline):
+                _, conn = await loop.create_connection(
+                    lambda: _Protocol(self._lost), self._host, self._port
+                )
+                if self._hello:
+                    future: asyncio.Future[list[Any]] = loop.create_future()
+                    conn.send(b"".join(packed(c) for c in self._hello), len(self._hello), future)
+                    refused = [r for r in await future if isinstance(r, Exception)]
+                    if refused:
+                        raise RedisConnectionError(f"Redis refused the connection: {refused[0]}")
+            return conn
+        except BaseException as exc:
+            if conn is not None:
+                conn.fail(RedisConnectionError("the connection to Redis was not made"))
+            if isinstance(exc, TimeoutError):
+                raise RedisTimeoutError("Timeout connecting to Redis") from None
+            if isinstance(exc, OSError):
+                raise RedisConnectionError(f"Cannot connect to Redis: {type(exc).__name__}") from None
+            raise
+
+    def _lost(self, conn: _Protocol) -> None:
+        if self._conn is conn:
+            self._conn = None
+
+    async def aclose(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.fail(RedisConnectionError("the limiter is closing"))
+        if self._connecting is not None:
+            self._connecting.cancel()
+            with contextlib.suppress(BaseException):
+                await self._connecting
