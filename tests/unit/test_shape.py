@@ -289,3 +289,55 @@ def test_a_stream_the_upstream_ended_itself_is_read_on_for_its_count() -> None:
     got, failure = shaped_batches(s, [("hello zzz and on", 0, None)], [counted], usages=usages)
     assert failure is None and got[0] == [("hello ", 0, "stop")]  # cut by the router: stopped
     assert usages == [(Usage(0, 1, 1), True)]  # its count, estimated (the upstream's never came)
+
+
+@pytest.mark.parametrize(
+    "chunks",
+    [
+        ["Hello", " there"],
+        ["  Hello", "!"],
+        ["<think>why", " not</think>", " Because."],
+        ["  <th", "ink>hm</think>ok"],
+        ["   ", "\n", "so"],
+        ["<", "b>bold</b>"],
+        ["", "x"],
+        ["<think>", "</think>"],
+    ],
+)
+def test_a_plain_stream_splits_reasoning_off_its_start_as_the_shaper_does(chunks: list[str]) -> None:
+    """A choice whose first text cannot open reasoning passes through from its first chunk, with
+    no shaper; one that may goes through the shaper until it is known. Either way the text and
+    reasoning sent are what the shaper alone makes of the whole."""
+    import asyncio
+
+    from llmrouter.emulation.choices import ChoiceShaper
+    from llmrouter.providers.base import Call, StreamPart
+    from llmrouter.settings import Timeouts
+    from llmrouter.wire.completions import ChunkChoice
+
+    s = ok(FULL, stream=True)
+    assert s.plain and s.reasoning_tags == ("<think>", "</think>")
+    parts = [
+        StreamPart([ChunkChoice(t, 0, None, "stop" if i == len(chunks) - 1 else None)])
+        for i, t in enumerate(chunks)
+    ]
+
+    class Upstream:
+        async def stream(self, call: Call) -> Any:
+            for p in parts:
+                yield [p]
+
+    async def run() -> tuple[str, str]:
+        text, reasoning = [], []
+        call = Call(DeploymentSettings(provider="p", model="m"), s.request, Timeouts())
+        async for batch in s.stream(Upstream(), call):  # type: ignore[arg-type]
+            for p in batch:
+                for c in p.choices:
+                    text.append(c.text)
+                    reasoning.append(c.reasoning or "")
+        return "".join(text), "".join(reasoning)
+
+    shaper = ChoiceShaper(reasoning_tags=s.reasoning_tags)
+    alone = [shaper.feed(t, None) for t in chunks] + [shaper.finish()]
+    expected = "".join(x.text for x in alone), "".join(x.reasoning or "" for x in alone)
+    assert asyncio.run(run()) == expected

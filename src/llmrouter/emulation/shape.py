@@ -413,6 +413,13 @@ class _Streaming:
             if index in self.ended:
                 continue  # after a stop the router enforced: the rest is not sent
             shaper = self.shapers.get(index)
+            if shaper is None and shape.plain and index == choice.index:
+                if _opens_without_reasoning(choice.text, shape.reasoning_tags):
+                    self.settled.add(index)  # (what a shaper would learn from it, at no cost)
+                    out.append(choice)
+                    if choice.finish_reason is not None:
+                        self.ended.add(index)
+                    continue
             if shaper is None:
                 shaper = self.shapers[index] = shape._shaper(index)
             out.append(shape._chunk(index, shaper, choice, self.ended, self.unchecked))
@@ -436,6 +443,15 @@ class _Streaming:
             raise UpstreamUnavailable(f"The stream ended without choice {missing}.")
         usage = _sum_usage(self.usages) if self.usages else None
         return StreamPart([], usage=usage, usage_estimated=self.estimated)
+
+
+def _opens_without_reasoning(text: str, tags: tuple[str, str] | None) -> bool:
+    """Whether a choice's first text shows that it does not open with reasoning: it says
+    something that neither is nor could become the opening tag (as `_Reasoning` decides)."""
+    if tags is None:
+        return True
+    said = text.lstrip()
+    return bool(said) and not tags[0].startswith(said) and not said.startswith(tags[0])
 
 
 def _untouched(result: Completion, count: int, tags: tuple[str, str] | None) -> bool:
