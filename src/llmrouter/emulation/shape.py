@@ -25,7 +25,7 @@ import hashlib
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import msgspec
 
@@ -177,12 +177,15 @@ class Shape(msgspec.Struct, frozen=True):
             return
         calls = self._calls(call)
         state = _Streaming(self, [sub for _, sub in calls])
-        if len(calls) == 1:  # the common case, without a merging layer between
-            batches = _numbered(provider.stream(calls[0][0]))
-        else:
-            batches = _merge([provider.stream(c) for c, _ in calls])
+        one = len(calls) == 1  # the common case: the call's own batches, no merging layer
+        batches: AsyncIterator[Any] = (
+            aiter(provider.stream(calls[0][0]))
+            if one
+            else _merge([provider.stream(c) for c, _ in calls])
+        )
         try:
-            async for j, parts in batches:
+            async for batch in batches:
+                j, parts = (0, batch) if one else batch
                 out, failure = state.take(j, parts)
                 if state.gates:  # a part where a choice ended goes out once its check has passed
                     sent = 0
@@ -200,7 +203,7 @@ class Shape(msgspec.Struct, frozen=True):
                 if state.done:
                     break
         finally:
-            await batches.aclose()
+            await _close(batches)
         yield [state.end()]
 
     # -- pieces ---------------------------------------------------------------------------------
@@ -413,13 +416,17 @@ class _Streaming:
             if index in self.ended:
                 continue  # after a stop the router enforced: the rest is not sent
             shaper = self.shapers.get(index)
-            if shaper is None and shape.plain and index == choice.index:
-                if _opens_without_reasoning(choice.text, shape.reasoning_tags):
-                    self.settled.add(index)  # (what a shaper would learn from it, at no cost)
-                    out.append(choice)
-                    if choice.finish_reason is not None:
-                        self.ended.add(index)
-                    continue
+            if (
+                shaper is None
+                and shape.plain
+                and index == choice.index
+                and _opens_without_reasoning(choice.text, shape.reasoning_tags)
+            ):
+                self.settled.add(index)  # (what a shaper would learn from it, at no cost)
+                out.append(choice)
+                if choice.finish_reason is not None:
+                    self.ended.add(index)
+                continue
             if shaper is None:
                 shaper = self.shapers[index] = shape._shaper(index)
             out.append(shape._chunk(index, shaper, choice, self.ended, self.unchecked))
@@ -515,17 +522,6 @@ async def _all(calls: list[Awaitable[T]]) -> list[T]:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-
-
-async def _numbered(
-    stream: AsyncIterator[list[StreamPart]],
-) -> AsyncGenerator[tuple[int, list[StreamPart]], None]:
-    """The batches of one stream, as `_merge` gives several."""
-    try:
-        async for parts in stream:
-            yield 0, parts
-    finally:
-        await _close(stream)
 
 
 async def _merge(
