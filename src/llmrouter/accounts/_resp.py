@@ -2,7 +2,8 @@
 out in one write as soon as it is asked, on the one connection, and the replies (parsed in C by
 hiredis) are matched to the commands in the order they were sent, as RESP guarantees. No task,
 pool or timeout a command: a batch has one deadline, and a connection that misses it, or breaks,
-fails every batch still waiting on it and is made again for the next.
+fails every batch still waiting on it, is aborted (what Redis had not read yet is not run late),
+and is made again for the next.
 
 redis-py's pipeline did the same work in Python a command (packing each argument, a timeout a
 reply, a task a write), a fifth of a request's CPU with limits in Redis (bench/README.md). Only
@@ -15,24 +16,27 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import hiredis
 from redis.asyncio.connection import parse_url
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import DataError, NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 __all__ = ["Pipe", "packed"]
 
 _PLAIN = frozenset({"host", "port", "db", "username", "password"})
 _MAX_BUFFER = 64 * 1024 * 1024  # of replies not yet whole (hiredis's own bound is larger)
+_MAX_UNSENT = 8 * 1024 * 1024  # of commands Redis has not read: past it, the connection is dropped
 
 
 def packed(command: Sequence[Any]) -> bytes:
     """One command in RESP: an array of bulk strings (bytes as they are, text in UTF-8, numbers
-    as redis-py spells them)."""
+    as redis-py spells them). Anything else is redis-py's DataError, as it is there."""
+    if not command:
+        raise DataError("an empty command (Redis would answer nothing, and the next reply shift)")
     parts = [b"*%d\r\n" % len(command)]
     for arg in command:
         if isinstance(arg, bytes):
@@ -44,7 +48,7 @@ def packed(command: Sequence[Any]) -> bytes:
         elif isinstance(arg, float):
             data = repr(arg).encode()
         else:
-            raise TypeError(
+            raise DataError(
                 f"a Redis argument must be bytes, text or a number, not {type(arg).__name__}"
             )
         parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
@@ -61,9 +65,11 @@ class _Waiting:
 
 
 class _Protocol(asyncio.Protocol):
-    """The connection: what is sent, and the batches waiting for their replies, in order."""
+    """The connection: what is sent, and the batches waiting for their replies, in order. Once
+    it has failed (lost, out of step, late, or holding too much Redis has not read) it is
+    aborted, every batch waiting on it fails, and nothing more is sent on it."""
 
-    def __init__(self, on_lost: Any) -> None:
+    def __init__(self, on_lost: Callable[[_Protocol], None]) -> None:
         self._reader = hiredis.Reader(replyError=ResponseError)
         self._waiting: collections.deque[_Waiting] = collections.deque()
         self._on_lost = on_lost
@@ -74,9 +80,12 @@ class _Protocol(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def send(self, data: bytes, count: int, future: asyncio.Future[list[Any]]) -> None:
-        assert self.transport is not None
+        if self.failure is not None or self.transport is None:
+            raise RedisConnectionError("the connection to Redis was lost")
         self._waiting.append(_Waiting(count, future))
         self.transport.write(data)
+        if self.transport.get_write_buffer_size() > _MAX_UNSENT:
+            self.fail(RedisConnectionError("Redis is not reading what is sent to it"))
 
     def data_received(self, data: bytes) -> None:
         reader = self._reader
@@ -102,7 +111,8 @@ class _Protocol(asyncio.Protocol):
         self.fail(RedisConnectionError("the connection to Redis was lost"))
 
     def fail(self, failure: BaseException) -> None:
-        """Every batch still waiting fails with `failure`, and the connection is closed."""
+        """Every batch still waiting fails with `failure`, and the connection is aborted (what
+        Redis has not read yet is dropped, not run late)."""
         if self.failure is None:
             self.failure = failure
             self._on_lost(self)
@@ -111,11 +121,12 @@ class _Protocol(asyncio.Protocol):
             if not waiting.future.done():
                 waiting.future.set_exception(failure)
         if self.transport is not None:
-            self.transport.close()
+            self.transport.abort()
 
 
 class Pipe:
-    """Batches of commands on one connection, pipelined (see the module's docstring)."""
+    """Batches of commands on one connection, pipelined (see the module's docstring). Connecting
+    (with its greeting) has `timeout`, and so has each batch's reply, from when it is sent."""
 
     def __init__(
         self,
@@ -131,12 +142,13 @@ class Pipe:
         self._port = port
         self._timeout = timeout
         self._hello: list[list[Any]] = []  # what a new connection is told first
-        if password is not None:
-            self._hello.append(["AUTH", username, password] if username else ["AUTH", password])
+        if username or password is not None:  # (as redis-py: a user with no password too)
+            self._hello.append(["AUTH", username, password or ""] if username else ["AUTH", password])
         if db:
             self._hello.append(["SELECT", db])
         self._conn: _Protocol | None = None
         self._connecting: asyncio.Future[_Protocol] | None = None
+        self._closed = False
 
     @classmethod
     def for_url(cls, url: str, *, timeout: float) -> Pipe | None:
@@ -159,13 +171,14 @@ class Pipe:
         """The replies of `commands`, sent together, in order (an error reply is its exception,
         in its place). Raises redis-py's ConnectionError or TimeoutError when the connection
         fails or no whole reply comes within the timeout; the commands may then have run."""
+        if not commands:
+            return []
         data = b"".join(packed(c) for c in commands)  # (a bad argument raises before anything)
+        conn = self._conn if self._conn is not None else await self._connect()
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._timeout
-        conn = self._conn if self._conn is not None else await self._connect(deadline)
         future: asyncio.Future[list[Any]] = loop.create_future()
         conn.send(data, len(commands), future)
-        timer = loop.call_at(deadline, self._late, conn, future)
+        timer = loop.call_later(self._timeout, self._late, conn, future)
         try:
             return await future
         finally:
@@ -175,23 +188,30 @@ class Pipe:
         if not future.done():  # (the connection is out of step with what was sent: made again)
             conn.fail(RedisTimeoutError("Timeout reading from Redis"))
 
-    async def _connect(self, deadline: float) -> _Protocol:
+    async def _connect(self) -> _Protocol:
         """The connection, made (and greeted) once for all who wait for it."""
+        if self._closed:
+            raise RedisConnectionError("the limiter is closed")
         if self._connecting is None:
-            self._connecting = asyncio.ensure_future(self._open(deadline))
+            self._connecting = asyncio.ensure_future(self._open())
             self._connecting.add_done_callback(self._connected)
         return await asyncio.shield(self._connecting)
 
     def _connected(self, opening: asyncio.Future[_Protocol]) -> None:
         self._connecting = None
-        if not opening.cancelled() and opening.exception() is None:
-            self._conn = opening.result()
+        if opening.cancelled() or opening.exception() is not None:
+            return
+        conn = opening.result()
+        if self._closed:
+            conn.fail(RedisConnectionError("the limiter is closed"))
+        elif conn.failure is None:  # (not one that died as it was made)
+            self._conn = conn
 
-    async def _open(self, deadline: float) -> _Protocol:
+    async def _open(self) -> _Protocol:
         loop = asyncio.get_running_loop()
         conn: _Protocol | None = None
         try:
-            async with asyncio.timeout_at(deadline):
+            async with asyncio.timeout(self._timeout):
                 _, conn = await loop.create_connection(
                     lambda: _Protocol(self._lost), self._host, self._port
                 )
@@ -201,13 +221,17 @@ class Pipe:
                     refused = [r for r in await future if isinstance(r, Exception)]
                     if refused:
                         raise RedisConnectionError(f"Redis refused the connection: {refused[0]}")
+            if conn.failure is not None:  # (it said something unasked, or hung up, meanwhile)
+                raise conn.failure
             return conn
         except BaseException as exc:
             if conn is not None:
                 conn.fail(RedisConnectionError("the connection to Redis was not made"))
             if isinstance(exc, TimeoutError):
                 raise RedisTimeoutError("Timeout connecting to Redis") from None
-            if isinstance(exc, OSError):
+            if isinstance(exc, RedisError):
+                raise
+            if isinstance(exc, Exception):  # (OSError, or a host name no resolver takes)
                 raise RedisConnectionError(f"Cannot connect to Redis: {type(exc).__name__}") from None
             raise
 
@@ -216,6 +240,7 @@ class Pipe:
             self._conn = None
 
     async def aclose(self) -> None:
+        self._closed = True
         conn, self._conn = self._conn, None
         if conn is not None:
             conn.fail(RedisConnectionError("the limiter is closing"))
