@@ -7,8 +7,11 @@ each failed there.)"""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
 from typing import Any
 
+import hiredis
 import redis.asyncio
 import uvloop
 from redis.exceptions import RedisError
@@ -311,3 +314,105 @@ def test_a_slow_but_working_redis_is_usable() -> None:
     results = uvloop.run(main())
     ok = sum(1 for r in results if r == [b"OK"])
     assert ok >= 30, f"{ok} of {len(results)} answered: {sorted({type(r).__name__ for r in results})}"
+
+
+# 7. (A second review.) With a db (or password) in the URL, the greeting had its own timeout and
+#    the batch another: a Redis that greets slowly and then says nothing cost ~2 x socket_timeout.
+def test_a_redis_that_greets_slowly_then_never_answers_costs_one_short_timeout() -> None:
+    async def handler(reader, writer):
+        data = await reader.read(65536)  # SELECT 9
+        await asyncio.sleep(0.45)
+        writer.write(b"+OK\r\n" * data.count(b"*"))
+        await writer.drain()
+        await reader.read(65536)  # the EVALSHA: never answered
+        await asyncio.sleep(5)
+
+    async def main() -> float:
+        server, port = await serve(handler)
+        p = Principal(id="key:rates", kind="key", name="r", limits=Policy(rpm=10))
+        lim = RedisLimiter(
+            f"redis://127.0.0.1:{port}/9", AccountSettings(), Ledger(), clock=Clock(), socket_timeout=0.5
+        )
+        started = time.monotonic()
+        assert not (await lim.admit(p, "a", 0)).counted
+        took = time.monotonic() - started
+        await lim.aclose()
+        server.close()
+        return took
+
+    took = uvloop.run(main())
+    assert took < 0.7, f"admit took {took:.2f} s with socket_timeout=0.5"
+
+
+# 8. After Redis forgets its scripts, each NOSCRIPT run of a batch was run again one after another:
+#    with Redis slow but inside the timeout, the k-th caller of a batch waited k round trips.
+def test_a_batch_after_noscript_keeps_each_caller_within_a_short_timeout() -> None:
+    conns = 0
+
+    async def handler(reader, writer):
+        nonlocal conns
+        conns += 1
+        pipe_conn = conns == 1
+        rd = hiredis.Reader()
+        while data := await reader.read(65536):
+            rd.feed(data)
+            while (cmd := rd.gets()) is not False:
+                if pipe_conn:
+                    writer.write(b"-NOSCRIPT No matching script.\r\n")
+                    continue
+                await asyncio.sleep(0.3)
+                name = cmd[0].upper()
+                if name == b"SCRIPT":
+                    writer.write(b"$40\r\n" + b"a" * 40 + b"\r\n")
+                elif name == b"EVALSHA":
+                    writer.write(b"*9\r\n" + b":0\r\n" * 9)
+                else:
+                    writer.write(b"+OK\r\n")
+            await writer.drain()
+
+    async def main() -> list[float]:
+        server, port = await serve(handler)
+        lim = RedisLimiter(
+            f"redis://127.0.0.1:{port}/0", AccountSettings(), Ledger(), clock=Clock(), socket_timeout=0.5
+        )
+        ps = [Principal(id=f"key:{i}", kind="key", name="r", limits=Policy(rpm=10)) for i in range(8)]
+        started = time.monotonic()
+
+        async def one(p):
+            with contextlib.suppress(Exception):  # (only the time it took matters here)
+                await lim.admit(p, "r" + p.id, 0)
+            return time.monotonic() - started
+
+        took = await asyncio.gather(*(one(p) for p in ps))
+        await lim.aclose()
+        server.close()
+        return took
+
+    took = uvloop.run(main())
+    assert max(took) < 2.0, [round(t, 1) for t in took]
+
+
+# 9. Pipe.execute promises redis-py's ConnectionError/TimeoutError; aclose racing a connect
+#    made it raise CancelledError in a task nobody cancelled.
+def test_aclose_during_a_connect_fails_the_waiter_with_a_redis_error() -> None:
+    async def handler(reader, writer):
+        await reader.read(65536)
+        await asyncio.sleep(0.2)  # slow greeting
+        writer.close()
+
+    async def main() -> BaseException | None:
+        server, port = await serve(handler)
+        pipe = Pipe.for_url(f"redis://127.0.0.1:{port}/9", timeout=0.5)
+        waiter = asyncio.ensure_future(pipe.execute([("PING",)]))
+        await asyncio.sleep(0.05)
+        await pipe.aclose()
+        try:
+            await waiter
+        except BaseException as exc:
+            return exc
+        finally:
+            server.close()
+        return None
+
+    exc = uvloop.run(main())
+    assert isinstance(exc, RedisError), repr(exc)

@@ -83,7 +83,12 @@ class _Protocol(asyncio.Protocol):
         if self.failure is not None or self.transport is None:
             raise RedisConnectionError("the connection to Redis was lost")
         self._waiting.append(_Waiting(count, future))
-        self.transport.write(data)
+        try:
+            self.transport.write(data)
+        except BaseException:  # (not sent: its place in the queue would shift every reply)
+            failure = RedisConnectionError("a command could not be sent to Redis")
+            self.fail(failure)
+            raise failure from None
         if self.transport.get_write_buffer_size() > _MAX_UNSENT:
             self.fail(RedisConnectionError("Redis is not reading what is sent to it"))
 
@@ -125,8 +130,8 @@ class _Protocol(asyncio.Protocol):
 
 
 class Pipe:
-    """Batches of commands on one connection, pipelined (see the module's docstring). Connecting
-    (with its greeting) has `timeout`, and so has each batch's reply, from when it is sent."""
+    """Batches of commands on one connection, pipelined (see the module's docstring). A caller
+    waits `timeout` at most, for a new connection (greeted) and its replies together."""
 
     def __init__(
         self,
@@ -169,33 +174,50 @@ class Pipe:
 
     async def execute(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
         """The replies of `commands`, sent together, in order (an error reply is its exception,
-        in its place). Raises redis-py's ConnectionError or TimeoutError when the connection
-        fails or no whole reply comes within the timeout; the commands may then have run."""
+        in its place), within the timeout, a new connection's making included. Raises redis-py's
+        ConnectionError or TimeoutError when the connection fails or the replies do not all come
+        in time; the commands may then have run. A caller that gives up leaves its place in the
+        queue (its replies still come, and go nowhere): the connection is dropped only when a
+        batch has had no whole reply for a timeout since it was sent."""
         if not commands:
             return []
         data = b"".join(packed(c) for c in commands)  # (a bad argument raises before anything)
-        conn = self._conn if self._conn is not None else await self._connect()
         loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._timeout
+        conn = self._conn if self._conn is not None else await self._connect(deadline)
         future: asyncio.Future[list[Any]] = loop.create_future()
         conn.send(data, len(commands), future)
-        timer = loop.call_later(self._timeout, self._late, conn, future)
+        timer = loop.call_at(deadline, self._late, conn, future, loop.time())
         try:
             return await future
         finally:
             timer.cancel()
 
-    def _late(self, conn: _Protocol, future: asyncio.Future[list[Any]]) -> None:
-        if not future.done():  # (the connection is out of step with what was sent: made again)
-            conn.fail(RedisTimeoutError("Timeout reading from Redis"))
+    def _late(self, conn: _Protocol, future: asyncio.Future[list[Any]], sent: float) -> None:
+        if future.done():
+            return
+        future.set_exception(RedisTimeoutError("Timeout reading from Redis"))
+        if asyncio.get_running_loop().time() - sent >= self._timeout * 0.99:
+            conn.fail(RedisTimeoutError("Timeout reading from Redis"))  # (stuck: made again)
 
-    async def _connect(self) -> _Protocol:
-        """The connection, made (and greeted) once for all who wait for it."""
+    async def _connect(self, deadline: float) -> _Protocol:
+        """The connection, made (and greeted) once for all who wait for it; this caller waits
+        until its `deadline` at most."""
         if self._closed:
             raise RedisConnectionError("the limiter is closed")
         if self._connecting is None:
             self._connecting = asyncio.ensure_future(self._open())
             self._connecting.add_done_callback(self._connected)
-        return await asyncio.shield(self._connecting)
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await asyncio.shield(self._connecting)
+        except TimeoutError:
+            raise RedisTimeoutError("Timeout connecting to Redis") from None
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if self._closed and task is not None and not task.cancelling():
+                raise RedisConnectionError("the limiter is closed") from None  # (not ours)
+            raise
 
     def _connected(self, opening: asyncio.Future[_Protocol]) -> None:
         self._connecting = None

@@ -276,23 +276,21 @@ class _Batch:
     async def _send(self, batch: list[_Run]) -> None:
         sent = [entry for entry in batch if not entry[3].done()]  # (not those cancelled already)
         try:
-            if not sent:
-                replies: list[Any] = []
-            elif self._pipe is not None:
-                commands = [("EVALSHA", s.sha, len(keys), *keys, *args) for s, keys, args, _ in sent]
-                replies = await self._pipe.execute(commands)
-            else:
-                async with self._redis.pipeline(transaction=False) as pipe:
-                    for script, keys, args, _ in sent:
-                        pipe.evalsha(script.sha, len(keys), *keys, *args)
-                    replies = await pipe.execute(raise_on_error=False)
+            replies = await self._execute(sent)
+            # Scripts Redis forgot (a restart, SCRIPT FLUSH): each loaded once, and the runs that
+            # met NOSCRIPT and still have a caller sent again together.
+            again = [
+                i
+                for i, (entry, answer) in enumerate(zip(sent, replies, strict=True))
+                if isinstance(answer, NoScriptError) and not entry[3].done()
+            ]
+            if again:
+                for script in {id(sent[i][0]): sent[i][0] for i in again}.values():
+                    await self._redis.script_load(script.script)
+                for i, answer in zip(again, await self._execute([sent[i] for i in again]), strict=True):
+                    replies[i] = answer
             # A reply each, in order, for every run sent, whether or not its caller still waits.
-            for (script, keys, args, reply), answer in zip(sent, replies, strict=True):
-                if isinstance(answer, NoScriptError) and not reply.done():  # scripts flushed
-                    try:
-                        answer = await script(keys=keys, args=args)  # loads it, runs it
-                    except Exception as exc:
-                        answer = exc
+            for (_, _, _, reply), answer in zip(sent, replies, strict=True):
                 if reply.done():  # its caller left meanwhile (it gives back what it took)
                     continue
                 if isinstance(answer, Exception):
@@ -306,6 +304,18 @@ class _Batch:
                     reply.set_exception(failure)
             if not isinstance(exc, Exception):
                 raise
+
+    async def _execute(self, runs: list[_Run]) -> list[Any]:
+        """The replies of `runs`, sent together (an error reply in its place)."""
+        if not runs:
+            return []
+        if self._pipe is not None:
+            commands = [("EVALSHA", s.sha, len(keys), *keys, *args) for s, keys, args, _ in runs]
+            return await self._pipe.execute(commands)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for script, keys, args, _ in runs:
+                pipe.evalsha(script.sha, len(keys), *keys, *args)
+            return list(await pipe.execute(raise_on_error=False))
 
     async def aclose(self) -> None:
         """Send what is asked, and let the batches on their way end (each within the socket
