@@ -757,3 +757,31 @@ def test_an_early_answer_to_expect_100_continue_ends_the_connection(router: Rout
                 rest += chunk
         assert rest == b""  # nothing answered the GET: the connection ended
         assert time.monotonic() - started < 1.8  # a second's linger, not the body's deadline
+
+
+@pytest.mark.parametrize(
+    "framing",
+    [
+        pytest.param(b"Content-Length: 100000000\r\n", id="large"),
+        pytest.param(b"Transfer-Encoding: chunked\r\n", id="chunked"),
+        pytest.param(b"Content-Length: 2000\r\nExpect: 100-continue\r\n", id="expect-100"),
+    ],
+)
+def test_an_early_answer_to_a_body_not_read_says_the_connection_ends(
+    router: Router, framing: bytes
+) -> None:
+    """A 401 before a body whose rest will not be read (too large to drain, of unknown length,
+    or one the client was told not to send): the answer says `connection: close`, and the
+    connection then ends, so no client sends its next request on it (it had ended unsaid)."""
+    wrong = completion_head(router, framing).replace(router.key.encode(), b"lr-wrong")
+    with socket.create_connection(("127.0.0.1", port_of(router)), timeout=10) as sock:
+        sock.sendall(wrong + (b"10\r\n" + b"x" * 16 + b"\r\n" if b"chunked" in framing else b"x" * 100))
+        status, headers, error = parsed(_one_response(sock))
+        assert status == 401 and error["error"]["code"] == "invalid_api_key"
+        assert headers.get("connection") == "close"
+        started = time.monotonic()
+        rest = b""
+        with contextlib.suppress(ConnectionResetError, BrokenPipeError):
+            while chunk := sock.recv(65536):
+                rest += chunk
+        assert rest == b"" and time.monotonic() - started < 1.8  # ended, after a second's linger

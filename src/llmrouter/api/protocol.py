@@ -93,6 +93,7 @@ class EdgeProtocol(HttpToolsProtocol):
         self.held: LlmrouterError | None = None  # a refusal waiting for the answers before it
         self.deadline: asyncio.TimerHandle | None = None
         self.write_deadline: asyncio.TimerHandle | None = None
+        self.closing: RequestResponseCycle | None = None  # its answer said the connection ends
 
     # -- the connection --------------------------------------------------------------------------
 
@@ -208,6 +209,31 @@ class EdgeProtocol(HttpToolsProtocol):
         self.head_begun = False
         self._disarm()  # the body's deadline, if the read leaves it unfinished: data_received
         super().on_headers_complete()
+        if self._unwanted_rest(self.length) and self.cycle is not None:
+            # A body whose rest would not be read after an early answer: that answer must say the
+            # connection ends (only such requests pay for the wrapper).
+            self.cycle.send = self._saying_close(self.cycle, self.cycle.send)  # type: ignore[method-assign]
+
+    def _unwanted_rest(self, rest: int | None) -> bool:
+        """Whether the rest of the current request's body (`rest` bytes, None: not known) is not
+        read after an early answer: more than a drain, unknown, or one the client was told not
+        to send (`Expect: 100-continue` answered with a final status)."""
+        return self.chunked or rest is None or rest > _DRAIN_BYTES or self.expect_100_continue
+
+    def _saying_close(self, cycle: RequestResponseCycle, send: Any) -> Any:
+        async def send_saying_close(message: Any) -> None:
+            if message["type"] == "http.response.start" and cycle.more_body and self.cycle is cycle:
+                rest = None if self.length is None else self.length - self.body_got
+                if self._unwanted_rest(rest):
+                    self.closing = cycle
+                    headers = [*message.get("headers", []), (b"connection", b"close")]
+                    message = {**message, "headers": headers}
+                    await send(message)
+                    cycle.keep_alive = True  # (the connection is ended by `_end_quietly`, lingering)
+                    return
+            await send(message)
+
+        return send_saying_close
 
     def on_message_begin(self) -> None:
         self.head_begun = True
@@ -255,6 +281,10 @@ class EdgeProtocol(HttpToolsProtocol):
                 self._answer(self.held)  # every request before the refused one is answered
             return
         if self.refused:
+            return
+        if self.closing is not None and self.closing.response_complete:
+            self.closing = None
+            self._end_quietly()  # (its answer said so, whatever of the body has come since)
             return
         if not self.in_head and not self.pipeline and self.running is self.cycle:
             if self.cycle.response_complete:
