@@ -785,3 +785,35 @@ def test_an_early_answer_to_a_body_not_read_says_the_connection_ends(
             while chunk := sock.recv(65536):
                 rest += chunk
         assert rest == b"" and time.monotonic() - started < 1.8  # ended, after a second's linger
+
+
+def test_a_request_pipelined_behind_an_answer_that_says_close_is_not_run(router: Router) -> None:
+    """(From a review.) The client leaves a 5 MB answer unread, so writing pauses; a 401 to its
+    next, chunked request starts while that body is incomplete (so it says `connection: close`)
+    and waits for the client; meanwhile the body ends and a third request comes. That request
+    must not be run: its answer could never be sent (it was, and failed writing after our EOF,
+    a completion's upstream call billed for nothing)."""
+    before = router.log.read_bytes()
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", port_of(router)))
+        sock.settimeout(5)
+        sock.sendall(completion(router, BIG))
+        time.sleep(0.5)  # the 5 MB answer is buffered; writing is paused
+        wrong = completion_head(router, CHUNKED).replace(router.key.encode(), b"lr-wrong")
+        sock.sendall(wrong + b"10\r\n" + b"x" * 16 + b"\r\n")
+        time.sleep(0.3)  # the 401 waits for the client to read
+        third = b"GET /api/v1/models?third=1 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+        sock.sendall(b"0\r\n\r\n" + third + router.key.encode() + b"\r\n\r\n")
+        time.sleep(0.2)
+        got = b""
+        with contextlib.suppress(ConnectionResetError, TimeoutError):
+            while chunk := sock.recv(1 << 20):
+                got += chunk
+    time.sleep(0.3)
+    refused = got[got.index(b"HTTP/1.1 401") :]
+    head = refused.partition(b"\r\n\r\n")[0].lower()
+    assert b"connection: close" in head
+    assert refused.count(b"HTTP/1.1 ") == 1  # nothing after the answer that said close
+    log = router.log.read_bytes()[len(before) :]
+    assert b"third=1" not in log and b"write_eof" not in log and b"internal error" not in log

@@ -109,12 +109,29 @@ def test_close_writes_what_is_held_and_abort_drops_it() -> None:
 
 def test_write_eof_flushes_first_and_other_calls_reach_the_real_transport() -> None:
     async def body(real: Recording, t: _Coalescing) -> None:
-        t.write(HEAD)
-        t.write_eof()
-        assert real.writes == [HEAD] and real.eof
-        assert t.get_extra_info("peername") == ("127.0.0.1", 1)
         t.write(b"x")
         t.write(b"y")
         assert t.get_write_buffer_size() == 1  # what is held counts as buffered
+        await asyncio.sleep(0)
+        t.write(HEAD)
+        t.write_eof()
+        assert real.writes == [b"x", b"y", HEAD] and real.eof
+        assert t.get_extra_info("peername") == ("127.0.0.1", 1)
+
+    run(body)
+
+
+def test_what_a_handler_writes_after_our_side_ended_is_dropped() -> None:
+    """After `write_eof` (an answer that said the connection ends), a write would raise from the
+    real transport, and did, in a handler pipelined behind that answer: it is dropped."""
+
+    async def body(real: Recording, t: _Coalescing) -> None:
+        t.write(HEAD)
+        t.write_eof()
+        t.write(b"late")
+        t.write(b"later")
+        await asyncio.sleep(0)
+        t.close()
+        assert real.writes == [HEAD] and real.eof
 
     run(body)

@@ -272,6 +272,17 @@ class EdgeProtocol(HttpToolsProtocol):
         super()._start_asgi_task(cycle, app)
 
     def on_response_complete(self) -> None:
+        closing = self.closing
+        if closing is not None and closing.response_complete:
+            # Its answer said the connection ends: what was pipelined behind it is not run (its
+            # client, told so, may send it again elsewhere), and the connection ends quietly.
+            self.closing = None
+            for cycle, _ in list(self.pipeline):
+                self._drop(cycle)
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._end_quietly()
+            return
         super().on_response_complete()  # starts the next pipelined request, if one is waiting
         if self.transport.is_closing():
             return
@@ -281,10 +292,6 @@ class EdgeProtocol(HttpToolsProtocol):
                 self._answer(self.held)  # every request before the refused one is answered
             return
         if self.refused:
-            return
-        if self.closing is not None and self.closing.response_complete:
-            self.closing = None
-            self._end_quietly()  # (its answer said so, whatever of the body has come since)
             return
         if not self.in_head and not self.pipeline and self.running is self.cycle:
             if self.cycle.response_complete:
@@ -436,17 +443,21 @@ def _left(cycle: RequestResponseCycle) -> None:
 
 class _Coalescing:
     """A transport whose writes are coalesced (see the module's docstring); everything else is
-    the real transport's. Closing writes what is held first; aborting drops it."""
+    the real transport's. Closing writes what is held first; aborting drops it. After our side
+    has ended (`write_eof`), what a handler still writes is dropped, as on a closing transport."""
 
-    __slots__ = ("_held", "_loop", "_real", "_scheduled")
+    __slots__ = ("_ended", "_held", "_loop", "_real", "_scheduled")
 
     def __init__(self, real: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
         self._real = real
         self._loop = loop
         self._held: list[bytes] = []
         self._scheduled = False  # a flush at the end of this turn (a burst is open)
+        self._ended = False
 
     def write(self, data: bytes) -> None:
+        if self._ended:
+            return
         held = self._held
         if held and held[0].startswith(b"HTTP/") and not self._scheduled:
             held.append(data)  # a head and its first body part: at once, together
@@ -469,7 +480,7 @@ class _Coalescing:
 
     def flush(self) -> None:
         self._scheduled = False
-        if self._held:
+        if self._held and not self._ended:
             data = b"".join(self._held)
             self._held.clear()
             if not self._real.is_closing():
@@ -481,6 +492,7 @@ class _Coalescing:
 
     def write_eof(self) -> None:
         self.flush()
+        self._ended = True
         self._real.write_eof()
 
     def abort(self) -> None:
