@@ -146,11 +146,13 @@ class Pipe:
         self._host = host
         self._port = port
         self._timeout = timeout
-        self._hello: list[list[Any]] = []  # what a new connection is told first
+        hello: list[list[Any]] = []  # what a new connection is told first
         if username or password is not None:  # (as redis-py: a user with no password too)
-            self._hello.append(["AUTH", username, password or ""] if username else ["AUTH", password])
+            hello.append(["AUTH", username, password or ""] if username else ["AUTH", password])
         if db:
-            self._hello.append(["SELECT", db])
+            hello.append(["SELECT", db])
+        self._greeting = b"".join(packed(c) for c in hello)
+        self._greeted = len(hello)  # replies the greeting has
         self._conn: _Protocol | None = None
         self._connecting: asyncio.Future[_Protocol] | None = None
         self._closed = False
@@ -184,21 +186,26 @@ class Pipe:
         data = b"".join(packed(c) for c in commands)  # (a bad argument raises before anything)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._timeout
-        conn = self._conn if self._conn is not None else await self._connect(deadline)
+        conn = self._conn
+        waited = conn is None  # (part of this caller's time goes on the connection's making)
+        if conn is None:
+            conn = await self._connect(deadline)
         future: asyncio.Future[list[Any]] = loop.create_future()
         conn.send(data, len(commands), future)
-        timer = loop.call_at(deadline, self._late, conn, future, loop.time())
+        timer = loop.call_at(deadline, self._late, conn, future, not waited)
         try:
             return await future
         finally:
             timer.cancel()
 
-    def _late(self, conn: _Protocol, future: asyncio.Future[list[Any]], sent: float) -> None:
+    def _late(self, conn: _Protocol, future: asyncio.Future[list[Any]], whole: bool) -> None:
+        """The caller's time is up. If it was all spent waiting for this batch's replies (`whole`:
+        sent at once, on a connection already made), the connection is stuck: made again."""
         if future.done():
             return
         future.set_exception(RedisTimeoutError("Timeout reading from Redis"))
-        if asyncio.get_running_loop().time() - sent >= self._timeout * 0.99:
-            conn.fail(RedisTimeoutError("Timeout reading from Redis"))  # (stuck: made again)
+        if whole:
+            conn.fail(RedisTimeoutError("Timeout reading from Redis"))
 
     async def _connect(self, deadline: float) -> _Protocol:
         """The connection, made (and greeted) once for all who wait for it; this caller waits
@@ -237,9 +244,9 @@ class Pipe:
                 _, conn = await loop.create_connection(
                     lambda: _Protocol(self._lost), self._host, self._port
                 )
-                if self._hello:
+                if self._greeted:
                     future: asyncio.Future[list[Any]] = loop.create_future()
-                    conn.send(b"".join(packed(c) for c in self._hello), len(self._hello), future)
+                    conn.send(self._greeting, self._greeted, future)
                     refused = [r for r in await future if isinstance(r, Exception)]
                     if refused:
                         raise RedisConnectionError(f"Redis refused the connection: {refused[0]}")

@@ -285,7 +285,7 @@ class _Batch:
                 if isinstance(answer, NoScriptError) and not entry[3].done()
             ]
             if again:
-                for script in {id(sent[i][0]): sent[i][0] for i in again}.values():
+                for script in {sent[i][0].sha: sent[i][0] for i in again}.values():
                     await self._redis.script_load(script.script)
                 for i, answer in zip(again, await self._execute([sent[i] for i in again]), strict=True):
                     replies[i] = answer

@@ -480,10 +480,10 @@ class _Coalescing:
 
     def flush(self) -> None:
         self._scheduled = False
-        if self._held and not self._ended:
+        if self._held:
             data = b"".join(self._held)
             self._held.clear()
-            if not self._real.is_closing():
+            if not self._ended and not self._real.is_closing():
                 self._real.write(data)
 
     def close(self) -> None:

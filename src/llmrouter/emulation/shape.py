@@ -348,10 +348,7 @@ class _Streaming:
         self.subs = subs
         self.expected = shape.inputs * shape.n
         self.shapers: dict[int, ChoiceShaper] = {}
-        # Choices that pass through as they come: with nothing to do, and no reasoning to watch
-        # for at their start, every choice from its first chunk.
-        plain = shape.plain and shape.reasoning_tags is None
-        self.settled: set[int] = set(range(self.expected)) if plain else set()
+        self.settled: set[int] = set()
         self.ended: set[int] = set()
         self.usages: list[Usage] = []
         self.estimated = False

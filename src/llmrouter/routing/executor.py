@@ -121,7 +121,7 @@ class _Run(Generic[T]):
         self.winner: tuple[Target, T] | None = None
         self.stop = False
 
-    def settle(self) -> None:
+    def forget_attempts(self) -> None:
         """The plan's attempts are over (one won, or the last failed): what made them goes. The
         attempt functions close over the run, and the winner may hold a splice that holds it:
         cycles that would keep a request's plan, shapes and stream until the cyclic collector
@@ -341,7 +341,7 @@ class Executor:
             finally:
                 if not answered:
                     await run.drop_winner()
-                run.settle()
+                run.forget_attempts()
         assert run.last_error is not None
         _raise_last(run)
 
